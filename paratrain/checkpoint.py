@@ -1,0 +1,76 @@
+"""Checkpoints written atomically and verified on load.
+
+A checkpoint is a folder with ``model.pt`` (the full, reference-shaped state dict plus optimizer
+state where given) and ``checkpoint.json`` (step, config, the file's SHA-256). Each file is
+written to a temporary name in the same folder, flushed to disk and renamed into place, so a
+crash mid-write leaves the previous checkpoint intact; ``load_checkpoint`` refuses a file whose
+checksum does not match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MODEL_FILE = "model.pt"
+META_FILE = "checkpoint.json"
+
+
+class CheckpointError(RuntimeError):
+    """A missing, partial or corrupted checkpoint."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_checkpoint(folder: Path | str, state: dict[str, Any], meta: dict[str, Any]) -> Path:
+    """Write ``state`` (tensors, nested dicts) and ``meta`` (JSON-able) into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model_path = folder / MODEL_FILE
+    _atomic_write(model_path, lambda f: torch.save(state, f))
+    record = dict(meta, file=MODEL_FILE, sha256=_sha256(model_path))
+    _atomic_write(folder / META_FILE, lambda f: f.write(json.dumps(record, indent=2).encode()))
+    return folder
+
+
+def load_checkpoint(folder: Path | str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Return ``(state, meta)`` after checking the file against its recorded SHA-256."""
+    folder = Path(folder)
+    meta_path = folder / META_FILE
+    if not meta_path.exists():
+        raise CheckpointError(f"{folder} is not a paratrain checkpoint: {META_FILE} is missing.")
+    meta = json.loads(meta_path.read_text())
+    model_path = folder / meta.get("file", MODEL_FILE)
+    if not model_path.exists():
+        raise CheckpointError(f"checkpoint {folder}: {model_path.name} is missing.")
+    digest = _sha256(model_path)
+    if digest != meta.get("sha256"):
+        raise CheckpointError(
+            f"checkpoint {folder}: {model_path.name} is corrupted (SHA-256 {digest[:12]}... does "
+            f"not match the recorded {str(meta.get('sha256'))[:12]}...). Use an earlier checkpoint."
+        )
+    state = torch.load(model_path, map_location="cpu", weights_only=True)
+    return state, meta

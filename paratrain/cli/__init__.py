@@ -1,0 +1,49 @@
+"""``paratrain`` command line: a thin layer over the library.
+
+Each subcommand lives in its own module here with ``register(subparsers)``; heavy imports (torch)
+happen inside the command, so planning commands stay fast. User errors
+(:class:`~paratrain.errors.ConfigError`) print one paragraph and exit with code 2; a failed rank
+prints that rank's error and exits with code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import textwrap
+
+from paratrain.errors import ConfigError
+
+COMMANDS = ("train",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="paratrain",
+        description="Train models with data, tensor and pipeline parallelism on torch.distributed, "
+                    "and plan which layout to use.",
+        epilog="Run 'paratrain COMMAND --help' for the options of one command.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"paratrain.cli.{name}").register(sub)
+    return parser
+
+
+def error(message: str) -> int:
+    text = textwrap.fill(message, width=100, subsequent_indent="  ")
+    print(f"paratrain: error: {text}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except ConfigError as e:
+        return error(str(e))
+    except KeyboardInterrupt:
+        print("paratrain: interrupted", file=sys.stderr)
+        return 130

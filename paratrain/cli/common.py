@@ -1,0 +1,173 @@
+"""Flags and config files shared by the commands. No torch import here."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from paratrain.config import (
+    DEVICES,
+    DP_IMPLS,
+    PRECISIONS,
+    RECOMPUTE,
+    SCHEDULES,
+    Layout,
+    TrainConfig,
+)
+from paratrain.errors import ConfigError
+from paratrain.models.configs import model_names
+
+DEFAULT_NPROC = 2
+LAYOUT_FIELDS = tuple(f.name for f in dataclasses.fields(Layout))
+TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "layout")
+_DEFAULTS = TrainConfig()
+
+
+def default(name: str) -> Any:
+    if name in LAYOUT_FIELDS:
+        return getattr(_DEFAULTS.layout, name)
+    return getattr(_DEFAULTS, name)
+
+
+def add_layout_args(p: argparse.ArgumentParser) -> None:
+    """--dp/--pp/--tp and the rest of the Layout; every default is None = "not given"."""
+    g = p.add_argument_group("layout (dp x pp x tp processes)")
+    g.add_argument("--dp", type=int, help="data-parallel degree (default: the processes left "
+                   "after pp and tp; 2 when nothing is given)")
+    g.add_argument("--pp", type=int, help="pipeline-parallel stages (default: 1)")
+    g.add_argument("--tp", type=int, help="tensor-parallel degree (default: 1)")
+    g.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO stage (default: 0)")
+    g.add_argument("--microbatches", type=int, help="micro-batches per step: pipeline slices, or "
+                   "gradient accumulation without a pipeline (default: 1)")
+    g.add_argument("--schedule", choices=SCHEDULES, help="pipeline schedule (default: 1f1b)")
+    g.add_argument("--virtual-stages", type=int, help="model chunks per pipeline rank for the "
+                   "interleaved schedule (default: 1)")
+    g.add_argument("--sequence-parallel", action="store_true", default=None,
+                   help="shard LayerNorm/dropout regions along the sequence (needs tp > 1)")
+    g.add_argument("--recompute", choices=RECOMPUTE, help="activation recomputation (default: none)")
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="TOML or YAML file with any of the options "
+                   "below (snake_case keys, layout keys at top level or in a [layout] table); "
+                   "flags override it")
+    p.add_argument("--nproc", type=int, help=f"local processes to start (default: dp*pp*tp, "
+                   f"{DEFAULT_NPROC} when no degree is given; ignored under torchrun)")
+    add_layout_args(p)
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", help=f"named model: {', '.join(model_names())} "
+                   f"(default: {default('model')})")
+    g.add_argument("--data", metavar="PATH", help="text file or folder of text files (default: "
+                   "the Python standard library's sources, byte-level)")
+    g.add_argument("--seq-len", type=int, help=f"tokens per sequence (default: {default('seq_len')})")
+    g.add_argument("--global-batch", type=int, help=f"sequences per optimizer step over all ranks "
+                   f"(default: {default('global_batch')})")
+    g.add_argument("--dropout", type=float, help=f"dropout probability (default: {default('dropout')})")
+    g.add_argument("--untie-embeddings", action="store_true", default=None,
+                   help="give the LM head its own weight instead of the token embedding's")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, help=f"optimizer steps (default: {default('steps')})")
+    g.add_argument("--seed", type=int, help=f"seed for weights and batches (default: {default('seed')})")
+    g.add_argument("--lr", type=float, help=f"peak learning rate (default: {default('lr')})")
+    g.add_argument("--warmup-steps", type=int, help=f"linear warm-up steps (default: {default('warmup_steps')})")
+    g.add_argument("--min-lr-ratio", type=float, help=f"final lr / peak lr of the cosine decay (default: {default('min_lr_ratio')})")
+    g.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default: {default('weight_decay')})")
+    g.add_argument("--grad-clip", type=float, help=f"global gradient-norm clip, 0 = off (default: {default('grad_clip')})")
+    g.add_argument("--precision", choices=PRECISIONS, help="fp32, or bf16 autocast with fp32 weights (default: fp32)")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", choices=DEVICES, help="cuda (NCCL) or cpu (gloo); auto picks cuda when present (default: auto)")
+    g.add_argument("--threads", type=int, help="torch threads per rank (default: cores / local processes)")
+    g.add_argument("--bucket-mb", type=float, help=f"data-parallel gradient bucket size in MiB (default: {default('bucket_mb')})")
+    g.add_argument("--dp-impl", choices=DP_IMPLS, help="bucketed (overlapped) or naive per-tensor all-reduce (default: bucketed)")
+    g.add_argument("--no-overlap", dest="overlap", action="store_false", default=None,
+                   help="reduce all buckets after backward instead of during it")
+    g.add_argument("--timeout", dest="timeout_s", type=float, help=f"seconds a collective may wait before the job fails (default: {default('timeout_s')})")
+    g = p.add_argument_group("outputs")
+    g.add_argument("--out", metavar="DIR", help="run folder (default: a new folder under runs/)")
+    g.add_argument("--eval-every", type=int, help=f"validation every N steps, 0 = only never (default: {default('eval_every')})")
+    g.add_argument("--eval-batches", type=int, help=f"global batches per validation (default: {default('eval_batches')})")
+    g.add_argument("--sample-tokens", type=int, help=f"bytes of text to sample at the end, 0 = none (default: {default('sample_tokens')})")
+    g.add_argument("--quiet", dest="progress", action="store_false", default=None,
+                   help="no progress display")
+    g.add_argument("--no-checkpoint", dest="checkpoint", action="store_false", default=None,
+                   help="do not save the final checkpoint")
+
+
+def _normalise(key: str) -> str:
+    return key.strip().replace("-", "_")
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """Read a TOML (.toml) or YAML (.yaml/.yml) file into flat TrainConfig/Layout keys."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path!r} does not exist.")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix == ".toml":
+            import tomllib
+
+            raw = tomllib.loads(text)
+        elif p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"config file {path!r}: use a .toml, .yaml or .yml file.")
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - parser errors of two libraries
+        raise ConfigError(f"config file {path!r} could not be parsed: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path!r} must hold a table of keys, not {type(raw).__name__}.")
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        if _normalise(key) == "layout" and isinstance(value, dict):
+            flat.update({_normalise(k): v for k, v in value.items()})
+        else:
+            flat[_normalise(key)] = value
+    unknown = sorted(set(flat) - set(LAYOUT_FIELDS) - set(TRAIN_FIELDS))
+    if unknown:
+        raise ConfigError(f"config file {path!r}: unknown key(s) {', '.join(unknown)}. Valid keys: "
+                          f"{', '.join(sorted(set(LAYOUT_FIELDS) | set(TRAIN_FIELDS)))}.")
+    return flat
+
+
+def build_train_config(args: argparse.Namespace) -> TrainConfig:
+    """Defaults <- config file <- flags, then the process count and degrees made consistent."""
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        values.update(load_config_file(args.config))
+    values.update({k: v for k, v in vars(args).items()
+                   if (k in TRAIN_FIELDS or k in LAYOUT_FIELDS) and v is not None})
+    layout_values = {k: values.pop(k) for k in LAYOUT_FIELDS if k in values}
+    _resolve_degrees(values, layout_values)
+    return TrainConfig(**values, layout=Layout(**layout_values))
+
+
+def _resolve_degrees(values: dict[str, Any], layout: dict[str, Any]) -> None:
+    """Fill in dp and nproc: under torchrun the world size is given; otherwise --nproc, the
+    degrees, or the default of 2 data-parallel processes."""
+    pp, tp = layout.get("pp", 1), layout.get("tp", 1)
+    if not all(isinstance(v, int) and v >= 1 for v in (pp, tp)):
+        return  # Layout validation reports it
+    world = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ and "RANK" in os.environ else None
+    nproc = world or values.get("nproc")
+    if "dp" not in layout:
+        if nproc:
+            if nproc % (pp * tp):
+                raise ConfigError(f"{nproc} processes cannot be split into pp={pp} x tp={tp} "
+                                  f"groups; use a multiple of {pp * tp} processes.")
+            layout["dp"] = nproc // (pp * tp)
+        else:
+            layout["dp"] = DEFAULT_NPROC if pp * tp == 1 else 1
+    if world:
+        values["nproc"] = world
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")

@@ -1,0 +1,250 @@
+"""Typed, frozen configuration: the ``Layout`` (how the work is split) and the ``TrainConfig``.
+
+Pure Python, no torch import: the planner and the CLI validate layouts without starting anything.
+Every check raises :class:`~paratrain.errors.ConfigError` with what is wrong and what is valid,
+before any process or process group exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from paratrain.errors import ConfigError
+from paratrain.models.configs import ModelConfig, get_model_config
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
+RECOMPUTE = ("none", "selective", "full")
+PRECISIONS = ("fp32", "bf16")
+DP_IMPLS = ("bucketed", "naive")
+DEVICES = ("auto", "cpu", "cuda")
+
+# What the training runtime implements today; the planner may reason about more.
+SUPPORTED_TP = False
+SUPPORTED_PP = False
+SUPPORTED_ZERO = False
+
+
+def _positive_int(name: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+    return value
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one training step is split over ``dp * pp * tp`` processes.
+
+    ``dp``: data-parallel replicas (each takes ``global_batch / dp`` sequences);
+    ``pp``: pipeline stages; ``tp``: tensor-parallel shards of every layer;
+    ``zero``: ZeRO stage (0 = plain data parallelism); ``microbatches``: slices of the local
+    batch (pipeline micro-batches, or gradient-accumulation steps when ``pp == 1``).
+    """
+
+    dp: int = 1
+    pp: int = 1
+    tp: int = 1
+    zero: int = 0
+    microbatches: int = 1
+    schedule: str = "1f1b"
+    virtual_stages: int = 1
+    sequence_parallel: bool = False
+    recompute: str = "none"
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.pp * self.tp
+
+    def __str__(self) -> str:
+        parts = [f"dp={self.dp}", f"pp={self.pp}", f"tp={self.tp}"]
+        if self.zero:
+            parts.append(f"zero={self.zero}")
+        if self.microbatches > 1:
+            parts.append(f"mb={self.microbatches}")
+        if self.pp > 1:
+            parts.append(self.schedule + (f"(v={self.virtual_stages})" if self.virtual_stages > 1 else ""))
+        if self.sequence_parallel:
+            parts.append("sp")
+        if self.recompute != "none":
+            parts.append(f"recompute={self.recompute}")
+        return " ".join(parts)
+
+    def check_degrees(self) -> None:
+        """Checks that need no model: types and ranges of every field."""
+        for name in ("dp", "pp", "tp", "microbatches", "virtual_stages"):
+            _positive_int(name, getattr(self, name))
+        if self.zero not in (0, 1, 2, 3):
+            raise ConfigError(f"zero must be one of 0, 1, 2, 3 (ZeRO stage), got {self.zero!r}.")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}.")
+        if self.recompute not in RECOMPUTE:
+            raise ConfigError(f"recompute must be one of {', '.join(RECOMPUTE)}, got {self.recompute!r}.")
+        if self.virtual_stages > 1 and self.schedule != "interleaved":
+            raise ConfigError(
+                f"virtual_stages={self.virtual_stages} needs schedule 'interleaved' "
+                f"(got {self.schedule!r}); use virtual_stages=1 with gpipe or 1f1b."
+            )
+
+    def validate(self, model: ModelConfig, global_batch: int, seq_len: int) -> None:
+        """Raise ConfigError if this layout cannot train ``model`` on the given batch shape."""
+        self.check_degrees()
+        _positive_int("global_batch", global_batch)
+        _positive_int("seq_len", seq_len)
+        if seq_len > model.max_seq_len:
+            raise ConfigError(
+                f"seq_len {seq_len} exceeds model {model.name!r}'s maximum of {model.max_seq_len} "
+                f"positions; use --seq-len {model.max_seq_len} or less."
+            )
+        if global_batch % self.dp:
+            raise ConfigError(
+                f"global batch {global_batch} is not divisible by dp={self.dp}: every data-parallel "
+                f"rank must get the same number of sequences. Use a multiple of {self.dp}."
+            )
+        local = global_batch // self.dp
+        if local % self.microbatches:
+            valid = [m for m in range(1, local + 1) if local % m == 0]
+            raise ConfigError(
+                f"the local batch of {local} sequences (global batch {global_batch} / dp {self.dp}) "
+                f"cannot be split into {self.microbatches} equal micro-batches; valid micro-batch "
+                f"counts are {valid}."
+            )
+        if self.tp > 1:
+            for what, size in (
+                ("attention heads", model.num_heads),
+                ("hidden size", model.hidden),
+                ("MLP width", model.ffn_hidden),
+                ("vocabulary", model.vocab_size),
+            ):
+                if size % self.tp:
+                    raise ConfigError(
+                        f"tp={self.tp} does not divide the model's {what} ({size}); tensor "
+                        f"parallelism splits it evenly. Valid tp values for {model.name!r}: "
+                        f"{valid_tp(model)}."
+                    )
+        if self.sequence_parallel and (self.tp == 1 or seq_len % self.tp):
+            raise ConfigError(
+                f"sequence parallelism needs tp > 1 and seq_len divisible by tp "
+                f"(got tp={self.tp}, seq_len={seq_len})."
+            )
+        chunks = self.pp * self.virtual_stages
+        if chunks > model.num_layers:
+            raise ConfigError(
+                f"pp={self.pp} x virtual_stages={self.virtual_stages} = {chunks} pipeline chunks, "
+                f"but model {model.name!r} has only {model.num_layers} layers; every chunk needs at "
+                f"least one layer."
+            )
+        if self.schedule == "interleaved" and self.pp > 1 and self.microbatches % self.pp:
+            raise ConfigError(
+                f"the interleaved schedule needs microbatches to be a multiple of pp={self.pp}, "
+                f"got {self.microbatches}."
+            )
+        if self.pp > 1 and self.microbatches < 1:
+            raise ConfigError("pipeline parallelism needs at least one micro-batch.")
+
+
+def valid_tp(model: ModelConfig) -> list[int]:
+    """Tensor-parallel degrees that divide every split dimension of ``model``."""
+    dims = (model.num_heads, model.hidden, model.ffn_hidden, model.vocab_size)
+    return [t for t in range(1, model.num_heads + 1) if all(d % t == 0 for d in dims)]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything ``paratrain train`` needs. One source of truth for defaults (the CLI reads them)."""
+
+    model: str = "tiny"
+    layout: Layout = field(default_factory=Layout)
+    nproc: int = 0  # 0: dp * pp * tp
+    steps: int = 300
+    seed: int = 0
+    global_batch: int = 32
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    dropout: float = 0.0
+    untie_embeddings: bool = False
+    precision: str = "fp32"
+    bucket_mb: float = 4.0
+    dp_impl: str = "bucketed"
+    overlap: bool = True
+    eval_every: int = 100
+    eval_batches: int = 4
+    data: str | None = None
+    out: str | None = None
+    device: str = "auto"
+    threads: int = 0  # 0: cores / local processes
+    timeout_s: float = 120.0
+    sample_tokens: int = 200
+    checkpoint: bool = True
+    progress: bool = True
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc or self.layout.world_size
+
+    def model_config(self) -> ModelConfig:
+        overrides: dict[str, Any] = {"dropout": self.dropout}
+        if self.untie_embeddings:
+            overrides["tie_embeddings"] = False
+        return get_model_config(self.model, **overrides)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> ModelConfig:
+        """Check every field; return the model shape. Raises ConfigError on the first problem."""
+        model = self.model_config()
+        layout = self.layout
+        layout.check_degrees()
+        if self.nproc and self.nproc != layout.world_size:
+            raise ConfigError(
+                f"--nproc {self.nproc} does not match the layout: dp*pp*tp = {layout.dp}*{layout.pp}"
+                f"*{layout.tp} = {layout.world_size}. Either drop --nproc or set the degrees so that "
+                f"their product is {self.nproc} (for example --dp {self.nproc})."
+            )
+        for name in ("steps", "global_batch", "seq_len", "eval_batches"):
+            _positive_int(name, getattr(self, name))
+        if self.eval_every < 0 or self.warmup_steps < 0 or self.sample_tokens < 0:
+            raise ConfigError("eval_every, warmup_steps and sample_tokens must be >= 0.")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}.")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}.")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ConfigError("grad_clip and weight_decay must be >= 0 (grad_clip 0 disables clipping).")
+        if not self.bucket_mb > 0:
+            raise ConfigError(f"bucket_mb must be > 0, got {self.bucket_mb}.")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"timeout_s must be > 0, got {self.timeout_s}.")
+        if self.threads < 0:
+            raise ConfigError(f"threads must be >= 0 (0 = automatic), got {self.threads}.")
+        for name, value, valid in (
+            ("precision", self.precision, PRECISIONS),
+            ("dp_impl", self.dp_impl, DP_IMPLS),
+            ("device", self.device, DEVICES),
+        ):
+            if value not in valid:
+                raise ConfigError(f"{name} must be one of {', '.join(valid)}, got {value!r}.")
+        layout.validate(model, self.global_batch, self.seq_len)
+        self._check_implemented()
+        return model
+
+    def _check_implemented(self) -> None:
+        layout = self.layout
+        for flag, supported, what in (
+            (layout.tp > 1, SUPPORTED_TP, "tensor parallelism (tp > 1)"),
+            (layout.pp > 1, SUPPORTED_PP, "pipeline parallelism (pp > 1)"),
+            (layout.zero > 0, SUPPORTED_ZERO, "ZeRO (zero > 0)"),
+        ):
+            if flag and not supported:
+                raise ConfigError(
+                    f"{what} is not implemented in this version of the training runtime; "
+                    f"`paratrain estimate` and `paratrain plan` can still reason about it. "
+                    f"Valid today: data parallelism (--dp N) with micro-batches."
+                )

@@ -1,0 +1,129 @@
+"""Text corpus, byte-level tokens and layout-independent batches.
+
+The default corpus is the Python standard library's own ``.py`` files, sorted by path and
+concatenated: present on every machine with Python, nothing downloaded. Tokens are bytes
+(vocabulary 256). Every 20th file (by a CRC of its relative path, so the choice is stable) is
+held out for validation.
+
+The global batch of step ``s`` depends only on ``(seed, s)``: its ``B`` start offsets are drawn
+from a generator seeded with ``(seed, s)``. A data-parallel rank takes rows
+``[r * B/dp, (r+1) * B/dp)`` of it, so every layout trains on exactly the same sequences.
+"""
+
+from __future__ import annotations
+
+import os
+import sysconfig
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from paratrain.errors import ConfigError
+
+VOCAB_SIZE = 256
+VAL_EVERY = 20  # one file in 20 goes to the validation split
+_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
+_TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst", ".json", ".toml", ".yaml", ".yml", ".csv", ".c", ".h"}
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Token streams (uint8 arrays) for training and validation, and where they came from."""
+
+    train: np.ndarray
+    val: np.ndarray
+    source: str
+    num_files: int
+
+    def describe(self) -> str:
+        return (f"{self.source}: {self.num_files} files, {len(self.train):,} train / "
+                f"{len(self.val):,} validation tokens (bytes)")
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _walk(root: Path, suffixes: set[str]) -> list[Path]:
+    files: list[Path] = []
+    for d, dirs, names in os.walk(root):
+        dirs[:] = sorted(x for x in dirs if x not in _SKIP_DIRS and not x.startswith("."))
+        files.extend(Path(d) / n for n in names if Path(n).suffix in suffixes)
+    return sorted(files)
+
+
+def _split(root: Path, files: list[Path], source: str) -> Corpus:
+    train, val = [], []
+    for f in files:
+        data = f.read_bytes()
+        if not data:
+            continue
+        rel = str(f.relative_to(root)) if f != root else f.name
+        (val if zlib.crc32(rel.encode()) % VAL_EVERY == 0 else train).append(data)
+    if not val and train:  # a tiny user corpus: hold out its last tenth instead
+        blob = b"".join(train)
+        cut = int(len(blob) * 0.9)
+        train, val = [blob[:cut]], [blob[cut:]]
+    t = np.frombuffer(b"".join(train), dtype=np.uint8)
+    v = np.frombuffer(b"".join(val), dtype=np.uint8)
+    return Corpus(t, v, source, len(files))
+
+
+def load_corpus(path: str | None = None) -> Corpus:
+    """The standard library's sources (``path=None``), or a user's text file / folder of files."""
+    if path is None:
+        root = stdlib_root()
+        return _split(root, _walk(root, {".py"}), f"Python {sysconfig.get_python_version()} stdlib")
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ConfigError(f"data path {path!r} does not exist; give a text file or a folder of "
+                          f"text files ({', '.join(sorted(_TEXT_SUFFIXES))}), or omit --data for "
+                          f"the built-in corpus.")
+    files = [p] if p.is_file() else _walk(p, _TEXT_SUFFIXES)
+    if not files:
+        raise ConfigError(f"data folder {path!r} holds no text files with a suffix among "
+                          f"{', '.join(sorted(_TEXT_SUFFIXES))}.")
+    return _split(p if p.is_dir() else p.parent, files, str(p))
+
+
+def check_corpus(corpus: Corpus, seq_len: int) -> None:
+    for name, stream in (("training", corpus.train), ("validation", corpus.val)):
+        if len(stream) < seq_len + 2:
+            raise ConfigError(f"the {name} split of {corpus.source} has {len(stream)} tokens, too "
+                              f"few for sequences of {seq_len}; give more text or a smaller --seq-len.")
+
+
+TRAIN, VAL = 0, 1  # independent random streams for the two splits
+
+
+def batch_offsets(num_tokens: int, seq_len: int, batch: int, seed: int, step: int,
+                  split: int = TRAIN) -> np.ndarray:
+    """Start offsets of the ``batch`` sequences of step ``step``: a function of (seed, step) only."""
+    rng = np.random.default_rng([seed, split, step])
+    return rng.integers(0, num_tokens - seq_len - 1, size=batch)
+
+
+def get_batch(stream: np.ndarray, seq_len: int, batch: int, seed: int, step: int,
+              rows: slice = slice(None), split: int = TRAIN) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs and next-token targets, int64 arrays of shape (rows, seq_len), for the given rows
+    of the global batch of ``step``."""
+    offsets = batch_offsets(len(stream), seq_len, batch, seed, step, split)[rows]
+    idx = offsets[:, None] + np.arange(seq_len + 1)[None, :]
+    tokens = stream[idx].astype(np.int64)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def dp_rows(global_batch: int, dp: int, dp_index: int) -> slice:
+    """Rows of the global batch that data-parallel rank ``dp_index`` of ``dp`` trains on."""
+    local = global_batch // dp
+    return slice(dp_index * local, (dp_index + 1) * local)
+
+
+def encode(text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+
+def decode(tokens: list[int]) -> str:
+    return bytes(tokens).decode("utf-8", errors="replace")

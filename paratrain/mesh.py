@@ -1,0 +1,123 @@
+"""The process topology of one layout.
+
+Ranks are laid out with tensor parallelism innermost (tp ranks adjacent: they talk the most and
+share a node), data parallelism next and pipeline parallelism outermost (stages exchange only
+activations, so they tolerate the slowest links)::
+
+    rank = (pp_index * dp + dp_index) * tp + tp_index
+
+:class:`MeshShape` is pure arithmetic (no torch.distributed, unit-tested on its own);
+:class:`Mesh` adds this rank's three process groups and is passed explicitly to whatever needs it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from paratrain.comm import Group
+
+AXES = ("dp", "pp", "tp")
+
+
+class Coords(NamedTuple):
+    dp: int
+    pp: int
+    tp: int
+
+
+@dataclass(frozen=True)
+class MeshShape:
+    dp: int = 1
+    pp: int = 1
+    tp: int = 1
+
+    def __post_init__(self) -> None:
+        for axis in AXES:
+            if getattr(self, axis) < 1:
+                raise ValueError(f"mesh degree {axis} must be >= 1, got {getattr(self, axis)}")
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.pp * self.tp
+
+    def size(self, axis: str) -> int:
+        return getattr(self, axis)
+
+    def coords(self, rank: int) -> Coords:
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} outside a mesh of {self.world_size} ranks")
+        tp = rank % self.tp
+        dp = (rank // self.tp) % self.dp
+        pp = rank // (self.tp * self.dp)
+        return Coords(dp, pp, tp)
+
+    def rank_of(self, dp: int, pp: int, tp: int) -> int:
+        return (pp * self.dp + dp) * self.tp + tp
+
+    def group_ranks(self, axis: str, rank: int) -> list[int]:
+        """Global ranks of ``rank``'s group along ``axis``, ordered by their index on that axis."""
+        c = self.coords(rank)._asdict()
+        members = []
+        for i in range(self.size(axis)):
+            c[axis] = i
+            members.append(self.rank_of(**c))
+        return members
+
+    def all_groups(self, axis: str) -> list[list[int]]:
+        """Every group along ``axis`` (a partition of all ranks), in a fixed order."""
+        seen: dict[tuple[int, ...], None] = {}
+        for r in range(self.world_size):
+            seen.setdefault(tuple(self.group_ranks(axis, r)), None)
+        return [list(g) for g in seen]
+
+
+class Mesh:
+    """This rank's place in the mesh and its ``dp``, ``pp`` and ``tp`` groups (plus ``world``)."""
+
+    def __init__(self, shape: MeshShape, rank: int, groups: dict[str, Group]) -> None:
+        self.shape = shape
+        self.rank = rank
+        self.coords = shape.coords(rank)
+        self.dp = groups["dp"]
+        self.pp = groups["pp"]
+        self.tp = groups["tp"]
+        self.world = groups["world"]
+
+    def __repr__(self) -> str:
+        c, s = self.coords, self.shape
+        return f"Mesh(rank={self.rank}, dp={c.dp}/{s.dp}, pp={c.pp}/{s.pp}, tp={c.tp}/{s.tp})"
+
+    @property
+    def groups(self) -> list[Group]:
+        return [self.dp, self.pp, self.tp, self.world]
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.coords.pp == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.coords.pp == self.shape.pp - 1
+
+    @classmethod
+    def build(cls, shape: MeshShape, rank: int, timeout_s: float | None = None) -> Mesh:
+        """Create every group of the mesh. With more than one rank, torch.distributed must be
+        initialised and every rank must call this (groups are created collectively)."""
+        from paratrain import comm
+
+        groups: dict[str, Group] = {}
+        if shape.world_size == 1:
+            for axis in (*AXES, "world"):
+                groups[axis] = comm.single_group(axis, rank)
+            return cls(shape, rank, groups)
+        import torch.distributed as dist
+
+        groups["world"] = comm.Group("world", list(range(shape.world_size)), rank, dist.group.WORLD)
+        for axis in AXES:
+            for members in shape.all_groups(axis):
+                g = comm.new_group(axis, members, rank, timeout_s)
+                if g is not None:
+                    groups[axis] = g
+        return cls(shape, rank, groups)

@@ -1,0 +1,81 @@
+"""Run outputs: one JSON object per optimizer step in ``metrics.jsonl``, a progress display, and
+the summary table printed at the end."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+
+class MetricsWriter:
+    """Appends one JSON line per record and flushes, so a crash keeps every finished step."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._f: IO[str] = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read_metrics(path: Path | str) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class Progress:
+    """A tqdm bar on a terminal; on a pipe or log file, a plain line every ~5% of the run."""
+
+    def __init__(self, total: int, desc: str, enabled: bool = True) -> None:
+        self.total = total
+        self.enabled = enabled
+        self._bar = None
+        self._every = max(1, total // 20)
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=True)
+        elif enabled:
+            print(f"{desc}: {total} steps", file=sys.stderr, flush=True)
+
+    def update(self, step: int, **fields: float | str) -> None:
+        if not self.enabled:
+            return
+        text = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in fields.items()}
+        if self._bar is not None:
+            self._bar.set_postfix(text, refresh=False)
+            self._bar.update(1)
+        elif step % self._every == 0 or step == self.total or step == 1:
+            body = "  ".join(f"{k} {v}" for k, v in text.items())
+            print(f"step {step:>5}/{self.total}  {body}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def format_table(rows: list[tuple[str, str]], title: str = "") -> str:
+    """Two aligned columns, for the end-of-run summary."""
+    width = max((len(k) for k, _ in rows), default=0)
+    lines = [title, "-" * max(len(title), 40)] if title else []
+    lines += [f"{k:<{width}}  {v}" for k, v in rows]
+    return "\n".join(lines)
+
+
+def format_grid(header: list[str], rows: list[list[str]]) -> str:
+    """A column-aligned text table (first column left-aligned, the rest right-aligned)."""
+    cols = list(zip(header, *rows))
+    widths = [max(len(str(c)) for c in col) for col in cols]
+
+    def line(cells: list[str]) -> str:
+        out = [f"{cells[0]:<{widths[0]}}"] + [f"{c:>{w}}" for c, w in zip(cells[1:], widths[1:])]
+        return "  ".join(out)
+
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(header), sep] + [line(r) for r in rows])

@@ -1,0 +1,116 @@
+"""Named model shapes and their exact parameter counts. Pure Python: no torch import.
+
+The planner (``paratrain.plan``) reads these shapes without importing torch, and
+``paratrain.models.gpt.GPT`` builds exactly the model they describe, so
+``param_count(cfg) == sum(p.numel() for p in GPT(cfg).parameters())`` (tested).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from paratrain.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a GPT-style decoder (GPT-2 layout: pre-LN blocks, GELU MLP, learned positions).
+
+    ``ffn_hidden`` defaults to ``4 * hidden``. ``planning_only`` marks sizes that exist for the
+    planner (far too large to build here); they can still be built on a machine that fits them.
+    """
+
+    name: str
+    num_layers: int
+    hidden: int
+    num_heads: int
+    vocab_size: int
+    max_seq_len: int
+    ffn_hidden: int = 0
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    planning_only: bool = False
+
+    def __post_init__(self) -> None:
+        if self.ffn_hidden == 0:
+            object.__setattr__(self, "ffn_hidden", 4 * self.hidden)
+        for field in ("num_layers", "hidden", "num_heads", "vocab_size", "max_seq_len", "ffn_hidden"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"model {self.name!r}: {field} must be a positive integer, got {value!r}.")
+        if self.hidden % self.num_heads:
+            raise ConfigError(
+                f"model {self.name!r}: hidden size {self.hidden} is not divisible by "
+                f"{self.num_heads} heads; the head dimension must be a whole number."
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model {self.name!r}: dropout must be in [0, 1), got {self.dropout}.")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.num_heads
+
+    def replace(self, **changes: object) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def block_param_count(cfg: ModelConfig) -> int:
+    """Parameters of one transformer block.
+
+    ln1 (2H) + qkv (H*3H + 3H) + proj (H*H + H) + ln2 (2H) + fc1 (H*F + F) + fc2 (F*H + H)
+    = 4H^2 + 2HF + 9H + F   (with F = 4H this is 12H^2 + 13H, Narayanan et al. 2021, eq. 2).
+    """
+    h, f = cfg.hidden, cfg.ffn_hidden
+    return 4 * h * h + 2 * h * f + 9 * h + f
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """Exact number of parameters of ``GPT(cfg)``; a tied LM head is counted once.
+
+    P = V*H (token embedding) + S*H (positions) + L * block + 2H (final LayerNorm)
+        [+ V*H for an untied LM head; the head has no bias].
+    """
+    emb = cfg.vocab_size * cfg.hidden + cfg.max_seq_len * cfg.hidden
+    head = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.hidden
+    return emb + cfg.num_layers * block_param_count(cfg) + 2 * cfg.hidden + head
+
+
+GPT2_VOCAB = 50257
+_MODELS: dict[str, ModelConfig] = {}
+
+
+def _register(cfg: ModelConfig) -> None:
+    _MODELS[cfg.name] = cfg
+
+
+# Byte-level models that train here in minutes (vocab 256 = one token per byte).
+_register(ModelConfig("tiny", num_layers=4, hidden=128, num_heads=4, vocab_size=256, max_seq_len=256))
+_register(ModelConfig("small", num_layers=6, hidden=256, num_heads=8, vocab_size=256, max_seq_len=256))
+_register(ModelConfig("medium", num_layers=8, hidden=512, num_heads=8, vocab_size=256, max_seq_len=512))
+# GPT-2 family (Radford et al. 2019); gpt2-124m has exactly 124,439,808 parameters.
+_register(ModelConfig("gpt2-124m", num_layers=12, hidden=768, num_heads=12, vocab_size=GPT2_VOCAB, max_seq_len=1024))
+_register(ModelConfig("gpt2-350m", num_layers=24, hidden=1024, num_heads=16, vocab_size=GPT2_VOCAB, max_seq_len=1024))
+_register(ModelConfig("gpt2-774m", num_layers=36, hidden=1280, num_heads=20, vocab_size=GPT2_VOCAB, max_seq_len=1024))
+# GPT-3 XL shape (Brown et al. 2020, Table 2.1) with the GPT-2 vocabulary.
+_register(ModelConfig("gpt2-1.3b", num_layers=24, hidden=2048, num_heads=16, vocab_size=GPT2_VOCAB, max_seq_len=2048))
+# Planning-only sizes: GPT-3 6.7B / 13B shapes and a 70B-class shape (GPT-2 block design).
+_register(ModelConfig("gpt-7b", num_layers=32, hidden=4096, num_heads=32, vocab_size=GPT2_VOCAB, max_seq_len=2048, planning_only=True))
+_register(ModelConfig("gpt-13b", num_layers=40, hidden=5120, num_heads=40, vocab_size=GPT2_VOCAB, max_seq_len=2048, planning_only=True))
+_register(ModelConfig("gpt-70b", num_layers=80, hidden=8192, num_heads=64, vocab_size=GPT2_VOCAB, max_seq_len=4096, planning_only=True))
+_register(ModelConfig("gpt-175b", num_layers=96, hidden=12288, num_heads=96, vocab_size=GPT2_VOCAB, max_seq_len=2048, planning_only=True))
+
+
+def model_names() -> list[str]:
+    return list(_MODELS)
+
+
+def get_model_config(name: str, **overrides: object) -> ModelConfig:
+    """Look up a named shape; ``overrides`` replace fields (e.g. ``dropout=0.1``)."""
+    try:
+        cfg = _MODELS[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown model {name!r}. Valid names are: {', '.join(_MODELS)}."
+        ) from None
+    return cfg.replace(**overrides) if overrides else cfg

@@ -1,0 +1,30 @@
+"""``parallelize`` applies a layout to the reference model, as transforms in a fixed order:
+tensor parallelism (shard each layer), then pipeline parallelism (keep this stage's layers), then
+data parallelism / ZeRO (reduce gradients over the dp group). Each transform receives only the
+group it uses."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from paratrain.config import Layout
+from paratrain.mesh import Mesh
+from paratrain.parallel.data import DataParallel, NaiveDataParallel
+from paratrain.parallel.model import ParallelModel
+
+__all__ = ["ParallelModel", "parallelize", "DataParallel", "NaiveDataParallel"]
+
+
+def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, bucket_mb: float = 4.0,
+                dp_impl: str = "bucketed", overlap: bool = True,
+                autocast_dtype: torch.dtype | None = None) -> ParallelModel:
+    """Turn the reference ``model`` (identical on every rank) into this rank's share of it."""
+    if layout.tp > 1 or layout.pp > 1 or layout.zero > 0:
+        raise NotImplementedError("only data parallelism is implemented in the runtime so far")
+    if dp_impl == "naive":
+        sync = NaiveDataParallel(model, mesh.dp)
+    else:
+        sync = DataParallel(model, mesh.dp, bucket_mb=bucket_mb, overlap=overlap)
+    norm_groups = [mesh.tp, mesh.pp]  # ranks of these groups hold different parameters
+    return ParallelModel(model, mesh, layout, sync, norm_groups, autocast_dtype)

@@ -1,0 +1,94 @@
+"""``ParallelModel``: the part of the model this rank holds, and how one step's gradients are
+computed, synchronised and clipped for the layout. The training loop only talks to this."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from paratrain import comm
+from paratrain.comm import Group
+from paratrain.config import Layout
+from paratrain.mesh import Mesh
+from paratrain.parallel.grad import clip_grad_norm_
+
+
+class GradSync(Protocol):
+    """What a data-parallel (or ZeRO) wrapper offers the step: see ``parallel/data.py``."""
+
+    def set_sync(self, sync: bool) -> None: ...
+    def finish(self) -> None: ...
+    def zero_grad(self) -> None: ...
+
+
+class ParallelModel:
+    """``module`` is this rank's (possibly sharded) model; ``grad_sync`` reduces gradients over
+    the dp group; ``norm_groups`` are the groups whose ranks hold *different* parameters, over
+    which the gradient norm is summed."""
+
+    def __init__(self, module: nn.Module, mesh: Mesh, layout: Layout, grad_sync: GradSync,
+                 norm_groups: list[Group], autocast_dtype: torch.dtype | None = None) -> None:
+        self.module = module
+        self.mesh = mesh
+        self.layout = layout
+        self.grad_sync = grad_sync
+        self.norm_groups = norm_groups
+        self.autocast_dtype = autocast_dtype
+        self._params = [p for p in module.parameters() if p.requires_grad]
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return self.module.named_parameters()
+
+    def parameters(self) -> list[nn.Parameter]:
+        return self._params
+
+    def _autocast(self, x: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype)
+
+    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Forward and backward over this rank's batch (B_local, T) in ``layout.microbatches``
+        equal slices; gradients end up summed over micro-batches and averaged over dp, exactly the
+        gradient of the mean loss over the global batch. Returns this rank's mean loss (detached)."""
+        m = self.layout.microbatches
+        total = torch.zeros((), device=inputs.device)
+        for i, (x, y) in enumerate(zip(inputs.chunk(m), targets.chunk(m))):
+            self.grad_sync.set_sync(i == m - 1)
+            with self._autocast(x):
+                loss = self.module(x, y)
+            (loss / m).backward()
+            total += loss.detach().float()
+        self.grad_sync.finish()
+        return total / m
+
+    @torch.no_grad()
+    def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        was_training = self.module.training
+        self.module.eval()
+        with self._autocast(inputs):
+            loss = self.module(inputs, targets).float()
+        self.module.train(was_training)
+        return loss
+
+    def global_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """Average a per-rank scalar (e.g. the local loss) over the data-parallel group."""
+        out = value.detach().clone().float()
+        comm.all_reduce(out, self.mesh.dp, op="avg", tag="metrics")
+        return out
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        return clip_grad_norm_(self._params, max_norm, self.norm_groups)
+
+    def zero_grad(self) -> None:
+        self.grad_sync.zero_grad()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The reference model's state dict (full shapes) on global rank 0, None elsewhere."""
+        if self.mesh.rank != 0:
+            return None
+        return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}

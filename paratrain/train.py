@@ -1,0 +1,185 @@
+"""The training loop every rank runs: mesh, reference model, ``parallelize``, then steps.
+
+:func:`train_worker` is the entry point of one rank (spawned by :func:`paratrain.launch.launch`
+or started by an outside torchrun). Global rank 0 writes ``metrics.jsonl``, shows progress,
+saves the checkpoint and samples text; it returns the run's summary.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from paratrain import comm
+from paratrain.checkpoint import save_checkpoint
+from paratrain.config import TrainConfig
+from paratrain.data import VAL, Corpus, check_corpus, decode, dp_rows, encode, get_batch, load_corpus
+from paratrain.launch import RankEnv, init_distributed, set_threads, shutdown_distributed
+from paratrain.mesh import Mesh, MeshShape
+from paratrain.metrics import MetricsWriter, Progress
+from paratrain.models.configs import param_count
+from paratrain.models.gpt import build_reference
+from paratrain.optim import lr_at, make_optimizer, set_lr
+from paratrain.parallel import ParallelModel, parallelize
+
+SAMPLE_PROMPT = "def "
+
+
+def resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak tensor memory on a GPU; peak resident set size of the process on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def train_worker(cfg: TrainConfig) -> dict[str, Any] | None:
+    """One rank's whole job. Returns the summary on global rank 0, None elsewhere."""
+    env = RankEnv.from_env()
+    set_threads(cfg.threads, env.local_world_size)
+    device = resolve_device(cfg.device, env.local_rank)
+    init_distributed(env, device.type, cfg.timeout_s)
+    ok = False
+    try:
+        result = _train(cfg, env, device)
+        ok = True
+        return result
+    finally:
+        shutdown_distributed(ok)
+
+
+def evaluate(pm: ParallelModel, corpus: Corpus, cfg: TrainConfig, rows: slice,
+             device: torch.device) -> float:
+    """Mean validation loss over ``cfg.eval_batches`` fixed global batches (same for every layout)."""
+    total = torch.zeros((), device=device)
+    for i in range(cfg.eval_batches):
+        x, y = get_batch(corpus.val, cfg.seq_len, cfg.global_batch, cfg.seed, i, rows, split=VAL)
+        total += pm.eval_loss(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
+    return pm.global_mean(total / cfg.eval_batches).item()
+
+
+def _train(cfg: TrainConfig, env: RankEnv, device: torch.device) -> dict[str, Any] | None:
+    model_cfg = cfg.validate()
+    layout = cfg.layout
+    if env.world_size != layout.world_size:
+        raise RuntimeError(f"{env.world_size} processes were started for a layout of "
+                           f"{layout.world_size} ({layout})")
+    mesh = Mesh.build(MeshShape(layout.dp, layout.pp, layout.tp), env.rank, cfg.timeout_s)
+    corpus = load_corpus(cfg.data)
+    check_corpus(corpus, cfg.seq_len)
+    model = build_reference(model_cfg, cfg.seed, device)
+    autocast = torch.bfloat16 if cfg.precision == "bf16" else None
+    pm = parallelize(model, mesh, layout, bucket_mb=cfg.bucket_mb, dp_impl=cfg.dp_impl,
+                     overlap=cfg.overlap, autocast_dtype=autocast)
+    opt = make_optimizer(pm.named_parameters(), cfg)
+    rows = dp_rows(cfg.global_batch, layout.dp, mesh.coords.dp)
+    lead = env.rank == 0
+    out = Path(cfg.out) if cfg.out else None
+    writer = MetricsWriter(out / "metrics.jsonl") if lead and out else None
+    progress = Progress(cfg.steps, f"train {cfg.model} [{layout}]", enabled=lead and cfg.progress)
+    tokens_per_step = cfg.global_batch * cfg.seq_len
+    records: list[dict[str, Any]] = []
+    val_loss = None
+    t_start = time.perf_counter()
+    try:
+        for step in range(1, cfg.steps + 1):
+            record = _step(pm, opt, corpus, cfg, step, rows, device, tokens_per_step)
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                val_loss = evaluate(pm, corpus, cfg, rows, device)
+                record["val_loss"] = val_loss
+            records.append(record)
+            if writer:
+                writer.write(record)
+            progress.update(step, loss=record["loss"], tok_s=f"{record['tokens_per_s']:,.0f}")
+    finally:
+        progress.close()
+        if writer:
+            writer.close()
+    wall = time.perf_counter() - t_start
+    state = pm.full_state_dict()
+    if not lead:
+        return None
+    summary = _summary(cfg, records, val_loss, wall, device, param_count(model_cfg), mesh)
+    if out and cfg.checkpoint and state is not None:
+        save_checkpoint(out / "checkpoint", {"model": state},
+                        {"step": cfg.steps, "model": cfg.model, "seed": cfg.seed})
+    if cfg.sample_tokens and state is not None:
+        summary["sample"] = sample_text(model_cfg, state, cfg.sample_tokens, cfg.seed)
+    return summary
+
+
+def _step(pm: ParallelModel, opt: torch.optim.Optimizer, corpus: Corpus, cfg: TrainConfig,
+          step: int, rows: slice, device: torch.device, tokens_per_step: int) -> dict[str, Any]:
+    groups = pm.mesh.groups
+    bytes0 = {g.name: g.stats.bytes for g in groups}
+    comm0 = sum(g.stats.seconds for g in groups)
+    t0 = time.perf_counter()
+    x, y = get_batch(corpus.train, cfg.seq_len, cfg.global_batch, cfg.seed, step, rows)
+    lr = lr_at(step, cfg)
+    set_lr(opt, lr)
+    local_loss = pm.forward_backward(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
+    norm = pm.clip_grad_norm_(cfg.grad_clip)
+    opt.step()
+    pm.zero_grad()
+    loss = pm.global_mean(local_loss).item()  # also a sync point for CUDA
+    dt = time.perf_counter() - t0
+    comm_s = sum(g.stats.seconds for g in groups) - comm0
+    return {
+        "step": step,
+        "loss": loss,
+        "lr": lr,
+        "grad_norm": float(norm),
+        "tokens_per_s": tokens_per_step / dt,
+        "step_time_s": dt,
+        "comm_wait_s": comm_s,
+        "comm_bytes": {g.name: g.stats.bytes - bytes0[g.name] for g in groups if g.size > 1},
+    }
+
+
+def _summary(cfg: TrainConfig, records: list[dict[str, Any]], val_loss: float | None, wall: float,
+             device: torch.device, params: int, mesh: Mesh) -> dict[str, Any]:
+    steady = records[min(len(records) - 1, 2):]  # the first steps include warm-up costs
+    return {
+        "model": cfg.model,
+        "params": params,
+        "layout": str(cfg.layout),
+        "world_size": cfg.layout.world_size,
+        "device": str(device),
+        "steps": len(records),
+        "first_loss": records[0]["loss"],
+        "final_loss": records[-1]["loss"],
+        "val_loss": val_loss,
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady),
+        "step_time_s": statistics.median(r["step_time_s"] for r in steady),
+        "comm_wait_s": statistics.median(r["comm_wait_s"] for r in steady),
+        "peak_memory_mb": peak_memory_mb(device),
+        "wall_s": wall,
+        "comm": comm.summarize([g for g in mesh.groups if g.size > 1]),
+        "out": cfg.out,
+    }
+
+
+def sample_text(model_cfg: Any, state: dict[str, torch.Tensor], num_tokens: int, seed: int,
+                prompt: str = SAMPLE_PROMPT) -> str:
+    """Generate ``num_tokens`` bytes after ``prompt`` with the trained weights (on the CPU)."""
+    model = build_reference(model_cfg, seed)
+    model.load_state_dict(state)
+    idx = torch.tensor([encode(prompt)], dtype=torch.long)
+    g = torch.Generator().manual_seed(seed)
+    out = model.generate(idx, num_tokens, temperature=0.8, top_k=40, generator=g)
+    return decode(out[0].tolist())
