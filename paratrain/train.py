@@ -10,6 +10,7 @@ from __future__ import annotations
 import resource
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,16 @@ import torch
 from paratrain import comm
 from paratrain.checkpoint import save_checkpoint
 from paratrain.config import TrainConfig
-from paratrain.data import VAL, Corpus, check_corpus, decode, dp_rows, encode, get_batch, load_corpus
+from paratrain.data import (
+    VAL,
+    Corpus,
+    check_corpus,
+    decode,
+    dp_rows,
+    encode,
+    get_batch,
+    load_corpus,
+)
 from paratrain.launch import RankEnv, init_distributed, set_threads, shutdown_distributed
 from paratrain.mesh import Mesh, MeshShape
 from paratrain.metrics import MetricsWriter, Progress
@@ -73,14 +83,30 @@ def evaluate(pm: ParallelModel, corpus: Corpus, cfg: TrainConfig, rows: slice,
     return pm.global_mean(total / cfg.eval_batches).item()
 
 
-def _train(cfg: TrainConfig, env: RankEnv, device: torch.device) -> dict[str, Any] | None:
+@dataclass
+class Session:
+    """Everything one rank trains with, built by :func:`setup`."""
+
+    cfg: TrainConfig
+    mesh: Mesh
+    corpus: Corpus
+    pm: ParallelModel
+    opt: torch.optim.Optimizer
+    rows: slice
+    device: torch.device
+
+
+def setup(cfg: TrainConfig, env: RankEnv, device: torch.device, corpus: Corpus | None = None) -> Session:
+    """Validate, build the mesh, the reference model and its parallel form, and the optimizer.
+    With several ranks the default process group must already exist."""
     model_cfg = cfg.validate()
     layout = cfg.layout
     if env.world_size != layout.world_size:
         raise RuntimeError(f"{env.world_size} processes were started for a layout of "
                            f"{layout.world_size} ({layout})")
     mesh = Mesh.build(MeshShape(layout.dp, layout.pp, layout.tp), env.rank, cfg.timeout_s)
-    corpus = load_corpus(cfg.data)
+    if corpus is None:
+        corpus = load_corpus(cfg.data)
     check_corpus(corpus, cfg.seq_len)
     model = build_reference(model_cfg, cfg.seed, device)
     autocast = torch.bfloat16 if cfg.precision == "bf16" else None
@@ -88,19 +114,23 @@ def _train(cfg: TrainConfig, env: RankEnv, device: torch.device) -> dict[str, An
                      overlap=cfg.overlap, autocast_dtype=autocast)
     opt = make_optimizer(pm.named_parameters(), cfg)
     rows = dp_rows(cfg.global_batch, layout.dp, mesh.coords.dp)
+    return Session(cfg, mesh, corpus, pm, opt, rows, device)
+
+
+def _train(cfg: TrainConfig, env: RankEnv, device: torch.device) -> dict[str, Any] | None:
+    s = setup(cfg, env, device)
     lead = env.rank == 0
     out = Path(cfg.out) if cfg.out else None
     writer = MetricsWriter(out / "metrics.jsonl") if lead and out else None
-    progress = Progress(cfg.steps, f"train {cfg.model} [{layout}]", enabled=lead and cfg.progress)
-    tokens_per_step = cfg.global_batch * cfg.seq_len
+    progress = Progress(cfg.steps, f"train {cfg.model} [{cfg.layout}]", enabled=lead and cfg.progress)
     records: list[dict[str, Any]] = []
     val_loss = None
     t_start = time.perf_counter()
     try:
         for step in range(1, cfg.steps + 1):
-            record = _step(pm, opt, corpus, cfg, step, rows, device, tokens_per_step)
+            record = train_step(s, step)
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-                val_loss = evaluate(pm, corpus, cfg, rows, device)
+                val_loss = evaluate(s.pm, s.corpus, cfg, s.rows, device)
                 record["val_loss"] = val_loss
             records.append(record)
             if writer:
@@ -111,10 +141,11 @@ def _train(cfg: TrainConfig, env: RankEnv, device: torch.device) -> dict[str, An
         if writer:
             writer.close()
     wall = time.perf_counter() - t_start
-    state = pm.full_state_dict()
+    state = s.pm.full_state_dict()
     if not lead:
         return None
-    summary = _summary(cfg, records, val_loss, wall, device, param_count(model_cfg), mesh)
+    model_cfg = cfg.model_config()
+    summary = _summary(cfg, records, val_loss, wall, device, param_count(model_cfg), s.mesh)
     if out and cfg.checkpoint and state is not None:
         save_checkpoint(out / "checkpoint", {"model": state},
                         {"step": cfg.steps, "model": cfg.model, "seed": cfg.seed})
@@ -123,18 +154,19 @@ def _train(cfg: TrainConfig, env: RankEnv, device: torch.device) -> dict[str, An
     return summary
 
 
-def _step(pm: ParallelModel, opt: torch.optim.Optimizer, corpus: Corpus, cfg: TrainConfig,
-          step: int, rows: slice, device: torch.device, tokens_per_step: int) -> dict[str, Any]:
+def train_step(s: Session, step: int) -> dict[str, Any]:
+    """One optimizer step on the global batch of ``step``; returns its metrics record."""
+    cfg, pm, device = s.cfg, s.pm, s.device
     groups = pm.mesh.groups
     bytes0 = {g.name: g.stats.bytes for g in groups}
     comm0 = sum(g.stats.seconds for g in groups)
     t0 = time.perf_counter()
-    x, y = get_batch(corpus.train, cfg.seq_len, cfg.global_batch, cfg.seed, step, rows)
+    x, y = get_batch(s.corpus.train, cfg.seq_len, cfg.global_batch, cfg.seed, step, s.rows)
     lr = lr_at(step, cfg)
-    set_lr(opt, lr)
+    set_lr(s.opt, lr)
     local_loss = pm.forward_backward(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
     norm = pm.clip_grad_norm_(cfg.grad_clip)
-    opt.step()
+    s.opt.step()
     pm.zero_grad()
     loss = pm.global_mean(local_loss).item()  # also a sync point for CUDA
     dt = time.perf_counter() - t0
@@ -144,7 +176,7 @@ def _step(pm: ParallelModel, opt: torch.optim.Optimizer, corpus: Corpus, cfg: Tr
         "loss": loss,
         "lr": lr,
         "grad_norm": float(norm),
-        "tokens_per_s": tokens_per_step / dt,
+        "tokens_per_s": cfg.global_batch * cfg.seq_len / dt,
         "step_time_s": dt,
         "comm_wait_s": comm_s,
         "comm_bytes": {g.name: g.stats.bytes - bytes0[g.name] for g in groups if g.size > 1},

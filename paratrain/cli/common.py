@@ -74,23 +74,32 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, help=f"seed for weights and batches (default: {default('seed')})")
     g.add_argument("--lr", type=float, help=f"peak learning rate (default: {default('lr')})")
     g.add_argument("--warmup-steps", type=int, help=f"linear warm-up steps (default: {default('warmup_steps')})")
-    g.add_argument("--min-lr-ratio", type=float, help=f"final lr / peak lr of the cosine decay (default: {default('min_lr_ratio')})")
+    g.add_argument("--min-lr-ratio", type=float,
+                   help=f"final lr / peak lr of the cosine decay (default: {default('min_lr_ratio')})")
     g.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default: {default('weight_decay')})")
-    g.add_argument("--grad-clip", type=float, help=f"global gradient-norm clip, 0 = off (default: {default('grad_clip')})")
+    g.add_argument("--grad-clip", type=float,
+                   help=f"global gradient-norm clip, 0 = off (default: {default('grad_clip')})")
     g.add_argument("--precision", choices=PRECISIONS, help="fp32, or bf16 autocast with fp32 weights (default: fp32)")
     g = p.add_argument_group("runtime")
-    g.add_argument("--device", choices=DEVICES, help="cuda (NCCL) or cpu (gloo); auto picks cuda when present (default: auto)")
+    g.add_argument("--device", choices=DEVICES,
+                   help="cuda (NCCL) or cpu (gloo); auto picks cuda when present (default: auto)")
     g.add_argument("--threads", type=int, help="torch threads per rank (default: cores / local processes)")
-    g.add_argument("--bucket-mb", type=float, help=f"data-parallel gradient bucket size in MiB (default: {default('bucket_mb')})")
-    g.add_argument("--dp-impl", choices=DP_IMPLS, help="bucketed (overlapped) or naive per-tensor all-reduce (default: bucketed)")
+    g.add_argument("--bucket-mb", type=float,
+                   help=f"data-parallel gradient bucket size in MiB (default: {default('bucket_mb')})")
+    g.add_argument("--dp-impl", choices=DP_IMPLS,
+                   help="bucketed (overlapped) or naive per-tensor all-reduce (default: bucketed)")
     g.add_argument("--no-overlap", dest="overlap", action="store_false", default=None,
                    help="reduce all buckets after backward instead of during it")
-    g.add_argument("--timeout", dest="timeout_s", type=float, help=f"seconds a collective may wait before the job fails (default: {default('timeout_s')})")
+    g.add_argument("--timeout", dest="timeout_s", type=float,
+                   help=f"seconds a collective may wait before the job fails (default: {default('timeout_s')})")
     g = p.add_argument_group("outputs")
     g.add_argument("--out", metavar="DIR", help="run folder (default: a new folder under runs/)")
-    g.add_argument("--eval-every", type=int, help=f"validation every N steps, 0 = only never (default: {default('eval_every')})")
-    g.add_argument("--eval-batches", type=int, help=f"global batches per validation (default: {default('eval_batches')})")
-    g.add_argument("--sample-tokens", type=int, help=f"bytes of text to sample at the end, 0 = none (default: {default('sample_tokens')})")
+    g.add_argument("--eval-every", type=int,
+                   help=f"validation every N steps, 0 = only never (default: {default('eval_every')})")
+    g.add_argument("--eval-batches", type=int,
+                   help=f"global batches per validation (default: {default('eval_batches')})")
+    g.add_argument("--sample-tokens", type=int,
+                   help=f"bytes of text to sample at the end, 0 = none (default: {default('sample_tokens')})")
     g.add_argument("--quiet", dest="progress", action="store_false", default=None,
                    help="no progress display")
     g.add_argument("--no-checkpoint", dest="checkpoint", action="store_false", default=None,

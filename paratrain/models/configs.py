@@ -95,10 +95,14 @@ _register(ModelConfig("gpt2-774m", num_layers=36, hidden=1280, num_heads=20, voc
 # GPT-3 XL shape (Brown et al. 2020, Table 2.1) with the GPT-2 vocabulary.
 _register(ModelConfig("gpt2-1.3b", num_layers=24, hidden=2048, num_heads=16, vocab_size=GPT2_VOCAB, max_seq_len=2048))
 # Planning-only sizes: GPT-3 6.7B / 13B shapes and a 70B-class shape (GPT-2 block design).
-_register(ModelConfig("gpt-7b", num_layers=32, hidden=4096, num_heads=32, vocab_size=GPT2_VOCAB, max_seq_len=2048, planning_only=True))
-_register(ModelConfig("gpt-13b", num_layers=40, hidden=5120, num_heads=40, vocab_size=GPT2_VOCAB, max_seq_len=2048, planning_only=True))
-_register(ModelConfig("gpt-70b", num_layers=80, hidden=8192, num_heads=64, vocab_size=GPT2_VOCAB, max_seq_len=4096, planning_only=True))
-_register(ModelConfig("gpt-175b", num_layers=96, hidden=12288, num_heads=96, vocab_size=GPT2_VOCAB, max_seq_len=2048, planning_only=True))
+_register(ModelConfig("gpt-7b", num_layers=32, hidden=4096, num_heads=32, vocab_size=GPT2_VOCAB,
+          max_seq_len=2048, planning_only=True))
+_register(ModelConfig("gpt-13b", num_layers=40, hidden=5120, num_heads=40, vocab_size=GPT2_VOCAB,
+          max_seq_len=2048, planning_only=True))
+_register(ModelConfig("gpt-70b", num_layers=80, hidden=8192, num_heads=64, vocab_size=GPT2_VOCAB,
+          max_seq_len=4096, planning_only=True))
+_register(ModelConfig("gpt-175b", num_layers=96, hidden=12288, num_heads=96, vocab_size=GPT2_VOCAB,
+          max_seq_len=2048, planning_only=True))
 
 
 def model_names() -> list[str]:
