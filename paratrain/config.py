@@ -156,7 +156,7 @@ class TrainConfig:
     model: str = "tiny"
     layout: Layout = field(default_factory=Layout)
     nproc: int = 0  # 0: dp * pp * tp
-    steps: int = 300
+    steps: int = 500
     seed: int = 0
     global_batch: int = 32
     seq_len: int = 128

@@ -1,0 +1,42 @@
+"""paratrain: data and model parallel training on torch.distributed, and a planner for layouts.
+
+Public API (torch is imported only when a torch-backed name is first used, so planning code
+and the CLI stay light)::
+
+    from paratrain import Layout, TrainConfig, Mesh, parallelize, train_step
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from paratrain.config import Layout, TrainConfig
+from paratrain.errors import ConfigError
+from paratrain.mesh import Mesh, MeshShape
+from paratrain.models.configs import ModelConfig, get_model_config, param_count
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "parallelize": "paratrain.parallel",
+    "ParallelModel": "paratrain.parallel",
+    "GPT": "paratrain.models.gpt",
+    "build_reference": "paratrain.models.gpt",
+    "setup": "paratrain.train",
+    "train_step": "paratrain.train",
+    "train_worker": "paratrain.train",
+    "reference_train": "paratrain.reference",
+    "save_checkpoint": "paratrain.checkpoint",
+    "load_checkpoint": "paratrain.checkpoint",
+    "launch": "paratrain.launch",
+}
+
+__all__ = ["ConfigError", "Layout", "Mesh", "MeshShape", "ModelConfig", "TrainConfig",
+           "get_model_config", "param_count", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'paratrain' has no attribute {name!r}")
