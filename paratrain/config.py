@@ -170,7 +170,7 @@ class TrainConfig:
     dropout: float = 0.0
     untie_embeddings: bool = False
     precision: str = "fp32"
-    bucket_mb: float = 4.0
+    bucket_mb: float = 25.0
     dp_impl: str = "bucketed"
     overlap: bool = True
     eval_every: int = 100

@@ -15,7 +15,7 @@ import textwrap
 
 from paratrain.errors import ConfigError
 
-COMMANDS = ("train",)
+COMMANDS = ("train", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

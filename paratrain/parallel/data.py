@@ -4,7 +4,8 @@ and the gradients are averaged over the ``dp`` group before the optimizer steps.
 With ``n`` ranks each computing ``g_r = d(mean loss over its B/n sequences)/dw``, the reference
 gradient over the global batch is ``g = (1/n) * sum_r g_r`` — one all-reduce per gradient.
 
-Two implementations share one small interface (``set_sync``, ``finish``, ``zero_grad``):
+Two implementations share one small interface (``grad_scale``, ``set_sync``, ``finish``,
+``zero_grad``):
 
 * :class:`NaiveDataParallel` — for learners: after backward, all-reduce each gradient in turn.
 * :class:`DataParallel` — what training uses: gradients live in a few flat *buckets*; each
@@ -30,6 +31,8 @@ def _unique_params(module: nn.Module) -> list[nn.Parameter]:
 
 class NaiveDataParallel:
     """All-reduce every gradient, one collective per parameter, after backward has finished."""
+
+    grad_scale = 1.0  # the mean is taken after the sum, below
 
     def __init__(self, module: nn.Module, group: Group) -> None:
         self.module = module
@@ -81,12 +84,17 @@ class DataParallel:
 
     Buckets are *launched in index order* on every rank, whatever order their gradients arrive
     in, because collectives must be issued in the same order everywhere.
+
+    The mean needs a division by ``n``; instead of a pass over every bucket, the step multiplies
+    the scalar loss by ``grad_scale = 1/n`` before backward, so gradients arrive pre-divided and
+    the all-reduce's sum is already the mean (exact for power-of-two ``n``).
     """
 
     def __init__(self, module: nn.Module, group: Group, bucket_mb: float = 4.0,
                  overlap: bool = True) -> None:
         self.module = module
         self.group = group
+        self.grad_scale = 1.0 / group.size
         self.overlap = overlap
         self.params = _unique_params(module)
         self.buckets = self._make_buckets(reversed(self.params), int(bucket_mb * 2**20))
@@ -146,9 +154,6 @@ class DataParallel:
             self._next += 1
 
     def _launch(self, bucket: _Bucket) -> None:
-        # Pre-divide so the sum is already the mean (exact for power-of-two group sizes).
-        if self.group.size > 1:
-            bucket.buffer.div_(self.group.size)
         bucket.handle = comm.all_reduce(bucket.buffer, self.group, async_op=True)
 
     def finish(self) -> None:

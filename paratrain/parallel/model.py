@@ -18,7 +18,10 @@ from paratrain.parallel.grad import clip_grad_norm_
 
 
 class GradSync(Protocol):
-    """What a data-parallel (or ZeRO) wrapper offers the step: see ``parallel/data.py``."""
+    """What a data-parallel (or ZeRO) wrapper offers the step: see ``parallel/data.py``.
+    ``grad_scale`` multiplies the loss before backward (1/dp when the reduction sums)."""
+
+    grad_scale: float
 
     def set_sync(self, sync: bool) -> None: ...
     def finish(self) -> None: ...
@@ -56,12 +59,13 @@ class ParallelModel:
         equal slices; gradients end up summed over micro-batches and averaged over dp, exactly the
         gradient of the mean loss over the global batch. Returns this rank's mean loss (detached)."""
         m = self.layout.microbatches
+        scale = self.grad_sync.grad_scale / m
         total = torch.zeros((), device=inputs.device)
         for i, (x, y) in enumerate(zip(inputs.chunk(m), targets.chunk(m))):
             self.grad_sync.set_sync(i == m - 1)
             with self._autocast(x):
                 loss = self.module(x, y)
-            (loss / m).backward()
+            (loss * scale).backward()
             total += loss.detach().float()
         self.grad_sync.finish()
         return total / m

@@ -1,0 +1,65 @@
+"""``paratrain bench``: our implementations against PyTorch's own, side by side, in one run.
+
+Each group (``dp``, later ``tp``, ``pp``) is a module here with ``run(opts) -> list[Row]``. A row
+compares tokens/s of ours and of the PyTorch reference on the same model, the same global batch
+and the same threads per rank, measured in the same processes with alternating A/B repeats; the
+reported figure is the median over repeats.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+GROUPS = ("dp",)
+
+
+@dataclass
+class Row:
+    name: str
+    ours_tokens_per_s: float
+    ref_tokens_per_s: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        return self.ours_tokens_per_s / self.ref_tokens_per_s
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, "ours_tokens_per_s": self.ours_tokens_per_s,
+                "ref_tokens_per_s": self.ref_tokens_per_s, "ratio": self.ratio, **self.extra}
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    model: str = "small"
+    global_batch: int = 16
+    seq_len: int = 128
+    steps: int = 5          # timed steps per repeat
+    warmup: int = 2         # untimed steps before the first repeat of each side
+    repeats: int = 5        # A/B alternations; medians reported
+    nprocs: tuple[int, ...] = (2, 4)
+    threads: int = 0        # per rank; 0 = cores / ranks (at least 1)
+    seed: int = 0
+    bucket_mb: float = 25.0  # ours; DDP keeps its default (25 MiB)
+
+
+def alternate(sides: dict[str, Callable[[], None]], repeats: int, sync: Callable[[], None]) -> dict[str, list[float]]:
+    """Time each side's callable ``repeats`` times, alternating A, B, A, B, ...; ``sync`` (a
+    barrier) runs before each timing starts and before it stops, so every rank's work counts."""
+    times: dict[str, list[float]] = {k: [] for k in sides}
+    for _ in range(repeats):
+        for name, fn in sides.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)

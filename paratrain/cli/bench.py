@@ -1,0 +1,104 @@
+"""``paratrain bench``: side-by-side throughput of ours vs PyTorch's implementations."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+from paratrain.bench import GROUPS, BenchOptions, Row
+from paratrain.errors import ConfigError
+from paratrain.metrics import format_grid
+
+DESCRIPTION = """\
+Measure our parallel implementations against PyTorch's own (DDP for dp) on the same model,
+global batch and threads per rank, in one run: A/B alternating repeats in the same processes,
+medians reported. Prints a table, or one JSON object per row with --json."""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    d = BenchOptions()
+    p = sub.add_parser("bench", help="benchmark ours against PyTorch's implementations",
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", help=f"comma-separated groups among {', '.join(GROUPS)} (default: all)")
+    p.add_argument("--json", action="store_true", help="one JSON object per row")
+    p.add_argument("--model", default=d.model, help=f"named model (default: {d.model})")
+    p.add_argument("--global-batch", type=int, default=d.global_batch,
+                   help=f"sequences per step (default: {d.global_batch})")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help=f"tokens per sequence (default: {d.seq_len})")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"timed steps per repeat (default: {d.steps})")
+    p.add_argument("--repeats", type=int, default=d.repeats,
+                   help=f"A/B alternations; medians reported (default: {d.repeats})")
+    p.add_argument("--nproc", default=",".join(map(str, d.nprocs)),
+                   help="process counts to measure, comma-separated (default: 2,4)")
+    p.add_argument("--threads", type=int, default=d.threads,
+                   help="torch threads per rank, same on both sides (default: cores / ranks)")
+    p.add_argument("--bucket-mb", type=float, default=d.bucket_mb,
+                   help=f"our gradient bucket size in MiB; DDP keeps its default (default: {d.bucket_mb})")
+    p.set_defaults(run=run)
+
+
+def _parse_list(text: str, what: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"{what} must be comma-separated integers, got {text!r}.") from None
+    if not values or min(values) < 1:
+        raise ConfigError(f"{what} must list positive integers, got {text!r}.")
+    return values
+
+
+def run(args: argparse.Namespace) -> int:
+    groups = [g.strip() for g in args.only.split(",")] if args.only else list(GROUPS)
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown:
+        raise ConfigError(f"unknown benchmark group(s) {', '.join(unknown)}; valid: {', '.join(GROUPS)}.")
+    for name in ("global_batch", "seq_len", "steps", "repeats"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer.")
+    opts = BenchOptions(model=args.model, global_batch=args.global_batch, seq_len=args.seq_len,
+                        steps=args.steps, repeats=args.repeats, nprocs=_parse_list(args.nproc, "--nproc"),
+                        threads=args.threads, bucket_mb=args.bucket_mb)
+    from paratrain.config import Layout, TrainConfig
+
+    for n in opts.nprocs:  # validate before starting anything
+        TrainConfig(model=opts.model, global_batch=opts.global_batch, seq_len=opts.seq_len,
+                    layout=Layout(dp=n)).validate()
+    from paratrain.launch import LaunchError
+
+    rows: list[Row] = []
+    for group in groups:
+        module = importlib.import_module(f"paratrain.bench.{group}")
+        if not args.json:
+            print(f"[bench {group}] measuring ({module.__doc__.splitlines()[0]})", file=sys.stderr, flush=True)
+        try:
+            rows += module.run(opts)
+        except LaunchError as e:
+            from paratrain.cli.train import format_failure
+
+            print(format_failure(e), file=sys.stderr)
+            return 1
+    if args.json:
+        for r in rows:
+            print(json.dumps(r.as_json()))
+    else:
+        print(render(rows, opts))
+    return 0
+
+
+def render(rows: list[Row], opts: BenchOptions) -> str:
+    header = ["name", "ours tok/s", "PyTorch tok/s", "ours/PyTorch", "notes"]
+    body = []
+    for r in rows:
+        note = ""
+        if "allreduce_bytes_per_step" in r.extra:
+            e = r.extra
+            note = (f"all-reduced {e['allreduce_bytes_per_step'] / 2**20:.2f} MiB/step vs grads "
+                    f"{e['grad_bytes'] / 2**20:.2f} MiB ({e['buckets']} buckets), {e['threads_per_rank']} thr/rank")
+        elif "note" in r.extra:
+            note = str(r.extra["note"])
+        body.append([r.name, f"{r.ours_tokens_per_s:,.0f}", f"{r.ref_tokens_per_s:,.0f}", f"{r.ratio:.3f}", note])
+    title = (f"model {opts.model}, global batch {opts.global_batch} x {opts.seq_len} tokens, "
+             f"{opts.steps} steps x {opts.repeats} A/B repeats (medians)")
+    return title + "\n" + format_grid(header, body)
