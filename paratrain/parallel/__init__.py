@@ -16,7 +16,7 @@ from paratrain.parallel.model import ParallelModel
 __all__ = ["ParallelModel", "parallelize", "DataParallel", "NaiveDataParallel"]
 
 
-def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, bucket_mb: float = 4.0,
+def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, bucket_mb: float = 25.0,
                 dp_impl: str = "bucketed", overlap: bool = True,
                 autocast_dtype: torch.dtype | None = None) -> ParallelModel:
     """Turn the reference ``model`` (identical on every rank) into this rank's share of it."""

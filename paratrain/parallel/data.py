@@ -90,7 +90,7 @@ class DataParallel:
     the all-reduce's sum is already the mean (exact for power-of-two ``n``).
     """
 
-    def __init__(self, module: nn.Module, group: Group, bucket_mb: float = 4.0,
+    def __init__(self, module: nn.Module, group: Group, bucket_mb: float = 25.0,
                  overlap: bool = True) -> None:
         self.module = module
         self.group = group
