@@ -7,6 +7,7 @@ saves the checkpoint and samples text; it returns the run's summary.
 
 from __future__ import annotations
 
+import os
 import resource
 import statistics
 import time
@@ -38,6 +39,21 @@ from paratrain.optim import lr_at, make_optimizer, set_lr
 from paratrain.parallel import ParallelModel, parallelize
 
 SAMPLE_PROMPT = "def "
+FAULT_ENV = "PARATRAIN_FAULT"
+
+
+def inject_fault(rank: int, step: int) -> None:
+    """Testing aid: ``PARATRAIN_FAULT=RANK:STEP[:hang]`` makes that rank raise (or hang forever)
+    at the start of that step, to check that a failure ends the whole job promptly."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    parts = spec.split(":")
+    if int(parts[0]) == rank and int(parts[1]) == step:
+        if len(parts) > 2 and parts[2] == "hang":
+            while True:
+                time.sleep(3600)
+        raise RuntimeError(f"injected fault on rank {rank} at step {step} ({FAULT_ENV}={spec})")
 
 
 def resolve_device(name: str, local_rank: int) -> torch.device:
@@ -157,6 +173,7 @@ def _train(cfg: TrainConfig, env: RankEnv, device: torch.device) -> dict[str, An
 def train_step(s: Session, step: int) -> dict[str, Any]:
     """One optimizer step on the global batch of ``step``; returns its metrics record."""
     cfg, pm, device = s.cfg, s.pm, s.device
+    inject_fault(pm.mesh.rank, step)
     groups = pm.mesh.groups
     bytes0 = {g.name: g.stats.bytes for g in groups}
     comm0 = sum(g.stats.seconds for g in groups)

@@ -92,10 +92,28 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _user_frames(tb: str) -> str:
+    """Drop the launcher's own wrapper frames from a rank's traceback."""
+    lines = tb.rstrip().splitlines()
+    out: list[str] = []
+    skip = False
+    for line in lines:
+        if line.startswith('  File "'):
+            skip = "/torch/distributed/elastic/" in line
+        elif not line.startswith("    "):
+            skip = False
+        if not skip:
+            out.append(line)
+    return "\n".join(out)
+
+
 def format_failure(e: Any) -> str:
     lines = [f"paratrain: error: rank {e.rank} failed (exit code {e.exitcode}): {e.message}"]
     if e.traceback:
-        lines += ["", f"--- traceback from rank {e.rank} ---", e.traceback.rstrip()]
+        lines += ["", f"--- traceback from rank {e.rank} ---", _user_frames(e.traceback)]
+    if "Timed out" in e.message or "timed out" in e.message:
+        lines += ["", "A collective timed out: another rank is stuck or died before reaching it. If steps "
+                  "are legitimately that slow, raise --timeout."]
     if e.others:
         codes = ", ".join(f"rank {r}: {c}" for r, c in sorted(e.others.items()))
         lines += ["", f"the other ranks were stopped ({codes})."]

@@ -1,0 +1,64 @@
+"""Corpus and batches: the global batch depends only on (seed, step); dp ranks slice it."""
+
+import numpy as np
+import pytest
+
+from paratrain.data import VAL, check_corpus, decode, dp_rows, encode, get_batch, load_corpus
+from paratrain.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return load_corpus()
+
+
+def test_default_corpus_is_the_stdlib(corpus):
+    assert corpus.num_files > 500
+    assert len(corpus.train) > 10_000_000 and len(corpus.val) > 100_000
+    assert b"def " in corpus.train[:200_000].tobytes()
+    assert corpus.train.dtype == np.uint8
+
+
+def test_batch_depends_only_on_seed_and_step(corpus):
+    x1, y1 = get_batch(corpus.train, 32, 8, seed=0, step=3)
+    x2, y2 = get_batch(corpus.train, 32, 8, seed=0, step=3)
+    x3, _ = get_batch(corpus.train, 32, 8, seed=0, step=4)
+    x4, _ = get_batch(corpus.train, 32, 8, seed=1, step=3)
+    assert np.array_equal(x1, x2) and np.array_equal(y1, y2)
+    assert not np.array_equal(x1, x3) and not np.array_equal(x1, x4)
+    assert np.array_equal(x1[:, 1:], y1[:, :-1])  # targets are inputs shifted by one
+
+
+def test_dp_slices_concatenate_to_the_global_batch(corpus):
+    full, _ = get_batch(corpus.train, 16, 8, seed=0, step=1)
+    for dp in (1, 2, 4, 8):
+        parts = [get_batch(corpus.train, 16, 8, 0, 1, dp_rows(8, dp, r))[0] for r in range(dp)]
+        assert np.array_equal(np.concatenate(parts), full)
+
+
+def test_validation_stream_differs(corpus):
+    a, _ = get_batch(corpus.val, 32, 4, 0, 0, split=VAL)
+    b, _ = get_batch(corpus.train, 32, 4, 0, 0)
+    assert not np.array_equal(a, b)
+
+
+def test_user_text_file(tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_text("hello world\n" * 200)
+    c = load_corpus(str(f))
+    assert len(c.train) > 0 and len(c.val) > 0
+    check_corpus(c, 32)
+    with pytest.raises(ConfigError, match="too few"):
+        check_corpus(c, 10_000)
+
+
+def test_missing_and_empty_data(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_corpus(str(tmp_path / "nope"))
+    (tmp_path / "d").mkdir()
+    with pytest.raises(ConfigError, match="holds no text files"):
+        load_corpus(str(tmp_path / "d"))
+
+
+def test_encode_decode_roundtrip():
+    assert decode(encode("π = 3.14\n")) == "π = 3.14\n"
