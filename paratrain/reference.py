@@ -22,21 +22,21 @@ class ReferenceRun:
     state: dict[str, torch.Tensor]
 
 
-def reference_train(cfg: TrainConfig, corpus: Corpus | None = None) -> ReferenceRun:
-    """Train ``cfg.model`` for ``cfg.steps`` steps in this process (fp32, CPU)."""
+def reference_train(cfg: TrainConfig, corpus: Corpus | None = None, device: str = "cpu") -> ReferenceRun:
+    """Train ``cfg.model`` for ``cfg.steps`` steps in this process (fp32)."""
     corpus = corpus or load_corpus(cfg.data)
-    model = build_reference(cfg.model_config(), cfg.seed)
+    model = build_reference(cfg.model_config(), cfg.seed, device)
     opt = make_optimizer(model.named_parameters(), cfg)
     losses, norms = [], []
     for step in range(1, cfg.steps + 1):
         x, y = get_batch(corpus.train, cfg.seq_len, cfg.global_batch, cfg.seed, step)
         set_lr(opt, lr_at(step, cfg))
-        loss = model(torch.from_numpy(x), torch.from_numpy(y))
+        loss = model(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
         loss.backward()
         if cfg.grad_clip > 0:
             norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)))
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return ReferenceRun(losses, norms, state)
