@@ -100,7 +100,8 @@ def main() -> int:
               "global_batch": args.global_batch, "seq_len": args.seq_len, "tokens_per_s": tps,
               "step_time_s": summary["step_time_s"], "model_tflops_per_s": fpt * tps / 1e12,
               "peak_bf16_tflops": peak / 1e12 if peak else None, "mfu": mfu,
-              "peak_memory_gib": summary["peak_memory_mb"] / 1024, "loss": [summary["first_loss"], summary["final_loss"]],
+              "peak_memory_gib": summary["peak_memory_mb"] / 1024,
+              "loss": [summary["first_loss"], summary["final_loss"]],
               "dp_equivalence": eq}
     print(json.dumps(result, indent=2))
     print(f"\n{card}: {args.model} bf16, {tps:,.0f} tokens/s, "
