@@ -1,0 +1,30 @@
+# The two set-up commands of the README:
+#   make train   - create .venv, install paratrain, run the main job (tiny GPT, 2 data-parallel ranks)
+#   make test    - create .venv, install paratrain with test tools, run the whole test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup train test bench lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	touch $@
+
+train: setup
+	$(BIN)/paratrain train
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/paratrain bench
+
+lint: setup
+	$(BIN)/python -m ruff check paratrain tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
