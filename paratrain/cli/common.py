@@ -36,15 +36,15 @@ def default(name: str) -> Any:
 def add_layout_args(p: argparse.ArgumentParser) -> None:
     """--dp/--pp/--tp and the rest of the Layout; every default is None = "not given"."""
     g = p.add_argument_group("layout (dp x pp x tp processes)")
-    g.add_argument("--dp", type=int, help="data-parallel degree (default: the processes left "
+    g.add_argument("--dp", type=int, metavar="N", help="data-parallel degree (default: the processes left "
                    "after pp and tp; 2 when nothing is given)")
-    g.add_argument("--pp", type=int, help="pipeline-parallel stages (default: 1)")
-    g.add_argument("--tp", type=int, help="tensor-parallel degree (default: 1)")
+    g.add_argument("--pp", type=int, metavar="N", help="pipeline-parallel stages (default: 1)")
+    g.add_argument("--tp", type=int, metavar="N", help="tensor-parallel degree (default: 1)")
     g.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO stage (default: 0)")
-    g.add_argument("--microbatches", type=int, help="micro-batches per step: pipeline slices, or "
+    g.add_argument("--microbatches", type=int, metavar="M", help="micro-batches per step: pipeline slices, or "
                    "gradient accumulation without a pipeline (default: 1)")
     g.add_argument("--schedule", choices=SCHEDULES, help="pipeline schedule (default: 1f1b)")
-    g.add_argument("--virtual-stages", type=int, help="model chunks per pipeline rank for the "
+    g.add_argument("--virtual-stages", type=int, metavar="V", help="model chunks per pipeline rank for the "
                    "interleaved schedule (default: 1)")
     g.add_argument("--sequence-parallel", action="store_true", default=None,
                    help="shard LayerNorm/dropout regions along the sequence (needs tp > 1)")
@@ -55,7 +55,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="TOML or YAML file with any of the options "
                    "below (snake_case keys, layout keys at top level or in a [layout] table); "
                    "flags override it")
-    p.add_argument("--nproc", type=int, help=f"local processes to start (default: dp*pp*tp, "
+    p.add_argument("--nproc", type=int, metavar="N", help=f"local processes to start (default: dp*pp*tp, "
                    f"{DEFAULT_NPROC} when no degree is given; ignored under torchrun)")
     add_layout_args(p)
     g = p.add_argument_group("model and data")
@@ -63,42 +63,44 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    f"(default: {default('model')})")
     g.add_argument("--data", metavar="PATH", help="text file or folder of text files (default: "
                    "the Python standard library's sources, byte-level)")
-    g.add_argument("--seq-len", type=int, help=f"tokens per sequence (default: {default('seq_len')})")
-    g.add_argument("--global-batch", type=int, help=f"sequences per optimizer step over all ranks "
+    g.add_argument("--seq-len", type=int, metavar="L", help=f"tokens per sequence (default: {default('seq_len')})")
+    g.add_argument("--global-batch", type=int, metavar="B", help=f"sequences per optimizer step over all ranks "
                    f"(default: {default('global_batch')})")
-    g.add_argument("--dropout", type=float, help=f"dropout probability (default: {default('dropout')})")
+    g.add_argument("--dropout", type=float, metavar="P", help=f"dropout probability (default: {default('dropout')})")
     g.add_argument("--untie-embeddings", action="store_true", default=None,
                    help="give the LM head its own weight instead of the token embedding's")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, help=f"optimizer steps (default: {default('steps')})")
-    g.add_argument("--seed", type=int, help=f"seed for weights and batches (default: {default('seed')})")
-    g.add_argument("--lr", type=float, help=f"peak learning rate (default: {default('lr')})")
-    g.add_argument("--warmup-steps", type=int, help=f"linear warm-up steps (default: {default('warmup_steps')})")
-    g.add_argument("--min-lr-ratio", type=float,
+    g.add_argument("--steps", type=int, metavar="N", help=f"optimizer steps (default: {default('steps')})")
+    g.add_argument("--seed", type=int, metavar="S", help=f"seed for weights and batches (default: {default('seed')})")
+    g.add_argument("--lr", type=float, metavar="LR", help=f"peak learning rate (default: {default('lr')})")
+    g.add_argument("--warmup-steps", type=int, metavar="N",
+                   help=f"linear warm-up steps (default: {default('warmup_steps')})")
+    g.add_argument("--min-lr-ratio", type=float, metavar="R",
                    help=f"final lr / peak lr of the cosine decay (default: {default('min_lr_ratio')})")
-    g.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default: {default('weight_decay')})")
-    g.add_argument("--grad-clip", type=float,
+    g.add_argument("--weight-decay", type=float, metavar="WD",
+                   help=f"AdamW weight decay (default: {default('weight_decay')})")
+    g.add_argument("--grad-clip", type=float, metavar="C",
                    help=f"global gradient-norm clip, 0 = off (default: {default('grad_clip')})")
     g.add_argument("--precision", choices=PRECISIONS, help="fp32, or bf16 autocast with fp32 weights (default: fp32)")
     g = p.add_argument_group("runtime")
     g.add_argument("--device", choices=DEVICES,
                    help="cuda (NCCL) or cpu (gloo); auto picks cuda when present (default: auto)")
-    g.add_argument("--threads", type=int, help="torch threads per rank (default: cores / local processes)")
-    g.add_argument("--bucket-mb", type=float,
+    g.add_argument("--threads", type=int, metavar="N", help="torch threads per rank (default: cores / local processes)")
+    g.add_argument("--bucket-mb", type=float, metavar="MIB",
                    help=f"data-parallel gradient bucket size in MiB (default: {default('bucket_mb')})")
     g.add_argument("--dp-impl", choices=DP_IMPLS,
                    help="bucketed (overlapped) or naive per-tensor all-reduce (default: bucketed)")
     g.add_argument("--no-overlap", dest="overlap", action="store_false", default=None,
                    help="reduce all buckets after backward instead of during it")
-    g.add_argument("--timeout", dest="timeout_s", type=float,
+    g.add_argument("--timeout", dest="timeout_s", type=float, metavar="SECONDS",
                    help=f"seconds a collective may wait before the job fails (default: {default('timeout_s')})")
     g = p.add_argument_group("outputs")
     g.add_argument("--out", metavar="DIR", help="run folder (default: a new folder under runs/)")
-    g.add_argument("--eval-every", type=int,
-                   help=f"validation every N steps, 0 = only never (default: {default('eval_every')})")
-    g.add_argument("--eval-batches", type=int,
+    g.add_argument("--eval-every", type=int, metavar="N",
+                   help=f"validation every N steps, 0 = never (default: {default('eval_every')})")
+    g.add_argument("--eval-batches", type=int, metavar="N",
                    help=f"global batches per validation (default: {default('eval_batches')})")
-    g.add_argument("--sample-tokens", type=int,
+    g.add_argument("--sample-tokens", type=int, metavar="N",
                    help=f"bytes of text to sample at the end, 0 = none (default: {default('sample_tokens')})")
     g.add_argument("--quiet", dest="progress", action="store_false", default=None,
                    help="no progress display")

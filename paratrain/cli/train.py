@@ -15,11 +15,18 @@ from paratrain.config import TrainConfig
 from paratrain.errors import ConfigError
 from paratrain.metrics import format_table
 
-DESCRIPTION = """\
+DESCRIPTION = f"""\
 Train a GPT on the local processes with the given layout. With no options: the built-in tiny GPT
 on the Python standard library's sources, 2 data-parallel processes (gloo on CPU, NCCL on CUDA),
-300 steps. Writes metrics.jsonl, config.json, loss.png and a checkpoint into the run folder.
-Under an outside torchrun, each rank runs this same command and --nproc is ignored."""
+{TrainConfig().steps} steps. Writes metrics.jsonl, config.json, summary.json, loss.png and a
+checkpoint into the run folder. Under an outside torchrun (multi-node), each rank runs this same
+command and --nproc is ignored.
+
+examples:
+  paratrain train                                  # the default job
+  paratrain train --nproc 4 --dp 4 --steps 100     # 4 data-parallel ranks
+  paratrain train --dp 2 --microbatches 4          # gradient accumulation
+  paratrain train --config run.toml --lr 1e-3      # a config file, one flag overriding it"""
 
 
 def register(sub: argparse._SubParsersAction) -> None:

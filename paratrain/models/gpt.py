@@ -34,10 +34,15 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # each (B, T, H_local)
         heads = q.shape[-1] // self.head_dim
         q, k, v = (t.view(B, T, heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        p = self.attn_dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, h, T, d)
+        y = self.attend(q, k, v)  # (B, h, T, d)
         y = y.transpose(1, 2).reshape(B, T, heads * self.head_dim)
         return self.resid_drop(self.proj(y))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The attention core softmax(q k^T / sqrt(d) + causal mask) v, with dropout on the
+        probabilities. Its activations grow with T^2; selective recomputation replays just this."""
+        p = self.attn_dropout if self.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
 
 
 class MLP(nn.Module):

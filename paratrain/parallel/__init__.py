@@ -12,6 +12,7 @@ from paratrain.config import Layout
 from paratrain.mesh import Mesh
 from paratrain.parallel.data import DataParallel, NaiveDataParallel
 from paratrain.parallel.model import ParallelModel
+from paratrain.parallel.recompute import apply_recompute
 
 __all__ = ["ParallelModel", "parallelize", "DataParallel", "NaiveDataParallel"]
 
@@ -22,6 +23,7 @@ def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, bucket_mb: floa
     """Turn the reference ``model`` (identical on every rank) into this rank's share of it."""
     if layout.tp > 1 or layout.pp > 1 or layout.zero > 0:
         raise NotImplementedError("only data parallelism is implemented in the runtime so far")
+    apply_recompute(model, layout.recompute)
     if dp_impl == "naive":
         sync = NaiveDataParallel(model, mesh.dp)
     else:
