@@ -15,7 +15,7 @@ import textwrap
 
 from paratrain.errors import ConfigError
 
-COMMANDS = ("train",)
+COMMANDS = ("train", "estimate", "plan", "calibrate")
 
 
 def build_parser() -> argparse.ArgumentParser:
