@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple
 
-from paratrain.config import PRECISIONS, Layout
+from paratrain.config import PRECISIONS, Layout, valid_tp
 from paratrain.errors import ConfigError
 from paratrain.models.configs import ModelConfig, param_count
 from paratrain.plan import formulas as f
 from paratrain.plan.hardware import Hardware
-from paratrain.plan.prediction import Estimate, StepTime
+from paratrain.plan.prediction import CommBytes, Estimate, StepTime
 from paratrain.plan.topology import axis_spans_nodes, device_of_chunk, even_partition, p2p_sends_per_microbatch
 
 # Adam's update reads the fp32 parameter, the gradient, m and v and writes the parameter, m, v and
@@ -316,8 +316,21 @@ def _estimate(model: ModelConfig, layout: Layout, hw: Hardware, global_batch: in
         peak_bytes_per_device=heavy.peak_bytes,
         capacity_bytes=hw.memory_bytes * (1 - options.memory_headroom), most_loaded_stage=heavy.stage,
         bubble_fraction=bubble_frac,
-        comm_bytes_per_device={"dp": max(c.dp_bytes for c in stages), "tp": max(c.tp_bytes for c in stages),
-                               "pp": max(c.pp_bytes for c in stages)},
+        comm_bytes_per_device=CommBytes(dp=max(c.dp_bytes for c in stages), tp=max(c.tp_bytes for c in stages),
+                                        pp=max(c.pp_bytes for c in stages)),
         time=time, tokens_per_s=tokens / step, mfu=flops / (step * n_dev * peak),
         hfu=hw_flops / (step * n_dev * peak), efficiency=options.efficiency or hw.compute_efficiency,
+        notes=_notes(model, hw, precision),
     )
+
+
+def _notes(model: ModelConfig, hw: Hardware, precision: str) -> tuple[str, ...]:
+    notes = []
+    if precision == "bf16" and not hw.peak_bf16_flops:
+        notes.append(f"{hw.name} has no bf16 units: estimated as fp16 mixed precision (same bytes, fp16 peak).")
+    if not hw.memory_bw:
+        notes.append("memory bandwidth unknown: the optimizer step's time is left out.")
+    if valid_tp(model) == [1] and model.num_heads > 1:
+        notes.append(f"vocabulary {model.vocab_size} is divisible by no tensor-parallel degree > 1, so tp must "
+                     f"be 1; a padded vocabulary (e.g. --vocab {-(-model.vocab_size // 128) * 128}) allows tp.")
+    return tuple(notes)

@@ -29,6 +29,19 @@ class StepTime:
 
 
 @dataclass(frozen=True)
+class CommBytes:
+    """Bytes one device sends per optimizer step on each axis (the most loaded pipeline rank's
+    figure for each): ring collectives count (n-1)/n or 2(n-1)/n of the payload, sends count once."""
+
+    dp: float
+    tp: float
+    pp: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {"dp": self.dp, "tp": self.tp, "pp": self.pp}
+
+
+@dataclass(frozen=True)
 class Estimate:
     """The prediction for one layout. Bytes and seconds are per device; "per device" figures are
     those of the most loaded device (the pipeline rank with the largest value)."""
@@ -52,12 +65,13 @@ class Estimate:
     capacity_bytes: float
     most_loaded_stage: int
     bubble_fraction: float
-    comm_bytes_per_device: dict[str, float]
+    comm_bytes_per_device: CommBytes
     time: StepTime
     tokens_per_s: float
     mfu: float
     hfu: float
     efficiency: float  # fraction of peak assumed for compute
+    notes: tuple[str, ...] = ()  # what the user should know about this estimate's assumptions
 
     @property
     def model_state_bytes_per_device(self) -> float:
@@ -82,7 +96,7 @@ class Estimate:
             "activation_bytes_per_device": self.activation_bytes_per_device,
             "peak_bytes_per_device": self.peak_bytes_per_device,
             "bubble_fraction": self.bubble_fraction,
-            "comm_bytes_per_device": dict(self.comm_bytes_per_device),
+            "comm_bytes_per_device": self.comm_bytes_per_device.as_dict(),
             "step_time_s": self.step_time_s,
             "tokens_per_s": self.tokens_per_s,
             "mfu": self.mfu,
@@ -97,6 +111,7 @@ class Estimate:
                              "optimizer": self.state.optimizer, "buffers": self.buffer_bytes,
                              "activations": self.activation_bytes_per_device},
             "most_loaded_stage": self.most_loaded_stage,
+            "notes": list(self.notes),
             "step_time_breakdown_s": {"compute": t.compute, "tp_comm": t.tp_comm, "pp_comm": t.pp_comm,
                                       "bubble": t.bubble, "dp_comm": t.dp_comm, "optimizer": t.optimizer},
         }

@@ -85,11 +85,11 @@ def estimate_report(e: Estimate, hw: Hardware) -> str:
         f"throughput {e.tokens_per_s:,.0f} tokens/s   MFU {e.mfu:.1%}   HFU {e.hfu:.1%}   "
         f"bubble fraction {e.bubble_fraction:.1%}",
         "bytes sent per device per step: " + ", ".join(
-            f"{axis} {fmt_bytes(v)}" for axis, v in e.comm_bytes_per_device.items()),
+            f"{axis} {fmt_bytes(v)}" for axis, v in e.comm_bytes_per_device.as_dict().items()),
         f"device: peak {fmt_flops(hw.peak_flops(e.precision))}/s ({e.precision}), compute assumed at "
         f"{e.efficiency:.0%} of peak; links {hw.intra_node_bw / 1e9:g} GB/s intra-node, "
         f"{hw.inter_node_bw / 1e9:g} GB/s inter-node, {hw.devices_per_node} devices per node",
-    ]
+    ] + [f"note: {n}" for n in e.notes]
     return "\n".join(lines)
 
 
@@ -107,7 +107,7 @@ def plan_report(result: PlanResult, hw: Hardware, seconds: float, top: int) -> s
         f"{fmt_bytes(best.capacity_bytes)} usable per device", "",
         format_grid(["    layout", "memory GiB / usable", "step time", "tokens/s", "MFU", "bubble"], rows), "",
         "why: " + result.explain(),
-    ]
+    ] + [f"note: {n}" for n in best.notes]
     return "\n".join(lines)
 
 
@@ -118,5 +118,5 @@ def plan_json(result: PlanResult, hw: Hardware, top: int) -> dict[str, Any]:
         "model": result.best.model, "num_devices": result.best.num_devices, "hardware": hw.to_dict(),
         "global_batch": result.best.global_batch, "seq_len": result.best.seq_len,
         "precision": result.best.precision, "considered": result.considered, "fitting": len(result.ranked),
-        "explanation": result.explain(), "ranked": [e.to_dict() for e in ranked],
+        "explanation": result.explain(), "notes": list(result.best.notes), "ranked": [e.to_dict() for e in ranked],
     }

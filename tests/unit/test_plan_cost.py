@@ -45,7 +45,7 @@ def test_single_device_matches_formulas() -> None:
     act = 24 * f.layer_activation_bytes(s, B, 2048, 16, 8192) + f.embedding_activation_bytes(s, B, 2048) \
         + f.output_activation_bytes(s, B, 2048, 51200)
     assert est.activation_bytes_per_device == pytest.approx(act)
-    assert est.comm_bytes_per_device == {"dp": 0, "tp": 0, "pp": 0}
+    assert est.comm_bytes_per_device.as_dict() == {"dp": 0, "tp": 0, "pp": 0}
     assert est.time.tp_comm == est.time.pp_comm == est.time.dp_comm == est.time.bubble == 0
     rate = A100.peak_bf16_flops * A100.compute_efficiency
     assert est.time.compute == pytest.approx(est.flops_per_step / rate)
@@ -61,7 +61,7 @@ def test_dp_bytes_ring_and_zero(zero: int, factor: float) -> None:
     n = 8
     est = estimate(MODEL, Layout(dp=n, zero=zero), H100, 16, 2048)
     psi_bytes = 2 * param_count(MODEL)
-    assert est.comm_bytes_per_device["dp"] == pytest.approx(factor * (n - 1) / n * psi_bytes)
+    assert est.comm_bytes_per_device.dp == pytest.approx(factor * (n - 1) / n * psi_bytes)
 
 
 def test_tp_bytes_per_layer() -> None:
@@ -72,11 +72,11 @@ def test_tp_bytes_per_layer() -> None:
     S = 2 * b * s * h
     ar = 2 * (t - 1) / t
     expected = (4 * l + 1 + 1) * ar * S + 3 * ar * 4 * b * s
-    assert est.comm_bytes_per_device["tp"] == pytest.approx(expected)
+    assert est.comm_bytes_per_device.tp == pytest.approx(expected)
     sp = estimate(MODEL, Layout(tp=t, sequence_parallel=True), H100, b, s)
-    assert sp.comm_bytes_per_device["tp"] == pytest.approx(expected - (ar - (t - 1) / t) * S)
+    assert sp.comm_bytes_per_device.tp == pytest.approx(expected - (ar - (t - 1) / t) * S)
     full = estimate(MODEL, Layout(tp=t, recompute="full"), H100, b, s)
-    assert full.comm_bytes_per_device["tp"] == pytest.approx(expected + 2 * l * ar * S)
+    assert full.comm_bytes_per_device.tp == pytest.approx(expected + 2 * l * ar * S)
 
 
 def test_pp_bytes() -> None:
@@ -134,6 +134,14 @@ def test_not_fitting_is_an_answer_and_impossible_is_an_error() -> None:
         estimate(MODEL, Layout(), H100, 1, 2048, "fp8")
 
 
+def test_notes() -> None:
+    assert estimate(MODEL, Layout(), A100, 1, 2048).notes == ()
+    v100 = estimate(MODEL, Layout(), get_hardware("V100-32GB"), 1, 2048)
+    assert any("no bf16" in n for n in v100.notes)
+    gpt2 = estimate(get_model_config("gpt2-124m"), Layout(), A100, 1, 1024)
+    assert any("--vocab 50304" in n for n in gpt2.notes)
+
+
 def test_fp32_uses_fp32_peak_and_state() -> None:
     est = estimate(MODEL, Layout(dp=2, zero=1), A100, 2, 2048, "fp32")
     P = param_count(MODEL)
@@ -145,14 +153,14 @@ def test_overlap_hides_dp_communication() -> None:
     on = estimate(MODEL, Layout(dp=8), H100, 64, 2048)
     off = estimate(MODEL, Layout(dp=8), H100, 64, 2048, options=CostOptions(overlap_dp=False))
     assert on.time.dp_comm < off.time.dp_comm
-    assert off.time.dp_comm == pytest.approx(on.comm_bytes_per_device["dp"] / H100.intra_node_bw)
+    assert off.time.dp_comm == pytest.approx(on.comm_bytes_per_device.dp / H100.intra_node_bw)
 
 
 def test_cross_node_groups_use_the_network() -> None:
     one_node = estimate(MODEL, Layout(dp=8), A100, 64, 2048, options=CostOptions(overlap_dp=False))
     two_nodes = estimate(MODEL, Layout(dp=16), A100, 64, 2048, options=CostOptions(overlap_dp=False))
-    assert one_node.time.dp_comm == pytest.approx(one_node.comm_bytes_per_device["dp"] / A100.intra_node_bw)
-    assert two_nodes.time.dp_comm == pytest.approx(two_nodes.comm_bytes_per_device["dp"] / A100.inter_node_bw)
+    assert one_node.time.dp_comm == pytest.approx(one_node.comm_bytes_per_device.dp / A100.intra_node_bw)
+    assert two_nodes.time.dp_comm == pytest.approx(two_nodes.comm_bytes_per_device.dp / A100.inter_node_bw)
 
 
 def test_even_partition() -> None:
@@ -216,4 +224,4 @@ def test_estimate_invariants(layout: Layout, zero: int) -> None:
     assert est.step_time_s == pytest.approx(t.compute + t.tp_comm + t.pp_comm + t.bubble + t.dp_comm + t.optimizer)
     assert 0 <= est.bubble_fraction < 1 and 0 < est.mfu <= est.hfu < est.efficiency + 1e-9
     assert est.hardware_flops_per_step >= est.flops_per_step
-    assert all(v >= 0 for v in est.comm_bytes_per_device.values())
+    assert all(v >= 0 for v in est.comm_bytes_per_device.as_dict().values())
