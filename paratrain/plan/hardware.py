@@ -177,15 +177,17 @@ def _catalog() -> dict[str, Hardware]:
 #    assumed 3.0 GHz = 96 GFLOP/s. bf16/fp16: no matrix units assumed -> the same rate.
 #  * memory: an assumed 8 GiB per process; bandwidth: one DDR4-3200 channel, 3200 MT/s x 8 B =
 #    25.6 GB/s (JEDEC JESD79-4).
-#  * links: gloo over loopback TCP inside a node, measured on the development machine with
-#    `paratrain calibrate` (2-core AMD EPYC VM, see docs/planner.md): ~1 GB/s and ~50 us per
-#    collective; between nodes an assumed 10 Gb/s Ethernet NIC shared by 8 processes.
+#  * links: gloo over loopback TCP inside a node, measured on the development machine (a shared
+#    2-core AMD EPYC VM) with three `paratrain calibrate` runs: 1.2-2.0 GB/s and 0.17-0.69 ms per
+#    ring step; we take 1.5 GB/s and 0.4 ms. Between nodes an assumed 10 Gb/s Ethernet NIC
+#    (1.25 GB/s) shared by the node's 8 processes.
+#  * compute efficiency 0.5: an assumption (about the GPUs' fitted 0.48), not a measurement.
 _CPU = Hardware(
     name="cpu",
     peak_bf16_flops=96e9, peak_fp16_flops=96e9, peak_fp32_flops=96e9,
-    memory_bytes=8 * GiB, memory_bw=25.6 * GB, intra_node_bw=1 * GB,
+    memory_bytes=8 * GiB, memory_bw=25.6 * GB, intra_node_bw=1.5 * GB,
     inter_node_bw=1.25 * GB / 8, devices_per_node=8, compute_efficiency=0.5,
-    intra_node_latency_s=50e-6, inter_node_latency_s=50e-6,
+    intra_node_latency_s=0.4e-3, inter_node_latency_s=0.4e-3,
     source="nominal x86 core (AVX2 FMA, 3 GHz, DDR4-3200 channel); gloo links measured here; "
            "run `paratrain calibrate` for this machine's figures",
 )

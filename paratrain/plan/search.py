@@ -173,7 +173,8 @@ def explain(result: PlanResult) -> str:
         text.append(f"The runner-up [{runner.layout}] is {_pct(gain)} slower ({_why_slower(best, runner)}).")
     pure = result.best_pure_dp
     if best.layout.tp == 1 and best.layout.pp == 1:
-        text.append("No model splitting is needed: the model fits with data parallelism alone.")
+        shard = f" (ZeRO-{best.layout.zero} shards the model states over dp)" if best.layout.zero else ""
+        text.append(f"No tensor or pipeline split is needed: data parallelism alone fits{shard}.")
     elif pure is None:
         text.append("No pure data-parallel layout exists for this batch (dp would not divide it).")
     elif not pure.fits:
