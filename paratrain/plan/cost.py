@@ -67,8 +67,8 @@ DEFAULT_OPTIONS = CostOptions()
 
 class StageCost(NamedTuple):
     """One pipeline rank (any of its dp x tp devices: they are alike): per micro-batch seconds,
-    per step bytes, and the memory it holds at its peak. (An immutable tuple: the search builds
-    millions of these, and a tuple is several times cheaper to create than a frozen dataclass.)"""
+    per step bytes, and the memory it holds at its peak. (An immutable tuple rather than a frozen
+    dataclass: the search builds tens of thousands, and a tuple is several times cheaper to make.)"""
 
     stage: int
     count: int  # pipeline ranks this entry stands for (1 unless grouped; see PipelineShape)
