@@ -49,7 +49,8 @@ class CostOptions:
         scores). A model without dropout / with a fused attention kernel stores neither.
     stage_layers: layers per pipeline chunk (pp * virtual_stages entries), None = even split.
     bubble_fraction: idle fraction of the pipeline taken from a simulated schedule, None = analytic.
-    bucket_bytes: gradient bucket size (each bucket is one collective; latency term only).
+    bucket_bytes: gradient bucket size (each bucket is one collective; latency term only);
+        25 MiB like PyTorch DDP's ``bucket_cap_mb`` and paratrain's ``--bucket-mb`` default.
     """
 
     efficiency: float | None = None
@@ -59,7 +60,7 @@ class CostOptions:
     store_scores: bool = True
     stage_layers: tuple[int, ...] | None = None
     bubble_fraction: float | None = None
-    bucket_bytes: float = 4 * 2**20
+    bucket_bytes: float = 25 * 2**20
 
 
 DEFAULT_OPTIONS = CostOptions()
