@@ -15,7 +15,7 @@ import textwrap
 
 from paratrain.errors import ConfigError
 
-COMMANDS = ("train", "bench")
+COMMANDS = ("train", "bench", "estimate", "plan", "calibrate")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,40 @@
+"""``paratrain calibrate``: measure this machine and write a device profile for estimate/plan."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+DESCRIPTION = """\
+Measure this machine's matmul throughput (fp32 with 1 thread and all threads, bf16), memory
+bandwidth (a large copy) and gloo all-reduce bandwidth and latency between 2 local processes, and
+write a device profile (JSON). Use it with `paratrain estimate/plan --device profile:PATH` (or
+--profile PATH). Takes about 15-30 s."""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("calibrate", help="measure this machine into a device profile",
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", metavar="PATH", help="where to write the profile (default: "
+                   "~/.cache/paratrain/profile-<hostname>.json)")
+    p.add_argument("--quick", action="store_true", help="fewer sizes and shorter timings (a few seconds; noisier)")
+    p.add_argument("--no-collectives", action="store_true",
+                   help="skip the 2-process gloo measurement (link figures become placeholders)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from paratrain.plan.calibrate import calibrate
+    from paratrain.plan.hardware import default_profile_path, save_profile
+
+    start = time.perf_counter()
+    hw, measurements = calibrate(quick=args.quick, collectives=not args.no_collectives)
+    path = save_profile(args.out or default_profile_path(), hw, measurements)
+    print(f"device profile written to {path} in {time.perf_counter() - start:.1f} s:\n"
+          f"  peak fp32 {hw.peak_fp32_flops / 1e9:.1f} GFLOP/s, bf16 {hw.peak_bf16_flops / 1e9:.1f} GFLOP/s "
+          f"(one thread)\n"
+          f"  memory {hw.memory_bytes / 2**30:.1f} GiB and {hw.memory_bw / 1e9:.2f} GB/s per process "
+          f"({hw.devices_per_node} per node)\n"
+          f"  link {hw.intra_node_bw / 1e9:.2f} GB/s, {hw.intra_node_latency_s * 1e6:.1f} us per step\n"
+          f"use it with: paratrain estimate --device profile:{path} ...")
+    return 0

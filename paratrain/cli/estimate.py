@@ -1,0 +1,54 @@
+"""``paratrain estimate``: the predicted memory, FLOPs, communication and step time of one layout."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from paratrain.cli.common import add_layout_args
+from paratrain.cli.plan_args import (
+    add_cost_args,
+    add_hardware_args,
+    add_model_args,
+    build_hardware,
+    build_model,
+    build_options,
+    given_layout_fields,
+)
+from paratrain.config import Layout
+
+DESCRIPTION = """\
+Predict, for one layout of one model on one kind of device: parameters, FLOPs per step, model
+states and activations per device against the device's memory, bytes each device sends, the
+pipeline bubble, and the step time split into compute / communication / bubble, with tokens/s and
+MFU. A layout that does not fit is still answered ("fits": false); an impossible one (e.g. tp not
+dividing the heads) is an error. No torch, no processes: answers in milliseconds.
+
+Example:  paratrain estimate --model gpt2-1.3b --dp 8 --global-batch 64 --device A100-80GB"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("estimate", help="predict memory, communication and step time of one layout",
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    add_layout_args(p)
+    add_cost_args(p, batch_help="sequences per optimizer step over all ranks (default: dp x microbatches)")
+    add_hardware_args(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from paratrain.plan.cost import estimate
+    from paratrain.plan.report import estimate_report
+
+    model, seq_len = build_model(args)
+    layout = Layout(**given_layout_fields(args))
+    layout.check_degrees()
+    global_batch = args.global_batch or layout.dp * layout.microbatches
+    hw = build_hardware(args, args.precision)
+    est = estimate(model, layout, hw, global_batch, seq_len, args.precision, build_options(args))
+    if args.json:
+        print(json.dumps(est.to_dict(), indent=2))
+    else:
+        print(estimate_report(est, hw))
+    return 0

@@ -1,0 +1,72 @@
+"""``paratrain plan``: search every valid layout of N devices and rank those that fit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from paratrain.cli.common import add_layout_args
+from paratrain.cli.plan_args import (
+    add_cost_args,
+    add_hardware_args,
+    add_model_args,
+    build_hardware,
+    build_model,
+    build_options,
+    given_layout_fields,
+)
+from paratrain.errors import ConfigError
+
+DESCRIPTION = """\
+Search every valid layout (dp x pp x tp, ZeRO stage, micro-batches, schedule, virtual stages,
+sequence parallelism, recomputation) of N devices, predict each one's memory and step time, drop
+those that do not fit and rank the rest by step time (then memory). Layout flags pin that part of
+the layout. No torch, no processes.
+
+Example:  paratrain plan --model gpt-13b --devices 64 --device H100-80GB --global-batch 512"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="find the fastest layout that fits",
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--devices", type=int, help="devices to plan for (default: one node of --device)")
+    p.add_argument("--top", type=int, default=10, help="layouts to show (0 = all; default: %(default)s)")
+    p.add_argument("--allow-cross-node-tp", action="store_true",
+                   help="also consider tensor parallelism wider than one node")
+    add_layout_args(p)
+    add_cost_args(p, batch_help="sequences per optimizer step over all ranks (required)")
+    add_hardware_args(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from paratrain.plan.hardware import GiB
+    from paratrain.plan.report import plan_json, plan_report
+    from paratrain.plan.search import search
+
+    model, seq_len = build_model(args)
+    hw = build_hardware(args, args.precision)
+    if args.global_batch is None:
+        raise ConfigError("plan needs --global-batch B (sequences per optimizer step over all devices).")
+    if args.top < 0:
+        raise ConfigError(f"--top must be >= 0 (0 = all), got {args.top}.")
+    devices = args.devices or hw.devices_per_node
+    start = time.perf_counter()
+    result = search(model, devices, hw, args.global_batch, seq_len, args.precision, build_options(args),
+                    fixed=given_layout_fields(args), allow_cross_node_tp=args.allow_cross_node_tp)
+    seconds = time.perf_counter() - start
+    if not result.ranked:
+        worst = result.smallest_unfit
+        assert worst is not None
+        raise ConfigError(
+            f"none of the {result.considered:,} layouts of {model.name} on {devices} x {hw.name} fits: the least "
+            f"memory-hungry one [{worst.layout}] needs {worst.peak_bytes_per_device / GiB:.1f} GiB per device, "
+            f"more than the {worst.capacity_bytes / GiB:.1f} GiB usable. Use more devices (--devices), a smaller "
+            f"--global-batch or --seq-len, or a device with more memory.")
+    if args.json:
+        print(json.dumps(plan_json(result, hw, args.top), indent=2))
+    else:
+        print(plan_report(result, hw, seconds, args.top))
+    return 0

@@ -1,0 +1,127 @@
+"""Flags shared by ``paratrain estimate`` and ``paratrain plan``: model shape, hardware, cost
+options. No torch import (these commands must answer in milliseconds)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from paratrain.config import PRECISIONS, Layout
+from paratrain.errors import ConfigError
+from paratrain.models.configs import ModelConfig, get_model_config, model_names
+from paratrain.plan.cost import CostOptions
+from paratrain.plan.hardware import GB, TFLOPS, GiB, Hardware, custom_hardware, device_names, get_hardware
+
+DEFAULT_DEVICE = "H100-80GB"
+_SHAPE = {"layers": "num_layers", "hidden": "hidden", "heads": "num_heads", "vocab": "vocab_size",
+          "ffn_hidden": "ffn_hidden"}
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (a name, or a shape; shape flags also override a named model)")
+    g.add_argument("--model", help=f"named model: {', '.join(model_names())}")
+    g.add_argument("--layers", type=int, help="transformer blocks L")
+    g.add_argument("--hidden", type=int, help="hidden size H")
+    g.add_argument("--heads", type=int, help="attention heads A")
+    g.add_argument("--vocab", type=int, help="vocabulary size V")
+    g.add_argument("--ffn-hidden", type=int, help="MLP width F (default: 4 H)")
+    g.add_argument("--seq-len", type=int, help="tokens per sequence S (default: the named model's maximum)")
+    g.add_argument("--untie-embeddings", action="store_true", help="the LM head has its own weight")
+
+
+def build_model(args: argparse.Namespace) -> tuple[ModelConfig, int]:
+    """The model shape and the sequence length from --model and/or the shape flags."""
+    shape = {field: getattr(args, flag) for flag, field in _SHAPE.items() if getattr(args, flag) is not None}
+    extra: dict[str, Any] = {"tie_embeddings": False} if args.untie_embeddings else {}
+    if args.model:
+        base = get_model_config(args.model)
+        changes = {**shape, **extra}
+        if shape and "hidden" in shape and "ffn_hidden" not in shape:
+            changes["ffn_hidden"] = 4 * shape["hidden"]
+        model = base.replace(name=base.name + ("*" if changes else ""), **changes) if changes else base
+        return model, args.seq_len or model.max_seq_len
+    missing = [f"--{flag.replace('_', '-')}" for flag in ("layers", "hidden", "heads", "vocab")
+               if getattr(args, flag) is None] + (["--seq-len"] if args.seq_len is None else [])
+    if missing:
+        raise ConfigError(f"give a model: --model NAME (one of {', '.join(model_names())}) or its shape; "
+                          f"missing {', '.join(missing)}.")
+    name = f"custom(L={args.layers},H={args.hidden},A={args.heads},V={args.vocab})"
+    return ModelConfig(name=name, max_seq_len=args.seq_len, **shape, **extra), args.seq_len
+
+
+def add_hardware_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("hardware (a catalog device, a calibrated profile, and/or explicit figures)")
+    g.add_argument("--device", help=f"{', '.join(device_names())}, or profile:PATH (default: {DEFAULT_DEVICE}; "
+                   "explicit figures below replace the device's)")
+    g.add_argument("--profile", metavar="PATH", help="device profile written by `paratrain calibrate`")
+    g.add_argument("--peak-tflops", type=float, help="dense peak TFLOP/s for the chosen --precision")
+    m = g.add_mutually_exclusive_group()
+    m.add_argument("--memory-gib", type=float, help="device memory in GiB (2^30 bytes; a GPU's '80GB')")
+    m.add_argument("--memory-gb", type=float, help="device memory in GB (10^9 bytes)")
+    g.add_argument("--mem-bw-gbs", type=float, help="memory bandwidth, GB/s")
+    g.add_argument("--intra-bw-gbs", type=float, help="intra-node link, GB/s per device per direction")
+    g.add_argument("--inter-bw-gbs", type=float, help="inter-node link, GB/s per device per direction")
+    g.add_argument("--intra-latency-us", type=float, help="intra-node latency per collective step, us")
+    g.add_argument("--inter-latency-us", type=float, help="inter-node latency per collective step, us")
+    g.add_argument("--devices-per-node", type=int, help="devices sharing the intra-node link")
+    g.add_argument("--efficiency", type=float, help="fraction of peak the compute reaches, (0, 1] "
+                   "(default: the device's; 0.48 for GPUs, fitted to Megatron-LM's published runs)")
+
+
+def build_hardware(args: argparse.Namespace, precision: str) -> Hardware:
+    """Catalog device or profile, then explicit figures on top (or alone: a custom device)."""
+    if args.device and args.profile:
+        raise ConfigError("give --device or --profile, not both (--device profile:PATH is --profile PATH).")
+    peak = args.peak_tflops * TFLOPS if args.peak_tflops is not None else None
+    figures: dict[str, Any] = {
+        "memory_bytes": args.memory_gib * GiB if args.memory_gib is not None else
+        (args.memory_gb * GB if args.memory_gb is not None else None),
+        "memory_bw": _scaled(args.mem_bw_gbs, GB), "intra_node_bw": _scaled(args.intra_bw_gbs, GB),
+        "inter_node_bw": _scaled(args.inter_bw_gbs, GB), "devices_per_node": args.devices_per_node,
+        "intra_node_latency_s": _scaled(args.intra_latency_us, 1e-6),
+        "inter_node_latency_s": _scaled(args.inter_latency_us, 1e-6),
+    }
+    if peak is not None:
+        keys = ("peak_fp32_flops",) if precision == "fp32" else ("peak_bf16_flops", "peak_fp16_flops")
+        figures.update({k: peak for k in keys})
+    given = any(v is not None for v in figures.values())
+    if args.profile or args.device:
+        base = get_hardware(f"profile:{args.profile}" if args.profile else args.device)
+    elif given:
+        if peak is not None:  # a device described only by flags: one peak for every precision
+            figures.update(peak_bf16_flops=peak, peak_fp16_flops=peak, peak_fp32_flops=peak)
+        return custom_hardware(None, **figures)
+    else:
+        base = get_hardware(DEFAULT_DEVICE)
+    return custom_hardware(base, **figures)
+
+
+def _scaled(value: float | None, unit: float) -> float | None:
+    return None if value is None else value * unit
+
+
+def add_cost_args(p: argparse.ArgumentParser, batch_help: str) -> None:
+    g = p.add_argument_group("step and cost model")
+    g.add_argument("--global-batch", type=int, help=batch_help)
+    g.add_argument("--precision", choices=PRECISIONS, default="bf16",
+                   help="bf16: mixed precision, 2+2+12 bytes per parameter (16-bit weights and "
+                        "gradients, fp32 master weights and Adam m, v); fp32: 4+4+8 (default: bf16)")
+    g.add_argument("--headroom", type=float, default=CostOptions.memory_headroom,
+                   help="fraction of device memory kept free for the framework (default: %(default)s)")
+    g.add_argument("--no-overlap", action="store_true",
+                   help="data-parallel communication does not overlap the backward pass")
+    g.add_argument("--no-dropout", action="store_true",
+                   help="count no dropout masks in the activations (a model trained without dropout)")
+    g.add_argument("--flash-attention", action="store_true",
+                   help="a fused attention kernel: the s x s attention scores are not stored")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+
+
+def build_options(args: argparse.Namespace) -> CostOptions:
+    return CostOptions(efficiency=args.efficiency, overlap_dp=not args.no_overlap, memory_headroom=args.headroom,
+                       dropout=not args.no_dropout, store_scores=not args.flash_attention)
+
+
+def given_layout_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The layout flags the user gave (add_layout_args defaults every flag to None)."""
+    return {k: getattr(args, k) for k in Layout.__dataclass_fields__ if getattr(args, k, None) is not None}

@@ -1,0 +1,260 @@
+"""Closed-form costs of training a GPT: FLOPs, memory, pipeline bubble, collective volumes.
+
+Pure arithmetic on numbers (no torch, no model objects except :class:`ModelConfig`). Each
+function writes its formula out and cites where it comes from. Symbols, as in the papers:
+
+    B global batch (sequences)   b micro-batch size   s sequence length   l layers
+    h hidden size   F MLP width (4h in the papers)   a attention heads   V vocabulary
+    t tensor-parallel degree   p pipeline stages   m micro-batches   v virtual stages (chunks)
+    n group size of a collective   S payload bytes   psi parameters on one device
+
+References:
+  [N21] Narayanan et al., "Efficient Large-Scale Language Model Training on GPU Clusters Using
+        Megatron-LM", SC21 (arXiv:2104.04473).
+  [K22] Korthikanti et al., "Reducing Activation Recomputation in Large Transformer Models",
+        MLSys 2023 (arXiv:2205.05198).
+  [R20] Rajbhandari et al., "ZeRO: Memory Optimizations Toward Training Trillion Parameter
+        Models", SC20 (arXiv:1910.02054).
+  [H19] Huang et al., "GPipe", NeurIPS 2019 (arXiv:1811.06965).
+  [P17] Patarasuk & Yuan, "Bandwidth optimal all-reduce algorithms for clusters of
+        workstations", JPDC 2009 (ring all-reduce).
+  [K20] Kaplan et al., "Scaling Laws for Neural Language Models", 2020 (C = 6 N D).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from paratrain.models.configs import ModelConfig
+
+# ---------------------------------------------------------------------------------- parameters
+
+
+def narayanan_param_count(l: int, h: int, V: int, s: int) -> float:
+    """[N21] eq. (2): P = 12 l h^2 (1 + 13/(12h) + (V + s)/(12 l h)).
+
+    Equals ``param_count`` of a GPT with F = 4h and tied embeddings, minus the 2h of the final
+    LayerNorm, which [N21] leaves out."""
+    return 12 * l * h * h * (1 + 13 / (12 * h) + (V + s) / (12 * l * h))
+
+
+def block_params_per_device(h: int, F: int, t: int) -> float:
+    """Parameters of one transformer block on one tensor-parallel rank (Megatron sharding).
+
+    Column-parallel qkv (3h^2 + 3h) and fc1 (hF + F) and the row-parallel weights proj (h^2)
+    and fc2 (Fh) are split t ways; the row-parallel biases (2h) and both LayerNorms (4h) are
+    replicated:  (4h^2 + 2hF + 3h + F) / t + 6h.  At t = 1: 4h^2 + 2hF + 9h + F (= 12h^2 + 13h
+    for F = 4h, [N21] eq. 2)."""
+    return (4 * h * h + 2 * h * F + 3 * h + F) / t + 6 * h
+
+
+# ---------------------------------------------------------------------------------- FLOPs
+
+
+def layer_forward_flops(b: int, s: int, h: int, F: int) -> float:
+    """Forward FLOPs of one block for b sequences ([N21] sec. 5.1, generalised to any F).
+
+    Matmuls cost 2 FLOPs per multiply-add: qkv 2bs*3h^2, scores QK^T 2bs^2h, attention over V
+    2bs^2h, proj 2bs*h^2, MLP 2 * 2bs*hF:   2bs(4h^2 + 2hF) + 4bs^2h.
+    With F = 4h: 24bsh^2 + 4bs^2h = 24bsh^2 (1 + s/(6h))."""
+    return 2 * b * s * (4 * h * h + 2 * h * F) + 4 * b * s * s * h
+
+
+def attention_core_forward_flops(b: int, s: int, h: int) -> float:
+    """QK^T and attention-over-V: 4bs^2h. What selective recomputation redoes ([K22] sec. 5)."""
+    return 4 * b * s * s * h
+
+
+def head_forward_flops(b: int, s: int, h: int, V: int) -> float:
+    """The LM head (logits = x W_e^T): 2bshV ([N21] sec. 5.1)."""
+    return 2 * b * s * h * V
+
+
+def recompute_forward_flops(recompute: str, b: int, s: int, h: int, F: int) -> float:
+    """Extra forward FLOPs per block that recomputation adds to the backward pass.
+
+    none: 0; selective: the attention core, 4bs^2h ([K22] sec. 5); full: the whole forward of the
+    block ([N21] sec. 5.1: "an extra forward pass")."""
+    if recompute == "full":
+        return layer_forward_flops(b, s, h, F)
+    if recompute == "selective":
+        return attention_core_forward_flops(b, s, h)
+    return 0.0
+
+
+def step_flops(model: ModelConfig, batch: int, seq_len: int, recompute: str = "none") -> float:
+    """FLOPs of one optimizer step over ``batch`` sequences: forward + backward (backward = 2x
+    forward, [N21] sec. 5.1) of every block and of the LM head, plus recomputation. The head is
+    never recomputed. For F = 4h this is [N21] eq. (3), see :func:`megatron_step_flops`."""
+    b, s, h, F, l = batch, seq_len, model.hidden, model.ffn_hidden, model.num_layers
+    per_layer = 3 * layer_forward_flops(b, s, h, F) + recompute_forward_flops(recompute, b, s, h, F)
+    return l * per_layer + 3 * head_forward_flops(b, s, h, model.vocab_size)
+
+
+def megatron_step_flops(B: int, s: int, l: int, h: int, V: int, recompute: bool) -> float:
+    """[N21] eq. (3), in closed form (F = 4h):
+
+        with full recomputation:    96 B s l h^2 (1 + s/(6h) + V/(16 l h))
+        without recomputation:      72 B s l h^2 (1 + s/(6h) + V/(12 l h))"""
+    if recompute:
+        return 96 * B * s * l * h * h * (1 + s / (6 * h) + V / (16 * l * h))
+    return 72 * B * s * l * h * h * (1 + s / (6 * h) + V / (12 * l * h))
+
+
+def six_p_tokens(num_params: float, tokens: float) -> float:
+    """The usual cross-check C = 6 P D ([K20] sec. 2.1): 2 FLOPs per parameter per token forward,
+    4 backward. It omits the attention scores (4bs^2h per layer) and counts the embeddings."""
+    return 6 * num_params * tokens
+
+
+# ---------------------------------------------------------------------------------- memory
+
+# Bytes per parameter (working copy, gradient, optimizer state) before any sharding:
+# bf16 = mixed precision [R20] sec. 3.1: fp16/bf16 parameters 2 + gradients 2 + K = 12 for Adam
+# (fp32 master copy 4, momentum 4, variance 4); fp32: parameters 4 + gradients 4 + Adam m, v 8.
+STATE_BYTES: dict[str, tuple[int, int, int]] = {"bf16": (2, 2, 12), "fp32": (4, 4, 8)}
+ELEM_BYTES: dict[str, int] = {"bf16": 2, "fp32": 4}
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """Bytes of parameters, gradients and optimizer state on one device."""
+
+    params: float
+    grads: float
+    optimizer: float
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer
+
+
+def model_state_bytes(psi: float, zero: int, dp: int, precision: str) -> ModelState:
+    """Model states of ``psi`` parameters on one device under ZeRO stage ``zero`` over ``dp``
+    ranks ([R20] sec. 5.1, Fig. 1; P, G, K = bytes per parameter of each part, N_d = dp):
+
+        stage 0 (plain DP):   (P + G + K) psi
+        stage 1 (P_os):       (P + G) psi + K psi / N_d
+        stage 2 (P_os+g):     P psi + (G + K) psi / N_d
+        stage 3 (P_os+g+p):   (P + G + K) psi / N_d
+
+    [R20]'s example: psi = 7.5e9, N_d = 64, mixed precision: 120, 31.4, 16.6, 1.88 GB."""
+    P, G, K = STATE_BYTES[precision]
+    return ModelState(
+        params=P * psi / (dp if zero >= 3 else 1),
+        grads=G * psi / (dp if zero >= 2 else 1),
+        optimizer=K * psi / (dp if zero >= 1 else 1),
+    )
+
+
+def layer_activation_bytes(s: int, b: int, h: int, a: int, F: int, t: int = 1, sp: bool = False,
+                           recompute: str = "none", elem_bytes: int = 2, dropout: bool = True,
+                           store_scores: bool = True) -> float:
+    """Activations one block stores for its backward pass, per micro-batch, on one device.
+
+    [K22] sec. 4.1, Table 2, for 16-bit activations (e = 2) with dropout masks of 1 byte:
+
+        no parallelism             s b h (34 + 5 a s / h)
+        tensor parallel            s b h (10 + 24/t + 5 a s / (h t))
+        tensor + sequence parallel s b h / t (34 + 5 a s / h)
+        + selective recomputation  the 5 a s / h term (softmax, its dropout mask and output) goes
+        full recomputation         2 s b h  (only the block's input; / t with sequence parallel)
+
+    Generalised to e bytes per element and any MLP width F by counting what [K22] counts:
+    replicated under TP (without SP): both LayerNorm inputs, the qkv and fc1 inputs (4sbh
+    elements) and the two dropout masks (2sbh bytes); split t ways: Q, K, V and the proj input
+    (4sbh elements), the GeLU input and fc2 input (2sbF elements), the softmax output and its
+    dropout output (2as^2b elements) and the softmax dropout mask (as^2b bytes). With F = 4h and
+    e = 2 these sum to 34sbh + 5as^2b. ``dropout=False`` drops the masks (a model trained without
+    dropout stores none); ``store_scores=False`` drops the as^2b terms (a fused/flash attention
+    kernel keeps only a per-row statistic).
+    """
+    if recompute == "full":
+        return elem_bytes * s * b * h / (t if sp else 1)
+    mask = 1 if dropout else 0
+    scores = 0 if (recompute == "selective" or not store_scores) else 1
+    replicated = elem_bytes * 4 * s * b * h + mask * 2 * s * b * h
+    split = elem_bytes * (4 * s * b * h + 2 * s * b * F) + scores * (2 * elem_bytes + mask) * a * s * s * b
+    return (replicated + split) / t if sp else replicated + split / t
+
+
+def output_activation_bytes(s: int, b: int, h: int, V: int, t: int = 1, sp: bool = False,
+                            elem_bytes: int = 2) -> float:
+    """Last-stage activations of the final LayerNorm and LM head, per micro-batch ([K22] sec. 4.3):
+    LayerNorm input e*sbh and head input e*sbh (split t ways with sequence parallelism), and the
+    logits kept in fp32 for the cross-entropy, 4 s b V / t (vocab-parallel)."""
+    return 2 * elem_bytes * s * b * h / (t if sp else 1) + 4 * s * b * V / t
+
+
+def embedding_activation_bytes(s: int, b: int, h: int, t: int = 1, sp: bool = False,
+                               dropout: bool = True) -> float:
+    """First-stage activations per micro-batch ([K22] sec. 4.3; Megatron's
+    ``theoretical_memory_usage``): the token ids (8 s b, int64) and the embedding dropout mask
+    (s b h bytes, split t ways with sequence parallelism)."""
+    return 8 * s * b + (s * b * h / (t if sp else 1) if dropout else 0)
+
+
+def in_flight_microbatches(schedule: str, p: int, m: int, v: int, stage: int) -> float:
+    """How many micro-batches' activations of its layers pipeline stage ``stage`` (0-based) holds
+    at its peak, in units of "one micro-batch through all of this device's layers".
+
+    p = 1 (no pipeline; micro-batches are gradient accumulation): 1.
+    GPipe: every micro-batch's forward runs before any backward: m ([H19]).
+    1F1B: stage i runs p - i warm-up forwards before its first backward: min(p - i, m) ([N21]
+    sec. 2.2.1); the first stage holds p.
+    Interleaved with v chunks per device: Megatron's warm-up is 2(p - i - 1) + (v - 1) p chunk
+    forwards, +1 in the steady state, each of 1/v of the device's layers: min(m v, 2(p - i - 1) +
+    (v - 1) p + 1) / v. For i = 0 this is p (1 + (p - 1)/(p v)), the factor of [K22] sec. 4.2.2.
+    """
+    if p == 1:
+        return 1.0
+    if schedule == "gpipe":
+        return float(m)
+    if schedule == "interleaved" and v > 1:
+        return min(m * v, 2 * (p - stage - 1) + (v - 1) * p + 1) / v
+    return float(min(p - stage, m))
+
+
+# ---------------------------------------------------------------------------------- pipeline
+
+
+def bubble_fraction(schedule: str, p: int, m: int, v: int = 1) -> float:
+    """Idle fraction of the whole step of a pipeline with equal stages (the bubble over the total
+    time, not over the ideal time):
+
+        GPipe, 1F1B:   (p - 1) / (m + p - 1)      ([H19]; [N21] sec. 2.2.1: the same bubble)
+        interleaved:   (p - 1) / (v m + p - 1)    ([N21] sec. 2.2.2: bubble time / v)
+
+    [N21] writes the bubble relative to the ideal time, (p - 1)/m and (p - 1)/(v m); the
+    fractions above are the same bubble divided by ideal + bubble. 0 when p = 1."""
+    if p <= 1:
+        return 0.0
+    vv = v if schedule == "interleaved" else 1
+    return (p - 1) / (vv * m + p - 1)
+
+
+# ---------------------------------------------------------------------------------- collectives
+
+
+def all_reduce_wire_bytes(n: int, S: float) -> float:
+    """Bytes one device sends in a ring all-reduce of S bytes over n devices: a reduce-scatter
+    then an all-gather, each n - 1 steps of S/n: 2 (n - 1)/n S ([P17]). 0 when n = 1."""
+    return 2 * (n - 1) / n * S
+
+
+def reduce_scatter_wire_bytes(n: int, S: float) -> float:
+    """Ring reduce-scatter of an S-byte input: (n - 1)/n S sent per device ([P17])."""
+    return (n - 1) / n * S
+
+
+def all_gather_wire_bytes(n: int, S: float) -> float:
+    """Ring all-gather into an S-byte output: (n - 1)/n S sent per device ([P17])."""
+    return (n - 1) / n * S
+
+
+def ring_steps(op: str, n: int) -> int:
+    """Latency-bound steps of a ring collective: all-reduce 2(n - 1), reduce-scatter and
+    all-gather n - 1, send 1 ([P17])."""
+    if n <= 1:
+        return 0
+    return {"all_reduce": 2 * (n - 1), "reduce_scatter": n - 1, "all_gather": n - 1, "send": 1}[op]

@@ -1,0 +1,117 @@
+"""What the cost model predicts for one layout: :class:`Estimate` and its :class:`StepTime`.
+
+Pure data (no torch); :meth:`Estimate.to_dict` is the JSON of ``paratrain estimate --json``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from paratrain.config import Layout
+from paratrain.plan.formulas import ModelState
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Where one step's time goes on the slowest pipeline rank (seconds; they sum to total)."""
+
+    compute: float
+    tp_comm: float
+    pp_comm: float
+    bubble: float
+    dp_comm: float
+    optimizer: float
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.tp_comm + self.pp_comm + self.bubble + self.dp_comm + self.optimizer
+
+
+@dataclass(frozen=True)
+class CommBytes:
+    """Bytes one device sends per optimizer step on each axis (the most loaded pipeline rank's
+    figure for each): ring collectives count (n-1)/n or 2(n-1)/n of the payload, sends count once."""
+
+    dp: float
+    tp: float
+    pp: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {"dp": self.dp, "tp": self.tp, "pp": self.pp}
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """The prediction for one layout. Bytes and seconds are per device; "per device" figures are
+    those of the most loaded device (the pipeline rank with the largest value)."""
+
+    model: str
+    layout: Layout
+    hardware: str
+    num_devices: int
+    global_batch: int
+    seq_len: int
+    precision: str
+    params: int
+    params_per_device: float
+    flops_per_step: float
+    hardware_flops_per_step: float
+    six_p_tokens_flops: float
+    state: ModelState
+    buffer_bytes: float
+    activation_bytes_per_device: float
+    peak_bytes_per_device: float
+    capacity_bytes: float
+    most_loaded_stage: int
+    bubble_fraction: float
+    comm_bytes_per_device: CommBytes
+    time: StepTime
+    tokens_per_s: float
+    mfu: float
+    hfu: float
+    efficiency: float  # fraction of peak assumed for compute
+    notes: tuple[str, ...] = ()  # what the user should know about this estimate's assumptions
+
+    @property
+    def model_state_bytes_per_device(self) -> float:
+        return self.state.total
+
+    @property
+    def step_time_s(self) -> float:
+        return self.time.total
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_bytes_per_device <= self.capacity_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON of ``paratrain estimate --json``: the issue's keys first, then details."""
+        t = self.time
+        return {
+            "params": self.params,
+            "flops_per_step": self.flops_per_step,
+            "hardware_flops_per_step": self.hardware_flops_per_step,
+            "model_state_bytes_per_device": self.model_state_bytes_per_device,
+            "activation_bytes_per_device": self.activation_bytes_per_device,
+            "peak_bytes_per_device": self.peak_bytes_per_device,
+            "bubble_fraction": self.bubble_fraction,
+            "comm_bytes_per_device": self.comm_bytes_per_device.as_dict(),
+            "step_time_s": self.step_time_s,
+            "tokens_per_s": self.tokens_per_s,
+            "mfu": self.mfu,
+            "fits": self.fits,
+            "capacity_bytes": self.capacity_bytes,
+            "model": self.model, "hardware": self.hardware, "num_devices": self.num_devices,
+            "layout": {k: getattr(self.layout, k) for k in self.layout.__dataclass_fields__},
+            "global_batch": self.global_batch, "seq_len": self.seq_len, "precision": self.precision,
+            "params_per_device": self.params_per_device,
+            "six_p_tokens_flops": self.six_p_tokens_flops, "hfu": self.hfu, "efficiency": self.efficiency,
+            "memory_bytes": {"params": self.state.params, "grads": self.state.grads,
+                             "optimizer": self.state.optimizer, "buffers": self.buffer_bytes,
+                             "activations": self.activation_bytes_per_device},
+            "most_loaded_stage": self.most_loaded_stage,
+            "notes": list(self.notes),
+            "step_time_breakdown_s": {"compute": t.compute, "tp_comm": t.tp_comm, "pp_comm": t.pp_comm,
+                                      "bubble": t.bubble, "dp_comm": t.dp_comm, "optimizer": t.optimizer},
+        }

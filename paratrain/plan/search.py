@@ -1,0 +1,186 @@
+"""Layout search: every valid layout of N devices, estimated, filtered by memory, ranked by time.
+
+Pure Python (no torch). The space (every combination is a valid :class:`Layout`):
+
+    tp    divides N, the heads, hidden size, MLP width and vocabulary; <= devices per node
+          (tensor-parallel collectives run every layer and need the fast link) unless allowed
+    pp    divides N / tp, <= layers
+    dp    = N / (tp pp), divides the global batch
+    microbatches  every divisor of the local batch B / dp (a multiple of pp when interleaved)
+    zero  0-3 (only 0 when dp = 1: there is nothing to shard over)
+    schedule      1f1b, and interleaved with every v >= 2 that splits the layers evenly into
+          pp * v chunks. GPipe is left out unless asked for (--schedule gpipe): it has 1F1B's
+          bubble and holds all m micro-batches instead of p ([N21] sec. 2.2.1), so under this
+          model it never beats 1F1B.
+    recompute     none, selective, full
+    sequence_parallel  off, and on when tp > 1 (and tp divides the sequence length)
+
+Layouts are ranked by predicted step time, then by peak memory. ``fixed`` pins any Layout field
+(the CLI's layout flags), which also lets a user search one corner of the space.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from paratrain.config import Layout, valid_tp
+from paratrain.errors import ConfigError
+from paratrain.models.configs import ModelConfig
+from paratrain.plan.cost import CostOptions, Estimate, _estimate, estimate
+from paratrain.plan.hardware import GiB, Hardware
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def enumerate_layouts(model: ModelConfig, num_devices: int, global_batch: int, seq_len: int,
+                      devices_per_node: int, fixed: dict[str, Any] | None = None,
+                      allow_cross_node_tp: bool = False) -> Iterator[Layout]:
+    """Every layout of the space described in the module docstring, honouring ``fixed``."""
+    fixed = dict(fixed or {})
+    unknown = set(fixed) - set(Layout.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"unknown layout field(s) {sorted(unknown)}; valid: {list(Layout.__dataclass_fields__)}.")
+
+    def pick(name: str, values: list[Any]) -> list[Any]:
+        return [x for x in values if x == fixed[name]] if name in fixed else values
+
+    tps = [t for t in valid_tp(model) if num_devices % t == 0
+           and (allow_cross_node_tp or t <= devices_per_node or fixed.get("tp") == t)]
+    for tp in pick("tp", tps):
+        for pp in pick("pp", [p for p in divisors(num_devices // tp) if p <= model.num_layers]):
+            dp = num_devices // (tp * pp)
+            if ("dp" in fixed and fixed["dp"] != dp) or global_batch % dp:
+                continue
+            local = global_batch // dp
+            schedules: list[tuple[str, int]] = [("1f1b", 1)]
+            if pp > 1:
+                if fixed.get("schedule") == "gpipe":
+                    schedules.append(("gpipe", 1))
+                schedules += [("interleaved", v) for v in range(2, model.num_layers // pp + 1)
+                              if model.num_layers % (pp * v) == 0]
+            schedules = [(s, v) for s, v in schedules
+                         if fixed.get("schedule", s) == s and fixed.get("virtual_stages", v) == v]
+            zeros = pick("zero", [0, 1, 2, 3] if dp > 1 else [0])
+            sps = pick("sequence_parallel", [False, True] if tp > 1 and seq_len % tp == 0 else [False])
+            for m in pick("microbatches", divisors(local)):
+                for schedule, v in schedules:
+                    if schedule == "interleaved" and m % pp:
+                        continue
+                    for zero in zeros:
+                        for recompute in pick("recompute", ["none", "selective", "full"]):
+                            for sp in sps:
+                                yield Layout(dp=dp, pp=pp, tp=tp, zero=zero, microbatches=m,
+                                             schedule=schedule, virtual_stages=v,
+                                             sequence_parallel=sp, recompute=recompute)
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """The ranked layouts that fit (best first) and what the search saw."""
+
+    ranked: tuple[Estimate, ...]
+    considered: int
+    smallest_unfit: Estimate | None  # the least memory-hungry layout that does not fit
+    best_pure_dp: Estimate | None  # the fastest fitting layout with pp = tp = 1 (or least memory)
+
+    @property
+    def best(self) -> Estimate:
+        return self.ranked[0]
+
+    def explain(self) -> str:
+        """One or two sentences: why the best layout wins."""
+        return explain(self)
+
+
+def search(model: ModelConfig, num_devices: int, hardware: Hardware, global_batch: int, seq_len: int,
+           precision: str = "bf16", options: CostOptions | None = None,
+           fixed: dict[str, Any] | None = None, allow_cross_node_tp: bool = False) -> PlanResult:
+    """Estimate every layout, keep those that fit, rank by (step time, peak memory)."""
+    if not isinstance(num_devices, int) or num_devices < 1:
+        raise ConfigError(f"the number of devices must be a positive integer, got {num_devices!r}.")
+    options = options or CostOptions()
+    # Validates precision, options, batch and sequence length once, on the simplest layout.
+    estimate(model, Layout(dp=1), hardware, global_batch, seq_len, precision, options)
+    fits: list[Estimate] = []
+    smallest: Estimate | None = None
+    pure_fit: Estimate | None = None
+    pure_unfit: Estimate | None = None
+    considered = 0
+    for layout in enumerate_layouts(model, num_devices, global_batch, seq_len, hardware.devices_per_node,
+                                    fixed, allow_cross_node_tp):
+        considered += 1
+        est = _estimate(model, layout, hardware, global_batch, seq_len, precision, options)
+        pure = layout.tp == 1 and layout.pp == 1
+        if est.fits:
+            fits.append(est)
+            if pure and (pure_fit is None or _key(est) < _key(pure_fit)):
+                pure_fit = est
+        else:
+            if smallest is None or est.peak_bytes_per_device < smallest.peak_bytes_per_device:
+                smallest = est
+            if pure and (pure_unfit is None or est.peak_bytes_per_device < pure_unfit.peak_bytes_per_device):
+                pure_unfit = est
+    if considered == 0:
+        raise ConfigError(f"no valid layout of {num_devices} devices for model {model.name!r} with global "
+                          f"batch {global_batch} and the given constraints {fixed or {}}: dp must divide the "
+                          f"batch, tp must divide the heads (valid tp: {valid_tp(model)}), pp <= "
+                          f"{model.num_layers} layers.")
+    fits.sort(key=_key)
+    return PlanResult(tuple(fits), considered, smallest, pure_fit or pure_unfit)
+
+
+def _key(e: Estimate) -> tuple[float, float]:
+    return (e.step_time_s, e.peak_bytes_per_device)
+
+
+_PARTS = {"compute": "compute (recomputation included)", "tp_comm": "tensor-parallel communication",
+          "pp_comm": "pipeline sends", "bubble": "pipeline bubble", "dp_comm": "exposed data-parallel communication",
+          "optimizer": "optimizer step"}
+
+
+def _why_slower(best: Estimate, other: Estimate) -> str:
+    """The step-time component where ``other`` loses the most to ``best``."""
+    diffs = {k: getattr(other.time, k) - getattr(best.time, k) for k in _PARTS}
+    part = max(diffs, key=lambda k: diffs[k])
+    return f"+{_s(diffs[part])} of {_PARTS[part]}"
+
+
+def _pct(x: float) -> str:
+    return f"{x:.1%}" if x >= 0.001 else f"{x * 100:.2g}%"
+
+
+def _s(seconds: float) -> str:
+    return f"{seconds * 1e3:.3g} ms" if seconds < 1 else f"{seconds:.3g} s"
+
+
+def explain(result: PlanResult) -> str:
+    """Why the best layout wins, against the runner-up and the best pure data-parallel layout."""
+    if not result.ranked:
+        return "no layout fits."
+    best = result.best
+    text = [f"[{best.layout}] wins at {_s(best.step_time_s)} per step (MFU {best.mfu:.1%})."]
+    runner = next((e for e in result.ranked[1:] if e.step_time_s > best.step_time_s), None)
+    if len(result.ranked) > 1 and result.ranked[1].step_time_s == best.step_time_s:
+        twin = result.ranked[1]
+        text.append(f"[{twin.layout}] is as fast but needs more memory "
+                    f"({twin.peak_bytes_per_device / GiB:.1f} vs {best.peak_bytes_per_device / GiB:.1f} GiB).")
+    elif runner is not None:
+        gain = runner.step_time_s / best.step_time_s - 1
+        text.append(f"The runner-up [{runner.layout}] is {_pct(gain)} slower ({_why_slower(best, runner)}).")
+    pure = result.best_pure_dp
+    if best.layout.tp == 1 and best.layout.pp == 1:
+        shard = f" (ZeRO-{best.layout.zero} shards the model states over dp)" if best.layout.zero else ""
+        text.append(f"No tensor or pipeline split is needed: data parallelism alone fits{shard}.")
+    elif pure is None:
+        text.append("No pure data-parallel layout exists for this batch (dp would not divide it).")
+    elif not pure.fits:
+        text.append(f"Pure data parallelism cannot work: even [{pure.layout}] needs "
+                    f"{pure.peak_bytes_per_device / GiB:.1f} GiB per device of {pure.capacity_bytes / GiB:.1f}.")
+    else:
+        text.append(f"The best pure data-parallel layout [{pure.layout}] is "
+                    f"{pure.step_time_s / best.step_time_s:.2f}x slower ({_why_slower(best, pure)}).")
+    return " ".join(text)

@@ -1,0 +1,135 @@
+"""``paratrain estimate | plan | calibrate``: output, exit codes, no torch, speed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from paratrain.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+ISSUE_KEYS = ["params", "flops_per_step", "hardware_flops_per_step", "model_state_bytes_per_device",
+              "activation_bytes_per_device", "peak_bytes_per_device", "bubble_fraction", "comm_bytes_per_device",
+              "step_time_s", "tokens_per_s", "mfu"]
+SHAPE = ["--layers", "24", "--hidden", "2048", "--heads", "16", "--vocab", "51200", "--seq-len", "2048"]
+
+
+def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict:
+    assert main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_estimate_json_keys(capsys: pytest.CaptureFixture[str]) -> None:
+    d = run_json(capsys, "estimate", "--model", "gpt2-124m", "--dp", "2", "--pp", "2", "--microbatches", "4",
+                 "--global-batch", "16", "--device", "A100-40GB")
+    assert list(d)[:len(ISSUE_KEYS)] == ISSUE_KEYS
+    assert d["fits"] is True and d["params"] == 124_439_808
+    assert set(d["comm_bytes_per_device"]) == {"dp", "tp", "pp"}
+    assert d["layout"]["pp"] == 2 and d["hardware"] == "A100-40GB"
+
+
+def test_estimate_by_shape_and_recompute(capsys: pytest.CaptureFixture[str]) -> None:
+    base = run_json(capsys, "estimate", *SHAPE, "--tp", "4", "--global-batch", "4")
+    full = run_json(capsys, "estimate", *SHAPE, "--tp", "4", "--global-batch", "4", "--recompute", "full")
+    assert full["flops_per_step"] == base["flops_per_step"]
+    assert full["hardware_flops_per_step"] > base["hardware_flops_per_step"]
+    assert full["activation_bytes_per_device"] < base["activation_bytes_per_device"]
+
+
+def test_estimate_non_fitting_layout_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    d = run_json(capsys, "estimate", "--model", "gpt-70b", "--device", "V100-32GB", "--global-batch", "1")
+    assert d["fits"] is False and d["peak_bytes_per_device"] > d["capacity_bytes"]
+    assert main(["estimate", "--model", "gpt-70b", "--device", "V100-32GB"]) == 0
+    assert "DOES NOT FIT" in capsys.readouterr().out
+
+
+def test_estimate_human_output(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["estimate", "--model", "gpt2-1.3b", "--dp", "8", "--global-batch", "64", "--microbatches", "8",
+                 "--device", "A100-80GB"]) == 0
+    out = capsys.readouterr().out
+    for word in ("optimizer state", "activations", "usable capacity", "-> fits", "compute", "pipeline bubble",
+                 "exposed data-parallel communication", "tokens/s", "MFU", "6 x params x tokens"):
+        assert word in out, word
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["estimate", "--model", "gpt2-1.3b", "--tp", "3"], "does not divide"),
+    (["estimate", "--model", "nope"], "unknown model"),
+    (["estimate", "--layers", "4", "--hidden", "64"], "missing --heads, --vocab, --seq-len"),
+    (["estimate", "--model", "tiny", "--device", "TPU-v9"], "unknown device"),
+    (["estimate", "--model", "tiny", "--device", "profile:/nonexistent.json"], "does not exist"),
+    (["estimate", "--model", "tiny", "--peak-tflops", "10"], "custom device needs"),
+    (["estimate", "--model", "tiny", "--dp", "3", "--global-batch", "4"], "not divisible by dp=3"),
+    (["estimate", "--model", "tiny", "--efficiency", "2"], "efficiency"),
+    (["plan", "--model", "tiny", "--devices", "4"], "--global-batch"),
+    (["plan", "--model", "gpt-175b", "--devices", "8", "--global-batch", "8"], "none of the"),
+])
+def test_user_errors_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("paratrain: error:") and message in err.replace("\n  ", " ")
+
+
+def test_explicit_hardware_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    base = run_json(capsys, "estimate", *SHAPE, "--dp", "16", "--global-batch", "16", "--device", "A100-80GB")
+    slow = run_json(capsys, "estimate", *SHAPE, "--dp", "16", "--global-batch", "16", "--device", "A100-80GB",
+                    "--inter-bw-gbs", "1", "--no-overlap", "--memory-gib", "40")
+    assert slow["step_time_s"] > base["step_time_s"] and slow["capacity_bytes"] < base["capacity_bytes"]
+    custom = run_json(capsys, "estimate", *SHAPE, "--peak-tflops", "100", "--memory-gb", "50", "--intra-bw-gbs", "10")
+    assert custom["hardware"] == "custom" and custom["capacity_bytes"] == pytest.approx(0.9 * 50e9)
+
+
+def test_plan_table_and_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", *SHAPE, "--devices", "16", "--global-batch", "64", "--top", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "searched" in out and "why:" in out and " 5. " in out and " 6. " not in out
+    d = run_json(capsys, "plan", *SHAPE, "--devices", "16", "--global-batch", "64", "--top", "3", "--tp", "2")
+    assert len(d["ranked"]) == 3 and d["considered"] >= d["fitting"] >= 3
+    times = [r["step_time_s"] for r in d["ranked"]]
+    assert times == sorted(times) and all(r["layout"]["tp"] == 2 and r["fits"] for r in d["ranked"])
+
+
+def _run(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_planning_commands_do_not_import_torch_and_are_fast() -> None:
+    """Both commands in a fresh interpreter: no torch in sys.modules, and the whole process
+    (interpreter start included) answers well under a second."""
+    code = (
+        "import sys, time, io, contextlib; t = time.perf_counter()\n"
+        "from paratrain.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    assert main(['estimate', '--model', 'gpt-13b', '--tp', '1', '--pp', '4', '--microbatches', '8']) == 0\n"
+        "    assert main(['plan', '--model', 'gpt2-1.3b', '--devices', '64', '--global-batch', '512']) == 0\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy')), time.perf_counter() - t)\n"
+    )
+    start = time.perf_counter()
+    proc = _run("-c", code)
+    wall = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr
+    heavy, seconds = proc.stdout.rsplit(" ", 1)
+    assert heavy == "[]"
+    assert float(seconds) < 1.0 and wall < 3.0, (seconds, wall)
+
+
+def test_calibrate_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A quick calibration (real measurements, 2 gloo processes) writes a profile that estimate loads."""
+    out = tmp_path / "profile.json"
+    proc = _run("-m", "paratrain", "calibrate", "--quick", "--out", str(out), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "[4/4]" in proc.stderr and str(out) in proc.stdout
+    doc = json.loads(out.read_text())
+    hw = doc["hardware"]
+    assert hw["peak_fp32_flops"] > 1e8 and hw["intra_node_bw"] > 1e6 and hw["memory_bw"] > 1e8
+    assert len(doc["measurements"]["allreduce_seconds"]) == 3
+    d = run_json(capsys, "estimate", "--model", "tiny", "--dp", "2", "--global-batch", "8", "--seq-len", "128",
+                 "--precision", "fp32", "--profile", str(out))
+    assert d["hardware"].startswith("profile:") and d["step_time_s"] > 0

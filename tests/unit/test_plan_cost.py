@@ -1,0 +1,227 @@
+"""estimate(): composition of the formulas into one layout's memory, communication and step time."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from paratrain.config import Layout
+from paratrain.errors import ConfigError
+from paratrain.mesh import MeshShape
+from paratrain.models.configs import ModelConfig, get_model_config, param_count
+from paratrain.plan import formulas as f
+from paratrain.plan.cost import CostOptions, _estimate, _stages, estimate, pipeline_shape, stage_costs
+from paratrain.plan.hardware import get_hardware
+from paratrain.plan.topology import axis_spans_nodes, even_partition
+
+# Divisible by 1..16 in every split dimension, 24 layers: every tp/pp below is valid.
+MODEL = ModelConfig("m", num_layers=24, hidden=2048, num_heads=16, vocab_size=51200, max_seq_len=2048)
+H100 = get_hardware("H100-80GB")
+A100 = get_hardware("A100-80GB")
+
+ISSUE_KEYS = {"params", "flops_per_step", "hardware_flops_per_step", "model_state_bytes_per_device",
+              "activation_bytes_per_device", "peak_bytes_per_device", "bubble_fraction", "comm_bytes_per_device",
+              "step_time_s", "tokens_per_s", "mfu", "fits"}
+
+
+def test_json_has_the_issue_keys() -> None:
+    d = estimate(MODEL, Layout(dp=2, pp=2, tp=2, microbatches=4), H100, 32, 2048).to_dict()
+    assert ISSUE_KEYS <= set(d)
+    assert set(d["comm_bytes_per_device"]) == {"dp", "tp", "pp"}
+    assert isinstance(d["params"], int) and d["params"] == param_count(MODEL)
+    assert d["peak_bytes_per_device"] == pytest.approx(
+        d["model_state_bytes_per_device"] + d["activation_bytes_per_device"] + d["memory_bytes"]["buffers"])
+
+
+def test_single_device_matches_formulas() -> None:
+    """dp = pp = tp = 1: every term is one formula, no parallel overhead."""
+    B, s = 4, 1024
+    est = estimate(MODEL, Layout(), A100, B, s, "bf16")
+    P = param_count(MODEL)
+    assert est.model_state_bytes_per_device == pytest.approx(16 * P)
+    act = 24 * f.layer_activation_bytes(s, B, 2048, 16, 8192) + f.embedding_activation_bytes(s, B, 2048) \
+        + f.output_activation_bytes(s, B, 2048, 51200)
+    assert est.activation_bytes_per_device == pytest.approx(act)
+    assert est.comm_bytes_per_device.as_dict() == {"dp": 0, "tp": 0, "pp": 0}
+    assert est.time.tp_comm == est.time.pp_comm == est.time.dp_comm == est.time.bubble == 0
+    rate = A100.peak_bf16_flops * A100.compute_efficiency
+    assert est.time.compute == pytest.approx(est.flops_per_step / rate)
+    assert est.time.optimizer == pytest.approx(28 * P / A100.memory_bw)
+    assert est.mfu == pytest.approx(est.flops_per_step / (est.step_time_s * A100.peak_bf16_flops))
+    assert est.tokens_per_s == pytest.approx(B * s / est.step_time_s)
+
+
+@pytest.mark.parametrize("zero, factor", [(0, 2.0), (1, 2.0), (2, 2.0), (3, 3.0)])
+def test_dp_bytes_ring_and_zero(zero: int, factor: float) -> None:
+    """[R20] sec. 7: plain DP and ZeRO-1/2 move 2 psi per step, ZeRO-3 3 psi (with 2-byte params
+    and grads, each (n-1)/n of it on the wire)."""
+    n = 8
+    est = estimate(MODEL, Layout(dp=n, zero=zero), H100, 16, 2048)
+    psi_bytes = 2 * param_count(MODEL)
+    assert est.comm_bytes_per_device.dp == pytest.approx(factor * (n - 1) / n * psi_bytes)
+
+
+def test_tp_bytes_per_layer() -> None:
+    """4 all-reduces of b s h activations per layer (2 forward, 2 backward), plus the embedding,
+    LM head and cross-entropy all-reduces; sequence parallelism moves the same bytes."""
+    t, b, s, h, l = 4, 2, 2048, 2048, 24
+    est = estimate(MODEL, Layout(tp=t), H100, b, s)
+    S = 2 * b * s * h
+    ar = 2 * (t - 1) / t
+    expected = (4 * l + 1 + 1) * ar * S + 3 * ar * 4 * b * s
+    assert est.comm_bytes_per_device.tp == pytest.approx(expected)
+    sp = estimate(MODEL, Layout(tp=t, sequence_parallel=True), H100, b, s)
+    assert sp.comm_bytes_per_device.tp == pytest.approx(expected - (ar - (t - 1) / t) * S)
+    full = estimate(MODEL, Layout(tp=t, recompute="full"), H100, b, s)
+    assert full.comm_bytes_per_device.tp == pytest.approx(expected + 2 * l * ar * S)
+
+
+def test_pp_bytes() -> None:
+    """A middle stage sends each micro-batch's activation forward and its gradient back."""
+    p, m, b, s, h = 4, 8, 1, 2048, 2048
+    costs = stage_costs(MODEL, Layout(pp=p, microbatches=m), H100, m * b, s, "bf16")
+    S = 2 * b * s * h
+    assert costs[1].pp_bytes == pytest.approx(2 * m * S)
+    tied = f.all_reduce_wire_bytes(2, 2 * 51200 * h)  # W_e's gradient between first and last stage
+    assert costs[0].pp_bytes == pytest.approx(m * S + tied)
+
+
+def test_stage_params_add_up() -> None:
+    """Summed over stages and tp shards, parameters = the model's, plus the last stage's copy of the
+    tied embedding and the tp-replicated LayerNorms/biases."""
+    p, t = 4, 2
+    costs = stage_costs(MODEL, Layout(pp=p, tp=t), H100, 1, 2048, "bf16")
+    h, V, l = 2048, 51200, 24
+    replicated = l * 6 * h + 2048 * h + 2 * h  # per block 6h, positions, final LayerNorm
+    assert t * sum(c.params for c in costs) == pytest.approx(param_count(MODEL) + V * h + (t - 1) * replicated)
+
+
+def test_grouped_stages_equal_every_stage() -> None:
+    """_estimate computes one stage per run of alike stages; it must agree with all stages."""
+    for layout in (Layout(pp=8, microbatches=16),
+                   Layout(pp=4, microbatches=8, schedule="interleaved", virtual_stages=3),
+                   Layout(pp=6, microbatches=3, schedule="gpipe"),
+                   Layout(dp=2, pp=3, tp=2, microbatches=6, zero=1)):
+        B = layout.dp * layout.microbatches
+        every = stage_costs(MODEL, layout, A100, B, 2048, "bf16")
+        groups = _stages(MODEL, layout, A100, B, 2048, "bf16", CostOptions(), every=False)
+        assert sum(g.count for g in groups) == layout.pp
+        assert max(g.peak_bytes for g in groups) == max(c.peak_bytes for c in every)
+        assert sum(g.count * g.microbatch_s for g in groups) == pytest.approx(sum(c.microbatch_s for c in every))
+
+
+def test_bubble_time_matches_fraction_for_equal_stages() -> None:
+    """With the head's cost removed and equal stages, T = (m + (p-1)/v) t: bubble time / step time
+    is the analytic fraction."""
+    model = MODEL.replace(vocab_size=16)
+    interleaved = Layout(pp=4, microbatches=8, schedule="interleaved", virtual_stages=2)
+    for layout in (Layout(pp=4, microbatches=8), interleaved):
+        est = estimate(model, layout, A100, 8, 2048)
+        pipe = est.time.compute + est.time.pp_comm + est.time.bubble
+        assert est.time.bubble / pipe == pytest.approx(est.bubble_fraction, rel=0.02)
+
+
+def test_not_fitting_is_an_answer_and_impossible_is_an_error() -> None:
+    big = get_model_config("gpt-70b")
+    est = estimate(big, Layout(dp=1), H100, 1, 4096)
+    assert not est.fits and est.peak_bytes_per_device > est.capacity_bytes
+    with pytest.raises(ConfigError, match="does not divide"):
+        estimate(MODEL, Layout(tp=3), H100, 1, 2048)
+    with pytest.raises(ConfigError, match="precision"):
+        estimate(MODEL, Layout(), H100, 1, 2048, "fp8")
+
+
+def test_notes() -> None:
+    assert estimate(MODEL, Layout(), A100, 1, 2048).notes == ()
+    v100 = estimate(MODEL, Layout(), get_hardware("V100-32GB"), 1, 2048)
+    assert any("no bf16" in n for n in v100.notes)
+    gpt2 = estimate(get_model_config("gpt2-124m"), Layout(), A100, 1, 1024)
+    assert any("--vocab 50304" in n for n in gpt2.notes)
+
+
+def test_fp32_uses_fp32_peak_and_state() -> None:
+    est = estimate(MODEL, Layout(dp=2, zero=1), A100, 2, 2048, "fp32")
+    P = param_count(MODEL)
+    assert est.state.params == pytest.approx(4 * P) and est.state.optimizer == pytest.approx(8 * P / 2)
+    assert est.mfu == pytest.approx(est.flops_per_step / (est.step_time_s * 2 * 19.5e12))
+
+
+def test_overlap_hides_dp_communication() -> None:
+    on = estimate(MODEL, Layout(dp=8), H100, 64, 2048)
+    off = estimate(MODEL, Layout(dp=8), H100, 64, 2048, options=CostOptions(overlap_dp=False))
+    assert on.time.dp_comm < off.time.dp_comm
+    assert off.time.dp_comm == pytest.approx(on.comm_bytes_per_device.dp / H100.intra_node_bw)
+
+
+def test_cross_node_groups_use_the_network() -> None:
+    one_node = estimate(MODEL, Layout(dp=8), A100, 64, 2048, options=CostOptions(overlap_dp=False))
+    two_nodes = estimate(MODEL, Layout(dp=16), A100, 64, 2048, options=CostOptions(overlap_dp=False))
+    assert one_node.time.dp_comm == pytest.approx(one_node.comm_bytes_per_device.dp / A100.intra_node_bw)
+    assert two_nodes.time.dp_comm == pytest.approx(two_nodes.comm_bytes_per_device.dp / A100.inter_node_bw)
+
+
+def test_even_partition() -> None:
+    assert even_partition(24, 4) == (6, 6, 6, 6)
+    assert even_partition(10, 4) == (2, 3, 3, 2)
+    assert even_partition(11, 4) == (3, 3, 3, 2)
+    assert pipeline_shape(24, 4, 1).groups == ((0, 1), (1, 2), (3, 1))
+    with pytest.raises(ConfigError):
+        estimate(MODEL, Layout(pp=2), H100, 1, 2048, options=CostOptions(stage_layers=(20, 3)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(dp=st.integers(1, 6), pp=st.integers(1, 6), tp=st.integers(1, 6), node=st.sampled_from([1, 2, 3, 4, 6, 8]),
+       axis=st.sampled_from(["dp", "pp", "tp"]))
+def test_axis_spans_nodes_matches_brute_force(dp: int, pp: int, tp: int, node: int, axis: str) -> None:
+    groups = MeshShape(dp=dp, pp=pp, tp=tp).all_groups(axis)
+    brute = any(len({r // node for r in g}) > 1 for g in groups)
+    assert axis_spans_nodes(axis, dp, pp, tp, node) == brute
+
+
+layouts = st.builds(
+    lambda dp, pp, tp, mb, sched, rec, sp: Layout(
+        dp=dp, pp=pp, tp=tp, microbatches=mb * pp, schedule=sched, virtual_stages=2 if sched == "interleaved" else 1,
+        recompute=rec, sequence_parallel=sp and tp > 1),
+    st.sampled_from([1, 2, 4]), st.sampled_from([1, 2, 3, 4]), st.sampled_from([1, 2, 4, 8]), st.integers(1, 3),
+    st.sampled_from(["gpipe", "1f1b", "interleaved"]), st.sampled_from(["none", "selective", "full"]), st.booleans())
+
+
+def _fit(layout: Layout, **changes: object) -> tuple[Layout, int]:
+    layout = dataclasses.replace(layout, **changes)
+    return layout, layout.dp * layout.microbatches
+
+
+@settings(max_examples=150, deadline=None)
+@given(layout=layouts, precision=st.sampled_from(["bf16", "fp32"]))
+def test_memory_never_grows_with_zero_stage(layout: Layout, precision: str) -> None:
+    peaks = []
+    for z in range(4):
+        lay, B = _fit(layout, zero=z)
+        peaks.append(estimate(MODEL, lay, H100, B, 1024, precision).model_state_bytes_per_device)
+    assert all(a >= b for a, b in zip(peaks, peaks[1:]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(layout=layouts, zero=st.integers(0, 3))
+def test_more_tp_never_adds_model_state(layout: Layout, zero: int) -> None:
+    states = []
+    for t in (1, 2, 4, 8, 16):
+        lay, B = _fit(layout, tp=t, zero=zero, sequence_parallel=layout.sequence_parallel and t > 1)
+        states.append(estimate(MODEL, lay, H100, B, 1024).model_state_bytes_per_device)
+    assert all(a >= b for a, b in zip(states, states[1:]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(layout=layouts, zero=st.integers(0, 3))
+def test_estimate_invariants(layout: Layout, zero: int) -> None:
+    lay, B = _fit(layout, zero=zero)
+    est = _estimate(MODEL, lay, A100, B, 1024, "bf16", CostOptions())
+    t = est.time
+    assert min(t.compute, t.tp_comm, t.pp_comm, t.bubble, t.dp_comm, t.optimizer) >= 0
+    assert est.step_time_s == pytest.approx(t.compute + t.tp_comm + t.pp_comm + t.bubble + t.dp_comm + t.optimizer)
+    assert 0 <= est.bubble_fraction < 1 and 0 < est.mfu <= est.hfu < est.efficiency + 1e-9
+    assert est.hardware_flops_per_step >= est.flops_per_step
+    assert all(v >= 0 for v in est.comm_bytes_per_device.as_dict().values())

@@ -1,0 +1,74 @@
+"""The device catalog, explicit figures and calibrated profiles."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from paratrain.errors import ConfigError
+from paratrain.plan.hardware import CATALOG, GiB, Hardware, custom_hardware, get_hardware, load_profile, save_profile
+
+
+def test_catalog_has_the_issue_devices_with_sources() -> None:
+    assert {"H100-80GB", "A100-80GB", "A100-40GB", "V100-32GB", "cpu"} <= set(CATALOG)
+    for hw in CATALOG.values():
+        assert hw.source and hw.peak_fp16_flops >= hw.peak_fp32_flops > 0
+        assert hw.intra_node_bw >= hw.inter_node_bw > 0
+
+
+def test_datasheet_figures() -> None:
+    h100, a100 = CATALOG["H100-80GB"], CATALOG["A100-40GB"]
+    assert h100.peak_flops("bf16") == 989e12 and h100.memory_bytes == 80 * GiB and h100.intra_node_bw == 450e9
+    assert a100.peak_flops("fp32") == 19.5e12 and a100.memory_bw == 1.555e12
+    v100 = CATALOG["V100-32GB"]
+    assert v100.peak_bf16_flops == 0 and v100.peak_flops("bf16") == 125e12  # no bf16 units: fp16 peak
+
+
+def test_lookup() -> None:
+    assert get_hardware("h100-80gb") is CATALOG["H100-80GB"]
+    with pytest.raises(ConfigError, match="H100-80GB"):
+        get_hardware("TPU")
+
+
+def test_explicit_figures() -> None:
+    hw = custom_hardware(CATALOG["A100-80GB"], memory_bytes=40 * GiB, inter_node_bw=None)
+    assert hw.memory_bytes == 40 * GiB and hw.inter_node_bw == CATALOG["A100-80GB"].inter_node_bw
+    assert hw.name == "A100-80GB*"
+    bare = custom_hardware(None, peak_fp32_flops=1e12, memory_bytes=GiB, intra_node_bw=1e9)
+    assert bare.inter_node_bw == 1e9 and bare.devices_per_node == 8 and bare.peak_flops("bf16") == 1e12
+    with pytest.raises(ConfigError, match="--intra-bw-gbs"):
+        custom_hardware(None, peak_fp32_flops=1e12, memory_bytes=GiB)
+    with pytest.raises(ConfigError, match="compute_efficiency"):
+        CATALOG["cpu"].replace(compute_efficiency=1.5)
+    with pytest.raises(ConfigError, match="memory_bytes"):
+        CATALOG["cpu"].replace(memory_bytes=-1)
+
+
+def test_profile_round_trip(tmp_path: Path) -> None:
+    hw = CATALOG["cpu"].replace(name="profile:test", peak_fp32_flops=5e10)
+    path = save_profile(tmp_path / "sub" / "p.json", hw, {"note": 1})
+    assert load_profile(path) == hw
+    assert get_hardware(f"profile:{path}") == hw
+
+
+def test_bad_profiles(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_profile(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="JSON"):
+        load_profile(bad)
+    bad.write_text(json.dumps({"hello": 1}))
+    with pytest.raises(ConfigError, match="not a paratrain device profile"):
+        load_profile(bad)
+    doc = {"format": "paratrain-device-profile", "version": 1, "hardware": {"name": "x"}}
+    bad.write_text(json.dumps(doc))
+    with pytest.raises(ConfigError, match="missing key"):
+        load_profile(bad)
+    doc["version"] = 99
+    bad.write_text(json.dumps(doc))
+    with pytest.raises(ConfigError, match="version"):
+        load_profile(bad)
+    assert isinstance(Hardware.from_dict(CATALOG["cpu"].to_dict()), Hardware)

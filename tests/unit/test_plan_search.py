@@ -1,0 +1,96 @@
+"""search(): the layout space, filtering by memory, ranking, the explanation, and speed."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from paratrain.errors import ConfigError
+from paratrain.models.configs import ModelConfig, get_model_config
+from paratrain.plan.cost import estimate
+from paratrain.plan.hardware import get_hardware
+from paratrain.plan.search import enumerate_layouts, search
+
+MODEL = ModelConfig("m", num_layers=24, hidden=2048, num_heads=16, vocab_size=51200, max_seq_len=2048)
+H100 = get_hardware("H100-80GB")
+
+
+def test_every_enumerated_layout_is_valid_and_distinct() -> None:
+    layouts = list(enumerate_layouts(MODEL, 16, 64, 2048, devices_per_node=8))
+    assert len(layouts) == len(set(layouts)) > 1000
+    for layout in layouts:
+        layout.validate(MODEL, 64, 2048)
+        assert layout.world_size == 16 and layout.tp <= 8
+    seen = {(lay.dp, lay.pp, lay.tp) for lay in layouts}
+    assert (16, 1, 1) in seen and (2, 1, 8) in seen and (1, 16, 1) in seen
+    assert not any(lay.schedule == "gpipe" for lay in layouts)  # dominated by 1F1B (module docstring)
+    assert all(lay.zero == 0 for lay in layouts if lay.dp == 1)
+
+
+def test_fixed_fields_pin_the_space() -> None:
+    layouts = list(enumerate_layouts(MODEL, 16, 64, 2048, 8, fixed={"tp": 2, "recompute": "none", "schedule": "gpipe"}))
+    assert layouts and all(lay.tp == 2 and lay.recompute == "none" and lay.schedule == "gpipe" for lay in layouts)
+    assert list(enumerate_layouts(MODEL, 16, 64, 2048, 8, fixed={"tp": 3})) == []
+    with pytest.raises(ConfigError, match="unknown layout field"):
+        list(enumerate_layouts(MODEL, 16, 64, 2048, 8, fixed={"tensor": 2}))
+    cross = list(enumerate_layouts(MODEL, 16, 64, 2048, 8, allow_cross_node_tp=True))
+    assert any(lay.tp == 16 for lay in cross)
+
+
+def test_ranking_and_filtering() -> None:
+    result = search(MODEL, 16, H100, 64, 2048)
+    keys = [(e.step_time_s, e.peak_bytes_per_device) for e in result.ranked]
+    assert keys == sorted(keys)
+    assert all(e.fits for e in result.ranked)
+    assert result.considered > len(result.ranked)
+    # The winner is what estimate() says for the same layout.
+    best = result.best
+    again = estimate(MODEL, best.layout, H100, 64, 2048)
+    assert again.step_time_s == best.step_time_s and again.peak_bytes_per_device == best.peak_bytes_per_device
+
+
+def test_memory_pressure_forces_model_parallelism() -> None:
+    """A 13B model cannot be trained by plain data parallelism on 16 GiB devices: the winner must
+    shard (ZeRO, tp or pp) and the explanation must say why pure DP loses."""
+    model = ModelConfig("m13", num_layers=40, hidden=5120, num_heads=40, vocab_size=51200, max_seq_len=2048)
+    hw = H100.replace(memory_bytes=16 * 2**30)
+    result = search(model, 64, hw, 128, 2048)
+    best = result.best.layout
+    assert best.tp > 1 or best.pp > 1 or best.zero == 3
+    assert result.best.peak_bytes_per_device <= result.best.capacity_bytes
+    text = result.explain()
+    assert str(best) in text and ("runner-up" in text or "as fast" in text)
+    assert "data-parallel" in text or "data parallelism" in text
+
+
+def test_explanation_compares_with_runner_up() -> None:
+    result = search(get_model_config("gpt2-350m"), 8, H100, 64, 1024)
+    text = result.explain()
+    assert text.startswith(f"[{result.best.layout}] wins")
+
+
+def test_nothing_fits() -> None:
+    result = search(get_model_config("gpt-175b"), 8, H100, 8, 2048)
+    assert result.ranked == () and result.smallest_unfit is not None
+    assert not result.smallest_unfit.fits
+
+
+def test_invalid_inputs() -> None:
+    with pytest.raises(ConfigError):
+        search(MODEL, 0, H100, 8, 2048)
+    with pytest.raises(ConfigError, match="no valid layout"):
+        search(MODEL, 16, H100, 64, 2048, fixed={"dp": 3})
+    with pytest.raises(ConfigError, match="seq_len"):
+        search(MODEL, 8, H100, 8, 4096)
+
+
+def test_search_is_fast() -> None:
+    """Thousands of layouts well under a second (the bound here is loose: the test machine is
+    shared; `paratrain plan` prints the measured time)."""
+    model = ModelConfig("m39", num_layers=48, hidden=8192, num_heads=64, vocab_size=51200, max_seq_len=2048)
+    start = time.perf_counter()
+    result = search(model, 512, get_hardware("A100-80GB"), 1536, 2048)
+    elapsed = time.perf_counter() - start
+    assert result.considered > 10_000
+    assert elapsed < 2.0, f"{result.considered} layouts took {elapsed:.2f} s"
