@@ -22,6 +22,7 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -128,29 +129,55 @@ def _quiet_launcher_logs() -> Iterator[None]:
 def launch(fn: Callable[..., Any], args: tuple[Any, ...], nproc: int) -> dict[int, Any]:
     """Run ``fn(*args)`` on ``nproc`` local ranks and return ``{rank: return value}``.
 
-    ``fn`` must be importable by name (a module-level function): ranks are spawned processes.
-    Under an outside torchrun, runs ``fn`` here as this process's rank."""
+    ``fn`` must be a module-level function and ``args`` picklable: each rank is a process running
+    ``python -m paratrain.rank`` (see there for why). Under an outside torchrun, runs ``fn`` here as
+    this process's rank; the caller should then end with :func:`paratrain.rank.end_process`."""
     if under_torchrun():
         return {int(os.environ["RANK"]): fn(*args)}
     if nproc == 1:
         return {0: fn(*args)}
+    import pickle
+    import sys
+
     from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    log_dir = tempfile.mkdtemp(prefix="paratrain-launch-")
+    work_dir = Path(tempfile.mkdtemp(prefix="paratrain-launch-"))
+    args_file = work_dir / "args.pkl"
+    args_file.write_bytes(pickle.dumps(args))
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex,
         rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0,
-        monitor_interval=0.1, start_method="spawn", logs_specs=DefaultLogsSpecs(log_dir=log_dir),
+        monitor_interval=0.1, start_method="spawn", logs_specs=DefaultLogsSpecs(log_dir=str(work_dir / "logs")),
     )
+    target = f"{fn.__module__}:{fn.__qualname__}"
     try:
         with _quiet_launcher_logs():
-            return elastic_launch(config, fn)(*args)
+            elastic_launch(config, sys.executable)("-m", "paratrain.rank", target, str(args_file), str(work_dir))
+        results = {}
+        for r in range(nproc):
+            with open(work_dir / f"rank-{r}.pkl", "rb") as f:
+                results[r] = pickle.load(f)
+        return results
     except ChildFailedError as e:
-        rank, first = e.get_first_failure()
-        message, tb = _failure_details(first)
-        others = {r: f.exitcode for r, f in e.failures.items() if r != rank}
-        raise LaunchError(rank, first.exitcode, message, tb, others) from None
+        raise _root_cause(e, work_dir) from None
     finally:
-        shutil.rmtree(log_dir, ignore_errors=True)
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _root_cause(e: Any, work_dir: Path) -> LaunchError:
+    """The earliest error a rank recorded (see ``paratrain.rank``); a rank killed by a signal
+    before any rank recorded an error is reported from the launcher's own information."""
+    import json
+
+    codes = {r: f.exitcode for r, f in e.failures.items()}
+    errors = [json.loads(p.read_text()) for p in work_dir.glob("error-*.json")]
+    if errors:
+        first = min(errors, key=lambda x: x["time_ns"])
+        rank = first["rank"]
+        others = {r: c for r, c in codes.items() if r != rank}
+        return LaunchError(rank, codes.get(rank, 1), first["message"], first["traceback"], others)
+    rank, failure = e.get_first_failure()
+    message, tb = _failure_details(failure)
+    return LaunchError(rank, failure.exitcode, message, tb, {r: c for r, c in codes.items() if r != rank})

@@ -41,6 +41,7 @@ def _child(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple
     import torch.distributed as dist
 
     from paratrain.launch import shutdown_distributed
+    from paratrain.rank import end_process
 
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
@@ -62,6 +63,9 @@ def _child(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple
             shutdown_distributed(ok)
         except Exception:  # noqa: BLE001
             pass
+        q.close()
+        q.join_thread()  # the result is in the pipe
+        end_process(0 if ok else 1)  # no interpreter finalisation: see paratrain/rank.py
 
 
 def run_ranks(world: int, fn: Callable[..., Any], *args: Any, timeout: float = 120.0,

@@ -41,9 +41,28 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.run(args) or 0)
+        code = int(args.run(args) or 0)
     except ConfigError as e:
-        return error(str(e))
+        code = error(str(e))
     except KeyboardInterrupt:
         print("paratrain: interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    except BaseException:  # under torchrun this process is a rank: report, then end like one
+        if not _is_rank_process():
+            raise
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    if _is_rank_process():
+        from paratrain.rank import end_process
+
+        end_process(code)  # skip interpreter finalisation, as launched ranks do (paratrain/rank.py)
+    return code
+
+
+def _is_rank_process() -> bool:
+    """Started by an outside torchrun and torch.distributed was used in this process."""
+    from paratrain.launch import under_torchrun
+
+    return under_torchrun() and "torch.distributed" in sys.modules

@@ -123,3 +123,17 @@ def test_hanging_rank_times_out_instead_of_hanging(tmp_path):
     assert "rank 0 failed" in r.stderr  # rank 0's collective timed out waiting for rank 1
     assert "The run did not finish." in r.stderr
     assert elapsed < 60
+
+
+def test_same_command_under_an_outside_torchrun(tmp_path):
+    """Multi-node users start every rank with torchrun; the result must equal our own launcher's."""
+    ours = paratrain("train", "--steps", "4", "--out", "ours", *FAST, cwd=tmp_path)
+    assert ours.returncode == 0, ours.stderr
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0",
+                        "-m", "paratrain", "train", "--steps", "4", "--out", "tr", *FAST],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert "paratrain train: finished" in r.stdout
+    assert losses(tmp_path / "tr") == losses(tmp_path / "ours")
