@@ -182,7 +182,7 @@ def reduce_scatter(output: torch.Tensor, input: torch.Tensor, group: Group, op: 
     n, s = group.size, _nbytes(input)
     red = _REDUCE_OPS[op]
     return _run(group, tag or "reduce_scatter", s, (n - 1) / n * s,
-                lambda a: dist.reduce_scatter_tensor(output, input, op=red, group=group.pg, async_op=a),
+                lambda a: dist.reduce_scatter_single(output, input, op=red, group=group.pg, async_op=a),
                 async_op)
 
 
@@ -194,7 +194,7 @@ def all_gather(output: torch.Tensor, input: torch.Tensor, group: Group, async_op
         return None
     n, s = group.size, _nbytes(output)
     return _run(group, tag or "all_gather", s, (n - 1) / n * s,
-                lambda a: dist.all_gather_into_tensor(output, input, group=group.pg, async_op=a),
+                lambda a: dist.all_gather_single(output, input, group=group.pg, async_op=a),
                 async_op)
 
 

@@ -21,7 +21,7 @@ DP_IMPLS = ("bucketed", "naive")
 DEVICES = ("auto", "cpu", "cuda")
 
 # What the training runtime implements today; the planner may reason about more.
-SUPPORTED_TP = False
+SUPPORTED_TP = True
 SUPPORTED_PP = False
 SUPPORTED_ZERO = False
 
@@ -246,5 +246,6 @@ class TrainConfig:
                 raise ConfigError(
                     f"{what} is not implemented in this version of the training runtime; "
                     f"`paratrain estimate` and `paratrain plan` can still reason about it. "
-                    f"Valid today: data parallelism (--dp N) with micro-batches."
+                    f"Valid today: data parallelism (--dp N) with micro-batches, and tensor parallelism "
+                    f"(--tp N, optionally --sequence-parallel)."
                 )

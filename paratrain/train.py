@@ -37,6 +37,7 @@ from paratrain.models.configs import param_count
 from paratrain.models.gpt import build_reference
 from paratrain.optim import lr_at, make_optimizer, set_lr
 from paratrain.parallel import ParallelModel, parallelize
+from paratrain.parallel.rng import seed_default_generator
 
 SAMPLE_PROMPT = "def "
 FAULT_ENV = "PARATRAIN_FAULT"
@@ -125,6 +126,7 @@ def setup(cfg: TrainConfig, env: RankEnv, device: torch.device, corpus: Corpus |
         corpus = load_corpus(cfg.data)
     check_corpus(corpus, cfg.seq_len)
     model = build_reference(model_cfg, cfg.seed, device)
+    seed_default_generator(cfg.seed, mesh.coords.dp, mesh.coords.pp)  # dropout: see parallel/rng.py
     autocast = torch.bfloat16 if cfg.precision == "bf16" else None
     pm = parallelize(model, mesh, layout, bucket_mb=cfg.bucket_mb, dp_impl=cfg.dp_impl,
                      overlap=cfg.overlap, autocast_dtype=autocast)

@@ -30,9 +30,11 @@ class CausalSelfAttention(nn.Module):
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x.shape
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # each (B, T, H_local)
-        heads = q.shape[-1] // self.head_dim
+        # Shapes from qkv's output, not from x: under sequence parallelism x is a slice of the
+        # sequence (B, T/n, H) and the column-parallel qkv returns the whole of it.
+        B, T, width = q.shape
+        heads = width // self.head_dim
         q, k, v = (t.view(B, T, heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
         y = self.attend(q, k, v)  # (B, h, T, d)
         y = y.transpose(1, 2).reshape(B, T, heads * self.head_dim)

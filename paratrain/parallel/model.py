@@ -15,6 +15,7 @@ from paratrain.comm import Group
 from paratrain.config import Layout
 from paratrain.mesh import Mesh
 from paratrain.parallel.grad import clip_grad_norm_
+from paratrain.parallel.shard import gather_full_state
 
 
 class GradSync(Protocol):
@@ -92,7 +93,9 @@ class ParallelModel:
         self.grad_sync.zero_grad()
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The reference model's state dict (full shapes) on global rank 0, None elsewhere."""
-        if self.mesh.rank != 0:
+        """The reference model's state dict (full shapes) on global rank 0, None elsewhere.
+        Collective: every rank calls it (the tp shards are gathered on each tp group)."""
+        state = gather_full_state(self.module, self.mesh.tp) if self.mesh.coords.dp == 0 else None
+        if self.mesh.rank != 0 or state is None:
             return None
-        return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+        return {k: v.detach().cpu().clone() for k, v in state.items()}

@@ -1,0 +1,235 @@
+"""Tensor parallelism (Megatron-LM, Shoeybi et al. 2019) with sequence parallelism (Korthikanti
+et al. 2022): every block's matrices split over the ``n`` ranks of the tp group.
+
+Per block (pre-LN; X is (B, T, H), replicated on every tp rank)::
+
+    attention:  [Q_r K_r V_r] = f(LN1(X)) W_qkv,r      column-parallel: this rank's H/n-wide heads
+                Z = g( attn(Q_r, K_r, V_r) W_proj,r )  row-parallel: partial sums, all-reduced
+    MLP:        Y_r = GELU( f(LN2(X)) W_1,r )         column-parallel: F/n columns
+                Z = g( Y_r W_2,r )                     row-parallel
+
+so two all-reduces in forward (the g's) and two in backward (the f's) per block. With sequence
+parallelism the tensors between blocks, and the LayerNorms and dropouts on them, are split along
+the sequence (B, T/n, H): each g becomes a reduce-scatter and each f an all-gather (same bytes,
+and 1/n of the LayerNorm/dropout work and activations). The LayerNorm weights, the row-parallel
+biases and the position embedding then see only this rank's tokens, so their gradients are
+summed over tp after backward (:class:`SequenceParallelGradSync`).
+
+The vocabulary is split too (``parallel/vocab.py``): the embedding's partial lookups are summed
+like a row-parallel output, the (tied or untied) LM head is column-parallel, and the
+cross-entropy works on vocab-split logits. :func:`tensor_parallel` applies all of it to the
+reference model by *slicing its weights*; :func:`tp_comm_per_step` states the traffic.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from paratrain import comm
+from paratrain.comm import Group
+from paratrain.parallel.rng import ShardedRNG
+from paratrain.parallel.shard import mark_partial_grad, shard_parameter
+from paratrain.parallel.tp_ops import enter_tp, leave_tp
+from paratrain.parallel.vocab import VocabParallelCrossEntropy, VocabParallelEmbedding
+
+if TYPE_CHECKING:
+    from paratrain.models.configs import ModelConfig
+    from paratrain.models.gpt import GPT
+    from paratrain.parallel.model import GradSync
+
+
+class ColumnParallelLinear(nn.Module):
+    """``Y_r = X W_r^T + b_r``: the output features split over tp (W (out, in) by rows).
+
+    Input (B, T, in), replicated — or (B, T/n, in) under sequence parallelism, all-gathered
+    first. Output (B, T, out/n): this rank's columns of Y. Forward: f (or all-gather);
+    backward: all-reduce of dL/dX (or reduce-scatter).
+    """
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, group: Group,
+                 sequence_parallel: bool = False) -> None:
+        super().__init__()
+        self.weight = weight  # (out/n, in)
+        self.bias = bias      # (out/n,) or None
+        self.group = group
+        self.sequence_parallel = sequence_parallel
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group: Group, sequence_parallel: bool = False,
+                    chunks: int = 1) -> ColumnParallelLinear:
+        """Slice a reference linear; ``chunks`` = 3 for the fused [q; k; v] rows."""
+        bias = None if linear.bias is None else shard_parameter(linear.bias, group, 0, chunks)
+        return cls(shard_parameter(linear.weight, group, 0, chunks), bias, group, sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(enter_tp(x, self.group, self.sequence_parallel), self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.weight.shape[1]}, out_local={self.weight.shape[0]}, tp={self.group.size}, " \
+               f"sp={self.sequence_parallel}"
+
+
+class RowParallelLinear(nn.Module):
+    """``Z = sum_r Y_r W_r^T + b``: the input features split over tp (W (out, in) by columns).
+
+    Input (B, T, in/n): this rank's slice, as a column-parallel layer produces it. Output
+    (B, T, out) replicated — or (B, T/n, out) under sequence parallelism. Forward: g, an
+    all-reduce of the partial products (or reduce-scatter); backward: identity (or all-gather).
+    The bias is added once, after the sum.
+    """
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, group: Group,
+                 sequence_parallel: bool = False) -> None:
+        super().__init__()
+        self.weight = weight  # (out, in/n)
+        self.bias = bias      # (out,), replicated
+        self.group = group
+        self.sequence_parallel = sequence_parallel
+        if bias is not None and sequence_parallel:
+            bias._pt_tp_partial_grad = True  # added to this rank's tokens only
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group: Group, sequence_parallel: bool = False) -> RowParallelLinear:
+        bias = None if linear.bias is None else linear.bias  # replicated: the reference parameter
+        return cls(shard_parameter(linear.weight, group, dim=1), bias, group, sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = leave_tp(F.linear(x, self.weight), self.group, self.sequence_parallel)
+        return z if self.bias is None else z + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_local={self.weight.shape[1]}, out={self.weight.shape[0]}, tp={self.group.size}, " \
+               f"sp={self.sequence_parallel}"
+
+
+class SequenceParallelPositions(nn.Module):
+    """The position embedding under sequence parallelism: given all T positions, returns the
+    rows of this rank's slice of the sequence, (T/n, H), to add to its (B, T/n, H) tokens. The
+    weight is the reference's, replicated; its gradient is partial (this rank's positions)."""
+
+    def __init__(self, emb: nn.Embedding, group: Group) -> None:
+        super().__init__()
+        self.weight = emb.weight
+        self.group = group
+        mark_partial_grad(self)
+
+    def forward(self, pos: torch.Tensor) -> torch.Tensor:
+        return F.embedding(pos.chunk(self.group.size)[self.group.rank], self.weight)
+
+
+def _on_sharded_stream(dropout: nn.Dropout, rng: ShardedRNG) -> None:
+    dropout.forward = rng.wrap(dropout.forward, dropout)
+
+
+def tensor_parallel(model: GPT, group: Group, rng: ShardedRNG, sequence_parallel: bool = False) -> GPT:
+    """Shard the reference ``model`` over ``group`` in place and return it.
+
+    Every parallel weight is sliced from the reference (never re-initialised); replicated ones
+    (LayerNorms, row-parallel biases, positions) are the reference's own parameters. Dropout in
+    sharded regions (this rank's attention heads; under sequence parallelism also the residual
+    stream's) draws from ``rng``, the stream that differs between tp ranks; the replicated
+    regions keep the default generator, equal on all tp ranks (see ``parallel/rng.py``). On a
+    group of one every collective is a no-op and the model computes what the reference does.
+    """
+    sp = sequence_parallel
+    for block in model.blocks:
+        attn, mlp = block.attn, block.mlp
+        attn.qkv = ColumnParallelLinear.from_linear(attn.qkv, group, sp, chunks=3)
+        attn.proj = RowParallelLinear.from_linear(attn.proj, group, sp)
+        attn.attend = rng.wrap(attn.attend, attn, "attn_dropout")  # this rank's heads
+        mlp.fc1 = ColumnParallelLinear.from_linear(mlp.fc1, group, sp)
+        mlp.fc2 = RowParallelLinear.from_linear(mlp.fc2, group, sp)
+        if sp:
+            _on_sharded_stream(attn.resid_drop, rng)
+            _on_sharded_stream(mlp.drop, rng)
+            mark_partial_grad(block.ln1)
+            mark_partial_grad(block.ln2)
+    tied = model.lm_head.weight is model.wte.weight
+    model.wte = VocabParallelEmbedding.from_embedding(model.wte, group, sp)
+    head = model.wte.weight if tied else shard_parameter(model.lm_head.weight, group, dim=0)
+    model.lm_head = ColumnParallelLinear(head, None, group, sp)
+    model.criterion = VocabParallelCrossEntropy(group, model.wte.vocab_start)
+    if sp:
+        _on_sharded_stream(model.drop, rng)
+        model.wpe = SequenceParallelPositions(model.wpe, group)
+        mark_partial_grad(model.ln_f)
+    return model
+
+
+class SequenceParallelGradSync:
+    """A :class:`~paratrain.parallel.model.GradSync` that, after ``inner`` has reduced the
+    gradients over dp, sums over tp those of ``params`` (replicated parameters that each tp
+    rank only applied to its slice of the sequence): one all-reduce of one flat buffer per step.
+    The sums over dp and tp commute, so the order does not matter."""
+
+    def __init__(self, inner: GradSync, params: list[nn.Parameter], group: Group) -> None:
+        self.inner = inner
+        self.params = params
+        self.group = group
+        self._sync = True
+
+    @property
+    def grad_scale(self) -> float:
+        return self.inner.grad_scale
+
+    def set_sync(self, sync: bool) -> None:
+        self._sync = sync
+        self.inner.set_sync(sync)
+
+    def finish(self) -> None:
+        self.inner.finish()
+        if not self._sync:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        comm.all_reduce(flat, self.group)
+        offset = 0
+        for p, g in zip(self.params, grads):
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            p.grad = g
+            offset += g.numel()
+
+    def zero_grad(self) -> None:
+        self.inner.zero_grad()
+
+
+def tp_comm_per_step(model: ModelConfig, tp: int, sequence_parallel: bool, local_batch: int,
+                     seq_len: int, microbatches: int = 1) -> dict[str, tuple[int, int]]:
+    """The traffic of one training step on the tp group, ``{op: (calls, bytes)}``, with bytes
+    counted as :mod:`paratrain.comm` does (the payload: all-reduce input, all-gather output,
+    reduce-scatter input). fp32 (4 bytes per element); ``local_batch`` = global batch / dp.
+
+    Per micro-batch of b sequences (A = b*s*h*4 bytes, one activation; L layers)::
+
+        no SP:  all_reduce      1 (embedding, fwd) + 4L (2 g fwd + 2 f bwd per block)
+                                + 1 (LM-head f, bwd)                        calls of A each
+                                + 2 cross-entropy calls: max (b*s*4) and [sum exp; z_t] (2*b*s*4)
+        SP:     all_gather      4L + 2: per block 2 before qkv/fc1 (fwd) + 2 (bwd of the
+                                reduce-scatters); before the LM head (fwd); embedding (bwd)
+                reduce_scatter  4L + 2: the conjugates of the all-gathers       calls of A each
+                all_reduce      the 2 cross-entropy calls, as without SP
+
+    Per step: ``grad_norm`` 1 call of 4 bytes (the squared norm summed over tp), and under SP
+    one all-reduce of the partial gradients: LayerNorms 2h(2L + 1), row-parallel biases 2Lh,
+    positions max_seq_len*h, times 4 bytes. A group of one moves nothing.
+    """
+    if tp == 1:
+        return {}
+    L, h, m = model.num_layers, model.hidden, microbatches
+    act = local_batch * seq_len * h * 4  # summed over the micro-batches
+    tokens = local_batch * seq_len
+    ce_calls, ce_bytes = 2 * m, 3 * tokens * 4
+    out = {"grad_norm": (1, 4)}
+    if sequence_parallel:
+        calls = (4 * L + 2) * m
+        out["all_gather"] = (calls, (4 * L + 2) * act)
+        out["reduce_scatter"] = (calls, (4 * L + 2) * act)
+        partial = 2 * h * (2 * L + 1) + 2 * L * h + model.max_seq_len * h
+        out["all_reduce"] = (ce_calls + 1, ce_bytes + 4 * partial)
+    else:
+        out["all_reduce"] = ((4 * L + 2) * m + ce_calls, (4 * L + 2) * act + ce_bytes)
+    return out
