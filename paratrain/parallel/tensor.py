@@ -198,7 +198,7 @@ class SequenceParallelGradSync:
 
 
 def tp_comm_per_step(model: ModelConfig, tp: int, sequence_parallel: bool, local_batch: int,
-                     seq_len: int, microbatches: int = 1) -> dict[str, tuple[int, int]]:
+                     seq_len: int, microbatches: int = 1, recompute: str = "none") -> dict[str, tuple[int, int]]:
     """The traffic of one training step on the tp group, ``{op: (calls, bytes)}``, with bytes
     counted as :mod:`paratrain.comm` does (the payload: all-reduce input, all-gather output,
     reduce-scatter input). fp32 (4 bytes per element); ``local_batch`` = global batch / dp.
@@ -213,6 +213,13 @@ def tp_comm_per_step(model: ModelConfig, tp: int, sequence_parallel: bool, local
                 reduce_scatter  4L + 2: the conjugates of the all-gathers       calls of A each
                 all_reduce      the 2 cross-entropy calls, as without SP
 
+    ``recompute="full"`` replays each block's forward in backward, collectives included, up to
+    the last one whose result backward needs (``torch.utils.checkpoint`` stops once every saved
+    tensor is back). The block's last g / reduce-scatter feeds only dropout and the residual
+    add, which save nothing when dropout is 0, so per block: no SP 1 all-reduce (2 with
+    dropout); SP 2 all-gathers and 1 reduce-scatter (2 with dropout). ``selective`` replays only
+    the attention core, which communicates nothing.
+
     Per step: ``grad_norm`` 1 call of 4 bytes (the squared norm summed over tp), and under SP
     one all-reduce of the partial gradients: LayerNorms 2h(2L + 1), row-parallel biases 2Lh,
     positions max_seq_len*h, times 4 bytes. A group of one moves nothing.
@@ -221,15 +228,18 @@ def tp_comm_per_step(model: ModelConfig, tp: int, sequence_parallel: bool, local
         return {}
     L, h, m = model.num_layers, model.hidden, microbatches
     act = local_batch * seq_len * h * 4  # summed over the micro-batches
-    tokens = local_batch * seq_len
-    ce_calls, ce_bytes = 2 * m, 3 * tokens * 4
+    ce_calls, ce_bytes = 2 * m, 3 * local_batch * seq_len * 4
+    full = recompute == "full"
+    last = 1 if model.dropout > 0 else 0  # the block's last reduction, replayed only if needed
     out = {"grad_norm": (1, 4)}
     if sequence_parallel:
-        calls = (4 * L + 2) * m
-        out["all_gather"] = (calls, (4 * L + 2) * act)
-        out["reduce_scatter"] = (calls, (4 * L + 2) * act)
+        gathers = 4 * L + 2 + (2 * L if full else 0)
+        scatters = 4 * L + 2 + ((1 + last) * L if full else 0)
+        out["all_gather"] = (gathers * m, gathers * act)
+        out["reduce_scatter"] = (scatters * m, scatters * act)
         partial = 2 * h * (2 * L + 1) + 2 * L * h + model.max_seq_len * h
         out["all_reduce"] = (ce_calls + 1, ce_bytes + 4 * partial)
     else:
-        out["all_reduce"] = ((4 * L + 2) * m + ce_calls, (4 * L + 2) * act + ce_bytes)
+        reduces = 4 * L + 2 + ((1 + last) * L if full else 0)
+        out["all_reduce"] = (reduces * m + ce_calls, reduces * act + ce_bytes)
     return out

@@ -43,6 +43,9 @@ CASES = {
     "tp2-sp": dict(tp=2, sequence_parallel=True),
     "tp4-sp": dict(tp=4, sequence_parallel=True),
     "dp2-tp2-sp-accum2": dict(dp=2, tp=2, sequence_parallel=True, microbatches=2),
+    "tp2-recompute-full": dict(tp=2, recompute="full"),
+    "tp2-sp-recompute-selective": dict(tp=2, sequence_parallel=True, recompute="selective"),
+    "tp2-sp-recompute-full": dict(tp=2, sequence_parallel=True, recompute="full"),
 }
 UNTIED = {"tp2-untied": dict(tp=2), "tp2-sp-untied": dict(tp=2, sequence_parallel=True)}
 
@@ -94,12 +97,14 @@ def test_tp_matches_reference(name):
         assert torch.equal(full["lm_head.weight"], full["wte.weight"])
 
 
-@pytest.mark.parametrize("name", ["tp2", "tp2-sp", "dp2-tp2-sp-accum2"])
+@pytest.mark.parametrize("name", ["tp2", "tp2-sp", "dp2-tp2-sp-accum2", "tp2-recompute-full",
+                                  "tp2-sp-recompute-selective", "tp2-sp-recompute-full"])
 def test_tp_comm_bytes_match_formula(name):
     cfg, results = run(name)
     layout = cfg.layout
     expected = tp_comm_per_step(cfg.model_config(), layout.tp, layout.sequence_parallel,
-                                cfg.global_batch // layout.dp, cfg.seq_len, layout.microbatches)
+                                cfg.global_batch // layout.dp, cfg.seq_len, layout.microbatches,
+                                layout.recompute)
     for rank, res in enumerate(results):
         per_step_total = sum(b for _, b in expected.values())
         assert [s["tp"] for s in res["comm_bytes"]] == [per_step_total] * cfg.steps, f"rank {rank}"
