@@ -12,7 +12,8 @@ from paratrain.errors import ConfigError
 from paratrain.metrics import format_grid
 
 DESCRIPTION = """\
-Measure our parallel implementations against PyTorch's own (DDP for dp) on the same model,
+Measure our parallel implementations against PyTorch's own (DDP for dp, DTensor tensor
+parallelism for tp) on the same model,
 global batch and threads per rank, in one run: A/B alternating repeats in the same processes,
 medians reported. Prints a table, or one JSON object per row with --json."""
 
@@ -63,8 +64,10 @@ def run(args: argparse.Namespace) -> int:
     from paratrain.config import Layout, TrainConfig
 
     for n in opts.nprocs:  # validate before starting anything
-        TrainConfig(model=opts.model, global_batch=opts.global_batch, seq_len=opts.seq_len,
-                    layout=Layout(dp=n)).validate()
+        for group in groups:
+            layout = Layout(tp=n, sequence_parallel=True) if group == "tp" else Layout(dp=n)
+            TrainConfig(model=opts.model, global_batch=opts.global_batch, seq_len=opts.seq_len,
+                        layout=layout).validate()
     from paratrain.launch import LaunchError
 
     rows: list[Row] = []
