@@ -125,7 +125,8 @@ class Layout:
         if self.sequence_parallel and (self.tp == 1 or seq_len % self.tp):
             raise ConfigError(
                 f"sequence parallelism needs tp > 1 and seq_len divisible by tp "
-                f"(got tp={self.tp}, seq_len={seq_len})."
+                f"(got tp={self.tp}, seq_len={seq_len}): it splits each sequence over the tp ranks. "
+                f"Use a tp > 1 that divides seq_len, or drop --sequence-parallel."
             )
         chunks = self.pp * self.virtual_stages
         if chunks > model.num_layers:

@@ -1,0 +1,37 @@
+"""`paratrain train` with tensor parallelism, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from paratrain.checkpoint import load_checkpoint
+from paratrain.config import TrainConfig
+from paratrain.reference import reference_train
+from tests.cli.test_train_cli import losses, paratrain
+
+
+def test_dp2_tp2_sequence_parallel_from_the_cli(tmp_path):
+    """4 processes, dp 2 x tp 2 with sequence parallelism: the reference's losses (rounding
+    only, see tests/dist/test_tensor_parallel.py), and a checkpoint of full reference shapes."""
+    r = paratrain("train", "--nproc", "4", "--dp", "2", "--tp", "2", "--sequence-parallel",
+                  "--steps", "3", "--global-batch", "8", "--seq-len", "32", "--eval-every", "3",
+                  "--sample-tokens", "8", "--out", "o", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "dp=2 pp=1 tp=2 sp on 4 process(es)" in r.stdout
+    assert "sampled from the trained model" in r.stdout  # rank 0 rebuilt the full model
+    ref = reference_train(TrainConfig(steps=3, global_batch=8, seq_len=32))
+    assert losses(tmp_path / "o") == pytest.approx(ref.losses, rel=1e-5)
+    state, _ = load_checkpoint(tmp_path / "o" / "checkpoint")
+    assert {k: tuple(v.shape) for k, v in state["model"].items()} == \
+        {k: tuple(v.shape) for k, v in ref.state.items()}
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert {"all_gather", "reduce_scatter"} <= set(summary["comm"]["tp"]["ops"])
+
+
+def test_sequence_parallel_needs_divisible_sequence(tmp_path):
+    r = paratrain("train", "--tp", "2", "--sequence-parallel", "--seq-len", "33", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "seq_len divisible by tp (got tp=2, seq_len=33)" in r.stderr
+    assert "Use a tp > 1 that divides seq_len" in " ".join(r.stderr.split())
