@@ -10,8 +10,9 @@ Per block (pre-LN; X is (B, T, H), replicated on every tp rank)::
 
 so two all-reduces in forward (the g's) and two in backward (the f's) per block. With sequence
 parallelism the tensors between blocks, and the LayerNorms and dropouts on them, are split along
-the sequence (B, T/n, H): each g becomes a reduce-scatter and each f an all-gather (same bytes,
-and 1/n of the LayerNorm/dropout work and activations). The LayerNorm weights, the row-parallel
+the sequence (B, T/n, H): each g becomes a reduce-scatter and each f an all-gather (the same
+bytes on the wire, since an all-reduce is a reduce-scatter plus an all-gather; and 1/n of the
+LayerNorm/dropout work and activations). The LayerNorm weights, the row-parallel
 biases and the position embedding then see only this rank's tokens, so their gradients are
 summed over tp after backward (:class:`SequenceParallelGradSync`).
 

@@ -34,8 +34,6 @@ import torch
 from paratrain import comm
 from paratrain.comm import Group
 
-SEQ_DIM = 1  # activations are (B, T, ...)
-
 
 def gather_seq(x: torch.Tensor, group: Group) -> torch.Tensor:
     """(B, T/n, ...) -> (B, T, ...): every rank's slice of the sequence, in rank order."""
