@@ -22,7 +22,7 @@ DEVICES = ("auto", "cpu", "cuda")
 
 # What the training runtime implements today; the planner may reason about more.
 SUPPORTED_TP = True
-SUPPORTED_PP = False
+SUPPORTED_PP = True
 SUPPORTED_ZERO = False
 
 
@@ -51,6 +51,15 @@ class Layout:
     virtual_stages: int = 1
     sequence_parallel: bool = False
     recompute: str = "none"
+    stage_layers: tuple[int, ...] | None = None
+    stage_speeds: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        # lists from config files become tuples: a Layout is frozen and hashable
+        for name in ("stage_layers", "stage_speeds"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
 
     @property
     def world_size(self) -> int:
@@ -64,6 +73,10 @@ class Layout:
             parts.append(f"mb={self.microbatches}")
         if self.pp > 1:
             parts.append(self.schedule + (f"(v={self.virtual_stages})" if self.virtual_stages > 1 else ""))
+        if self.stage_layers:
+            parts.append("stages=" + ",".join(map(str, self.stage_layers)))
+        if self.stage_speeds:
+            parts.append("speeds=" + ",".join(f"{x:g}" for x in self.stage_speeds))
         if self.sequence_parallel:
             parts.append("sp")
         if self.recompute != "none":
@@ -80,11 +93,45 @@ class Layout:
             raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}.")
         if self.recompute not in RECOMPUTE:
             raise ConfigError(f"recompute must be one of {', '.join(RECOMPUTE)}, got {self.recompute!r}.")
+        self.check_pipeline()
+
+    def check_pipeline(self) -> None:
+        """Pipeline checks that need no model (``paratrain schedule`` runs only these)."""
         if self.virtual_stages > 1 and self.schedule != "interleaved":
             raise ConfigError(
                 f"virtual_stages={self.virtual_stages} needs schedule 'interleaved' "
                 f"(got {self.schedule!r}); use virtual_stages=1 with gpipe or 1f1b."
             )
+        if self.virtual_stages > 1 and self.pp == 1:
+            raise ConfigError(
+                f"virtual_stages={self.virtual_stages} needs pipeline parallelism (pp > 1): the "
+                f"chunks of a model are spread over pipeline ranks. Use --pp 2 or more, or drop "
+                f"--virtual-stages."
+            )
+        if self.schedule == "interleaved" and self.pp > 1 and self.microbatches % self.pp:
+            valid = ", ".join(str(self.pp * k) for k in range(1, 5))
+            raise ConfigError(
+                f"the interleaved schedule sends micro-batches through each chunk in groups of pp="
+                f"{self.pp}, so microbatches must be a multiple of {self.pp} (got "
+                f"{self.microbatches}); valid: {valid}, ... Or use --schedule 1f1b."
+            )
+        for name, flag in (("stage_layers", "--stage-layers"), ("stage_speeds", "--stage-speeds")):
+            if getattr(self, name) is not None and self.pp == 1:
+                raise ConfigError(f"{flag} describes pipeline stages; it needs --pp 2 or more.")
+        if self.stage_layers is not None and self.stage_speeds is not None:
+            raise ConfigError(
+                "give either --stage-layers (a partition chosen by hand) or --stage-speeds (device "
+                "speeds for the automatic partition), not both."
+            )
+        if self.stage_speeds is not None:
+            speeds = self.stage_speeds
+            if len(speeds) != self.pp or not all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x < float("inf")
+                    for x in speeds):
+                raise ConfigError(
+                    f"--stage-speeds needs one positive number per pipeline rank (pp={self.pp}), "
+                    f"e.g. {','.join(['1'] * (self.pp - 1) + ['2'])}; got {speeds!r}."
+                )
 
     def validate(self, model: ModelConfig, global_batch: int, seq_len: int) -> None:
         """Raise ConfigError if this layout cannot train ``model`` on the given batch shape."""
@@ -130,18 +177,28 @@ class Layout:
             )
         chunks = self.pp * self.virtual_stages
         if chunks > model.num_layers:
+            what = (f"pp={self.pp}" if self.virtual_stages == 1
+                    else f"pp={self.pp} x virtual_stages={self.virtual_stages} = {chunks}")
             raise ConfigError(
-                f"pp={self.pp} x virtual_stages={self.virtual_stages} = {chunks} pipeline chunks, "
-                f"but model {model.name!r} has only {model.num_layers} layers; every chunk needs at "
-                f"least one layer."
+                f"{what} pipeline stages, but model {model.name!r} has only {model.num_layers} "
+                f"layers; every stage needs at least one layer. Use pp x virtual_stages <= "
+                f"{model.num_layers}, or a deeper model."
             )
-        if self.schedule == "interleaved" and self.pp > 1 and self.microbatches % self.pp:
+        if self.stage_layers is not None:
+            self._check_stage_layers(model, chunks)
+
+    def _check_stage_layers(self, model: ModelConfig, chunks: int) -> None:
+        units = model.num_layers + 2
+        layers = self.stage_layers or ()
+        if (len(layers) != chunks or sum(layers) != units
+                or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in layers)):
+            example = [units // chunks + (1 if i < units % chunks else 0) for i in range(chunks)]
             raise ConfigError(
-                f"the interleaved schedule needs microbatches to be a multiple of pp={self.pp}, "
-                f"got {self.microbatches}."
+                f"--stage-layers needs {chunks} positive counts (one per pipeline stage: pp x "
+                f"virtual_stages) summing to {units}, the {model.num_layers} blocks of model "
+                f"{model.name!r} plus the embedding and the head (which count as layers); got "
+                f"{','.join(map(str, layers))}. Example: {','.join(map(str, example))}."
             )
-        if self.pp > 1 and self.microbatches < 1:
-            raise ConfigError("pipeline parallelism needs at least one micro-batch.")
 
 
 def valid_tp(model: ModelConfig) -> list[int]:

@@ -33,6 +33,18 @@ def default(name: str) -> Any:
     return getattr(_DEFAULTS, name)
 
 
+def _number_list(kind: type, what: str) -> Any:
+    """An argparse type: comma-separated numbers (``3,3,2,2``) to a tuple."""
+
+    def parse(text: str) -> tuple[Any, ...]:
+        try:
+            return tuple(kind(x) for x in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, like 3,3,2,2; got {text!r}") from None
+
+    return parse
+
+
 def add_layout_args(p: argparse.ArgumentParser) -> None:
     """--dp/--pp/--tp and the rest of the Layout; every default is None = "not given"."""
     g = p.add_argument_group("layout (dp x pp x tp processes)")
@@ -49,6 +61,13 @@ def add_layout_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sequence-parallel", action="store_true", default=None,
                    help="shard LayerNorm/dropout regions along the sequence (needs tp > 1)")
     g.add_argument("--recompute", choices=RECOMPUTE, help="activation recomputation (default: none)")
+    g.add_argument("--stage-layers", type=_number_list(int, "integers"), metavar="N,N,...",
+                   help="layers per pipeline stage (pp x virtual-stages counts, in model order; the "
+                   "embedding and the head count as layers), e.g. 3,3,2,2 for 8 blocks on 4 stages "
+                   "(default: balanced by estimated FLOPs)")
+    g.add_argument("--stage-speeds", type=_number_list(float, "numbers"), metavar="X,X,...",
+                   help="relative speed of each pipeline rank's device; the automatic partition "
+                   "gives a 2x faster device about 2x the work, e.g. 1,2 (default: all equal)")
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
