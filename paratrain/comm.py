@@ -225,23 +225,42 @@ class P2P:
     peer: int
 
 
-def batch_p2p(ops: Sequence[P2P], group: Group, async_op: bool = False) -> Handle | None:
-    """Post several sends/receives together (one batched call; avoids ordering deadlocks)."""
-    if not ops:
-        return None
+def _post_p2p(ops: Sequence[P2P], group: Group, tag: str | None) -> list[Any]:
     assert group.size > 1, "point-to-point needs a group of at least two ranks"
     p2p = []
     for o in ops:
         fn = dist.isend if o.kind == "send" else dist.irecv
         p2p.append(dist.P2POp(fn, o.tensor, group.global_rank(o.peer), group=group.pg))
         s = _nbytes(o.tensor)
-        group.stats.record(o.kind, s, float(s) if o.kind == "send" else 0.0)
-    works = dist.batch_isend_irecv(p2p)
-    handle = Handle(_WorkList(works), group.stats, "p2p_wait")
+        group.stats.record(f"{tag}_{o.kind}" if tag else o.kind, s, float(s) if o.kind == "send" else 0.0)
+    return dist.batch_isend_irecv(p2p)
+
+
+def batch_p2p(ops: Sequence[P2P], group: Group, async_op: bool = False,
+              tag: str | None = None) -> Handle | None:
+    """Post several sends/receives together (one batched call; avoids ordering deadlocks).
+    ``tag`` files them under ``<tag>_send``/``<tag>_recv`` instead of ``send``/``recv``."""
+    if not ops:
+        return None
+    handle = Handle(_WorkList(_post_p2p(ops, group, tag)), group.stats, "p2p_wait")
     if async_op:
         return handle
     handle.wait()
     return None
+
+
+def post_p2p(ops: Sequence[P2P], group: Group) -> list[Handle]:
+    """Like :func:`batch_p2p` (one batched call, asynchronous), but one handle per operation, so
+    each transfer can be waited for when its tensor is needed. A backend that fuses the batch
+    into one request (NCCL) gives every operation that same request: waiting for one then
+    waits for the whole batch, which is still correct."""
+    if not ops:
+        return []
+    works = _post_p2p(ops, group, None)
+    if len(works) == len(ops):
+        return [Handle(w, group.stats, "p2p_wait") for w in works]
+    shared = _WorkList(works)
+    return [Handle(shared, group.stats, "p2p_wait") for _ in ops]
 
 
 class _WorkList:

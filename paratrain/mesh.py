@@ -76,8 +76,10 @@ class MeshShape:
 class Mesh:
     """This rank's place in the mesh and its ``dp``, ``pp`` and ``tp`` groups (plus ``world``)."""
 
-    def __init__(self, shape: MeshShape, rank: int, groups: dict[str, Group]) -> None:
+    def __init__(self, shape: MeshShape, rank: int, groups: dict[str, Group],
+                 timeout_s: float | None = None) -> None:
         self.shape = shape
+        self.timeout_s = timeout_s
         self.rank = rank
         self.coords = shape.coords(rank)
         self.dp = groups["dp"]
@@ -111,7 +113,7 @@ class Mesh:
         if shape.world_size == 1:
             for axis in (*AXES, "world"):
                 groups[axis] = comm.single_group(axis, rank)
-            return cls(shape, rank, groups)
+            return cls(shape, rank, groups, timeout_s)
         import torch.distributed as dist
 
         groups["world"] = comm.Group("world", list(range(shape.world_size)), rank, dist.group.WORLD)
@@ -120,4 +122,17 @@ class Mesh:
                 g = comm.new_group(axis, members, rank, timeout_s)
                 if g is not None:
                     groups[axis] = g
-        return cls(shape, rank, groups)
+        return cls(shape, rank, groups, timeout_s)
+
+    def build_groups(self, name: str, all_members: list[list[int]]) -> Group | None:
+        """Create further groups (e.g. the first and last pipeline stage of every (dp, tp)
+        coordinate), with the mesh's timeout. Collective: every rank calls it with the same list
+        in the same order. Returns the group holding this rank, or None."""
+        from paratrain import comm
+
+        mine = None
+        for members in all_members:
+            g = comm.new_group(name, members, self.rank, self.timeout_s)
+            if g is not None:
+                mine = g
+        return mine

@@ -129,7 +129,7 @@ def setup(cfg: TrainConfig, env: RankEnv, device: torch.device, corpus: Corpus |
     seed_default_generator(cfg.seed, mesh.coords.dp, mesh.coords.pp)  # dropout: see parallel/rng.py
     autocast = torch.bfloat16 if cfg.precision == "bf16" else None
     pm = parallelize(model, mesh, layout, bucket_mb=cfg.bucket_mb, dp_impl=cfg.dp_impl,
-                     overlap=cfg.overlap, autocast_dtype=autocast)
+                     overlap=cfg.overlap, autocast_dtype=autocast, seq_len=cfg.seq_len)
     opt = make_optimizer(pm.named_parameters(), cfg)
     rows = dp_rows(cfg.global_batch, layout.dp, mesh.coords.dp)
     return Session(cfg, mesh, corpus, pm, opt, rows, device)
@@ -160,10 +160,19 @@ def _train(cfg: TrainConfig, env: RankEnv, device: torch.device) -> dict[str, An
             writer.close()
     wall = time.perf_counter() - t_start
     state = s.pm.full_state_dict()
+    timeline = s.pm.gather_timeline() if cfg.layout.pp > 1 else None  # of the last step
     if not lead:
         return None
     model_cfg = cfg.model_config()
     summary = _summary(cfg, records, val_loss, wall, device, param_count(model_cfg), s.mesh)
+    if timeline is not None:
+        summary.update(bubble_measured=timeline.bubble, bubble_theory=s.pm.theoretical_bubble)
+        if out:
+            from paratrain.viz.timeline import save_timeline
+
+            save_timeline(dict(timeline.to_json(), bubble_theory=s.pm.theoretical_bubble), out,
+                          f"{cfg.model} [{cfg.layout}], step {cfg.steps}: bubble {timeline.bubble:.1%} "
+                          f"measured, {s.pm.theoretical_bubble:.1%} theory", unit="s")
     if out and cfg.checkpoint and state is not None:
         save_checkpoint(out / "checkpoint", {"model": state},
                         {"step": cfg.steps, "model": cfg.model, "seed": cfg.seed})

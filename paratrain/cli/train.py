@@ -145,6 +145,12 @@ def report(summary: dict[str, Any], out: Path) -> None:
         ("throughput", f"{summary['tokens_per_s']:,.0f} tokens/s (median step {summary['step_time_s'] * 1e3:.1f} ms, "
                        f"{summary['comm_wait_s'] * 1e3:.1f} ms waiting on communication)"),
         ("peak memory", f"{summary['peak_memory_mb']:,.0f} MiB on rank 0"),
+    ]
+    if "bubble_measured" in summary:
+        rows.append(("pipeline bubble", f"{summary['bubble_measured']:.1%} measured (idle share of the last "
+                     f"step's schedule, mean over stages) vs {summary['bubble_theory']:.1%} theory; "
+                     f"timeline.png"))
+    rows += [
         ("wall time", f"{summary['wall_s']:.1f} s"),
         ("outputs", f"{out}/ (metrics.jsonl, loss.png, config.json, summary.json, checkpoint/)"),
     ]

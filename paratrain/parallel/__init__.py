@@ -1,37 +1,68 @@
 """``parallelize`` applies a layout to the reference model, as transforms in a fixed order:
 tensor parallelism (shard each layer), then pipeline parallelism (keep this stage's layers), then
 data parallelism / ZeRO (reduce gradients over the dp group). Each transform receives only the
-group it uses."""
+group it uses.
+
+Importing this package does not import torch (the pure pipeline modules -- schedules, checker,
+partition -- are used by the planner and ``paratrain schedule``); the classes load on first use.
+"""
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from paratrain.config import Layout
-from paratrain.mesh import Mesh
-from paratrain.parallel.data import DataParallel, NaiveDataParallel
-from paratrain.parallel.model import ParallelModel
-from paratrain.parallel.recompute import apply_recompute
-from paratrain.parallel.rng import ShardedRNG
-from paratrain.parallel.shard import partial_grad_params
-from paratrain.parallel.tensor import SequenceParallelGradSync, tensor_parallel
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
-__all__ = ["ParallelModel", "parallelize", "DataParallel", "NaiveDataParallel"]
+    from paratrain.config import Layout
+    from paratrain.mesh import Mesh
+    from paratrain.parallel.model import ParallelModel
+
+__all__ = ["ParallelModel", "parallelize", "DataParallel", "NaiveDataParallel", "PipelineModel"]
+
+_LAZY = {
+    "ParallelModel": "paratrain.parallel.model",
+    "DataParallel": "paratrain.parallel.data",
+    "NaiveDataParallel": "paratrain.parallel.data",
+    "PipelineModel": "paratrain.parallel.pipeline.model",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'paratrain.parallel' has no attribute {name!r}")
 
 
 def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, bucket_mb: float = 25.0,
                 dp_impl: str = "bucketed", overlap: bool = True,
-                autocast_dtype: torch.dtype | None = None) -> ParallelModel:
-    """Turn the reference ``model`` (identical on every rank) into this rank's share of it."""
-    if layout.pp > 1 or layout.zero > 0:
-        raise NotImplementedError("pipeline parallelism and ZeRO are not implemented in the runtime so far")
+                autocast_dtype: torch.dtype | None = None, seq_len: int | None = None) -> ParallelModel:
+    """Turn the reference ``model`` (identical on every rank) into this rank's share of it.
+    ``seq_len`` (default: the model's maximum) sizes the attention cost of the pipeline partition."""
+    from paratrain.parallel.data import DataParallel, NaiveDataParallel
+    from paratrain.parallel.model import ParallelModel
+    from paratrain.parallel.recompute import apply_recompute
+    from paratrain.parallel.shard import partial_grad_params
+    from paratrain.parallel.tensor import SequenceParallelGradSync
+
+    if layout.zero > 0:
+        raise NotImplementedError("ZeRO is not implemented in the runtime so far")
     if layout.tp > 1:  # tensor parallelism: parallel/tensor.py
         # (at tp = 1 it would compute the same model, but its vocab-parallel loss rounds
         # differently from F.cross_entropy; data parallelism alone keeps the reference's arithmetic)
+        from paratrain.parallel.rng import ShardedRNG
+        from paratrain.parallel.tensor import tensor_parallel
+
         rng = ShardedRNG(mesh.coords.tp, next(model.parameters()).device)
         model = tensor_parallel(model, mesh.tp, rng, layout.sequence_parallel)
     apply_recompute(model, layout.recompute)
+    stage = None
+    if layout.pp > 1:  # pipeline parallelism: parallel/pipeline/ (prunes the model in place)
+        from paratrain.parallel.pipeline.stage import build_stage
+
+        stage = build_stage(model, mesh, layout, seq_len or model.cfg.max_seq_len)
     if dp_impl == "naive":
         sync = NaiveDataParallel(model, mesh.dp)
     else:
@@ -39,4 +70,8 @@ def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, bucket_mb: floa
     if partial := partial_grad_params(model):  # sequence parallelism: summed over tp, after dp
         sync = SequenceParallelGradSync(sync, partial, mesh.tp)
     norm_groups = [mesh.tp, mesh.pp]  # ranks of these groups hold different parameters
+    if stage is not None:
+        from paratrain.parallel.pipeline.model import PipelineModel
+
+        return PipelineModel(stage, mesh, layout, sync, norm_groups, autocast_dtype)
     return ParallelModel(model, mesh, layout, sync, norm_groups, autocast_dtype)

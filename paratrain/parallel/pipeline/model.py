@@ -1,0 +1,143 @@
+"""``PipelineModel``: the training loop's view of a pipeline rank (a :class:`ParallelModel`).
+
+One step: the layout's schedule runs on this rank's chunks (:mod:`.runtime`); data parallelism
+reduces gradients during the rank's last backward (``set_sync(False)`` before the others); then
+the tied embedding gradient is summed between the first and last stage. The loss lives on the
+last stage; :meth:`global_mean` gives every rank the same value.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+import torch
+
+from paratrain import comm
+from paratrain.comm import P2P, Group
+from paratrain.config import Layout
+from paratrain.mesh import Mesh
+from paratrain.parallel.model import GradSync, ParallelModel
+from paratrain.parallel.pipeline.check import check
+from paratrain.parallel.pipeline.runtime import PipelineRuntime
+from paratrain.parallel.pipeline.schedules import Schedule, build_schedule, theoretical_bubble
+from paratrain.parallel.pipeline.stage import Stage, flatten, unflatten
+from paratrain.parallel.pipeline.timeline import Timeline, from_times
+
+
+@cache
+def checked_schedule(name: str, p: int, m: int, v: int) -> Schedule:
+    """The schedule, proven by the checker before any rank runs it."""
+    schedule = build_schedule(name, p, m, v)
+    check(schedule)
+    return schedule
+
+
+def gather_to_first(local: torch.Tensor, sizes: list[int], group: Group, tag: str) -> list[torch.Tensor] | None:
+    """Index 0 of ``group`` receives every member's flat ``local`` (member i's has ``sizes[i]``
+    elements, known to all); returns them in group order there, None elsewhere."""
+    if group.rank != 0:
+        comm.batch_p2p([P2P("send", local.contiguous(), 0)], group, tag=tag)
+        return None
+    parts = [local] + [torch.empty(n, dtype=local.dtype, device=local.device) for n in sizes[1:]]
+    comm.batch_p2p([P2P("recv", parts[i], i) for i in range(1, group.size)], group, tag=tag)
+    return parts
+
+
+class PipelineModel(ParallelModel):
+    """``stage`` is this rank's share (see :func:`.stage.build_stage`); the rest as in
+    :class:`ParallelModel`."""
+
+    def __init__(self, stage: Stage, mesh: Mesh, layout: Layout, grad_sync: GradSync,
+                 norm_groups: list[Group], autocast_dtype: torch.dtype | None = None) -> None:
+        super().__init__(stage.module, mesh, layout, grad_sync, norm_groups, autocast_dtype)
+        self.stage = stage
+        p, v, r = layout.pp, layout.virtual_stages, mesh.coords.pp
+        chunk_of_stage = {c * p + r: c for c in range(v)}
+        self.runtime = PipelineRuntime(mesh.pp, [self._autocast_chunk(c) for c in stage.chunks],
+                                       chunk_of_stage.get(0), chunk_of_stage.get(p * v - 1))
+        self.schedule = checked_schedule(layout.schedule, p, layout.microbatches, v)
+        self.eval_schedule = checked_schedule("forward", p, layout.microbatches, v)
+        self.times: list[tuple[float, float]] = []  # of the last training step's actions
+
+    def _autocast_chunk(self, chunk: Any) -> Any:
+        def run(x: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
+            with self._autocast(x):
+                return chunk(x, targets)
+        return run
+
+    def _run(self, schedule: Schedule, inputs: torch.Tensor, targets: torch.Tensor,
+             loss_scale: float | None) -> tuple[torch.Tensor, list[tuple[float, float]]]:
+        m = schedule.num_microbatches
+        xs, ys = inputs.chunk(m), targets.chunk(m)
+        shape = (xs[0].shape[0], xs[0].shape[1], self.module.cfg.hidden)  # (B/m, T, H)
+        on_backward = self.grad_sync.set_sync if loss_scale is not None else None
+        dtype = next(self.module.parameters()).dtype  # the residual stream's (autocast or not)
+        losses, times = self.runtime.run(schedule.ranks[self.mesh.coords.pp], xs, ys, shape,
+                                         dtype, loss_scale, on_backward)
+        if not losses:  # not the last stage: global_mean brings the loss here
+            return torch.zeros((), device=inputs.device), times
+        return torch.stack(losses).float().mean(), times
+
+    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The schedule over ``layout.microbatches`` equal slices of this rank's batch; the loss
+        of each is scaled by ``grad_scale / m``, so gradients are those of the reference's mean
+        loss. Returns the mean loss on the last stage (zero elsewhere)."""
+        scale = self.grad_sync.grad_scale / self.layout.microbatches
+        loss, self.times = self._run(self.schedule, inputs, targets, scale)
+        self.grad_sync.finish()
+        if self.stage.tied_group is not None and self.stage.tied_param is not None:
+            # dL/dW = (embedding's part) + (head's part); both are already averaged over dp
+            comm.all_reduce(self.stage.tied_param.grad, self.stage.tied_group)
+        return loss
+
+    @torch.no_grad()
+    def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        was_training = self.module.training
+        self.module.eval()
+        loss, _ = self._run(self.eval_schedule, inputs, targets, None)
+        self.module.train(was_training)
+        return loss
+
+    def global_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """Average the last stage's value over dp, then broadcast it to every pipeline rank."""
+        out = super().global_mean(value)
+        comm.broadcast(out, self.mesh.shape.pp - 1, self.mesh.pp, tag="metrics")
+        return out
+
+    def _leads_gather(self) -> bool:
+        """Only the pipeline group of global rank 0 (dp = tp = 0) gathers to rank 0."""
+        return self.mesh.coords.dp == 0 and self.mesh.coords.tp == 0
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The reference-shaped state dict on global rank 0: every stage sends its entries."""
+        if not self._leads_gather():
+            return None
+        keys = self.stage.keys_by_rank
+        local = flatten(self.module.state_dict(), keys[self.mesh.coords.pp])
+        parts = gather_to_first(local, [sum(s.numel() for _, s in k) for k in keys], self.mesh.pp, "state")
+        if parts is None:
+            return None
+        state: dict[str, torch.Tensor] = {}
+        for part, k in zip(parts, keys):
+            state.update(unflatten(part.cpu(), k))
+        return state
+
+    def gather_timeline(self) -> Timeline | None:
+        """The last training step's measured timeline on global rank 0 (collective over the
+        pipeline group of rank 0; None elsewhere). Clocks: ``perf_counter`` is the machine's
+        monotonic clock, shared by the processes of one host."""
+        if not self._leads_gather():
+            return None
+        device = next(self.module.parameters()).device  # NCCL moves only GPU tensors
+        local = torch.tensor(self.times, dtype=torch.float64, device=device).reshape(-1)
+        sizes = [2 * len(acts) for acts in self.schedule.ranks]
+        parts = gather_to_first(local, sizes, self.mesh.pp, "timeline")
+        if parts is None:
+            return None
+        return from_times(self.schedule, [part.cpu().view(-1, 2).tolist() for part in parts])
+
+    @property
+    def theoretical_bubble(self) -> float:
+        s = self.schedule
+        return theoretical_bubble(s.name, s.num_ranks, s.num_microbatches, s.num_chunks)
