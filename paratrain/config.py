@@ -111,9 +111,9 @@ class Layout:
         if self.schedule == "interleaved" and self.pp > 1 and self.microbatches % self.pp:
             valid = ", ".join(str(self.pp * k) for k in range(1, 5))
             raise ConfigError(
-                f"the interleaved schedule sends micro-batches through each chunk in groups of pp="
-                f"{self.pp}, so microbatches must be a multiple of {self.pp} (got "
-                f"{self.microbatches}); valid: {valid}, ... Or use --schedule 1f1b."
+                f"the interleaved schedule sends micro-batches through each chunk in groups of pp, "
+                f"so microbatches must be a multiple of pp={self.pp} (got {self.microbatches}); "
+                f"valid: {valid}, ... Or use --schedule 1f1b."
             )
         for name, flag in (("stage_layers", "--stage-layers"), ("stage_speeds", "--stage-speeds")):
             if getattr(self, name) is not None and self.pp == 1:
