@@ -24,6 +24,7 @@ def train_ranks_fn(cfg: TrainConfig) -> dict[str, Any]:
 
     s = setup(cfg, RankEnv.from_env(), torch.device("cpu"))
     records = [train_step(s, step) for step in range(1, cfg.steps + 1)]
+    timeline = s.pm.gather_timeline() if cfg.layout.pp > 1 else None  # of the last step, on rank 0
     return {
         "losses": [r["loss"] for r in records],
         "grad_norms": [r["grad_norm"] for r in records],
@@ -31,6 +32,7 @@ def train_ranks_fn(cfg: TrainConfig) -> dict[str, Any]:
         "state": {k: v.detach().clone() for k, v in s.pm.module.state_dict().items()},
         "full_state": s.pm.full_state_dict(),
         "ops": {g.name: g.stats.as_dict() for g in s.mesh.groups if g.size > 1},
+        "timeline": timeline.to_json() if timeline is not None else None,
     }
 
 

@@ -88,6 +88,8 @@ def _register(cfg: ModelConfig) -> None:
 _register(ModelConfig("tiny", num_layers=4, hidden=128, num_heads=4, vocab_size=256, max_seq_len=256))
 _register(ModelConfig("small", num_layers=6, hidden=256, num_heads=8, vocab_size=256, max_seq_len=256))
 _register(ModelConfig("medium", num_layers=8, hidden=512, num_heads=8, vocab_size=256, max_seq_len=512))
+# 8 thin blocks: room for up to 8 pipeline stages (pp x virtual stages) at tiny cost.
+_register(ModelConfig("tiny-deep", num_layers=8, hidden=64, num_heads=4, vocab_size=256, max_seq_len=256))
 # GPT-2 family (Radford et al. 2019); gpt2-124m has exactly 124,439,808 parameters.
 _register(ModelConfig("gpt2-124m", num_layers=12, hidden=768, num_heads=12, vocab_size=GPT2_VOCAB, max_seq_len=1024))
 _register(ModelConfig("gpt2-350m", num_layers=24, hidden=1024, num_heads=16, vocab_size=GPT2_VOCAB, max_seq_len=1024))
