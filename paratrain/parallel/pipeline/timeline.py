@@ -5,8 +5,9 @@
 so it also detects deadlocks and mismatched transfers; the runtime builds the same
 :class:`Timeline` from measured times. The planner reuses :func:`simulate` with its cost model.
 
-Bubble of a timeline: with ``T`` the span from the first start to the last end over all ranks and
-``busy_r`` the time rank ``r`` spends in forward/backward computation,
+Bubble of a timeline: with ``T`` the span from the first forward's start to the last
+backward's end over all ranks (the pipeline's time, as in the bubble formula) and ``busy_r`` the
+time rank ``r`` spends in forward/backward computation,
 ``bubble = mean_r (1 - busy_r / T)`` -- the idle fraction of the step (waiting on transfers
 counts as idle). Under uniform costs it equals :func:`.schedules.theoretical_bubble`.
 """
@@ -46,13 +47,18 @@ class Timeline:
     schedule: Schedule
     ranks: tuple[tuple[Span, ...], ...]
 
+    def _computes(self) -> list[Span]:
+        return [s for spans in self.ranks for s in spans if s.action.is_compute]
+
     @property
     def start(self) -> float:
-        return min(s.start for spans in self.ranks for s in spans)
+        """When the first forward starts (a receive posted earlier is not part of the step)."""
+        return min(s.start for s in self._computes())
 
     @property
     def makespan(self) -> float:
-        return max(s.end for spans in self.ranks for s in spans) - self.start
+        """From the first forward's start to the last compute's end, over all ranks."""
+        return max(s.end for s in self._computes()) - self.start
 
     def busy(self, rank: int) -> float:
         return sum(s.end - s.start for s in self.ranks[rank] if s.action.is_compute)

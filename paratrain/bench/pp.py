@@ -1,0 +1,152 @@
+"""Group ``pp``: our pipeline runtime vs ``torch.distributed.pipelining`` (ScheduleGPipe, Schedule1F1B).
+
+Two pipeline ranks, the same model split (our cost-balanced partition, applied to two copies of
+the reference model), micro-batches 4 and 8, the same pre-built batches and threads per rank, in
+the same processes with alternating A/B repeats. Each side runs its schedule's forward and
+backward over the global batch, sums the tied embedding gradient between the two stages (by
+hand on the PyTorch side, which does not tie across stages) and takes an AdamW step; neither
+clips. Also reported: our measured bubble (idle share of the schedule, mean over both ranks,
+median over a few extra steps) against the theory (p-1)/(m+p-1).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from paratrain.bench import BenchOptions, Row, alternate, median
+
+PP = 2
+CASES = (("gpipe", 4), ("1f1b", 4), ("gpipe", 8), ("1f1b", 8))
+
+
+def run(opts: BenchOptions) -> list[Row]:
+    from paratrain.config import Layout, TrainConfig
+    from paratrain.launch import launch
+
+    for _, m in CASES:  # validate before starting anything
+        TrainConfig(model=opts.model, global_batch=opts.global_batch, seq_len=opts.seq_len,
+                    layout=Layout(pp=PP, microbatches=m)).validate()
+    result = launch(_worker, (opts,), PP)[0]
+    tokens = opts.steps * opts.global_batch * opts.seq_len
+    rows = []
+    for case in result["cases"]:
+        ours, ref = tokens / median(case["ours"]), tokens / median(case["torch"])
+        note = (f"bubble {case['bubble']:.3f} measured vs {case['theory']:.3f} theory, stages "
+                f"{case['stages']}, {result['threads']} thr/rank, max |ours - PyTorch| weight after "
+                f"warm-up {case['param_drift']:.1e}")
+        rows.append(Row(f"pp{PP}-{case['schedule']}-m{case['m']}", ours, ref, {
+            "pp": PP, "schedule": case["schedule"], "microbatches": case["m"], "model": opts.model,
+            "bubble_measured": case["bubble"], "bubble_theory": case["theory"],
+            "stage_layers": case["stages"], "threads_per_rank": result["threads"],
+            "param_drift_after_warmup": case["param_drift"], "note": note,
+        }))
+    return rows
+
+
+def _worker(opts: BenchOptions) -> dict[str, Any] | None:
+    from paratrain.launch import RankEnv, init_distributed, set_threads, shutdown_distributed
+
+    env = RankEnv.from_env()
+    threads = set_threads(opts.threads, env.local_world_size)
+    init_distributed(env, "cpu", timeout_s=600)
+    ok = False
+    try:
+        from paratrain.mesh import Mesh, MeshShape
+
+        mesh = Mesh.build(MeshShape(pp=PP), env.rank, timeout_s=600)
+        cases = [_measure(opts, mesh, schedule, m) for schedule, m in CASES]
+        ok = True
+        return {"cases": cases, "threads": threads} if env.rank == 0 else None
+    finally:
+        shutdown_distributed(ok)
+
+
+def _torch_side(opts: BenchOptions, mesh: Any, cfg: Any, schedule: str, batches: list[Any]) -> Any:
+    """A PyTorch pipeline over the same split; returns one training step as a function."""
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    from paratrain.models.gpt import build_reference
+    from paratrain.optim import make_optimizer
+    from paratrain.parallel.pipeline.stage import build_stage
+
+    model = build_reference(cfg.model_config(), cfg.seed)
+    stage = build_stage(model, mesh, cfg.layout, cfg.seq_len)
+
+    class StageModule(nn.Module):
+        """This rank's chunk as a module: activations (or logits on the last stage) out."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return stage.chunks[0](x, None)
+
+    module = StageModule()
+    pipe_stage = PipelineStage(module, mesh.coords.pp, PP, torch.device("cpu"), group=mesh.pp.pg)
+    cls = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
+    sched = cls(pipe_stage, cfg.layout.microbatches, loss_fn=model.criterion)  # mean CE; grads / m
+    opt = make_optimizer(module.named_parameters(), cfg)
+
+    def steps() -> None:
+        for x, y in batches:
+            if mesh.is_first_stage:
+                sched.step(x)
+            else:
+                sched.step(target=y, losses=[])
+            if stage.tied_param is not None:
+                dist.all_reduce(stage.tied_param.grad, group=stage.tied_group.pg)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    return steps, module
+
+
+def _measure(opts: BenchOptions, mesh: Any, schedule: str, m: int) -> dict[str, Any]:
+    import torch
+    import torch.distributed as dist
+
+    from paratrain.config import Layout, TrainConfig
+    from paratrain.data import get_batch, load_corpus
+    from paratrain.models.gpt import build_reference
+    from paratrain.optim import make_optimizer
+    from paratrain.parallel import parallelize
+
+    cfg = TrainConfig(model=opts.model, global_batch=opts.global_batch, seq_len=opts.seq_len,
+                      seed=opts.seed, layout=Layout(pp=PP, microbatches=m, schedule=schedule))
+    corpus = load_corpus()
+    batches = []
+    for step in range(1, opts.steps + 1):
+        x, y = get_batch(corpus.train, cfg.seq_len, cfg.global_batch, cfg.seed, step)
+        batches.append((torch.from_numpy(x), torch.from_numpy(y)))
+
+    pm = parallelize(build_reference(cfg.model_config(), cfg.seed), mesh, cfg.layout, seq_len=cfg.seq_len)
+    opt = make_optimizer(pm.named_parameters(), cfg)
+
+    def ours() -> None:
+        for x, y in batches:
+            pm.forward_backward(x, y)
+            opt.step()
+            pm.zero_grad()
+
+    theirs, module = _torch_side(opts, mesh, cfg, schedule, batches)
+    for _ in range(max(1, opts.warmup // max(1, opts.steps))):
+        ours()
+        theirs()
+    # both sides trained the same steps from the same weights: they must agree (a fair race)
+    mine = dict(pm.module.named_parameters())
+    drift = max((p - mine[k.removeprefix("model.")]).abs().max().item() for k, p in module.named_parameters())
+    times = alternate({"ours": ours, "torch": theirs}, opts.repeats, dist.barrier)
+    bubbles = []
+    for x, y in batches[:3]:  # measured outside the timed repeats: gathering costs a transfer
+        pm.forward_backward(x, y)
+        pm.zero_grad()
+        timeline = pm.gather_timeline()
+        if timeline is not None:
+            bubbles.append(timeline.bubble)
+    return {"schedule": schedule, "m": m, "ours": times["ours"], "torch": times["torch"],
+            "bubble": median(bubbles) if bubbles else float("nan"), "theory": pm.theoretical_bubble,
+            "stages": ",".join(map(str, pm.stage.sizes)), "param_drift": drift}
