@@ -102,12 +102,6 @@ class Layout:
                 f"virtual_stages={self.virtual_stages} needs schedule 'interleaved' "
                 f"(got {self.schedule!r}); use virtual_stages=1 with gpipe or 1f1b."
             )
-        if self.virtual_stages > 1 and self.pp == 1:
-            raise ConfigError(
-                f"virtual_stages={self.virtual_stages} needs pipeline parallelism (pp > 1): the "
-                f"chunks of a model are spread over pipeline ranks. Use --pp 2 or more, or drop "
-                f"--virtual-stages."
-            )
         if self.schedule == "interleaved" and self.pp > 1 and self.microbatches % self.pp:
             valid = ", ".join(str(self.pp * k) for k in range(1, 5))
             raise ConfigError(
@@ -188,15 +182,15 @@ class Layout:
             self._check_stage_layers(model, chunks)
 
     def _check_stage_layers(self, model: ModelConfig, chunks: int) -> None:
-        units = model.num_layers + 2
         layers = self.stage_layers or ()
-        if (len(layers) != chunks or sum(layers) != units
+        if (len(layers) != chunks or sum(layers) != model.num_layers
                 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in layers)):
-            example = [units // chunks + (1 if i < units % chunks else 0) for i in range(chunks)]
+            n = model.num_layers
+            example = [n // chunks + (1 if i < n % chunks else 0) for i in range(chunks)]
             raise ConfigError(
-                f"--stage-layers needs {chunks} positive counts (one per pipeline stage: pp x "
-                f"virtual_stages) summing to {units}, the {model.num_layers} blocks of model "
-                f"{model.name!r} plus the embedding and the head (which count as layers); got "
+                f"--stage-layers needs {chunks} counts of at least 1 (one per pipeline stage: pp x "
+                f"virtual_stages) summing to the {n} layers of model {model.name!r} (the embedding "
+                f"goes with the first stage, the head with the last); got "
                 f"{','.join(map(str, layers))}. Example: {','.join(map(str, example))}."
             )
 

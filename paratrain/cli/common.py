@@ -62,9 +62,10 @@ def add_layout_args(p: argparse.ArgumentParser) -> None:
                    help="shard LayerNorm/dropout regions along the sequence (needs tp > 1)")
     g.add_argument("--recompute", choices=RECOMPUTE, help="activation recomputation (default: none)")
     g.add_argument("--stage-layers", type=_number_list(int, "integers"), metavar="N,N,...",
-                   help="layers per pipeline stage (pp x virtual-stages counts, in model order; the "
-                   "embedding and the head count as layers), e.g. 3,3,2,2 for 8 blocks on 4 stages "
-                   "(default: balanced by estimated FLOPs)")
+                   help="transformer layers per pipeline stage (pp x virtual-stages counts, in model "
+                   "order; the embedding goes with the first, the head with the last), e.g. 3,3,2,2 "
+                   "for 10 layers on 4 stages (default: balanced by estimated FLOPs, embedding and "
+                   "head included)")
     g.add_argument("--stage-speeds", type=_number_list(float, "numbers"), metavar="X,X,...",
                    help="relative speed of each pipeline rank's device; the automatic partition "
                    "gives a 2x faster device about 2x the work, e.g. 1,2 (default: all equal)")

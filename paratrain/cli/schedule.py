@@ -42,14 +42,15 @@ def run(args: argparse.Namespace) -> int:
     if not args.backward_cost > 0:
         raise ConfigError(f"--backward-cost must be > 0, got {args.backward_cost}.")
     from paratrain.parallel.pipeline.check import check
-    from paratrain.parallel.pipeline.schedules import build_schedule, theoretical_bubble
+    from paratrain.parallel.pipeline.schedules import build_schedule
     from paratrain.parallel.pipeline.timeline import simulate
+    from paratrain.plan.formulas import bubble_fraction
 
     p, m, v = args.pp, args.microbatches, args.virtual_stages
     schedule = build_schedule(args.schedule, p, m, v)
     report = check(schedule)
     timeline = simulate(schedule, {"F": 1.0 / v, "B": args.backward_cost / v})
-    theory = theoretical_bubble(args.schedule, p, m, v)
+    theory = bubble_fraction(args.schedule, p, m, v)
     formula = "(p-1)/(v*m+p-1)" if args.schedule == "interleaved" else "(p-1)/(m+p-1)"
     print(f"schedule {args.schedule}: pp={p}, microbatches={m}, virtual stages={v} -- checked: no deadlock, "
           f"transfers matched in order, every micro-batch forwarded and backwarded once per stage")

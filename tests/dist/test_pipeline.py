@@ -36,7 +36,7 @@ CASES = {
     "pp4-1f1b": (BASE, dict(pp=4, microbatches=8, schedule="1f1b")),
     "pp4-interleaved-v2": (DEEP, dict(pp=4, microbatches=4, schedule="interleaved", virtual_stages=2)),
     "dp2-pp2-1f1b": (BASE, dict(dp=2, pp=2, microbatches=2, schedule="1f1b")),
-    "pp2-untied-by-hand": (UNTIED, dict(pp=2, microbatches=2, schedule="1f1b", stage_layers=(2, 4))),
+    "pp2-untied-by-hand": (UNTIED, dict(pp=2, microbatches=2, schedule="1f1b", stage_layers=(1, 3))),
 }
 
 

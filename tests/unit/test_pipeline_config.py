@@ -15,15 +15,14 @@ BAD = {
                               "cannot be split into 3 equal micro-batches; valid micro-batch counts are [1, 2, 4, 8]"),
     "interleaved groups": (["--pp", "4", "--schedule", "interleaved", "--microbatches", "6", "--global-batch", "12"],
                            "microbatches must be a multiple of pp=4 (got 6); valid: 4, 8, 12"),
-    "chunks without pp": (["--schedule", "interleaved", "--virtual-stages", "2"], "needs pipeline parallelism"),
     "chunks without interleaving": (["--pp", "2", "--virtual-stages", "2"], "needs schedule 'interleaved'"),
-    "stage layers sum": (["--pp", "2", "--stage-layers", "3,2"], "summing to 6, the 4 blocks"),
-    "stage layers count": (["--pp", "2", "--stage-layers", "2,2,2"], "needs 2 positive counts"),
-    "stage layers zero": (["--pp", "2", "--stage-layers", "0,6"], "needs 2 positive counts"),
-    "stage layers without pp": (["--stage-layers", "6"], "needs --pp 2 or more"),
+    "stage layers sum": (["--pp", "2", "--stage-layers", "3,2"], "summing to the 4 layers of model 'tiny'"),
+    "stage layers count": (["--pp", "2", "--stage-layers", "2,1,1"], "needs 2 counts of at least 1"),
+    "stage layers zero": (["--pp", "2", "--stage-layers", "0,4"], "needs 2 counts of at least 1"),
+    "stage layers without pp": (["--stage-layers", "4"], "needs --pp 2 or more"),
     "speeds count": (["--pp", "2", "--stage-speeds", "1,2,3"], "one positive number per pipeline rank (pp=2)"),
     "speeds zero": (["--pp", "2", "--stage-speeds", "1,0"], "one positive number per pipeline rank"),
-    "layers and speeds": (["--pp", "2", "--stage-layers", "3,3", "--stage-speeds", "1,2"], "not both"),
+    "layers and speeds": (["--pp", "2", "--stage-layers", "2,2", "--stage-speeds", "1,2"], "not both"),
 }
 
 
@@ -45,9 +44,9 @@ def test_unparsable_stage_layers_is_a_usage_error(capsys):
 
 
 def test_valid_pipeline_layouts():
-    cfg = TrainConfig(layout=Layout(pp=2, microbatches=4, stage_layers=[2, 4]))  # a list from a config file
+    cfg = TrainConfig(layout=Layout(pp=2, microbatches=4, stage_layers=[1, 3]))  # a list from a config file
     cfg.validate()
-    assert cfg.layout.stage_layers == (2, 4) and hash(cfg)
-    assert str(cfg.layout) == "dp=1 pp=2 tp=1 mb=4 1f1b stages=2,4"
+    assert cfg.layout.stage_layers == (1, 3) and hash(cfg)
+    assert str(cfg.layout) == "dp=1 pp=2 tp=1 mb=4 1f1b stages=1,3"
     TrainConfig(layout=Layout(pp=2, microbatches=2, schedule="interleaved", virtual_stages=2)).validate()
     TrainConfig(layout=Layout(pp=2, stage_speeds=(1, 2.5))).validate()

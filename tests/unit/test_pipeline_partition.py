@@ -35,10 +35,10 @@ def test_partition_is_optimal(costs, data):
 def test_a_2x_faster_device_gets_2x_the_work():
     assert partition([1.0] * 30, 2, [1, 2]) == (10, 20)
     assert partition([1.0] * 30, 2, [2, 1]) == (20, 10)
-    model = get_model_config("gpt2-350m")  # 24 blocks + embedding + head of different costs
+    model = get_model_config("gpt2-350m")  # 24 layers + embedding + head of different costs
     costs = layer_costs(model, 1024)
-    first, second = stage_sizes(model, 2, 1, 1024, stage_speeds=(1, 2))
-    work = sum(costs[:first]), sum(costs[first:])
+    units = stage_units(stage_sizes(model, 2, 1, 1024, stage_speeds=(1, 2)))
+    work = [sum(costs[u] for u in run) for run in units]
     assert work[1] / work[0] == pytest.approx(2.0, rel=0.1)
 
 
@@ -50,13 +50,15 @@ def test_costs_include_embedding_and_head():
     assert flops[1] == 2 * (4 * h * h + 2 * h * f) + 4 * 256 * h and flops[-1] == 2 * h * v
     params = layer_costs(tiny, 256, by="params")
     assert params[0] == v * h + tiny.max_seq_len * h
-    # a GPT-2 head (V = 50257) costs as much as several blocks: it gets a stage of its own
+    # a GPT-2 head (V = 50257) costs as much as several layers: the last stage gets fewer
     gpt2 = get_model_config("gpt2-124m")
-    assert stage_sizes(gpt2, 4, 1, 1024)[-1] == 1
+    assert stage_sizes(gpt2, 4, 1, 1024) == (3, 4, 4, 1)
 
 
 def test_by_hand_and_units():
     tiny = get_model_config("tiny")
-    assert stage_sizes(tiny, 2, 1, 32, stage_layers=(2, 4)) == (2, 4)
-    assert stage_sizes(tiny, 2, 1, 32) == (3, 3)  # embed+2 blocks | 2 blocks+head
-    assert stage_units((2, 1, 3)) == [range(0, 2), range(2, 3), range(3, 6)]
+    assert stage_sizes(tiny, 2, 1, 32, stage_layers=(1, 3)) == (1, 3)
+    assert stage_sizes(tiny, 2, 1, 32) == (2, 2)
+    # units: 0 = embedding, 1..4 = layers, 5 = head
+    assert stage_units((1, 3)) == [range(0, 2), range(2, 6)]
+    assert stage_units((1, 1, 2)) == [range(0, 2), range(2, 3), range(3, 6)]

@@ -22,9 +22,9 @@ from paratrain.parallel.pipeline.schedules import (
     Schedule,
     ScheduleError,
     build_schedule,
-    theoretical_bubble,
 )
 from paratrain.parallel.pipeline.timeline import simulate
+from paratrain.plan.formulas import bubble_fraction, in_flight_microbatches
 
 # Unit costs per stage (forward 1; backward 1, or 2 as on real hardware). A chunk of an
 # interleaved schedule costs 1/v of a stage. Floats add exactly here (powers of two), but the
@@ -61,7 +61,7 @@ def test_interleaved_is_safe_and_shrinks_the_bubble_by_v(p, groups, v):
     for cost in COSTS:
         bubble = simulate(s, stage_costs(cost, v)).bubble
         assert bubble == pytest.approx((p - 1) / (v * m + p - 1), abs=1e-9)
-    assert bubble == pytest.approx(theoretical_bubble("interleaved", p, m, v))
+    assert bubble == pytest.approx(bubble_fraction("interleaved", p, m, v))  # the planner's formula
 
 
 @settings(max_examples=30, deadline=None)
@@ -167,7 +167,7 @@ def test_simulation_with_a_slow_stage_and_transfer_costs():
         return 0.25 if a.kind in (SEND_ACT, SEND_GRAD) else 0.0
 
     t = simulate(s, cost)
-    assert t.bubble > theoretical_bubble("1f1b", 2, 8)  # imbalance and transfers add idle time
+    assert t.bubble > bubble_fraction("1f1b", 2, 8)  # imbalance and transfers add idle time
     assert t.idle_fractions()[0] > t.idle_fractions()[1]  # the fast stage waits for the slow one
     for spans in t.ranks:
         computes = [x for x in spans if x.action.is_compute]
@@ -199,3 +199,12 @@ def test_schedule_cli_rejects_bad_input(args, message, capsys):
 
     assert main(["schedule", *args]) == 2
     assert message in " ".join(capsys.readouterr().err.split())
+
+
+@pytest.mark.parametrize("name, p, m, v", [("gpipe", 4, 8, 1), ("1f1b", 4, 8, 1), ("1f1b", 4, 2, 1),
+                                           ("interleaved", 4, 8, 2), ("interleaved", 2, 2, 3)])
+def test_memory_bound_is_the_planners(name, p, m, v):
+    # the planner's memory model counts in-flight micro-batches in units of the device's layers
+    s = build_schedule(name, p, m, v)
+    assert list(s.in_flight_bound) == [pytest.approx(in_flight_microbatches(name, p, m, v, r) * v)
+                                       for r in range(p)]

@@ -20,9 +20,10 @@ from paratrain.mesh import Mesh
 from paratrain.parallel.model import GradSync, ParallelModel
 from paratrain.parallel.pipeline.check import check
 from paratrain.parallel.pipeline.runtime import PipelineRuntime
-from paratrain.parallel.pipeline.schedules import Schedule, build_schedule, theoretical_bubble
+from paratrain.parallel.pipeline.schedules import Schedule, build_schedule
 from paratrain.parallel.pipeline.stage import Stage, flatten, unflatten
 from paratrain.parallel.pipeline.timeline import Timeline, from_times
+from paratrain.plan.formulas import bubble_fraction
 
 
 @cache
@@ -140,4 +141,4 @@ class PipelineModel(ParallelModel):
     @property
     def theoretical_bubble(self) -> float:
         s = self.schedule
-        return theoretical_bubble(s.name, s.num_ranks, s.num_microbatches, s.num_chunks)
+        return bubble_fraction(s.name, s.num_ranks, s.num_microbatches, s.num_chunks)

@@ -1,14 +1,17 @@
 """Cutting the model into pipeline stages. Pure Python (no torch): the planner uses it too.
 
-The model is a sequence of ``L + 2`` *units*: the embedding, the ``L`` transformer blocks, and
-the head (final LayerNorm, LM head and loss). A partition gives each of the ``S = pp * v``
-stages (in model order; stage ``s`` runs on pipeline rank ``s % pp``) a contiguous run of at least
-one unit, written as the number of units per stage (``--stage-layers 3,3,2,2`` for ``L = 8``).
+The model is a sequence of ``L + 2`` *units*: the embedding, the ``L`` transformer blocks
+(*layers*), and the head (final LayerNorm, LM head and loss). A partition gives each of the
+``S = pp * v`` stages (in model order; stage ``s`` runs on pipeline rank ``s % pp``) a contiguous
+run of at least one layer; the embedding goes with the first stage and the head with the last.
+It is written as layers per stage, like the planner's ``CostOptions.stage_layers``
+(``--stage-layers 3,3,2,2`` for ``L = 10``).
 
-Automatic partition: with unit costs ``c_i`` and a relative speed ``w_s`` for the device of
-stage ``s``, choose the cut points minimising the slowest stage's time
-``max_s (sum of c_i in stage s) / w_s`` -- the pipeline runs at the pace of its slowest stage.
-Solved exactly by dynamic programming over prefix sums (``O(S n^2)`` for ``n`` units).
+Automatic partition: with layer costs ``c_i`` (the embedding's cost added to the first layer's,
+the head's to the last's) and a relative speed ``w_s`` for the device of stage ``s``, choose the
+cut points minimising the slowest stage's time ``max_s (sum of c_i in stage s) / w_s`` -- the
+pipeline runs at the pace of its slowest stage. Solved exactly by dynamic programming over prefix
+sums (``O(S L^2)``).
 
 Costs (per token, forward; backward costs about twice as much for every unit, so the ratios
 hold for a whole step). ``flops``: embedding ``2H`` (gather and add), block
@@ -71,20 +74,26 @@ def partition(costs: Sequence[float], num_stages: int, speeds: Sequence[float] |
 def stage_sizes(model: ModelConfig, pp: int, virtual_stages: int, seq_len: int,
                 stage_layers: Sequence[int] | None = None, stage_speeds: Sequence[float] | None = None,
                 by: str = "flops") -> tuple[int, ...]:
-    """Units per stage for a layout: ``stage_layers`` when given, else balanced by cost, with the
+    """Layers per stage for a layout: ``stage_layers`` when given, else balanced by cost, with the
     device speed of stage ``s`` being ``stage_speeds[s % pp]``."""
     if stage_layers is not None:
         return tuple(stage_layers)
     speeds = None
     if stage_speeds is not None:
         speeds = [float(stage_speeds[s % pp]) for s in range(pp * virtual_stages)]
-    return partition(layer_costs(model, seq_len, by), pp * virtual_stages, speeds)
+    units = layer_costs(model, seq_len, by)
+    costs = units[1:-1]
+    costs[0] += units[0]  # the first stage also embeds,
+    costs[-1] += units[-1]  # the last one also runs the head
+    return partition(costs, pp * virtual_stages, speeds)
 
 
 def stage_units(sizes: Sequence[int]) -> list[range]:
-    """The unit indices (0 = embedding, 1..L = blocks, L + 1 = head) of each stage."""
-    out, start = [], 0
-    for n in sizes:
-        out.append(range(start, start + n))
+    """The unit indices (0 = embedding, 1..L = layers, L + 1 = head) of each stage."""
+    out, start = [], 1
+    for s, n in enumerate(sizes):
+        first = 0 if s == 0 else start
+        last = start + n + (1 if s == len(sizes) - 1 else 0)
+        out.append(range(first, last))
         start += n
     return out

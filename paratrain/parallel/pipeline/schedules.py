@@ -24,7 +24,9 @@ receives at the same unit-time boundary, which is deadlock-free by construction)
 Bubble (every stage costs ``t_f`` forward and ``t_b`` backward per micro-batch, free transfers):
 GPipe and 1F1B take ``(m + p - 1)(t_f + t_b)`` for ``m(t_f + t_b)`` of work per rank, an idle
 fraction ``(p - 1) / (m + p - 1)``; interleaving ``v`` chunks shrinks each fill/drain step to
-``1/v`` of a stage: ``(p - 1) / (v m + p - 1)`` (Narayanan et al. 2021, section 2.2).
+``1/v`` of a stage: ``(p - 1) / (v m + p - 1)`` (Narayanan et al. 2021, section 2.2) -- the
+planner's :func:`paratrain.plan.formulas.bubble_fraction`, which the tests check against
+:func:`.timeline.simulate`.
 """
 
 from __future__ import annotations
@@ -92,13 +94,6 @@ class Schedule:
 
     def compute_order(self, rank: int) -> list[Action]:
         return [a for a in self.ranks[rank] if a.is_compute]
-
-
-def theoretical_bubble(name: str, p: int, m: int, v: int = 1) -> float:
-    """Idle fraction of the step under uniform stage costs and free transfers (see module doc)."""
-    if name == "interleaved":
-        return (p - 1) / (v * m + p - 1)
-    return (p - 1) / (m + p - 1)
 
 
 def _send_after(kind: str, mb: int, c: int, r: int, p: int, v: int) -> Action | None:
