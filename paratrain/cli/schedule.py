@@ -39,6 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     Layout(pp=args.pp, microbatches=args.microbatches, schedule=args.schedule,
            virtual_stages=args.virtual_stages).check_degrees()
+    if args.virtual_stages > 1 and args.pp < 2:
+        raise ConfigError("--virtual-stages spreads model chunks over pipeline ranks: use --pp 2 or more.")
     if not args.backward_cost > 0:
         raise ConfigError(f"--backward-cost must be > 0, got {args.backward_cost}.")
     from paratrain.parallel.pipeline.check import check

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,6 +33,20 @@ from paratrain.parallel.pipeline.schedules import RECV_ACT, RECV_GRAD, SEND_ACT,
 
 ChunkFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 Key = tuple[int, int]  # (micro-batch, chunk)
+
+
+@dataclass
+class _Step:
+    """What one step's execution keeps between actions."""
+
+    training: bool
+    x_in: dict[Key, torch.Tensor] = field(default_factory=dict)  # chunk inputs, kept for backward
+    y_out: dict[Key, torch.Tensor] = field(default_factory=dict)  # chunk outputs, kept for backward
+    outbox: dict[tuple[str, int, int], torch.Tensor] = field(default_factory=dict)  # (send kind, mb, c)
+    inbox: dict[tuple[str, int, int], tuple[torch.Tensor, Handle, int]] = field(default_factory=dict)
+    sends: list[tuple[Handle, int, torch.Tensor]] = field(default_factory=list)
+    losses: dict[int, torch.Tensor] = field(default_factory=dict)
+    times: list[tuple[float, float]] = field(default_factory=list)
 
 
 class PipelineRuntime:
@@ -53,88 +68,89 @@ class PipelineRuntime:
         Returns the detached micro-batch losses (last stage, in micro-batch order; empty
         elsewhere) and the ``(start, end)`` of every action."""
         device = inputs[0].device
-        cuda = device.type == "cuda"
-        training = loss_scale is not None
+        st = _Step(loss_scale is not None, times=[(0.0, 0.0)] * len(actions))
         last_b = max((i for i, a in enumerate(actions) if a.kind == B), default=-1)
-        x_in: dict[Key, torch.Tensor] = {}  # kept for backward
-        y_out: dict[Key, torch.Tensor] = {}
-        outbox: dict[tuple[str, int, int], torch.Tensor] = {}  # (send kind, mb, chunk) -> tensor
-        recv: dict[tuple[str, int, int], tuple[torch.Tensor, Handle, int]] = {}
-        send_handles: list[tuple[Handle, int, torch.Tensor]] = []
-        losses: dict[int, torch.Tensor] = {}
-        times: list[tuple[float, float]] = [(0.0, 0.0)] * len(actions)
-
-        def received(kind: str, mb: int, c: int) -> torch.Tensor:
-            buf, handle, index = recv.pop((kind, mb, c))
-            handle.wait()
-            times[index] = (times[index][0], time.perf_counter())
-            return buf
-
         i = 0
         while i < len(actions):
             a = actions[i]
             if not a.is_compute:  # post the whole run of transfers as one batch
                 j = i
-                ops: list[P2P] = []
                 while j < len(actions) and not actions[j].is_compute:
-                    ops.append(self._p2p(actions[j], outbox, act_shape, act_dtype, device))
                     j += 1
-                t0 = time.perf_counter()
-                for k, (op, handle) in enumerate(zip(ops, comm.post_p2p(ops, self.group))):
-                    b = actions[i + k]
-                    times[i + k] = (t0, t0)
-                    if op.kind == "recv":
-                        recv[(b.kind, b.microbatch, b.chunk)] = (op.tensor, handle, i + k)
-                    else:
-                        send_handles.append((handle, i + k, op.tensor))
+                self._post(st, actions, range(i, j), act_shape, act_dtype, device)
                 i = j
                 continue
-            key = (a.microbatch, a.chunk)
             if a.kind == F:
                 if a.chunk == self.first:
                     x = inputs[a.microbatch]
-                else:
-                    x = received(RECV_ACT, *key).requires_grad_(training)
+                else:  # a leaf: backward leaves dL/dx in x.grad
+                    x = self._received(st, RECV_ACT, a).requires_grad_(st.training)
                 t0 = time.perf_counter()
-                y = self.chunks[a.chunk](x, targets[a.microbatch] if a.chunk == self.last else None)
-                if a.chunk == self.last:
-                    losses[a.microbatch] = y.detach()
-                else:
-                    outbox[(SEND_ACT, *key)] = y
-                if training:
-                    x_in[key], y_out[key] = x, y
+                self._forward(st, a, x, targets[a.microbatch] if a.chunk == self.last else None)
             else:
-                grad = None if a.chunk == self.last else received(RECV_GRAD, *key)
+                grad = None if a.chunk == self.last else self._received(st, RECV_GRAD, a)
                 t0 = time.perf_counter()
                 if on_backward is not None:
                     on_backward(i == last_b)
-                y = y_out.pop(key)
-                if grad is None:
-                    (y * loss_scale).backward()
-                else:
-                    y.backward(grad)
-                x = x_in.pop(key)
-                if a.chunk != self.first:
-                    outbox[(SEND_GRAD, *key)] = x.grad
-            if cuda:
+                self._backward(st, a, grad, loss_scale)
+            if device.type == "cuda":  # kernels are asynchronous: time them done
                 torch.cuda.synchronize(device)
-            times[i] = (t0, time.perf_counter())
+            st.times[i] = (t0, time.perf_counter())
             i += 1
-        for handle, index, _ in send_handles:  # the tensors stay referenced until sent
+        for handle, index, _ in st.sends:  # the tensors stay referenced until sent
             handle.wait()
-            times[index] = (times[index][0], time.perf_counter())
-        assert not recv, f"received but never used: {sorted(recv)}"
-        return [losses[m] for m in sorted(losses)], times
+            st.times[index] = (st.times[index][0], time.perf_counter())
+        assert not st.inbox, f"received but never used: {sorted(st.inbox)}"
+        return [st.losses[m] for m in sorted(st.losses)], st.times
 
-    @staticmethod
-    def _p2p(a: Action, outbox: dict[tuple[str, int, int], torch.Tensor], shape: tuple[int, ...],
-             dtype: torch.dtype, device: torch.device) -> P2P:
-        """The transfer of action ``a``: a send of the chunk's output (activation after F,
-        input gradient after B), or a receive into a fresh buffer of the known shape."""
-        if a.kind in (SEND_ACT, SEND_GRAD):
-            t = outbox.pop((a.kind, a.microbatch, a.chunk)).detach()
-            if t.shape != shape or t.dtype != dtype:
-                raise RuntimeError(f"{a}: tensor {tuple(t.shape)} {t.dtype} differs from the agreed "
-                                   f"{tuple(shape)} {dtype}; the receiver would misread it")
-            return P2P("send", t.contiguous(), a.peer)
-        return P2P("recv", torch.empty(shape, dtype=dtype, device=device), a.peer)
+    def _forward(self, st: _Step, a: Action, x: torch.Tensor, targets: torch.Tensor | None) -> None:
+        key = (a.microbatch, a.chunk)
+        y = self.chunks[a.chunk](x, targets)
+        if a.chunk == self.last:
+            st.losses[a.microbatch] = y.detach()
+        else:
+            st.outbox[(SEND_ACT, *key)] = y
+        if st.training:
+            st.x_in[key], st.y_out[key] = x, y
+
+    def _backward(self, st: _Step, a: Action, grad: torch.Tensor | None, loss_scale: float | None) -> None:
+        key = (a.microbatch, a.chunk)
+        y, x = st.y_out.pop(key), st.x_in.pop(key)
+        if grad is None:  # the last stage: y is the micro-batch's mean loss
+            (y * loss_scale).backward()
+        else:
+            y.backward(grad)
+        if a.chunk != self.first:
+            st.outbox[(SEND_GRAD, *key)] = x.grad
+
+    def _received(self, st: _Step, kind: str, a: Action) -> torch.Tensor:
+        """Wait for the transfer that feeds compute ``a``; its buffer."""
+        buf, handle, index = st.inbox.pop((kind, a.microbatch, a.chunk))
+        handle.wait()
+        st.times[index] = (st.times[index][0], time.perf_counter())
+        return buf
+
+    def _post(self, st: _Step, actions: Sequence[Action], indices: range, shape: tuple[int, ...],
+              dtype: torch.dtype, device: torch.device) -> None:
+        """Post the transfers ``actions[indices]`` as one batch: sends of chunk outputs (the
+        activation after F, the input gradient after B), receives into fresh buffers of the
+        agreed shape."""
+        ops = []
+        for i in indices:
+            a = actions[i]
+            if a.kind in (SEND_ACT, SEND_GRAD):
+                t = st.outbox.pop((a.kind, a.microbatch, a.chunk)).detach()
+                if t.shape != shape or t.dtype != dtype:
+                    raise RuntimeError(f"{a}: tensor {tuple(t.shape)} {t.dtype} differs from the agreed "
+                                       f"{tuple(shape)} {dtype}; the receiver would misread it")
+                ops.append(P2P("send", t.contiguous(), a.peer))
+            else:
+                ops.append(P2P("recv", torch.empty(shape, dtype=dtype, device=device), a.peer))
+        t0 = time.perf_counter()
+        for i, op, handle in zip(indices, ops, comm.post_p2p(ops, self.group)):
+            a = actions[i]
+            st.times[i] = (t0, t0)
+            if op.kind == "recv":
+                st.inbox[(a.kind, a.microbatch, a.chunk)] = (op.tensor, handle, i)
+            else:
+                st.sends.append((handle, i, op.tensor))

@@ -202,8 +202,9 @@ def interleaved(p: int, m: int, v: int) -> Schedule:
     the k-th backward is the same micro-batch of chunk ``v - 1 - (k // p) % v``. Rank ``r`` runs
     ``w = min(v m, 2 (p - r - 1) + (v - 1) p)`` warm-up forwards, then alternates, then drains.
     Stashes at most ``w + 1`` micro-batch chunks (each ``1/v`` of a stage's activations)."""
-    if m % p:
-        raise ScheduleError(f"the interleaved schedule needs microbatches ({m}) to be a multiple of pp ({p})")
+    if m % p or (p == 1 and v > 1):
+        raise ScheduleError(f"the interleaved schedule needs pp >= 2 (got {p}) and microbatches ({m}) "
+                            f"a multiple of pp")
     total = v * m
 
     def unit(k: int, forward: bool) -> tuple[int, int]:

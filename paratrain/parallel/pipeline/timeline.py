@@ -1,9 +1,9 @@
 """Timelines of a schedule: when each action of each rank starts and ends.
 
-:func:`simulate` computes one from per-action durations with the blocking semantics of
-:mod:`.schedules` (a batch of transfers waits until every transfer in it has met its partner),
-so it also detects deadlocks and mismatched transfers; the runtime builds the same
-:class:`Timeline` from measured times. The planner reuses :func:`simulate` with its cost model.
+:func:`simulate` computes one from per-action durations, with the runtime's semantics or the
+checker's stricter blocking ones (see :mod:`.schedules`), and so also detects deadlocks and
+mismatched transfers; the runtime builds the same :class:`Timeline` from measured times
+(:func:`from_times`). The planner can reuse :func:`simulate` with its cost model as durations.
 
 Bubble of a timeline: with ``T`` the span from the first forward's start to the last
 backward's end over all ranks (the pipeline's time, as in the bubble formula) and ``busy_r`` the
