@@ -61,5 +61,24 @@ def alternate(sides: dict[str, Callable[[], None]], repeats: int, sync: Callable
     return times
 
 
+def rank_worker(measure: Callable[[BenchOptions, int, int], dict[str, Any]],
+                opts: BenchOptions) -> dict[str, Any] | None:
+    """One benchmark rank (launch it with :func:`paratrain.launch.launch`): threads per rank, the
+    gloo process group, then ``measure(opts, rank, world_size)`` (a module-level function).
+    Returns rank 0's result with ``threads`` (per rank) added, None elsewhere."""
+    from paratrain.launch import RankEnv, init_distributed, set_threads, shutdown_distributed
+
+    env = RankEnv.from_env()
+    threads = set_threads(opts.threads, env.local_world_size)
+    init_distributed(env, "cpu", timeout_s=600)
+    ok = False
+    try:
+        result = measure(opts, env.rank, env.world_size)
+        ok = True
+        return dict(result, threads=threads) if env.rank == 0 else None
+    finally:
+        shutdown_distributed(ok)
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from paratrain.bench import BenchOptions, Row, alternate, median
+from paratrain.bench import BenchOptions, Row, alternate, median, rank_worker
 
 
 def run(opts: BenchOptions) -> list[Row]:
@@ -19,7 +19,7 @@ def run(opts: BenchOptions) -> list[Row]:
 
     rows = []
     for n in opts.nprocs:
-        result = launch(_worker, (opts,), n)[0]
+        result = launch(rank_worker, (_measure, opts), n)[0]
         tokens = opts.steps * opts.global_batch * opts.seq_len
         ours, ref = tokens / median(result["ours"]), tokens / median(result["ddp"])
         rows.append(Row(f"dp{n}", ours, ref, {
@@ -28,21 +28,6 @@ def run(opts: BenchOptions) -> list[Row]:
             "buckets": result["buckets"],
         }))
     return rows
-
-
-def _worker(opts: BenchOptions) -> dict[str, Any] | None:
-    from paratrain.launch import RankEnv, init_distributed, set_threads, shutdown_distributed
-
-    env = RankEnv.from_env()
-    threads = set_threads(opts.threads, env.local_world_size)
-    init_distributed(env, "cpu", timeout_s=600)
-    ok = False
-    try:
-        result = _measure(opts, env.rank, env.world_size)
-        ok = True
-        return dict(result, threads=threads) if env.rank == 0 else None
-    finally:
-        shutdown_distributed(ok)
 
 
 def _measure(opts: BenchOptions, rank: int, world: int) -> dict[str, Any]:

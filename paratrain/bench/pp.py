@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from paratrain.bench import BenchOptions, Row, alternate, median
+from paratrain.bench import BenchOptions, Row, alternate, median, rank_worker
 
 PP = 2
 CASES = (("gpipe", 4), ("1f1b", 4), ("gpipe", 8), ("1f1b", 8))
@@ -26,7 +26,7 @@ def run(opts: BenchOptions) -> list[Row]:
     for _, m in CASES:  # validate before starting anything
         TrainConfig(model=opts.model, global_batch=opts.global_batch, seq_len=opts.seq_len,
                     layout=Layout(pp=PP, microbatches=m)).validate()
-    result = launch(_worker, (opts,), PP)[0]
+    result = launch(rank_worker, (_measure_all, opts), PP)[0]
     tokens = opts.steps * opts.global_batch * opts.seq_len
     rows = []
     for case in result["cases"]:
@@ -43,22 +43,11 @@ def run(opts: BenchOptions) -> list[Row]:
     return rows
 
 
-def _worker(opts: BenchOptions) -> dict[str, Any] | None:
-    from paratrain.launch import RankEnv, init_distributed, set_threads, shutdown_distributed
+def _measure_all(opts: BenchOptions, rank: int, world: int) -> dict[str, Any]:
+    from paratrain.mesh import Mesh, MeshShape
 
-    env = RankEnv.from_env()
-    threads = set_threads(opts.threads, env.local_world_size)
-    init_distributed(env, "cpu", timeout_s=600)
-    ok = False
-    try:
-        from paratrain.mesh import Mesh, MeshShape
-
-        mesh = Mesh.build(MeshShape(pp=PP), env.rank, timeout_s=600)
-        cases = [_measure(opts, mesh, schedule, m) for schedule, m in CASES]
-        ok = True
-        return {"cases": cases, "threads": threads} if env.rank == 0 else None
-    finally:
-        shutdown_distributed(ok)
+    mesh = Mesh.build(MeshShape(pp=world), rank, timeout_s=600)
+    return {"cases": [_measure(opts, mesh, schedule, m) for schedule, m in CASES]}
 
 
 def _torch_side(opts: BenchOptions, mesh: Any, cfg: Any, schedule: str, batches: list[Any]) -> Any:
