@@ -23,6 +23,7 @@ from paratrain.parallel.pipeline.runtime import PipelineRuntime
 from paratrain.parallel.pipeline.schedules import Schedule, build_schedule
 from paratrain.parallel.pipeline.stage import Stage, flatten, unflatten
 from paratrain.parallel.pipeline.timeline import Timeline, from_times
+from paratrain.parallel.shard import gather_full_state
 from paratrain.plan.formulas import bubble_fraction
 
 
@@ -71,7 +72,8 @@ class PipelineModel(ParallelModel):
              loss_scale: float | None) -> tuple[torch.Tensor, list[tuple[float, float]]]:
         m = schedule.num_microbatches
         xs, ys = inputs.chunk(m), targets.chunk(m)
-        shape = (xs[0].shape[0], xs[0].shape[1], self.module.cfg.hidden)  # (B/m, T, H)
+        seq = xs[0].shape[1] // (self.mesh.tp.size if self.layout.sequence_parallel else 1)
+        shape = (xs[0].shape[0], seq, self.module.cfg.hidden)  # (B/m, T, H); T/tp between SP blocks
         on_backward = self.grad_sync.set_sync if loss_scale is not None else None
         dtype = next(self.module.parameters()).dtype  # the residual stream's (autocast or not)
         losses, times = self.runtime.run(schedule.ranks[self.mesh.coords.pp], xs, ys, shape,
@@ -111,11 +113,15 @@ class PipelineModel(ParallelModel):
         return self.mesh.coords.dp == 0 and self.mesh.coords.tp == 0
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The reference-shaped state dict on global rank 0: every stage sends its entries."""
-        if not self._leads_gather():
+        """The reference-shaped state dict on global rank 0: each stage gathers its tensor-parallel
+        shards on its tp index 0, which sends the stage's entries to rank 0. Collective."""
+        if self.mesh.coords.dp != 0:
+            return None
+        state = gather_full_state(self.module, self.mesh.tp)  # None off tp index 0
+        if state is None:
             return None
         keys = self.stage.keys_by_rank
-        local = flatten(self.module.state_dict(), keys[self.mesh.coords.pp])
+        local = flatten(state, keys[self.mesh.coords.pp])
         parts = gather_to_first(local, [sum(s.numel() for _, s in k) for k in keys], self.mesh.pp, "state")
         if parts is None:
             return None

@@ -64,8 +64,8 @@ class Chunk:
 @dataclass
 class Stage:
     """What :func:`build_stage` returns: the pruned model, this rank's chunks (chunk ``c`` is
-    stage ``c * pp + rank``), the units per stage, the state-dict entries (name, shape) each
-    pipeline rank holds, and the tied-embedding group (None when there is nothing to tie)."""
+    stage ``c * pp + rank``), the layers per stage, the state-dict entries (name, full reference
+    shape) each pipeline rank holds, and the tied-embedding group (None when nothing is tied)."""
 
     module: GPT
     chunks: list[Chunk]
@@ -92,8 +92,12 @@ def build_stage(model: GPT, mesh: Mesh, layout: Layout, seq_len: int) -> Stage:
     units = stage_units(sizes)
     owner = {u: s % p for s, run in enumerate(units) for u in run}  # unit -> pipeline rank
     keys_by_rank: list[list[tuple[str, torch.Size]]] = [[] for _ in range(p)]
-    for key, value in model.state_dict().items():
-        keys_by_rank[owner[unit_of_key(key, cfg.num_layers)]].append((key, value.shape))
+    for key, value in model.state_dict(keep_vars=True).items():
+        shape = list(value.shape)
+        split = getattr(value, "_pt_tp_split", None)  # a tensor-parallel shard: the full shape
+        if split is not None:
+            shape[split[0]] *= mesh.tp.size
+        keys_by_rank[owner[unit_of_key(key, cfg.num_layers)]].append((key, torch.Size(shape)))
 
     mine = {u for u, r in owner.items() if r == rank}
     for i in range(cfg.num_layers):
