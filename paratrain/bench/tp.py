@@ -27,7 +27,7 @@ import gc
 import resource
 from typing import Any
 
-from paratrain.bench import BenchOptions, Row, alternate, median
+from paratrain.bench import BenchOptions, Row, alternate, median, rank_worker
 
 MEMORY_MODEL = "medium"
 MEMORY_BATCH, MEMORY_SEQ, MEMORY_STEPS = 2, 128, 3  # the first step is not timed
@@ -39,7 +39,7 @@ def run(opts: BenchOptions) -> list[Row]:
 
     rows = []
     for n in opts.nprocs:
-        result = launch(_throughput_worker, (opts,), n)[0]
+        result = launch(rank_worker, (_measure_throughput, opts), n)[0]
         tokens = opts.steps * opts.global_batch * opts.seq_len
         ref = tokens / median(result["dtensor"])
         for side in ("ours", "ours_sp"):
@@ -144,21 +144,6 @@ def _dtensor(cfg: Any, model_cfg: Any, n: int, keep_grads: bool = False) -> tupl
         return float(loss.detach().full_tensor())
 
     return step, model
-
-
-def _throughput_worker(opts: BenchOptions) -> dict[str, Any] | None:
-    from paratrain.launch import RankEnv, init_distributed, set_threads, shutdown_distributed
-
-    env = RankEnv.from_env()
-    threads = set_threads(opts.threads, env.local_world_size)
-    init_distributed(env, "cpu", timeout_s=600)
-    ok = False
-    try:
-        result = _measure_throughput(opts, env.rank, env.world_size)
-        ok = True
-        return dict(result, threads=threads) if env.rank == 0 else None
-    finally:
-        shutdown_distributed(ok)
 
 
 def _measure_throughput(opts: BenchOptions, rank: int, n: int) -> dict[str, Any]:
