@@ -14,7 +14,7 @@ from tests.cli.test_train_cli import losses, paratrain
 
 def test_dp2_tp2_sequence_parallel_from_the_cli(tmp_path):
     """4 processes, dp 2 x tp 2 with sequence parallelism: the reference's losses (rounding
-    only, see tests/dist/test_tensor_parallel.py), and a checkpoint of full reference shapes."""
+    only, see tests/distributed/test_tensor_parallel.py), and a checkpoint of full reference shapes."""
     r = paratrain("train", "--nproc", "4", "--dp", "2", "--tp", "2", "--sequence-parallel",
                   "--steps", "3", "--global-batch", "8", "--seq-len", "32", "--eval-every", "3",
                   "--sample-tokens", "8", "--out", "o", cwd=tmp_path)

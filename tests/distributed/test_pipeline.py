@@ -44,7 +44,7 @@ CASES = {
     "dp2-pp2-tp2": (BASE, dict(dp=2, pp=2, tp=2, microbatches=2, schedule="1f1b")),
 }
 # Tensor parallelism rounds differently in the loss's vocabulary sum and in the row-parallel
-# matmuls; tests/dist/test_tensor_parallel.py explains and measures its parameter tolerance.
+# matmuls; tests/distributed/test_tensor_parallel.py explains and measures its parameter tolerance.
 TP_PARAM_ATOL = 1e-4
 
 

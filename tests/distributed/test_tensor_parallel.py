@@ -13,7 +13,7 @@ from paratrain.parallel.shard import shard
 from paratrain.parallel.tensor import tp_comm_per_step
 from paratrain.reference import reference_train
 from tests.common import BASE, max_param_diff, train_ranks_fn, with_layout
-from tests.dist.test_data_parallel import LOSS_RTOL, NORM_RTOL
+from tests.distributed.test_data_parallel import LOSS_RTOL, NORM_RTOL
 from tests.harness import run_ranks
 
 # Tolerances (fp32, CPU). A tp rank computes each matmul over a slice of the contracted
