@@ -138,8 +138,9 @@ def test_notes() -> None:
     assert estimate(MODEL, Layout(), A100, 1, 2048).notes == ()
     v100 = estimate(MODEL, Layout(), get_hardware("V100-32GB"), 1, 2048)
     assert any("no bf16" in n for n in v100.notes)
-    gpt2 = estimate(get_model_config("gpt2-124m"), Layout(), A100, 1, 1024)
-    assert any("--vocab 50304" in n for n in gpt2.notes)
+    gpt2 = get_model_config("gpt2-124m")
+    assert estimate(gpt2, Layout(), A100, 1, 1024).notes == ()
+    assert any("50257 padded to 50304 for tp=2" in n for n in estimate(gpt2, Layout(tp=2), A100, 1, 1024).notes)
 
 
 def test_fp32_uses_fp32_peak_and_state() -> None:
