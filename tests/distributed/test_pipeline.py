@@ -52,7 +52,7 @@ CASES = {
 TP_PARAM_ATOL = 1e-4
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference(cfg):
     return reference_train(cfg)
 
