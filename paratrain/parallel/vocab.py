@@ -8,9 +8,9 @@ out split along the vocabulary, (B, T, V'/n) per rank, and the loss is computed 
 they are: the full (B, T, V) logits never exist on any rank.
 
 Padding is invisible to the model's function: no token id is >= V, so the embedding never looks
-a padding row up; the cross-entropy masks the padding columns to ``-inf`` (out of the max and
-the sum of exponentials), so the loss is the reference's and the padding logits' gradient is
-exactly 0. Hence the padding rows' gradients are exactly 0 (embedding: never looked up; head:
+a padding row up; the cross-entropy leaves the padding columns out of the max and the sum of
+exponentials (as if they were ``-inf``), so the loss is the reference's and the padding logits'
+gradient is exactly 0. Hence the padding rows' gradients are exactly 0 (embedding: never looked up; head:
 ``dW_j = sum_i dz_ij h_i`` with ``dz_ij = 0``) and AdamW (``m = v = 0``, decay of 0) never
 moves them.
 """
@@ -84,9 +84,10 @@ class _VocabParallelCE(torch.autograd.Function):
     it cancels, so it is treated as a constant. Tokens whose target is ``IGNORE_INDEX`` get
     loss 0 (and gradient 0).
 
-    Padding: the sums over j run over the real vocabulary ``j < V`` only. Columns ``j >= V`` are
-    set to ``-inf`` first, so they never win the max and ``exp(-inf - m) = 0`` adds nothing to
-    the sum (a rank holding only padding has local max ``-inf``; the global max is finite).
+    Padding: the max and the sum run over the real vocabulary ``j < V`` only, as if columns
+    ``j >= V`` were ``-inf``: they are left out of the local max (a rank holding only padding
+    has local max ``-inf``; the global max is finite) and their exponentials are set to 0, so
+    they add nothing to the sum. The unpadded case is the same code with nothing to leave out.
 
     Backward: ``d loss_i / d z_j = softmax(z)_j - [j == t]``, computed from the local
     ``exp(z_j - m)`` and the global sum; no communication. On padding columns it is exactly 0.
@@ -98,16 +99,15 @@ class _VocabParallelCE(torch.autograd.Function):
         """logits (N, V'/n) fp32, targets (N,) -> loss (N,)."""
         n_local = logits.shape[-1]
         n_real = min(max(vocab_size - vocab_start, 0), n_local)  # this rank's columns j < V
-        if n_real < n_local:
-            logits = logits.clone()
-            logits[:, n_real:] = float("-inf")
-        m = logits.max(dim=-1).values  # (N,): local maximum, then the global one
+        # (N,): the local maximum over the real columns (-inf on a rank of padding only), then
+        # the global one
+        m = logits[:, :n_real].max(dim=-1).values if n_real else logits.new_full(logits.shape[:1], float("-inf"))
         comm.all_reduce(m, group, op="max")
         mine = (targets >= vocab_start) & (targets < vocab_start + n_local)
         local_t = (targets - vocab_start).masked_fill(~mine, 0)
-        # masked_fill, not "* mine": a rank of padding only gathers -inf, and -inf * 0 is NaN
-        target_logit = (logits.gather(1, local_t.unsqueeze(1)).squeeze(1) - m).masked_fill(~mine, 0.0)
+        target_logit = (logits.gather(1, local_t.unsqueeze(1)).squeeze(1) - m) * mine
         exp = (logits - m.unsqueeze(-1)).exp_()  # (N, V'/n)
+        exp[:, n_real:] = 0.0  # padding: exp(-inf) -- out of the sum, and softmax 0 there
         stats = torch.stack([exp.sum(dim=-1), target_logit])  # (2, N): one all-reduce for both
         comm.all_reduce(stats, group)
         sum_exp, target_logit = stats[0], stats[1]
