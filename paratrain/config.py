@@ -150,13 +150,8 @@ class Layout:
                 f"cannot be split into {self.microbatches} equal micro-batches; valid micro-batch "
                 f"counts are {valid}."
             )
-        if self.tp > 1:
-            for what, size in (
-                ("attention heads", model.num_heads),
-                ("hidden size", model.hidden),
-                ("MLP width", model.ffn_hidden),
-                ("vocabulary", model.vocab_size),
-            ):
+        if self.tp > 1:  # the vocabulary need not divide: it is padded (padded_vocab_size)
+            for what, size in _tp_split_dims(model):
                 if size % self.tp:
                     raise ConfigError(
                         f"tp={self.tp} does not divide the model's {what} ({size}); tensor "
@@ -213,9 +208,26 @@ def padded_vocab_size(vocab_size: int, tp: int) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
+def vocab_padding_note(model: ModelConfig, tp: int) -> str | None:
+    """One line saying how the vocabulary is padded at ``tp`` (None when it is not)."""
+    padded = padded_vocab_size(model.vocab_size, tp)
+    if padded == model.vocab_size:
+        return None
+    return (f"vocabulary {model.vocab_size} padded to {padded} for tp={tp} ({padded // tp} rows per rank; "
+            f"the {padded - model.vocab_size} padding rows are zero and masked out of the loss)")
+
+
+def _tp_split_dims(model: ModelConfig) -> tuple[tuple[str, int], ...]:
+    """The dimensions tensor parallelism splits evenly, which tp must divide."""
+    return (("attention heads", model.num_heads), ("hidden size", model.hidden),
+            ("MLP width", model.ffn_hidden))
+
+
 def valid_tp(model: ModelConfig) -> list[int]:
-    """Tensor-parallel degrees that divide every split dimension of ``model``."""
-    dims = (model.num_heads, model.hidden, model.ffn_hidden, model.vocab_size)
+    """Tensor-parallel degrees that divide the attention heads, the hidden size and the MLP
+    width of ``model``. The vocabulary does not constrain tp: a vocabulary tp does not divide is
+    padded (:func:`padded_vocab_size`), so GPT-2's 50257 allows every tp that divides the rest."""
+    dims = [size for _, size in _tp_split_dims(model)]
     return [t for t in range(1, model.num_heads + 1) if all(d % t == 0 for d in dims)]
 
 

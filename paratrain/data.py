@@ -126,4 +126,6 @@ def encode(text: str) -> list[int]:
 
 
 def decode(tokens: list[int]) -> str:
-    return bytes(tokens).decode("utf-8", errors="replace")
+    """Bytes -> text; invalid UTF-8, and ids beyond a byte (which a model with a larger
+    vocabulary, e.g. ``tiny-odd``, can sample), become U+FFFD."""
+    return bytes(t if t < VOCAB_SIZE else 0xFF for t in tokens).decode("utf-8", errors="replace")

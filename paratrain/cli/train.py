@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from paratrain.cli.common import add_train_args, build_train_config, write_json
-from paratrain.config import TrainConfig
+from paratrain.config import TrainConfig, vocab_padding_note
 from paratrain.errors import ConfigError
 from paratrain.metrics import format_table
 
@@ -79,9 +79,10 @@ def run(args: argparse.Namespace) -> int:
     if lead:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", dataclasses.asdict(cfg))
+        padding = vocab_padding_note(model_cfg, cfg.layout.tp)
         print(f"paratrain train: {cfg.model} ({param_count(model_cfg):,} parameters) on "
               f"{cfg.world_size} process(es) [{cfg.layout}]\n  data: {corpus.describe()}\n"
-              f"  out:  {out}", flush=True)
+              + (f"  vocab: {padding}\n" if padding else "") + f"  out:  {out}", flush=True)
     from paratrain.train import train_worker
 
     try:

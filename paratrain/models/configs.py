@@ -90,6 +90,10 @@ _register(ModelConfig("small", num_layers=6, hidden=256, num_heads=8, vocab_size
 _register(ModelConfig("medium", num_layers=8, hidden=512, num_heads=8, vocab_size=256, max_seq_len=512))
 # 8 thin blocks: room for up to 8 pipeline stages (pp x virtual stages) at tiny cost.
 _register(ModelConfig("tiny-deep", num_layers=8, hidden=64, num_heads=4, vocab_size=256, max_seq_len=256))
+# A prime vocabulary (as GPT-2's 50257 = 29 x 1733 is, for tp = 2, 4, 8): no tp > 1 divides it, so
+# tensor parallelism pads it (config.padded_vocab_size). Trains on the byte corpus (ids < 256);
+# the extra id 256 is a real row of the reference that the data never uses.
+_register(ModelConfig("tiny-odd", num_layers=2, hidden=64, num_heads=4, vocab_size=257, max_seq_len=256))
 # GPT-2 family (Radford et al. 2019); gpt2-124m has exactly 124,439,808 parameters.
 _register(ModelConfig("gpt2-124m", num_layers=12, hidden=768, num_heads=12, vocab_size=GPT2_VOCAB, max_seq_len=1024))
 _register(ModelConfig("gpt2-350m", num_layers=24, hidden=1024, num_heads=16, vocab_size=GPT2_VOCAB, max_seq_len=1024))

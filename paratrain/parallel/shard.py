@@ -15,6 +15,9 @@ Parameters carry their description as attributes, read by :func:`gather_full_sta
 gradient-norm code (``paratrain.parallel.grad``):
 
 * ``_pt_tp_split = (dim, chunks)`` and ``_pt_sharded = {"tp"}`` — a different slice per tp rank;
+* ``_pt_tp_size = V`` — the reference size along ``dim`` when the tensor was padded with zeros
+  before slicing (the vocabulary, ``config.padded_vocab_size``): the concatenated shards hold
+  ``padded`` rows, of which the first V are the reference's and the rest zero;
 * ``_pt_tp_partial_grad = True`` — replicated, but each tp rank's gradient is a partial sum over
   its slice of the sequence (sequence parallelism); the gradients must be summed over tp.
 """
@@ -43,12 +46,42 @@ def unshard(shards: Sequence[torch.Tensor], dim: int = 0, chunks: int = 1) -> to
     return torch.cat([pieces[r][c] for c in range(chunks) for r in range(len(shards))], dim)
 
 
-def shard_parameter(p: nn.Parameter, group: Group, dim: int = 0, chunks: int = 1) -> nn.Parameter:
-    """This rank's shard of a reference parameter, as a new marked parameter."""
-    out = nn.Parameter(shard(p.detach(), group.rank, group.size, dim, chunks), requires_grad=p.requires_grad)
+def pad(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """``t`` followed by zeros along ``dim`` up to ``size`` (``t`` itself when already that size)."""
+    extra = size - t.shape[dim]
+    assert extra >= 0, f"cannot pad {tuple(t.shape)} dim {dim} down to {size}"
+    if extra == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = extra
+    return torch.cat([t, t.new_zeros(shape)], dim)
+
+
+def shard_parameter(p: nn.Parameter, group: Group, dim: int = 0, chunks: int = 1,
+                    padded_size: int | None = None) -> nn.Parameter:
+    """This rank's shard of a reference parameter, as a new marked parameter. ``padded_size``
+    (``chunks = 1`` only): pad ``p`` with zero rows along ``dim`` to that size first, so the
+    shard of the last rank(s) ends in (or is all) zero rows."""
+    t = p.detach()
+    if padded_size is not None:
+        assert chunks == 1, "padding is defined for a plain split only"
+        t = pad(t, dim, padded_size)
+    out = nn.Parameter(shard(t, group.rank, group.size, dim, chunks), requires_grad=p.requires_grad)
     out._pt_tp_split = (dim, chunks)
     out._pt_sharded = frozenset({"tp"})
+    if t.shape[dim] != p.shape[dim]:
+        out._pt_tp_size = p.shape[dim]
     return out
+
+
+def full_shape(t: torch.Tensor, n: int) -> torch.Size:
+    """The reference shape of ``t``, this rank's tensor in a tp group of ``n`` (a shard: its
+    split dimension times n, less the padding; anything else: its own shape)."""
+    shape = list(t.shape)
+    split = getattr(t, "_pt_tp_split", None)
+    if split is not None:
+        shape[split[0]] = getattr(t, "_pt_tp_size", shape[split[0]] * n)
+    return torch.Size(shape)
 
 
 def mark_partial_grad(module: nn.Module) -> list[nn.Parameter]:
@@ -63,17 +96,20 @@ def partial_grad_params(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if getattr(p, "_pt_tp_partial_grad", False)]
 
 
-def _gather(t: torch.Tensor, group: Group, dim: int, chunks: int) -> torch.Tensor:
+def _gather(t: torch.Tensor, group: Group, dim: int, chunks: int, size: int | None) -> torch.Tensor:
+    """The full tensor from every rank's shard ``t``; padding (rows ``size`` on) dropped."""
     local = t.detach().contiguous()
     buf = local.new_empty((group.size * local.numel(),))
     comm.all_gather(buf, local.view(-1), group, tag="checkpoint")
-    return unshard(buf.view(group.size, *local.shape).unbind(0), dim, chunks)
+    full = unshard(buf.view(group.size, *local.shape).unbind(0), dim, chunks)
+    return full if size is None else full.narrow(dim, 0, size).contiguous()
 
 
 def gather_full_state(module: nn.Module, group: Group, grads: bool = False) -> dict[str, torch.Tensor] | None:
     """``module``'s state dict with every tp shard gathered back to the reference shape: on tp
     index 0, None on the others (``grads=True``: the parameters' gradients instead, zeros where
-    there is none). Every rank of ``group`` must call it. The all-gathers are filed under
+    there is none). Padding rows are dropped: the result has the reference's shapes. Every rank
+    of ``group`` must call it. The all-gathers (padding included) are filed under
     ``"checkpoint"`` in the group's counters."""
     out: dict[str, torch.Tensor] = {}
     done: dict[int, torch.Tensor] = {}  # a tied weight appears under two names; gather it once
@@ -83,6 +119,6 @@ def gather_full_state(module: nn.Module, group: Group, grads: bool = False) -> d
             value = torch.zeros_like(value) if t.grad is None else t.grad.detach()
         split = getattr(t, "_pt_tp_split", None)
         if id(t) not in done:
-            done[id(t)] = value if split is None else _gather(value, group, *split)
+            done[id(t)] = value if split is None else _gather(value, group, *split, getattr(t, "_pt_tp_size", None))
         out[name] = done[id(t)]
     return out if group.rank == 0 else None

@@ -135,6 +135,9 @@ def tensor_parallel(model: GPT, group: Group, rng: ShardedRNG, sequence_parallel
     stream's) draws from ``rng``, the stream that differs between tp ranks; the replicated
     regions keep the default generator, equal on all tp ranks (see ``parallel/rng.py``). On a
     group of one every collective is a no-op and the model computes what the reference does.
+    A vocabulary the group's size does not divide is padded with zero rows to
+    ``config.padded_vocab_size`` (embedding and head alike; masked out of the loss, see
+    ``parallel/vocab.py``).
     """
     sp = sequence_parallel
     for block in model.blocks:
@@ -150,10 +153,12 @@ def tensor_parallel(model: GPT, group: Group, rng: ShardedRNG, sequence_parallel
             mark_partial_grad(block.ln1)
             mark_partial_grad(block.ln2)
     tied = model.lm_head.weight is model.wte.weight
-    model.wte = VocabParallelEmbedding.from_embedding(model.wte, group, sp)
-    head = model.wte.weight if tied else shard_parameter(model.lm_head.weight, group, dim=0)
+    wte = model.wte = VocabParallelEmbedding.from_embedding(model.wte, group, sp)
+    # untied: the head's rows padded like the embedding's, so both split the same V' columns
+    head = wte.weight if tied else shard_parameter(model.lm_head.weight, group, dim=0,
+                                                   padded_size=wte.weight.shape[0] * group.size)
     model.lm_head = ColumnParallelLinear(head, None, group, sp)
-    model.criterion = VocabParallelCrossEntropy(group, model.wte.vocab_start)
+    model.criterion = VocabParallelCrossEntropy(group, wte.vocab_start, wte.vocab_size)
     if sp:
         _on_sharded_stream(model.drop, rng)
         model.wpe = SequenceParallelPositions(model.wpe, group)
@@ -224,6 +229,12 @@ def tp_comm_per_step(model: ModelConfig, tp: int, sequence_parallel: bool, local
     Per step: ``grad_norm`` 1 call of 4 bytes (the squared norm summed over tp), and under SP
     one all-reduce of the partial gradients: LayerNorms 2h(2L + 1), row-parallel biases 2Lh,
     positions max_seq_len*h, times 4 bytes. A group of one moves nothing.
+
+    No term depends on the vocabulary, padded (``config.padded_vocab_size``) or not: the logits
+    never travel (the cross-entropy moves 3 floats per token), the embedding's sum and the LM
+    head's input gradient are (b, s, h) activations, and the vocabulary-sized weights are not
+    replicated over tp. Only the checkpoint gather (not per step; tagged ``"checkpoint"``)
+    carries the padding rows: V'*h*4 bytes per embedding / untied head.
     """
     if tp == 1:
         return {}

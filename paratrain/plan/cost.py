@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple
 
-from paratrain.config import PRECISIONS, Layout, valid_tp
+from paratrain.config import PRECISIONS, Layout, padded_vocab_size, vocab_padding_note
 from paratrain.errors import ConfigError
 from paratrain.models.configs import ModelConfig, param_count
 from paratrain.plan import formulas as f
@@ -176,7 +176,8 @@ def _stages(model: ModelConfig, layout: Layout, hw: Hardware, global_batch: int,
     """Every rank (``every``), or the first rank of each run of alike ranks with its ``count``."""
     L, p, t, n, m = layout, layout.pp, layout.tp, layout.dp, layout.microbatches
     v = L.virtual_stages if L.schedule == "interleaved" else 1
-    s, h, F, a, V = seq_len, model.hidden, model.ffn_hidden, model.num_heads, model.vocab_size
+    # V: the vocabulary as the runtime holds it, padded when t does not divide it
+    s, h, F, a, V = seq_len, model.hidden, model.ffn_hidden, model.num_heads, padded_vocab_size(model.vocab_size, t)
     b = global_batch // (n * m)  # micro-batch size
     e = f.ELEM_BYTES[precision]
     P_b, G_b, _ = f.STATE_BYTES[precision]
@@ -293,7 +294,8 @@ def _estimate(model: ModelConfig, layout: Layout, hw: Hardware, global_batch: in
         cross = axis_spans_nodes("pp", layout.dp, p, layout.tp, hw.devices_per_node)
         bw, lat = _link(hw, cross)
         G_b = f.STATE_BYTES[precision][1]
-        tied_s = f.all_reduce_wire_bytes(2, G_b * model.vocab_size * model.hidden / layout.tp) / bw + 2 * lat
+        vocab = padded_vocab_size(model.vocab_size, layout.tp)
+        tied_s = f.all_reduce_wire_bytes(2, G_b * vocab * model.hidden / layout.tp) / bw + 2 * lat
     time = StepTime(
         compute=m * (slow.forward_s + slow.backward_s), tp_comm=m * slow.tp_s, pp_comm=m * slow.p2p_s + tied_s,
         bubble=pipe - m * t_max, dp_comm=max(c.dp_exposed_s for c in stages),
@@ -321,17 +323,16 @@ def _estimate(model: ModelConfig, layout: Layout, hw: Hardware, global_batch: in
                                         pp=max(c.pp_bytes for c in stages)),
         time=time, tokens_per_s=tokens / step, mfu=flops / (step * n_dev * peak),
         hfu=hw_flops / (step * n_dev * peak), efficiency=options.efficiency or hw.compute_efficiency,
-        notes=_notes(model, hw, precision),
+        notes=_notes(model, layout.tp, hw, precision),
     )
 
 
-def _notes(model: ModelConfig, hw: Hardware, precision: str) -> tuple[str, ...]:
+def _notes(model: ModelConfig, tp: int, hw: Hardware, precision: str) -> tuple[str, ...]:
     notes = []
     if precision == "bf16" and not hw.peak_bf16_flops:
         notes.append(f"{hw.name} has no bf16 units: estimated as fp16 mixed precision (same bytes, fp16 peak).")
     if not hw.memory_bw:
         notes.append("memory bandwidth unknown: the optimizer step's time is left out.")
-    if valid_tp(model) == [1] and model.num_heads > 1:
-        notes.append(f"vocabulary {model.vocab_size} is divisible by no tensor-parallel degree > 1, so tp must "
-                     f"be 1; a padded vocabulary (e.g. --vocab {-(-model.vocab_size // 128) * 128}) allows tp.")
+    if padding := vocab_padding_note(model, tp):
+        notes.append(padding + ".")
     return tuple(notes)

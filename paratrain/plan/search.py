@@ -2,7 +2,8 @@
 
 Pure Python (no torch). The space (every combination is a valid :class:`Layout`):
 
-    tp    divides N, the heads, hidden size, MLP width and vocabulary; <= devices per node
+    tp    divides N, the heads, hidden size and MLP width (a vocabulary it does not divide is
+          padded: config.padded_vocab_size); <= devices per node
           (tensor-parallel collectives run every layer and need the fast link) unless allowed
     pp    divides N / tp, <= layers
     dp    = N / (tp pp), divides the global batch

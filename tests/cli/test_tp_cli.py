@@ -35,3 +35,28 @@ def test_sequence_parallel_needs_divisible_sequence(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "seq_len divisible by tp (got tp=2, seq_len=33)" in r.stderr
     assert "Use a tp > 1 that divides seq_len" in " ".join(r.stderr.split())
+
+
+def test_tp2_on_a_vocabulary_it_does_not_divide(tmp_path):
+    """tiny-odd (vocabulary 257, prime) at tp 2: padded to 384 rows and said so; the reference's
+    losses; a checkpoint of the reference's shapes (257 rows, no padding); a text sample (the
+    model can sample id 256, which is not a byte)."""
+    r = paratrain("train", "--nproc", "2", "--tp", "2", "--model", "tiny-odd", "--steps", "3",
+                  "--global-batch", "8", "--seq-len", "32", "--eval-every", "3", "--sample-tokens", "64",
+                  "--out", "o", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "vocab: vocabulary 257 padded to 384 for tp=2 (192 rows per rank" in r.stdout
+    assert "sampled from the trained model" in r.stdout
+    ref = reference_train(TrainConfig(model="tiny-odd", steps=3, global_batch=8, seq_len=32))
+    assert losses(tmp_path / "o") == pytest.approx(ref.losses, rel=1e-5)
+    state, _ = load_checkpoint(tmp_path / "o" / "checkpoint")
+    assert {k: tuple(v.shape) for k, v in state["model"].items()} == \
+        {k: tuple(v.shape) for k, v in ref.state.items()}
+    assert state["model"]["wte.weight"].shape[0] == 257
+
+
+def test_tp_must_still_divide_the_heads(tmp_path):
+    r = paratrain("train", "--nproc", "3", "--tp", "3", "--model", "tiny-odd", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert ("paratrain: error: tp=3 does not divide the model's attention heads (4); tensor parallelism "
+            "splits it evenly. Valid tp values for 'tiny-odd': [1, 2, 4].") in " ".join(r.stderr.split())

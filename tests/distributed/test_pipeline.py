@@ -27,6 +27,7 @@ PARAM_ATOL = 1e-5
 
 DEEP = BASE.replace(model="tiny-deep")  # 8 blocks: room for pp 4 x 2 virtual stages
 UNTIED = BASE.replace(untie_embeddings=True)
+ODD = BASE.replace(model="tiny-odd")  # vocabulary 257: padded to 384 rows at tp 2
 
 CASES = {
     "pp2-gpipe": (BASE, dict(pp=2, microbatches=4, schedule="gpipe")),
@@ -42,13 +43,16 @@ CASES = {
     "pp2-tp2-sp-interleaved": (BASE, dict(pp=2, tp=2, sequence_parallel=True, microbatches=2,
                                          schedule="interleaved", virtual_stages=2)),
     "dp2-pp2-tp2": (BASE, dict(dp=2, pp=2, tp=2, microbatches=2, schedule="1f1b")),
+    # padded vocabulary: the tied embedding's padded shards summed between the first and last
+    # stage; the state gathered per stage without the padding rows
+    "pp2-tp2-padded-vocab": (ODD, dict(pp=2, tp=2, microbatches=2, schedule="1f1b")),
 }
 # Tensor parallelism rounds differently in the loss's vocabulary sum and in the row-parallel
 # matmuls; tests/distributed/test_tensor_parallel.py explains and measures its parameter tolerance.
 TP_PARAM_ATOL = 1e-4
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference(cfg):
     return reference_train(cfg)
 

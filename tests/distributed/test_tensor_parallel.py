@@ -1,6 +1,7 @@
-"""Tensor parallelism (with and without sequence parallelism, alone and under data parallelism)
-reproduces the single-process reference: losses, gradient norms, clipped gradients, every
-parameter gathered back to full shape, and exactly the communication its formula states."""
+"""Tensor parallelism (with and without sequence parallelism, alone and under data parallelism,
+with a vocabulary tp divides and one it must pad) reproduces the single-process reference:
+losses, gradient norms, clipped gradients, every parameter gathered back to full shape, and
+exactly the communication its formula states."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import functools
 import pytest
 import torch
 
-from paratrain.parallel.shard import shard
+from paratrain.config import padded_vocab_size
+from paratrain.parallel.shard import pad, shard
 from paratrain.parallel.tensor import tp_comm_per_step
 from paratrain.reference import reference_train
 from tests.common import BASE, max_param_diff, train_ranks_fn, with_layout
@@ -20,8 +22,10 @@ from tests.harness import run_ranks
 # dimension (row-parallel layers) or of the vocabulary (the loss's sum of exponentials), and the
 # all-reduce adds the slices in another order, so every value differs from the reference by float
 # rounding only: gradients within ~5e-7 of each tensor's largest element; measured over all cases
-# below, losses within 2.1e-7 and pre-clip norms within 1.8e-6 relative, hence LOSS_RTOL /
-# NORM_RTOL = 1e-5 as for data parallelism. (Clipping is active at every step: norms 2.3 to 8.4.) Parameters: AdamW's
+# below, losses within 2.9e-7 and pre-clip norms within 1.8e-6 relative, hence LOSS_RTOL /
+# NORM_RTOL = 1e-5 as for data parallelism. (Clipping is active at every step: norms 2.0 to 8.4.)
+# A padded vocabulary adds no rounding (its masked columns contribute exact zeros): the tiny-odd
+# cases measured losses within 2.9e-7, norms within 6e-7, parameters within 9.1e-6. Parameters: AdamW's
 # step lr * m / (sqrt(v) + eps) is ~lr * sign(g) for any |g| >> eps = 1e-8, so where a gradient
 # element is itself ~1e-9 (a few in every large matrix; measured: each element off by > 3e-6 had
 # |g| < 5e-9 at step 1 while the matrix's largest is ~5e-3) its ~1e-10 rounding error changes the
@@ -49,20 +53,26 @@ CASES = {
     "tp2-sp-recompute-full": dict(tp=2, sequence_parallel=True, recompute="full"),
 }
 UNTIED = {"tp2-untied": dict(tp=2), "tp2-sp-untied": dict(tp=2, sequence_parallel=True)}
+# tiny-odd's vocabulary 257 is prime: padded to 384 rows at tp 2 (rank 1: 65 real, 63 padding)
+# and 512 at tp 4 (rank 2: 1 real row, rank 3: padding only).
+PADDED = {"odd-tp2": dict(tp=2), "odd-tp4": dict(tp=4), "odd-tp2-sp": dict(tp=2, sequence_parallel=True),
+          "odd-tp2-untied": dict(tp=2), "odd-tp4-sp-untied": dict(tp=4, sequence_parallel=True)}
+ODD = BASE.replace(model="tiny-odd")
 
 
 def case_config(name: str):
-    if name in UNTIED:
-        return with_layout(BASE.replace(untie_embeddings=True), **UNTIED[name])
-    return with_layout(BASE, **CASES[name])
+    base = ODD if name in PADDED else BASE
+    if name.endswith("-untied"):
+        base = base.replace(untie_embeddings=True)
+    return with_layout(base, **{**CASES, **UNTIED, **PADDED}[name])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference(cfg):
     return reference_train(cfg)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def run(name: str):
     """The ranks' results for one case (cached: the comm test reuses the equivalence runs)."""
     cfg = case_config(name)
@@ -70,14 +80,24 @@ def run(name: str):
 
 
 def expected_local(ref_state: dict, rank_tp: int, tp: int) -> dict:
+    """This rank's documented shard of every reference tensor; the vocabulary's rows padded
+    with zeros to ``padded_vocab_size`` first."""
     out = {}
     for k, v in ref_state.items():
         spec = next((s for suffix, s in SPLITS.items() if k.endswith(suffix)), None)
+        if k in ("wte.weight", "lm_head.weight"):
+            v = pad(v, 0, padded_vocab_size(v.shape[0], tp))
         out[k] = v if spec is None else shard(v, rank_tp, tp, *spec)
     return out
 
 
-@pytest.mark.parametrize("name", [*CASES, *UNTIED])
+def padding_rows(local: torch.Tensor, rank_tp: int, vocab_size: int) -> torch.Tensor:
+    """The rows of this rank's vocabulary shard that lie beyond the real vocabulary."""
+    rows = local.shape[0]
+    return local[max(0, min(rows, vocab_size - rank_tp * rows)):]
+
+
+@pytest.mark.parametrize("name", [*CASES, *UNTIED, *PADDED])
 def test_tp_matches_reference(name):
     cfg, results = run(name)
     layout = cfg.layout
@@ -89,6 +109,9 @@ def test_tp_matches_reference(name):
         # every rank holds exactly its documented shard of every reference tensor
         diff, where = max_param_diff(res["state"], expected_local(ref.state, rank % layout.tp, layout.tp))
         assert diff <= TP_PARAM_ATOL, f"rank {rank}: max |shard - reference shard| = {diff:.3g} at {where}"
+        for k in ("wte.weight", "lm_head.weight"):  # padding: zero gradients, so AdamW left it 0
+            rows = padding_rows(res["state"][k], rank % layout.tp, cfg.model_config().vocab_size)
+            assert torch.count_nonzero(rows) == 0, f"rank {rank}: {k} padding rows moved"
     # ... and rank 0 gathers them back into the reference's full state dict
     full = results[0]["full_state"]
     diff, where = max_param_diff(full, ref.state)
@@ -99,22 +122,33 @@ def test_tp_matches_reference(name):
 
 
 @pytest.mark.parametrize("name", ["tp2", "tp2-sp", "dp2-tp2-sp-accum2", "tp2-recompute-full",
-                                  "tp2-sp-recompute-selective", "tp2-sp-recompute-full"])
+                                  "tp2-sp-recompute-selective", "tp2-sp-recompute-full",
+                                  "odd-tp4", "odd-tp4-sp-untied"])
 def test_tp_comm_bytes_match_formula(name):
+    """Per step: the formula, which has no vocabulary term (padded or not). The one gather of the
+    final state (``"checkpoint"``, tp ranks of dp index 0) moves every shard at its padded size."""
     cfg, results = run(name)
-    layout = cfg.layout
-    expected = tp_comm_per_step(cfg.model_config(), layout.tp, layout.sequence_parallel,
+    layout, model = cfg.layout, cfg.model_config()
+    expected = tp_comm_per_step(model, layout.tp, layout.sequence_parallel,
                                 cfg.global_batch // layout.dp, cfg.seq_len, layout.microbatches,
                                 layout.recompute)
+    # per block qkv (3H^2 + 3H), proj H^2, fc1 (FH + F), fc2 FH; the embedding V'H, untied head V'H
+    L, H, F, heads = model.num_layers, model.hidden, model.ffn_hidden, 1 + (not model.tie_embeddings)
+    vocab_rows = padded_vocab_size(model.vocab_size, layout.tp)
+    gather = (6 * L + heads, 4 * (L * (4 * H * H + 3 * H + 2 * F * H + F) + heads * vocab_rows * H))
     for rank, res in enumerate(results):
         per_step_total = sum(b for _, b in expected.values())
         assert [s["tp"] for s in res["comm_bytes"]] == [per_step_total] * cfg.steps, f"rank {rank}"
-        measured = {op: (s["calls"], s["bytes"]) for op, s in res["ops"]["tp"].items() if op != "checkpoint"}
+        ops = res["ops"]["tp"]
+        measured = {op: (s["calls"], s["bytes"]) for op, s in ops.items() if op != "checkpoint"}
         assert measured == {op: (c * cfg.steps, b * cfg.steps) for op, (c, b) in expected.items()}, f"rank {rank}"
+        if rank < layout.tp:  # dp index 0
+            assert (ops["checkpoint"]["calls"], ops["checkpoint"]["bytes"]) == gather, f"rank {rank}"
 
 
 def clipped_grads_fn(cfg, clip: float):
-    """One step's gradients after clipping, gathered to full shapes (on global rank 0)."""
+    """One step's gradients after clipping, gathered to full shapes (on global rank 0), and this
+    rank's gradients of its vocabulary padding rows (before clipping; empty without padding)."""
     from paratrain.data import get_batch, load_corpus
     from paratrain.launch import RankEnv
     from paratrain.parallel.shard import gather_full_state
@@ -123,9 +157,13 @@ def clipped_grads_fn(cfg, clip: float):
     s = setup(cfg, RankEnv.from_env(), torch.device("cpu"), load_corpus())
     x, y = get_batch(s.corpus.train, cfg.seq_len, cfg.global_batch, cfg.seed, 1, s.rows)
     s.pm.forward_backward(torch.from_numpy(x), torch.from_numpy(y))
+    params = dict(s.pm.named_parameters())
+    vocab = cfg.model_config().vocab_size
+    padding = {k: padding_rows(params[k].grad, s.mesh.coords.tp, vocab).clone()
+               for k in ("wte.weight", "lm_head.weight") if k in params}
     norm = s.pm.clip_grad_norm_(clip)
     grads = gather_full_state(s.pm.module, s.mesh.tp, grads=True) if s.mesh.coords.dp == 0 else None
-    return float(norm), grads
+    return float(norm), grads, padding
 
 
 def reference_clipped_grads(cfg, clip: float):
@@ -139,18 +177,24 @@ def reference_clipped_grads(cfg, clip: float):
     return float(norm), {k: p.grad for k, p in model.state_dict(keep_vars=True).items()}
 
 
-@pytest.mark.parametrize("layout", [dict(tp=2), dict(dp=2, tp=2, sequence_parallel=True)],
-                         ids=["tp2", "dp2-tp2-sp"])
-def test_clipping_counts_each_parameter_once(layout):
+@pytest.mark.parametrize("base,layout", [(BASE, dict(tp=2)), (BASE, dict(dp=2, tp=2, sequence_parallel=True)),
+                                         (ODD, dict(tp=4))], ids=["tp2", "dp2-tp2-sp", "odd-tp4"])
+def test_clipping_counts_each_parameter_once(base, layout):
     """The clipped gradients equal the reference's with a clip value that really clips (the
     coefficient is ~0.04): a replicated parameter counted twice, or a shard counted once, would
-    change the norm and with it every clipped gradient."""
-    cfg = with_layout(BASE, **layout)
+    change the norm and with it every clipped gradient. With a padded vocabulary the padding
+    rows' gradients are exactly zero (so they add nothing to the norm, and AdamW never moves
+    them)."""
+    cfg = with_layout(base, **layout)
     ref_norm, ref_grads = reference_clipped_grads(cfg, clip=0.3)
     results = run_ranks(cfg.layout.world_size, clipped_grads_fn, cfg, 0.3)
     assert 0.3 / ref_norm < 0.5
-    for norm, _ in results:
+    for rank, (norm, _, padding) in enumerate(results):
         assert norm == pytest.approx(ref_norm, rel=NORM_RTOL)
+        for k, rows in padding.items():
+            assert torch.count_nonzero(rows) == 0, f"rank {rank}: {k} padding rows got a gradient"
+    if base is ODD:  # rank 3 of 4 holds padding rows only (257 -> 512: rows 384..511)
+        assert [tuple(r["wte.weight"].shape) for _, _, r in results] == [(0, 64), (0, 64), (127, 64), (128, 64)]
     grads = results[0][1]
     assert set(grads) == set(ref_grads)
     for k, g in ref_grads.items():

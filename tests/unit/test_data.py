@@ -62,3 +62,8 @@ def test_missing_and_empty_data(tmp_path):
 
 def test_encode_decode_roundtrip():
     assert decode(encode("π = 3.14\n")) == "π = 3.14\n"
+
+
+def test_decode_ids_beyond_a_byte():
+    """A model with a vocabulary above 256 (tiny-odd) can sample id 256: shown as U+FFFD."""
+    assert decode([104, 256, 105]) == "h\ufffdi"

@@ -138,8 +138,21 @@ def test_notes() -> None:
     assert estimate(MODEL, Layout(), A100, 1, 2048).notes == ()
     v100 = estimate(MODEL, Layout(), get_hardware("V100-32GB"), 1, 2048)
     assert any("no bf16" in n for n in v100.notes)
-    gpt2 = estimate(get_model_config("gpt2-124m"), Layout(), A100, 1, 1024)
-    assert any("--vocab 50304" in n for n in gpt2.notes)
+    gpt2 = get_model_config("gpt2-124m")
+    assert estimate(gpt2, Layout(), A100, 1, 1024).notes == ()
+    assert any("50257 padded to 50304 for tp=2" in n for n in estimate(gpt2, Layout(tp=2), A100, 1, 1024).notes)
+
+
+def test_a_padded_vocabulary_costs_what_the_padded_model_does() -> None:
+    """At tp=2 the runtime holds GPT-2's vocabulary as 50304 rows (config.padded_vocab_size):
+    memory and time are those of a 50304-token model; at tp=1 nothing is padded."""
+    gpt2 = get_model_config("gpt2-124m")
+    for layout in (Layout(tp=2), Layout(pp=2, tp=2, microbatches=2)):
+        odd, even = (estimate(m, layout, A100, 8, 1024) for m in (gpt2, gpt2.replace(vocab_size=50304)))
+        assert odd.params_per_device == even.params_per_device
+        assert odd.peak_bytes_per_device == even.peak_bytes_per_device
+        assert odd.step_time_s == pytest.approx(even.step_time_s, rel=1e-12)
+    assert estimate(gpt2, Layout(), A100, 8, 1024).params_per_device == param_count(gpt2)
 
 
 def test_fp32_uses_fp32_peak_and_state() -> None:

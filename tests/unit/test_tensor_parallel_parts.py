@@ -12,7 +12,7 @@ from paratrain.comm import single_group
 from paratrain.models.configs import get_model_config
 from paratrain.models.gpt import build_reference
 from paratrain.parallel.rng import ShardedRNG, derive_seed, seed_default_generator
-from paratrain.parallel.shard import gather_full_state, shard, unshard
+from paratrain.parallel.shard import full_shape, gather_full_state, shard, shard_parameter, unshard
 from paratrain.parallel.tensor import tensor_parallel, tp_comm_per_step
 from paratrain.parallel.tp_ops import copy_to_tp, gather_from_sp, reduce_from_tp, reduce_scatter_to_sp
 from tests.harness import run_ranks
@@ -28,6 +28,20 @@ def test_shard_unshard_roundtrip(n, chunks, dim, other, per):
     shards = [shard(t, r, n, dim, chunks) for r in range(n)]
     assert all(s.shape[dim] == chunks * per for s in shards)
     assert torch.equal(unshard(shards, dim, chunks), t)
+
+
+def test_padded_shard_gathers_back_to_the_reference_rows():
+    """A vocabulary-sized tensor padded with zero rows before slicing: the shard holds the
+    padding, its reference shape and the gathered state do not."""
+    ref = torch.nn.Embedding(257, 4)
+    p = shard_parameter(ref.weight, single_group("tp"), dim=0, padded_size=320)
+    assert p.shape == (320, 4) and torch.equal(p[:257], ref.weight) and torch.count_nonzero(p[257:]) == 0
+    assert full_shape(p, 1) == (257, 4) and full_shape(ref.weight, 1) == (257, 4)
+    module = torch.nn.Module()
+    module.weight = p
+    p.grad = torch.ones_like(p)
+    assert torch.equal(gather_full_state(module, single_group("tp"))["weight"], ref.weight.detach())
+    assert gather_full_state(module, single_group("tp"), grads=True)["weight"].shape == (257, 4)
 
 
 def test_qkv_shard_holds_this_ranks_heads():

@@ -29,6 +29,7 @@ from paratrain.config import Layout
 from paratrain.mesh import Mesh
 from paratrain.models.gpt import GPT
 from paratrain.parallel.pipeline.partition import stage_sizes, stage_units
+from paratrain.parallel.shard import full_shape
 
 
 def unit_of_key(key: str, num_layers: int) -> int:
@@ -92,12 +93,8 @@ def build_stage(model: GPT, mesh: Mesh, layout: Layout, seq_len: int) -> Stage:
     units = stage_units(sizes)
     owner = {u: s % p for s, run in enumerate(units) for u in run}  # unit -> pipeline rank
     keys_by_rank: list[list[tuple[str, torch.Size]]] = [[] for _ in range(p)]
-    for key, value in model.state_dict(keep_vars=True).items():
-        shape = list(value.shape)
-        split = getattr(value, "_pt_tp_split", None)  # a tensor-parallel shard: the full shape
-        if split is not None:
-            shape[split[0]] *= mesh.tp.size
-        keys_by_rank[owner[unit_of_key(key, cfg.num_layers)]].append((key, torch.Size(shape)))
+    for key, value in model.state_dict(keep_vars=True).items():  # tp shards: their reference shape
+        keys_by_rank[owner[unit_of_key(key, cfg.num_layers)]].append((key, full_shape(value, mesh.tp.size)))
 
     mine = {u for u, r in owner.items() if r == rank}
     for i in range(cfg.num_layers):
