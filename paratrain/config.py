@@ -23,7 +23,7 @@ DEVICES = ("auto", "cpu", "cuda")
 # What the training runtime implements today; the planner may reason about more.
 SUPPORTED_TP = True
 SUPPORTED_PP = True
-SUPPORTED_ZERO = False
+SUPPORTED_ZERO = True
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -331,3 +331,25 @@ class TrainConfig:
                     f"Valid today: data parallelism (--dp N) with micro-batches, and tensor parallelism "
                     f"(--tp N, optionally --sequence-parallel)."
                 )
+        self._check_zero()
+
+    def _check_zero(self) -> None:
+        """The ZeRO combinations the runtime does not implement (the planner may still rank them)."""
+        layout = self.layout
+        if layout.zero == 0:
+            return
+        if self.dp_impl != "bucketed":
+            raise ConfigError(
+                f"ZeRO (zero={layout.zero}) shards the bucketed data parallelism; dp_impl "
+                f"{self.dp_impl!r} is the teaching version without buckets. Use --dp-impl bucketed "
+                f"(the default) with --zero, or --zero 0 with --dp-impl naive."
+            )
+        if layout.zero == 3 and layout.pp > 1:
+            raise ConfigError(
+                f"ZeRO-3 with pipeline parallelism (pp={layout.pp}) is not implemented: ZeRO-3 "
+                f"gathers a block's parameters around each forward and backward, and the pipeline "
+                f"schedule interleaves the micro-batches' forwards and backwards, which would gather "
+                f"every block once per micro-batch and action. Valid: --zero 1 or --zero 2 with "
+                f"--pp {layout.pp} (optimizer state and gradients sharded over each stage's dp "
+                f"group), or --zero 3 with --pp 1."
+            )

@@ -130,7 +130,7 @@ def setup(cfg: TrainConfig, env: RankEnv, device: torch.device, corpus: Corpus |
     autocast = torch.bfloat16 if cfg.precision == "bf16" else None
     pm = parallelize(model, mesh, layout, bucket_mb=cfg.bucket_mb, dp_impl=cfg.dp_impl,
                      overlap=cfg.overlap, autocast_dtype=autocast, seq_len=cfg.seq_len)
-    opt = make_optimizer(pm.named_parameters(), cfg)
+    opt = pm.shard_optimizer(make_optimizer(pm.named_parameters(), cfg))  # ZeRO: over the shards
     rows = dp_rows(cfg.global_batch, layout.dp, mesh.coords.dp)
     return Session(cfg, mesh, corpus, pm, opt, rows, device)
 

@@ -42,13 +42,10 @@ def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, bucket_mb: floa
     """Turn the reference ``model`` (identical on every rank) into this rank's share of it.
     ``seq_len`` (default: the model's maximum) sizes the attention cost of the pipeline partition."""
     from paratrain.parallel.data import DataParallel, NaiveDataParallel
-    from paratrain.parallel.model import ParallelModel
+    from paratrain.parallel.model import GradSync, ParallelModel
     from paratrain.parallel.recompute import apply_recompute
-    from paratrain.parallel.shard import partial_grad_params
     from paratrain.parallel.tensor import SequenceParallelGradSync
 
-    if layout.zero > 0:
-        raise NotImplementedError("ZeRO is not implemented in the runtime so far")
     if layout.tp > 1:  # tensor parallelism: parallel/tensor.py
         # (at tp = 1 it would compute the same model, but its vocab-parallel loss rounds
         # differently from F.cross_entropy; data parallelism alone keeps the reference's arithmetic)
@@ -63,13 +60,25 @@ def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, bucket_mb: floa
         from paratrain.parallel.pipeline.stage import build_stage
 
         stage = build_stage(model, mesh, layout, seq_len or model.cfg.max_seq_len)
-    if dp_impl == "naive":
+    sync: GradSync
+    if layout.zero == 3:  # ZeRO-3: parameters sharded too, gathered per block (parallel/zero3.py)
+        from paratrain.parallel.zero3 import zero3
+
+        sync = zero3(model, mesh.dp, bucket_mb=bucket_mb, overlap=overlap)
+    elif layout.zero:  # ZeRO-1/2: parallel/zero.py
+        from paratrain.parallel.zero import ZeroDataParallel
+
+        tied = [stage.tied_param] if stage is not None and stage.tied_param is not None else []
+        sync = ZeroDataParallel(model, mesh.dp, layout.zero, bucket_mb, overlap, alone=tied)
+    elif dp_impl == "naive":
         sync = NaiveDataParallel(model, mesh.dp)
     else:
         sync = DataParallel(model, mesh.dp, bucket_mb=bucket_mb, overlap=overlap)
-    if partial := partial_grad_params(model):  # sequence parallelism: summed over tp, after dp
+    partial = [p for p in sync.grad_params if getattr(p, "_pt_tp_partial_grad", False)]
+    if partial:  # sequence parallelism: summed over tp, after dp
         sync = SequenceParallelGradSync(sync, partial, mesh.tp)
-    norm_groups = [mesh.tp, mesh.pp]  # ranks of these groups hold different parameters
+    # ranks of these groups hold different parameters (ZeRO: different shards over dp)
+    norm_groups = [mesh.tp, mesh.pp] + ([mesh.dp] if layout.zero else [])
     if stage is not None:
         from paratrain.parallel.pipeline.model import PipelineModel
 

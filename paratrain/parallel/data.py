@@ -16,7 +16,8 @@ Two implementations share one small interface (``grad_scale``, ``set_sync``, ``f
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -29,7 +30,47 @@ def _unique_params(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]  # tied weights appear once
 
 
-class NaiveDataParallel:
+def group_by_bytes(params: Iterable[nn.Parameter], cap_bytes: int,
+                   alone: Iterable[nn.Parameter] = ()) -> list[list[nn.Parameter]]:
+    """Consecutive runs of ``params`` of at most ``cap_bytes`` each (a larger tensor alone), never
+    mixing dtypes or devices: the parameters of each bucket. Those in ``alone`` get a bucket
+    of their own, in their place in the order."""
+    single = {id(p) for p in alone}
+    groups: list[list[nn.Parameter]] = []
+    size = 0
+    for p in params:
+        current = groups[-1] if groups else None
+        if (current is None or size + p.numel() * p.element_size() > cap_bytes
+                or id(p) in single or id(current[0]) in single
+                or p.dtype != current[0].dtype or p.device != current[0].device):
+            groups.append([])
+            size = 0
+        groups[-1].append(p)
+        size += p.numel() * p.element_size()
+    return groups
+
+
+class Replicated:
+    """What the two data-parallel classes share: every rank holds whole parameters, so the
+    reduced gradients sit in ``p.grad`` of the parameters themselves (``grad_params``), the
+    optimizer is the plain one and the parameters are always whole. ZeRO
+    (``parallel/zero.py``) answers these three differently."""
+
+    params: list[nn.Parameter]
+
+    @property
+    def grad_params(self) -> list[torch.Tensor]:
+        return list(self.params)
+
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        return optimizer
+
+    @contextlib.contextmanager
+    def full_params(self) -> Iterator[None]:
+        yield
+
+
+class NaiveDataParallel(Replicated):
     """All-reduce every gradient, one collective per parameter, after backward has finished."""
 
     grad_scale = 1.0  # the mean is taken after the sum, below
@@ -58,23 +99,44 @@ class NaiveDataParallel:
 
 
 class _Bucket:
-    """A flat buffer holding the gradients of a few parameters, reduced by one collective."""
+    """A flat buffer holding the gradients of a few parameters, reduced by one collective.
 
-    def __init__(self, index: int, params: list[nn.Parameter]) -> None:
+    The buffer has ``padded`` elements: the parameters' ``numel`` rounded up to a multiple of
+    ``multiple`` (1 for all-reduce; the dp size for ZeRO's reduce-scatter, whose shards must
+    be equal), the tail zero. ``allocate=False`` leaves it to :meth:`allocate` (ZeRO-2/3
+    allocate it for each backward and release it once reduced)."""
+
+    def __init__(self, index: int, params: list[nn.Parameter], multiple: int = 1,
+                 allocate: bool = True) -> None:
         self.index = index
         self.params = params
-        total = sum(p.numel() for p in params)
-        self.buffer = torch.zeros(total, dtype=params[0].dtype, device=params[0].device)
-        self.views: dict[nn.Parameter, torch.Tensor] = {}
+        self.numel = sum(p.numel() for p in params)
+        self.padded = -(-self.numel // multiple) * multiple
+        self.offsets: dict[nn.Parameter, int] = {}
         offset = 0
         for p in params:
-            self.views[p] = self.buffer[offset:offset + p.numel()].view_as(p)
+            self.offsets[p] = offset
             offset += p.numel()
+        self.buffer: torch.Tensor | None = None
+        self.views: dict[nn.Parameter, torch.Tensor] = {}
+        if allocate:
+            self.allocate()
         self.pending = len(params)
         self.handle: Handle | None = None
 
+    def allocate(self) -> torch.Tensor:
+        """A zeroed buffer, with each parameter's gradient view into it."""
+        p0 = self.params[0]
+        self.buffer = torch.zeros(self.padded, dtype=p0.dtype, device=p0.device)
+        self.views = {p: self.buffer[o:o + p.numel()].view_as(p) for p, o in self.offsets.items()}
+        return self.buffer
 
-class DataParallel:
+    def release(self) -> None:
+        self.buffer = None
+        self.views = {}
+
+
+class DataParallel(Replicated):
     """Bucketed data parallelism with all-reduces overlapping backward.
 
     Buckets are filled in reverse parameter order (roughly the order backward produces
@@ -97,35 +159,23 @@ class DataParallel:
         self.grad_scale = 1.0 / group.size
         self.overlap = overlap
         self.params = _unique_params(module)
-        self.buckets = self._make_buckets(reversed(self.params), int(bucket_mb * 2**20))
+        self.buckets = self._make_buckets(int(bucket_mb * 2**20))
         self._bucket_of: dict[nn.Parameter, _Bucket] = {}
         for b in self.buckets:
             for p in b.params:
                 self._bucket_of[p] = b
-                p.grad = b.views[p]
+                if b.buffer is not None:
+                    p.grad = b.views[p]
         self._sync = True
         self._next = 0  # index of the next bucket to launch
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in self.params]
 
-    @staticmethod
-    def _make_buckets(params: Iterable[nn.Parameter], cap_bytes: int) -> list[_Bucket]:
-        buckets: list[_Bucket] = []
-        current: list[nn.Parameter] = []
-        size = 0
-        for p in params:
-            if current and (size + p.numel() * p.element_size() > cap_bytes
-                            or p.dtype != current[0].dtype or p.device != current[0].device):
-                buckets.append(_Bucket(len(buckets), current))
-                current, size = [], 0
-            current.append(p)
-            size += p.numel() * p.element_size()
-        if current:
-            buckets.append(_Bucket(len(buckets), current))
-        return buckets
+    def _make_buckets(self, cap_bytes: int) -> list[_Bucket]:
+        return [_Bucket(i, ps) for i, ps in enumerate(group_by_bytes(reversed(self.params), cap_bytes))]
 
     @property
     def bucket_sizes(self) -> list[int]:
-        return [b.buffer.numel() for b in self.buckets]
+        return [b.padded for b in self.buckets]
 
     def set_sync(self, sync: bool) -> None:
         """Whether the coming backward is the last micro-batch of the step (reduce) or not."""
@@ -137,16 +187,21 @@ class DataParallel:
 
     def _on_grad_ready(self, p: nn.Parameter) -> None:
         bucket = self._bucket_of[p]
-        view = bucket.views[p]
-        if p.grad is not view:
-            if p.grad.data_ptr() != view.data_ptr():
-                view.copy_(p.grad)
-            p.grad = view
+        self._store_grad(bucket, p)
         if not self._sync:
             return
         bucket.pending -= 1
         if bucket.pending == 0 and self.overlap:
             self._launch_ready()
+
+    def _store_grad(self, bucket: _Bucket, p: nn.Parameter) -> None:
+        """Make sure ``p``'s new gradient is in the bucket (it already is, as a view, unless
+        autograd re-created ``p.grad``)."""
+        view = bucket.views[p]
+        if p.grad is not view:
+            if p.grad.data_ptr() != view.data_ptr():
+                view.copy_(p.grad)
+            p.grad = view
 
     def _launch_ready(self) -> None:
         while self._next < len(self.buckets) and self.buckets[self._next].pending == 0:
@@ -156,13 +211,17 @@ class DataParallel:
     def _launch(self, bucket: _Bucket) -> None:
         bucket.handle = comm.all_reduce(bucket.buffer, self.group, async_op=True)
 
+    def _launch_rest(self) -> None:
+        """Launch the buckets not launched yet (unused parameters, or overlap disabled)."""
+        while self._next < len(self.buckets):
+            self._launch(self.buckets[self._next])
+            self._next += 1
+
     def finish(self) -> None:
         """After the last backward of the step: launch what is left, wait for every bucket."""
         if not self._sync:
             return
-        while self._next < len(self.buckets):  # unused parameters, or overlap disabled
-            self._launch(self.buckets[self._next])
-            self._next += 1
+        self._launch_rest()
         for b in self.buckets:
             if b.handle is not None:
                 b.handle.wait()

@@ -19,14 +19,23 @@ from paratrain.parallel.shard import gather_full_state
 
 
 class GradSync(Protocol):
-    """What a data-parallel (or ZeRO) wrapper offers the step: see ``parallel/data.py``.
-    ``grad_scale`` multiplies the loss before backward (1/dp when the reduction sums)."""
+    """What a data-parallel (or ZeRO) wrapper offers the step: see ``parallel/data.py`` and
+    ``parallel/zero.py``. ``grad_scale`` multiplies the loss before backward (1/dp when the
+    reduction sums). ``grad_params``: the tensors whose ``.grad`` holds this rank's reduced
+    gradient after ``finish`` -- the parameters, or under ZeRO this rank's shards of them
+    (marked for ``parallel/grad.py``). ``shard_optimizer``: the optimizer to step (the given
+    one, or the same over the shards). ``full_params``: a context in which every parameter is
+    whole (ZeRO-3 gathers them; collective over dp)."""
 
     grad_scale: float
 
+    @property
+    def grad_params(self) -> list[torch.Tensor]: ...
     def set_sync(self, sync: bool) -> None: ...
     def finish(self) -> None: ...
     def zero_grad(self) -> None: ...
+    def shard_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer: ...
+    def full_params(self) -> contextlib.AbstractContextManager[None]: ...
 
 
 class ParallelModel:
@@ -87,7 +96,12 @@ class ParallelModel:
         return out
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        return clip_grad_norm_(self._params, max_norm, self.norm_groups)
+        return clip_grad_norm_(self.grad_sync.grad_params, max_norm, self.norm_groups)
+
+    def shard_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """The optimizer the step uses, built over :meth:`named_parameters` (ZeRO: the same
+        optimizer over this rank's shards; otherwise ``optimizer`` itself)."""
+        return self.grad_sync.shard_optimizer(optimizer)
 
     def zero_grad(self) -> None:
         self.grad_sync.zero_grad()
@@ -95,7 +109,8 @@ class ParallelModel:
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The reference model's state dict (full shapes) on global rank 0, None elsewhere.
         Collective: every rank calls it (the tp shards are gathered on each tp group)."""
-        state = gather_full_state(self.module, self.mesh.tp) if self.mesh.coords.dp == 0 else None
-        if self.mesh.rank != 0 or state is None:
-            return None
-        return {k: v.detach().cpu().clone() for k, v in state.items()}
+        with self.grad_sync.full_params():  # ZeRO-3: copied before they are freed again
+            state = gather_full_state(self.module, self.mesh.tp) if self.mesh.coords.dp == 0 else None
+            if self.mesh.rank != 0 or state is None:
+                return None
+            return {k: v.detach().cpu().clone() for k, v in state.items()}

@@ -92,10 +92,6 @@ def mark_partial_grad(module: nn.Module) -> list[nn.Parameter]:
     return params
 
 
-def partial_grad_params(module: nn.Module) -> list[nn.Parameter]:
-    return [p for p in module.parameters() if getattr(p, "_pt_tp_partial_grad", False)]
-
-
 def _gather(t: torch.Tensor, group: Group, dim: int, chunks: int, size: int | None) -> torch.Tensor:
     """The full tensor from every rank's shard ``t``; padding (rows ``size`` on) dropped."""
     local = t.detach().contiguous()

@@ -24,6 +24,7 @@ reference model by *slicing its weights*; :func:`tp_comm_per_step` states the tr
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 import torch
@@ -170,9 +171,10 @@ class SequenceParallelGradSync:
     """A :class:`~paratrain.parallel.model.GradSync` that, after ``inner`` has reduced the
     gradients over dp, sums over tp those of ``params`` (replicated parameters that each tp
     rank only applied to its slice of the sequence): one all-reduce of one flat buffer per step.
-    The sums over dp and tp commute, so the order does not matter."""
+    The sums over dp and tp commute, so the order does not matter. Under ZeRO ``params`` are
+    the dp shards of those parameters (the same shards on every tp rank)."""
 
-    def __init__(self, inner: GradSync, params: list[nn.Parameter], group: Group) -> None:
+    def __init__(self, inner: GradSync, params: list[torch.Tensor], group: Group) -> None:
         self.inner = inner
         self.params = params
         self.group = group
@@ -181,6 +183,16 @@ class SequenceParallelGradSync:
     @property
     def grad_scale(self) -> float:
         return self.inner.grad_scale
+
+    @property
+    def grad_params(self) -> list[torch.Tensor]:
+        return self.inner.grad_params
+
+    def shard_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        return self.inner.shard_optimizer(optimizer)
+
+    def full_params(self) -> contextlib.AbstractContextManager[None]:
+        return self.inner.full_params()
 
     def set_sync(self, sync: bool) -> None:
         self._sync = sync

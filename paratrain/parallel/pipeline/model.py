@@ -90,8 +90,11 @@ class PipelineModel(ParallelModel):
         loss, self.times = self._run(self.schedule, inputs, targets, scale)
         self.grad_sync.finish()
         if self.stage.tied_group is not None and self.stage.tied_param is not None:
-            # dL/dW = (embedding's part) + (head's part); both are already averaged over dp
-            comm.all_reduce(self.stage.tied_param.grad, self.stage.tied_group)
+            # dL/dW = (embedding's part) + (head's part); both are already averaged over dp.
+            # Under ZeRO the reduced gradient is this rank's shard of W (the same on both stages)
+            for t in self.grad_sync.grad_params:
+                if getattr(t, "_pt_param", t) is self.stage.tied_param:
+                    comm.all_reduce(t.grad, self.stage.tied_group)
         return loss
 
     @torch.no_grad()

@@ -1,0 +1,332 @@
+"""ZeRO (Rajbhandari et al. 2020): data parallelism that *shards* the model states over the dp
+group instead of replicating them. A :class:`~paratrain.parallel.model.GradSync` like
+:class:`~paratrain.parallel.data.DataParallel` (same buckets, hooks and launch order), plus the
+optimizer wrapper that steps only this rank's shard.
+
+The math. ``n`` dp ranks. A bucket's parameters are laid end to end in a flat vector of ``N``
+elements, zero-padded to ``N' = n * ceil(N / n)``; rank ``r`` owns the shard
+``[r k, (r + 1) k)``, ``k = N' / n``. As in DP each rank's gradient ``g_r`` arrives pre-scaled
+by 1/n (the loss is), so the reference gradient is ``g = sum_r g_r`` and rank ``r`` needs only
+its shard of it::
+
+    reduce-scatter   shard_r(g) = sum_r' shard_r(g_r')       wire (n - 1)/n * S
+    optimizer        AdamW on shard_r: m, v and w elementwise, the reference's arithmetic
+    all-gather       w = cat_r shard_r(w)                    wire (n - 1)/n * S
+
+``S`` = the bucket's padded bytes. Together ``2 (n - 1)/n * S``: DP's all-reduce, which is a
+reduce-scatter followed by an all-gather anyway ([R20] sec. 7.2.1).
+
+* stage 1: gradients accumulate whole, in the buckets (views, as in DP); each bucket is
+  reduce-scattered once per step, *in place* (this rank's range of the buffer becomes the
+  reduced shard); the optimizer state exists for the shard only.
+* stage 2: + every backward's buckets are filled (copied from autograd's gradients) and
+  reduce-scattered as soon as they are complete, then released; only the gradient shard,
+  accumulated over micro-batches, stays. A whole gradient of every parameter never exists at once.
+* stage 3: + parameters: each rank stores only its shard; a *unit* (a transformer block, or the
+  rest of the model) is all-gathered before its forward and before its backward and freed after
+  each: :mod:`paratrain.parallel.zero3`. Its buckets are the units.
+
+Shards cut across tensors. The optimizer runs on *pieces*: the part of each parameter inside
+this rank's shard, a view of the shard, in its parameter's param group, so that weight decay
+(matrices and embeddings only) stays exactly the reference's. A piece carries its parameter's
+marks plus ``"dp"`` in ``_pt_sharded``, so the global gradient norm (``parallel/grad.py``) counts
+each element once: ``||g||^2 = sum over dp ranks of the squares of its pieces``, all-reduced over
+dp (and over tp/pp as before).
+
+Memory per rank for ``psi`` fp32 parameters (P = G = 4 bytes, AdamW K = 8):
+stage 0 ``16 psi``; stage 1 ``8 psi + 8 psi / n``; stage 2 ``4 psi + 12 psi / n``;
+stage 3 ``16 psi / n`` plus the units gathered at the moment. Traffic: :func:`zero_comm_per_step`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from paratrain import comm
+from paratrain.comm import Group, Handle
+from paratrain.parallel.data import DataParallel, _Bucket, group_by_bytes
+
+_INHERITED_MARKS = ("_pt_duplicate", "_pt_tp_partial_grad")
+
+
+def padded_numel(numel: int, n: int) -> int:
+    """``numel`` rounded up to a multiple of ``n``: every shard has the same size."""
+    return -(-numel // n) * n
+
+
+def owned_pieces(sizes: Sequence[int], n: int, rank: int) -> list[tuple[int, int, int, int]]:
+    """Tensors of ``sizes`` elements laid end to end and padded to a multiple of ``n``: the parts
+    inside ``rank``'s shard, as ``(tensor index, first element in the tensor, length, first
+    element in the shard)``. Over all ranks every element is owned exactly once."""
+    k = padded_numel(sum(sizes), n) // n
+    lo, hi = rank * k, (rank + 1) * k
+    out, offset = [], 0
+    for i, size in enumerate(sizes):
+        a, b = max(offset, lo), min(offset + size, hi)
+        if a < b:
+            out.append((i, a - offset, b - a, a - lo))
+        offset += size
+    return out
+
+
+class ShardedBucket(_Bucket):
+    """A bucket whose parameters are also flat and sharded over ``group``.
+
+    ``flat`` (``padded`` elements) holds the whole parameters, which are views into it; ``shard``
+    is this rank's ``k`` of them (stage 1/2: a view of ``flat``, stage 3: the only stored copy,
+    ``flat``'s memory being allocated only while the unit is gathered). ``grad_shard`` is the
+    reduced gradient of the shard (stage 1: a view of the gradient buffer). ``pieces`` maps each
+    parameter to its piece of ``shard``, whose ``.grad`` is the matching piece of ``grad_shard``.
+    """
+
+    def __init__(self, index: int, params: list[nn.Parameter], group: Group, stage: int) -> None:
+        super().__init__(index, params, group.size, allocate=stage == 1)
+        sizes = [p.numel() for p in params]  # before stage 3 empties the parameters
+        self.group = group
+        k = self.padded // group.size
+        self.lo, self.hi = group.rank * k, (group.rank + 1) * k
+        p0 = params[0]
+        self.flat = torch.zeros(self.padded, dtype=p0.dtype, device=p0.device)
+        self.placeholder = self.flat.new_zeros(())
+        self.param_views: dict[nn.Parameter, torch.Tensor] = {}
+        with torch.no_grad():
+            for p, o in self.offsets.items():
+                self.param_views[p] = self.flat[o:o + p.numel()].view_as(p)
+                self.param_views[p].copy_(p)
+                p.data = self.param_views[p]
+        self.gathered = True
+        self.gather_handle: Handle | None = None
+        if stage < 3:
+            self.shard = self.flat[self.lo:self.hi]
+        else:
+            self.shard = self.flat[self.lo:self.hi].clone()
+            self.free()
+        if stage == 1:
+            assert self.buffer is not None
+            self.grad_shard = self.buffer[self.lo:self.hi]
+        else:
+            self.grad_shard = torch.zeros_like(self.shard)
+        self.fresh = True  # no reduction landed in grad_shard since zero_grad
+        self.accumulate = False  # the reduction in flight is added to grad_shard, not written
+        self.pieces: dict[nn.Parameter, torch.Tensor] = {}
+        self.piece_grads: dict[nn.Parameter, torch.Tensor] = {}
+        for i, _, length, at in owned_pieces(sizes, group.size, group.rank):
+            p = params[i]
+            piece = self.shard[at:at + length]
+            piece.grad = self.piece_grads[p] = self.grad_shard[at:at + length]
+            piece._pt_param = p
+            piece._pt_sharded = frozenset(getattr(p, "_pt_sharded", frozenset()) | {"dp"})
+            for mark in _INHERITED_MARKS:
+                if getattr(p, mark, False):
+                    setattr(piece, mark, True)
+            self.pieces[p] = piece
+
+    def gather(self, async_op: bool = False, tag: str | None = None) -> None:
+        """Stage 3: all-gather the whole parameters into ``flat`` (no-op if gathered)."""
+        if self.gathered:
+            return
+        storage = self.flat.untyped_storage()
+        storage.resize_(self.padded * self.flat.element_size())
+        # Write through a new tensor on the same storage: the views autograd saved in forward
+        # see the data, and their version counter stays untouched (it is not an in-place edit
+        # of anything backward depends on: the same values come back).
+        out = self.flat.new_empty(0).set_(storage, 0, (self.padded,))
+        self.gather_handle = comm.all_gather(out, self.shard, self.group, async_op=True, tag=tag)
+        for p, view in self.param_views.items():
+            p.data = view
+        self.gathered = True
+        if not async_op:
+            self.wait_gathered()
+
+    def wait_gathered(self) -> None:
+        if self.gather_handle is not None:
+            self.gather_handle.wait()
+            self.gather_handle = None
+
+    def free(self) -> None:
+        """Stage 3: release the whole parameters' memory. Each parameter becomes a placeholder
+        of its shape with stride 0 over one zero (reads give zeros, writes fail), so shapes stay
+        visible (``optim.param_groups`` sorts by ``dim()``) and nothing reads freed memory."""
+        if not self.gathered:
+            return
+        self.wait_gathered()
+        self.flat.untyped_storage().resize_(0)
+        for p, view in self.param_views.items():
+            p.data = self.placeholder.expand(view.shape)
+        self.gathered = False
+
+
+class ZeroDataParallel(DataParallel):
+    """ZeRO stage 1, 2 or 3 over ``group`` (see the module docstring).
+
+    ``units`` (stage 3): the parameter lists of the buckets, in backward order, instead of
+    ``bucket_mb`` runs. ``alone``: parameters that get a bucket of their own, so that their
+    shard is the same on ranks whose other parameters differ (the tied embedding's two copies
+    on the first and last pipeline stage, whose gradients are summed shard by shard).
+    """
+
+    buckets: list[ShardedBucket]
+    gathering: object | None = None  # stage 3: the hooks of parallel/zero3.py
+
+    def __init__(self, module: nn.Module, group: Group, stage: int, bucket_mb: float = 25.0,
+                 overlap: bool = True, units: list[list[nn.Parameter]] | None = None,
+                 alone: Sequence[nn.Parameter] = ()) -> None:
+        if stage not in (1, 2, 3):
+            raise ValueError(f"ZeRO stage must be 1, 2 or 3, got {stage!r}")
+        self.stage = stage
+        self._units = units
+        self._alone = list(alone)
+        super().__init__(module, group, bucket_mb, overlap)
+        self.pieces = [piece for b in self.buckets for piece in b.pieces.values()]
+
+    def _make_buckets(self, cap_bytes: int) -> list[_Bucket]:
+        groups = self._units
+        if groups is None:
+            groups = group_by_bytes(reversed(self.params), cap_bytes, self._alone)
+        return [ShardedBucket(i, ps, self.group, self.stage) for i, ps in enumerate(groups)]
+
+    # ---- what ParallelModel asks of a GradSync ------------------------------------------
+
+    @property
+    def grad_params(self) -> list[torch.Tensor]:
+        """This rank's pieces: after :meth:`finish` their ``.grad`` is the reduced gradient."""
+        return list(self.pieces)
+
+    def shard_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """The same optimizer class with the same param groups (hyperparameters, weight decay),
+        over this rank's pieces of their parameters. Stages 1 and 2 all-gather the updated
+        parameters after every step (a step post-hook). The optimizer must be elementwise
+        (SGD, Adam, AdamW: each element's update depends only on that element)."""
+        groups = [dict(g, params=[b for p in g["params"] if (b := self._bucket_of[p].pieces.get(p)) is not None])
+                  for g in optimizer.param_groups]
+        sharded = type(optimizer)(groups)
+        if self.stage < 3:
+            sharded.register_step_post_hook(lambda *_: self.gather_params())
+        return sharded
+
+    @contextlib.contextmanager
+    def full_params(self) -> Iterator[None]:
+        """Stage 3: every parameter whole inside the block (collective over dp). The
+        all-gathers are filed under ``"checkpoint"``: not training traffic."""
+        if self.stage < 3:
+            yield
+            return
+        for b in self.buckets:
+            b.gather(async_op=True, tag="checkpoint")
+        for b in self.buckets:
+            b.wait_gathered()
+        try:
+            yield
+        finally:
+            for b in self.buckets:
+                b.free()
+
+    # ---- reduction ----------------------------------------------------------------------
+
+    def set_sync(self, sync: bool) -> None:
+        """Stage 1: as DP (reduce on the last micro-batch only). Stages 2/3 reduce every
+        backward: finish the previous backward's reductions, then count afresh."""
+        if self.stage == 1:
+            super().set_sync(sync)
+            return
+        self._flush()
+        self._sync = True
+        self._next = 0
+        for b in self.buckets:
+            b.pending = len(b.params)
+
+    def _store_grad(self, bucket: _Bucket, p: nn.Parameter) -> None:
+        if self.stage == 1:
+            super()._store_grad(bucket, p)
+            return
+        if bucket.buffer is None:
+            bucket.allocate()
+        bucket.views[p].copy_(p.grad)
+        p.grad = None  # autograd's tensor is freed; the bucket holds the gradient until reduced
+
+    def _launch(self, bucket: _Bucket) -> None:
+        assert isinstance(bucket, ShardedBucket)
+        if self.stage == 3:
+            bucket.free()  # its backward is over: every gradient of the unit has arrived
+        if bucket.buffer is None:
+            bucket.allocate()
+        assert bucket.buffer is not None
+        bucket.accumulate = self.stage > 1 and not bucket.fresh
+        out = bucket.grad_shard if not bucket.accumulate else bucket.buffer[bucket.lo:bucket.hi]
+        bucket.handle = comm.reduce_scatter(out, bucket.buffer, self.group, async_op=True)
+
+    def _flush(self) -> None:
+        """Stages 2/3: reduce what the last backward left in the buckets, wait, accumulate into
+        the gradient shards, release the buffers."""
+        for b in self.buckets[self._next:]:
+            if b.buffer is not None:  # partly filled (parameters this backward did not reach)
+                self._launch(b)
+        self._next = len(self.buckets)
+        for b in self.buckets:
+            if b.handle is None:
+                continue
+            b.handle.wait()
+            b.handle = None
+            if b.accumulate:
+                assert b.buffer is not None
+                b.grad_shard.add_(b.buffer[b.lo:b.hi])
+            b.fresh = False
+            b.release()
+
+    def finish(self) -> None:
+        """After the last backward of the step: every reduced gradient is in the pieces'
+        ``.grad`` (the parameters' own ``.grad`` is None: there is no whole reduced gradient)."""
+        if self.stage == 1:
+            if not self._sync:
+                return
+            self._launch_rest()
+            comm.wait_all([b.handle for b in self.buckets])
+            for b in self.buckets:
+                b.handle = None
+            for p in self.params:
+                p.grad = None
+        else:
+            self._flush()
+        for b in self.buckets:  # robust to an optimizer.zero_grad(set_to_none=True)
+            for p, piece in b.pieces.items():
+                piece.grad = b.piece_grads[p]
+
+    def zero_grad(self) -> None:
+        if self.stage == 1:
+            super().zero_grad()  # also zeroes the shards: they are views of the buffers
+            return
+        for b in self.buckets:
+            b.grad_shard.zero_()
+            b.fresh = True
+
+    def gather_params(self) -> None:
+        """Stages 1/2, after the optimizer step: every rank's updated shard to every rank (in
+        place: this rank's shard is already where the all-gather puts it)."""
+        handles = [comm.all_gather(b.flat, b.shard, self.group, async_op=True) for b in self.buckets]
+        comm.wait_all(handles)
+
+
+def zero_comm_per_step(stage: int, bucket_bytes: Sequence[int], microbatches: int = 1) -> dict[str, tuple[int, int]]:
+    """The dp traffic of one training step, ``{op: (calls, bytes)}``, bytes counted as
+    :mod:`paratrain.comm` does (reduce-scatter input, all-gather output: a bucket's padded
+    bytes). ``B`` buckets (stage 3: units) of ``S = sum(bucket_bytes)`` bytes, ``m`` micro-batches::
+
+        stage 0 (DP)  all_reduce      B, S
+        stage 1       reduce_scatter  B, S          all_gather  B, S     (after the step)
+        stage 2       reduce_scatter  m B, m S      all_gather  B, S
+        stage 3       reduce_scatter  m B, m S      all_gather  2 m B, 2 m S  (forward, backward)
+
+    and, with ZeRO, ``grad_norm``: one all-reduce of 4 bytes (the shards' squared norm). On the
+    wire an all-reduce is 2 (n-1)/n of its bytes, the others (n-1)/n: stage 1 sends exactly DP's
+    traffic, stage 3 1.5x ([R20] sec. 7.2). With ``S = 4 psi`` (no padding) these are the
+    planner's ``plan/cost.py`` ``_dp_parts``."""
+    B, S, m = len(bucket_bytes), sum(bucket_bytes), microbatches
+    if stage == 0:
+        return {"all_reduce": (B, S)}
+    rs = (B, S) if stage == 1 else (m * B, m * S)
+    ag = (2 * m * B, 2 * m * S) if stage == 3 else (B, S)
+    return {"reduce_scatter": rs, "all_gather": ag, "grad_norm": (1, 4)}

@@ -1,0 +1,113 @@
+"""ZeRO stage 3: parameters sharded over dp, all-gathered unit by unit when they are needed.
+
+Units: each transformer block, and the *root*: everything outside the blocks (token and position
+embeddings, final LayerNorm, LM head -- tied or not). A unit is one
+:class:`~paratrain.parallel.zero.ShardedBucket`: its ``shard`` (1/n of the unit) is all a rank
+stores between uses. Per micro-batch, in the order every rank runs them::
+
+    forward   root: gathered by a pre-hook on the model, freed when the model's forward returns
+              block i: gathered by a pre-hook on the block, freed by its forward hook
+    backward  root: gathered again before the loss's backward (by _BeforeBackward on the loss)
+              block i: gathered again before its backward (by _BeforeBackward on its output);
+              when the unit's last gradient has arrived its bucket is reduce-scattered and the
+              unit freed (``ZeroDataParallel._launch``); the root, whose token embedding gets
+              its gradient last, is freed at the end
+
+so each micro-batch moves every parameter twice by all-gather and its gradient once by
+reduce-scatter: 3 psi of payload, 1.5x DP's traffic on the wire ([R20] sec. 7.2.2). With
+``prefetch`` the next unit's all-gather is launched as soon as the current unit is in use
+(forward: the next block; backward: the previous one), so it overlaps compute; at most two
+units and the root are whole at a time.
+
+Freeing resizes the flat buffer's storage to 0 bytes: the views autograd saved in forward (the
+weights of linear layers) share that storage, so they are freed too, and see the same values
+again once it is gathered back before backward. Between uses each parameter is a stride-0
+placeholder of its shape (see ``ShardedBucket.free``); use
+:meth:`ZeroDataParallel.full_params` to see them whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from paratrain.comm import Group
+from paratrain.parallel.zero import ShardedBucket, ZeroDataParallel
+
+
+class _BeforeBackward(torch.autograd.Function):
+    """Identity on ``x``. Its backward runs ``fn`` before passing the gradient on, that is,
+    just before the backward of whatever produced ``x`` (here: gather that module's parameters)."""
+
+    @staticmethod
+    def forward(ctx: Any, fn: Callable[[], None], x: torch.Tensor) -> torch.Tensor:
+        ctx.fn = fn
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor]:
+        ctx.fn()
+        return None, grad
+
+
+class UnitGathering:
+    """The hooks that gather and free the units of ``model`` around their forward and backward.
+    ``order`` is the units in forward order: the root, then block 0, 1, ..."""
+
+    def __init__(self, model: nn.Module, blocks: list[nn.Module], order: list[ShardedBucket],
+                 prefetch: bool = True) -> None:
+        self.order = order
+        self.prefetch = prefetch
+        modules = [model, *blocks]
+        self._hooks = []
+        for pos, module in enumerate(modules):
+            self._hooks.append(module.register_forward_pre_hook(self._pre_forward(pos)))
+            self._hooks.append(module.register_forward_hook(self._post_forward(pos)))
+
+    def _use(self, pos: int, backward: bool) -> None:
+        """Make unit ``pos`` whole (waiting for its prefetch if there was one) and prefetch the
+        unit that runs next: forward ``pos + 1``; backward ``pos - 1`` (after the root, the last
+        block; the root itself stays gathered through backward)."""
+        unit = self.order[pos]
+        unit.gather()
+        unit.wait_gathered()
+        if not self.prefetch:
+            return
+        nxt = (len(self.order) - 1 if pos == 0 else pos - 1) if backward else pos + 1
+        if 0 < nxt < len(self.order):
+            self.order[nxt].gather(async_op=True)
+
+    def _pre_forward(self, pos: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any) -> None:
+            self._use(pos, backward=False)
+        return hook
+
+    def _post_forward(self, pos: int) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: Any, out: Any) -> Any:
+            self.order[pos].free()
+            if isinstance(out, torch.Tensor) and out.requires_grad and torch.is_grad_enabled():
+                return _BeforeBackward.apply(lambda: self._use(pos, backward=True), out)
+            return out
+        return hook
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+
+def zero3(model: nn.Module, group: Group, bucket_mb: float = 25.0, overlap: bool = True,
+          prefetch: bool = True) -> ZeroDataParallel:
+    """Shard ``model``'s parameters (a GPT: ``model.blocks`` and the root) over ``group`` in
+    place and install the gathering hooks; returns the gradient side (the GradSync)."""
+    blocks = list(model.blocks)  # type: ignore[arg-type]
+    in_blocks = {id(p) for b in blocks for p in b.parameters()}
+    root = [p for p in model.parameters() if p.requires_grad and id(p) not in in_blocks]
+    units = [[p for p in b.parameters() if p.requires_grad] for b in reversed(blocks)] + [root]
+    sync = ZeroDataParallel(model, group, 3, bucket_mb, overlap, units=units)
+    order = [sync.buckets[-1], *reversed(sync.buckets[:-1])]  # forward order
+    sync.gathering = UnitGathering(model, blocks, order, prefetch)
+    return sync
