@@ -62,7 +62,7 @@ class Replicated:
     def grad_params(self) -> list[torch.Tensor]:
         return list(self.params)
 
-    def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    def shard_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         return optimizer
 
     @contextlib.contextmanager
