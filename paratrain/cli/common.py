@@ -52,7 +52,9 @@ def add_layout_args(p: argparse.ArgumentParser) -> None:
                    "after pp and tp; 2 when nothing is given)")
     g.add_argument("--pp", type=int, metavar="N", help="pipeline-parallel stages (default: 1)")
     g.add_argument("--tp", type=int, metavar="N", help="tensor-parallel degree (default: 1)")
-    g.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO stage (default: 0)")
+    g.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO stage over the dp group: 1 shards the "
+                   "optimizer state, 2 also the gradients, 3 also the parameters (default: 0, plain data "
+                   "parallelism)")
     g.add_argument("--microbatches", type=int, metavar="M", help="micro-batches per step: pipeline slices, or "
                    "gradient accumulation without a pipeline (default: 1)")
     g.add_argument("--schedule", choices=SCHEDULES, help="pipeline schedule (default: 1f1b)")

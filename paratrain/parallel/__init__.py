@@ -69,7 +69,8 @@ def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, bucket_mb: floa
         from paratrain.parallel.zero import ZeroDataParallel
 
         tied = [stage.tied_param] if stage is not None and stage.tied_param is not None else []
-        sync = ZeroDataParallel(model, mesh.dp, layout.zero, bucket_mb, overlap, alone=tied)
+        chunks = [c.parameters() for c in stage.chunks] if stage is not None else None
+        sync = ZeroDataParallel(model, mesh.dp, layout.zero, bucket_mb, overlap, parts=chunks, alone=tied)
     elif dp_impl == "naive":
         sync = NaiveDataParallel(model, mesh.dp)
     else:

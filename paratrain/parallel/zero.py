@@ -164,9 +164,11 @@ class ZeroDataParallel(DataParallel):
     """ZeRO stage 1, 2 or 3 over ``group`` (see the module docstring).
 
     ``units`` (stage 3): the parameter lists of the buckets, in backward order, instead of
-    ``bucket_mb`` runs. ``alone``: parameters that get a bucket of their own, so that their
-    shard is the same on ranks whose other parameters differ (the tied embedding's two copies
-    on the first and last pipeline stage, whose gradients are summed shard by shard).
+    ``bucket_mb`` runs. ``parts``: groups of parameters no bucket may mix (a pipeline rank's
+    chunks: under an interleaved schedule each backward covers one chunk, and stage 2 reduces
+    each chunk's buckets after its own backward). ``alone``: parameters that get a bucket of
+    their own, so that their shard is the same on ranks whose other parameters differ (the tied
+    embedding's two copies on the first and last pipeline stage, summed shard by shard).
     """
 
     buckets: list[ShardedBucket]
@@ -174,11 +176,13 @@ class ZeroDataParallel(DataParallel):
 
     def __init__(self, module: nn.Module, group: Group, stage: int, bucket_mb: float = 25.0,
                  overlap: bool = True, units: list[list[nn.Parameter]] | None = None,
+                 parts: Sequence[Sequence[nn.Parameter]] | None = None,
                  alone: Sequence[nn.Parameter] = ()) -> None:
         if stage not in (1, 2, 3):
             raise ValueError(f"ZeRO stage must be 1, 2 or 3, got {stage!r}")
         self.stage = stage
         self._units = units
+        self._parts = parts
         self._alone = list(alone)
         super().__init__(module, group, bucket_mb, overlap)
         self.pieces = [piece for b in self.buckets for piece in b.pieces.values()]
@@ -186,7 +190,9 @@ class ZeroDataParallel(DataParallel):
     def _make_buckets(self, cap_bytes: int) -> list[_Bucket]:
         groups = self._units
         if groups is None:
-            groups = group_by_bytes(reversed(self.params), cap_bytes, self._alone)
+            parts = self._parts or [self.params]
+            groups = [g for part in reversed(parts) for g in group_by_bytes(reversed(part), cap_bytes, self._alone)]
+        assert sorted(id(p) for g in groups for p in g) == sorted(id(p) for p in self.params)
         return [ShardedBucket(i, ps, self.group, self.stage) for i, ps in enumerate(groups)]
 
     # ---- what ParallelModel asks of a GradSync ------------------------------------------

@@ -57,6 +57,8 @@ CASES: dict[str, TrainConfig] = {
     "z3-dp2-tp2-sp": with_layout(BASE, dp=2, tp=2, zero=3, sequence_parallel=True),
     "z1-dp2-pp2": with_layout(BASE, dp=2, pp=2, zero=1, microbatches=2, schedule="1f1b"),
     "z2-dp2-pp2": with_layout(BASE, dp=2, pp=2, zero=2, microbatches=2, schedule="1f1b"),
+    "z2-dp2-pp2-interleaved": with_layout(BASE, dp=2, pp=2, zero=2, microbatches=2,
+                                          schedule="interleaved", virtual_stages=2),
 }
 
 

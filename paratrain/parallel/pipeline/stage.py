@@ -54,6 +54,12 @@ class Chunk:
         self.has_head = num_layers + 1 in units
         self.blocks = [model.blocks[u - 1] for u in units if 1 <= u <= num_layers]
 
+    def parameters(self) -> list[nn.Parameter]:
+        """The parameters this chunk's forward uses (a pipeline rank's chunks share none)."""
+        m = self.model
+        modules = ([m.wte, m.wpe] if self.embeds else []) + self.blocks + ([m.ln_f, m.lm_head] if self.has_head else [])
+        return list(dict.fromkeys(p for mod in modules for p in mod.parameters()))
+
     def __call__(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         if self.embeds:
             x = self.model.embed(x)

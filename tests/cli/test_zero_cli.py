@@ -1,0 +1,43 @@
+"""`paratrain train --zero`, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from paratrain.checkpoint import load_checkpoint
+from paratrain.config import TrainConfig
+from paratrain.reference import reference_train
+from tests.cli.test_train_cli import losses, paratrain
+
+FAST = ["--steps", "3", "--global-batch", "8", "--seq-len", "32", "--eval-every", "3"]
+
+
+@pytest.mark.parametrize("args", [["--nproc", "4", "--dp", "4", "--zero", "2"],
+                                  ["--nproc", "2", "--dp", "2", "--zero", "3"]])
+def test_zero_from_the_cli(args, tmp_path):
+    """The reference's losses (rounding only, see tests/distributed/test_zero.py), ZeRO's
+    collectives on the dp group, and -- ZeRO-3 gathering the shards -- a checkpoint of full
+    reference shapes and a sample from the trained model."""
+    r = paratrain("train", *args, *FAST, "--sample-tokens", "8", "--out", "o", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    zero = args[-1]
+    assert f"zero={zero} on {args[1]} process(es)" in r.stdout
+    assert "sampled from the trained model" in r.stdout
+    ref = reference_train(TrainConfig(steps=3, global_batch=8, seq_len=32))
+    assert losses(tmp_path / "o") == pytest.approx(ref.losses, rel=1e-5)
+    state, _ = load_checkpoint(tmp_path / "o" / "checkpoint")
+    assert {k: tuple(v.shape) for k, v in state["model"].items()} == \
+        {k: tuple(v.shape) for k, v in ref.state.items()}
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert {"all_gather", "reduce_scatter", "grad_norm"} <= set(summary["comm"]["dp"]["ops"])
+    assert "all_reduce" not in summary["comm"]["dp"]["ops"]
+
+
+def test_zero3_with_pipeline_exits_2(tmp_path):
+    r = paratrain("train", "--nproc", "4", "--dp", "2", "--pp", "2", "--zero", "3", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    message = " ".join(r.stderr.split())
+    assert "ZeRO-3 with pipeline parallelism (pp=2) is not implemented" in message
+    assert "Valid: --zero 1 or --zero 2 with --pp 2" in message
