@@ -13,7 +13,8 @@ from paratrain.metrics import format_grid
 
 DESCRIPTION = """\
 Measure our parallel implementations against PyTorch's own (DDP for dp, DTensor tensor
-parallelism for tp, torch.distributed.pipelining for pp) on the same model,
+parallelism for tp, torch.distributed.pipelining for pp, FSDP2 and DDP + ZeroRedundancyOptimizer
+for zero) on the same model,
 global batch and threads per rank, in one run: A/B alternating repeats in the same processes,
 medians reported. Prints a table, or one JSON object per row with --json."""
 
