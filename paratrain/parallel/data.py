@@ -124,10 +124,15 @@ class _Bucket:
         self.pending = len(params)
         self.handle: Handle | None = None
 
-    def allocate(self) -> torch.Tensor:
-        """A zeroed buffer, with each parameter's gradient view into it."""
+    def allocate(self, zero: bool = True) -> torch.Tensor:
+        """A buffer (zeroed, or with only its padding zeroed), with each parameter's gradient
+        view into it."""
         p0 = self.params[0]
-        self.buffer = torch.zeros(self.padded, dtype=p0.dtype, device=p0.device)
+        if zero:
+            self.buffer = torch.zeros(self.padded, dtype=p0.dtype, device=p0.device)
+        else:
+            self.buffer = torch.empty(self.padded, dtype=p0.dtype, device=p0.device)
+            self.buffer[self.numel:].zero_()
         self.views = {p: self.buffer[o:o + p.numel()].view_as(p) for p, o in self.offsets.items()}
         return self.buffer
 

@@ -110,6 +110,8 @@ class ShardedBucket(_Bucket):
             self.grad_shard = self.buffer[self.lo:self.hi]
         else:
             self.grad_shard = torch.zeros_like(self.shard)
+        self.filled: set[nn.Parameter] = set()  # stages 2/3: gradients copied in this backward
+        self.launched = False  # stages 2/3: its reduction was started and not yet accumulated
         self.fresh = True  # no reduction landed in grad_shard since zero_grad
         self.accumulate = False  # the reduction in flight is added to grad_shard, not written
         self.pieces: dict[nn.Parameter, torch.Tensor] = {}
@@ -249,9 +251,12 @@ class ZeroDataParallel(DataParallel):
         if self.stage == 1:
             super()._store_grad(bucket, p)
             return
+        assert isinstance(bucket, ShardedBucket)
         if bucket.buffer is None:
-            bucket.allocate()
+            bucket.allocate(zero=False)  # every element is written before it is reduced
+            bucket.filled.clear()
         bucket.views[p].copy_(p.grad)
+        bucket.filled.add(p)
         p.grad = None  # autograd's tensor is freed; the bucket holds the gradient until reduced
 
     def _launch(self, bucket: _Bucket) -> None:
@@ -260,10 +265,15 @@ class ZeroDataParallel(DataParallel):
             bucket.free()  # its backward is over: every gradient of the unit has arrived
         if bucket.buffer is None:
             bucket.allocate()
+        elif self.stage > 1 and len(bucket.filled) < len(bucket.params):
+            for p in bucket.params:  # no gradient in this backward: it contributes zero
+                if p not in bucket.filled:
+                    bucket.views[p].zero_()
         assert bucket.buffer is not None
         bucket.accumulate = self.stage > 1 and not bucket.fresh
         out = bucket.grad_shard if not bucket.accumulate else bucket.buffer[bucket.lo:bucket.hi]
         bucket.handle = comm.reduce_scatter(out, bucket.buffer, self.group, async_op=True)
+        bucket.launched = True  # (on a group of one there is no handle: the copy is done)
 
     def _flush(self) -> None:
         """Stages 2/3: reduce what the last backward left in the buckets, wait, accumulate into
@@ -273,10 +283,12 @@ class ZeroDataParallel(DataParallel):
                 self._launch(b)
         self._next = len(self.buckets)
         for b in self.buckets:
-            if b.handle is None:
+            if not b.launched:
                 continue
-            b.handle.wait()
-            b.handle = None
+            if b.handle is not None:
+                b.handle.wait()
+                b.handle = None
+            b.launched = False
             if b.accumulate:
                 assert b.buffer is not None
                 b.grad_shard.add_(b.buffer[b.lo:b.hi])
