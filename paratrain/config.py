@@ -347,9 +347,10 @@ class TrainConfig:
         if layout.zero == 3 and layout.pp > 1:
             raise ConfigError(
                 f"ZeRO-3 with pipeline parallelism (pp={layout.pp}) is not implemented: ZeRO-3 "
-                f"gathers a block's parameters around each forward and backward, and the pipeline "
-                f"schedule interleaves the micro-batches' forwards and backwards, which would gather "
-                f"every block once per micro-batch and action. Valid: --zero 1 or --zero 2 with "
+                f"gathers each block's parameters around its forward and backward, and the rest "
+                f"(embeddings, head) around the model's whole forward, which a pipeline stage never "
+                f"runs as one call (its schedule runs chunks, micro-batch by micro-batch). Valid: "
+                f"--zero 1 or --zero 2 with "
                 f"--pp {layout.pp} (optimizer state and gradients sharded over each stage's dp "
                 f"group), or --zero 3 with --pp 1."
             )
