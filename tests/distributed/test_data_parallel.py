@@ -34,7 +34,7 @@ def check_against_reference(res, ref, rank=0):
     assert diff <= PARAM_ATOL, f"rank {rank}: max |param - reference| = {diff:.3g} at {where}"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference(cfg):
     return reference_train(cfg)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from paratrain.parallel.shard import shard
-from paratrain.parallel.tensor import tp_comm_per_step
+from paratrain.parallel.volume import tp_comm_per_step
 from paratrain.reference import reference_train
 from tests.common import BASE, max_param_diff, train_ranks_fn, with_layout
 from tests.distributed.test_data_parallel import LOSS_RTOL, NORM_RTOL
@@ -57,12 +57,12 @@ def case_config(name: str):
     return with_layout(BASE, **CASES[name])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference(cfg):
     return reference_train(cfg)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def run(name: str):
     """The ranks' results for one case (cached: the comm test reuses the equivalence runs)."""
     cfg = case_config(name)
