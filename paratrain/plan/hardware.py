@@ -42,6 +42,9 @@ class Hardware:
     ``peak_bf16_flops == 0`` means the device has no bf16 units; bf16 estimates then use the fp16
     peak (mixed precision with fp16 and loss scaling has the same memory and FLOPs).
     ``memory_bw == 0`` means unknown (the optimizer step's memory-bound time is then left out).
+    ``cores_per_node``: for CPU processes, the cores the node's processes share; when more
+    processes than cores run on a node each computes at cores / processes of its rate
+    (:func:`paratrain.plan.cost.compute_share`). 0 (GPUs): every device is its own.
     """
 
     name: str
@@ -56,6 +59,7 @@ class Hardware:
     compute_efficiency: float = 0.5
     intra_node_latency_s: float = 0.0
     inter_node_latency_s: float = 0.0
+    cores_per_node: int = 0
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -71,6 +75,9 @@ class Hardware:
             value = getattr(self, field)
             if not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"hardware {self.name!r}: {field} must be >= 0, got {value!r}.")
+        if not isinstance(self.cores_per_node, int) or self.cores_per_node < 0:
+            raise ConfigError(f"hardware {self.name!r}: cores_per_node must be an integer >= 0, "
+                              f"got {self.cores_per_node!r}.")
         if not isinstance(self.devices_per_node, int) or self.devices_per_node < 1:
             raise ConfigError(f"hardware {self.name!r}: devices_per_node must be a positive integer, "
                               f"got {self.devices_per_node!r}.")
@@ -106,7 +113,7 @@ class Hardware:
         return cls(**data)
 
 
-_OPTIONAL = {"compute_efficiency", "intra_node_latency_s", "inter_node_latency_s", "source"}
+_OPTIONAL = {"compute_efficiency", "intra_node_latency_s", "inter_node_latency_s", "cores_per_node", "source"}
 
 # Fraction of peak reached by the compute of a step on A100s, fitted to Narayanan et al. 2021
 # ("Efficient Large-Scale Language Model Training on GPU Clusters Using Megatron-LM", SC21),

@@ -39,14 +39,14 @@ def test_fixed_fields_pin_the_space() -> None:
 
 
 def test_ranking_and_filtering() -> None:
-    result = search(MODEL, 16, H100, 64, 2048)
+    result = search(MODEL, 16, H100, 256, 2048)
     keys = [(e.step_time_s, e.peak_bytes_per_device) for e in result.ranked]
     assert keys == sorted(keys)
     assert all(e.fits for e in result.ranked)
     assert result.considered > len(result.ranked)
     # The winner is what estimate() says for the same layout.
     best = result.best
-    again = estimate(MODEL, best.layout, H100, 64, 2048)
+    again = estimate(MODEL, best.layout, H100, 256, 2048)
     assert again.step_time_s == best.step_time_s and again.peak_bytes_per_device == best.peak_bytes_per_device
 
 
