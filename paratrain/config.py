@@ -253,6 +253,7 @@ class TrainConfig:
     sample_tokens: int = 200
     checkpoint: bool = True
     progress: bool = True
+    measure_memory: bool = False  # exact model-state and saved-activation bytes of the last step
 
     @property
     def world_size(self) -> int:

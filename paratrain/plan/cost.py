@@ -130,6 +130,7 @@ class StageCost(NamedTuple):
     optimizer_s: float
     chunks: tuple[ChunkCost, ...] = ()
     dp_buckets: Buckets = NO_BUCKETS  # ZeRO-0 gradient buckets (what the simulator replays)
+    dp_other_s: float = 0.0  # the part of dp_exposed_s that is not those buckets
     p2p_message_s: float = 0.0  # one pipeline message
 
     @property
@@ -256,15 +257,16 @@ class _Layout:
                 pp_s += collective_seconds("all_reduce", 2, tied, bw, lat)
         return tp_s, tp_b, pp_s, pp_b
 
-    def data_parallel(self, params: float, chunks: list[ChunkCost]) -> tuple[float, float, Buckets]:
-        """(wire bytes, exposed seconds, ZeRO-0 buckets) of the dp reduction of one rank. The
+    def data_parallel(self, params: float, chunks: list[ChunkCost]) -> tuple[float, float, Buckets, float]:
+        """(wire bytes, exposed seconds, ZeRO-0 buckets, the exposed seconds that are not those
+        buckets: ZeRO's collectives and the loss average) of the dp traffic of one rank. The
         runtime reduces during the rank's last backward (chunk 0 of the last micro-batch); with
         several chunks the buckets of the others complete only at the end, and since buckets are
         launched in order none of them overlaps."""
         n, opts = self.n, self.options
         window = chunks[0].backward_s + chunks[0].tp_backward_s if self.v == 1 else 0.0
         fwd_s, bwd_s = sum(c.forward_s for c in chunks), sum(c.backward_s for c in chunks)
-        wire = exposed = 0.0
+        wire = other = 0.0
         grads = NO_BUCKETS
         for op, per_param, phase, times in self.dp_parts:
             payload = per_param * params
@@ -272,12 +274,11 @@ class _Layout:
             wire += times * volume.wire_bytes(op, n, payload)
             if self.layout.zero == 0:
                 grads = b
-                exposed += exposed_reduction(b, window, opts.overlap_dp)
             else:  # ZeRO (planner only): each collective hides behind one micro-batch's pass
                 hide = (fwd_s if phase == "forward" else bwd_s) if opts.overlap_dp else 0.0
-                exposed += times * max(0.0, b.total_s - hide)
-        exposed += collective_seconds("all_reduce", n, 4, *self.dp_link)  # the loss, averaged over dp
-        return wire, exposed, grads
+                other += times * max(0.0, b.total_s - hide)
+        other += collective_seconds("all_reduce", n, 4, *self.dp_link)  # the loss, averaged over dp
+        return wire, exposed_reduction(grads, window, opts.overlap_dp) + other, grads, other
 
     def rank(self, i: int, count: int) -> StageCost:
         """Pipeline rank ``i`` (standing for ``count`` alike ranks)."""
@@ -289,7 +290,7 @@ class _Layout:
         flight = f.in_flight_microbatches(self.layout.schedule, p, m, v, i)
         acts = flight * (n_layers * self.act_layer + (self.emb_act if first else 0)) + (self.out_act if last else 0)
         tp_sync, tp_step_b, pp_sync, pp_step_b = self.syncs(i, n_layers)
-        dp_b, exposed, grads = self.data_parallel(params, chunks)
+        dp_b, exposed, grads, dp_other = self.data_parallel(params, chunks)
         owned = params / (self.n if self.layout.zero >= 1 else 1)
         bw = self.hw.memory_bw * self.share * self.speeds[i]
         opt_s = OPTIMIZER_BYTES_PER_PARAM * owned / bw if bw else 0.0
@@ -298,7 +299,7 @@ class _Layout:
             sum(c.forward_s for c in chunks), sum(c.backward_s for c in chunks),
             sum(c.tp_forward_s + c.tp_backward_s for c in chunks), sends * self.message_s,
             m * sum(c.tp_bytes for c in chunks) + tp_step_b, m * sends * self.message + pp_step_b,
-            dp_b, exposed, tp_sync, pp_sync, opt_s, tuple(chunks), grads, self.message_s)
+            dp_b, exposed, tp_sync, pp_sync, opt_s, tuple(chunks), grads, dp_other, self.message_s)
 
 
 def _stages(model: ModelConfig, layout: Layout, hw: Hardware, global_batch: int, seq_len: int,
