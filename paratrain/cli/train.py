@@ -95,6 +95,9 @@ def run(args: argparse.Namespace) -> int:
     if summary is None:
         print("paratrain: error: rank 0 returned no result; the run did not finish.", file=sys.stderr)
         return 1
+    if cfg.measure_memory:
+        summary["memory_per_rank"] = [summary["memory"]] + [
+            (results.get(r) or {}).get("memory") for r in range(1, cfg.world_size)]
     report(summary, out)
     return 0
 

@@ -39,7 +39,7 @@ from paratrain.plan.collectives import (
 )
 from paratrain.plan.hardware import Hardware
 from paratrain.plan.prediction import CommBytes, Estimate, StepTime
-from paratrain.plan.topology import axis_spans_nodes, pipeline_shape
+from paratrain.plan.topology import axis_spans_nodes, peak_stash, pipeline_shape
 
 # Adam's update reads the fp32 parameter, the gradient, m and v and writes the parameter, m, v and
 # (mixed precision) the 16-bit working copy: 4+2+4+4 + 4+4+4+2 = 28 bytes per parameter it owns
@@ -142,6 +142,12 @@ class StageCost(NamedTuple):
         return self.forward_s + self.backward_s + self.tp_s + self.p2p_s
 
 
+def chunks_per_rank(layout: Layout) -> int:
+    """Model chunks each pipeline rank runs: ``virtual_stages`` with the interleaved schedule and
+    pp > 1, else 1 (the runtime ignores virtual stages without a pipeline)."""
+    return layout.virtual_stages if layout.schedule == "interleaved" and layout.pp > 1 else 1
+
+
 def compute_share(hw: Hardware, world_size: int) -> float:
     """Fraction of a compute unit each process gets when the processes of a node outnumber its
     cores (CPU ranks time-sharing cores): min(1, cores / processes on the node). 1 for devices
@@ -186,7 +192,7 @@ class _Layout:
         L, p, t, n, m = layout, layout.pp, layout.tp, layout.dp, layout.microbatches
         self.model, self.layout, self.hw, self.options, self.precision = model, layout, hw, options, precision
         self.p, self.t, self.n, self.m = p, t, n, m
-        self.v = L.virtual_stages if L.schedule == "interleaved" else 1
+        self.v = chunks_per_rank(L)
         s, h, F, a = seq_len, model.hidden, model.ffn_hidden, model.num_heads
         self.s, self.h = s, h
         V = padded_vocab_size(model.vocab_size, t)  # rows of the embedding / LM head over all tp ranks
@@ -215,8 +221,12 @@ class _Layout:
         self.emb_act = f.embedding_activation_bytes(s, b, h, t, sp, options.dropout)
         self.out_act = (m if (L.schedule == "gpipe" and p > 1) else 1) * f.output_activation_bytes(
             s, b, h, V, t, sp, e, options.sp_saves_gathered)
-        self.rebuilt = f.layer_activation_bytes(s, b, h, a, F, recompute="none", **act) \
-            if L.recompute == "full" else 0.0
+        full_layer = f.layer_activation_bytes(s, b, h, a, F, recompute="none", **act)
+        self.rebuilt = full_layer if L.recompute == "full" else 0.0
+        # memory-bound seconds of one layer's / the head's forward + backward on an unshared device
+        self.ew_layer = hw.elementwise_s_per_byte * full_layer
+        self.ew_head = hw.elementwise_s_per_byte * f.output_activation_bytes(s, b, h, V, t, sp, e,
+                                                                             options.sp_saves_gathered)
         # ZeRO-3 gathers one unit (a block, or the embedding) and its gradient at a time.
         self.buffers = (P_b + self.G_b) * max(block, embed) if (L.zero == 3 and n > 1) else 0.0
         self.message = volume.p2p_tensor_bytes(h, b, s, t, sp, e)
@@ -235,7 +245,12 @@ class _Layout:
         params = layers * self.block + (self.embed + self.model.max_seq_len * self.h if first else 0) \
             + (2 * self.h + (self.embed if self.head_copy else 0) if last else 0)
         rate = self.rate * speed
-        return ChunkCost(layers, first, last, params, fwd / rate, (2 * fwd + layers * self.layer_rec) / rate,
+        # memory-bound work outside the matmuls: 1/3 in forward, 2/3 in backward like the FLOPs,
+        # plus the replayed forward's share under recomputation (see Hardware.elementwise_s_per_byte)
+        ew = (layers * self.ew_layer + (self.ew_head if last else 0)) / (self.share * speed)
+        replay = layers * self.ew_layer * self.layer_rec / (3 * self.layer_fwd) / (self.share * speed)
+        return ChunkCost(layers, first, last, params, fwd / rate + ew / 3,
+                         (2 * fwd + layers * self.layer_rec) / rate + 2 * ew / 3 + replay,
                          tp[volume.FORWARD], tp[volume.BACKWARD], tp["wire_forward"] + tp["wire_backward"])
 
     def syncs(self, i: int, n_layers: int) -> tuple[float, float, float, float]:
@@ -287,8 +302,14 @@ class _Layout:
         chunks = [self.chunk(c * p + i, self.speeds[i]) for c in range(v)]
         params = sum(c.params for c in chunks)
         state = f.model_state_bytes(params, self.layout.zero, self.n, self.precision)
-        flight = f.in_flight_microbatches(self.layout.schedule, p, m, v, i)
-        acts = flight * (n_layers * self.act_layer + (self.emb_act if first else 0)) + (self.out_act if last else 0)
+        if v == 1:
+            flight = f.in_flight_microbatches(self.layout.schedule, p, m, v, i)
+            acts = flight * (n_layers * self.act_layer + (self.emb_act if first else 0)) \
+                + (self.out_act if last else 0)
+        else:  # chunks of different sizes: which of them are in flight matters (topology.stash_states)
+            per_chunk = tuple(c.layers * self.act_layer + (self.emb_act if c.first else 0)
+                              + (self.out_act if c.last else 0) for c in chunks)
+            acts = peak_stash(self.layout.schedule, p, m, v, i, per_chunk)
         tp_sync, tp_step_b, pp_sync, pp_step_b = self.syncs(i, n_layers)
         dp_b, exposed, grads, dp_other = self.data_parallel(params, chunks)
         owned = params / (self.n if self.layout.zero >= 1 else 1)
@@ -333,7 +354,7 @@ def _estimate(model: ModelConfig, layout: Layout, hw: Hardware, global_batch: in
               precision: str, options: CostOptions) -> Estimate:
     stages = _stages(model, layout, hw, global_batch, seq_len, precision, options, every=False)
     p, m = layout.pp, layout.microbatches
-    v = layout.virtual_stages if layout.schedule == "interleaved" else 1
+    v = chunks_per_rank(layout)
     slow = max(stages, key=lambda c: c.microbatch_s)
     t_max = slow.microbatch_s
     if options.bubble_fraction is not None:

@@ -32,7 +32,7 @@ GB = 10**9
 TFLOPS = 10**12
 
 PROFILE_FORMAT = "paratrain-device-profile"
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,11 @@ class Hardware:
     ``cores_per_node``: for CPU processes, the cores the node's processes share; when more
     processes than cores run on a node each computes at cores / processes of its rate
     (:func:`paratrain.plan.cost.compute_share`). 0 (GPUs): every device is its own.
+    ``elementwise_s_per_byte``: seconds of memory-bound work (LayerNorm, GeLU, residual adds,
+    softmax) that a layer's forward + backward spends per byte of the activations
+    it produces, on top of its matmul FLOPs at ``peak x efficiency``. 0 (the catalog's GPUs): that
+    work is folded into the fitted efficiency instead. ``paratrain calibrate`` measures it on CPUs,
+    where small layers spend a fifth to a quarter of their time there.
     """
 
     name: str
@@ -60,6 +65,7 @@ class Hardware:
     intra_node_latency_s: float = 0.0
     inter_node_latency_s: float = 0.0
     cores_per_node: int = 0
+    elementwise_s_per_byte: float = 0.0
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -71,7 +77,8 @@ class Hardware:
             value = getattr(self, field)
             if not isinstance(value, (int, float)) or not value > 0:
                 raise ConfigError(f"hardware {self.name!r}: {field} must be a positive number, got {value!r}.")
-        for field in ("peak_bf16_flops", "memory_bw", "intra_node_latency_s", "inter_node_latency_s"):
+        for field in ("peak_bf16_flops", "memory_bw", "intra_node_latency_s", "inter_node_latency_s",
+                      "elementwise_s_per_byte"):
             value = getattr(self, field)
             if not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"hardware {self.name!r}: {field} must be >= 0, got {value!r}.")
@@ -113,7 +120,8 @@ class Hardware:
         return cls(**data)
 
 
-_OPTIONAL = {"compute_efficiency", "intra_node_latency_s", "inter_node_latency_s", "cores_per_node", "source"}
+_OPTIONAL = {"compute_efficiency", "intra_node_latency_s", "inter_node_latency_s", "cores_per_node",
+             "elementwise_s_per_byte", "source"}
 
 # Fraction of peak reached by the compute of a step on A100s, fitted to Narayanan et al. 2021
 # ("Efficient Large-Scale Language Model Training on GPU Clusters Using Megatron-LM", SC21),

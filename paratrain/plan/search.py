@@ -21,7 +21,7 @@ Layouts are ranked by predicted step time, then by peak memory. ``fixed`` pins a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,7 @@ from paratrain.errors import ConfigError
 from paratrain.models.configs import ModelConfig
 from paratrain.plan.cost import CostOptions, Estimate, _estimate, estimate
 from paratrain.plan.hardware import GiB, Hardware
+from paratrain.plan.hetero import SpeedPlan, with_speeds
 
 
 def divisors(n: int) -> list[int]:
@@ -86,6 +87,7 @@ class PlanResult:
     considered: int
     smallest_unfit: Estimate | None  # the least memory-hungry layout that does not fit
     best_pure_dp: Estimate | None  # the fastest fitting layout with pp = tp = 1 (or least memory)
+    best_speed_plan: SpeedPlan | None = None  # with device speeds: the winner's speed-aware split
 
     @property
     def best(self) -> Estimate:
@@ -98,8 +100,14 @@ class PlanResult:
 
 def search(model: ModelConfig, num_devices: int, hardware: Hardware, global_batch: int, seq_len: int,
            precision: str = "bf16", options: CostOptions | None = None,
-           fixed: dict[str, Any] | None = None, allow_cross_node_tp: bool = False) -> PlanResult:
-    """Estimate every layout, keep those that fit, rank by (step time, peak memory)."""
+           fixed: dict[str, Any] | None = None, allow_cross_node_tp: bool = False,
+           device_speeds: tuple[float, ...] | None = None,
+           keep: Callable[[Layout], bool] | None = None) -> PlanResult:
+    """Estimate every layout, keep those that fit, rank by (step time, peak memory).
+
+    ``device_speeds`` (one per device): each layout is priced with stages and batch shares sized to
+    speed (:func:`paratrain.plan.hetero.with_speeds`; its slowest replica). ``keep``: only layouts
+    it accepts (e.g. what the training runtime implements)."""
     if not isinstance(num_devices, int) or num_devices < 1:
         raise ConfigError(f"the number of devices must be a positive integer, got {num_devices!r}.")
     options = options or CostOptions()
@@ -110,10 +118,17 @@ def search(model: ModelConfig, num_devices: int, hardware: Hardware, global_batc
     pure_fit: Estimate | None = None
     pure_unfit: Estimate | None = None
     considered = 0
+    plans: dict[Layout, SpeedPlan] = {}
     for layout in enumerate_layouts(model, num_devices, global_batch, seq_len, hardware.devices_per_node,
                                     fixed, allow_cross_node_tp):
+        if keep is not None and not keep(layout):
+            continue
         considered += 1
-        est = _estimate(model, layout, hardware, global_batch, seq_len, precision, options)
+        if device_speeds is None:
+            est = _estimate(model, layout, hardware, global_batch, seq_len, precision, options)
+        else:
+            plan = with_speeds(model, layout, hardware, global_batch, seq_len, precision, options, device_speeds)
+            est = plans.setdefault(plan.slowest.layout, plan).slowest
         pure = layout.tp == 1 and layout.pp == 1
         if est.fits:
             fits.append(est)
@@ -130,7 +145,8 @@ def search(model: ModelConfig, num_devices: int, hardware: Hardware, global_batc
                           f"batch, tp must divide the heads (valid tp: {valid_tp(model)}), pp <= "
                           f"{model.num_layers} layers.")
     fits.sort(key=_key)
-    return PlanResult(tuple(fits), considered, smallest, pure_fit or pure_unfit)
+    best_plan = plans.get(fits[0].layout) if fits and plans else None
+    return PlanResult(tuple(fits), considered, smallest, pure_fit or pure_unfit, best_plan)
 
 
 def _key(e: Estimate) -> tuple[float, float]:

@@ -39,7 +39,16 @@ from paratrain.models.configs import ModelConfig
 from paratrain.parallel.pipeline.schedules import Action, Schedule, build_schedule
 from paratrain.parallel.pipeline.timeline import Timeline, simulate
 from paratrain.plan.collectives import exposed_reduction
-from paratrain.plan.cost import DEFAULT_OPTIONS, CostOptions, Estimate, StageCost, estimate, make_estimate, stage_costs
+from paratrain.plan.cost import (
+    DEFAULT_OPTIONS,
+    CostOptions,
+    Estimate,
+    StageCost,
+    chunks_per_rank,
+    estimate,
+    make_estimate,
+    stage_costs,
+)
 from paratrain.plan.hardware import Hardware
 from paratrain.plan.prediction import StepTime
 
@@ -134,7 +143,7 @@ def simulate_step(model: ModelConfig, layout: Layout, hw: Hardware, global_batch
     analytic = estimate(model, layout, hw, global_batch, seq_len, precision, options)  # validates
     base_hw = hw.replace(cores_per_node=0)  # sharing is simulated below, not averaged
     stages = stage_costs(model, layout, base_hw, global_batch, seq_len, precision, options)
-    v = layout.virtual_stages if layout.schedule == "interleaved" else 1
+    v = chunks_per_rank(layout)
     schedule = build_schedule(layout.schedule if layout.pp > 1 else "1f1b", layout.pp, layout.microbatches, v)
     procs_per_rank = layout.dp * layout.tp
     cores = hw.cores_per_node
@@ -164,7 +173,7 @@ def _compose(model: ModelConfig, layout: Layout, hw: Hardware, global_batch: int
     for r, spans in enumerate(timeline.ranks):
         end = max(sp.end for sp in spans) - t0
         last_b = [sp for sp in spans if sp.action.kind == "B"]
-        window = (last_b[-1].end - last_b[-1].start) if last_b and layout.virtual_stages == 1 else 0.0
+        window = (last_b[-1].end - last_b[-1].start) if last_b and chunks_per_rank(layout) == 1 else 0.0
         x = exposed_reduction(stages[r].dp_buckets, window, options.overlap_dp) + stages[r].dp_other_s
         exposed.append(x)
         finish.append(end + x)

@@ -20,6 +20,7 @@ from paratrain.mesh import MeshShape
 from paratrain.models.configs import ModelConfig
 from paratrain.parallel import volume
 from paratrain.parallel.pipeline.partition import stage_sizes
+from paratrain.plan.formulas import in_flight_microbatches as f_in_flight
 
 
 @lru_cache(maxsize=8192)
@@ -90,3 +91,44 @@ def pipeline_shape(model: ModelConfig, seq_len: int, pp: int, virtual_stages: in
         else:
             groups.append([i, 1])
     return PipelineShape(chunks, tuple(layers), sends, tuple((i, c) for i, c in groups))
+
+
+def _visits(K: int, chunk: int, pp: int, virtual_stages: int) -> int:
+    """How many of the first K forwards of an interleaved rank go through ``chunk``: forward k
+    visits chunk (k // pp) mod v, so each period of pp v forwards visits every chunk pp times."""
+    q, r = divmod(K, pp * virtual_stages)
+    return q * pp + min(pp, max(0, r - chunk * pp))
+
+
+@lru_cache(maxsize=4096)
+def stash_states(schedule: str, pp: int, microbatches: int, virtual_stages: int, rank: int
+                 ) -> tuple[tuple[int, ...], ...]:
+    """The activations pipeline rank ``rank`` holds as its schedule runs, as micro-batch counts per
+    chunk after each forward (the only moments a peak can occur), keeping the maximal ones.
+
+    The schedules of :mod:`paratrain.parallel.pipeline.schedules`: a forward of chunk c stashes
+    one micro-batch's activations of c, its backward frees them. One chunk per rank: the closed
+    form of :func:`formulas.in_flight_microbatches`. Interleaved (v chunks, which may hold
+    different layers, the embedding or the head, so which of them are in flight matters): rank r
+    runs w = min(v m, 2(p - r - 1) + (v - 1) p) warm-up forwards, then alternates; after its j-th
+    forward (j >= w) it has run forwards 0..j and backwards 0..j-w-1, the k-th forward visiting
+    chunk (k // p) mod v and the k-th backward chunk v - 1 - (k // p) mod v. The state repeats
+    every p v forwards, so one period gives every state (tested against the generated schedule)."""
+    v, p, m = virtual_stages, pp, microbatches
+    if v == 1 or p == 1:
+        return ((int(f_in_flight(schedule, p, m, 1, rank)),),)
+    total = v * m
+    w = min(total, 2 * (p - rank - 1) + (v - 1) * p)
+    states = set()
+    for j in range(min(w, total - 1), min(total, w + p * v)):
+        done_f, done_b = j + 1, max(0, j - w)
+        states.add(tuple(_visits(done_f, c, p, v) - _visits(done_b, v - 1 - c, p, v) for c in range(v)))
+    maximal = [s for s in states if not any(o != s and all(a >= b for a, b in zip(o, s)) for o in states)]
+    return tuple(sorted(maximal))
+
+
+def peak_stash(schedule: str, pp: int, microbatches: int, virtual_stages: int, rank: int,
+               chunk_bytes: tuple[float, ...]) -> float:
+    """Peak bytes of activations rank ``rank`` stashes, given each chunk's bytes per micro-batch."""
+    return max(sum(n * b for n, b in zip(state, chunk_bytes))
+               for state in stash_states(schedule, pp, microbatches, virtual_stages, rank))

@@ -250,3 +250,35 @@ def test_estimate_invariants(layout: Layout, zero: int) -> None:
     assert 0 <= est.bubble_fraction < 1 and 0 < est.mfu <= est.hfu < est.efficiency + 1e-9
     assert est.hardware_flops_per_step >= est.flops_per_step
     assert all(v >= 0 for v in est.comm_bytes_per_device.as_dict().values())
+
+
+@settings(max_examples=60, deadline=None)
+@given(p=st.integers(2, 6), k=st.integers(1, 4), v=st.integers(2, 4))
+def test_stash_from_the_schedule_is_the_closed_form_for_equal_chunks(p: int, k: int, v: int) -> None:
+    """Counting the real interleaved schedule's stash gives [K22]'s in-flight formula when every
+    chunk is alike; with unequal chunks (the runtime's partition) it is what the rank holds."""
+    from paratrain.plan.topology import peak_stash
+
+    m = k * p
+    for i in range(p):
+        got = peak_stash("interleaved", p, m, v, i, (1.0,) * v)
+        assert got == pytest.approx(v * f.in_flight_microbatches("interleaved", p, m, v, i))
+
+
+@settings(max_examples=80, deadline=None)
+@given(p=st.integers(2, 6), k=st.integers(1, 5), v=st.integers(2, 4))
+def test_stash_states_are_the_generated_schedules(p: int, k: int, v: int) -> None:
+    """The closed-form interleaved stash equals counting the generated schedule's actions."""
+    from paratrain.parallel.pipeline.schedules import build_schedule
+    from paratrain.plan.topology import stash_states
+
+    m = k * p
+    s = build_schedule("interleaved", p, m, v)
+    for r in range(p):
+        counts, seen = [0] * v, set()
+        for a in s.compute_order(r):
+            counts[a.chunk] += 1 if a.kind == "F" else -1
+            if a.kind == "F":
+                seen.add(tuple(counts))
+        maximal = {x for x in seen if not any(o != x and all(i >= j for i, j in zip(o, x)) for o in seen)}
+        assert set(stash_states("interleaved", p, m, v, r)) == maximal
