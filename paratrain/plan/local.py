@@ -29,7 +29,9 @@ def local_hardware(nproc: int, profile: str | Path | None = None) -> tuple[Hardw
     else:
         hw = get_hardware("cpu").replace(cores_per_node=os.cpu_count() or 1)
         source = f"catalog device 'cpu' (nominal figures: no profile at {path}; run `paratrain calibrate`)"
-    return hw.replace(devices_per_node=max(hw.devices_per_node, nproc)), source
+    node = max(hw.devices_per_node, nproc)
+    # a profile's memory is a 1/cores share of the RAM: nproc > cores processes share it too
+    return hw.replace(devices_per_node=node, memory_bytes=hw.memory_bytes * hw.devices_per_node / node), source
 
 
 def runtime_options(cfg: TrainConfig) -> CostOptions:
@@ -77,3 +79,56 @@ def predict_run(cfg: TrainConfig, hw: Hardware, source: str = "") -> RunPredicti
                   "activations": st.activation_bytes} for st in sim.stages]
     ranks = tuple(per_stage[r // (layout.dp * layout.tp)] for r in range(layout.world_size))
     return RunPrediction(sim, ranks, hw.name, source)
+
+
+@dataclass(frozen=True)
+class AutoPlan:
+    """``paratrain train --plan auto``'s choice: the layout, its prediction, and why."""
+
+    layout: Layout
+    prediction: RunPrediction
+    considered: int
+    explanation: str
+    candidates: tuple[tuple[Layout, float], ...]  # the simulated shortlist: (layout, step seconds)
+
+
+def auto_layout(cfg: TrainConfig, nproc: int, hw: Hardware, source: str, fixed: dict[str, Any] | None = None,
+                shortlist: int = 8) -> AutoPlan:
+    """The fastest layout of ``nproc`` local processes for ``cfg``'s model and batch that the
+    runtime implements and that fits: every layout is estimated (``plan.search``, pinned by
+    ``fixed``), the ``shortlist`` fastest that fit are simulated on the real schedule, and the
+    fastest simulated one wins."""
+    from paratrain.plan.search import search
+
+    model = cfg.model_config()
+    result = search(model, nproc, hw, cfg.global_batch, cfg.seq_len, cfg.precision, runtime_options(cfg),
+                    fixed=fixed, keep=runtime_supports)
+    if not result.ranked:
+        from paratrain.errors import ConfigError
+
+        raise ConfigError(f"no layout of {nproc} processes that the runtime implements fits {cfg.model} with "
+                          f"global batch {cfg.global_batch} on {hw.name} ({result.considered} considered); use "
+                          f"another --nproc, --global-batch or --seq-len, or fewer pinned layout flags.")
+    sims = [predict_run(cfg.replace(layout=est.layout, nproc=nproc), hw, source) for est in result.ranked[:shortlist]]
+    fastest = min(p.step_time_s for p in sims)
+    # predictions within 1% tie; then the simplest layout wins (fewer micro-batches, chunks and
+    # recomputation: each costs a little the model does not see, e.g. smaller matmuls)
+    ties = [p for p in sims if p.step_time_s <= fastest * (1 + TIE)]
+    pred = min(ties, key=lambda p: _complexity(p.simulation.estimate.layout))
+    layout = pred.simulation.estimate.layout
+    why = result.explain()
+    if layout != result.best.layout:
+        why += (f" Simulated on the real schedule, the {len(sims)} fastest estimates give [{layout}] "
+                f"{pred.step_time_s * 1e3:.1f} ms" + (f", the simplest of the {len(ties)} within {TIE:.0%} of the "
+                                                     f"fastest" if len(ties) > 1 else ", the fastest") + ".")
+    ranked = sorted(sims, key=lambda p: p.step_time_s)
+    return AutoPlan(layout, pred, result.considered, why,
+                    tuple((p.simulation.estimate.layout, p.step_time_s) for p in ranked))
+
+
+TIE = 0.01
+
+
+def _complexity(layout: Layout) -> tuple[int, ...]:
+    return (layout.pp * layout.tp, layout.microbatches, layout.virtual_stages,
+            ("none", "selective", "full").index(layout.recompute), int(layout.sequence_parallel))

@@ -117,11 +117,12 @@ def search(model: ModelConfig, num_devices: int, hardware: Hardware, global_batc
     smallest: Estimate | None = None
     pure_fit: Estimate | None = None
     pure_unfit: Estimate | None = None
-    considered = 0
+    considered = rejected = 0
     plans: dict[Layout, SpeedPlan] = {}
     for layout in enumerate_layouts(model, num_devices, global_batch, seq_len, hardware.devices_per_node,
                                     fixed, allow_cross_node_tp):
         if keep is not None and not keep(layout):
+            rejected += 1
             continue
         considered += 1
         if device_speeds is None:
@@ -139,6 +140,10 @@ def search(model: ModelConfig, num_devices: int, hardware: Hardware, global_batc
                 smallest = est
             if pure and (pure_unfit is None or est.peak_bytes_per_device < pure_unfit.peak_bytes_per_device):
                 pure_unfit = est
+    if considered == 0 and rejected:
+        raise ConfigError(f"none of the {rejected} valid layouts of {num_devices} devices with the constraints "
+                          f"{fixed or {}} is one the training runtime implements (ZeRO, for one, is not yet); "
+                          f"drop the constraint that asks for it.")
     if considered == 0:
         raise ConfigError(f"no valid layout of {num_devices} devices for model {model.name!r} with global "
                           f"batch {global_batch} and the given constraints {fixed or {}}: dp must divide the "
@@ -169,6 +174,10 @@ def _pct(x: float) -> str:
     return f"{x:.1%}" if x >= 0.001 else f"{x * 100:.2g}%"
 
 
+def _mem(nbytes: float) -> str:
+    return f"{nbytes / GiB:.1f} GiB" if nbytes >= GiB else f"{nbytes / 2**20:.1f} MiB"
+
+
 def _s(seconds: float) -> str:
     return f"{seconds * 1e3:.3g} ms" if seconds < 1 else f"{seconds:.3g} s"
 
@@ -183,7 +192,7 @@ def explain(result: PlanResult) -> str:
     if len(result.ranked) > 1 and result.ranked[1].step_time_s == best.step_time_s:
         twin = result.ranked[1]
         text.append(f"[{twin.layout}] is as fast but needs more memory "
-                    f"({twin.peak_bytes_per_device / GiB:.1f} vs {best.peak_bytes_per_device / GiB:.1f} GiB).")
+                    f"({_mem(twin.peak_bytes_per_device)} vs {_mem(best.peak_bytes_per_device)}).")
     elif runner is not None:
         gain = runner.step_time_s / best.step_time_s - 1
         text.append(f"The runner-up [{runner.layout}] is {_pct(gain)} slower ({_why_slower(best, runner)}).")
@@ -195,7 +204,7 @@ def explain(result: PlanResult) -> str:
         text.append("No pure data-parallel layout exists for this batch (dp would not divide it).")
     elif not pure.fits:
         text.append(f"Pure data parallelism cannot work: even [{pure.layout}] needs "
-                    f"{pure.peak_bytes_per_device / GiB:.1f} GiB per device of {pure.capacity_bytes / GiB:.1f}.")
+                    f"{_mem(pure.peak_bytes_per_device)} per device of {_mem(pure.capacity_bytes)}.")
     else:
         text.append(f"The best pure data-parallel layout [{pure.layout}] is "
                     f"{pure.step_time_s / best.step_time_s:.2f}x slower ({_why_slower(best, pure)}).")
