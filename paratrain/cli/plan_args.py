@@ -117,14 +117,16 @@ def add_cost_args(p: argparse.ArgumentParser, batch_help: str) -> None:
                    help="data-parallel communication does not overlap the backward pass")
     g.add_argument("--no-dropout", action="store_true",
                    help="count no dropout masks in the activations (a model trained without dropout)")
-    g.add_argument("--flash-attention", action="store_true",
-                   help="a fused attention kernel: the s x s attention scores are not stored")
+    g.add_argument("--eager-attention", action="store_true",
+                   help="count the s x s attention scores in the activations (an unfused attention, as in "
+                        "Korthikanti et al.'s Table 2); default: a fused kernel, as paratrain runs "
+                        "(scaled_dot_product_attention), which keeps a per-row log-sum-exp instead")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
 
 def build_options(args: argparse.Namespace) -> CostOptions:
     return CostOptions(efficiency=args.efficiency, overlap_dp=not args.no_overlap, memory_headroom=args.headroom,
-                       dropout=not args.no_dropout, store_scores=not args.flash_attention)
+                       dropout=not args.no_dropout, store_scores=args.eager_attention)
 
 
 def given_layout_fields(args: argparse.Namespace) -> dict[str, Any]:
