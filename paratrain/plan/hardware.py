@@ -44,7 +44,8 @@ class Hardware:
     ``memory_bw == 0`` means unknown (the optimizer step's memory-bound time is then left out).
     ``cores_per_node``: for CPU processes, the cores the node's processes share; when more
     processes than cores run on a node each computes at cores / processes of its rate
-    (:func:`paratrain.plan.cost.compute_share`). 0 (GPUs): every device is its own.
+    (:func:`paratrain.plan.cost.compute_share`). 0 (GPUs): every device is its own. It may be
+    fractional: the cores other jobs leave free.
     ``elementwise_s_per_byte``: seconds of memory-bound work (LayerNorm, GeLU, residual adds,
     softmax) that a layer's forward + backward spends per byte of the activations
     it produces, on top of its matmul FLOPs at ``peak x efficiency``. 0 (the catalog's GPUs): that
@@ -64,7 +65,7 @@ class Hardware:
     compute_efficiency: float = 0.5
     intra_node_latency_s: float = 0.0
     inter_node_latency_s: float = 0.0
-    cores_per_node: int = 0
+    cores_per_node: float = 0
     elementwise_s_per_byte: float = 0.0
     source: str = ""
 
@@ -82,8 +83,8 @@ class Hardware:
             value = getattr(self, field)
             if not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"hardware {self.name!r}: {field} must be >= 0, got {value!r}.")
-        if not isinstance(self.cores_per_node, int) or self.cores_per_node < 0:
-            raise ConfigError(f"hardware {self.name!r}: cores_per_node must be an integer >= 0, "
+        if not isinstance(self.cores_per_node, (int, float)) or self.cores_per_node < 0:
+            raise ConfigError(f"hardware {self.name!r}: cores_per_node must be a number >= 0, "
                               f"got {self.cores_per_node!r}.")
         if not isinstance(self.devices_per_node, int) or self.devices_per_node < 1:
             raise ConfigError(f"hardware {self.name!r}: devices_per_node must be a positive integer, "

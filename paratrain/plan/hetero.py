@@ -115,9 +115,12 @@ def with_speeds(model: ModelConfig, layout: Layout, hw: Hardware, global_batch: 
 
 def speed_report(plan: SpeedPlan) -> str:
     """What ``--device-speeds`` adds to the output of estimate / plan / simulate."""
-    lines = [f"device speeds {','.join(f'{x:.3g}' for x in plan.speeds)} (relative compute speed per device, rank order)"]
+    def fmt(xs: tuple[float, ...]) -> str:
+        return ",".join(f"{x:.3g}" for x in xs)
+
+    lines = [f"device speeds {fmt(plan.speeds)} (relative compute speed per device, rank order)"]
     if plan.layout.pp > 1:
-        lines.append(f"  pipeline stages sized to speed: stage speeds {','.join(f'{x:.3g}' for x in plan.stage_speeds)} "
+        lines.append(f"  pipeline stages sized to speed: stage speeds {fmt(plan.stage_speeds)} "
                      f"-> layers {','.join(map(str, plan.stage_layers))} (even split: "
                      f"{','.join(map(str, plan.even_layers))})")
     if plan.layout.dp > 1:
