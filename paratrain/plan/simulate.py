@@ -184,10 +184,11 @@ def _compose(model: ModelConfig, layout: Layout, hw: Hardware, global_batch: int
     compute = sum(_compute_part(st, sp, scale, crit) for sp in timeline.ranks[crit])
     tp = sum(_tp_part(st, sp) for sp in timeline.ranks[crit])
     span = max(sp.end for sp in timeline.ranks[crit]) - t0
+    idle = span - compute - tp  # waiting in the schedule: the bubble and messages
+    assert idle >= -1e-9 * span, f"rank {crit} busy {compute + tp} s in a {span} s schedule"
     time = StepTime(
         compute=compute, tp_comm=tp + max(s.tp_sync_s for s in stages), pp_comm=max(s.pp_sync_s for s in stages),
-        bubble=max(0.0, span - compute - tp), dp_comm=exposed[crit],
-        optimizer=max(s.optimizer_s for s in stages) * static)
+        bubble=max(0.0, idle), dp_comm=exposed[crit], optimizer=max(s.optimizer_s for s in stages) * static)
     heavy = max(stages, key=lambda c: c.peak_bytes)
     est = make_estimate(model, layout, hw, global_batch, seq_len, precision, options, time, timeline.bubble,
                         heavy, stages)
