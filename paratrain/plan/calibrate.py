@@ -7,13 +7,15 @@ The only module of :mod:`paratrain.plan` that imports torch. It measures, on the
 * memory bandwidth: ``dst.copy_(src)`` of a large buffer, reading and writing it: 2 S bytes;
 * the work of a training step outside the matmuls, with one thread: forward + backward of the
   ``tiny`` and ``small`` reference GPTs (4 sequences of 128 tokens, fp32) take
-  ``t = FLOPs / peak + lambda * A``, where A is the activations they produce (the planner's
-  formulas, as the runtime stores them); each model gives one ``lambda``, the profile keeps their
-  mean (``elementwise_s_per_byte``) and the measurements keep both (they agree within a few
-  percent here: the memory-bound work grows with the activations, not with the FLOPs);
-* the optimizer phase of a step (gradient-norm clipping and AdamW over ``small``'s 4.9M
-  parameters), as an effective bandwidth ``28 bytes x parameters / seconds``: the planner prices
-  the optimizer as 28 bytes per parameter over ``memory_bw``;
+  ``t = FLOPs / peak + lambda * A`` (t: the median of repeated runs), where A is the activations
+  they produce (the planner's formulas, as the runtime stores them); each model gives one
+  ``lambda``, the profile keeps their mean (``elementwise_s_per_byte``) and the measurements
+  keep both (they agree within a few percent here: the memory-bound work grows with the
+  activations, not with the FLOPs);
+* the optimizer phase of a step (gradient-norm clipping, AdamW and zeroing the gradients over
+  ``small``'s 4.9M parameters, median of repeated runs), as an effective bandwidth
+  ``28 bytes x parameters / seconds``: the planner prices the optimizer as 28 bytes per
+  parameter over ``memory_bw``;
 * gloo collectives between two local processes: all-reduce of several sizes S; each device sends
   2 (n - 1)/n S = S bytes (n = 2) in 2 (n - 1) = 2 latency-bound steps, so the least-squares fit
   t = 2 alpha + S / bw gives the link's bandwidth bw and per-step latency alpha.
@@ -27,6 +29,7 @@ the RAM, and ``cores_per_node`` = cores: more processes than cores time-share th
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -51,6 +54,18 @@ def _best_rate(fn: Callable[[], None], work: float, budget_s: float) -> float:
         dt = time.perf_counter() - t0
         best, spent = min(best, dt), spent + dt
     return work / best
+
+
+def _median_seconds(fn: Callable[[], None], budget_s: float, min_runs: int = 7) -> float:
+    """Median seconds of ``fn`` over at least ``min_runs`` calls and about ``budget_s``: what a
+    training step typically takes (the validation compares medians), not its best case."""
+    fn()  # warm-up
+    times: list[float] = []
+    while len(times) < min_runs or sum(times) < budget_s:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def measure_matmul(n: int, threads: int, dtype: str = "float32", budget_s: float = 0.25) -> float:
@@ -101,19 +116,20 @@ def measure_layers(model_name: str, batch: int, seq_len: int, budget_s: float) -
         def step() -> None:
             model(x, x).backward()
 
-        rate = _best_rate(step, 1.0, budget_s)
+        seconds = _median_seconds(step, budget_s)
     finally:
         torch.set_num_threads(old)
     h, F, a = cfg.hidden, cfg.ffn_hidden, cfg.num_heads
     acts = cfg.num_layers * f.layer_activation_bytes(seq_len, batch, h, a, F, elem_bytes=4, dropout=False,
                                                      store_scores=False) \
         + f.output_activation_bytes(seq_len, batch, h, cfg.vocab_size, elem_bytes=4)
-    return {"seconds": 1.0 / rate, "flops": f.step_flops(cfg, batch, seq_len), "activation_bytes": acts}
+    return {"seconds": seconds, "flops": f.step_flops(cfg, batch, seq_len), "activation_bytes": acts}
 
 
 def measure_optimizer(model_name: str, budget_s: float) -> dict[str, float]:
-    """Seconds of one optimizer phase (clip the gradient norm, AdamW step) over ``model_name``'s
-    parameters, one thread, and its effective bandwidth at 28 bytes per parameter."""
+    """Seconds of one optimizer phase (clip the gradient norm, AdamW step, zero the gradients) over
+    ``model_name``'s parameters, one thread, and its effective bandwidth at 28 bytes per
+    parameter (median of repeated runs)."""
     import torch
 
     from paratrain.models.configs import get_model_config
@@ -132,12 +148,14 @@ def measure_optimizer(model_name: str, budget_s: float) -> dict[str, float]:
         def step() -> None:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
+            for p in params:
+                p.grad.zero_()
 
-        rate = _best_rate(step, 1.0, budget_s)
+        seconds = _median_seconds(step, budget_s)
     finally:
         torch.set_num_threads(old)
     n = sum(p.numel() for p in params)
-    return {"seconds": 1.0 / rate, "params": n, "bandwidth": OPTIMIZER_BYTES_PER_PARAM * n * rate}
+    return {"seconds": seconds, "params": n, "bandwidth": OPTIMIZER_BYTES_PER_PARAM * n / seconds}
 
 
 def allreduce_worker(sizes: tuple[int, ...], budget_s: float, timeout_s: float) -> list[float]:
