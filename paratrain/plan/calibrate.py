@@ -18,7 +18,13 @@ The only module of :mod:`paratrain.plan` that imports torch. It measures, on the
   parameter over ``memory_bw``;
 * gloo collectives between two local processes: all-reduce of several sizes S; each device sends
   2 (n - 1)/n S = S bytes (n = 2) in 2 (n - 1) = 2 latency-bound steps, so the least-squares fit
-  t = 2 alpha + S / bw gives the link's bandwidth bw and per-step latency alpha.
+  t = 2 alpha + S / bw gives the link's bandwidth bw (and an idle-peer latency, kept as a
+  measurement);
+* the latency that training sees: every process alternates ~2 ms of matmuls with a 4 KiB
+  all-reduce (as layers alternate with collectives), with as many processes as cores and with
+  twice as many; the median all-reduce over its 2(n - 1) ring steps is the link's per-step
+  latency (the peers' compute jitter and scheduling included) and, oversubscribed, the
+  ``shared_latency_s`` the planner uses when processes outnumber cores.
 
 The profile's device is one process with one thread (how ``paratrain train`` runs ranks on a
 machine with as many cores as ranks): its peak is the best one-thread matmul rate (compute
@@ -39,9 +45,10 @@ from paratrain.plan.hardware import Hardware
 
 FULL = {"matmul_1t": (128, 256, 512, 1024), "matmul_all": (512, 1024, 2048), "matmul_bf16": (512, 1024),
         "copy_mib": 256, "allreduce_bytes": (2**10, 2**14, 2**18, 2**20, 2**22, 2**24), "budget_s": 0.25,
-        "layer_models": ("tiny", "small")}
+        "layer_models": ("tiny", "small"), "busy_reps": 200}
 QUICK = {"matmul_1t": (128, 256), "matmul_all": (256,), "matmul_bf16": (128,), "copy_mib": 16,
-         "allreduce_bytes": (2**10, 2**16, 2**20), "budget_s": 0.02, "layer_models": ("tiny",)}
+         "allreduce_bytes": (2**10, 2**16, 2**20), "budget_s": 0.02, "layer_models": ("tiny",),
+         "busy_reps": 10}
 
 
 def _best_rate(fn: Callable[[], None], work: float, budget_s: float) -> float:
@@ -186,6 +193,40 @@ def allreduce_worker(sizes: tuple[int, ...], budget_s: float, timeout_s: float) 
         shutdown_distributed(ok)
 
 
+def busy_allreduce_worker(compute_s: float, reps: int, timeout_s: float) -> float:
+    """Runs on each rank: alternate ~``compute_s`` of matmuls with a 4 KiB all-reduce, as training
+    alternates layers and collectives; returns the median seconds spent in an all-reduce (the
+    latency of a collective whose peers were computing, including their scheduling)."""
+    import torch
+    import torch.distributed as dist
+
+    from paratrain.launch import RankEnv, init_distributed, shutdown_distributed
+
+    torch.set_num_threads(1)
+    init_distributed(RankEnv.from_env(), "cpu", timeout_s)
+    ok = False
+    try:
+        a = torch.randn(256, 256)
+        x = torch.zeros(1024)
+        t0 = time.perf_counter()
+        for _ in range(20):
+            a @ a
+        per = (time.perf_counter() - t0) / 20
+        n_mm = max(1, int(compute_s / per))
+        dist.barrier()
+        times = []
+        for _ in range(reps):
+            for _ in range(n_mm):
+                a @ a
+            t0 = time.perf_counter()
+            dist.all_reduce(x)
+            times.append(time.perf_counter() - t0)
+        ok = True
+        return statistics.median(times)
+    finally:
+        shutdown_distributed(ok)
+
+
 def fit_link(sizes: tuple[int, ...], seconds: list[float], steps: int) -> tuple[float, float]:
     """Least-squares fit of t = steps * alpha + S / bw over (S, t): returns (bw, alpha)."""
     k = len(sizes)
@@ -233,7 +274,7 @@ def _measure_compute(cfg: dict[str, Any], cores: int, log: Callable[[str], None]
             "optimizer": opt}
 
 
-def _measure_link(cfg: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+def _measure_link(cfg: dict[str, Any], cores: int, log: Callable[[str], None]) -> dict[str, Any]:
     from paratrain.launch import launch
 
     sizes = cfg["allreduce_bytes"]
@@ -241,9 +282,16 @@ def _measure_link(cfg: dict[str, Any], log: Callable[[str], None]) -> dict[str, 
     seconds = launch(allreduce_worker, (sizes, cfg["budget_s"], 60.0), 2)[0]
     bw, alpha = fit_link(sizes, seconds, steps=2)
     log("      " + ", ".join(f"{s / 2**10:g} KiB {t * 1e6:.0f} us" for s, t in zip(sizes, seconds)))
-    log(f"      fit: {bw / 1e9:.2f} GB/s, {alpha * 1e6:.1f} us per step")
+    log(f"      fit: {bw / 1e9:.2f} GB/s, {alpha * 1e6:.1f} us per step (idle peers)")
+    busy = {}
+    for n in sorted({2, 2 * cores}):  # every core busy, then twice as many processes as cores
+        t = launch(busy_allreduce_worker, (2e-3, cfg["busy_reps"], 60.0), n)[0]
+        busy[n] = t / (2 * (n - 1))
+        log(f"      {n} processes computing between 4 KiB all-reduces: {t * 1e6:.0f} us each, "
+            f"{busy[n] * 1e6:.0f} us per ring step")
     return {"allreduce_bytes": list(sizes), "allreduce_seconds": seconds, "link_bandwidth": bw,
-            "link_latency_s": alpha}
+            "link_latency_idle_s": alpha, "busy_latency_s": busy,
+            "link_latency_s": busy[min(busy)], "shared_latency_s": busy[max(busy)]}
 
 
 def calibrate(quick: bool = False, collectives: bool = True,
@@ -260,10 +308,10 @@ def calibrate(quick: bool = False, collectives: bool = True,
                             "torch": torch.__version__, "quick": quick}
     meas.update(_measure_compute(cfg, cores, log))
     if collectives:
-        meas.update(_measure_link(cfg, log))
+        meas.update(_measure_link(cfg, cores, log))
     else:
         log("[5/5] collectives skipped: link figures are placeholders (1 GB/s, no latency)")
-        meas.update(link_bandwidth=1e9, link_latency_s=0.0)
+        meas.update(link_bandwidth=1e9, link_latency_s=0.0, shared_latency_s=0.0)
     meas["collectives_measured"] = collectives
     bf16 = max(meas["matmul_bf16_1thread"].values())
     bw, alpha = meas["link_bandwidth"], meas["link_latency_s"]
@@ -272,6 +320,7 @@ def calibrate(quick: bool = False, collectives: bool = True,
         peak_fp32_flops=max(meas["matmul_fp32_1thread"].values()), memory_bytes=_ram_bytes() / cores,
         memory_bw=meas["optimizer"]["bandwidth"], intra_node_bw=bw, inter_node_bw=bw, devices_per_node=cores,
         compute_efficiency=1.0, intra_node_latency_s=alpha, inter_node_latency_s=alpha, cores_per_node=cores,
+        shared_latency_s=meas["shared_latency_s"],
         elementwise_s_per_byte=meas["elementwise_s_per_byte"],
         source=f"paratrain calibrate on {platform.node()}: one process with one thread per core; "
                f"inter-node link not measured (set to the gloo loopback figure)",

@@ -206,6 +206,8 @@ class _Layout:
         self.shape = pipeline_shape(model, seq_len, p, self.v, options.stage_layers or L.stage_layers,
                                     L.stage_speeds, options.rank_speeds)
         dpn = hw.devices_per_node
+        if self.share < 1 and hw.shared_latency_s:  # processes outnumber cores: peers answer later
+            hw = hw.replace(intra_node_latency_s=hw.shared_latency_s)
         self.tp_link = link(hw, axis_spans_nodes("tp", n, p, t, dpn))
         self.dp_link = link(hw, axis_spans_nodes("dp", n, p, t, dpn))
         self.pp_link = link(hw, axis_spans_nodes("pp", n, p, t, dpn))

@@ -51,6 +51,9 @@ class Hardware:
     it produces, on top of its matmul FLOPs at ``peak x efficiency``. 0 (the catalog's GPUs): that
     work is folded into the fitted efficiency instead. ``paratrain calibrate`` measures it on CPUs,
     where small layers spend a fifth to a quarter of their time there.
+    ``shared_latency_s``: the intra-node latency per ring step when the node's processes
+    outnumber its cores (a peer may wait for a core before it answers); 0 = the same as
+    ``intra_node_latency_s``. Measured by ``paratrain calibrate``.
     """
 
     name: str
@@ -67,6 +70,7 @@ class Hardware:
     inter_node_latency_s: float = 0.0
     cores_per_node: float = 0
     elementwise_s_per_byte: float = 0.0
+    shared_latency_s: float = 0.0
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -79,7 +83,7 @@ class Hardware:
             if not isinstance(value, (int, float)) or not value > 0:
                 raise ConfigError(f"hardware {self.name!r}: {field} must be a positive number, got {value!r}.")
         for field in ("peak_bf16_flops", "memory_bw", "intra_node_latency_s", "inter_node_latency_s",
-                      "elementwise_s_per_byte"):
+                      "elementwise_s_per_byte", "shared_latency_s"):
             value = getattr(self, field)
             if not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"hardware {self.name!r}: {field} must be >= 0, got {value!r}.")
@@ -122,7 +126,7 @@ class Hardware:
 
 
 _OPTIONAL = {"compute_efficiency", "intra_node_latency_s", "inter_node_latency_s", "cores_per_node",
-             "elementwise_s_per_byte", "source"}
+             "elementwise_s_per_byte", "shared_latency_s", "source"}
 
 # Fraction of peak reached by the compute of a step on A100s, fitted to Narayanan et al. 2021
 # ("Efficient Large-Scale Language Model Training on GPU Clusters Using Megatron-LM", SC21),

@@ -21,7 +21,9 @@ these durations, all from :func:`paratrain.plan.cost.stage_costs`:
   backward's simulated duration as the window), then the per-step syncs (gradient norm, tied
   embedding, sequence-parallel partial gradients) and the optimizer step.
 
-Shared cores (CPU processes outnumbering the cores, ``Hardware.cores_per_node``): a compute runs
+Shared cores (CPU processes outnumbering the cores, ``Hardware.cores_per_node``): collectives
+use ``Hardware.shared_latency_s`` per ring step (measured so by ``paratrain calibrate``), and a
+compute runs
 at ``min(1, cores / busy processes)`` of its speed, where the busy processes are the node's ranks
 computing at the time (``dp x tp`` per busy pipeline rank). Found by iterating: simulate, average
 each compute's concurrency over its span, rescale its duration, simulate again (damped; a few
@@ -141,13 +143,15 @@ def simulate_step(model: ModelConfig, layout: Layout, hw: Hardware, global_batch
     """Simulate one step of ``layout`` (validated like :func:`~paratrain.plan.cost.estimate`)."""
     options = options or DEFAULT_OPTIONS
     analytic = estimate(model, layout, hw, global_batch, seq_len, precision, options)  # validates
+    cores = hw.cores_per_node
+    shared = bool(cores) and min(layout.world_size, hw.devices_per_node) > cores
     base_hw = hw.replace(cores_per_node=0)  # sharing is simulated below, not averaged
+    if shared and hw.shared_latency_s:  # processes outnumber cores: peers answer later
+        base_hw = base_hw.replace(intra_node_latency_s=hw.shared_latency_s)
     stages = stage_costs(model, layout, base_hw, global_batch, seq_len, precision, options)
     v = chunks_per_rank(layout)
     schedule = build_schedule(layout.schedule if layout.pp > 1 else "1f1b", layout.pp, layout.microbatches, v)
     procs_per_rank = layout.dp * layout.tp
-    cores = hw.cores_per_node
-    shared = bool(cores) and min(layout.world_size, hw.devices_per_node) > cores
     scale: dict[tuple[int, int], float] = {}
     if shared:  # start from every rank busy all the time
         static = layout.world_size / cores
