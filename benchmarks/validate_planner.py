@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -73,33 +72,74 @@ def train_args(layout: dict[str, Any], opts: argparse.Namespace, out: Path) -> l
     return args
 
 
-def cpu_seconds() -> tuple[float, float]:
-    """(busy + stolen CPU seconds of the whole machine, CPU seconds of our finished children)."""
+def machine_cpu_seconds() -> float:
+    """Busy + stolen CPU seconds of the whole machine since boot (/proc/stat)."""
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
     user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
-    tick = os.sysconf("SC_CLK_TCK")
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return (user + nice + system + irq + softirq + steal) / tick, children.ru_utime + children.ru_stime
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(root: int, seen: dict[int, float]) -> None:
+    """Update ``seen`` (pid -> CPU seconds) with every live descendant of ``root`` (and itself)."""
+    parent, cpu = {}, {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+        parent[int(entry.name)] = int(fields[1])
+        cpu[int(entry.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    for pid in cpu:
+        p = pid
+        while p in parent and p != root and p > 1:
+            p = parent[p]
+        if p == root:
+            seen[pid] = max(seen.get(pid, 0.0), cpu[pid])
+
+
+def wait_quiet(limit: float, timeout: float, window: float = 5.0) -> float:
+    """Wait (up to ``timeout`` s) for a ``window`` in which other jobs use <= ``limit`` cores;
+    returns the last window's figure."""
+    deadline = time.perf_counter() + timeout
+    while True:
+        c0 = machine_cpu_seconds()
+        time.sleep(window)
+        busy = (machine_cpu_seconds() - c0) / window
+        if busy <= limit or time.perf_counter() > deadline:
+            return busy
 
 
 def measure(name: str, layout: dict[str, Any], opts: argparse.Namespace, folder: Path) -> dict[str, Any]:
     """One real run: median step time after warm-up, memory per rank, and how much CPU other
-    jobs took meanwhile (``external``: the machine's busy and stolen CPU seconds minus our
-    processes', per second of the run, in cores)."""
+    jobs took meanwhile (``external``: the machine's busy and stolen CPU seconds minus those of
+    our processes -- ``paratrain train`` and its ranks, read from /proc while they run -- per
+    second of the run, in cores)."""
     out = folder / name
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if opts.wait_quiet:
+        wait_quiet(opts.max_external, opts.wait_quiet)
     load0 = os.getloadavg()[0]
-    busy0, ours0, t0 = *cpu_seconds(), time.perf_counter()
-    proc = subprocess.run(train_args(layout, opts, out), cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=opts.timeout)
-    busy1, ours1, t1 = *cpu_seconds(), time.perf_counter()
+    busy0, t0 = machine_cpu_seconds(), time.perf_counter()
+    proc = subprocess.Popen(train_args(layout, opts, out), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    seen: dict[int, float] = {}
+    while proc.poll() is None:
+        tree_cpu_seconds(proc.pid, seen)
+        time.sleep(0.2)
+        if time.perf_counter() - t0 > opts.timeout:
+            proc.kill()
+    busy1, t1 = machine_cpu_seconds(), time.perf_counter()
+    _, stderr = proc.communicate()
     if proc.returncode:
-        raise RuntimeError(f"{name}: paratrain train failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{name}: paratrain train failed ({proc.returncode}):\n{stderr[-3000:]}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     times = [r["step_time_s"] for r in records[opts.warmup:-1]]
     summary = json.loads((out / "summary.json").read_text())
     memory = [sum(m.values()) for m in summary["memory_per_rank"]]
-    external = max(0.0, (busy1 - busy0) - (ours1 - ours0)) / (t1 - t0)
+    external = max(0.0, (busy1 - busy0) - sum(seen.values())) / (t1 - t0)
     return {"step_time_s": statistics.median(times), "step_times": times, "memory_per_rank": memory,
             "load": (load0, os.getloadavg()[0]), "external_cores": external}
 
@@ -164,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
                    "--max-external cores of the machine (default: %(default)s)")
     p.add_argument("--max-external", type=float, default=0.2,
                    help="CPU (in cores) other jobs may take during a run before it is repeated (default: %(default)s)")
+    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                   help="before each run, wait up to this long for 5 s in which other jobs use at most "
+                   "--max-external cores (default: do not wait)")
     p.add_argument("--share-external", action="store_true",
                    help="predict each run with the cores other jobs left free during it (cores - their CPU use) "
                    "instead of all cores; for a busy machine, reported as such")
