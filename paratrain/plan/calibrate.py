@@ -16,15 +16,14 @@ The only module of :mod:`paratrain.plan` that imports torch. It measures, on the
   ``small``'s 4.9M parameters, median of repeated runs), as an effective bandwidth
   ``28 bytes x parameters / seconds``: the planner prices the optimizer as 28 bytes per
   parameter over ``memory_bw``;
-* gloo collectives between two local processes: all-reduce of several sizes S; each device sends
-  2 (n - 1)/n S = S bytes (n = 2) in 2 (n - 1) = 2 latency-bound steps, so the least-squares fit
-  t = 2 alpha + S / bw gives the link's bandwidth bw (and an idle-peer latency, kept as a
-  measurement);
-* the latency that training sees: every process alternates ~2 ms of matmuls with a 4 KiB
-  all-reduce (as layers alternate with collectives), with as many processes as cores and with
-  twice as many; the median all-reduce over its 2(n - 1) ring steps is the link's per-step
-  latency (the peers' compute jitter and scheduling included) and, oversubscribed, the
-  ``shared_latency_s`` the planner uses when processes outnumber cores.
+* gloo collectives between two local processes, as training sees them: each process alternates
+  ~4 ms of matmuls with an all-reduce of a freshly written buffer of S bytes (as layers alternate
+  with collectives; an idle pair of processes answers differently, and that is kept as a
+  measurement only), for several S; each device sends 2 (n - 1)/n S = S bytes (n = 2) in
+  2 (n - 1) = 2 latency-bound steps, so the least-squares fit of the medians to
+  t = 2 alpha + S / bw gives the link's bandwidth bw and per-step latency alpha;
+* the same with twice as many processes as cores (a 4 KiB all-reduce over its 2(n - 1) ring
+  steps): ``shared_latency_s``, which the planner uses when processes outnumber cores.
 
 The profile's device is one process with one thread (how ``paratrain train`` runs ranks on a
 machine with as many cores as ranks): its peak is the best one-thread matmul rate (compute
@@ -45,10 +44,10 @@ from paratrain.plan.hardware import Hardware
 
 FULL = {"matmul_1t": (128, 256, 512, 1024), "matmul_all": (512, 1024, 2048), "matmul_bf16": (512, 1024),
         "copy_mib": 256, "allreduce_bytes": (2**10, 2**14, 2**18, 2**20, 2**22, 2**24), "budget_s": 0.25,
-        "layer_models": ("tiny", "small"), "busy_reps": 200}
+        "layer_models": ("tiny", "small"), "busy_reps": 40}
 QUICK = {"matmul_1t": (128, 256), "matmul_all": (256,), "matmul_bf16": (128,), "copy_mib": 16,
          "allreduce_bytes": (2**10, 2**16, 2**20), "budget_s": 0.02, "layer_models": ("tiny",),
-         "busy_reps": 10}
+         "busy_reps": 5}
 
 
 def _best_rate(fn: Callable[[], None], work: float, budget_s: float) -> float:
@@ -193,10 +192,10 @@ def allreduce_worker(sizes: tuple[int, ...], budget_s: float, timeout_s: float) 
         shutdown_distributed(ok)
 
 
-def busy_allreduce_worker(compute_s: float, reps: int, timeout_s: float) -> float:
-    """Runs on each rank: alternate ~``compute_s`` of matmuls with a 4 KiB all-reduce, as training
-    alternates layers and collectives; returns the median seconds spent in an all-reduce (the
-    latency of a collective whose peers were computing, including their scheduling)."""
+def busy_allreduce_worker(sizes: tuple[int, ...], compute_s: float, reps: int, timeout_s: float) -> list[float]:
+    """Runs on each rank: alternate ~``compute_s`` of matmuls with an all-reduce of a freshly
+    written buffer, as training alternates layers and collectives; returns, per payload size, the
+    median seconds spent in an all-reduce (its peers' compute jitter and scheduling included)."""
     import torch
     import torch.distributed as dist
 
@@ -207,22 +206,25 @@ def busy_allreduce_worker(compute_s: float, reps: int, timeout_s: float) -> floa
     ok = False
     try:
         a = torch.randn(256, 256)
-        x = torch.zeros(1024)
         t0 = time.perf_counter()
         for _ in range(20):
             a @ a
-        per = (time.perf_counter() - t0) / 20
-        n_mm = max(1, int(compute_s / per))
-        dist.barrier()
-        times = []
-        for _ in range(reps):
-            for _ in range(n_mm):
-                a @ a
-            t0 = time.perf_counter()
-            dist.all_reduce(x)
-            times.append(time.perf_counter() - t0)
+        n_mm = max(1, int(compute_s / ((time.perf_counter() - t0) / 20)))
+        out = []
+        for size in sizes:
+            x = torch.zeros(size // 4)
+            dist.barrier()
+            times = []
+            for _ in range(reps):
+                for _ in range(n_mm):
+                    a @ a
+                x.add_(1.0)
+                t0 = time.perf_counter()
+                dist.all_reduce(x)
+                times.append(time.perf_counter() - t0)
+            out.append(statistics.median(times))
         ok = True
-        return statistics.median(times)
+        return out
     finally:
         shutdown_distributed(ok)
 
@@ -278,20 +280,19 @@ def _measure_link(cfg: dict[str, Any], cores: int, log: Callable[[str], None]) -
     from paratrain.launch import launch
 
     sizes = cfg["allreduce_bytes"]
-    log(f"[5/5] gloo all-reduce between 2 local processes, {len(sizes)} sizes (starting processes)")
-    seconds = launch(allreduce_worker, (sizes, cfg["budget_s"], 60.0), 2)[0]
-    bw, alpha = fit_link(sizes, seconds, steps=2)
-    log("      " + ", ".join(f"{s / 2**10:g} KiB {t * 1e6:.0f} us" for s, t in zip(sizes, seconds)))
-    log(f"      fit: {bw / 1e9:.2f} GB/s, {alpha * 1e6:.1f} us per step (idle peers)")
-    busy = {}
-    for n in sorted({2, 2 * cores}):  # every core busy, then twice as many processes as cores
-        t = launch(busy_allreduce_worker, (2e-3, cfg["busy_reps"], 60.0), n)[0]
-        busy[n] = t / (2 * (n - 1))
-        log(f"      {n} processes computing between 4 KiB all-reduces: {t * 1e6:.0f} us each, "
-            f"{busy[n] * 1e6:.0f} us per ring step")
-    return {"allreduce_bytes": list(sizes), "allreduce_seconds": seconds, "link_bandwidth": bw,
-            "link_latency_idle_s": alpha, "busy_latency_s": busy,
-            "link_latency_s": busy[min(busy)], "shared_latency_s": busy[max(busy)]}
+    log(f"[5/5] gloo all-reduce between local processes, {len(sizes)} sizes (starting processes)")
+    idle = launch(allreduce_worker, (sizes, cfg["budget_s"], 60.0), 2)[0]
+    log("      idle peers: " + ", ".join(f"{s / 2**10:g} KiB {t * 1e6:.0f} us" for s, t in zip(sizes, idle)))
+    busy = launch(busy_allreduce_worker, (sizes, 4e-3, cfg["busy_reps"], 60.0), 2)[0]
+    bw, alpha = fit_link(sizes, busy, steps=2)
+    log("      peers computing between collectives: "
+        + ", ".join(f"{s / 2**10:g} KiB {t * 1e6:.0f} us" for s, t in zip(sizes, busy)))
+    log(f"      fit: {bw / 1e9:.2f} GB/s, {alpha * 1e6:.1f} us per ring step")
+    n = 2 * cores
+    shared = launch(busy_allreduce_worker, (sizes[:1], 4e-3, cfg["busy_reps"], 60.0), n)[0][0] / (2 * (n - 1))
+    log(f"      {n} processes on {cores} cores: {shared * 1e6:.0f} us per ring step")
+    return {"allreduce_bytes": list(sizes), "allreduce_seconds_idle": idle, "allreduce_seconds_busy": busy,
+            "link_bandwidth": bw, "link_latency_s": alpha, "shared_latency_s": max(shared, alpha)}
 
 
 def calibrate(quick: bool = False, collectives: bool = True,

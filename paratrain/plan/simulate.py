@@ -25,7 +25,8 @@ Shared cores (CPU processes outnumbering the cores, ``Hardware.cores_per_node``)
 use ``Hardware.shared_latency_s`` per ring step (measured so by ``paratrain calibrate``), and a
 compute runs
 at ``min(1, cores / busy processes)`` of its speed, where the busy processes are the node's ranks
-computing at the time (``dp x tp`` per busy pipeline rank). Found by iterating: simulate, average
+computing at the time (``dp x tp`` per busy pipeline rank, weighted by the share of its span not
+spent waiting in tensor-parallel collectives). Found by iterating: simulate, average
 each compute's concurrency over its span, rescale its duration, simulate again (damped; a few
 rounds). Without shared cores one round is exact.
 """
@@ -104,20 +105,26 @@ def _durations(schedule: Schedule, stages: tuple[StageCost, ...], scale: dict[tu
     return duration
 
 
-def _busy_intervals(tl: Timeline) -> list[tuple[float, int]]:
-    """Sweep events (time, +1 / -1) of the compute spans of every rank."""
+def _on_cpu(stages: tuple[StageCost, ...], scale: dict[tuple[int, int], float], r: int, a: Action) -> float:
+    """Fraction of a compute action's span its rank spends on a core (not waiting in the
+    tensor-parallel collectives inside it)."""
+    c = _compute_part(stages[r], a, scale, r)
+    total = c + _tp_part(stages[r], a)
+    return c / total if total > 0 else 0.0
+
+
+def _mean_concurrency(tl: Timeline, stages: tuple[StageCost, ...], scale: dict[tuple[int, int], float]
+                      ) -> dict[tuple[int, int], float]:
+    """For each compute span: the time-averaged number of pipeline ranks on a core during it
+    (each rank weighted by the fraction of its current span it computes)."""
     events = []
-    for spans in tl.ranks:
+    for r, spans in enumerate(tl.ranks):
         for sp in spans:
             if sp.action.is_compute and sp.end > sp.start:
-                events += [(sp.start, 1), (sp.end, -1)]
-    return sorted(events)
-
-
-def _mean_concurrency(tl: Timeline) -> dict[tuple[int, int], float]:
-    """For each compute span: the time-averaged number of pipeline ranks computing during it."""
-    events = _busy_intervals(tl)
-    times, counts, busy = [], [], 0
+                w = _on_cpu(stages, scale, r, sp.action)
+                events += [(sp.start, w), (sp.end, -w)]
+    events.sort()
+    times, counts, busy = [], [], 0.0
     for t, d in events:
         busy += d
         times.append(t)
@@ -132,7 +139,7 @@ def _mean_concurrency(tl: Timeline) -> dict[tuple[int, int], float]:
             while t < sp.end:
                 nxt = times[i + 1] if i + 1 < len(times) else sp.end
                 seg_end = min(nxt, sp.end)
-                acc += max(counts[i], 1) * (seg_end - t)
+                acc += max(counts[i], 1.0) * (seg_end - t)
                 t, i = seg_end, i + 1
             out[(r, id(sp.action))] = acc / (sp.end - sp.start)
     return out
@@ -158,7 +165,7 @@ def simulate_step(model: ModelConfig, layout: Layout, hw: Hardware, global_batch
         scale = {(r, id(a)): static for r, acts in enumerate(schedule.ranks) for a in acts if a.is_compute}
     timeline = simulate(schedule, _durations(schedule, stages, scale))
     for _ in range(SHARING_ROUNDS if shared else 0):
-        conc = _mean_concurrency(timeline)
+        conc = _mean_concurrency(timeline, stages, scale)
         new = {k: max(1.0, procs_per_rank * c / cores) for k, c in conc.items()}
         scale = {k: 0.5 * (scale.get(k, 1.0) + x) for k, x in new.items()}  # damped
         timeline = simulate(schedule, _durations(schedule, stages, scale))
@@ -185,8 +192,8 @@ def _compose(model: ModelConfig, layout: Layout, hw: Hardware, global_batch: int
         shares.append(len(factors) / sum(factors) if factors else 1.0)
     crit = max(range(len(finish)), key=lambda r: finish[r])
     st = stages[crit]
-    compute = sum(_compute_part(st, sp, scale, crit) for sp in timeline.ranks[crit])
-    tp = sum(_tp_part(st, sp) for sp in timeline.ranks[crit])
+    compute = sum(_compute_part(st, sp.action, scale, crit) for sp in timeline.ranks[crit])
+    tp = sum(_tp_part(st, sp.action) for sp in timeline.ranks[crit])
     span = max(sp.end for sp in timeline.ranks[crit]) - t0
     idle = span - compute - tp  # waiting in the schedule: the bubble and messages
     assert idle >= -1e-9 * span, f"rank {crit} busy {compute + tp} s in a {span} s schedule"
@@ -200,8 +207,7 @@ def _compose(model: ModelConfig, layout: Layout, hw: Hardware, global_batch: int
     return Simulation(est, timeline, stages, tuple(finish), tuple(exposed), tuple(shares))
 
 
-def _compute_part(st: StageCost, sp: Any, scale: dict[tuple[int, int], float], r: int) -> float:
-    a = sp.action
+def _compute_part(st: StageCost, a: Action, scale: dict[tuple[int, int], float], r: int) -> float:
     if a.kind == "F":
         return st.chunks[a.chunk].forward_s * scale.get((r, id(a)), 1.0)
     if a.kind == "B":
@@ -209,8 +215,7 @@ def _compute_part(st: StageCost, sp: Any, scale: dict[tuple[int, int], float], r
     return 0.0
 
 
-def _tp_part(st: StageCost, sp: Any) -> float:
-    a = sp.action
+def _tp_part(st: StageCost, a: Action) -> float:
     if a.kind == "F":
         return st.chunks[a.chunk].tp_forward_s
     if a.kind == "B":
