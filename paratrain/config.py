@@ -223,6 +223,13 @@ def _tp_split_dims(model: ModelConfig) -> tuple[tuple[str, int], ...]:
             ("MLP width", model.ffn_hidden))
 
 
+def runtime_implements(layout: Layout) -> bool:
+    """Whether ``paratrain train`` runs ``layout`` (the planner reasons about every layout;
+    ``TrainConfig.validate`` explains a refusal). ZeRO-3 with a pipeline is the one gap."""
+    return ((layout.tp == 1 or SUPPORTED_TP) and (layout.pp == 1 or SUPPORTED_PP)
+            and (layout.zero == 0 or SUPPORTED_ZERO) and not (layout.zero == 3 and layout.pp > 1))
+
+
 def valid_tp(model: ModelConfig) -> list[int]:
     """Tensor-parallel degrees that divide the attention heads, the hidden size and the MLP
     width of ``model``. The vocabulary does not constrain tp: a vocabulary tp does not divide is
@@ -265,6 +272,7 @@ class TrainConfig:
     sample_tokens: int = 200
     checkpoint: bool = True
     progress: bool = True
+    measure_memory: bool = False  # exact model-state and saved-activation bytes of the last step
 
     @property
     def world_size(self) -> int:
@@ -344,7 +352,7 @@ class TrainConfig:
                 f"{self.dp_impl!r} is the teaching version without buckets. Use --dp-impl bucketed "
                 f"(the default) with --zero, or --zero 0 with --dp-impl naive."
             )
-        if layout.zero == 3 and layout.pp > 1:
+        if not runtime_implements(layout):  # zero 3 with a pipeline: the one combination left
             raise ConfigError(
                 f"ZeRO-3 with pipeline parallelism (pp={layout.pp}) is not implemented: ZeRO-3 "
                 f"gathers each block's parameters around its forward and backward, and the rest "

@@ -144,9 +144,16 @@ def _train(cfg: TrainConfig, env: RankEnv, device: torch.device) -> dict[str, An
     records: list[dict[str, Any]] = []
     val_loss = None
     t_start = time.perf_counter()
+    meter = None
     try:
         for step in range(1, cfg.steps + 1):
-            record = train_step(s, step)
+            if cfg.measure_memory and step == cfg.steps:  # one step, its peak: see parallel/memory.py
+                from paratrain.parallel.memory import ActivationMeter
+
+                with ActivationMeter(s.pm.parameters()) as meter:
+                    record = train_step(s, step)
+            else:
+                record = train_step(s, step)
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
                 val_loss = evaluate(s.pm, s.corpus, cfg, s.rows, device)
                 record["val_loss"] = val_loss
@@ -161,10 +168,17 @@ def _train(cfg: TrainConfig, env: RankEnv, device: torch.device) -> dict[str, An
     wall = time.perf_counter() - t_start
     state = s.pm.full_state_dict()
     timeline = s.pm.gather_timeline() if cfg.layout.pp > 1 else None  # of the last step
+    memory = None
+    if meter is not None:
+        from paratrain.parallel.memory import model_state_bytes
+
+        memory = dict(model_state_bytes(s.pm.module, s.opt).as_dict(), activations=meter.peak_bytes)
     if not lead:
-        return None
+        return None if memory is None else {"memory": memory}
     model_cfg = cfg.model_config()
     summary = _summary(cfg, records, val_loss, wall, device, param_count(model_cfg), s.mesh)
+    if memory is not None:
+        summary["memory"] = memory  # rank 0's; `paratrain train` adds every rank's (memory_per_rank)
     if timeline is not None:
         summary.update(bubble_measured=timeline.bubble, bubble_theory=s.pm.theoretical_bubble)
         if out:

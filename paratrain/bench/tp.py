@@ -150,7 +150,7 @@ def _measure_throughput(opts: BenchOptions, rank: int, n: int) -> dict[str, Any]
     import torch.distributed as dist
 
     from paratrain.mesh import Mesh, MeshShape
-    from paratrain.parallel.tensor import tp_comm_per_step
+    from paratrain.parallel.volume import tp_comm_per_step
 
     sides, meshes, formula = {}, {}, {}
     for side, sp in (("ours", False), ("ours_sp", True)):

@@ -7,9 +7,10 @@ import time
 
 DESCRIPTION = """\
 Measure this machine's matmul throughput (fp32 with 1 thread and all threads, bf16), memory
-bandwidth (a large copy) and gloo all-reduce bandwidth and latency between 2 local processes, and
-write a device profile (JSON). Use it with `paratrain estimate/plan --device profile:PATH` (or
---profile PATH). Takes about 15-30 s."""
+bandwidth (a large copy), the time a training step spends outside matmuls (forward + backward of
+the tiny and small GPTs) and in the optimizer, and gloo all-reduce bandwidth and latency between 2
+local processes, and write a device profile (JSON). Use it with `paratrain estimate/plan --device profile:PATH` (or
+--profile PATH). Takes about 10-20 s."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,8 +34,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"device profile written to {path} in {time.perf_counter() - start:.1f} s:\n"
           f"  peak fp32 {hw.peak_fp32_flops / 1e9:.1f} GFLOP/s, bf16 {hw.peak_bf16_flops / 1e9:.1f} GFLOP/s "
           f"(one thread)\n"
-          f"  memory {hw.memory_bytes / 2**30:.1f} GiB and {hw.memory_bw / 1e9:.2f} GB/s per process "
-          f"({hw.devices_per_node} per node)\n"
+          f"  memory {hw.memory_bytes / 2**30:.1f} GiB per process ({hw.cores_per_node} cores); optimizer at "
+          f"{hw.memory_bw / 1e9:.2f} GB/s (28 B/param)\n"
+          f"  outside matmuls: {hw.elementwise_s_per_byte * 1e9:.3f} ns per activation byte\n"
           f"  link {hw.intra_node_bw / 1e9:.2f} GB/s, {hw.intra_node_latency_s * 1e6:.1f} us per step\n"
           f"use it with: paratrain estimate --device profile:{path} ...")
     return 0

@@ -128,6 +128,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="no progress display")
     g.add_argument("--no-checkpoint", dest="checkpoint", action="store_false", default=None,
                    help="do not save the final checkpoint")
+    g.add_argument("--measure-memory", action="store_true", default=None,
+                   help="measure each rank's parameter, gradient and optimizer-state bytes and the peak "
+                   "bytes of activations saved for backward during the last step (summary.json: "
+                   "memory_per_rank); the figures the planner predicts")
 
 
 def _normalise(key: str) -> str:

@@ -13,6 +13,7 @@ from paratrain.cli.plan_args import (
     build_hardware,
     build_model,
     build_options,
+    build_speeds,
     given_layout_fields,
 )
 from paratrain.config import Layout
@@ -46,9 +47,17 @@ def run(args: argparse.Namespace) -> int:
     layout.check_degrees()
     global_batch = args.global_batch or layout.dp * layout.microbatches
     hw = build_hardware(args, args.precision)
-    est = estimate(model, layout, hw, global_batch, seq_len, args.precision, build_options(args))
-    if args.json:
-        print(json.dumps(est.to_dict(), indent=2))
+    speeds = build_speeds(args, hw, layout.world_size)
+    plan = None
+    if speeds is None:
+        est = estimate(model, layout, hw, global_batch, seq_len, args.precision, build_options(args))
     else:
-        print(estimate_report(est, hw))
+        from paratrain.plan.hetero import speed_report, with_speeds
+
+        plan = with_speeds(model, layout, hw, global_batch, seq_len, args.precision, build_options(args), speeds)
+        est = plan.slowest
+    if args.json:
+        print(json.dumps(dict(est.to_dict(), **({"device_speeds": plan.to_dict()} if plan else {})), indent=2))
+    else:
+        print(estimate_report(est, hw) + (f"\n\n{speed_report(plan)}" if plan else ""))
     return 0

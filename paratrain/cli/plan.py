@@ -15,6 +15,7 @@ from paratrain.cli.plan_args import (
     build_model,
     build_options,
     given_layout_fields,
+    parse_speeds,
 )
 from paratrain.errors import ConfigError
 
@@ -52,10 +53,15 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("plan needs --global-batch B (sequences per optimizer step over all devices).")
     if args.top < 0:
         raise ConfigError(f"--top must be >= 0 (0 = all), got {args.top}.")
-    devices = args.devices or hw.devices_per_node
+    speeds = parse_speeds(args.device_speeds, hw, args.precision) if args.device_speeds else None
+    devices = args.devices or (len(speeds) if speeds else hw.devices_per_node)
+    if speeds is not None and len(speeds) != devices:
+        raise ConfigError(f"--device-speeds gives {len(speeds)} devices, --devices {devices}; give one speed "
+                          f"per device.")
     start = time.perf_counter()
     result = search(model, devices, hw, args.global_batch, seq_len, args.precision, build_options(args),
-                    fixed=given_layout_fields(args), allow_cross_node_tp=args.allow_cross_node_tp)
+                    fixed=given_layout_fields(args), allow_cross_node_tp=args.allow_cross_node_tp,
+                    device_speeds=speeds)
     seconds = time.perf_counter() - start
     if not result.ranked:
         worst = result.smallest_unfit

@@ -66,6 +66,11 @@ def add_hardware_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--devices-per-node", type=int, help="devices sharing the intra-node link")
     g.add_argument("--efficiency", type=float, help="fraction of peak the compute reaches, (0, 1] "
                    "(default: the device's; 0.48 for GPUs, fitted to Megatron-LM's published runs)")
+    g.add_argument("--device-speeds", metavar="X,X,...", help="heterogeneous devices: the relative compute "
+                   "speed of each device in rank order (rank = (pp_i * dp + dp_i) * tp + tp_i), e.g. 1,1,2,2; "
+                   "or catalog names, whose speed is their peak x efficiency over --device's, e.g. "
+                   "H100-80GB,H100-80GB,A100-80GB,A100-80GB; 'Nx' repeats an entry: 2xH100-80GB,2xA100-80GB. "
+                   "Pipeline stages and batch shares are sized to speed and the gain over an even split printed")
 
 
 def build_hardware(args: argparse.Namespace, precision: str) -> Hardware:
@@ -112,16 +117,49 @@ def add_cost_args(p: argparse.ArgumentParser, batch_help: str) -> None:
                    help="data-parallel communication does not overlap the backward pass")
     g.add_argument("--no-dropout", action="store_true",
                    help="count no dropout masks in the activations (a model trained without dropout)")
-    g.add_argument("--flash-attention", action="store_true",
-                   help="a fused attention kernel: the s x s attention scores are not stored")
+    g.add_argument("--eager-attention", action="store_true",
+                   help="count the s x s attention scores in the activations (an unfused attention, as in "
+                        "Korthikanti et al.'s Table 2); default: a fused kernel, as paratrain runs "
+                        "(scaled_dot_product_attention), which keeps a per-row log-sum-exp instead")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
 
 def build_options(args: argparse.Namespace) -> CostOptions:
     return CostOptions(efficiency=args.efficiency, overlap_dp=not args.no_overlap, memory_headroom=args.headroom,
-                       dropout=not args.no_dropout, store_scores=not args.flash_attention)
+                       dropout=not args.no_dropout, store_scores=args.eager_attention)
 
 
 def given_layout_fields(args: argparse.Namespace) -> dict[str, Any]:
     """The layout flags the user gave (add_layout_args defaults every flag to None)."""
     return {k: getattr(args, k) for k in Layout.__dataclass_fields__ if getattr(args, k, None) is not None}
+
+
+def parse_speeds(text: str, hw: Hardware, precision: str) -> tuple[float, ...]:
+    """``--device-speeds``: numbers, or catalog names (speed = their peak x efficiency relative to
+    ``hw``'s), each optionally prefixed ``Nx`` to repeat it."""
+    base = hw.peak_flops(precision) * hw.compute_efficiency
+    speeds: list[float] = []
+    for token in (t.strip() for t in text.split(",")):
+        head, sep, rest = token.partition("x")
+        count, value = (head, rest) if sep and head.isdigit() else ("1", token)
+        try:
+            speed = float(value)
+        except ValueError:
+            dev = get_hardware(value)
+            speed = dev.peak_flops(precision) * dev.compute_efficiency / base
+        if not speed > 0 or not count.isdigit() or int(count) < 1:
+            raise ConfigError(f"--device-speeds: {token!r} is not a positive speed or a catalog device "
+                              f"({', '.join(device_names())}), optionally prefixed by a count like 4x.")
+        speeds += [speed] * int(count)
+    return tuple(speeds)
+
+
+def build_speeds(args: argparse.Namespace, hw: Hardware, world_size: int) -> tuple[float, ...] | None:
+    """The per-device speeds of ``--device-speeds`` (None when not given), one per device."""
+    if not getattr(args, "device_speeds", None):
+        return None
+    speeds = parse_speeds(args.device_speeds, hw, args.precision)
+    if len(speeds) != world_size:
+        raise ConfigError(f"--device-speeds gives {len(speeds)} devices, the layout has {world_size} "
+                          f"(dp x pp x tp); give one speed per device.")
+    return speeds

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from paratrain.cli.common import add_train_args, build_train_config, write_json
-from paratrain.config import TrainConfig, vocab_padding_note
+from paratrain.cli.common import DEFAULT_NPROC, LAYOUT_FIELDS, add_train_args, build_train_config, write_json
+from paratrain.config import Layout, TrainConfig, vocab_padding_note
 from paratrain.errors import ConfigError
 from paratrain.metrics import format_table
 
@@ -33,7 +33,48 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model with a parallel layout",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_args(p)
+    g = p.add_argument_group("planner")
+    g.add_argument("--plan", choices=("auto",), help="auto: search the layouts the runtime implements for "
+                   f"--nproc local processes (default {DEFAULT_NPROC}), the model and the batch (layout flags "
+                   "given pin that part), train with the fastest predicted one, and print predicted vs "
+                   "measured step time and memory per rank at the end")
+    g.add_argument("--profile", metavar="PATH", help="device profile for --plan auto (default: the one "
+                   "`paratrain calibrate` writes; without one, the catalog's nominal cpu)")
     p.set_defaults(run=run)
+
+
+SEARCHED = ("dp", "pp", "tp", "zero", "microbatches", "schedule", "virtual_stages", "sequence_parallel", "recompute")
+
+
+def plan_auto(args: argparse.Namespace) -> tuple[TrainConfig, Any]:
+    """--plan auto: the base config (model, batch, ...) from the flags without a layout, then the
+    planner's choice of layout for the local processes."""
+    from paratrain.plan.local import auto_layout, local_hardware
+
+    fixed = {k: getattr(args, k) for k in SEARCHED if getattr(args, k, None) is not None}
+    nproc = args.nproc or DEFAULT_NPROC
+    plain = dict(vars(args), nproc=None, **{k: None for k in LAYOUT_FIELDS})
+    base = build_train_config(argparse.Namespace(**plain)).replace(layout=Layout())
+    base.replace(layout=Layout(dp=1)).validate()  # model, batch and the rest, before planning
+    hw, source = local_hardware(nproc, args.profile)
+    auto = auto_layout(base, nproc, hw, source, fixed)
+    return base.replace(layout=auto.layout, nproc=nproc, measure_memory=True), auto
+
+
+def describe_auto(auto: Any, nproc: int) -> str:
+    from paratrain.config import SUPPORTED_ZERO
+
+    pred = auto.prediction
+    mem = max(sum(m.values()) for m in pred.memory_per_rank)
+    shortlist = "; ".join(f"[{lay}] {sec * 1e3:.1f} ms" for lay, sec in auto.candidates)
+    return "\n".join([
+        f"paratrain train --plan auto: {nproc} local processes; hardware: {pred.source}",
+        f"  searched {auto.considered} layouts the runtime implements"
+        + ("" if SUPPORTED_ZERO else " (no ZeRO: the runtime does not implement it yet)")
+        + f"; simulated the fastest {len(auto.candidates)}: {shortlist}",
+        f"  chose [{auto.layout}]: predicted {pred.step_time_s * 1e3:.1f} ms per step, {mem / 2**20:.1f} MiB on the "
+        f"most loaded rank (model states + activations)",
+        f"  why: {auto.explanation}"])
 
 
 def _default_out(cfg: TrainConfig) -> Path:
@@ -68,7 +109,11 @@ def preflight(cfg: TrainConfig) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = build_train_config(args)
+    auto = None
+    if args.plan == "auto":
+        cfg, auto = plan_auto(args)
+    else:
+        cfg = build_train_config(args)
     model_cfg, corpus = preflight(cfg)
     from paratrain.launch import LaunchError, RankEnv, launch
     from paratrain.models.configs import param_count
@@ -77,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(cfg.out) if cfg.out else _default_out(cfg)
     cfg = cfg.replace(out=str(out))
     if lead:
+        if auto is not None:
+            print(describe_auto(auto, cfg.world_size), flush=True)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", dataclasses.asdict(cfg))
         padding = vocab_padding_note(model_cfg, cfg.layout.tp)
@@ -96,8 +143,34 @@ def run(args: argparse.Namespace) -> int:
     if summary is None:
         print("paratrain: error: rank 0 returned no result; the run did not finish.", file=sys.stderr)
         return 1
+    if cfg.measure_memory:
+        summary["memory_per_rank"] = [summary["memory"]] + [
+            (results.get(r) or {}).get("memory") for r in range(1, cfg.world_size)]
+    if auto is not None:
+        summary["predicted"] = auto.prediction.to_dict()
     report(summary, out)
     return 0
+
+
+def predicted_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """Predicted vs measured step time and memory per rank (--plan auto)."""
+    pred = summary.get("predicted")
+    if not pred:
+        return []
+    measured = summary["step_time_s"]
+    rows = [("step time", f"{measured * 1e3:.1f} ms measured (median) vs {pred['step_time_s'] * 1e3:.1f} ms predicted "
+             f"({pred['step_time_s'] / measured - 1:+.1%}) on {pred['hardware']}")]
+    mem = summary.get("memory_per_rank") or []
+    cells = []
+    for rank, (m, p) in enumerate(zip(mem, pred["memory_per_rank"])):
+        if m is None:
+            continue
+        got, want = sum(m.values()), sum(p.values())
+        cells.append(f"rank {rank}: {got / 2**20:.1f} vs {want / 2**20:.1f} MiB ({want / got - 1:+.1%})")
+    if cells:
+        rows.append(("memory per rank", "; ".join(cells) + " (measured vs predicted: model states + "
+                     "saved activations)"))
+    return rows
 
 
 def _user_frames(tb: str) -> str:
@@ -147,6 +220,7 @@ def report(summary: dict[str, Any], out: Path) -> None:
                        f"{summary['comm_wait_s'] * 1e3:.1f} ms waiting on communication)"),
         ("peak memory", f"{summary['peak_memory_mb']:,.0f} MiB on rank 0"),
     ]
+    rows += predicted_rows(summary)
     if "bubble_measured" in summary:
         rows.append(("pipeline bubble", f"{summary['bubble_measured']:.1%} measured (idle share of the last "
                      f"step's schedule, mean over stages) vs {summary['bubble_theory']:.1%} theory; "

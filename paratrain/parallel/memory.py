@@ -1,20 +1,107 @@
-"""The exact bytes of model states one rank holds: parameters, gradients, optimizer state.
+"""What a rank holds, measured exactly, in the terms the planner predicts (not RSS noise).
 
-Counted by *storage*: a tensor that is a view (a parameter inside a flat bucket, a ZeRO shard
-inside a gradient buffer) adds nothing beyond the storage it views, and each storage counts once,
-under the first category that reaches it (parameters, then gradients, then optimizer state).
-A freed ZeRO-3 unit's storage has 0 bytes. What is measured is what the rank holds at the
-moment of the call -- after a step, the persistent states; transient buffers (ZeRO-2/3
-gradient buckets, gathered ZeRO-3 units) are counted only while they exist.
+* **Model states** (:func:`model_state_bytes`): the bytes of the rank's parameters, of their
+  gradients and of the optimizer's state tensors (AdamW's ``exp_avg``, ``exp_avg_sq`` and
+  ``step``), counted by *storage*: a tensor that is a view (a parameter inside a flat bucket, a
+  ZeRO shard inside a gradient buffer) adds nothing beyond the storage it views, and each storage
+  counts once, under the first category that reaches it (parameters, then gradients, then
+  optimizer state). A freed ZeRO-3 unit's storage has 0 bytes. What is measured is what the rank
+  holds at the moment of the call -- after a step, the persistent states; transient buffers
+  (ZeRO-2/3 gradient buckets, gathered ZeRO-3 units) are counted only while they exist.
+* **Activations** (:class:`ActivationMeter`): the tensors autograd saves for backward, captured
+  with :func:`torch.autograd.graph.saved_tensors_hooks` while the step runs. A saved tensor is
+  counted by its storage (q, k and v are views of one qkv output: one storage), from the moment
+  it is saved until autograd frees it after its backward; parameters (a linear saves its weight)
+  are not activations. The peak over the step is what the micro-batches in flight hold at once:
+  one micro-batch's activations without a pipeline, up to ``min(p - i, m)`` of them on pipeline
+  rank ``i`` under 1F1B, and so on -- the planner's ``activation_bytes``. (Under ZeRO-3 the
+  gathered full weights a linear saves are not the parameters' storages, so they count as
+  activations here.)
+
+  Activation recomputation is seen as it happens: ``torch.utils.checkpoint`` saves each
+  checkpointed region's inputs through the same hooks (counted) and the region's own tensors
+  through inner hooks (not counted: they are not stored). The tensors rebuilt during a
+  region's backward are a transient of the backward pass and are not part of this figure.
+
+    meter = ActivationMeter(model.parameters())
+    with meter:
+        loss = model(x, y); loss.backward()
+    meter.peak_bytes
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+
+
+def _storage(t: torch.Tensor) -> tuple[int, int]:
+    s = t.untyped_storage()
+    return s.data_ptr(), s.nbytes()
+
+
+class _Saved:
+    """What autograd keeps instead of a saved tensor while the meter runs; its deletion (when
+    autograd frees the node's saved tensors) releases the storage's count."""
+
+    __slots__ = ("meter", "key", "tensor")
+
+    def __init__(self, meter: ActivationMeter, key: int, tensor: torch.Tensor) -> None:
+        self.meter, self.key, self.tensor = meter, key, tensor
+
+    def __del__(self) -> None:
+        self.meter._release(self.key)
+
+
+class ActivationMeter:
+    """Peak bytes of saved-for-backward tensors (distinct storages) while the meter is active.
+    Re-entrant use accumulates; :meth:`reset` starts a new peak."""
+
+    def __init__(self, params: Iterable[nn.Parameter]) -> None:
+        self._excluded = {p.untyped_storage().data_ptr() for p in params}
+        self._refs: dict[int, int] = {}
+        self._sizes: dict[int, int] = {}
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self._hooks: Any = None
+
+    def reset(self) -> None:
+        self.peak_bytes = self.live_bytes
+
+    def _pack(self, t: torch.Tensor) -> Any:
+        key, nbytes = _storage(t)
+        if key in self._excluded or nbytes == 0:
+            return t
+        if key not in self._refs:
+            self._refs[key], self._sizes[key] = 0, nbytes
+            self.live_bytes += nbytes
+            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        self._refs[key] += 1
+        return _Saved(self, key, t)
+
+    @staticmethod
+    def _unpack(x: Any) -> torch.Tensor:
+        return x.tensor if isinstance(x, _Saved) else x
+
+    def _release(self, key: int) -> None:
+        self._refs[key] -= 1
+        if self._refs[key] == 0:
+            del self._refs[key]
+            self.live_bytes -= self._sizes.pop(key)
+
+    def __enter__(self) -> ActivationMeter:
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
+        self._hooks = None
+
 
 
 @dataclass(frozen=True)
@@ -26,6 +113,9 @@ class StateBytes:
     @property
     def total(self) -> int:
         return self.params + self.grads + self.optimizer
+
+    def as_dict(self) -> dict[str, int]:
+        return {"params": self.params, "grads": self.grads, "optimizer": self.optimizer}
 
 
 def model_state_bytes(module: nn.Module, optimizer: torch.optim.Optimizer) -> StateBytes:

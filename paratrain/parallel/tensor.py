@@ -19,7 +19,8 @@ summed over tp after backward (:class:`SequenceParallelGradSync`).
 The vocabulary is split too (``parallel/vocab.py``): the embedding's partial lookups are summed
 like a row-parallel output, the (tied or untied) LM head is column-parallel, and the
 cross-entropy works on vocab-split logits. :func:`tensor_parallel` applies all of it to the
-reference model by *slicing its weights*; :func:`tp_comm_per_step` states the traffic.
+reference model by *slicing its weights*. The traffic is stated by
+:func:`paratrain.parallel.volume.tp_comm_per_step` (torch-free, shared with the planner).
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ from paratrain.parallel.tp_ops import enter_tp, leave_tp
 from paratrain.parallel.vocab import VocabParallelCrossEntropy, VocabParallelEmbedding
 
 if TYPE_CHECKING:
-    from paratrain.models.configs import ModelConfig
     from paratrain.models.gpt import GPT
     from paratrain.parallel.model import GradSync
 
@@ -213,57 +213,3 @@ class SequenceParallelGradSync:
 
     def zero_grad(self) -> None:
         self.inner.zero_grad()
-
-
-def tp_comm_per_step(model: ModelConfig, tp: int, sequence_parallel: bool, local_batch: int,
-                     seq_len: int, microbatches: int = 1, recompute: str = "none") -> dict[str, tuple[int, int]]:
-    """The traffic of one training step on the tp group, ``{op: (calls, bytes)}``, with bytes
-    counted as :mod:`paratrain.comm` does (the payload: all-reduce input, all-gather output,
-    reduce-scatter input). fp32 (4 bytes per element); ``local_batch`` = global batch / dp.
-
-    Per micro-batch of b sequences (A = b*s*h*4 bytes, one activation; L layers)::
-
-        no SP:  all_reduce      1 (embedding, fwd) + 4L (2 g fwd + 2 f bwd per block)
-                                + 1 (LM-head f, bwd)                        calls of A each
-                                + 2 cross-entropy calls: max (b*s*4) and [sum exp; z_t] (2*b*s*4)
-        SP:     all_gather      4L + 2: per block 2 before qkv/fc1 (fwd) + 2 (bwd of the
-                                reduce-scatters); before the LM head (fwd); embedding (bwd)
-                reduce_scatter  4L + 2: the conjugates of the all-gathers       calls of A each
-                all_reduce      the 2 cross-entropy calls, as without SP
-
-    ``recompute="full"`` replays each block's forward in backward, collectives included, up to
-    the last one whose result backward needs (``torch.utils.checkpoint`` stops once every saved
-    tensor is back). The block's last g / reduce-scatter feeds only dropout and the residual
-    add, which save nothing when dropout is 0, so per block: no SP 1 all-reduce (2 with
-    dropout); SP 2 all-gathers and 1 reduce-scatter (2 with dropout). ``selective`` replays only
-    the attention core, which communicates nothing.
-
-    Per step: ``grad_norm`` 1 call of 4 bytes (the squared norm summed over tp), and under SP
-    one all-reduce of the partial gradients: LayerNorms 2h(2L + 1), row-parallel biases 2Lh,
-    positions max_seq_len*h, times 4 bytes. A group of one moves nothing.
-
-    No term depends on the vocabulary, padded (``config.padded_vocab_size``) or not: the logits
-    never travel (the cross-entropy moves 3 floats per token), the embedding's sum and the LM
-    head's input gradient are (b, s, h) activations, and the vocabulary-sized weights are not
-    replicated over tp. Only the checkpoint gather (not per step; tagged ``"checkpoint"``)
-    carries the padding rows: V'*h*4 bytes per embedding / untied head.
-    """
-    if tp == 1:
-        return {}
-    L, h, m = model.num_layers, model.hidden, microbatches
-    act = local_batch * seq_len * h * 4  # summed over the micro-batches
-    ce_calls, ce_bytes = 2 * m, 3 * local_batch * seq_len * 4
-    full = recompute == "full"
-    last = 1 if model.dropout > 0 else 0  # the block's last reduction, replayed only if needed
-    out = {"grad_norm": (1, 4)}
-    if sequence_parallel:
-        gathers = 4 * L + 2 + (2 * L if full else 0)
-        scatters = 4 * L + 2 + ((1 + last) * L if full else 0)
-        out["all_gather"] = (gathers * m, gathers * act)
-        out["reduce_scatter"] = (scatters * m, scatters * act)
-        partial = 2 * h * (2 * L + 1) + 2 * L * h + model.max_seq_len * h
-        out["all_reduce"] = (ce_calls + 1, ce_bytes + 4 * partial)
-    else:
-        reduces = 4 * L + 2 + ((1 + last) * L if full else 0)
-        out["all_reduce"] = (reduces * m + ce_calls, reduces * act + ce_bytes)
-    return out

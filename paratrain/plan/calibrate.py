@@ -5,20 +5,36 @@ The only module of :mod:`paratrain.plan` that imports torch. It measures, on the
 * matmul throughput: ``C = A @ B`` of n x n matrices, 2 n^3 FLOPs, best of several runs, with one
   thread and with every thread, in fp32 and bf16;
 * memory bandwidth: ``dst.copy_(src)`` of a large buffer, reading and writing it: 2 S bytes;
-* gloo collectives between two local processes: all-reduce of several sizes S; each device sends
-  2 (n - 1)/n S = S bytes (n = 2) in 2 (n - 1) = 2 latency-bound steps, so the least-squares fit
-  t = 2 alpha + S / bw gives the link's bandwidth bw and per-step latency alpha.
+* the work of a training step outside the matmuls, with one thread: forward + backward of the
+  ``tiny`` and ``small`` reference GPTs (4 sequences of 128 tokens, fp32) take
+  ``t = FLOPs / peak + lambda * A`` (t: the median of repeated runs), where A is the activations
+  they produce (the planner's formulas, as the runtime stores them); each model gives one
+  ``lambda``, the profile keeps their mean (``elementwise_s_per_byte``) and the measurements
+  keep both (they agree within a few percent here: the memory-bound work grows with the
+  activations, not with the FLOPs);
+* the optimizer phase of a step (gradient-norm clipping, AdamW and zeroing the gradients over
+  ``small``'s 4.9M parameters, median of repeated runs), as an effective bandwidth
+  ``28 bytes x parameters / seconds``: the planner prices the optimizer as 28 bytes per
+  parameter over ``memory_bw``;
+* gloo collectives between two local processes, as training sees them: each process alternates
+  ~4 ms of matmuls with an all-reduce of a freshly written buffer of S bytes (as layers alternate
+  with collectives; an idle pair of processes answers differently, and that is kept as a
+  measurement only), for several S; each device sends 2 (n - 1)/n S = S bytes (n = 2) in
+  2 (n - 1) = 2 latency-bound steps, so the least-squares fit of the medians to
+  t = 2 alpha + S / bw gives the link's bandwidth bw and per-step latency alpha;
+* the same with twice as many processes as cores (a 4 KiB all-reduce over its 2(n - 1) ring
+  steps): ``shared_latency_s``, which the planner uses when processes outnumber cores.
 
 The profile's device is one process with one thread (how ``paratrain train`` runs ranks on a
-machine with as many cores as ranks): its peak is the best one-thread matmul rate, and it gets a
-1/cores share of the memory, of the memory bandwidth (measured with every thread) and of the RAM.
-Its compute efficiency is 1.0 (the peak is already a measured rate); the validation of issue 5
-fits it against real training steps.
+machine with as many cores as ranks): its peak is the best one-thread matmul rate (compute
+efficiency 1.0: the rest of a layer's time is the elementwise term), it gets a 1/cores share of
+the RAM, and ``cores_per_node`` = cores: more processes than cores time-share them.
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -27,9 +43,11 @@ from typing import Any
 from paratrain.plan.hardware import Hardware
 
 FULL = {"matmul_1t": (128, 256, 512, 1024), "matmul_all": (512, 1024, 2048), "matmul_bf16": (512, 1024),
-        "copy_mib": 256, "allreduce_bytes": (2**10, 2**14, 2**18, 2**20, 2**22, 2**24), "budget_s": 0.25}
+        "copy_mib": 256, "allreduce_bytes": (2**10, 2**14, 2**18, 2**20, 2**22, 2**24), "budget_s": 0.25,
+        "layer_models": ("tiny", "small"), "busy_reps": 40}
 QUICK = {"matmul_1t": (128, 256), "matmul_all": (256,), "matmul_bf16": (128,), "copy_mib": 16,
-         "allreduce_bytes": (2**10, 2**16, 2**20), "budget_s": 0.02}
+         "allreduce_bytes": (2**10, 2**16, 2**20), "budget_s": 0.02, "layer_models": ("tiny",),
+         "busy_reps": 5}
 
 
 def _best_rate(fn: Callable[[], None], work: float, budget_s: float) -> float:
@@ -42,6 +60,18 @@ def _best_rate(fn: Callable[[], None], work: float, budget_s: float) -> float:
         dt = time.perf_counter() - t0
         best, spent = min(best, dt), spent + dt
     return work / best
+
+
+def _median_seconds(fn: Callable[[], None], budget_s: float, min_runs: int = 7) -> float:
+    """Median seconds of ``fn`` over at least ``min_runs`` calls and about ``budget_s``: what a
+    training step typically takes (the validation compares medians), not its best case."""
+    fn()  # warm-up
+    times: list[float] = []
+    while len(times) < min_runs or sum(times) < budget_s:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def measure_matmul(n: int, threads: int, dtype: str = "float32", budget_s: float = 0.25) -> float:
@@ -73,6 +103,67 @@ def measure_copy_bandwidth(mib: int, threads: int, budget_s: float = 0.25) -> fl
         torch.set_num_threads(old)
 
 
+def measure_layers(model_name: str, batch: int, seq_len: int, budget_s: float) -> dict[str, float]:
+    """Forward + backward of reference GPT ``model_name`` on one thread (fp32): seconds, model
+    FLOPs and the bytes of activations it produces (the planner's accounting of the runtime)."""
+    import torch
+
+    from paratrain.models.configs import get_model_config
+    from paratrain.models.gpt import build_reference
+    from paratrain.plan import formulas as f
+
+    cfg = get_model_config(model_name)
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = build_reference(cfg, 0)
+        x = torch.randint(0, cfg.vocab_size, (batch, seq_len))
+
+        def step() -> None:
+            model(x, x).backward()
+
+        seconds = _median_seconds(step, budget_s)
+    finally:
+        torch.set_num_threads(old)
+    h, F, a = cfg.hidden, cfg.ffn_hidden, cfg.num_heads
+    acts = cfg.num_layers * f.layer_activation_bytes(seq_len, batch, h, a, F, elem_bytes=4, dropout=False,
+                                                     store_scores=False) \
+        + f.output_activation_bytes(seq_len, batch, h, cfg.vocab_size, elem_bytes=4)
+    return {"seconds": seconds, "flops": f.step_flops(cfg, batch, seq_len), "activation_bytes": acts}
+
+
+def measure_optimizer(model_name: str, budget_s: float) -> dict[str, float]:
+    """Seconds of one optimizer phase (clip the gradient norm, AdamW step, zero the gradients) over
+    ``model_name``'s parameters, one thread, and its effective bandwidth at 28 bytes per
+    parameter (median of repeated runs)."""
+    import torch
+
+    from paratrain.models.configs import get_model_config
+    from paratrain.models.gpt import build_reference
+    from paratrain.plan.cost import OPTIMIZER_BYTES_PER_PARAM
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = build_reference(get_model_config(model_name), 0)
+        params = list(model.parameters())
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-3
+        opt = torch.optim.AdamW(params, lr=1e-4)
+
+        def step() -> None:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            for p in params:
+                p.grad.zero_()
+
+        seconds = _median_seconds(step, budget_s)
+    finally:
+        torch.set_num_threads(old)
+    n = sum(p.numel() for p in params)
+    return {"seconds": seconds, "params": n, "bandwidth": OPTIMIZER_BYTES_PER_PARAM * n / seconds}
+
+
 def allreduce_worker(sizes: tuple[int, ...], budget_s: float, timeout_s: float) -> list[float]:
     """Runs on each of the 2 ranks: seconds per all-reduce of each payload size (bytes)."""
     import torch
@@ -101,6 +192,43 @@ def allreduce_worker(sizes: tuple[int, ...], budget_s: float, timeout_s: float) 
         shutdown_distributed(ok)
 
 
+def busy_allreduce_worker(sizes: tuple[int, ...], compute_s: float, reps: int, timeout_s: float) -> list[float]:
+    """Runs on each rank: alternate ~``compute_s`` of matmuls with an all-reduce of a freshly
+    written buffer, as training alternates layers and collectives; returns, per payload size, the
+    median seconds spent in an all-reduce (its peers' compute jitter and scheduling included)."""
+    import torch
+    import torch.distributed as dist
+
+    from paratrain.launch import RankEnv, init_distributed, shutdown_distributed
+
+    torch.set_num_threads(1)
+    init_distributed(RankEnv.from_env(), "cpu", timeout_s)
+    ok = False
+    try:
+        a = torch.randn(256, 256)
+        t0 = time.perf_counter()
+        for _ in range(20):
+            a @ a
+        n_mm = max(1, int(compute_s / ((time.perf_counter() - t0) / 20)))
+        out = []
+        for size in sizes:
+            x = torch.zeros(size // 4)
+            dist.barrier()
+            times = []
+            for _ in range(reps):
+                for _ in range(n_mm):
+                    a @ a
+                x.add_(1.0)
+                t0 = time.perf_counter()
+                dist.all_reduce(x)
+                times.append(time.perf_counter() - t0)
+            out.append(statistics.median(times))
+        ok = True
+        return out
+    finally:
+        shutdown_distributed(ok)
+
+
 def fit_link(sizes: tuple[int, ...], seconds: list[float], steps: int) -> tuple[float, float]:
     """Least-squares fit of t = steps * alpha + S / bw over (S, t): returns (bw, alpha)."""
     k = len(sizes)
@@ -116,6 +244,57 @@ def _ram_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def _measure_compute(cfg: dict[str, Any], cores: int, log: Callable[[str], None]) -> dict[str, Any]:
+    budget = cfg["budget_s"]
+    log(f"[1/5] fp32 matmul, 1 thread and {cores} threads")
+    one = {n: measure_matmul(n, 1, "float32", budget) for n in cfg["matmul_1t"]}
+    every = {n: measure_matmul(n, cores, "float32", budget) for n in cfg["matmul_all"]}
+    for label, table in (("1 thread", one), (f"{cores} threads", every)):
+        log("      " + label + ": " + ", ".join(f"n={n} {r / 1e9:.1f} GFLOP/s" for n, r in table.items()))
+    log("[2/5] bf16 matmul, 1 thread")
+    bf16 = {n: measure_matmul(n, 1, "bfloat16", budget) for n in cfg["matmul_bf16"]}
+    log("      " + ", ".join(f"n={n} {r / 1e9:.1f} GFLOP/s" for n, r in bf16.items()))
+    log(f"[3/5] memory bandwidth (copy of {cfg['copy_mib']} MiB, {cores} threads)")
+    copy_bw = measure_copy_bandwidth(cfg["copy_mib"], cores, budget)
+    log(f"      {copy_bw / 1e9:.1f} GB/s")
+    peak = max(one.values())
+    log("[4/5] training-step work outside matmuls and the optimizer phase, 1 thread")
+    layers, lambdas = {}, []
+    for name in cfg["layer_models"]:
+        m = measure_layers(name, 4, 128, 4 * budget)
+        m["elementwise_s_per_byte"] = max(0.0, m["seconds"] - m["flops"] / peak) / m["activation_bytes"]
+        layers[name] = m
+        lambdas.append(m["elementwise_s_per_byte"])
+        log(f"      {name} forward+backward (4 x 128 tokens): {m['seconds'] * 1e3:.1f} ms, of which "
+            f"{m['flops'] / peak * 1e3:.1f} ms of matmul FLOPs at peak; {m['elementwise_s_per_byte'] * 1e9:.3f} "
+            f"ns per activation byte")
+    opt = measure_optimizer("small", 4 * budget)
+    log(f"      clip + AdamW over {opt['params']:,} parameters: {opt['seconds'] * 1e3:.1f} ms = "
+        f"{opt['bandwidth'] / 1e9:.1f} GB/s at 28 bytes per parameter")
+    return {"matmul_fp32_1thread": one, "matmul_fp32_all_threads": every, "matmul_bf16_1thread": bf16,
+            "copy_bandwidth": copy_bw, "layers": layers, "elementwise_s_per_byte": sum(lambdas) / len(lambdas),
+            "optimizer": opt}
+
+
+def _measure_link(cfg: dict[str, Any], cores: int, log: Callable[[str], None]) -> dict[str, Any]:
+    from paratrain.launch import launch
+
+    sizes = cfg["allreduce_bytes"]
+    log(f"[5/5] gloo all-reduce between local processes, {len(sizes)} sizes (starting processes)")
+    idle = launch(allreduce_worker, (sizes, cfg["budget_s"], 60.0), 2)[0]
+    log("      idle peers: " + ", ".join(f"{s / 2**10:g} KiB {t * 1e6:.0f} us" for s, t in zip(sizes, idle)))
+    busy = launch(busy_allreduce_worker, (sizes, 4e-3, cfg["busy_reps"], 60.0), 2)[0]
+    bw, alpha = fit_link(sizes, busy, steps=2)
+    log("      peers computing between collectives: "
+        + ", ".join(f"{s / 2**10:g} KiB {t * 1e6:.0f} us" for s, t in zip(sizes, busy)))
+    log(f"      fit: {bw / 1e9:.2f} GB/s, {alpha * 1e6:.1f} us per ring step")
+    n = 2 * cores
+    shared = launch(busy_allreduce_worker, (sizes[:1], 4e-3, cfg["busy_reps"], 60.0), n)[0][0] / (2 * (n - 1))
+    log(f"      {n} processes on {cores} cores: {shared * 1e6:.0f} us per ring step")
+    return {"allreduce_bytes": list(sizes), "allreduce_seconds_idle": idle, "allreduce_seconds_busy": busy,
+            "link_bandwidth": bw, "link_latency_s": alpha, "shared_latency_s": max(shared, alpha)}
+
+
 def calibrate(quick: bool = False, collectives: bool = True,
               log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)
               ) -> tuple[Hardware, dict[str, Any]]:
@@ -126,42 +305,24 @@ def calibrate(quick: bool = False, collectives: bool = True,
 
     cfg = QUICK if quick else FULL
     cores = os.cpu_count() or 1
-    budget = cfg["budget_s"]
     meas: dict[str, Any] = {"cpu": platform.processor() or platform.machine(), "cores": cores,
                             "torch": torch.__version__, "quick": quick}
-    log(f"[1/4] fp32 matmul, 1 thread and {cores} threads")
-    one = {n: measure_matmul(n, 1, "float32", budget) for n in cfg["matmul_1t"]}
-    every = {n: measure_matmul(n, cores, "float32", budget) for n in cfg["matmul_all"]}
-    for label, table in (("1 thread", one), (f"{cores} threads", every)):
-        log("      " + label + ": " + ", ".join(f"n={n} {r / 1e9:.1f} GFLOP/s" for n, r in table.items()))
-    log("[2/4] bf16 matmul, 1 thread")
-    bf16 = {n: measure_matmul(n, 1, "bfloat16", budget) for n in cfg["matmul_bf16"]}
-    log("      " + ", ".join(f"n={n} {r / 1e9:.1f} GFLOP/s" for n, r in bf16.items()))
-    log(f"[3/4] memory bandwidth (copy of {cfg['copy_mib']} MiB, {cores} threads)")
-    copy_bw = measure_copy_bandwidth(cfg["copy_mib"], cores, budget)
-    log(f"      {copy_bw / 1e9:.1f} GB/s")
-    meas.update(matmul_fp32_1thread=one, matmul_fp32_all_threads=every, matmul_bf16_1thread=bf16,
-                copy_bandwidth=copy_bw)
-    bw, alpha = 1e9, 0.0
+    meas.update(_measure_compute(cfg, cores, log))
     if collectives:
-        from paratrain.launch import launch
-
-        sizes = cfg["allreduce_bytes"]
-        log(f"[4/4] gloo all-reduce between 2 local processes, {len(sizes)} sizes (starting processes)")
-        seconds = launch(allreduce_worker, (sizes, budget, 60.0), 2)[0]
-        bw, alpha = fit_link(sizes, seconds, steps=2)
-        log("      " + ", ".join(f"{s / 2**10:g} KiB {t * 1e6:.0f} us" for s, t in zip(sizes, seconds)))
-        log(f"      fit: {bw / 1e9:.2f} GB/s, {alpha * 1e6:.1f} us per step")
-        meas.update(allreduce_bytes=list(sizes), allreduce_seconds=seconds)
+        meas.update(_measure_link(cfg, cores, log))
     else:
-        log("[4/4] collectives skipped: link figures are placeholders (1 GB/s, no latency)")
-    meas.update(link_bandwidth=bw, link_latency_s=alpha, collectives_measured=collectives)
-    peak32 = max(one.values())
+        log("[5/5] collectives skipped: link figures are placeholders (1 GB/s, no latency)")
+        meas.update(link_bandwidth=1e9, link_latency_s=0.0, shared_latency_s=0.0)
+    meas["collectives_measured"] = collectives
+    bf16 = max(meas["matmul_bf16_1thread"].values())
+    bw, alpha = meas["link_bandwidth"], meas["link_latency_s"]
     hw = Hardware(
-        name=f"profile:{platform.node()}", peak_bf16_flops=max(bf16.values()), peak_fp16_flops=max(bf16.values()),
-        peak_fp32_flops=peak32, memory_bytes=_ram_bytes() / cores, memory_bw=copy_bw / cores,
-        intra_node_bw=bw, inter_node_bw=bw, devices_per_node=cores, compute_efficiency=1.0,
-        intra_node_latency_s=alpha, inter_node_latency_s=alpha,
+        name=f"profile:{platform.node()}", peak_bf16_flops=bf16, peak_fp16_flops=bf16,
+        peak_fp32_flops=max(meas["matmul_fp32_1thread"].values()), memory_bytes=_ram_bytes() / cores,
+        memory_bw=meas["optimizer"]["bandwidth"], intra_node_bw=bw, inter_node_bw=bw, devices_per_node=cores,
+        compute_efficiency=1.0, intra_node_latency_s=alpha, inter_node_latency_s=alpha, cores_per_node=cores,
+        shared_latency_s=meas["shared_latency_s"],
+        elementwise_s_per_byte=meas["elementwise_s_per_byte"],
         source=f"paratrain calibrate on {platform.node()}: one process with one thread per core; "
                f"inter-node link not measured (set to the gloo loopback figure)",
     )

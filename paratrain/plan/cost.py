@@ -1,23 +1,24 @@
 """The cost model: memory, communication and step time of one layout, from the formulas.
 
 Pure Python (no torch). :func:`stage_costs` gives what one pipeline rank spends per micro-batch
-(compute, tensor-parallel and pipeline communication) and holds (model states, activations);
-:func:`estimate` composes the stages into one optimizer step:
+(compute, tensor-parallel and pipeline communication, chunk by chunk) and holds (model states,
+activations); :func:`estimate` composes the stages into one optimizer step:
 
     t_i     = compute_i + tp_comm_i + p2p_i            one micro-batch on pipeline rank i
     T_pipe  = m max_i t_i + (sum_i t_i - max_i t_i) / v      (v = 1 unless interleaved)
-    step    = T_pipe + exposed dp comm + optimizer
+    step    = T_pipe + exposed dp comm + per-step syncs + optimizer
 
 With equal stages T_pipe = (m + (p - 1)/v) t, whose idle share is the analytic bubble
-(p - 1)/(v m + p - 1). Data-parallel traffic overlaps the backward pass (only the part longer
-than its compute window is exposed); tensor-parallel collectives and pipeline sends are on the
-critical path. A simulator that replays a real schedule can replace T_pipe through
-``CostOptions.bubble_fraction``, and a partition module can set ``CostOptions.stage_layers``.
+(p - 1)/(v m + p - 1). The model describes paratrain's runtime: the pipeline partition is the
+runtime's (:func:`paratrain.parallel.pipeline.partition.stage_sizes`), tensor- and
+pipeline-parallel bytes are the runtime's (:mod:`paratrain.parallel.volume`), data-parallel
+buckets are reduced as the last backward produces them (:func:`exposed_reduction`). The
+event-level simulator (:mod:`paratrain.plan.simulate`) replays the same per-chunk costs on the
+real schedule.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple
@@ -25,10 +26,20 @@ from typing import NamedTuple
 from paratrain.config import PRECISIONS, Layout, padded_vocab_size, vocab_padding_note
 from paratrain.errors import ConfigError
 from paratrain.models.configs import ModelConfig, param_count
+from paratrain.parallel import volume
 from paratrain.plan import formulas as f
+from paratrain.plan.collectives import (
+    NO_BUCKETS,
+    Buckets,
+    buckets,
+    collective_seconds,
+    dp_parts,
+    exposed_reduction,
+    link,
+)
 from paratrain.plan.hardware import Hardware
 from paratrain.plan.prediction import CommBytes, Estimate, StepTime
-from paratrain.plan.topology import axis_spans_nodes, device_of_chunk, even_partition, p2p_sends_per_microbatch
+from paratrain.plan.topology import axis_spans_nodes, peak_stash, pipeline_shape
 
 # Adam's update reads the fp32 parameter, the gradient, m and v and writes the parameter, m, v and
 # (mixed precision) the 16-bit working copy: 4+2+4+4 + 4+4+4+2 = 28 bytes per parameter it owns
@@ -38,32 +49,59 @@ OPTIMIZER_BYTES_PER_PARAM = 28
 
 @dataclass(frozen=True)
 class CostOptions:
-    """Knobs of the model that are not part of the layout. Defaults follow the papers.
+    """Knobs of the model that are not part of the layout. Defaults describe paratrain's runtime.
 
     efficiency: fraction of peak the compute reaches (None: the hardware's figure).
     overlap_dp: data-parallel collectives overlap backward (bucketed DP, [R20]/DDP); False for a
         naive all-reduce after backward.
     memory_headroom: fraction of device memory kept free for the framework (CUDA context,
         allocator fragmentation, temporary buffers); an assumption, not a measured figure.
-    dropout, store_scores: activation accounting of [K22] (dropout masks; the s x s attention
-        scores). A model without dropout / with a fused attention kernel stores neither.
-    stage_layers: layers per pipeline chunk (pp * virtual_stages entries), None = even split.
+    dropout: activation accounting of [K22] counts 1-byte dropout masks (a model trained with
+        dropout 0 stores none).
+    store_scores: the attention stores its s x s scores (eager attention, [K22]); False (the
+        default): a fused kernel, as PyTorch's scaled_dot_product_attention that paratrain runs.
+    sp_saves_gathered: under sequence parallelism the qkv/fc1/head linears save their all-gathered
+        input (paratrain's runtime); False: the shard, re-gathered in backward (Megatron, [K22]).
+    stage_layers: layers per pipeline chunk (pp * virtual_stages entries); None = the layout's, or
+        the runtime's cost-balanced partition.
     bubble_fraction: idle fraction of the pipeline taken from a simulated schedule, None = analytic.
-    bucket_bytes: gradient bucket size (each bucket is one collective; latency term only);
-        25 MiB like PyTorch DDP's ``bucket_cap_mb`` and paratrain's ``--bucket-mb`` default.
+    bucket_bytes: gradient bucket size (each bucket is one collective); 25 MiB like PyTorch DDP's
+        ``bucket_cap_mb`` and paratrain's ``--bucket-mb`` default.
+    rank_speeds: relative compute speed of each pipeline rank's devices (heterogeneous devices;
+        None = all 1). Scales compute and the optimizer step, not communication.
+    local_batch: sequences this data-parallel replica trains per step (None = global batch / dp);
+        may be fractional: a speed-proportional share (planner-side prediction only).
     """
 
     efficiency: float | None = None
     overlap_dp: bool = True
     memory_headroom: float = 0.10
     dropout: bool = True
-    store_scores: bool = True
+    store_scores: bool = False
+    sp_saves_gathered: bool = True
     stage_layers: tuple[int, ...] | None = None
     bubble_fraction: float | None = None
     bucket_bytes: float = 25 * 2**20
+    rank_speeds: tuple[float, ...] | None = None
+    local_batch: float | None = None
 
 
 DEFAULT_OPTIONS = CostOptions()
+
+
+class ChunkCost(NamedTuple):
+    """One model chunk (a pipeline stage) per micro-batch: compute and tensor-parallel seconds of
+    its forward and backward, and its parameters on one device."""
+
+    layers: int
+    first: bool
+    last: bool
+    params: float
+    forward_s: float
+    backward_s: float  # includes recomputation
+    tp_forward_s: float
+    tp_backward_s: float
+    tp_bytes: float  # wire bytes per micro-batch
 
 
 class StageCost(NamedTuple):
@@ -77,7 +115,8 @@ class StageCost(NamedTuple):
     params: float
     state: f.ModelState
     buffer_bytes: float
-    activation_bytes: float
+    activation_bytes: float  # stored by forwards, at the schedule's peak
+    rebuilt_bytes: float  # full recomputation: one block rebuilt during its backward
     forward_s: float
     backward_s: float  # includes recomputation
     tp_s: float
@@ -86,177 +125,207 @@ class StageCost(NamedTuple):
     pp_bytes: float  # per step
     dp_bytes: float  # per step
     dp_exposed_s: float
+    tp_sync_s: float  # per step, after the schedule: SP-partial and grad-norm all-reduces over tp
+    pp_sync_s: float  # per step: tied-embedding and grad-norm all-reduces, loss broadcast over pp
     optimizer_s: float
+    chunks: tuple[ChunkCost, ...] = ()
+    dp_buckets: Buckets = NO_BUCKETS  # ZeRO-0 gradient buckets (what the simulator replays)
+    dp_other_s: float = 0.0  # the part of dp_exposed_s that is not those buckets
+    p2p_message_s: float = 0.0  # one pipeline message
 
     @property
     def peak_bytes(self) -> float:
-        return self.state.total + self.buffer_bytes + self.activation_bytes
+        return self.state.total + self.buffer_bytes + self.activation_bytes + self.rebuilt_bytes
 
     @property
     def microbatch_s(self) -> float:
         return self.forward_s + self.backward_s + self.tp_s + self.p2p_s
 
 
-def _link(hw: Hardware, cross: bool) -> tuple[float, float]:
-    """(bandwidth, latency) of a link: inter-node if the group spans nodes."""
-    return (hw.inter_node_bw, hw.inter_node_latency_s) if cross else (hw.intra_node_bw, hw.intra_node_latency_s)
+def chunks_per_rank(layout: Layout) -> int:
+    """Model chunks each pipeline rank runs: ``virtual_stages`` with the interleaved schedule and
+    pp > 1, else 1 (the runtime ignores virtual stages without a pipeline)."""
+    return layout.virtual_stages if layout.schedule == "interleaved" and layout.pp > 1 else 1
 
 
-def _dp_parts(zero: int, m: int, n: int, grad_b: float, param_b: float) -> list[tuple[str, float, str, int]]:
-    """Data-parallel collectives per step as (op, payload bytes, overlap window, count):
-
-    zero 0: all-reduce the gradients once, during the last backward ([R20] sec. 7: 2 psi).
-    zero 1: reduce-scatter the gradients, all-gather the updated parameters (overlapped with the
-            next step's first forward): the same 2 psi ([R20] sec. 7.2.1).
-    zero 2: the gradient shard is reduced every micro-batch (gradients stay sharded while they
-            accumulate), parameters gathered once.
-    zero 3: every micro-batch all-gathers the parameters for forward and again for backward and
-            reduce-scatters the gradients: 3 psi per micro-batch ([R20] sec. 7.2.2: 1.5x DP)."""
-    if n == 1:
-        return []
-    if zero == 0:
-        return [("all_reduce", grad_b, "backward", 1)]
-    if zero == 1:
-        return [("reduce_scatter", grad_b, "backward", 1), ("all_gather", param_b, "forward", 1)]
-    if zero == 2:
-        return [("reduce_scatter", grad_b, "backward", m), ("all_gather", param_b, "forward", 1)]
-    return [("all_gather", param_b, "forward", m), ("all_gather", param_b, "backward", m),
-            ("reduce_scatter", grad_b, "backward", m)]
-
-
-_WIRE = {"all_reduce": f.all_reduce_wire_bytes, "reduce_scatter": f.reduce_scatter_wire_bytes,
-         "all_gather": f.all_gather_wire_bytes}
-
-
-@dataclass(frozen=True)
-class PipelineShape:
-    """Layers and sends of each pipeline rank, and which ranks are alike.
-
-    ``groups`` lists (first rank, number of ranks) of runs of ranks with the same layers, sends
-    and first/last role; within a run only the in-flight count differs, and it never grows with
-    the rank index (see :func:`formulas.in_flight_microbatches`), so the first rank of a run
-    holds the most memory and every rank of it takes the same time."""
-
-    layers: tuple[int, ...]
-    sends: tuple[int, ...]
-    groups: tuple[tuple[int, int], ...]
-
-
-@lru_cache(maxsize=4096)
-def pipeline_shape(num_layers: int, pp: int, virtual_stages: int,
-                   stage_layers: tuple[int, ...] | None = None) -> PipelineShape:
-    chunks = stage_layers or even_partition(num_layers, pp * virtual_stages)
-    if len(chunks) != pp * virtual_stages or sum(chunks) != num_layers or min(chunks) < 1:
-        raise ConfigError(f"stage_layers {chunks} must give {pp * virtual_stages} chunks of >= 1 layer "
-                          f"summing to {num_layers}.")
-    layers = [0] * pp
-    for k, c in enumerate(chunks):
-        layers[device_of_chunk(k, pp)] += c
-    sends = p2p_sends_per_microbatch(pp, virtual_stages)
-    groups: list[list[int]] = []
-    for i in range(pp):
-        sig = (layers[i], i == 0, i == pp - 1, sends[i])
-        j = groups[-1][0] if groups else -1
-        if groups and (layers[j], j == 0, j == pp - 1, sends[j]) == sig:
-            groups[-1][1] += 1
-        else:
-            groups.append([i, 1])
-    return PipelineShape(tuple(layers), sends, tuple((i, c) for i, c in groups))
+def compute_share(hw: Hardware, world_size: int) -> float:
+    """Fraction of a compute unit each process gets when the processes of a node outnumber its
+    cores (CPU ranks time-sharing cores): min(1, cores / processes on the node). 1 for devices
+    that are not shared (``cores_per_node`` = 0)."""
+    if not hw.cores_per_node:
+        return 1.0
+    return min(1.0, hw.cores_per_node / min(world_size, hw.devices_per_node))
 
 
 def stage_costs(model: ModelConfig, layout: Layout, hw: Hardware, global_batch: int, seq_len: int,
                 precision: str, options: CostOptions | None = None) -> tuple[StageCost, ...]:
     """Costs of every pipeline rank of ``layout`` (assumed valid: see :func:`estimate`), in order.
-    The hook for a simulator: per micro-batch forward/backward/communication seconds per stage."""
+    What the simulator replays: per chunk forward/backward/communication seconds."""
     return _stages(model, layout, hw, global_batch, seq_len, precision, options or DEFAULT_OPTIONS, every=True)
+
+
+@lru_cache(maxsize=65536)
+def _tp_seconds(model: ModelConfig, t: int, sp: bool, b: float, s: int, layers: int, first: bool, last: bool,
+                recompute: str, e: int, grad_bytes: int, tp_link: tuple[float, float]) -> dict[str, float]:
+    """Seconds per phase (forward / backward per micro-batch; step once) of one chunk's tp
+    collectives, and their ``wire_*`` bytes, from the runtime's traffic formula."""
+    out = {volume.FORWARD: 0.0, volume.BACKWARD: 0.0, volume.STEP: 0.0}
+    for phase in list(out):
+        out["wire_" + phase] = 0.0
+    for (phase, op), (calls, nbytes) in volume.tp_traffic(model, t, sp, b, s, layers, first, last, recompute, e,
+                                                          grad_bytes).items():
+        out[phase] += collective_seconds(op, t, nbytes, *tp_link, calls=calls)
+        out["wire_" + phase] += volume.wire_bytes(op, t, nbytes)
+    return out
+
+
+class _Layout:
+    """The per-layout numbers every pipeline rank's cost needs, computed once."""
+
+    def __init__(self, model: ModelConfig, layout: Layout, hw: Hardware, global_batch: int, seq_len: int,
+                 precision: str, options: CostOptions) -> None:
+        L, p, t, n, m = layout, layout.pp, layout.tp, layout.dp, layout.microbatches
+        self.model, self.layout, self.hw, self.options, self.precision = model, layout, hw, options, precision
+        self.p, self.t, self.n, self.m = p, t, n, m
+        self.v = chunks_per_rank(L)
+        s, h, F, a = seq_len, model.hidden, model.ffn_hidden, model.num_heads
+        self.s, self.h = s, h
+        V = padded_vocab_size(model.vocab_size, t)  # rows of the embedding / LM head over all tp ranks
+        self.b = b = (options.local_batch if options.local_batch is not None else global_batch / n) / m
+        self.e = e = f.ELEM_BYTES[precision]
+        P_b, self.G_b, _ = f.STATE_BYTES[precision]
+        self.share = compute_share(hw, L.world_size)
+        self.rate = hw.peak_flops(precision) * (options.efficiency or hw.compute_efficiency) * self.share
+        self.sp = sp = L.sequence_parallel
+        self.speeds = options.rank_speeds or (1.0,) * p
+        self.shape = pipeline_shape(model, seq_len, p, self.v, options.stage_layers or L.stage_layers,
+                                    L.stage_speeds, options.rank_speeds)
+        dpn = hw.devices_per_node
+        if self.share < 1 and hw.shared_latency_s:  # processes outnumber cores: peers answer later
+            hw = hw.replace(intra_node_latency_s=hw.shared_latency_s)
+        self.tp_link = link(hw, axis_spans_nodes("tp", n, p, t, dpn))
+        self.dp_link = link(hw, axis_spans_nodes("dp", n, p, t, dpn))
+        self.pp_link = link(hw, axis_spans_nodes("pp", n, p, t, dpn))
+        self.block = block = f.block_params_per_device(h, F, t)
+        self.embed = embed = V * h / t
+        self.head_copy = (not model.tie_embeddings) or p > 1  # the last stage keeps a copy of W_e
+        self.layer_fwd = f.layer_forward_flops(b, s, h, F) / t
+        self.layer_rec = f.recompute_forward_flops(L.recompute, b, s, h, F) / t
+        self.head_fwd = f.head_forward_flops(b, s, h, V) / t
+        act = dict(t=t, sp=sp, elem_bytes=e, dropout=options.dropout, store_scores=options.store_scores,
+                   sp_saves_gathered=options.sp_saves_gathered)
+        self.act_layer = f.layer_activation_bytes(s, b, h, a, F, recompute=L.recompute, **act)
+        self.emb_act = f.embedding_activation_bytes(s, b, h, t, sp, options.dropout)
+        self.out_act = (m if (L.schedule == "gpipe" and p > 1) else 1) * f.output_activation_bytes(
+            s, b, h, V, t, sp, e, options.sp_saves_gathered)
+        full_layer = f.layer_activation_bytes(s, b, h, a, F, recompute="none", **act)
+        self.rebuilt = full_layer if L.recompute == "full" else 0.0
+        # memory-bound seconds of one layer's / the head's forward + backward on an unshared device
+        self.ew_layer = hw.elementwise_s_per_byte * full_layer
+        self.ew_head = hw.elementwise_s_per_byte * f.output_activation_bytes(s, b, h, V, t, sp, e,
+                                                                             options.sp_saves_gathered)
+        # ZeRO-3 gathers one unit (a block, or the embedding) and its gradient at a time.
+        self.buffers = (P_b + self.G_b) * max(block, embed) if (L.zero == 3 and n > 1) else 0.0
+        self.message = volume.p2p_tensor_bytes(h, b, s, t, sp, e)
+        self.message_s = collective_seconds("send", 2, self.message, *self.pp_link)
+        self.dp_parts = dp_parts(L.zero, m, n, self.G_b, P_b)  # payloads per parameter
+
+    def tp_seconds(self, layers: int, first: bool, last: bool) -> dict[str, float]:
+        return _tp_seconds(self.model, self.t, self.sp, self.b, self.s, layers, first, last, self.layout.recompute,
+                           self.e, self.G_b, self.tp_link)
+
+    def chunk(self, k: int, speed: float) -> ChunkCost:
+        """Stage ``k`` (chunk ``k // p`` of rank ``k % p``) per micro-batch."""
+        layers, first, last = self.shape.chunks[k], k == 0, k == self.p * self.v - 1
+        fwd = layers * self.layer_fwd + (self.head_fwd if last else 0)
+        tp = self.tp_seconds(layers, first, last)
+        params = layers * self.block + (self.embed + self.model.max_seq_len * self.h if first else 0) \
+            + (2 * self.h + (self.embed if self.head_copy else 0) if last else 0)
+        rate = self.rate * speed
+        # memory-bound work outside the matmuls: 1/3 in forward, 2/3 in backward like the FLOPs,
+        # plus the replayed forward's share under recomputation (see Hardware.elementwise_s_per_byte)
+        ew = (layers * self.ew_layer + (self.ew_head if last else 0)) / (self.share * speed)
+        replay = layers * self.ew_layer * self.layer_rec / (3 * self.layer_fwd) / (self.share * speed)
+        return ChunkCost(layers, first, last, params, fwd / rate + ew / 3,
+                         (2 * fwd + layers * self.layer_rec) / rate + 2 * ew / 3 + replay,
+                         tp[volume.FORWARD], tp[volume.BACKWARD], tp["wire_forward"] + tp["wire_backward"])
+
+    def syncs(self, i: int, n_layers: int) -> tuple[float, float, float, float]:
+        """(tp seconds, tp wire bytes, pp seconds, pp wire bytes) once per step after the schedule:
+        SP's partial gradients and the gradient norm's sum over tp; the norm's sum over pp, the loss
+        broadcast from the last stage, the tied embedding's gradient between first and last."""
+        first, last, t, p = i == 0, i == self.p - 1, self.t, self.p
+        tp_s = tp_b = pp_s = pp_b = 0.0
+        if t > 1:
+            step = self.tp_seconds(n_layers, first, last)  # per-step terms do not depend on the split
+            tp_s = step[volume.STEP] + collective_seconds("all_reduce", t, 4, *self.tp_link)
+            tp_b = step["wire_step"] + volume.wire_bytes("all_reduce", t, 4)
+        if p > 1:
+            bw, lat = self.pp_link
+            pp_s = collective_seconds("all_reduce", p, 4, bw, lat) + f.ring_steps("all_gather", p) * lat
+            if self.model.tie_embeddings and (first or last):
+                tied = volume.tied_embedding_bytes(self.model, t, self.G_b)
+                pp_b = volume.wire_bytes("all_reduce", 2, tied)
+                pp_s += collective_seconds("all_reduce", 2, tied, bw, lat)
+        return tp_s, tp_b, pp_s, pp_b
+
+    def data_parallel(self, params: float, chunks: list[ChunkCost]) -> tuple[float, float, Buckets, float]:
+        """(wire bytes, exposed seconds, ZeRO-0 buckets, the exposed seconds that are not those
+        buckets: ZeRO's collectives and the loss average) of the dp traffic of one rank. The
+        runtime reduces during the rank's last backward (chunk 0 of the last micro-batch); with
+        several chunks the buckets of the others complete only at the end, and since buckets are
+        launched in order none of them overlaps."""
+        n, opts = self.n, self.options
+        window = chunks[0].backward_s + chunks[0].tp_backward_s if self.v == 1 else 0.0
+        fwd_s, bwd_s = sum(c.forward_s for c in chunks), sum(c.backward_s for c in chunks)
+        wire = other = 0.0
+        grads = NO_BUCKETS
+        for op, per_param, phase, times in self.dp_parts:
+            payload = per_param * params
+            b = buckets(op, n, payload, opts.bucket_bytes, *self.dp_link)
+            wire += times * volume.wire_bytes(op, n, payload)
+            if self.layout.zero == 0:
+                grads = b
+            else:  # ZeRO (planner only): each collective hides behind one micro-batch's pass
+                hide = (fwd_s if phase == "forward" else bwd_s) if opts.overlap_dp else 0.0
+                other += times * max(0.0, b.total_s - hide)
+        other += collective_seconds("all_reduce", n, 4, *self.dp_link)  # the loss, averaged over dp
+        return wire, exposed_reduction(grads, window, opts.overlap_dp) + other, grads, other
+
+    def rank(self, i: int, count: int) -> StageCost:
+        """Pipeline rank ``i`` (standing for ``count`` alike ranks)."""
+        p, m, v = self.p, self.m, self.v
+        first, last, n_layers, sends = i == 0, i == p - 1, self.shape.layers[i], self.shape.sends[i]
+        chunks = [self.chunk(c * p + i, self.speeds[i]) for c in range(v)]
+        params = sum(c.params for c in chunks)
+        state = f.model_state_bytes(params, self.layout.zero, self.n, self.precision)
+        if v == 1:
+            flight = f.in_flight_microbatches(self.layout.schedule, p, m, v, i)
+            acts = flight * (n_layers * self.act_layer + (self.emb_act if first else 0)) \
+                + (self.out_act if last else 0)
+        else:  # chunks of different sizes: which of them are in flight matters (topology.stash_states)
+            per_chunk = tuple(c.layers * self.act_layer + (self.emb_act if c.first else 0)
+                              + (self.out_act if c.last else 0) for c in chunks)
+            acts = peak_stash(self.layout.schedule, p, m, v, i, per_chunk)
+        tp_sync, tp_step_b, pp_sync, pp_step_b = self.syncs(i, n_layers)
+        dp_b, exposed, grads, dp_other = self.data_parallel(params, chunks)
+        owned = params / (self.n if self.layout.zero >= 1 else 1)
+        bw = self.hw.memory_bw * self.share * self.speeds[i]
+        opt_s = OPTIMIZER_BYTES_PER_PARAM * owned / bw if bw else 0.0
+        return StageCost(
+            i, count, n_layers, params, state, self.buffers, acts, self.rebuilt,
+            sum(c.forward_s for c in chunks), sum(c.backward_s for c in chunks),
+            sum(c.tp_forward_s + c.tp_backward_s for c in chunks), sends * self.message_s,
+            m * sum(c.tp_bytes for c in chunks) + tp_step_b, m * sends * self.message + pp_step_b,
+            dp_b, exposed, tp_sync, pp_sync, opt_s, tuple(chunks), grads, dp_other, self.message_s)
 
 
 def _stages(model: ModelConfig, layout: Layout, hw: Hardware, global_batch: int, seq_len: int,
             precision: str, options: CostOptions, every: bool) -> tuple[StageCost, ...]:
     """Every rank (``every``), or the first rank of each run of alike ranks with its ``count``."""
-    L, p, t, n, m = layout, layout.pp, layout.tp, layout.dp, layout.microbatches
-    v = L.virtual_stages if L.schedule == "interleaved" else 1
-    # V: the vocabulary as the runtime holds it, padded when t does not divide it
-    s, h, F, a, V = seq_len, model.hidden, model.ffn_hidden, model.num_heads, padded_vocab_size(model.vocab_size, t)
-    b = global_batch // (n * m)  # micro-batch size
-    e = f.ELEM_BYTES[precision]
-    P_b, G_b, _ = f.STATE_BYTES[precision]
-    rate = hw.peak_flops(precision) * (options.efficiency or hw.compute_efficiency)
-    sp = L.sequence_parallel
-    shape = pipeline_shape(model.num_layers, p, v, options.stage_layers)
-    tp_bw, tp_lat = _link(hw, axis_spans_nodes("tp", n, p, t, hw.devices_per_node))
-    dp_bw, dp_lat = _link(hw, axis_spans_nodes("dp", n, p, t, hw.devices_per_node))
-    pp_bw, pp_lat = _link(hw, axis_spans_nodes("pp", n, p, t, hw.devices_per_node))
-
-    block = f.block_params_per_device(h, F, t)
-    embed = V * h / t
-    head_copy = (not model.tie_embeddings) or p > 1  # the last stage keeps a copy of W_e
-    layer_fwd = f.layer_forward_flops(b, s, h, F) / t
-    layer_rec = f.recompute_forward_flops(L.recompute, b, s, h, F) / t
-    head_fwd = f.head_forward_flops(b, s, h, V) / t
-    act_layer = f.layer_activation_bytes(s, b, h, a, F, t, sp, L.recompute, e, options.dropout, options.store_scores)
-    emb_act = f.embedding_activation_bytes(s, b, h, t, sp, options.dropout)
-    out_act = (m if (L.schedule == "gpipe" and p > 1) else 1) * f.output_activation_bytes(s, b, h, V, t, sp, e)
-    rebuilt = 0.0
-    if L.recompute == "full":  # one block's activations are rebuilt during its backward
-        rebuilt = f.layer_activation_bytes(s, b, h, a, F, t, sp, "none", e, options.dropout, options.store_scores)
-    # ZeRO-3 gathers one unit (a block, or the embedding) and its gradient at a time.
-    buffers = (P_b + G_b) * max(block, embed) if (L.zero == 3 and n > 1) else 0.0
-    S_act = e * b * s * h  # one micro-batch's hidden states (bytes)
-    # Megatron's per-layer f/g: 2 all-reduces forward, 2 backward, 2 more when full recomputation
-    # redoes the forward ([N21] sec. 3, [K22] sec. 4.2); sequence parallelism swaps each for an
-    # all-gather + reduce-scatter pair of the same wire bytes.
-    ar_per_layer = 4 + (2 if L.recompute == "full" else 0)
-    ar_wire = f.all_reduce_wire_bytes(t, S_act)
-    # Pipeline sends are split over the tp ranks (sequence-parallel shards, or [N21] sec. 4.1's
-    # scatter/gather optimisation, which all-gathers on the receiver over the tp link).
-    S_p2p = S_act / t
-    dp_parts = _dp_parts(L.zero, m, n, G_b, P_b)  # payloads per parameter
-
-    out = []
-    ranks = [(i, 1) for i in range(p)] if every else shape.groups
-    for i, count in ranks:
-        first, last, n_layers, sends = i == 0, i == p - 1, shape.layers[i], shape.sends[i]
-        params = n_layers * block + (embed + model.max_seq_len * h if first else 0) \
-            + (2 * h + (embed if head_copy else 0) if last else 0)
-        state = f.model_state_bytes(params, L.zero, n, precision)
-        flight = f.in_flight_microbatches(L.schedule, p, m, v, i)
-        acts = flight * (n_layers * act_layer + (emb_act if first else 0)) + (out_act if last else 0) + rebuilt
-
-        fwd = n_layers * layer_fwd + (head_fwd if last else 0)
-        fwd_s, bwd_s = fwd / rate, (2 * fwd + n_layers * layer_rec) / rate
-
-        tp_b = tp_calls = 0.0
-        if t > 1:
-            tp_b, tp_calls = n_layers * ar_per_layer * ar_wire, n_layers * ar_per_layer
-            if first:  # vocab-parallel embedding: its output is all-reduced (reduce-scattered with SP)
-                tp_b += f.reduce_scatter_wire_bytes(t, S_act) if sp else ar_wire
-                tp_calls += 1
-            if last:  # head input gradient, and cross-entropy's max / sum-exp / target logit (fp32)
-                tp_b += ar_wire + 3 * f.all_reduce_wire_bytes(t, 4 * b * s)
-                tp_calls += 4
-            if not sp:  # receiver all-gathers each scattered p2p tensor
-                tp_b += sends * f.all_gather_wire_bytes(t, S_act)
-                tp_calls += sends
-        tp_s = tp_b / tp_bw + tp_calls * f.ring_steps("all_reduce", t) * tp_lat
-        p2p_s = sends * (S_p2p / pp_bw + pp_lat)
-        pp_b = m * sends * S_p2p
-        if p > 1 and model.tie_embeddings and (first or last):  # W_e gradient: first <-> last stage
-            pp_b += f.all_reduce_wire_bytes(2, G_b * embed)
-
-        dp_b = exposed = 0.0
-        for op, per_param, window, times in dp_parts:
-            payload = per_param * params
-            wire = _WIRE[op](n, payload)
-            secs = wire / dp_bw + max(1, math.ceil(payload / options.bucket_bytes)) * f.ring_steps(op, n) * dp_lat
-            overlap = (fwd_s if window == "forward" else bwd_s) if options.overlap_dp else 0.0
-            dp_b += times * wire
-            exposed += times * max(0.0, secs - overlap)
-        owned = params / (n if L.zero >= 1 else 1)
-        opt_s = OPTIMIZER_BYTES_PER_PARAM * owned / hw.memory_bw if hw.memory_bw else 0.0
-        out.append(StageCost(i, count, n_layers, params, state, buffers, acts, fwd_s, bwd_s, tp_s, p2p_s,
-                             m * tp_b, pp_b, dp_b, exposed, opt_s))
-    return tuple(out)
+    ctx = _Layout(model, layout, hw, global_batch, seq_len, precision, options)
+    ranks = [(i, 1) for i in range(layout.pp)] if every else ctx.shape.groups
+    return tuple(ctx.rank(i, count) for i, count in ranks)
 
 
 def estimate(model: ModelConfig, layout: Layout, hardware: Hardware, global_batch: int, seq_len: int,
@@ -270,6 +339,10 @@ def estimate(model: ModelConfig, layout: Layout, hardware: Hardware, global_batc
         raise ConfigError(f"memory headroom must be in [0, 1), got {options.memory_headroom}.")
     if options.efficiency is not None and not 0 < options.efficiency <= 1:
         raise ConfigError(f"efficiency must be in (0, 1], got {options.efficiency}.")
+    if options.rank_speeds is not None and (len(options.rank_speeds) != layout.pp
+                                            or not all(x > 0 for x in options.rank_speeds)):
+        raise ConfigError(f"rank_speeds needs one positive speed per pipeline rank ({layout.pp}), "
+                          f"got {options.rank_speeds}.")
     layout.validate(model, global_batch, seq_len)
     return _estimate(model, layout, hardware, global_batch, seq_len, precision, options)
 
@@ -278,7 +351,7 @@ def _estimate(model: ModelConfig, layout: Layout, hw: Hardware, global_batch: in
               precision: str, options: CostOptions) -> Estimate:
     stages = _stages(model, layout, hw, global_batch, seq_len, precision, options, every=False)
     p, m = layout.pp, layout.microbatches
-    v = layout.virtual_stages if layout.schedule == "interleaved" else 1
+    v = chunks_per_rank(layout)
     slow = max(stages, key=lambda c: c.microbatch_s)
     t_max = slow.microbatch_s
     if options.bubble_fraction is not None:
@@ -287,21 +360,21 @@ def _estimate(model: ModelConfig, layout: Layout, hw: Hardware, global_batch: in
     else:
         pipe = m * t_max + (sum(c.count * c.microbatch_s for c in stages) - t_max) / v
         bubble_frac = f.bubble_fraction(layout.schedule, p, m, v)
-    # The pipeline ends with the embedding-gradient all-reduce between first and last stage
-    # (tied embeddings, p > 1); it is small and not overlapped.
-    tied_s = 0.0
-    if p > 1 and model.tie_embeddings:
-        cross = axis_spans_nodes("pp", layout.dp, p, layout.tp, hw.devices_per_node)
-        bw, lat = _link(hw, cross)
-        G_b = f.STATE_BYTES[precision][1]
-        vocab = padded_vocab_size(model.vocab_size, layout.tp)
-        tied_s = f.all_reduce_wire_bytes(2, G_b * vocab * model.hidden / layout.tp) / bw + 2 * lat
     time = StepTime(
-        compute=m * (slow.forward_s + slow.backward_s), tp_comm=m * slow.tp_s, pp_comm=m * slow.p2p_s + tied_s,
+        compute=m * (slow.forward_s + slow.backward_s), tp_comm=m * slow.tp_s + max(c.tp_sync_s for c in stages),
+        pp_comm=m * slow.p2p_s + max(c.pp_sync_s for c in stages),
         bubble=pipe - m * t_max, dp_comm=max(c.dp_exposed_s for c in stages),
         optimizer=max(c.optimizer_s for c in stages),
     )
     heavy = max(stages, key=lambda c: c.peak_bytes)
+    return make_estimate(model, layout, hw, global_batch, seq_len, precision, options, time, bubble_frac,
+                         heavy, stages)
+
+
+def make_estimate(model: ModelConfig, layout: Layout, hw: Hardware, global_batch: int, seq_len: int,
+                  precision: str, options: CostOptions, time: StepTime, bubble_frac: float,
+                  heavy: StageCost, stages: tuple[StageCost, ...]) -> Estimate:
+    """An :class:`Estimate` from a step time (analytic or simulated) and the stage costs."""
     tokens = global_batch * seq_len
     flops = f.step_flops(model, global_batch, seq_len, "none")
     hw_flops = f.step_flops(model, global_batch, seq_len, layout.recompute)
@@ -315,7 +388,8 @@ def _estimate(model: ModelConfig, layout: Layout, hw: Hardware, global_batch: in
         params=nparams, params_per_device=heavy.params,
         flops_per_step=flops, hardware_flops_per_step=hw_flops,
         six_p_tokens_flops=f.six_p_tokens(nparams, tokens),
-        state=heavy.state, buffer_bytes=heavy.buffer_bytes, activation_bytes_per_device=heavy.activation_bytes,
+        state=heavy.state, buffer_bytes=heavy.buffer_bytes + heavy.rebuilt_bytes,
+        activation_bytes_per_device=heavy.activation_bytes,
         peak_bytes_per_device=heavy.peak_bytes,
         capacity_bytes=hw.memory_bytes * (1 - options.memory_headroom), most_loaded_stage=heavy.stage,
         bubble_fraction=bubble_frac,
@@ -323,16 +397,20 @@ def _estimate(model: ModelConfig, layout: Layout, hw: Hardware, global_batch: in
                                         pp=max(c.pp_bytes for c in stages)),
         time=time, tokens_per_s=tokens / step, mfu=flops / (step * n_dev * peak),
         hfu=hw_flops / (step * n_dev * peak), efficiency=options.efficiency or hw.compute_efficiency,
-        notes=_notes(model, layout.tp, hw, precision),
+        notes=_notes(model, hw, precision, layout),
     )
 
 
-def _notes(model: ModelConfig, tp: int, hw: Hardware, precision: str) -> tuple[str, ...]:
+def _notes(model: ModelConfig, hw: Hardware, precision: str, layout: Layout) -> tuple[str, ...]:
     notes = []
     if precision == "bf16" and not hw.peak_bf16_flops:
         notes.append(f"{hw.name} has no bf16 units: estimated as fp16 mixed precision (same bytes, fp16 peak).")
     if not hw.memory_bw:
         notes.append("memory bandwidth unknown: the optimizer step's time is left out.")
-    if padding := vocab_padding_note(model, tp):
+    if padding := vocab_padding_note(model, layout.tp):
         notes.append(padding + ".")
+    share = compute_share(hw, layout.world_size)
+    if share < 1:
+        notes.append(f"{layout.world_size} processes share {hw.cores_per_node} cores: each computes at "
+                     f"{share:.2f} of a core.")
     return tuple(notes)

@@ -147,9 +147,9 @@ def model_state_bytes(psi: float, zero: int, dp: int, precision: str) -> ModelSt
     )
 
 
-def layer_activation_bytes(s: int, b: int, h: int, a: int, F: int, t: int = 1, sp: bool = False,
+def layer_activation_bytes(s: int, b: float, h: int, a: int, F: int, t: int = 1, sp: bool = False,
                            recompute: str = "none", elem_bytes: int = 2, dropout: bool = True,
-                           store_scores: bool = True) -> float:
+                           store_scores: bool = True, sp_saves_gathered: bool = False) -> float:
     """Activations one block stores for its backward pass, per micro-batch, on one device.
 
     [K22] sec. 4.1, Table 2, for 16-bit activations (e = 2) with dropout masks of 1 byte:
@@ -166,27 +166,47 @@ def layer_activation_bytes(s: int, b: int, h: int, a: int, F: int, t: int = 1, s
     (4sbh elements), the GeLU input and fc2 input (2sbF elements), the softmax output and its
     dropout output (2as^2b elements) and the softmax dropout mask (as^2b bytes). With F = 4h and
     e = 2 these sum to 34sbh + 5as^2b. ``dropout=False`` drops the masks (a model trained without
-    dropout stores none); ``store_scores=False`` drops the as^2b terms (a fused/flash attention
-    kernel keeps only a per-row statistic).
+    dropout stores none).
+
+    ``store_scores=False``: a fused attention kernel (PyTorch's ``scaled_dot_product_attention``,
+    which paratrain runs; FlashAttention, Dao et al. 2022) keeps no s x s scores: its output is
+    the proj input already counted, plus the per-row log-sum-exp, 4 a s b bytes (fp32), split t
+    ways; selective recomputation replays the kernel, so that is not kept then.
+
+    ``sp_saves_gathered``: under sequence parallelism the qkv and fc1 linears save their
+    all-gathered (b, s, h) input, as paratrain's runtime does, instead of the (b, s/t, h) shard
+    that Megatron re-gathers in backward ([K22] sec. 4.2.2 counts the shard): those 2sbh
+    elements are then not divided by t.
     """
     if recompute == "full":
         return elem_bytes * s * b * h / (t if sp else 1)
     mask = 1 if dropout else 0
-    scores = 0 if (recompute == "selective" or not store_scores) else 1
-    replicated = elem_bytes * 4 * s * b * h + mask * 2 * s * b * h
-    split = elem_bytes * (4 * s * b * h + 2 * s * b * F) + scores * (2 * elem_bytes + mask) * a * s * s * b
-    return (replicated + split) / t if sp else replicated + split / t
+    e = elem_bytes
+    replicated = e * 2 * s * b * h + mask * 2 * s * b * h  # LayerNorm inputs, residual dropout masks
+    linear_inputs = e * 2 * s * b * h  # qkv and fc1 inputs
+    split = e * (4 * s * b * h + 2 * s * b * F)
+    if recompute != "selective":
+        if store_scores:
+            split += (2 * e + mask) * a * s * s * b
+        else:
+            split += 4 * a * s * b
+    if not sp:
+        return replicated + linear_inputs + split / t
+    return (replicated + split) / t + linear_inputs / (1 if sp_saves_gathered else t)
 
 
-def output_activation_bytes(s: int, b: int, h: int, V: int, t: int = 1, sp: bool = False,
-                            elem_bytes: int = 2) -> float:
+def output_activation_bytes(s: int, b: float, h: int, V: int, t: int = 1, sp: bool = False,
+                            elem_bytes: int = 2, sp_saves_gathered: bool = False) -> float:
     """Last-stage activations of the final LayerNorm and LM head, per micro-batch ([K22] sec. 4.3):
-    LayerNorm input e*sbh and head input e*sbh (split t ways with sequence parallelism), and the
-    logits kept in fp32 for the cross-entropy, 4 s b V / t (vocab-parallel)."""
-    return 2 * elem_bytes * s * b * h / (t if sp else 1) + 4 * s * b * V / t
+    LayerNorm input e*sbh and head input e*sbh (split t ways with sequence parallelism, the head
+    input only when it is not saved all-gathered), and the logits kept in fp32 for the
+    cross-entropy, 4 s b V / t (vocab-parallel; V the padded vocabulary)."""
+    ln = elem_bytes * s * b * h / (t if sp else 1)
+    head_in = elem_bytes * s * b * h / (t if sp and not sp_saves_gathered else 1)
+    return ln + head_in + 4 * s * b * V / t
 
 
-def embedding_activation_bytes(s: int, b: int, h: int, t: int = 1, sp: bool = False,
+def embedding_activation_bytes(s: int, b: float, h: int, t: int = 1, sp: bool = False,
                                dropout: bool = True) -> float:
     """First-stage activations per micro-batch ([K22] sec. 4.3; Megatron's
     ``theoretical_memory_usage``): the token ids (8 s b, int64) and the embedding dropout mask

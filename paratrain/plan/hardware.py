@@ -32,7 +32,7 @@ GB = 10**9
 TFLOPS = 10**12
 
 PROFILE_FORMAT = "paratrain-device-profile"
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,18 @@ class Hardware:
     ``peak_bf16_flops == 0`` means the device has no bf16 units; bf16 estimates then use the fp16
     peak (mixed precision with fp16 and loss scaling has the same memory and FLOPs).
     ``memory_bw == 0`` means unknown (the optimizer step's memory-bound time is then left out).
+    ``cores_per_node``: for CPU processes, the cores the node's processes share; when more
+    processes than cores run on a node each computes at cores / processes of its rate
+    (:func:`paratrain.plan.cost.compute_share`). 0 (GPUs): every device is its own. It may be
+    fractional: the cores other jobs leave free.
+    ``elementwise_s_per_byte``: seconds of memory-bound work (LayerNorm, GeLU, residual adds,
+    softmax) that a layer's forward + backward spends per byte of the activations
+    it produces, on top of its matmul FLOPs at ``peak x efficiency``. 0 (the catalog's GPUs): that
+    work is folded into the fitted efficiency instead. ``paratrain calibrate`` measures it on CPUs,
+    where small layers spend a fifth to a quarter of their time there.
+    ``shared_latency_s``: the intra-node latency per ring step when the node's processes
+    outnumber its cores (a peer may wait for a core before it answers); 0 = the same as
+    ``intra_node_latency_s``. Measured by ``paratrain calibrate``.
     """
 
     name: str
@@ -56,6 +68,9 @@ class Hardware:
     compute_efficiency: float = 0.5
     intra_node_latency_s: float = 0.0
     inter_node_latency_s: float = 0.0
+    cores_per_node: float = 0
+    elementwise_s_per_byte: float = 0.0
+    shared_latency_s: float = 0.0
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -67,10 +82,14 @@ class Hardware:
             value = getattr(self, field)
             if not isinstance(value, (int, float)) or not value > 0:
                 raise ConfigError(f"hardware {self.name!r}: {field} must be a positive number, got {value!r}.")
-        for field in ("peak_bf16_flops", "memory_bw", "intra_node_latency_s", "inter_node_latency_s"):
+        for field in ("peak_bf16_flops", "memory_bw", "intra_node_latency_s", "inter_node_latency_s",
+                      "elementwise_s_per_byte", "shared_latency_s"):
             value = getattr(self, field)
             if not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"hardware {self.name!r}: {field} must be >= 0, got {value!r}.")
+        if not isinstance(self.cores_per_node, (int, float)) or self.cores_per_node < 0:
+            raise ConfigError(f"hardware {self.name!r}: cores_per_node must be a number >= 0, "
+                              f"got {self.cores_per_node!r}.")
         if not isinstance(self.devices_per_node, int) or self.devices_per_node < 1:
             raise ConfigError(f"hardware {self.name!r}: devices_per_node must be a positive integer, "
                               f"got {self.devices_per_node!r}.")
@@ -106,7 +125,8 @@ class Hardware:
         return cls(**data)
 
 
-_OPTIONAL = {"compute_efficiency", "intra_node_latency_s", "inter_node_latency_s", "source"}
+_OPTIONAL = {"compute_efficiency", "intra_node_latency_s", "inter_node_latency_s", "cores_per_node",
+             "elementwise_s_per_byte", "shared_latency_s", "source"}
 
 # Fraction of peak reached by the compute of a step on A100s, fitted to Narayanan et al. 2021
 # ("Efficient Large-Scale Language Model Training on GPU Clusters Using Megatron-LM", SC21),

@@ -11,6 +11,7 @@ from paratrain.metrics import format_grid
 from paratrain.plan import formulas as f
 from paratrain.plan.cost import Estimate
 from paratrain.plan.hardware import GiB, Hardware
+from paratrain.plan.hetero import speed_report
 from paratrain.plan.search import PlanResult
 
 
@@ -107,7 +108,8 @@ def plan_report(result: PlanResult, hw: Hardware, seconds: float, top: int) -> s
         f"{fmt_bytes(best.capacity_bytes)} usable per device", "",
         format_grid(["    layout", "memory GiB / usable", "step time", "tokens/s", "MFU", "bubble"], rows), "",
         "why: " + result.explain(),
-    ] + [f"note: {n}" for n in best.notes]
+    ] + ([speed_report(result.best_speed_plan)] if result.best_speed_plan else []) \
+        + [f"note: {n}" for n in best.notes]
     return "\n".join(lines)
 
 
@@ -119,4 +121,5 @@ def plan_json(result: PlanResult, hw: Hardware, top: int) -> dict[str, Any]:
         "global_batch": result.best.global_batch, "seq_len": result.best.seq_len,
         "precision": result.best.precision, "considered": result.considered, "fitting": len(result.ranked),
         "explanation": result.explain(), "notes": list(result.best.notes), "ranked": [e.to_dict() for e in ranked],
+        "device_speeds": result.best_speed_plan.to_dict() if result.best_speed_plan else None,
     }

@@ -22,7 +22,7 @@ Layouts are ranked by predicted step time, then by peak memory. ``fixed`` pins a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,7 @@ from paratrain.errors import ConfigError
 from paratrain.models.configs import ModelConfig
 from paratrain.plan.cost import CostOptions, Estimate, _estimate, estimate
 from paratrain.plan.hardware import GiB, Hardware
+from paratrain.plan.hetero import SpeedPlan, with_speeds
 
 
 def divisors(n: int) -> list[int]:
@@ -87,6 +88,7 @@ class PlanResult:
     considered: int
     smallest_unfit: Estimate | None  # the least memory-hungry layout that does not fit
     best_pure_dp: Estimate | None  # the fastest fitting layout with pp = tp = 1 (or least memory)
+    best_speed_plan: SpeedPlan | None = None  # with device speeds: the winner's speed-aware split
 
     @property
     def best(self) -> Estimate:
@@ -99,8 +101,14 @@ class PlanResult:
 
 def search(model: ModelConfig, num_devices: int, hardware: Hardware, global_batch: int, seq_len: int,
            precision: str = "bf16", options: CostOptions | None = None,
-           fixed: dict[str, Any] | None = None, allow_cross_node_tp: bool = False) -> PlanResult:
-    """Estimate every layout, keep those that fit, rank by (step time, peak memory)."""
+           fixed: dict[str, Any] | None = None, allow_cross_node_tp: bool = False,
+           device_speeds: tuple[float, ...] | None = None,
+           keep: Callable[[Layout], bool] | None = None) -> PlanResult:
+    """Estimate every layout, keep those that fit, rank by (step time, bytes moved, peak memory).
+
+    ``device_speeds`` (one per device): each layout is priced with stages and batch shares sized to
+    speed (:func:`paratrain.plan.hetero.with_speeds`; its slowest replica). ``keep``: only layouts
+    it accepts (e.g. what the training runtime implements)."""
     if not isinstance(num_devices, int) or num_devices < 1:
         raise ConfigError(f"the number of devices must be a positive integer, got {num_devices!r}.")
     options = options or CostOptions()
@@ -110,11 +118,19 @@ def search(model: ModelConfig, num_devices: int, hardware: Hardware, global_batc
     smallest: Estimate | None = None
     pure_fit: Estimate | None = None
     pure_unfit: Estimate | None = None
-    considered = 0
+    considered = rejected = 0
+    plans: dict[Layout, SpeedPlan] = {}
     for layout in enumerate_layouts(model, num_devices, global_batch, seq_len, hardware.devices_per_node,
                                     fixed, allow_cross_node_tp):
+        if keep is not None and not keep(layout):
+            rejected += 1
+            continue
         considered += 1
-        est = _estimate(model, layout, hardware, global_batch, seq_len, precision, options)
+        if device_speeds is None:
+            est = _estimate(model, layout, hardware, global_batch, seq_len, precision, options)
+        else:
+            plan = with_speeds(model, layout, hardware, global_batch, seq_len, precision, options, device_speeds)
+            est = plans.setdefault(plan.slowest.layout, plan).slowest
         pure = layout.tp == 1 and layout.pp == 1
         if est.fits:
             fits.append(est)
@@ -125,17 +141,27 @@ def search(model: ModelConfig, num_devices: int, hardware: Hardware, global_batc
                 smallest = est
             if pure and (pure_unfit is None or est.peak_bytes_per_device < pure_unfit.peak_bytes_per_device):
                 pure_unfit = est
+    if considered == 0 and rejected:
+        raise ConfigError(f"none of the {rejected} valid layouts of {num_devices} devices with the constraints "
+                          f"{fixed or {}} is one the training runtime implements (ZeRO, for one, is not yet); "
+                          f"drop the constraint that asks for it.")
     if considered == 0:
         raise ConfigError(f"no valid layout of {num_devices} devices for model {model.name!r} with global "
                           f"batch {global_batch} and the given constraints {fixed or {}}: dp must divide the "
                           f"batch, tp must divide the heads (valid tp: {valid_tp(model)}), pp <= "
                           f"{model.num_layers} layers.")
     fits.sort(key=_key)
-    return PlanResult(tuple(fits), considered, smallest, pure_fit or pure_unfit)
+    best_plan = plans.get(fits[0].layout) if fits and plans else None
+    return PlanResult(tuple(fits), considered, smallest, pure_fit or pure_unfit, best_plan)
 
 
-def _key(e: Estimate) -> tuple[float, float]:
-    return (e.step_time_s, e.peak_bytes_per_device)
+def _key(e: Estimate) -> tuple[float, float, float]:
+    """Fastest first; at the same step time (e.g. data-parallel traffic hidden behind backward
+    under ZeRO-1 and ZeRO-3 alike) the layout that moves fewer bytes, then the one using less
+    memory: the model cannot see every cost of traffic (contention, jitter), and memory that
+    fits is worth nothing more."""
+    c = e.comm_bytes_per_device
+    return (e.step_time_s, c.dp + c.tp + c.pp, e.peak_bytes_per_device)
 
 
 _PARTS = {"compute": "compute (recomputation included)", "tp_comm": "tensor-parallel communication",
@@ -154,6 +180,10 @@ def _pct(x: float) -> str:
     return f"{x:.1%}" if x >= 0.001 else f"{x * 100:.2g}%"
 
 
+def _mem(nbytes: float) -> str:
+    return f"{nbytes / GiB:.1f} GiB" if nbytes >= GiB else f"{nbytes / 2**20:.1f} MiB"
+
+
 def _s(seconds: float) -> str:
     return f"{seconds * 1e3:.3g} ms" if seconds < 1 else f"{seconds:.3g} s"
 
@@ -168,7 +198,7 @@ def explain(result: PlanResult) -> str:
     if len(result.ranked) > 1 and result.ranked[1].step_time_s == best.step_time_s:
         twin = result.ranked[1]
         text.append(f"[{twin.layout}] is as fast but needs more memory "
-                    f"({twin.peak_bytes_per_device / GiB:.1f} vs {best.peak_bytes_per_device / GiB:.1f} GiB).")
+                    f"({_mem(twin.peak_bytes_per_device)} vs {_mem(best.peak_bytes_per_device)}).")
     elif runner is not None:
         gain = runner.step_time_s / best.step_time_s - 1
         text.append(f"The runner-up [{runner.layout}] is {_pct(gain)} slower ({_why_slower(best, runner)}).")
@@ -180,7 +210,7 @@ def explain(result: PlanResult) -> str:
         text.append("No pure data-parallel layout exists for this batch (dp would not divide it).")
     elif not pure.fits:
         text.append(f"Pure data parallelism cannot work: even [{pure.layout}] needs "
-                    f"{pure.peak_bytes_per_device / GiB:.1f} GiB per device of {pure.capacity_bytes / GiB:.1f}.")
+                    f"{_mem(pure.peak_bytes_per_device)} per device of {_mem(pure.capacity_bytes)}.")
     else:
         text.append(f"The best pure data-parallel layout [{pure.layout}] is "
                     f"{pure.step_time_s / best.step_time_s:.2f}x slower ({_why_slower(best, pure)}).")

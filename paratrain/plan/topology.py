@@ -12,9 +12,15 @@ collectives are as slow as their slowest group, since every step waits for all o
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 
+from paratrain.errors import ConfigError
 from paratrain.mesh import MeshShape
+from paratrain.models.configs import ModelConfig
+from paratrain.parallel import volume
+from paratrain.parallel.pipeline.partition import stage_sizes
+from paratrain.plan.formulas import in_flight_microbatches as f_in_flight
 
 
 @lru_cache(maxsize=8192)
@@ -43,32 +49,86 @@ def axis_spans_nodes(axis: str, dp: int, pp: int, tp: int, devices_per_node: int
     return False
 
 
-def even_partition(num_layers: int, num_chunks: int) -> tuple[int, ...]:
-    """Layers per pipeline chunk, as even as possible.
+@dataclass(frozen=True)
+class PipelineShape:
+    """Layers of each chunk and each pipeline rank, sends, and which ranks are alike.
 
-    The ``num_layers % num_chunks`` extra layers go to the middle chunks first (the first chunk
-    also holds the embedding and the most in-flight activations, the last one the LM head), then
-    to the first chunk. A partition module that balances measured costs can replace this through
-    ``CostOptions.stage_layers``."""
-    base, extra = divmod(num_layers, num_chunks)
-    order = list(range(1, num_chunks - 1)) + [0, num_chunks - 1]
-    counts = [base] * num_chunks
-    for c in order[:extra]:
-        counts[c] += 1
-    return tuple(counts)
+    ``groups`` lists (first rank, number of ranks) of runs of ranks with the same chunks, sends,
+    speed and first/last role; within a run only the in-flight count differs, and it never grows
+    with the rank index (see :func:`formulas.in_flight_microbatches`), so the first rank of a run
+    holds the most memory and every rank of it takes the same time."""
 
-
-def device_of_chunk(chunk: int, pp: int) -> int:
-    """Interleaved assignment (Megatron, [N21] sec. 2.2.2): chunk c runs on pipeline rank c % pp,
-    so device i holds chunks i, i + pp, i + 2 pp, ..."""
-    return chunk % pp
+    chunks: tuple[int, ...]  # layers of stage s = c * pp + i (chunk c of rank i)
+    layers: tuple[int, ...]  # per pipeline rank
+    sends: tuple[int, ...]
+    groups: tuple[tuple[int, int], ...]
 
 
-def p2p_sends_per_microbatch(pp: int, virtual_stages: int) -> tuple[int, ...]:
-    """Tensors each pipeline rank sends per micro-batch: at every chunk boundary c -> c + 1 the
-    upstream rank sends the activation forward and the downstream rank sends its gradient back."""
-    sends = [0] * pp
-    for c in range(pp * virtual_stages - 1):
-        sends[device_of_chunk(c, pp)] += 1
-        sends[device_of_chunk(c + 1, pp)] += 1
-    return tuple(sends)
+@lru_cache(maxsize=4096)
+def pipeline_shape(model: ModelConfig, seq_len: int, pp: int, virtual_stages: int,
+                   stage_layers: tuple[int, ...] | None = None, stage_speeds: tuple[float, ...] | None = None,
+                   rank_speeds: tuple[float, ...] | None = None) -> PipelineShape:
+    """The runtime's partition (given ``stage_layers``, or balanced by FLOPs and ``stage_speeds``:
+    the very function ``paratrain train`` uses) and the ranks grouped by alikeness."""
+    S = pp * virtual_stages
+    chunks = tuple(stage_layers) if stage_layers else stage_sizes(model, pp, virtual_stages, seq_len,
+                                                                   stage_speeds=stage_speeds)
+    if len(chunks) != S or sum(chunks) != model.num_layers or min(chunks) < 1:
+        raise ConfigError(f"stage_layers {chunks} must give {S} chunks of >= 1 layer summing to {model.num_layers}.")
+    layers = [0] * pp
+    for k, c in enumerate(chunks):
+        layers[k % pp] += c
+    sends = volume.p2p_sends_per_microbatch(pp, virtual_stages)
+    speeds = rank_speeds or (1.0,) * pp
+
+    def signature(i: int) -> tuple:
+        return (tuple(chunks[c * pp + i] for c in range(virtual_stages)), i == 0, i == pp - 1, sends[i], speeds[i])
+
+    groups: list[list[int]] = []
+    for i in range(pp):
+        if groups and signature(groups[-1][0]) == signature(i):
+            groups[-1][1] += 1
+        else:
+            groups.append([i, 1])
+    return PipelineShape(chunks, tuple(layers), sends, tuple((i, c) for i, c in groups))
+
+
+def _visits(K: int, chunk: int, pp: int, virtual_stages: int) -> int:
+    """How many of the first K forwards of an interleaved rank go through ``chunk``: forward k
+    visits chunk (k // pp) mod v, so each period of pp v forwards visits every chunk pp times."""
+    q, r = divmod(K, pp * virtual_stages)
+    return q * pp + min(pp, max(0, r - chunk * pp))
+
+
+@lru_cache(maxsize=4096)
+def stash_states(schedule: str, pp: int, microbatches: int, virtual_stages: int, rank: int
+                 ) -> tuple[tuple[int, ...], ...]:
+    """The activations pipeline rank ``rank`` holds as its schedule runs, as micro-batch counts per
+    chunk after each forward (the only moments a peak can occur), keeping the maximal ones.
+
+    The schedules of :mod:`paratrain.parallel.pipeline.schedules`: a forward of chunk c stashes
+    one micro-batch's activations of c, its backward frees them. One chunk per rank: the closed
+    form of :func:`formulas.in_flight_microbatches`. Interleaved (v chunks, which may hold
+    different layers, the embedding or the head, so which of them are in flight matters): rank r
+    runs w = min(v m, 2(p - r - 1) + (v - 1) p) warm-up forwards, then alternates; after its j-th
+    forward (j >= w) it has run forwards 0..j and backwards 0..j-w-1, the k-th forward visiting
+    chunk (k // p) mod v and the k-th backward chunk v - 1 - (k // p) mod v. The state repeats
+    every p v forwards, so one period gives every state (tested against the generated schedule)."""
+    v, p, m = virtual_stages, pp, microbatches
+    if v == 1 or p == 1:
+        return ((int(f_in_flight(schedule, p, m, 1, rank)),),)
+    total = v * m
+    w = min(total, 2 * (p - rank - 1) + (v - 1) * p)
+    states = set()
+    for j in range(min(w, total - 1), min(total, w + p * v)):
+        done_f, done_b = j + 1, max(0, j - w)
+        states.add(tuple(_visits(done_f, c, p, v) - _visits(done_b, v - 1 - c, p, v) for c in range(v)))
+    maximal = [s for s in states if not any(o != s and all(a >= b for a, b in zip(o, s)) for o in states)]
+    return tuple(sorted(maximal))
+
+
+def peak_stash(schedule: str, pp: int, microbatches: int, virtual_stages: int, rank: int,
+               chunk_bytes: tuple[float, ...]) -> float:
+    """Peak bytes of activations rank ``rank`` stashes, given each chunk's bytes per micro-batch."""
+    return max(sum(n * b for n, b in zip(state, chunk_bytes))
+               for state in stash_states(schedule, pp, microbatches, virtual_stages, rank))

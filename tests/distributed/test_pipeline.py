@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+from paratrain.parallel.volume import p2p_sends_per_microbatch, pp_send_bytes_per_step
 from paratrain.reference import reference_train
 from tests.common import BASE, max_param_diff, train_ranks_fn, with_layout
 from tests.harness import RankFailure, run_ranks
@@ -57,14 +58,6 @@ def reference(cfg):
     return reference_train(cfg)
 
 
-def activation_bytes_per_step(cfg) -> int:
-    """Sent by one stage boundary in one direction per step: m tensors of (B_local/m, T, H) fp32
-    (T/tp with sequence parallelism)."""
-    local = cfg.global_batch // cfg.layout.dp
-    seq = cfg.seq_len // (cfg.layout.tp if cfg.layout.sequence_parallel else 1)
-    return local * seq * cfg.model_config().hidden * 4
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_pipeline_matches_reference(name):
     base, layout = CASES[name]
@@ -87,10 +80,14 @@ def test_pipeline_matches_reference(name):
             for k, t in res["state"].items():
                 assert torch.allclose(t, ref.state[k], rtol=0, atol=atol), f"rank {rank}: {k}"
         # count what moves: activations forward and gradients back, once per stage boundary
+        # (the formula the planner uses too)
         pipe = rank // (cfg.layout.dp * cfg.layout.tp)  # rank = (pp_i * dp + dp_i) * tp + tp_i
+        expected = pp_send_bytes_per_step(cfg.model_config(), p, v, pipe, cfg.global_batch // cfg.layout.dp,
+                                          cfg.seq_len, cfg.layout.tp, cfg.layout.sequence_parallel)
         boundaries = sum((s < p * v - 1) + (s > 0) for s in (k * p + pipe for k in range(v)))
+        assert p2p_sends_per_microbatch(p, v)[pipe] == boundaries  # one (B/m, T, H) tensor per boundary
         sent = res["ops"]["pp"]["send"]["bytes"]
-        assert sent == cfg.steps * boundaries * activation_bytes_per_step(cfg), f"rank {rank}"
+        assert sent == cfg.steps * expected, f"rank {rank}"
     assert seen == set(ref.state)
     # the measured timeline of the last step
     tl = results[0]["timeline"]

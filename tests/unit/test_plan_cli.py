@@ -120,11 +120,12 @@ def test_calibrate_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     out = tmp_path / "profile.json"
     proc = _run("-m", "paratrain", "calibrate", "--quick", "--out", str(out), timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "[4/4]" in proc.stderr and str(out) in proc.stdout
+    assert "[5/5]" in proc.stderr and str(out) in proc.stdout
     doc = json.loads(out.read_text())
     hw = doc["hardware"]
     assert hw["peak_fp32_flops"] > 1e8 and hw["intra_node_bw"] > 1e6 and hw["memory_bw"] > 1e8
-    assert len(doc["measurements"]["allreduce_seconds"]) == 3
+    assert hw["elementwise_s_per_byte"] > 0 and hw["cores_per_node"] >= 1
+    assert len(doc["measurements"]["allreduce_seconds_busy"]) == len(doc["measurements"]["allreduce_seconds_idle"]) == 3
     d = run_json(capsys, "estimate", "--model", "tiny", "--dp", "2", "--global-batch", "8", "--seq-len", "128",
                  "--precision", "fp32", "--profile", str(out))
     assert d["hardware"].startswith("profile:") and d["step_time_s"] > 0

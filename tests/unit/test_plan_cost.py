@@ -13,9 +13,9 @@ from paratrain.errors import ConfigError
 from paratrain.mesh import MeshShape
 from paratrain.models.configs import ModelConfig, get_model_config, param_count
 from paratrain.plan import formulas as f
-from paratrain.plan.cost import CostOptions, _estimate, _stages, estimate, pipeline_shape, stage_costs
+from paratrain.plan.cost import CostOptions, _estimate, _stages, estimate, stage_costs
 from paratrain.plan.hardware import get_hardware
-from paratrain.plan.topology import axis_spans_nodes, even_partition
+from paratrain.plan.topology import axis_spans_nodes, pipeline_shape
 
 # Divisible by 1..16 in every split dimension, 24 layers: every tp/pp below is valid.
 MODEL = ModelConfig("m", num_layers=24, hidden=2048, num_heads=16, vocab_size=51200, max_seq_len=2048)
@@ -42,8 +42,8 @@ def test_single_device_matches_formulas() -> None:
     est = estimate(MODEL, Layout(), A100, B, s, "bf16")
     P = param_count(MODEL)
     assert est.model_state_bytes_per_device == pytest.approx(16 * P)
-    act = 24 * f.layer_activation_bytes(s, B, 2048, 16, 8192) + f.embedding_activation_bytes(s, B, 2048) \
-        + f.output_activation_bytes(s, B, 2048, 51200)
+    act = 24 * f.layer_activation_bytes(s, B, 2048, 16, 8192, store_scores=False) \
+        + f.embedding_activation_bytes(s, B, 2048) + f.output_activation_bytes(s, B, 2048, 51200)
     assert est.activation_bytes_per_device == pytest.approx(act)
     assert est.comm_bytes_per_device.as_dict() == {"dp": 0, "tp": 0, "pp": 0}
     assert est.time.tp_comm == est.time.pp_comm == est.time.dp_comm == est.time.bubble == 0
@@ -65,18 +65,37 @@ def test_dp_bytes_ring_and_zero(zero: int, factor: float) -> None:
 
 
 def test_tp_bytes_per_layer() -> None:
-    """4 all-reduces of b s h activations per layer (2 forward, 2 backward), plus the embedding,
-    LM head and cross-entropy all-reduces; sequence parallelism moves the same bytes."""
+    """4 all-reduces of b s h activations per layer (2 forward, 2 backward), plus the embedding's
+    and LM head's, the cross-entropy's 2 (3 fp32 values per token) and the gradient norm's;
+    sequence parallelism moves the same bytes as all-gathers and reduce-scatters, plus the
+    partial gradients; full recomputation (no dropout) replays 1 all-reduce per layer."""
     t, b, s, h, l = 4, 2, 2048, 2048, 24
     est = estimate(MODEL, Layout(tp=t), H100, b, s)
     S = 2 * b * s * h
     ar = 2 * (t - 1) / t
-    expected = (4 * l + 1 + 1) * ar * S + 3 * ar * 4 * b * s
+    expected = (4 * l + 1 + 1) * ar * S + ar * 3 * 4 * b * s + ar * 4
     assert est.comm_bytes_per_device.tp == pytest.approx(expected)
     sp = estimate(MODEL, Layout(tp=t, sequence_parallel=True), H100, b, s)
-    assert sp.comm_bytes_per_device.tp == pytest.approx(expected - (ar - (t - 1) / t) * S)
+    partial = 2 * (l * 6 * h + 2048 * h + 2 * h)  # LayerNorms, row-parallel biases, positions, ln_f
+    assert sp.comm_bytes_per_device.tp == pytest.approx(expected + ar * partial)
     full = estimate(MODEL, Layout(tp=t, recompute="full"), H100, b, s)
-    assert full.comm_bytes_per_device.tp == pytest.approx(expected + 2 * l * ar * S)
+    assert full.comm_bytes_per_device.tp == pytest.approx(expected + l * ar * S)
+
+
+def test_tp_bytes_are_the_runtimes_formula() -> None:
+    """The planner's tp bytes are volume.tp_comm_per_step's payloads (what the runtime's tests
+    measure exactly) put on the ring: all-reduce 2(n-1)/n, all-gather/reduce-scatter (n-1)/n."""
+    from paratrain.parallel.volume import tp_comm_per_step
+
+    model = get_model_config("tiny")
+    for layout in (Layout(tp=2), Layout(tp=4, sequence_parallel=True, microbatches=2),
+                   Layout(tp=2, recompute="full"), Layout(tp=2, sequence_parallel=True, recompute="full")):
+        est = estimate(model, layout, H100, 8, 32, "fp32")
+        payload = tp_comm_per_step(model, layout.tp, layout.sequence_parallel, 8, 32, layout.microbatches,
+                                   layout.recompute)
+        n = layout.tp
+        wire = sum((2 if op in ("all_reduce", "grad_norm") else 1) * (n - 1) / n * b for op, (_, b) in payload.items())
+        assert est.comm_bytes_per_device.tp == pytest.approx(wire)
 
 
 def test_pp_bytes() -> None:
@@ -176,11 +195,17 @@ def test_cross_node_groups_use_the_network() -> None:
     assert two_nodes.time.dp_comm == pytest.approx(two_nodes.comm_bytes_per_device.dp / A100.inter_node_bw)
 
 
-def test_even_partition() -> None:
-    assert even_partition(24, 4) == (6, 6, 6, 6)
-    assert even_partition(10, 4) == (2, 3, 3, 2)
-    assert even_partition(11, 4) == (3, 3, 3, 2)
-    assert pipeline_shape(24, 4, 1).groups == ((0, 1), (1, 2), (3, 1))
+def test_partition_is_the_runtimes() -> None:
+    """The planner prices the partition `paratrain train` runs (cost-balanced by FLOPs, the
+    head's cost on the last stage), or the one given."""
+    from paratrain.parallel.pipeline.partition import stage_sizes
+
+    gpt2 = get_model_config("gpt2-124m")
+    assert pipeline_shape(gpt2, 1024, 4, 1).chunks == stage_sizes(gpt2, 4, 1, 1024) == (3, 4, 4, 1)
+    # the head costs 1.8 layers here: 6,6,7,5 keeps every stage within 7 layers' time
+    assert pipeline_shape(MODEL, 2048, 4, 1).chunks == (6, 6, 7, 5)
+    assert pipeline_shape(MODEL, 2048, 8, 1).groups == ((0, 1), (1, 5), (6, 1), (7, 1))
+    assert pipeline_shape(MODEL, 2048, 2, 1, (20, 4)).layers == (20, 4)
     with pytest.raises(ConfigError):
         estimate(MODEL, Layout(pp=2), H100, 1, 2048, options=CostOptions(stage_layers=(20, 3)))
 
@@ -238,3 +263,35 @@ def test_estimate_invariants(layout: Layout, zero: int) -> None:
     assert 0 <= est.bubble_fraction < 1 and 0 < est.mfu <= est.hfu < est.efficiency + 1e-9
     assert est.hardware_flops_per_step >= est.flops_per_step
     assert all(v >= 0 for v in est.comm_bytes_per_device.as_dict().values())
+
+
+@settings(max_examples=60, deadline=None)
+@given(p=st.integers(2, 6), k=st.integers(1, 4), v=st.integers(2, 4))
+def test_stash_from_the_schedule_is_the_closed_form_for_equal_chunks(p: int, k: int, v: int) -> None:
+    """Counting the real interleaved schedule's stash gives [K22]'s in-flight formula when every
+    chunk is alike; with unequal chunks (the runtime's partition) it is what the rank holds."""
+    from paratrain.plan.topology import peak_stash
+
+    m = k * p
+    for i in range(p):
+        got = peak_stash("interleaved", p, m, v, i, (1.0,) * v)
+        assert got == pytest.approx(v * f.in_flight_microbatches("interleaved", p, m, v, i))
+
+
+@settings(max_examples=80, deadline=None)
+@given(p=st.integers(2, 6), k=st.integers(1, 5), v=st.integers(2, 4))
+def test_stash_states_are_the_generated_schedules(p: int, k: int, v: int) -> None:
+    """The closed-form interleaved stash equals counting the generated schedule's actions."""
+    from paratrain.parallel.pipeline.schedules import build_schedule
+    from paratrain.plan.topology import stash_states
+
+    m = k * p
+    s = build_schedule("interleaved", p, m, v)
+    for r in range(p):
+        counts, seen = [0] * v, set()
+        for a in s.compute_order(r):
+            counts[a.chunk] += 1 if a.kind == "F" else -1
+            if a.kind == "F":
+                seen.add(tuple(counts))
+        maximal = {x for x in seen if not any(o != x and all(i >= j for i, j in zip(o, x)) for o in seen)}
+        assert set(stash_states("interleaved", p, m, v, r)) == maximal

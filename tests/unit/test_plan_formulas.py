@@ -60,7 +60,22 @@ def test_activation_general_forms() -> None:
     F = 3 * h
     no_scores = f.layer_activation_bytes(s, b, h, a, F, recompute="selective")
     assert no_scores == pytest.approx(s * b * h * (18 + 4 * F / h))
-    assert f.layer_activation_bytes(s, b, h, a, 4 * h, dropout=False, store_scores=False) == 32 * s * b * h
+    # a fused kernel keeps the per-row log-sum-exp instead of the scores
+    assert f.layer_activation_bytes(s, b, h, a, 4 * h, dropout=False, store_scores=False) == \
+        32 * s * b * h + 4 * a * s * b
+    assert f.layer_activation_bytes(s, b, h, a, 4 * h, dropout=False, store_scores=False,
+                                    recompute="selective") == 32 * s * b * h
+
+
+def test_sequence_parallel_with_gathered_linear_inputs() -> None:
+    """paratrain's SP saves the all-gathered qkv/fc1 inputs: 2 e sbh stay whole, the rest / t."""
+    s, b, h, a, t, e = 256, 2, 512, 8, 4, 4
+    k22 = f.layer_activation_bytes(s, b, h, a, 4 * h, t, sp=True, elem_bytes=e, dropout=False)
+    ours = f.layer_activation_bytes(s, b, h, a, 4 * h, t, sp=True, elem_bytes=e, dropout=False,
+                                    sp_saves_gathered=True)
+    assert ours - k22 == pytest.approx(2 * e * s * b * h * (1 - 1 / t))
+    assert f.output_activation_bytes(s, b, h, 256, t, True, e, sp_saves_gathered=True) - \
+        f.output_activation_bytes(s, b, h, 256, t, True, e) == pytest.approx(e * s * b * h * (1 - 1 / t))
 
 
 def test_bubble_fractions() -> None:

@@ -8,7 +8,16 @@ from pathlib import Path
 import pytest
 
 from paratrain.errors import ConfigError
-from paratrain.plan.hardware import CATALOG, GiB, Hardware, custom_hardware, get_hardware, load_profile, save_profile
+from paratrain.plan.hardware import (
+    CATALOG,
+    PROFILE_VERSION,
+    GiB,
+    Hardware,
+    custom_hardware,
+    get_hardware,
+    load_profile,
+    save_profile,
+)
 
 
 def test_catalog_has_the_issue_devices_with_sources() -> None:
@@ -63,7 +72,7 @@ def test_bad_profiles(tmp_path: Path) -> None:
     bad.write_text(json.dumps({"hello": 1}))
     with pytest.raises(ConfigError, match="not a paratrain device profile"):
         load_profile(bad)
-    doc = {"format": "paratrain-device-profile", "version": 1, "hardware": {"name": "x"}}
+    doc = {"format": "paratrain-device-profile", "version": PROFILE_VERSION, "hardware": {"name": "x"}}
     bad.write_text(json.dumps(doc))
     with pytest.raises(ConfigError, match="missing key"):
         load_profile(bad)

@@ -37,14 +37,15 @@ def test_fixed_fields_pin_the_space() -> None:
 
 
 def test_ranking_and_filtering() -> None:
-    result = search(MODEL, 16, H100, 64, 2048)
-    keys = [(e.step_time_s, e.peak_bytes_per_device) for e in result.ranked]
+    result = search(MODEL, 16, H100, 256, 2048)
+    keys = [(e.step_time_s, e.comm_bytes_per_device.dp + e.comm_bytes_per_device.tp + e.comm_bytes_per_device.pp,
+             e.peak_bytes_per_device) for e in result.ranked]
     assert keys == sorted(keys)
     assert all(e.fits for e in result.ranked)
     assert result.considered > len(result.ranked)
     # The winner is what estimate() says for the same layout.
     best = result.best
-    again = estimate(MODEL, best.layout, H100, 64, 2048)
+    again = estimate(MODEL, best.layout, H100, 256, 2048)
     assert again.step_time_s == best.step_time_s and again.peak_bytes_per_device == best.peak_bytes_per_device
 
 
@@ -90,3 +91,19 @@ def test_search_covers_thousands_of_layouts() -> None:
     result = search(model, 512, get_hardware("A100-80GB"), 1536, 2048)
     assert result.considered > 10_000
     assert result.ranked and all(e.fits for e in result.ranked)
+
+
+def test_equal_step_times_prefer_less_traffic() -> None:
+    """When the data-parallel traffic hides behind backward, ZeRO-1, -2 and -3 predict the same
+    step: the ones that move fewer bytes rank first (ZeRO-3 gathers the parameters twice more),
+    and among equal bytes the one using less memory (ZeRO-2 shards the gradients too)."""
+    from paratrain.plan.cost import CostOptions
+
+    opts = CostOptions(bucket_bytes=2**40)  # one bucket, so latency is counted once
+    result = search(MODEL, 8, H100, 64, 2048, options=opts,
+                    fixed={"dp": 8, "microbatches": 1, "recompute": "none"})
+    by_zero = {e.layout.zero: e for e in result.ranked}
+    assert by_zero[1].step_time_s == by_zero[2].step_time_s == by_zero[3].step_time_s  # the premise
+    assert by_zero[3].comm_bytes_per_device.dp > by_zero[1].comm_bytes_per_device.dp
+    order = [e.layout.zero for e in result.ranked]
+    assert order == [2, 1, 3, 0]

@@ -1,0 +1,160 @@
+"""What tensor and pipeline parallelism send per step: the one formula the runtime's tests and
+the planner share. Pure Python (no torch): ``paratrain estimate`` imports it.
+
+Bytes are *payloads* as :mod:`paratrain.comm` counts them (all-reduce: its input; all-gather:
+its output; reduce-scatter: its input; a send: its tensor). The bytes one device puts on the
+wire follow from the ring algorithms (Patarasuk & Yuan 2009): all-reduce ``2(n-1)/n S``,
+all-gather and reduce-scatter ``(n-1)/n S``, a send ``S`` -- see :func:`wire_bytes`.
+
+Notation: ``n`` = tp, ``b`` sequences per micro-batch, ``s`` sequence length, ``h`` hidden,
+``L`` blocks on this pipeline rank, ``e`` bytes per activation element (4 for fp32; 2 when
+activations travel in 16 bits), ``A = b s h e`` one micro-batch's hidden states.
+
+Tensor parallelism, per micro-batch, on one rank holding ``L`` blocks (and perhaps the
+embedding and the head), as ``parallel/tensor.py`` and ``parallel/vocab.py`` run it::
+
+    no SP   forward   all_reduce  L_emb + 2L                (embedding g, per block 2 g)   of A
+                      all_reduce  2 if head: the cross-entropy's max (4bs) and the stacked
+                                  [sum exp; target logit] (2 x 4bs) -- 2 calls, 3 x 4bs bytes
+            backward  all_reduce  2L + L_head               (per block 2 f, the LM head's f) of A
+    SP      forward   all_gather  2L + L_head               (before qkv, fc1, the LM head)   of A
+                      reduce_scatter 2L + L_emb             (after proj, fc2, the embedding) of A
+                      all_reduce  the cross-entropy's 2 calls, as without SP
+            backward  all_gather  2L + L_emb                (conjugates of the reduce-scatters)
+                      reduce_scatter 2L + L_head            (conjugates of the all-gathers)
+
+(``L_emb``, ``L_head`` = 1 when the rank holds the embedding / head, else 0.) Full recomputation
+replays each block's forward in backward up to its last collective whose result backward needs
+(``torch.utils.checkpoint`` stops once every saved tensor is back); the block's last g feeds only
+dropout and the residual add, which save nothing without dropout: per block no SP +1 all-reduce
+(+2 with dropout); SP +2 all-gathers and +1 reduce-scatter (+2 with dropout). Selective
+recomputation replays only the attention core: no traffic.
+
+Once per step: the gradient norm's squared sum (1 all-reduce of 4 bytes on every group whose
+ranks hold different parameters: tp, pp) and, under SP, one all-reduce of the gradients that are
+partial sums over the sequence: both LayerNorms (2h each) and the row-parallel biases (h each)
+of every block, the positions (``max_seq_len x h``) with the embedding and the final LayerNorm
+(2h) with the head.
+
+Pipeline parallelism sends, per micro-batch, one activation forward and one gradient back at
+every stage boundary: ``(b, s, h)``, or ``(b, s/n, h)`` under sequence parallelism. Without SP
+every tp rank of a stage sends the whole (replicated) tensor to its counterpart -- Megatron's
+scatter/gather over tp (Narayanan et al. 2021, sec. 4.1) is not done. With tied embeddings the
+first and last stage all-reduce the embedding's gradient, ``V_pad/n x h`` (``V_pad`` =
+:func:`paratrain.config.padded_vocab_size`), once per step.
+"""
+
+from __future__ import annotations
+
+from paratrain.config import padded_vocab_size
+from paratrain.models.configs import ModelConfig
+
+FORWARD, BACKWARD, STEP = "forward", "backward", "step"
+Traffic = dict[tuple[str, str], tuple[int, int]]  # (phase, op) -> (calls, payload bytes)
+
+
+def wire_bytes(op: str, n: int, payload: float) -> float:
+    """Bytes one device sends for a ring collective of ``payload`` bytes over ``n`` devices (a
+    send: all of it)."""
+    if op == "send":
+        return payload
+    if n <= 1:
+        return 0.0
+    return (2 if op == "all_reduce" else 1) * (n - 1) / n * payload
+
+
+def _add(out: Traffic, phase: str, op: str, calls: int, nbytes: int) -> None:
+    if calls:
+        c, b = out.get((phase, op), (0, 0))
+        out[(phase, op)] = (c + calls, b + nbytes)
+
+
+def tp_traffic(model: ModelConfig, tp: int, sequence_parallel: bool, microbatch: int, seq_len: int,
+               num_layers: int | None = None, embedding: bool = True, head: bool = True,
+               recompute: str = "none", elem_bytes: int = 4, grad_bytes: int = 4) -> Traffic:
+    """Tensor-parallel traffic of one tp rank: per micro-batch of ``microbatch`` sequences
+    (phases ``forward`` and ``backward``) and once per step (phase ``step``: the SP partial
+    gradients; the gradient norm is left to the caller, it is per group). ``num_layers`` (default
+    all) blocks, the embedding and/or the head, as a pipeline stage holds them. See the module
+    docstring for every term. A group of one moves nothing."""
+    out: Traffic = {}
+    if tp == 1:
+        return out
+    L = model.num_layers if num_layers is None else num_layers
+    h, emb, hd = model.hidden, int(embedding), int(head)
+    A = microbatch * seq_len * h * elem_bytes
+    full = recompute == "full"
+    last = 1 if model.dropout > 0 else 0  # the block's last reduction is replayed only if needed
+    if sequence_parallel:
+        _add(out, FORWARD, "all_gather", 2 * L + hd, (2 * L + hd) * A)
+        _add(out, FORWARD, "reduce_scatter", 2 * L + emb, (2 * L + emb) * A)
+        gathers = 2 * L + emb + (2 * L if full else 0)
+        scatters = 2 * L + hd + ((1 + last) * L if full else 0)
+        _add(out, BACKWARD, "all_gather", gathers, gathers * A)
+        _add(out, BACKWARD, "reduce_scatter", scatters, scatters * A)
+        partial = L * (4 * h + 2 * h) + emb * model.max_seq_len * h + hd * 2 * h
+        _add(out, STEP, "all_reduce", 1, partial * grad_bytes)
+    else:
+        _add(out, FORWARD, "all_reduce", emb + 2 * L, (emb + 2 * L) * A)
+        reduces = 2 * L + hd + ((1 + last) * L if full else 0)
+        _add(out, BACKWARD, "all_reduce", reduces, reduces * A)
+    if head:  # vocab-parallel cross-entropy, fp32 whatever the activations' precision
+        _add(out, FORWARD, "all_reduce", 2, 3 * microbatch * seq_len * 4)
+    return out
+
+
+def tp_comm_per_step(model: ModelConfig, tp: int, sequence_parallel: bool, local_batch: int,
+                     seq_len: int, microbatches: int = 1, recompute: str = "none") -> dict[str, tuple[int, int]]:
+    """The traffic of one training step on the tp group of a model that is not pipelined,
+    ``{op: (calls, bytes)}``, fp32; ``local_batch`` = global batch / dp, split into
+    ``microbatches``. Includes the gradient norm's all-reduce (filed as ``grad_norm``). This is
+    what ``comm``'s counters of the tp group show after one step (tested exactly).
+
+    No term depends on the vocabulary, padded (``config.padded_vocab_size``) or not: the logits
+    never travel (the cross-entropy moves 3 floats per token), the embedding's sum and the LM
+    head's input gradient are (b, s, h) activations, and the vocabulary-sized weights are not
+    replicated over tp. Only the checkpoint gather (not per step; tagged ``"checkpoint"``)
+    carries the padding rows: V'*h*4 bytes per embedding / untied head."""
+    if tp == 1:
+        return {}
+    per = tp_traffic(model, tp, sequence_parallel, local_batch // microbatches, seq_len, recompute=recompute)
+    out: dict[str, tuple[int, int]] = {"grad_norm": (1, 4)}
+    for (phase, op), (calls, nbytes) in per.items():
+        k = 1 if phase == STEP else microbatches
+        c, b = out.get(op, (0, 0))
+        out[op] = (c + k * calls, b + k * nbytes)
+    return out
+
+
+def p2p_sends_per_microbatch(pp: int, virtual_stages: int) -> tuple[int, ...]:
+    """Tensors each pipeline rank sends per micro-batch: at every boundary between stages
+    ``c -> c + 1`` (stage ``c`` runs on rank ``c mod pp``, see ``pipeline/schedules.py``) the
+    upstream rank sends the activation forward and the downstream rank its gradient back."""
+    sends = [0] * pp
+    for c in range(pp * virtual_stages - 1):
+        sends[c % pp] += 1
+        sends[(c + 1) % pp] += 1
+    return tuple(sends)
+
+
+def p2p_tensor_bytes(hidden: int, microbatch: int, seq_len: int, tp: int, sequence_parallel: bool,
+                     elem_bytes: int = 4) -> int:
+    """One pipeline message: ``(b, s, h)`` elements, ``(b, s/n, h)`` under sequence parallelism."""
+    return microbatch * (seq_len // (tp if sequence_parallel else 1)) * hidden * elem_bytes
+
+
+def pp_send_bytes_per_step(model: ModelConfig, pp: int, virtual_stages: int, rank: int, local_batch: int,
+                           seq_len: int, tp: int = 1, sequence_parallel: bool = False,
+                           elem_bytes: int = 4) -> int:
+    """Bytes pipeline rank ``rank`` sends on the pp group in one step: its sends per micro-batch
+    times the local batch's hidden states (the micro-batches add up to ``local_batch``)."""
+    if pp == 1:
+        return 0
+    sends = p2p_sends_per_microbatch(pp, virtual_stages)[rank]
+    return sends * p2p_tensor_bytes(model.hidden, local_batch, seq_len, tp, sequence_parallel, elem_bytes)
+
+
+def tied_embedding_bytes(model: ModelConfig, tp: int, grad_bytes: int = 4) -> int:
+    """The embedding gradient all-reduced between the first and last pipeline stage (per tp
+    shard), once per step: ``V_pad/n x h`` gradients."""
+    return padded_vocab_size(model.vocab_size, tp) // tp * model.hidden * grad_bytes

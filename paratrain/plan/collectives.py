@@ -1,0 +1,102 @@
+"""How long communication takes on a link: ring collectives, gradient buckets, and the part of
+the data-parallel reduction that the last backward does not hide. Pure Python (no torch).
+
+A collective of S bytes over n devices takes ``wire(S) / bandwidth + steps * latency`` with the
+ring algorithms' wire bytes and steps ([P17] Patarasuk & Yuan 2009): all-reduce ``2(n-1)/n S``
+in ``2(n-1)`` steps, all-gather / reduce-scatter ``(n-1)/n S`` in ``n-1``, a send ``S`` in 1.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from paratrain.parallel.volume import wire_bytes
+from paratrain.plan.formulas import ring_steps
+from paratrain.plan.hardware import Hardware
+
+
+def link(hw: Hardware, cross: bool) -> tuple[float, float]:
+    """(bandwidth, latency) of a link: inter-node if the group spans nodes."""
+    return (hw.inter_node_bw, hw.inter_node_latency_s) if cross else (hw.intra_node_bw, hw.intra_node_latency_s)
+
+
+def collective_seconds(op: str, n: int, payload: float, bw: float, latency: float, calls: int = 1) -> float:
+    """``calls`` ring collectives moving ``payload`` bytes in all over ``n`` devices (a send: one
+    step each). 0 on a group of one."""
+    if op != "send" and n <= 1:
+        return 0.0
+    return wire_bytes(op, n, payload) / bw + calls * ring_steps(op, max(n, 2)) * latency
+
+
+class Buckets(NamedTuple):
+    """A payload reduced in ``count`` buckets: all but the last take ``full_s``, the last
+    (partial) one ``last_s``."""
+
+    count: int
+    full_s: float
+    last_s: float
+
+    @property
+    def total_s(self) -> float:
+        return (self.count - 1) * self.full_s + self.last_s if self.count else 0.0
+
+
+NO_BUCKETS = Buckets(0, 0.0, 0.0)
+
+
+def buckets(op: str, n: int, payload: float, bucket_bytes: float, bw: float, latency: float) -> Buckets:
+    """The collectives of ``payload`` bytes reduced in buckets of ``bucket_bytes``."""
+    if n <= 1 or payload <= 0:
+        return NO_BUCKETS
+    full, rest = divmod(payload, bucket_bytes)
+    count = int(full) + (1 if rest > 0 else 0)
+    last = rest if rest > 0 else bucket_bytes
+    return Buckets(count, collective_seconds(op, n, bucket_bytes, bw, latency),
+                   collective_seconds(op, n, last, bw, latency))
+
+
+def exposed_reduction(b: Buckets, window_s: float, overlap: bool = True) -> float:
+    """Seconds the data-parallel reduction runs past the end of the step's last backward.
+
+    The runtime (``parallel/data.py``) fills buckets in reverse parameter order, the order in
+    which backward produces gradients, and launches each the moment it is complete, one after
+    the other on the link. Gradients are taken to appear uniformly over the ``window_s`` of the
+    last backward, so bucket i (of K) is ready at ``r_i = W (i + 1) / K`` and
+    ``end = max(end, r_i) + d_i``; unrolled, ``end = max_i (r_i + sum_{j >= i} d_j)``, which with
+    equal buckets is attained at i = 0 or i = K - 1:
+
+        end = max(W / K + (K - 1) d + d_last,  W + d_last),    exposed = end - W
+
+    One bucket (a small model) is fully exposed; many hide all but the last. ``overlap=False``
+    (or no window): everything is exposed."""
+    if not b.count:
+        return 0.0
+    if not overlap or window_s <= 0:
+        return b.total_s
+    K, W = b.count, window_s
+    end = max(W / K + (K - 1) * b.full_s + b.last_s, W + b.last_s)
+    return end - W
+
+
+def dp_parts(zero: int, m: int, n: int, grad_b: float, param_b: float) -> list[tuple[str, float, str, int]]:
+    """Data-parallel collectives per step as (op, payload bytes per parameter, overlap window,
+    count):
+
+    zero 0: all-reduce the gradients once, during the last backward ([R20] sec. 7: 2 psi).
+    zero 1: reduce-scatter the gradients, all-gather the updated parameters (overlapped with the
+            next step's first forward): the same 2 psi ([R20] sec. 7.2.1).
+    zero 2: the gradient shard is reduced every micro-batch (gradients stay sharded while they
+            accumulate), parameters gathered once.
+    zero 3: every micro-batch all-gathers the parameters for forward and again for backward and
+            reduce-scatters the gradients: 3 psi per micro-batch ([R20] sec. 7.2.2: 1.5x DP).
+    ZeRO is planner-side only: the runtime does not implement it yet (config.SUPPORTED_ZERO)."""
+    if n == 1:
+        return []
+    if zero == 0:
+        return [("all_reduce", grad_b, "backward", 1)]
+    if zero == 1:
+        return [("reduce_scatter", grad_b, "backward", 1), ("all_gather", param_b, "forward", 1)]
+    if zero == 2:
+        return [("reduce_scatter", grad_b, "backward", m), ("all_gather", param_b, "forward", 1)]
+    return [("all_gather", param_b, "forward", m), ("all_gather", param_b, "backward", m),
+            ("reduce_scatter", grad_b, "backward", m)]

@@ -1,0 +1,53 @@
+"""`paratrain train --plan auto`: search what the runtime implements, train the winner, compare."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from paratrain.config import TrainConfig
+from paratrain.errors import ConfigError
+from paratrain.plan import local
+from paratrain.plan.hardware import get_hardware
+from tests.cli.test_train_cli import paratrain
+
+CPU = get_hardware("cpu").replace(cores_per_node=2)
+
+
+def test_plan_auto_trains_the_choice_and_compares(tmp_path):
+    proc = paratrain("train", "--plan", "auto", "--nproc", "2", "--profile", str(tmp_path / "none.json"),
+                     "--model", "tiny", "--steps", "4", "--global-batch", "8", "--seq-len", "32", "--eval-every", "0",
+                     "--sample-tokens", "0", "--no-checkpoint", "--out", "o", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "catalog device 'cpu'" in out and "no ZeRO" in out and "chose [" in out and "why:" in out
+    assert "ms measured (median) vs" in out and "rank 1:" in out
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    cfg = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert cfg["layout"]["zero"] == 0 and cfg["nproc"] == 2 and cfg["measure_memory"] is True
+    pred = summary["predicted"]
+    assert pred["step_time_s"] > 0 and len(pred["memory_per_rank"]) == len(summary["memory_per_rank"]) == 2
+    for got, want in zip(summary["memory_per_rank"], pred["memory_per_rank"]):
+        assert sum(got.values()) == pytest.approx(sum(want.values()), rel=0.01)
+
+
+def test_auto_layout_respects_runtime_support(monkeypatch):
+    cfg = TrainConfig(model="tiny", global_batch=8, seq_len=32)
+    plan = local.auto_layout(cfg, 4, CPU.replace(devices_per_node=4), "test")
+    assert plan.layout.world_size == 4 and plan.layout.zero == 0
+    assert all(lay.zero == 0 for lay, _ in plan.candidates)
+    with pytest.raises(ConfigError, match="training runtime implements"):
+        local.auto_layout(cfg, 4, CPU, "test", fixed={"zero": 1})
+    monkeypatch.setattr(local, "SUPPORTED_ZERO", True)  # once ZeRO lands, the planner may pick it
+    assert local.auto_layout(cfg, 4, CPU, "test", fixed={"zero": 1}).layout.zero == 1
+    monkeypatch.setattr(local, "SUPPORTED_PP", False)
+    assert local.auto_layout(cfg, 4, CPU, "test").layout.pp == 1
+
+
+def test_pinned_flags_and_profile_choice(tmp_path):
+    cfg = TrainConfig(model="tiny", global_batch=8, seq_len=32)
+    plan = local.auto_layout(cfg, 4, CPU, "test", fixed={"tp": 2})
+    assert plan.layout.tp == 2 and plan.layout.dp * plan.layout.pp == 2
+    hw, source = local.local_hardware(4, tmp_path / "missing.json")
+    assert hw.name == "cpu" and "catalog" in source and hw.devices_per_node >= 4 and hw.cores_per_node >= 1

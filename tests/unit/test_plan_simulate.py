@@ -1,0 +1,107 @@
+"""paratrain simulate: the event-level simulation agrees with estimate on simple cases, reproduces
+the bubble formula, models the dp overlap and shared cores, and scales to thousands of devices."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from paratrain.cli import main
+from paratrain.config import Layout
+from paratrain.models.configs import ModelConfig, get_model_config
+from paratrain.plan import formulas as f
+from paratrain.plan.collectives import Buckets, exposed_reduction
+from paratrain.plan.cost import CostOptions, estimate
+from paratrain.plan.hardware import get_hardware
+from paratrain.plan.simulate import simulate_step
+
+MODEL = ModelConfig("m", num_layers=24, hidden=2048, num_heads=16, vocab_size=51200, max_seq_len=2048)
+H100 = get_hardware("H100-80GB")
+
+
+@pytest.mark.parametrize("layout, batch", [(Layout(dp=8), 64), (Layout(dp=8, microbatches=4), 64),
+                                           (Layout(dp=4, tp=2, sequence_parallel=True), 16),
+                                           (Layout(dp=64), 128)])
+def test_without_pipeline_simulation_equals_estimate(layout: Layout, batch: int) -> None:
+    """No pipeline: the timeline is the micro-batches back to back, the dp buckets overlap the last
+    backward exactly as estimate's closed form has it."""
+    sim = simulate_step(MODEL, layout, H100, batch, 2048)
+    est = estimate(MODEL, layout, H100, batch, 2048)
+    assert sim.step_time_s == pytest.approx(est.step_time_s, rel=1e-9)
+    assert sim.bubble == 0 and sim.estimate.peak_bytes_per_device == est.peak_bytes_per_device
+
+
+FAST = H100.replace(intra_node_bw=1e30, inter_node_bw=1e30, intra_node_latency_s=0.0, inter_node_latency_s=0.0)
+UNIFORM = MODEL.replace(vocab_size=16)  # a head of negligible cost: equal stages
+
+
+@pytest.mark.parametrize("schedule, v, m", [("gpipe", 1, 8), ("1f1b", 1, 8), ("1f1b", 1, 3), ("interleaved", 2, 8),
+                                            ("interleaved", 3, 4)])
+def test_uniform_pipeline_bubble_is_the_formula(schedule: str, v: int, m: int) -> None:
+    """Equal stages, free transfers: the simulated bubble is (p-1)/(v m + p-1), and the step time is
+    estimate's (m + (p-1)/v) t."""
+    p = 4
+    layout = Layout(pp=p, microbatches=m, schedule=schedule, virtual_stages=v,
+                    stage_layers=(24 // (p * v),) * (p * v))
+    sim = simulate_step(UNIFORM, layout, FAST, m, 2048)
+    assert sim.bubble == pytest.approx(f.bubble_fraction(schedule, p, m, v), abs=2e-3)
+    est = estimate(UNIFORM, layout, FAST, m, 2048)
+    assert sim.step_time_s == pytest.approx(est.step_time_s, rel=5e-3)
+
+
+def test_unequal_stages_and_messages_cost_more_than_the_formula() -> None:
+    """The runtime's partition with the LM head, and real messages: a bubble above the formula's."""
+    sim = simulate_step(MODEL, Layout(pp=4, microbatches=8), H100, 8, 2048)
+    assert sim.bubble > f.bubble_fraction("1f1b", 4, 8)
+
+
+def test_dp_reduction_overlaps_the_last_backward() -> None:
+    one, many = Buckets(1, 0.0, 2.0), Buckets(8, 0.25, 0.25)
+    assert exposed_reduction(one, 5.0) == 2.0  # a single bucket starts when backward ends
+    assert exposed_reduction(many, 5.0) == pytest.approx(0.25)  # only the last is exposed
+    assert exposed_reduction(Buckets(8, 1.0, 1.0), 4.0) == pytest.approx(4.0 / 8 + 8 - 4.0)  # link-bound
+    assert exposed_reduction(many, 5.0, overlap=False) == 2.0
+    big = simulate_step(MODEL, Layout(dp=8), H100, 64, 2048)
+    off = simulate_step(MODEL, Layout(dp=8), H100, 64, 2048, options=CostOptions(overlap_dp=False))
+    assert big.estimate.time.dp_comm < off.estimate.time.dp_comm
+
+
+def test_shared_cores_slow_the_busy_ranks_only() -> None:
+    """4 CPU processes on 2 cores: a data-parallel step (all busy) takes twice as long; a pipeline
+    less than that, since ranks waiting in its bubble leave their core to the others."""
+    cpu = get_hardware("cpu")
+    model = get_model_config("small")
+    shared = cpu.replace(cores_per_node=2)
+    dp_alone = simulate_step(model, Layout(dp=4), cpu, 16, 128, "fp32")
+    dp_shared = simulate_step(model, Layout(dp=4), shared, 16, 128, "fp32")
+    assert dp_shared.estimate.time.compute == pytest.approx(2 * dp_alone.estimate.time.compute)
+    pp = Layout(pp=4, microbatches=8)
+    pp_alone = simulate_step(model, pp, cpu, 16, 128, "fp32").step_time_s
+    pp_shared = simulate_step(model, pp, shared, 16, 128, "fp32")
+    assert pp_alone < pp_shared.step_time_s < 2 * pp_alone
+    assert all(0.5 <= x < 1 for x in pp_shared.compute_share)
+
+
+def test_thousands_of_devices_in_seconds() -> None:
+    """4096 GPUs (dp 32 x pp 16 x tp 8): one pipeline of 16 ranks is simulated, not 4096."""
+    start = time.perf_counter()
+    model = get_model_config("gpt-175b").replace(vocab_size=51200)
+    layout = Layout(dp=32, pp=16, tp=8, microbatches=64, sequence_parallel=True, recompute="selective")
+    sim = simulate_step(model, layout, get_hardware("H100-80GB"), 2048, 2048)
+    elapsed = time.perf_counter() - start
+    assert sim.estimate.num_devices == 4096 and len(sim.timeline.ranks) == 16
+    assert elapsed < 3.0, f"{elapsed:.2f} s"
+
+
+def test_cli_json_and_png(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
+    out = tmp_path / "t.png"
+    assert main(["simulate", "--model", "gpt2-350m", "--pp", "2", "--dp", "2", "--microbatches", "4",
+                 "--global-batch", "16", "--device", "A100-80GB", "--json", "--out", str(out)]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["step_time_s"] > 0 and 0 < d["simulated"]["bubble"] < 1 and out.stat().st_size > 1000
+    assert "representative_pipeline" in d["simulated"]
+    assert main(["simulate", "--model", "gpt2-350m", "--pp", "2", "--microbatches", "4", "--device", "A100-80GB"]) == 0
+    text = capsys.readouterr().out
+    assert "predicted step time" in text and "bubble" in text and "exposed communication" in text
