@@ -1,7 +1,7 @@
 """Validate the planner on real runs: predicted vs measured step time and per-rank memory.
 
 Runs ``paratrain train`` on this machine for a set of layouts the runtime implements (data,
-tensor, pipeline parallelism and their combinations, micro-batches, schedules, recomputation,
+tensor, pipeline parallelism, ZeRO stages 1-3 and their combinations, micro-batches, schedules, recomputation,
 sequence parallelism), each a short fp32 run, and compares with what the planner predicts for
 the same configuration (``paratrain.plan.local.predict_run``: the event-level simulator on this
 machine's calibrated profile).
@@ -58,9 +58,12 @@ LAYOUTS: dict[str, dict[str, Any]] = {
     "pp2-interleaved-m4": dict(pp=2, microbatches=4, schedule="interleaved", virtual_stages=2),
     "pp4-1f1b-m8": dict(pp=4, microbatches=8, schedule="1f1b"),
     "dp2-pp2-m2": dict(dp=2, pp=2, microbatches=2, schedule="1f1b"),
+    "dp2-zero1": dict(dp=2, zero=1),
+    "dp2-zero2-mb2": dict(dp=2, zero=2, microbatches=2),
+    "dp2-zero3": dict(dp=2, zero=3),
 }
 FLAGS = {"dp": "--dp", "pp": "--pp", "tp": "--tp", "microbatches": "--microbatches", "schedule": "--schedule",
-         "virtual_stages": "--virtual-stages", "recompute": "--recompute"}
+         "virtual_stages": "--virtual-stages", "recompute": "--recompute", "zero": "--zero"}
 
 
 def train_args(layout: dict[str, Any], opts: argparse.Namespace, out: Path) -> list[str]:

@@ -62,19 +62,22 @@ def plan_auto(args: argparse.Namespace) -> tuple[TrainConfig, Any]:
 
 
 def describe_auto(auto: Any, nproc: int) -> str:
-    from paratrain.config import SUPPORTED_ZERO
-
     pred = auto.prediction
     mem = max(sum(m.values()) for m in pred.memory_per_rank)
     shortlist = "; ".join(f"[{lay}] {sec * 1e3:.1f} ms" for lay, sec in auto.candidates)
     return "\n".join([
         f"paratrain train --plan auto: {nproc} local processes; hardware: {pred.source}",
         f"  searched {auto.considered} layouts the runtime implements"
-        + ("" if SUPPORTED_ZERO else " (no ZeRO: the runtime does not implement it yet)")
+        + " (every dp x pp x tp, ZeRO stage, schedule and recomputation; not ZeRO-3 with a pipeline)"
         + f"; simulated the fastest {len(auto.candidates)}: {shortlist}",
         f"  chose [{auto.layout}]: predicted {pred.step_time_s * 1e3:.1f} ms per step, {mem / 2**20:.1f} MiB on the "
         f"most loaded rank (model states + activations)",
         f"  why: {auto.explanation}"])
+
+
+def _listing(out: Path) -> list[str]:
+    """What the run wrote: files, and folders with a trailing slash."""
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir())
 
 
 def _default_out(cfg: TrainConfig) -> Path:
@@ -227,7 +230,7 @@ def report(summary: dict[str, Any], out: Path) -> None:
                      f"timeline.png"))
     rows += [
         ("wall time", f"{summary['wall_s']:.1f} s"),
-        ("outputs", f"{out}/ (metrics.jsonl, loss.png, config.json, summary.json, checkpoint/)"),
+        ("outputs", f"{out}/ ({', '.join(_listing(out))})"),
     ]
     print()
     print(format_table(rows, title="paratrain train: finished"))

@@ -31,6 +31,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -40,8 +41,24 @@ from torch import nn
 
 
 def _storage(t: torch.Tensor) -> tuple[int, int]:
+    """(identity, bytes) of ``t``'s storage. The identity is the storage object's, not its data
+    pointer: a ZeRO-3 unit's storage keeps its identity when it is freed (resized to 0 bytes) and
+    regathered (reallocated elsewhere)."""
     s = t.untyped_storage()
-    return s.data_ptr(), s.nbytes()
+    return s._cdata, s.nbytes()
+
+
+# Storages that hold parameters although no nn.Parameter views them right now: ZeRO-3's gathered
+# units (between steps their parameters are placeholders). A linear saves its gathered weight
+# for backward; that is parameter memory (the planner's ZeRO-3 buffers), not an activation.
+_PARAMETER_STORAGES: set[int] = set()
+
+
+def register_parameter_storage(t: torch.Tensor) -> None:
+    """Count ``t``'s storage as parameters, never as activations, for as long as ``t`` lives."""
+    key = _storage(t)[0]
+    _PARAMETER_STORAGES.add(key)
+    weakref.finalize(t, _PARAMETER_STORAGES.discard, key)
 
 
 class _Saved:
@@ -62,7 +79,7 @@ class ActivationMeter:
     Re-entrant use accumulates; :meth:`reset` starts a new peak."""
 
     def __init__(self, params: Iterable[nn.Parameter]) -> None:
-        self._excluded = {p.untyped_storage().data_ptr() for p in params}
+        self._excluded = {_storage(p)[0] for p in params}
         self._refs: dict[int, int] = {}
         self._sizes: dict[int, int] = {}
         self.live_bytes = 0
@@ -74,7 +91,7 @@ class ActivationMeter:
 
     def _pack(self, t: torch.Tensor) -> Any:
         key, nbytes = _storage(t)
-        if key in self._excluded or nbytes == 0:
+        if key in self._excluded or key in _PARAMETER_STORAGES or nbytes == 0:
             return t
         if key not in self._refs:
             self._refs[key], self._sizes[key] = 0, nbytes

@@ -49,6 +49,7 @@ from torch import nn
 from paratrain import comm
 from paratrain.comm import Group, Handle
 from paratrain.parallel.data import DataParallel, _Bucket, group_by_bytes
+from paratrain.parallel.memory import register_parameter_storage
 
 _INHERITED_MARKS = ("_pt_duplicate", "_pt_tp_partial_grad")
 
@@ -104,6 +105,7 @@ class ShardedBucket(_Bucket):
             self.shard = self.flat[self.lo:self.hi]
         else:
             self.shard = self.flat[self.lo:self.hi].clone()
+            register_parameter_storage(self.flat)  # saved gathered weights are not activations
             self.free()
         if stage == 1:
             assert self.buffer is not None

@@ -33,6 +33,7 @@ the RAM, and ``cores_per_node`` = cores: more processes than cores time-share th
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import sys
@@ -192,10 +193,13 @@ def allreduce_worker(sizes: tuple[int, ...], budget_s: float, timeout_s: float) 
         shutdown_distributed(ok)
 
 
-def busy_allreduce_worker(sizes: tuple[int, ...], compute_s: float, reps: int, timeout_s: float) -> list[float]:
-    """Runs on each rank: alternate ~``compute_s`` of matmuls with an all-reduce of a freshly
-    written buffer, as training alternates layers and collectives; returns, per payload size, the
-    median seconds spent in an all-reduce (its peers' compute jitter and scheduling included)."""
+def busy_allreduce_worker(sizes: tuple[int, ...], compute_s: float, reps: int, timeout_s: float,
+                          op: str = "all_reduce") -> list[float]:
+    """Runs on each rank: alternate ~``compute_s`` of matmuls with a collective (``op``:
+    ``all_reduce``, ``reduce_scatter`` or ``all_gather``, each of a ``size``-byte tensor:
+    the reduce-scatter's input, the all-gather's output) of a freshly written buffer, as training
+    alternates layers and collectives; returns, per payload size, the median seconds spent in the
+    collective (its peers' compute jitter and scheduling included)."""
     import torch
     import torch.distributed as dist
 
@@ -211,16 +215,22 @@ def busy_allreduce_worker(sizes: tuple[int, ...], compute_s: float, reps: int, t
             a @ a
         n_mm = max(1, int(compute_s / ((time.perf_counter() - t0) / 20)))
         out = []
+        world = dist.get_world_size()
         for size in sizes:
             x = torch.zeros(size // 4)
+            part = torch.zeros(size // 4 // world)
+            run = {"all_reduce": functools.partial(dist.all_reduce, x),
+                   "reduce_scatter": functools.partial(dist.reduce_scatter_tensor, part, x),
+                   "all_gather": functools.partial(dist.all_gather_single, x, part)}[op]
             dist.barrier()
             times = []
             for _ in range(reps):
                 for _ in range(n_mm):
                     a @ a
                 x.add_(1.0)
+                part.add_(1.0)
                 t0 = time.perf_counter()
-                dist.all_reduce(x)
+                run()
                 times.append(time.perf_counter() - t0)
             out.append(statistics.median(times))
         ok = True
@@ -291,8 +301,20 @@ def _measure_link(cfg: dict[str, Any], cores: int, log: Callable[[str], None]) -
     n = 2 * cores
     shared = launch(busy_allreduce_worker, (sizes[:1], 4e-3, cfg["busy_reps"], 60.0), n)[0][0] / (2 * (n - 1))
     log(f"      {n} processes on {cores} cores: {shared * 1e6:.0f} us per ring step")
+    # The backend's reduce-scatter and all-gather against the ring model on the fitted link, on
+    # the largest sizes (bandwidth-bound): gloo's reduce-scatter is not a ring and takes several
+    # times the ring's (n - 1)/n S. NCCL's are rings: 1.
+    big = sizes[-2:]
+    slow = {}
+    for op in ("reduce_scatter", "all_gather"):
+        got = launch(busy_allreduce_worker, (big, 4e-3, cfg["busy_reps"], 60.0, op), 2)[0]
+        ring = [size / 2 / bw + alpha for size in big]  # 2 ranks: one step of S/2
+        slow[op] = max(1.0, statistics.median(g / r for g, r in zip(got, ring)))
+        timings = ", ".join(f"{s / 2**10:g} KiB {t * 1e6:.0f} us" for s, t in zip(big, got))
+        log(f"      {op.replace('_', '-')}: {timings} = {slow[op]:.2f}x the ring on this link")
     return {"allreduce_bytes": list(sizes), "allreduce_seconds_idle": idle, "allreduce_seconds_busy": busy,
-            "link_bandwidth": bw, "link_latency_s": alpha, "shared_latency_s": max(shared, alpha)}
+            "link_bandwidth": bw, "link_latency_s": alpha, "shared_latency_s": max(shared, alpha),
+            "reduce_scatter_slowdown": slow["reduce_scatter"], "all_gather_slowdown": slow["all_gather"]}
 
 
 def calibrate(quick: bool = False, collectives: bool = True,
@@ -312,7 +334,8 @@ def calibrate(quick: bool = False, collectives: bool = True,
         meas.update(_measure_link(cfg, cores, log))
     else:
         log("[5/5] collectives skipped: link figures are placeholders (1 GB/s, no latency)")
-        meas.update(link_bandwidth=1e9, link_latency_s=0.0, shared_latency_s=0.0)
+        meas.update(link_bandwidth=1e9, link_latency_s=0.0, shared_latency_s=0.0, reduce_scatter_slowdown=1.0,
+                    all_gather_slowdown=1.0)
     meas["collectives_measured"] = collectives
     bf16 = max(meas["matmul_bf16_1thread"].values())
     bw, alpha = meas["link_bandwidth"], meas["link_latency_s"]
@@ -321,7 +344,8 @@ def calibrate(quick: bool = False, collectives: bool = True,
         peak_fp32_flops=max(meas["matmul_fp32_1thread"].values()), memory_bytes=_ram_bytes() / cores,
         memory_bw=meas["optimizer"]["bandwidth"], intra_node_bw=bw, inter_node_bw=bw, devices_per_node=cores,
         compute_efficiency=1.0, intra_node_latency_s=alpha, inter_node_latency_s=alpha, cores_per_node=cores,
-        shared_latency_s=meas["shared_latency_s"],
+        shared_latency_s=meas["shared_latency_s"], reduce_scatter_slowdown=meas["reduce_scatter_slowdown"],
+        all_gather_slowdown=meas["all_gather_slowdown"],
         elementwise_s_per_byte=meas["elementwise_s_per_byte"],
         source=f"paratrain calibrate on {platform.node()}: one process with one thread per core; "
                f"inter-node link not measured (set to the gloo loopback figure)",

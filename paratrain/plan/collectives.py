@@ -15,17 +15,30 @@ from paratrain.plan.formulas import ring_steps
 from paratrain.plan.hardware import Hardware
 
 
-def link(hw: Hardware, cross: bool) -> tuple[float, float]:
-    """(bandwidth, latency) of a link: inter-node if the group spans nodes."""
-    return (hw.inter_node_bw, hw.inter_node_latency_s) if cross else (hw.intra_node_bw, hw.intra_node_latency_s)
+class Link(NamedTuple):
+    """A link as collectives see it: bandwidth (bytes/s), latency per ring step (s), and how
+    many times the ring's bandwidth time the backend's reduce-scatter and all-gather take."""
+
+    bw: float
+    latency: float
+    reduce_scatter_slowdown: float = 1.0
+    all_gather_slowdown: float = 1.0
 
 
-def collective_seconds(op: str, n: int, payload: float, bw: float, latency: float, calls: int = 1) -> float:
+def link(hw: Hardware, cross: bool) -> Link:
+    """The inter-node link if the group spans nodes, else the intra-node one."""
+    bw, lat = (hw.inter_node_bw, hw.inter_node_latency_s) if cross else (hw.intra_node_bw, hw.intra_node_latency_s)
+    return Link(bw, lat, hw.reduce_scatter_slowdown, hw.all_gather_slowdown)
+
+
+def collective_seconds(op: str, n: int, payload: float, bw: float, latency: float, rs_slowdown: float = 1.0,
+                       ag_slowdown: float = 1.0, *, calls: int = 1) -> float:
     """``calls`` ring collectives moving ``payload`` bytes in all over ``n`` devices (a send: one
-    step each). 0 on a group of one."""
+    step each), on a :class:`Link` (pass it unpacked: ``*link``). 0 on a group of one."""
     if op != "send" and n <= 1:
         return 0.0
-    return wire_bytes(op, n, payload) / bw + calls * ring_steps(op, max(n, 2)) * latency
+    slow = rs_slowdown if op == "reduce_scatter" else ag_slowdown if op == "all_gather" else 1.0
+    return slow * wire_bytes(op, n, payload) / bw + calls * ring_steps(op, max(n, 2)) * latency
 
 
 class Buckets(NamedTuple):
@@ -44,15 +57,16 @@ class Buckets(NamedTuple):
 NO_BUCKETS = Buckets(0, 0.0, 0.0)
 
 
-def buckets(op: str, n: int, payload: float, bucket_bytes: float, bw: float, latency: float) -> Buckets:
-    """The collectives of ``payload`` bytes reduced in buckets of ``bucket_bytes``."""
+def buckets(op: str, n: int, payload: float, bucket_bytes: float, *link: float) -> Buckets:
+    """The collectives of ``payload`` bytes reduced in buckets of ``bucket_bytes`` on ``link``
+    (a :class:`Link`, unpacked)."""
     if n <= 1 or payload <= 0:
         return NO_BUCKETS
     full, rest = divmod(payload, bucket_bytes)
     count = int(full) + (1 if rest > 0 else 0)
     last = rest if rest > 0 else bucket_bytes
-    return Buckets(count, collective_seconds(op, n, bucket_bytes, bw, latency),
-                   collective_seconds(op, n, last, bw, latency))
+    return Buckets(count, collective_seconds(op, n, bucket_bytes, *link),
+                   collective_seconds(op, n, last, *link))
 
 
 def exposed_reduction(b: Buckets, window_s: float, overlap: bool = True) -> float:
@@ -83,20 +97,22 @@ def dp_parts(zero: int, m: int, n: int, grad_b: float, param_b: float) -> list[t
     count):
 
     zero 0: all-reduce the gradients once, during the last backward ([R20] sec. 7: 2 psi).
-    zero 1: reduce-scatter the gradients, all-gather the updated parameters (overlapped with the
-            next step's first forward): the same 2 psi ([R20] sec. 7.2.1).
-    zero 2: the gradient shard is reduced every micro-batch (gradients stay sharded while they
-            accumulate), parameters gathered once.
-    zero 3: every micro-batch all-gathers the parameters for forward and again for backward and
-            reduce-scatters the gradients: 3 psi per micro-batch ([R20] sec. 7.2.2: 1.5x DP).
-    ZeRO is planner-side only: the runtime does not implement it yet (config.SUPPORTED_ZERO)."""
+    zero 1: reduce-scatter the gradients during the last backward, all-gather the updated
+            parameters after the optimizer step (``step``: nothing to hide behind, the runtime
+            waits for it before the next forward): the same 2 psi ([R20] sec. 7.2.1).
+    zero 2: the gradient shard is reduced every micro-batch, during its backward (gradients stay
+            sharded while they accumulate), parameters gathered once after the step.
+    zero 3: every micro-batch all-gathers the parameters for forward (the next unit prefetched
+            while one computes) and again for backward and reduce-scatters the gradients: 3 psi
+            per micro-batch ([R20] sec. 7.2.2: 1.5x DP).
+    As ``parallel/zero.py`` and ``parallel/zero3.py`` run them (``zero_comm_per_step``)."""
     if n == 1:
         return []
     if zero == 0:
         return [("all_reduce", grad_b, "backward", 1)]
     if zero == 1:
-        return [("reduce_scatter", grad_b, "backward", 1), ("all_gather", param_b, "forward", 1)]
+        return [("reduce_scatter", grad_b, "backward", 1), ("all_gather", param_b, "step", 1)]
     if zero == 2:
-        return [("reduce_scatter", grad_b, "backward", m), ("all_gather", param_b, "forward", 1)]
+        return [("reduce_scatter", grad_b, "backward", m), ("all_gather", param_b, "step", 1)]
     return [("all_gather", param_b, "forward", m), ("all_gather", param_b, "backward", m),
             ("reduce_scatter", grad_b, "backward", m)]

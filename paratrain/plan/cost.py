@@ -31,6 +31,7 @@ from paratrain.plan import formulas as f
 from paratrain.plan.collectives import (
     NO_BUCKETS,
     Buckets,
+    Link,
     buckets,
     collective_seconds,
     dp_parts,
@@ -157,6 +158,17 @@ def compute_share(hw: Hardware, world_size: int) -> float:
     return min(1.0, hw.cores_per_node / min(world_size, hw.devices_per_node))
 
 
+def overlaps_dp(hw: Hardware, world_size: int, options: CostOptions) -> bool:
+    """Whether data-parallel communication can hide behind compute. Not when CPU processes
+    occupy every core of their node (``cores_per_node`` > 0): gloo moves and sums the bytes on
+    CPU threads, so a transfer "behind" a rank's compute takes the very cores that compute runs
+    on. Measured here (``benchmarks/validate_planner.py``, 2 ranks on 2 cores): ZeRO-3's
+    prefetched gathers modelled as hidden predicted 14% too fast, as exposed 5%."""
+    if not options.overlap_dp:
+        return False
+    return not (hw.cores_per_node and min(world_size, hw.devices_per_node) >= hw.cores_per_node)
+
+
 def stage_costs(model: ModelConfig, layout: Layout, hw: Hardware, global_batch: int, seq_len: int,
                 precision: str, options: CostOptions | None = None) -> tuple[StageCost, ...]:
     """Costs of every pipeline rank of ``layout`` (assumed valid: see :func:`estimate`), in order.
@@ -166,7 +178,7 @@ def stage_costs(model: ModelConfig, layout: Layout, hw: Hardware, global_batch: 
 
 @lru_cache(maxsize=65536)
 def _tp_seconds(model: ModelConfig, t: int, sp: bool, b: float, s: int, layers: int, first: bool, last: bool,
-                recompute: str, e: int, grad_bytes: int, tp_link: tuple[float, float]) -> dict[str, float]:
+                recompute: str, e: int, grad_bytes: int, tp_link: Link) -> dict[str, float]:
     """Seconds per phase (forward / backward per micro-batch; step once) of one chunk's tp
     collectives, and their ``wire_*`` bytes, from the runtime's traffic formula."""
     out = {volume.FORWARD: 0.0, volume.BACKWARD: 0.0, volume.STEP: 0.0}
@@ -261,7 +273,7 @@ class _Layout:
             tp_s = step[volume.STEP] + collective_seconds("all_reduce", t, 4, *self.tp_link)
             tp_b = step["wire_step"] + volume.wire_bytes("all_reduce", t, 4)
         if p > 1:
-            bw, lat = self.pp_link
+            bw, lat = self.pp_link.bw, self.pp_link.latency
             pp_s = collective_seconds("all_reduce", p, 4, bw, lat) + f.ring_steps("all_gather", p) * lat
             if self.model.tie_embeddings and (first or last):
                 tied = volume.tied_embedding_bytes(self.model, t, self.G_b)
@@ -275,22 +287,39 @@ class _Layout:
         runtime reduces during the rank's last backward (chunk 0 of the last micro-batch); with
         several chunks the buckets of the others complete only at the end, and since buckets are
         launched in order none of them overlaps."""
-        n, opts = self.n, self.options
+        n, opts, m = self.n, self.options, self.m
+        overlap = overlaps_dp(self.hw, self.layout.world_size, opts)
         window = chunks[0].backward_s + chunks[0].tp_backward_s if self.v == 1 else 0.0
         fwd_s, bwd_s = sum(c.forward_s for c in chunks), sum(c.backward_s for c in chunks)
         wire = other = 0.0
         grads = NO_BUCKETS
+        # ZeRO-3 units: each block, and the root (embeddings, head) on a rank that holds it
+        units = sum(c.layers for c in chunks) + (1 if any(c.first or c.last for c in chunks) else 0)
         for op, per_param, phase, times in self.dp_parts:
             payload = per_param * params
-            b = buckets(op, n, payload, opts.bucket_bytes, *self.dp_link)
             wire += times * volume.wire_bytes(op, n, payload)
-            if self.layout.zero == 0:
+            if self.layout.zero == 3:
+                continue  # below: per unit
+            b = buckets(op, n, payload, opts.bucket_bytes, *self.dp_link)
+            if phase == "step":  # ZeRO-1/2's all-gather after the optimizer step: nothing hides it
+                other += b.total_s
+            else:  # the gradient buckets of the last backward (ZeRO-0 all-reduce, ZeRO-1/2 reduce-scatter)
                 grads = b
-            else:  # ZeRO (planner only): each collective hides behind one micro-batch's pass
-                hide = (fwd_s if phase == "forward" else bwd_s) if opts.overlap_dp else 0.0
-                other += times * max(0.0, b.total_s - hide)
+                if times > 1:  # ZeRO-2: the earlier micro-batches' hide behind the next one's passes
+                    hide = fwd_s + bwd_s if overlap else 0.0
+                    other += (times - 1) * max(0.0, b.total_s - hide)
+        if self.layout.zero == 3 and n > 1:
+            # Per micro-batch every unit is gathered before its forward (the next one prefetched
+            # while one computes: the reduction's overlap model mirrored in time) and again
+            # before its backward, after which its gradient is reduce-scattered.
+            size = params / units  # parameters per unit (on average)
+            gather = collective_seconds("all_gather", n, self.e * size, *self.dp_link)
+            scatter = collective_seconds("reduce_scatter", n, self.G_b * size, *self.dp_link)
+            other += m * (exposed_reduction(Buckets(units, gather, gather), fwd_s, overlap)
+                          + exposed_reduction(Buckets(units, gather + scatter, gather + scatter), bwd_s,
+                                              overlap))
         other += collective_seconds("all_reduce", n, 4, *self.dp_link)  # the loss, averaged over dp
-        return wire, exposed_reduction(grads, window, opts.overlap_dp) + other, grads, other
+        return wire, exposed_reduction(grads, window, overlap) + other, grads, other
 
     def rank(self, i: int, count: int) -> StageCost:
         """Pipeline rank ``i`` (standing for ``count`` alike ranks)."""

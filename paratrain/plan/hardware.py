@@ -54,6 +54,9 @@ class Hardware:
     ``shared_latency_s``: the intra-node latency per ring step when the node's processes
     outnumber its cores (a peer may wait for a core before it answers); 0 = the same as
     ``intra_node_latency_s``. Measured by ``paratrain calibrate``.
+    ``reduce_scatter_slowdown`` / ``all_gather_slowdown``: how many times the ring model's
+    bandwidth time the backend's reduce-scatter / all-gather take (1: a ring, as NCCL's; gloo's
+    reduce-scatter on this project's machine takes ~3x). Measured by ``paratrain calibrate``.
     """
 
     name: str
@@ -71,6 +74,8 @@ class Hardware:
     cores_per_node: float = 0
     elementwise_s_per_byte: float = 0.0
     shared_latency_s: float = 0.0
+    reduce_scatter_slowdown: float = 1.0
+    all_gather_slowdown: float = 1.0
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -93,6 +98,11 @@ class Hardware:
         if not isinstance(self.devices_per_node, int) or self.devices_per_node < 1:
             raise ConfigError(f"hardware {self.name!r}: devices_per_node must be a positive integer, "
                               f"got {self.devices_per_node!r}.")
+        for field in ("reduce_scatter_slowdown", "all_gather_slowdown"):
+            value = getattr(self, field)
+            if not isinstance(value, (int, float)) or not value >= 1:
+                raise ConfigError(f"hardware {self.name!r}: {field} must be a number >= 1 (1 = a ring), "
+                                  f"got {value!r}.")
         if not 0 < self.compute_efficiency <= 1:
             raise ConfigError(f"hardware {self.name!r}: compute_efficiency must be in (0, 1], "
                               f"got {self.compute_efficiency!r}.")
@@ -126,7 +136,8 @@ class Hardware:
 
 
 _OPTIONAL = {"compute_efficiency", "intra_node_latency_s", "inter_node_latency_s", "cores_per_node",
-             "elementwise_s_per_byte", "shared_latency_s", "source"}
+             "elementwise_s_per_byte", "shared_latency_s", "reduce_scatter_slowdown", "all_gather_slowdown",
+             "source"}
 
 # Fraction of peak reached by the compute of a step on A100s, fitted to Narayanan et al. 2021
 # ("Efficient Large-Scale Language Model Training on GPU Clusters Using Megatron-LM", SC21),

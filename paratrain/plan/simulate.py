@@ -50,6 +50,7 @@ from paratrain.plan.cost import (
     chunks_per_rank,
     estimate,
     make_estimate,
+    overlaps_dp,
     stage_costs,
 )
 from paratrain.plan.hardware import Hardware
@@ -181,11 +182,12 @@ def _compose(model: ModelConfig, layout: Layout, hw: Hardware, global_batch: int
     t0 = timeline.start
     finish, exposed, shares = [], [], []
     static = layout.world_size / hw.cores_per_node if shared else 1.0
+    overlap = overlaps_dp(hw, layout.world_size, options)
     for r, spans in enumerate(timeline.ranks):
         end = max(sp.end for sp in spans) - t0
         last_b = [sp for sp in spans if sp.action.kind == "B"]
         window = (last_b[-1].end - last_b[-1].start) if last_b and chunks_per_rank(layout) == 1 else 0.0
-        x = exposed_reduction(stages[r].dp_buckets, window, options.overlap_dp) + stages[r].dp_other_s
+        x = exposed_reduction(stages[r].dp_buckets, window, overlap) + stages[r].dp_other_s
         exposed.append(x)
         finish.append(end + x)
         factors = [scale.get((r, id(sp.action)), 1.0) for sp in spans if sp.action.is_compute]

@@ -21,11 +21,11 @@ def test_plan_auto_trains_the_choice_and_compares(tmp_path):
                      "--sample-tokens", "0", "--no-checkpoint", "--out", "o", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    assert "catalog device 'cpu'" in out and "no ZeRO" in out and "chose [" in out and "why:" in out
+    assert "catalog device 'cpu'" in out and "not ZeRO-3 with a pipeline" in out and "chose [" in out and "why:" in out
     assert "ms measured (median) vs" in out and "rank 1:" in out
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     cfg = json.loads((tmp_path / "o" / "config.json").read_text())
-    assert cfg["layout"]["zero"] == 0 and cfg["nproc"] == 2 and cfg["measure_memory"] is True
+    assert cfg["nproc"] == 2 and cfg["measure_memory"] is True
     pred = summary["predicted"]
     assert pred["step_time_s"] > 0 and len(pred["memory_per_rank"]) == len(summary["memory_per_rank"]) == 2
     for got, want in zip(summary["memory_per_rank"], pred["memory_per_rank"]):
@@ -33,15 +33,21 @@ def test_plan_auto_trains_the_choice_and_compares(tmp_path):
 
 
 def test_auto_layout_respects_runtime_support(monkeypatch):
+    """--plan auto trains only what the runtime implements: never ZeRO-3 with a pipeline (even
+    pinned), and nothing of a dimension whose SUPPORTED_* flag is off."""
+    from paratrain import config
+
     cfg = TrainConfig(model="tiny", global_batch=8, seq_len=32)
     plan = local.auto_layout(cfg, 4, CPU.replace(devices_per_node=4), "test")
-    assert plan.layout.world_size == 4 and plan.layout.zero == 0
-    assert all(lay.zero == 0 for lay, _ in plan.candidates)
+    assert plan.layout.world_size == 4
     with pytest.raises(ConfigError, match="training runtime implements"):
-        local.auto_layout(cfg, 4, CPU, "test", fixed={"zero": 1})
-    monkeypatch.setattr(local, "SUPPORTED_ZERO", True)  # once ZeRO lands, the planner may pick it
-    assert local.auto_layout(cfg, 4, CPU, "test", fixed={"zero": 1}).layout.zero == 1
-    monkeypatch.setattr(local, "SUPPORTED_PP", False)
+        local.auto_layout(cfg, 4, CPU, "test", fixed={"zero": 3, "pp": 2})
+    assert local.auto_layout(cfg, 4, CPU, "test", fixed={"zero": 3}).layout.pp == 1
+    assert local.auto_layout(cfg, 4, CPU, "test", fixed={"zero": 2}).layout.zero == 2
+    monkeypatch.setattr(config, "SUPPORTED_ZERO", False)
+    plan = local.auto_layout(cfg, 4, CPU, "test")
+    assert plan.layout.zero == 0 and all(lay.zero == 0 for lay, _ in plan.candidates)
+    monkeypatch.setattr(config, "SUPPORTED_PP", False)
     assert local.auto_layout(cfg, 4, CPU, "test").layout.pp == 1
 
 

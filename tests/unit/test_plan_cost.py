@@ -188,6 +188,58 @@ def test_overlap_hides_dp_communication() -> None:
     assert off.time.dp_comm == pytest.approx(on.comm_bytes_per_device.dp / H100.intra_node_bw)
 
 
+def test_zero_runtime_timing() -> None:
+    """ZeRO priced as the runtime runs it: ZeRO-1/2's all-gather after the optimizer step is
+    exposed even with overlap (it is the only part a bigger backward does not hide), ZeRO-3's
+    per-unit gathers hide behind the passes but for the first unit's."""
+    zero0 = estimate(MODEL, Layout(dp=8), H100, 64, 2048)
+    zero1 = estimate(MODEL, Layout(dp=8, zero=1), H100, 64, 2048)
+    zero3 = estimate(MODEL, Layout(dp=8, zero=3), H100, 64, 2048)
+    # ZeRO-1's all-gather of the bf16 parameters, in 25 MiB buckets, none hidden
+    payload = zero1.params_per_device * 2
+    calls = -(-payload // (25 * 2**20))
+    gather = (7 / 8) * payload / H100.intra_node_bw + calls * 7 * H100.intra_node_latency_s
+    assert zero1.time.dp_comm >= gather > zero0.time.dp_comm  # ZeRO-0 hides all but its last bucket
+    assert 0 < zero3.time.dp_comm < zero1.time.dp_comm  # 25 units: all but the first hidden
+
+
+def test_no_overlap_when_cpu_processes_fill_the_cores() -> None:
+    """gloo moves and sums bytes on CPU threads: with a rank on every core nothing hides."""
+    from paratrain.plan.cost import overlaps_dp
+
+    cpu = get_hardware("cpu").replace(cores_per_node=2, devices_per_node=4)
+    small = get_model_config("small")
+    assert not overlaps_dp(cpu, 2, CostOptions()) and not overlaps_dp(cpu, 4, CostOptions())
+    assert overlaps_dp(cpu.replace(cores_per_node=4), 2, CostOptions())  # a spare core per rank
+    assert overlaps_dp(H100, 8, CostOptions()) and not overlaps_dp(H100, 8, CostOptions(overlap_dp=False))
+    on = estimate(small, Layout(dp=2, zero=3), cpu, 16, 128, precision="fp32")
+    off = estimate(small, Layout(dp=2, zero=3), cpu, 16, 128, precision="fp32", options=CostOptions(overlap_dp=False))
+    assert on.time.dp_comm == off.time.dp_comm
+    spare = estimate(small, Layout(dp=2, zero=3), cpu.replace(cores_per_node=4), 16, 128, precision="fp32")
+    assert spare.time.dp_comm < on.time.dp_comm
+
+
+def test_backend_collective_slowdowns() -> None:
+    """A backend whose reduce-scatter is 3x the ring's bandwidth time (gloo here) makes ZeRO's
+    reduce-scatters and SP's cost that much more, and nothing else."""
+    from paratrain.plan.collectives import collective_seconds, link
+
+    slow = H100.replace(reduce_scatter_slowdown=3.0, all_gather_slowdown=1.5)
+    lk = link(slow, False)
+    ring = (7 / 8) * 2**20 / H100.intra_node_bw
+    lat = 7 * H100.intra_node_latency_s
+    assert collective_seconds("reduce_scatter", 8, 2**20, *lk) == pytest.approx(3 * ring + lat)
+    assert collective_seconds("all_gather", 8, 2**20, *lk) == pytest.approx(1.5 * ring + lat)
+    assert collective_seconds("all_reduce", 8, 2**20, *lk) == pytest.approx(2 * ring + 2 * lat)
+    off = CostOptions(overlap_dp=False)
+    assert estimate(MODEL, Layout(dp=8), slow, 64, 2048, options=off).time.dp_comm == \
+        pytest.approx(estimate(MODEL, Layout(dp=8), H100, 64, 2048, options=off).time.dp_comm)
+    assert estimate(MODEL, Layout(dp=8, zero=1), slow, 64, 2048, options=off).time.dp_comm > \
+        1.9 * estimate(MODEL, Layout(dp=8, zero=1), H100, 64, 2048, options=off).time.dp_comm
+    with pytest.raises(ConfigError, match="reduce_scatter_slowdown"):
+        H100.replace(reduce_scatter_slowdown=0.5).validate()
+
+
 def test_cross_node_groups_use_the_network() -> None:
     one_node = estimate(MODEL, Layout(dp=8), A100, 64, 2048, options=CostOptions(overlap_dp=False))
     two_nodes = estimate(MODEL, Layout(dp=16), A100, 64, 2048, options=CostOptions(overlap_dp=False))
