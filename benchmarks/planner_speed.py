@@ -2,7 +2,7 @@
 
     python benchmarks/planner_speed.py
 
-Runs `paratrain estimate` and `paratrain plan` in fresh interpreters (start-up included), and a
+Runs `paratrain estimate`, `plan` and `simulate` in fresh interpreters (start-up included), and a
 512-device search in-process, several times each; prints the medians. The issue's bar: each
 answers in well under a second, so thousands of estimates can be scripted.
 """
@@ -22,6 +22,10 @@ sys.path.insert(0, str(REPO))
 COMMANDS = {
     "estimate gpt-13b pp4": ["estimate", "--model", "gpt-13b", "--pp", "4", "--microbatches", "8"],
     "plan gpt2-1.3b on 64 devices": ["plan", "--model", "gpt2-1.3b", "--devices", "64", "--global-batch", "512"],
+    "simulate gpt-175b on 4096 devices": ["simulate", "--model", "gpt-175b", "--vocab", "51200", "--dp", "32",
+                                          "--pp", "16", "--tp", "8", "--microbatches", "64", "--sequence-parallel",
+                                          "--recompute", "selective", "--global-batch", "2048",
+                                          "--device", "H100-80GB"],
 }
 
 

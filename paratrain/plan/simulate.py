@@ -156,7 +156,9 @@ def simulate_step(model: ModelConfig, layout: Layout, hw: Hardware, global_batch
     base_hw = hw.replace(cores_per_node=0)  # sharing is simulated below, not averaged
     if shared and hw.shared_latency_s:  # processes outnumber cores: peers answer later
         base_hw = base_hw.replace(intra_node_latency_s=hw.shared_latency_s)
-    stages = stage_costs(model, layout, base_hw, global_batch, seq_len, precision, options)
+    # whether dp traffic can hide is the real machine's property (base_hw no longer shares cores)
+    stages = stage_costs(model, layout, base_hw, global_batch, seq_len, precision,
+                         replace(options, overlap_dp=overlaps_dp(hw, layout.world_size, options)))
     v = chunks_per_rank(layout)
     schedule = build_schedule(layout.schedule if layout.pp > 1 else "1f1b", layout.pp, layout.microbatches, v)
     procs_per_rank = layout.dp * layout.tp

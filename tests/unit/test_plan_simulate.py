@@ -4,7 +4,6 @@ the bubble formula, models the dp overlap and shared cores, and scales to thousa
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
@@ -86,13 +85,23 @@ def test_shared_cores_slow_the_busy_ranks_only() -> None:
 
 def test_thousands_of_devices_in_seconds() -> None:
     """4096 GPUs (dp 32 x pp 16 x tp 8): one pipeline of 16 ranks is simulated, not 4096."""
-    start = time.perf_counter()
     model = get_model_config("gpt-175b").replace(vocab_size=51200)
     layout = Layout(dp=32, pp=16, tp=8, microbatches=64, sequence_parallel=True, recompute="selective")
     sim = simulate_step(model, layout, get_hardware("H100-80GB"), 2048, 2048)
-    elapsed = time.perf_counter() - start
-    assert sim.estimate.num_devices == 4096 and len(sim.timeline.ranks) == 16
-    assert elapsed < 3.0, f"{elapsed:.2f} s"
+    assert sim.estimate.num_devices == 4096 and len(sim.timeline.ranks) == 16  # (its speed: planner_speed.py)
+
+
+@pytest.mark.parametrize("layout", [Layout(dp=2), Layout(dp=2, zero=1), Layout(dp=2, zero=2, microbatches=2),
+                                    Layout(dp=2, zero=3), Layout(dp=4, zero=3)])
+def test_cpu_ranks_filling_the_cores_hide_nothing_in_the_simulation_either(layout: Layout) -> None:
+    """The simulator prices each rank without core sharing (it simulates the sharing itself), but
+    whether dp traffic hides behind compute is the real machine's: with a rank on every core it
+    does not, as in the closed form."""
+    cpu = get_hardware("cpu").replace(cores_per_node=2, devices_per_node=4)
+    small = get_model_config("small")
+    sim = simulate_step(small, layout, cpu, 16, 128, "fp32")
+    off = estimate(small, layout, cpu, 16, 128, "fp32", options=CostOptions(overlap_dp=False))
+    assert sim.estimate.time.dp_comm == pytest.approx(off.time.dp_comm, rel=1e-9)
 
 
 def test_cli_json_and_png(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
