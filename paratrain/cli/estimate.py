@@ -5,18 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from paratrain.cli.common import add_layout_args
-from paratrain.cli.plan_args import (
-    add_cost_args,
-    add_hardware_args,
-    add_model_args,
-    build_hardware,
-    build_model,
-    build_options,
-    build_speeds,
-    given_layout_fields,
-)
-from paratrain.config import Layout
+from paratrain.cli.plan_args import add_one_layout_args, build_one_layout
 
 DESCRIPTION = """\
 Predict, for one layout of one model on one kind of device: parameters, FLOPs per step, model
@@ -31,10 +20,7 @@ Example:  paratrain estimate --model gpt2-1.3b --dp 8 --global-batch 64 --device
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("estimate", help="predict memory, communication and step time of one layout",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(p)
-    add_layout_args(p)
-    add_cost_args(p, batch_help="sequences per optimizer step over all ranks (default: dp x microbatches)")
-    add_hardware_args(p)
+    add_one_layout_args(p)
     p.set_defaults(run=run)
 
 
@@ -42,19 +28,15 @@ def run(args: argparse.Namespace) -> int:
     from paratrain.plan.cost import estimate
     from paratrain.plan.report import estimate_report
 
-    model, seq_len = build_model(args)
-    layout = Layout(**given_layout_fields(args))
-    layout.check_degrees()
-    global_batch = args.global_batch or layout.dp * layout.microbatches
-    hw = build_hardware(args, args.precision)
-    speeds = build_speeds(args, hw, layout.world_size)
+    one = build_one_layout(args)
+    model, layout, hw = one.model, one.layout, one.hardware
     plan = None
-    if speeds is None:
-        est = estimate(model, layout, hw, global_batch, seq_len, args.precision, build_options(args))
+    if one.speeds is None:
+        est = estimate(model, layout, hw, one.global_batch, one.seq_len, args.precision, one.options)
     else:
         from paratrain.plan.hetero import speed_report, with_speeds
 
-        plan = with_speeds(model, layout, hw, global_batch, seq_len, args.precision, build_options(args), speeds)
+        plan = with_speeds(model, layout, hw, one.global_batch, one.seq_len, args.precision, one.options, one.speeds)
         est = plan.slowest
     if args.json:
         print(json.dumps(dict(est.to_dict(), **({"device_speeds": plan.to_dict()} if plan else {})), indent=2))

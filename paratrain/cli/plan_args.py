@@ -4,7 +4,7 @@ options. No torch import (these commands must answer in milliseconds)."""
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import Any, NamedTuple
 
 from paratrain.config import PRECISIONS, Layout
 from paratrain.errors import ConfigError
@@ -163,3 +163,35 @@ def build_speeds(args: argparse.Namespace, hw: Hardware, world_size: int) -> tup
         raise ConfigError(f"--device-speeds gives {len(speeds)} devices, the layout has {world_size} "
                           f"(dp x pp x tp); give one speed per device.")
     return speeds
+
+
+class OneLayout(NamedTuple):
+    """What ``estimate`` and ``simulate`` price: one model, layout, batch and device."""
+
+    model: ModelConfig
+    seq_len: int
+    layout: Layout
+    global_batch: int
+    hardware: Hardware
+    options: CostOptions
+    speeds: tuple[float, ...] | None
+
+
+def add_one_layout_args(p: argparse.ArgumentParser) -> None:
+    """The flags of a command that prices one layout: model, layout, cost options, hardware."""
+    from paratrain.cli.common import add_layout_args
+
+    add_model_args(p)
+    add_layout_args(p)
+    add_cost_args(p, batch_help="sequences per optimizer step over all ranks (default: dp x microbatches)")
+    add_hardware_args(p)
+
+
+def build_one_layout(args: argparse.Namespace) -> OneLayout:
+    """Parse :func:`add_one_layout_args`' flags (exit-2 errors for impossible input)."""
+    model, seq_len = build_model(args)
+    layout = Layout(**given_layout_fields(args))
+    layout.check_degrees()
+    hw = build_hardware(args, args.precision)
+    return OneLayout(model, seq_len, layout, args.global_batch or layout.dp * layout.microbatches, hw,
+                     build_options(args), build_speeds(args, hw, layout.world_size))

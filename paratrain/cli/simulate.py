@@ -6,18 +6,7 @@ import argparse
 import json
 import time
 
-from paratrain.cli.common import add_layout_args
-from paratrain.cli.plan_args import (
-    add_cost_args,
-    add_hardware_args,
-    add_model_args,
-    build_hardware,
-    build_model,
-    build_options,
-    build_speeds,
-    given_layout_fields,
-)
-from paratrain.config import Layout
+from paratrain.cli.plan_args import add_one_layout_args, build_one_layout
 
 DESCRIPTION = """\
 Simulate one training step of a layout event by event: every pipeline rank runs the real schedule
@@ -36,10 +25,7 @@ Example:  paratrain simulate --model gpt-13b --dp 8 --pp 4 --microbatches 16 --g
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("simulate", help="simulate one step of a layout event by event, draw its timeline",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(p)
-    add_layout_args(p)
-    add_cost_args(p, batch_help="sequences per optimizer step over all ranks (default: dp x microbatches)")
-    add_hardware_args(p)
+    add_one_layout_args(p)
     p.add_argument("--out", metavar="PNG", help="draw the simulated timeline of the representative pipeline")
     p.set_defaults(run=run)
 
@@ -49,14 +35,9 @@ def run(args: argparse.Namespace) -> int:
     from paratrain.plan.report import fmt_bytes, fmt_seconds
     from paratrain.plan.simulate import simulate_step
 
-    model, seq_len = build_model(args)
-    layout = Layout(**given_layout_fields(args))
-    layout.check_degrees()
-    global_batch = args.global_batch or layout.dp * layout.microbatches
-    hw = build_hardware(args, args.precision)
-    options = build_options(args)
+    one = build_one_layout(args)
+    model, seq_len, layout, global_batch, hw, options, speeds = one
     start = time.perf_counter()
-    speeds = build_speeds(args, hw, layout.world_size)
     if speeds is not None:
         het = with_speeds(model, layout, hw, global_batch, seq_len, args.precision, options, speeds, simulate=True)
         sim = het.slowest

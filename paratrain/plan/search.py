@@ -143,8 +143,8 @@ def search(model: ModelConfig, num_devices: int, hardware: Hardware, global_batc
                 pure_unfit = est
     if considered == 0 and rejected:
         raise ConfigError(f"none of the {rejected} valid layouts of {num_devices} devices with the constraints "
-                          f"{fixed or {}} is one the training runtime implements (ZeRO-3 with a pipeline, for one, is not); "
-                          f"drop the constraint that asks for it.")
+                          f"{fixed or {}} is one the training runtime implements (ZeRO-3 with a pipeline, "
+                          f"for one, is not); drop the constraint that asks for it.")
     if considered == 0:
         raise ConfigError(f"no valid layout of {num_devices} devices for model {model.name!r} with global "
                           f"batch {global_batch} and the given constraints {fixed or {}}: dp must divide the "
