@@ -149,7 +149,7 @@ def search(model: ModelConfig, num_devices: int, hardware: Hardware, global_batc
         raise ConfigError(f"no valid layout of {num_devices} devices for model {model.name!r} with global "
                           f"batch {global_batch} and the given constraints {fixed or {}}: dp must divide the "
                           f"batch, tp must divide the heads (valid tp: {valid_tp(model)}), pp <= "
-                          f"{model.num_layers} layers.")
+                          f"{model.num_layers} layers, and ZeRO (zero > 0) needs dp > 1.")
     fits.sort(key=_key)
     best_plan = plans.get(fits[0].layout) if fits and plans else None
     return PlanResult(tuple(fits), considered, smallest, pure_fit or pure_unfit, best_plan)
