@@ -47,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("paratrain: interrupted", file=sys.stderr)
         code = 130
+    except BrokenPipeError:  # `paratrain plan | head`: the reader left; say nothing more
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        code = 141
     except BaseException:  # under torchrun this process is a rank: report, then end like one
         if not _is_rank_process():
             raise

@@ -57,3 +57,22 @@ def test_pinned_flags_and_profile_choice(tmp_path):
     assert plan.layout.tp == 2 and plan.layout.dp * plan.layout.pp == 2
     hw, source = local.local_hardware(4, tmp_path / "missing.json")
     assert hw.name == "cpu" and "catalog" in source and hw.devices_per_node >= 4 and hw.cores_per_node >= 1
+
+
+def test_output_into_a_closed_pipe_is_quiet(tmp_path):
+    """`paratrain plan --top 0 | head -1`: the reader leaves early; no traceback, exit 141 (SIGPIPE's)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.cli.test_train_cli import REPO
+
+    cmd = [sys.executable, "-m", "paratrain", "plan", "--model", "gpt2-350m", "--devices", "16", "--device",
+           "H100-80GB", "--global-batch", "256", "--top", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+    first = proc.stdout.readline()
+    proc.stdout.close()  # as `head -1` does
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141, stderr
+    assert first.startswith(b"gpt2-350m") and "Traceback" not in stderr and stderr == ""
