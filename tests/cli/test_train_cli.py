@@ -25,6 +25,21 @@ def losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def assert_like_reference(out: Path, model: str = "tiny", steps: int = 3, global_batch: int = 8,
+                          seq_len: int = 32) -> dict:
+    """The run in ``out`` has the single-process reference's losses (rtol 1e-5) and a checkpoint
+    of the reference's full shapes (a parallel run gathers it back); returns its model state."""
+    from paratrain.checkpoint import load_checkpoint
+    from paratrain.config import TrainConfig
+    from paratrain.reference import reference_train
+
+    ref = reference_train(TrainConfig(model=model, steps=steps, global_batch=global_batch, seq_len=seq_len))
+    assert losses(out) == pytest.approx(ref.losses, rel=1e-5)
+    state, _ = load_checkpoint(out / "checkpoint")
+    assert {k: tuple(v.shape) for k, v in state["model"].items()} == {k: tuple(v.shape) for k, v in ref.state.items()}
+    return state["model"]
+
+
 def test_train_writes_outputs_and_is_deterministic(tmp_path):
     runs = []
     for name in ("a", "b"):

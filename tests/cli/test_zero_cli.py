@@ -6,10 +6,7 @@ import json
 
 import pytest
 
-from paratrain.checkpoint import load_checkpoint
-from paratrain.config import TrainConfig
-from paratrain.reference import reference_train
-from tests.cli.test_train_cli import losses, paratrain
+from tests.cli.test_train_cli import assert_like_reference, paratrain
 
 FAST = ["--steps", "3", "--global-batch", "8", "--seq-len", "32", "--eval-every", "3"]
 
@@ -25,11 +22,7 @@ def test_zero_from_the_cli(args, tmp_path):
     zero = args[-1]
     assert f"zero={zero} on {args[1]} process(es)" in r.stdout
     assert "sampled from the trained model" in r.stdout
-    ref = reference_train(TrainConfig(steps=3, global_batch=8, seq_len=32))
-    assert losses(tmp_path / "o") == pytest.approx(ref.losses, rel=1e-5)
-    state, _ = load_checkpoint(tmp_path / "o" / "checkpoint")
-    assert {k: tuple(v.shape) for k, v in state["model"].items()} == \
-        {k: tuple(v.shape) for k, v in ref.state.items()}
+    assert_like_reference(tmp_path / "o")
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert {"all_gather", "reduce_scatter", "grad_norm"} <= set(summary["comm"]["dp"]["ops"])
     assert "all_reduce" not in summary["comm"]["dp"]["ops"]
