@@ -20,11 +20,6 @@ PRECISIONS = ("fp32", "bf16")
 DP_IMPLS = ("bucketed", "naive")
 DEVICES = ("auto", "cpu", "cuda")
 
-# What the training runtime implements today; the planner may reason about more.
-SUPPORTED_TP = True
-SUPPORTED_PP = True
-SUPPORTED_ZERO = True
-
 
 def _positive_int(name: str, value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -224,10 +219,11 @@ def _tp_split_dims(model: ModelConfig) -> tuple[tuple[str, int], ...]:
 
 
 def runtime_implements(layout: Layout) -> bool:
-    """Whether ``paratrain train`` runs ``layout`` (the planner reasons about every layout;
-    ``TrainConfig.validate`` explains a refusal). ZeRO-3 with a pipeline is the one gap."""
-    return ((layout.tp == 1 or SUPPORTED_TP) and (layout.pp == 1 or SUPPORTED_PP)
-            and (layout.zero == 0 or SUPPORTED_ZERO) and not (layout.zero == 3 and layout.pp > 1))
+    """Whether ``paratrain train`` runs ``layout``, valid by :meth:`Layout.validate`: the one
+    function ``TrainConfig.validate`` (which explains a refusal) and ``train --plan auto``'s
+    search use. The planner prices every valid layout; ZeRO-3 with a pipeline is the one the
+    runtime does not implement."""
+    return not (layout.zero == 3 and layout.pp > 1)
 
 
 def valid_tp(model: ModelConfig) -> list[int]:
@@ -326,33 +322,16 @@ class TrainConfig:
         return model
 
     def _check_implemented(self) -> None:
+        """What the runtime does not implement (the planner may still rank it): the layouts
+        :func:`runtime_implements` refuses, and ZeRO over the naive data parallelism."""
         layout = self.layout
-        for flag, supported, what in (
-            (layout.tp > 1, SUPPORTED_TP, "tensor parallelism (tp > 1)"),
-            (layout.pp > 1, SUPPORTED_PP, "pipeline parallelism (pp > 1)"),
-            (layout.zero > 0, SUPPORTED_ZERO, "ZeRO (zero > 0)"),
-        ):
-            if flag and not supported:
-                raise ConfigError(
-                    f"{what} is not implemented in this version of the training runtime; "
-                    f"`paratrain estimate` and `paratrain plan` can still reason about it. "
-                    f"Valid today: data parallelism (--dp N) with micro-batches, and tensor parallelism "
-                    f"(--tp N, optionally --sequence-parallel)."
-                )
-        self._check_zero()
-
-    def _check_zero(self) -> None:
-        """The ZeRO combinations the runtime does not implement (the planner may still rank them)."""
-        layout = self.layout
-        if layout.zero == 0:
-            return
-        if self.dp_impl != "bucketed":
+        if layout.zero and self.dp_impl != "bucketed":
             raise ConfigError(
                 f"ZeRO (zero={layout.zero}) shards the bucketed data parallelism; dp_impl "
                 f"{self.dp_impl!r} is the teaching version without buckets. Use --dp-impl bucketed "
                 f"(the default) with --zero, or --zero 0 with --dp-impl naive."
             )
-        if not runtime_implements(layout):  # zero 3 with a pipeline: the one combination left
+        if not runtime_implements(layout):  # zero 3 with a pipeline: the one layout left
             raise ConfigError(
                 f"ZeRO-3 with pipeline parallelism (pp={layout.pp}) is not implemented: ZeRO-3 "
                 f"gathers each block's parameters around its forward and backward, and the rest "

@@ -42,11 +42,6 @@ def runtime_options(cfg: TrainConfig) -> CostOptions:
                        bucket_bytes=cfg.bucket_mb * 2**20, overlap_dp=cfg.overlap)
 
 
-def runtime_supports(layout: Layout) -> bool:
-    """Whether the training runtime implements ``layout`` (``config.runtime_implements``)."""
-    return runtime_implements(layout)
-
-
 @dataclass(frozen=True)
 class RunPrediction:
     """What the planner predicts for one run: the simulated step and, per global rank, the
@@ -101,7 +96,7 @@ def auto_layout(cfg: TrainConfig, nproc: int, hw: Hardware, source: str, fixed: 
 
     model = cfg.model_config()
     result = search(model, nproc, hw, cfg.global_batch, cfg.seq_len, cfg.precision, runtime_options(cfg),
-                    fixed=fixed, keep=runtime_supports)
+                    fixed=fixed, keep=runtime_implements)
     if not result.ranked:
         from paratrain.errors import ConfigError
 

@@ -1,32 +1,38 @@
 """Layout search: every valid layout of N devices, estimated, filtered by memory, ranked by time.
 
-Pure Python (no torch). The space (every combination is a valid :class:`Layout`):
+Pure Python (no torch). The space is the layouts of N devices that :meth:`Layout.validate`
+accepts (the one rule the runtime applies too), one of each set of equivalent ones:
 
-    tp    divides N, the heads, hidden size and MLP width (a vocabulary it does not divide is
-          padded: config.padded_vocab_size); <= devices per node
-          (tensor-parallel collectives run every layer and need the fast link) unless allowed
-    pp    divides N / tp, <= layers
-    dp    = N / (tp pp), divides the global batch
-    microbatches  every divisor of the local batch B / dp (a multiple of pp when interleaved)
-    zero  0-3 (only 0 when dp = 1: there is nothing to shard over)
-    schedule      1f1b, and interleaved with every v >= 2 that splits the layers evenly into
-          pp * v chunks. GPipe is left out unless asked for (--schedule gpipe): it has 1F1B's
-          bubble and holds all m micro-batches instead of p ([N21] sec. 2.2.1), so under this
-          model it never beats 1F1B.
+    tp    divides N and <= devices per node (tensor-parallel collectives run every layer and
+          need the fast link) unless allowed; validate: it divides the heads, hidden size and
+          MLP width (a vocabulary it does not divide is padded: config.padded_vocab_size)
+    pp    divides N / tp; validate: <= layers
+    dp    = N / (tp pp); validate: divides the global batch
+    microbatches  every divisor of the local batch B / dp (validate: a multiple of pp when interleaved)
+    zero  0-3; at dp = 1 only 0 (ZeRO shards over dp: with one replica every stage is zero 0's
+          layout, which the runtime accepts and runs as such) unless pinned
+    schedule      with pp > 1: 1f1b, and interleaved with every v >= 2, pp v <= layers (the
+          partition need not be even: the runtime's cost-balanced one). GPipe is left out unless
+          asked for (--schedule gpipe): it has 1F1B's bubble and holds all m micro-batches
+          instead of p ([N21] sec. 2.2.1), so under this model it never beats 1F1B; interleaved
+          with v = 1 runs 1F1B's order (only when pinned). With pp = 1 there is no schedule.
     recompute     none, selective, full
-    sequence_parallel  off, and on when tp > 1 (and tp divides the sequence length)
+    sequence_parallel  off, and on when tp > 1 (validate: tp divides the sequence length)
+    stage_layers, stage_speeds   the automatic partition unless pinned
 
-Layouts are ranked by predicted step time, then by peak memory. ``fixed`` pins any Layout field
-(the CLI's layout flags), which also lets a user search one corner of the space.
+Layouts are ranked by predicted step time, then by bytes moved, then by peak memory. ``fixed``
+pins any Layout field (the CLI's layout flags), which also lets a user search one corner of the
+space; a pinned value is always tried and kept if valid.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from paratrain.config import Layout, valid_tp
+from paratrain.config import RECOMPUTE, Layout, valid_tp
 from paratrain.errors import ConfigError
 from paratrain.models.configs import ModelConfig
 from paratrain.plan.cost import CostOptions, Estimate, _estimate, estimate
@@ -35,49 +41,75 @@ from paratrain.plan.hetero import SpeedPlan, with_speeds
 
 
 def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    """The divisors of ``n`` in increasing order, in O(sqrt n) steps (a batch of 10^9 has 100)."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return small + [n // d for d in reversed(small) if d * d != n]
+
+
+def _valid(layout: Layout, model: ModelConfig, global_batch: int, seq_len: int) -> bool:
+    try:
+        layout.validate(model, global_batch, seq_len)
+    except ConfigError:
+        return False
+    return True
+
+
+def _schedules(pp: int, num_layers: int, fixed: dict[str, Any]) -> list[tuple[str, int]]:
+    """(schedule, virtual stages) candidates for ``pp`` stages; a pinned value is always tried."""
+    if pp == 1:  # no pipeline: the schedule does not matter, so a pinned one means pp > 1
+        return [("1f1b", 1)] if fixed.get("schedule", "1f1b") == "1f1b" and fixed.get("virtual_stages", 1) == 1 \
+            else []
+    names = [fixed["schedule"]] if "schedule" in fixed else ["1f1b", "interleaved"]
+    out = []
+    for name in names:
+        if "virtual_stages" in fixed:
+            out.append((name, fixed["virtual_stages"]))
+        else:  # interleaved with v = 1 runs 1F1B's order: only when pinned
+            out += [(name, v) for v in (range(2, num_layers // pp + 1) if name == "interleaved" else [1])]
+    return out
 
 
 def enumerate_layouts(model: ModelConfig, num_devices: int, global_batch: int, seq_len: int,
                       devices_per_node: int, fixed: dict[str, Any] | None = None,
                       allow_cross_node_tp: bool = False) -> Iterator[Layout]:
-    """Every layout of the space described in the module docstring, honouring ``fixed``."""
+    """Every layout of the space described in the module docstring, honouring ``fixed``: the
+    candidates are built, and those :meth:`Layout.validate` accepts are kept (the one rule).
+
+    Validity never depends on the ZeRO stage or the recomputation beyond their ranges, so one
+    candidate per combination of the other fields is validated and its zero x recompute
+    variants share the verdict (a test checks this against validating each one)."""
     fixed = dict(fixed or {})
     unknown = set(fixed) - set(Layout.__dataclass_fields__)
     if unknown:
         raise ConfigError(f"unknown layout field(s) {sorted(unknown)}; valid: {list(Layout.__dataclass_fields__)}.")
 
-    def pick(name: str, values: list[Any]) -> list[Any]:
-        return [x for x in values if x == fixed[name]] if name in fixed else values
+    def pick(name: str, values: Iterable[Any]) -> list[Any]:
+        return [fixed[name]] if name in fixed else list(values)
 
-    tps = [t for t in valid_tp(model) if num_devices % t == 0
-           and (allow_cross_node_tp or t <= devices_per_node or fixed.get("tp") == t)]
-    for tp in pick("tp", tps):
-        for pp in pick("pp", [p for p in divisors(num_devices // tp) if p <= model.num_layers]):
-            dp = num_devices // (tp * pp)
-            if ("dp" in fixed and fixed["dp"] != dp) or global_batch % dp:
+    recomputes = pick("recompute", RECOMPUTE)
+    stage_layers, stage_speeds = fixed.get("stage_layers"), fixed.get("stage_speeds")
+    for tp in pick("tp", [t for t in divisors(num_devices) if allow_cross_node_tp or t <= devices_per_node]):
+        if not isinstance(tp, int) or tp < 1 or num_devices % tp:
+            continue
+        for pp in pick("pp", divisors(num_devices // tp)):
+            if not isinstance(pp, int) or pp < 1 or num_devices % (tp * pp):
                 continue
-            local = global_batch // dp
-            schedules: list[tuple[str, int]] = [("1f1b", 1)]
-            if pp > 1:
-                if fixed.get("schedule") == "gpipe":
-                    schedules.append(("gpipe", 1))
-                schedules += [("interleaved", v) for v in range(2, model.num_layers // pp + 1)
-                              if model.num_layers % (pp * v) == 0]
-            schedules = [(s, v) for s, v in schedules
-                         if fixed.get("schedule", s) == s and fixed.get("virtual_stages", v) == v]
-            zeros = pick("zero", [0, 1, 2, 3] if dp > 1 else [0])
-            sps = pick("sequence_parallel", [False, True] if tp > 1 and seq_len % tp == 0 else [False])
-            for m in pick("microbatches", divisors(local)):
+            dp = num_devices // (tp * pp)
+            if fixed.get("dp", dp) != dp or global_batch % dp:
+                continue
+            zeros = pick("zero", [0, 1, 2, 3] if dp > 1 else [0])  # zero > 0 at dp = 1 equals zero 0
+            schedules = _schedules(pp, model.num_layers, fixed)
+            sps = pick("sequence_parallel", [False, True] if tp > 1 else [False])
+            for m in pick("microbatches", divisors(global_batch // dp)):
                 for schedule, v in schedules:
-                    if schedule == "interleaved" and m % pp:
-                        continue
+                    shared = dict(dp=dp, pp=pp, tp=tp, microbatches=m, schedule=schedule, virtual_stages=v,
+                                  stage_layers=stage_layers, stage_speeds=stage_speeds)
+                    valid = [sp for sp in sps if _valid(Layout(**shared, zero=zeros[0], recompute=recomputes[0],
+                                                               sequence_parallel=sp), model, global_batch, seq_len)]
                     for zero in zeros:
-                        for recompute in pick("recompute", ["none", "selective", "full"]):
-                            for sp in sps:
-                                yield Layout(dp=dp, pp=pp, tp=tp, zero=zero, microbatches=m,
-                                             schedule=schedule, virtual_stages=v,
-                                             sequence_parallel=sp, recompute=recompute)
+                        for recompute in recomputes:
+                            for sp in valid:
+                                yield Layout(**shared, zero=zero, recompute=recompute, sequence_parallel=sp)
 
 
 @dataclass(frozen=True)
@@ -149,7 +181,8 @@ def search(model: ModelConfig, num_devices: int, hardware: Hardware, global_batc
         raise ConfigError(f"no valid layout of {num_devices} devices for model {model.name!r} with global "
                           f"batch {global_batch} and the given constraints {fixed or {}}: dp must divide the "
                           f"batch, tp must divide the heads (valid tp: {valid_tp(model)}), pp <= "
-                          f"{model.num_layers} layers, and ZeRO (zero > 0) needs dp > 1.")
+                          f"{model.num_layers} layers, pp x virtual_stages <= {model.num_layers}, micro-batches "
+                          f"divide the local batch (a multiple of pp when interleaved).")
     fits.sort(key=_key)
     best_plan = plans.get(fits[0].layout) if fits and plans else None
     return PlanResult(tuple(fits), considered, smallest, pure_fit or pure_unfit, best_plan)

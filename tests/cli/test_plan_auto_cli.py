@@ -33,10 +33,9 @@ def test_plan_auto_trains_the_choice_and_compares(tmp_path):
 
 
 def test_auto_layout_respects_runtime_support(monkeypatch):
-    """--plan auto trains only what the runtime implements: never ZeRO-3 with a pipeline (even
-    pinned), and nothing of a dimension whose SUPPORTED_* flag is off."""
-    from paratrain import config
-
+    """--plan auto trains only what the runtime implements (config.runtime_implements, the one
+    function TrainConfig.validate also asks): never ZeRO-3 with a pipeline, even pinned; and
+    whatever that function refuses, the search never offers."""
     cfg = TrainConfig(model="tiny", global_batch=8, seq_len=32)
     plan = local.auto_layout(cfg, 4, CPU.replace(devices_per_node=4), "test")
     assert plan.layout.world_size == 4
@@ -44,11 +43,9 @@ def test_auto_layout_respects_runtime_support(monkeypatch):
         local.auto_layout(cfg, 4, CPU, "test", fixed={"zero": 3, "pp": 2})
     assert local.auto_layout(cfg, 4, CPU, "test", fixed={"zero": 3}).layout.pp == 1
     assert local.auto_layout(cfg, 4, CPU, "test", fixed={"zero": 2}).layout.zero == 2
-    monkeypatch.setattr(config, "SUPPORTED_ZERO", False)
+    monkeypatch.setattr(local, "runtime_implements", lambda layout: layout.zero == 0 and layout.pp == 1)
     plan = local.auto_layout(cfg, 4, CPU, "test")
-    assert plan.layout.zero == 0 and all(lay.zero == 0 for lay, _ in plan.candidates)
-    monkeypatch.setattr(config, "SUPPORTED_PP", False)
-    assert local.auto_layout(cfg, 4, CPU, "test").layout.pp == 1
+    assert plan.layout.zero == 0 and all(lay.zero == 0 and lay.pp == 1 for lay, _ in plan.candidates)
 
 
 def test_pinned_flags_and_profile_choice(tmp_path):

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+
 import pytest
 
+from paratrain.config import RECOMPUTE, SCHEDULES, Layout
 from paratrain.errors import ConfigError
 from paratrain.models.configs import ModelConfig, get_model_config
 from paratrain.plan.cost import estimate
@@ -23,7 +27,56 @@ def test_every_enumerated_layout_is_valid_and_distinct() -> None:
     seen = {(lay.dp, lay.pp, lay.tp) for lay in layouts}
     assert (16, 1, 1) in seen and (2, 1, 8) in seen and (1, 16, 1) in seen
     assert not any(lay.schedule == "gpipe" for lay in layouts)  # dominated by 1F1B (module docstring)
-    assert all(lay.zero == 0 for lay in layouts if lay.dp == 1)
+    assert all(lay.zero == 0 for lay in layouts if lay.dp == 1)  # the same layout as zero 1-3 there
+
+
+SMALL = ModelConfig("s", num_layers=6, hidden=48, num_heads=6, vocab_size=100, max_seq_len=64)
+
+
+def _every_valid_layout(model: ModelConfig, n: int, batch: int, seq_len: int) -> set[Layout]:
+    """Brute force: every combination of the Layout fields with dp pp tp = n that validate()
+    accepts (the automatic partition: no stage_layers / stage_speeds)."""
+    out = set()
+    for dp, pp, tp in itertools.product(range(1, n + 1), repeat=3):
+        if dp * pp * tp != n:
+            continue
+        for zero, m, schedule, v, sp, recompute in itertools.product(
+                range(4), range(1, batch + 1), SCHEDULES, range(1, model.num_layers + 1), (False, True), RECOMPUTE):
+            layout = Layout(dp=dp, pp=pp, tp=tp, zero=zero, microbatches=m, schedule=schedule, virtual_stages=v,
+                            sequence_parallel=sp, recompute=recompute)
+            try:
+                layout.validate(model, batch, seq_len)
+            except ConfigError:
+                continue
+            out.add(layout)
+    return out
+
+
+def _canonical(layout: Layout, devices_per_node: int) -> Layout | None:
+    """The searched layout equivalent to ``layout`` (None: left out of the space unless pinned)."""
+    if layout.tp > devices_per_node or (layout.schedule == "gpipe" and layout.pp > 1):
+        return None  # tp beyond a node; GPipe, dominated by 1F1B
+    if layout.pp == 1 or (layout.schedule == "interleaved" and layout.virtual_stages == 1):
+        layout = dataclasses.replace(layout, schedule="1f1b", virtual_stages=1)  # no pipeline / 1F1B's order
+    return dataclasses.replace(layout, zero=0) if layout.dp == 1 else layout  # nothing to shard over
+
+
+@pytest.mark.parametrize("n,batch,seq_len,per_node", [(4, 8, 64, 8), (6, 12, 30, 2), (8, 4, 64, 4)])
+def test_the_space_is_every_valid_layout(n: int, batch: int, seq_len: int, per_node: int) -> None:
+    """One rule: the search enumerates exactly the layouts Layout.validate accepts, one of each
+    equivalent set (the module docstring): interleaved with uneven chunks and ZeRO pinned at
+    dp = 1 included, nothing the validation refuses."""
+    space = list(enumerate_layouts(SMALL, n, batch, seq_len, per_node))
+    assert len(space) == len(set(space))
+    for layout in space:
+        layout.validate(SMALL, batch, seq_len)  # every candidate on its own, not by its group's verdict
+    brute = {c for c in (_canonical(x, per_node) for x in _every_valid_layout(SMALL, n, batch, seq_len)) if c}
+    assert set(space) == brute
+    assert any(x.schedule == "interleaved" and SMALL.num_layers % (x.pp * x.virtual_stages) for x in space)
+    pinned = set(enumerate_layouts(SMALL, n, batch, seq_len, per_node, fixed={"zero": 2, "dp": 1}))
+    assert pinned and all(x.zero == 2 and x.dp == 1 for x in pinned)
+    for x in pinned:
+        x.validate(SMALL, batch, seq_len)
 
 
 def test_fixed_fields_pin_the_space() -> None:
