@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     result = search(model, devices, hw, args.global_batch, seq_len, args.precision, build_options(args),
                     fixed=given_layout_fields(args), allow_cross_node_tp=args.allow_cross_node_tp,
-                    device_speeds=speeds)
+                    device_speeds=speeds, top=args.top)
     seconds = time.perf_counter() - start
     if not result.ranked:
         worst = result.smallest_unfit

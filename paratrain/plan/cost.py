@@ -21,9 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import NamedTuple
+from typing import NamedTuple, Self
 
-from paratrain.config import PRECISIONS, Layout, padded_vocab_size, vocab_padding_note
+from paratrain.config import PRECISIONS, Layout, vocab_padding_note
 from paratrain.errors import ConfigError
 from paratrain.models.configs import ModelConfig, param_count
 from paratrain.parallel import volume
@@ -38,9 +38,10 @@ from paratrain.plan.collectives import (
     exposed_reduction,
     link,
 )
+from paratrain.plan.footprint import LayoutMemory, chunks_per_rank
 from paratrain.plan.hardware import Hardware
 from paratrain.plan.prediction import CommBytes, Estimate, StepTime
-from paratrain.plan.topology import axis_spans_nodes, peak_stash, pipeline_shape
+from paratrain.plan.topology import axis_spans_nodes, pipeline_shape  # noqa: F401 - pipeline_shape: hetero.py
 
 # Adam's update reads the fp32 parameter, the gradient, m and v and writes the parameter, m, v and
 # (mixed precision) the 16-bit working copy: 4+2+4+4 + 4+4+4+2 = 28 bytes per parameter it owns
@@ -143,12 +144,6 @@ class StageCost(NamedTuple):
         return self.forward_s + self.backward_s + self.tp_s + self.p2p_s
 
 
-def chunks_per_rank(layout: Layout) -> int:
-    """Model chunks each pipeline rank runs: ``virtual_stages`` with the interleaved schedule and
-    pp > 1, else 1 (the runtime ignores virtual stages without a pipeline)."""
-    return layout.virtual_stages if layout.schedule == "interleaved" and layout.pp > 1 else 1
-
-
 def compute_share(hw: Hardware, world_size: int) -> float:
     """Fraction of a compute unit each process gets when the processes of a node outnumber its
     cores (CPU ranks time-sharing cores): min(1, cores / processes on the node). 1 for devices
@@ -191,56 +186,40 @@ def _tp_seconds(model: ModelConfig, t: int, sp: bool, b: float, s: int, layers: 
     return out
 
 
-class _Layout:
-    """The per-layout numbers every pipeline rank's cost needs, computed once."""
+class _Layout(LayoutMemory):
+    """The per-layout numbers every pipeline rank's cost needs, computed once: the memory's
+    (:class:`~paratrain.plan.footprint.LayoutMemory`) and the time's."""
 
     def __init__(self, model: ModelConfig, layout: Layout, hw: Hardware, global_batch: int, seq_len: int,
                  precision: str, options: CostOptions) -> None:
-        L, p, t, n, m = layout, layout.pp, layout.tp, layout.dp, layout.microbatches
-        self.model, self.layout, self.hw, self.options, self.precision = model, layout, hw, options, precision
-        self.p, self.t, self.n, self.m = p, t, n, m
-        self.v = chunks_per_rank(L)
-        s, h, F, a = seq_len, model.hidden, model.ffn_hidden, model.num_heads
-        self.s, self.h = s, h
-        V = padded_vocab_size(model.vocab_size, t)  # rows of the embedding / LM head over all tp ranks
-        self.b = b = (options.local_batch if options.local_batch is not None else global_batch / n) / m
-        self.e = e = f.ELEM_BYTES[precision]
-        P_b, self.G_b, _ = f.STATE_BYTES[precision]
+        super().__init__(model, layout, global_batch, seq_len, precision, options)
+        L, p, t, n, b, s, h = layout, self.p, self.t, self.n, self.b, self.s, self.h
+        F, V, e = model.ffn_hidden, self.V, self.e
+        self.hw = hw
         self.share = compute_share(hw, L.world_size)
         self.rate = hw.peak_flops(precision) * (options.efficiency or hw.compute_efficiency) * self.share
-        self.sp = sp = L.sequence_parallel
         self.speeds = options.rank_speeds or (1.0,) * p
-        self.shape = pipeline_shape(model, seq_len, p, self.v, options.stage_layers or L.stage_layers,
-                                    L.stage_speeds, options.rank_speeds)
         dpn = hw.devices_per_node
         if self.share < 1 and hw.shared_latency_s:  # processes outnumber cores: peers answer later
             hw = hw.replace(intra_node_latency_s=hw.shared_latency_s)
         self.tp_link = link(hw, axis_spans_nodes("tp", n, p, t, dpn))
         self.dp_link = link(hw, axis_spans_nodes("dp", n, p, t, dpn))
         self.pp_link = link(hw, axis_spans_nodes("pp", n, p, t, dpn))
-        self.block = block = f.block_params_per_device(h, F, t)
-        self.embed = embed = V * h / t
-        self.head_copy = (not model.tie_embeddings) or p > 1  # the last stage keeps a copy of W_e
         self.layer_fwd = f.layer_forward_flops(b, s, h, F) / t
         self.layer_rec = f.recompute_forward_flops(L.recompute, b, s, h, F) / t
         self.head_fwd = f.head_forward_flops(b, s, h, V) / t
-        act = dict(t=t, sp=sp, elem_bytes=e, dropout=options.dropout, store_scores=options.store_scores,
-                   sp_saves_gathered=options.sp_saves_gathered)
-        self.act_layer = f.layer_activation_bytes(s, b, h, a, F, recompute=L.recompute, **act)
-        self.emb_act = f.embedding_activation_bytes(s, b, h, t, sp, options.dropout)
-        self.out_act = (m if (L.schedule == "gpipe" and p > 1) else 1) * f.output_activation_bytes(
-            s, b, h, V, t, sp, e, options.sp_saves_gathered)
-        full_layer = f.layer_activation_bytes(s, b, h, a, F, recompute="none", **act)
-        self.rebuilt = full_layer if L.recompute == "full" else 0.0
         # memory-bound seconds of one layer's / the head's forward + backward on an unshared device
-        self.ew_layer = hw.elementwise_s_per_byte * full_layer
-        self.ew_head = hw.elementwise_s_per_byte * f.output_activation_bytes(s, b, h, V, t, sp, e,
-                                                                             options.sp_saves_gathered)
-        # ZeRO-3 gathers one unit (a block, or the embedding) and its gradient at a time.
-        self.buffers = (P_b + self.G_b) * max(block, embed) if (L.zero == 3 and n > 1) else 0.0
-        self.message = volume.p2p_tensor_bytes(h, b, s, t, sp, e)
+        self.ew_layer = hw.elementwise_s_per_byte * self.full_layer
+        self.ew_head = hw.elementwise_s_per_byte * self.head_act
+        self.message = volume.p2p_tensor_bytes(h, b, s, t, self.sp, e)
         self.message_s = collective_seconds("send", 2, self.message, *self.pp_link)
-        self.dp_parts = dp_parts(L.zero, m, n, self.G_b, P_b)  # payloads per parameter
+        self.dp_parts = dp_parts(L.zero, self.m, n, self.G_b, self.P_b)  # payloads per parameter
+        self.pipe_bound: float | None = None  # step_time_lower_bound's pipeline part
+
+    def with_zero(self, layout: Layout) -> Self:
+        other = super().with_zero(layout)
+        other.dp_parts = dp_parts(layout.zero, self.m, self.n, self.G_b, self.P_b)
+        return other
 
     def tp_seconds(self, layers: int, first: bool, last: bool) -> dict[str, float]:
         return _tp_seconds(self.model, self.t, self.sp, self.b, self.s, layers, first, last, self.layout.recompute,
@@ -251,8 +230,7 @@ class _Layout:
         layers, first, last = self.shape.chunks[k], k == 0, k == self.p * self.v - 1
         fwd = layers * self.layer_fwd + (self.head_fwd if last else 0)
         tp = self.tp_seconds(layers, first, last)
-        params = layers * self.block + (self.embed + self.model.max_seq_len * self.h if first else 0) \
-            + (2 * self.h + (self.embed if self.head_copy else 0) if last else 0)
+        params = self.chunk_params(k)
         rate = self.rate * speed
         # memory-bound work outside the matmuls: 1/3 in forward, 2/3 in backward like the FLOPs,
         # plus the replayed forward's share under recomputation (see Hardware.elementwise_s_per_byte)
@@ -324,18 +302,10 @@ class _Layout:
     def rank(self, i: int, count: int) -> StageCost:
         """Pipeline rank ``i`` (standing for ``count`` alike ranks)."""
         p, m, v = self.p, self.m, self.v
-        first, last, n_layers, sends = i == 0, i == p - 1, self.shape.layers[i], self.shape.sends[i]
+        n_layers, sends = self.shape.layers[i], self.shape.sends[i]
         chunks = [self.chunk(c * p + i, self.speeds[i]) for c in range(v)]
-        params = sum(c.params for c in chunks)
-        state = f.model_state_bytes(params, self.layout.zero, self.n, self.precision)
-        if v == 1:
-            flight = f.in_flight_microbatches(self.layout.schedule, p, m, v, i)
-            acts = flight * (n_layers * self.act_layer + (self.emb_act if first else 0)) \
-                + (self.out_act if last else 0)
-        else:  # chunks of different sizes: which of them are in flight matters (topology.stash_states)
-            per_chunk = tuple(c.layers * self.act_layer + (self.emb_act if c.first else 0)
-                              + (self.out_act if c.last else 0) for c in chunks)
-            acts = peak_stash(self.layout.schedule, p, m, v, i, per_chunk)
+        mem = self.rank_memory(i)
+        params, state, acts = mem.params, mem.state, mem.activation_bytes
         tp_sync, tp_step_b, pp_sync, pp_step_b = self.syncs(i, n_layers)
         dp_b, exposed, grads, dp_other = self.data_parallel(params, chunks)
         owned = params / (self.n if self.layout.zero >= 1 else 1)
@@ -378,7 +348,53 @@ def estimate(model: ModelConfig, layout: Layout, hardware: Hardware, global_batc
 
 def _estimate(model: ModelConfig, layout: Layout, hw: Hardware, global_batch: int, seq_len: int,
               precision: str, options: CostOptions) -> Estimate:
-    stages = _stages(model, layout, hw, global_batch, seq_len, precision, options, every=False)
+    return estimate_layout(_Layout(model, layout, hw, global_batch, seq_len, precision, options))
+
+
+def layout_context(model: ModelConfig, layout: Layout, hw: Hardware, global_batch: int, seq_len: int,
+                   precision: str, options: CostOptions) -> _Layout:
+    """The per-layout context (``layout`` valid): its ``peak_bytes()`` is the estimate's peak
+    memory, :func:`step_time_lower_bound` bounds its step time, :func:`estimate_layout` prices it."""
+    return _Layout(model, layout, hw, global_batch, seq_len, precision, options)
+
+
+def step_time_lower_bound(ctx: _Layout) -> float:
+    """A lower bound on :func:`estimate_layout`'s step time, in a few operations (what lets the
+    search price in full only the layouts that can reach its top). With sum_i t_i over the p
+    ranks of the per-micro-batch times and t_max their largest (>= sum / p),
+
+        T_pipe = m t_max + (sum - t_max) / v = (m - 1/v) t_max + sum / v >= sum (m + (p - 1)/v) / p
+
+    since m >= 1 >= 1/v, and sum >= C + L tp_1: C, every chunk's compute, adds up over the model
+    (the FLOPs and memory-bound terms of :meth:`_Layout.chunk` are linear in its layers, plus the
+    head's); tp_1, one block's tensor-parallel collectives, is linear too (the embedding's and the
+    head's are extra; with a given bubble fraction b, T_pipe = m t_max / (1 - b)). The step adds
+    the optimizer (exact) and terms >= 0. 0 (no bound) with
+    rank speeds or a batch share (heterogeneous devices)."""
+    o = ctx.options
+    if o.rank_speeds is not None or o.local_batch is not None:
+        return 0.0
+    if ctx.pipe_bound is None:  # the same for every ZeRO stage (with_zero copies it)
+        L, p, m, v = ctx.model.num_layers, ctx.p, ctx.m, ctx.v
+        replay = ctx.layer_rec / (3 * ctx.layer_fwd) if ctx.layer_fwd else 0.0
+        C = (3 * (L * ctx.layer_fwd + ctx.head_fwd) + L * ctx.layer_rec) / ctx.rate \
+            + (L * ctx.ew_layer * (1 + replay) + ctx.ew_head) / ctx.share
+        if ctx.t > 1:
+            tp = ctx.tp_seconds(1, False, False)
+            C += L * (tp[volume.FORWARD] + tp[volume.BACKWARD])
+        # a given bubble fraction b: T_pipe = m t_max / (1 - b) >= m (sum / p) / (1 - b)
+        ctx.pipe_bound = C * m / p / (1 - o.bubble_fraction) if o.bubble_fraction is not None \
+            else C * (m + (p - 1) / v) / p
+    bw = ctx.hw.memory_bw * ctx.share
+    owned = max(g.params for g in ctx.group_memory()) / (ctx.n if ctx.layout.zero >= 1 else 1)
+    optimizer = OPTIMIZER_BYTES_PER_PARAM * owned / bw if bw else 0.0
+    return (ctx.pipe_bound + optimizer) * (1 - 1e-9)  # the margin: the estimate sums the terms in another order
+
+
+def estimate_layout(ctx: _Layout) -> Estimate:
+    """The estimate of the layout of ``ctx`` (:func:`layout_context`)."""
+    model, layout, hw, options = ctx.model, ctx.layout, ctx.hw, ctx.options
+    stages = tuple(ctx.rank(i, count) for i, count in ctx.shape.groups)
     p, m = layout.pp, layout.microbatches
     v = chunks_per_rank(layout)
     slow = max(stages, key=lambda c: c.microbatch_s)
@@ -396,7 +412,7 @@ def _estimate(model: ModelConfig, layout: Layout, hw: Hardware, global_batch: in
         optimizer=max(c.optimizer_s for c in stages),
     )
     heavy = max(stages, key=lambda c: c.peak_bytes)
-    return make_estimate(model, layout, hw, global_batch, seq_len, precision, options, time, bubble_frac,
+    return make_estimate(model, layout, hw, ctx.global_batch, ctx.s, ctx.precision, options, time, bubble_frac,
                          heavy, stages)
 
 

@@ -104,7 +104,7 @@ def plan_report(result: PlanResult, hw: Hardware, seconds: float, top: int) -> s
                      f"{e.bubble_fraction:.1%}"])
     lines = [
         _header(best, hw).split("\n")[0],
-        f"searched {result.considered:,} layouts in {seconds:.2f} s: {len(result.ranked):,} fit in "
+        f"searched {result.considered:,} layouts in {seconds:.2f} s: {result.fitting:,} fit in "
         f"{fmt_bytes(best.capacity_bytes)} usable per device", "",
         format_grid(["    layout", "memory GiB / usable", "step time", "tokens/s", "MFU", "bubble"], rows), "",
         "why: " + result.explain(),
@@ -119,7 +119,7 @@ def plan_json(result: PlanResult, hw: Hardware, top: int) -> dict[str, Any]:
     return {
         "model": result.best.model, "num_devices": result.best.num_devices, "hardware": hw.to_dict(),
         "global_batch": result.best.global_batch, "seq_len": result.best.seq_len,
-        "precision": result.best.precision, "considered": result.considered, "fitting": len(result.ranked),
+        "precision": result.best.precision, "considered": result.considered, "fitting": result.fitting,
         "explanation": result.explain(), "notes": list(result.best.notes), "ranked": [e.to_dict() for e in ranked],
         "device_speeds": result.best_speed_plan.to_dict() if result.best_speed_plan else None,
     }

@@ -27,6 +27,7 @@ space; a pinned value is always tried and kept if valid.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -35,7 +36,14 @@ from typing import Any
 from paratrain.config import RECOMPUTE, Layout, valid_tp
 from paratrain.errors import ConfigError
 from paratrain.models.configs import ModelConfig
-from paratrain.plan.cost import CostOptions, Estimate, _estimate, estimate
+from paratrain.plan.cost import (
+    CostOptions,
+    Estimate,
+    _estimate,
+    estimate,
+    layout_context,
+    step_time_lower_bound,
+)
 from paratrain.plan.hardware import GiB, Hardware
 from paratrain.plan.hetero import SpeedPlan, with_speeds
 
@@ -116,15 +124,21 @@ def enumerate_layouts(model: ModelConfig, num_devices: int, global_batch: int, s
 class PlanResult:
     """The ranked layouts that fit (best first) and what the search saw."""
 
-    ranked: tuple[Estimate, ...]
+    ranked: tuple[Estimate, ...]  # every layout that fits, or the ``top`` fastest (search's argument)
     considered: int
     smallest_unfit: Estimate | None  # the least memory-hungry layout that does not fit
     best_pure_dp: Estimate | None  # the fastest fitting layout with pp = tp = 1 (or least memory)
     best_speed_plan: SpeedPlan | None = None  # with device speeds: the winner's speed-aware split
+    num_fitting: int | None = None  # layouts that fit (None: len(ranked), every one ranked)
 
     @property
     def best(self) -> Estimate:
         return self.ranked[0]
+
+    @property
+    def fitting(self) -> int:
+        """How many of the layouts considered fit."""
+        return len(self.ranked) if self.num_fitting is None else self.num_fitting
 
     def explain(self) -> str:
         """One or two sentences: why the best layout wins."""
@@ -135,29 +149,58 @@ def search(model: ModelConfig, num_devices: int, hardware: Hardware, global_batc
            precision: str = "bf16", options: CostOptions | None = None,
            fixed: dict[str, Any] | None = None, allow_cross_node_tp: bool = False,
            device_speeds: tuple[float, ...] | None = None,
-           keep: Callable[[Layout], bool] | None = None) -> PlanResult:
+           keep: Callable[[Layout], bool] | None = None, top: int = 0) -> PlanResult:
     """Estimate every layout, keep those that fit, rank by (step time, bytes moved, peak memory).
 
     ``device_speeds`` (one per device): each layout is priced with stages and batch shares sized to
     speed (:func:`paratrain.plan.hetero.with_speeds`; its slowest replica). ``keep``: only layouts
-    it accepts (e.g. what the training runtime implements)."""
-    if not isinstance(num_devices, int) or num_devices < 1:
+    it accepts (e.g. what the training runtime implements). ``top`` > 0: rank only the ``top``
+    fastest (at least 2: the explanation compares the winner with the next), found by branch and
+    bound (:func:`_bounded`): the same ones, in the same order, as ranking every layout (tested),
+    and the same count of fitting layouts, the least memory-hungry misfit and the best pure
+    data-parallel layout."""
+    if not isinstance(num_devices, int) or isinstance(num_devices, bool) or num_devices < 1:
         raise ConfigError(f"the number of devices must be a positive integer, got {num_devices!r}.")
     options = options or CostOptions()
     # Validates precision, options, batch and sequence length once, on the simplest layout.
     estimate(model, Layout(dp=1), hardware, global_batch, seq_len, precision, options)
+    layouts = enumerate_layouts(model, num_devices, global_batch, seq_len, hardware.devices_per_node, fixed,
+                                allow_cross_node_tp)
+    kept: list[Layout] = []
+    rejected = 0
+    for layout in layouts:
+        if keep is None or keep(layout):
+            kept.append(layout)
+        else:
+            rejected += 1
+    if not kept and rejected:
+        raise ConfigError(f"none of the {rejected} valid layouts of {num_devices} devices with the constraints "
+                          f"{fixed or {}} is one the training runtime implements (ZeRO-3 with a pipeline, "
+                          f"for one, is not); drop the constraint that asks for it.")
+    if not kept:
+        raise ConfigError(f"no valid layout of {num_devices} devices for model {model.name!r} with global "
+                          f"batch {global_batch} and the given constraints {fixed or {}}: dp must divide the "
+                          f"batch, tp must divide the heads (valid tp: {valid_tp(model)}), pp <= "
+                          f"{model.num_layers} layers, pp x virtual_stages <= {model.num_layers}, micro-batches "
+                          f"divide the local batch (a multiple of pp when interleaved).")
+    args = (model, hardware, global_batch, seq_len, precision, options)
+    if top and device_speeds is None:
+        return _bounded(kept, args, max(top, 2))
+    return _exhaustive(kept, args, device_speeds)
+
+
+_Args = tuple[ModelConfig, Hardware, int, int, str, CostOptions]
+
+
+def _exhaustive(layouts: list[Layout], args: _Args, device_speeds: tuple[float, ...] | None) -> PlanResult:
+    """Price every layout in full; rank every one that fits."""
+    model, hardware, global_batch, seq_len, precision, options = args
     fits: list[Estimate] = []
     smallest: Estimate | None = None
     pure_fit: Estimate | None = None
     pure_unfit: Estimate | None = None
-    considered = rejected = 0
     plans: dict[Layout, SpeedPlan] = {}
-    for layout in enumerate_layouts(model, num_devices, global_batch, seq_len, hardware.devices_per_node,
-                                    fixed, allow_cross_node_tp):
-        if keep is not None and not keep(layout):
-            rejected += 1
-            continue
-        considered += 1
+    for layout in layouts:
         if device_speeds is None:
             est = _estimate(model, layout, hardware, global_batch, seq_len, precision, options)
         else:
@@ -173,19 +216,60 @@ def search(model: ModelConfig, num_devices: int, hardware: Hardware, global_batc
                 smallest = est
             if pure and (pure_unfit is None or est.peak_bytes_per_device < pure_unfit.peak_bytes_per_device):
                 pure_unfit = est
-    if considered == 0 and rejected:
-        raise ConfigError(f"none of the {rejected} valid layouts of {num_devices} devices with the constraints "
-                          f"{fixed or {}} is one the training runtime implements (ZeRO-3 with a pipeline, "
-                          f"for one, is not); drop the constraint that asks for it.")
-    if considered == 0:
-        raise ConfigError(f"no valid layout of {num_devices} devices for model {model.name!r} with global "
-                          f"batch {global_batch} and the given constraints {fixed or {}}: dp must divide the "
-                          f"batch, tp must divide the heads (valid tp: {valid_tp(model)}), pp <= "
-                          f"{model.num_layers} layers, pp x virtual_stages <= {model.num_layers}, micro-batches "
-                          f"divide the local batch (a multiple of pp when interleaved).")
     fits.sort(key=_key)
     best_plan = plans.get(fits[0].layout) if fits and plans else None
-    return PlanResult(tuple(fits), considered, smallest, pure_fit or pure_unfit, best_plan)
+    return PlanResult(tuple(fits), len(layouts), smallest, pure_fit or pure_unfit, best_plan)
+
+
+def _bounded(layouts: list[Layout], args: _Args, top: int) -> PlanResult:
+    """The ``top`` fastest layouts without pricing most of the others. Every layout's peak memory
+    is computed (exact: the estimate's own, :class:`~paratrain.plan.footprint.LayoutMemory`),
+    so the count that fit, the least memory-hungry misfit and the pure data-parallel ones are the
+    exhaustive search's; each fitting one gets a lower bound on its step time
+    (:func:`~paratrain.plan.cost.step_time_lower_bound`), and in increasing bound order they are
+    priced in full until the next bound exceeds the ``top``-th step time found: no layout left
+    can then enter the top. Ties keep the enumeration order, as the exhaustive stable sort does."""
+    model, hardware, global_batch, seq_len, precision, options = args
+    capacity = hardware.memory_bytes * (1 - options.memory_headroom)
+    bounds: list[tuple[float, int]] = []
+    misfit: tuple[float, int] | None = None
+    pure_misfit: tuple[float, int] | None = None
+    pure_fitting: list[int] = []
+    contexts: dict[tuple, Any] = {}  # one per layout but its ZeRO stage
+    for index, layout in enumerate(layouts):
+        base = (layout.dp, layout.pp, layout.tp, layout.microbatches, layout.schedule, layout.virtual_stages,
+                layout.sequence_parallel, layout.recompute)  # stage_layers / stage_speeds: the same for all
+        if base not in contexts:
+            contexts[base] = layout_context(model, layout, hardware, global_batch, seq_len, precision, options)
+        ctx = contexts[base]
+        ctx = ctx if ctx.layout.zero == layout.zero else ctx.with_zero(layout)
+        peak = ctx.peak_bytes()
+        pure = layout.tp == 1 and layout.pp == 1
+        if peak <= capacity:
+            bounds.append((step_time_lower_bound(ctx), index))
+            if pure:
+                pure_fitting.append(index)
+        else:
+            misfit = min(misfit or (peak, index), (peak, index))
+            if pure:
+                pure_misfit = min(pure_misfit or (peak, index), (peak, index))
+    priced: dict[int, Estimate] = {}
+
+    def price(index: int) -> Estimate:
+        if index not in priced:
+            priced[index] = _estimate(model, layouts[index], hardware, global_batch, seq_len, precision, options)
+        return priced[index]
+
+    best: list[tuple[tuple[float, float, float], int]] = []  # (key, index), sorted, at most top
+    for bound, index in sorted(bounds):
+        if len(best) == top and bound > best[-1][0][0]:
+            break  # every layout left takes longer than the top-th
+        bisect.insort(best, (_key(price(index)), index))
+        del best[top:]
+    pure = min(((_key(price(i)), i) for i in pure_fitting), default=None)
+    pure_index = pure[1] if pure else (pure_misfit[1] if pure_misfit else None)
+    return PlanResult(tuple(price(i) for _, i in best), len(layouts), price(misfit[1]) if misfit else None,
+                      price(pure_index) if pure_index is not None else None, num_fitting=len(bounds))
 
 
 def _key(e: Estimate) -> tuple[float, float, float]:

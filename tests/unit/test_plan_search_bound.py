@@ -1,0 +1,66 @@
+"""The bounded search (``search(top=k)``, what ``paratrain plan`` runs) against the exhaustive one:
+the same top k in the same order, the same counts, misfit and pure data-parallel layout; and the
+two cheap numbers it relies on, the exact peak memory and the lower bound on the step time."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from paratrain.config import runtime_implements
+from paratrain.models.configs import ModelConfig, get_model_config
+from paratrain.plan.cost import CostOptions, _estimate, layout_context, step_time_lower_bound
+from paratrain.plan.hardware import get_hardware
+from paratrain.plan.search import enumerate_layouts, search
+
+H100, A100, CPU = get_hardware("H100-80GB"), get_hardware("A100-80GB"), get_hardware("cpu").replace(cores_per_node=2)
+M13 = ModelConfig("m13", num_layers=40, hidden=5120, num_heads=40, vocab_size=51200, max_seq_len=2048)
+
+CASES = {  # name: (model, devices, hardware, batch, seq_len, search keywords)
+    "gpt2-1.3b on 64 H100": (get_model_config("gpt2-1.3b"), 64, H100, 512, 1024, {}),
+    "small on 8 shared cores": (get_model_config("small"), 8, CPU, 32, 256, {}),
+    "13B on 16 GiB devices": (M13, 32, H100.replace(memory_bytes=16 * 2**30), 64, 2048, {}),
+    "pinned tp, runtime only": (get_model_config("gpt2-350m"), 16, A100, 64, 1024,
+                                {"fixed": {"tp": 2}, "keep": runtime_implements}),
+    "no overlap, fixed bubble": (get_model_config("gpt2-350m"), 16, A100, 64, 1024,
+                                 {"options": CostOptions(overlap_dp=False, bubble_fraction=0.2)}),
+    "nothing fits": (get_model_config("gpt2-1.3b"), 4, H100.replace(memory_bytes=4 * 2**30), 8, 1024, {}),
+}
+
+
+def _same(a, b) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and a == b)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("top", [2, 10])
+def test_bounded_search_ranks_as_the_exhaustive_one(name: str, top: int) -> None:
+    model, n, hw, batch, seq_len, kw = CASES[name]
+    full = search(model, n, hw, batch, seq_len, **kw)
+    fast = search(model, n, hw, batch, seq_len, top=top, **kw)
+    assert fast.ranked == full.ranked[:top]  # the same Estimates, in the same order
+    assert fast.fitting == full.fitting == len(full.ranked) and fast.considered == full.considered
+    assert _same(fast.smallest_unfit, full.smallest_unfit) and _same(fast.best_pure_dp, full.best_pure_dp)
+    if full.ranked:
+        assert fast.explain() == full.explain()
+
+
+@pytest.mark.parametrize("name", [c for c in CASES if c != "gpt2-1.3b on 64 H100"])  # the others cover it faster
+def test_peak_memory_is_the_estimates_and_the_bound_holds(name: str) -> None:
+    """For every layout of the space: the screening context's peak is exactly the estimate's
+    (the count of fitting layouts depends on it), and the step-time bound is never above the
+    estimate (else the bounded search could drop a winner). Also for the ZeRO stages derived from
+    one context (with_zero), as the search makes them."""
+    model, n, hw, batch, seq_len, kw = CASES[name]
+    options = kw.get("options", CostOptions())
+    tight = 0
+    for layout in enumerate_layouts(model, n, batch, seq_len, hw.devices_per_node, kw.get("fixed")):
+        est = _estimate(model, layout, hw, batch, seq_len, "bf16", options)
+        base = layout_context(model, dataclasses.replace(layout, zero=0), hw, batch, seq_len, "bf16", options)
+        for ctx in (layout_context(model, layout, hw, batch, seq_len, "bf16", options), base.with_zero(layout)):
+            assert ctx.peak_bytes() == est.peak_bytes_per_device, layout
+            bound = step_time_lower_bound(ctx)
+            assert 0 < bound <= est.step_time_s, layout
+        tight += bound > 0.9 * est.step_time_s
+    assert tight  # a bound that prunes: within 10% of the estimate for some layouts
