@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import NamedTuple, Self
+from typing import NamedTuple
 
 from paratrain.config import PRECISIONS, Layout, vocab_padding_note
 from paratrain.errors import ConfigError
@@ -216,11 +216,6 @@ class _Layout(LayoutMemory):
         self.dp_parts = dp_parts(L.zero, self.m, n, self.G_b, self.P_b)  # payloads per parameter
         self.pipe_bound: float | None = None  # step_time_lower_bound's pipeline part
 
-    def with_zero(self, layout: Layout) -> Self:
-        other = super().with_zero(layout)
-        other.dp_parts = dp_parts(layout.zero, self.m, self.n, self.G_b, self.P_b)
-        return other
-
     def tp_seconds(self, layers: int, first: bool, last: bool) -> dict[str, float]:
         return _tp_seconds(self.model, self.t, self.sp, self.b, self.s, layers, first, last, self.layout.recompute,
                            self.e, self.G_b, self.tp_link)
@@ -358,7 +353,7 @@ def layout_context(model: ModelConfig, layout: Layout, hw: Hardware, global_batc
     return _Layout(model, layout, hw, global_batch, seq_len, precision, options)
 
 
-def step_time_lower_bound(ctx: _Layout) -> float:
+def step_time_lower_bound(ctx: _Layout, zero: int | None = None) -> float:
     """A lower bound on :func:`estimate_layout`'s step time, in a few operations (what lets the
     search price in full only the layouts that can reach its top). With sum_i t_i over the p
     ranks of the per-micro-batch times and t_max their largest (>= sum / p),
@@ -369,12 +364,13 @@ def step_time_lower_bound(ctx: _Layout) -> float:
     (the FLOPs and memory-bound terms of :meth:`_Layout.chunk` are linear in its layers, plus the
     head's); tp_1, one block's tensor-parallel collectives, is linear too (the embedding's and the
     head's are extra; with a given bubble fraction b, T_pipe = m t_max / (1 - b)). The step adds
-    the optimizer (exact) and terms >= 0. 0 (no bound) with
+    the optimizer (exact) and terms >= 0. ``zero``: at that ZeRO stage instead of the layout's
+    (the rest does not depend on it). 0 (no bound) with
     rank speeds or a batch share (heterogeneous devices)."""
     o = ctx.options
     if o.rank_speeds is not None or o.local_batch is not None:
         return 0.0
-    if ctx.pipe_bound is None:  # the same for every ZeRO stage (with_zero copies it)
+    if ctx.pipe_bound is None:  # the same for every ZeRO stage
         L, p, m, v = ctx.model.num_layers, ctx.p, ctx.m, ctx.v
         replay = ctx.layer_rec / (3 * ctx.layer_fwd) if ctx.layer_fwd else 0.0
         C = (3 * (L * ctx.layer_fwd + ctx.head_fwd) + L * ctx.layer_rec) / ctx.rate \
@@ -386,7 +382,8 @@ def step_time_lower_bound(ctx: _Layout) -> float:
         ctx.pipe_bound = C * m / p / (1 - o.bubble_fraction) if o.bubble_fraction is not None \
             else C * (m + (p - 1) / v) / p
     bw = ctx.hw.memory_bw * ctx.share
-    owned = max(g.params for g in ctx.group_memory()) / (ctx.n if ctx.layout.zero >= 1 else 1)
+    zero = ctx.layout.zero if zero is None else zero
+    owned = max(params for params, _ in ctx.group_parts()) / (ctx.n if zero >= 1 else 1)
     optimizer = OPTIMIZER_BYTES_PER_PARAM * owned / bw if bw else 0.0
     return (ctx.pipe_bound + optimizer) * (1 - 1e-9)  # the margin: the estimate sums the terms in another order
 

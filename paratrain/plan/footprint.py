@@ -8,20 +8,25 @@ rank i (its chunks c = 0..v-1 are stages k = c p + i):
     params_i  = sum_k  layers_k * block + [k first] (V h / t + S_max h) + [k last] (2 h + [copy] V h / t)
     peak_i    = states(params_i, zero, dp) + ZeRO-3 buffers + stashed activations + rebuilt block
 
-with the stash counted as in :func:`formulas.in_flight_microbatches` (one chunk per rank) or
-:func:`topology.peak_stash` (chunks of different sizes).
+with the stash counted as in :func:`formulas.in_flight_microbatches` (one chunk per rank) or, for
+chunks of different sizes, as the largest over the schedule's stash states
+(:func:`topology.stash_states`, n_c micro-batches of chunk c) of
+
+    sum_c n_c (layers_c a + [c first] e_emb + [c last] e_head)
+        = (sum_c n_c layers_c) a + n_first e_emb + n_last e_head
+
+with a, e_emb, e_head one micro-batch's activations of a block, the embedding and the head.
 """
 
 from __future__ import annotations
 
-import copy
 from functools import lru_cache
-from typing import TYPE_CHECKING, NamedTuple, Self
+from typing import TYPE_CHECKING, NamedTuple
 
 from paratrain.config import Layout, padded_vocab_size
 from paratrain.models.configs import ModelConfig
 from paratrain.plan import formulas as f
-from paratrain.plan.topology import PipelineShape, peak_stash, pipeline_shape
+from paratrain.plan.topology import pipeline_shape, stash_states
 
 if TYPE_CHECKING:
     from paratrain.plan.cost import CostOptions
@@ -77,74 +82,72 @@ class LayoutMemory:
         self.out_act = (m if (L.schedule == "gpipe" and p > 1) else 1) * self.head_act
         self.full_layer = f.layer_activation_bytes(s, b, h, a, F, recompute="none", **act)
         self.rebuilt = self.full_layer if L.recompute == "full" else 0.0
-        self.buffers = self._buffers()
-        self._groups: tuple[RankMemory, ...] | None = None
+        self.buffers = self._buffers(L.zero)
+        self._parts: tuple[tuple[float, float], ...] | None = None
+        self._groups: dict[int, tuple[RankMemory, ...]] = {}
 
-    def _buffers(self) -> float:
+    def _buffers(self, zero: int) -> float:
         """ZeRO-3 gathers one unit (a block, or the embedding) and its gradient at a time."""
-        if self.layout.zero == 3 and self.n > 1:
-            return (self.P_b + self.G_b) * max(self.block, self.embed)
-        return 0.0
-
-    def with_zero(self, layout: Layout) -> Self:
-        """This context for ``layout``, which differs from this one's only in its ZeRO stage (the
-        search prices the four stages of a layout from one context)."""
-        other = copy.copy(self)
-        other.layout = layout
-        other.buffers = other._buffers()
-        other._groups = None
-        return other
+        return (self.P_b + self.G_b) * max(self.block, self.embed) if (zero == 3 and self.n > 1) else 0.0
 
     def chunk_params(self, k: int) -> float:
         """Parameters of stage ``k`` (chunk ``k // p`` of rank ``k % p``) on one device."""
-        return _chunk_params(self.shape.chunks[k], k == 0, k == self.p * self.v - 1, self.block, self.embed,
-                             self.head_copy, self.h, self.model.max_seq_len)
+        layers, first, last = self.shape.chunks[k], k == 0, k == self.p * self.v - 1
+        return layers * self.block + (self.embed + self.model.max_seq_len * self.h if first else 0) \
+            + (2 * self.h + (self.embed if self.head_copy else 0) if last else 0)
+
+    def _rank_parts(self, i: int) -> tuple[float, float]:
+        """(parameters, stashed activation bytes) of rank ``i``: the same for every ZeRO stage."""
+        p, v, m, schedule = self.p, self.v, self.m, self.layout.schedule
+        params = sum(self.chunk_params(k) for k in range(i, p * v, p))
+        if v == 1:
+            flight = f.in_flight_microbatches(schedule, p, m, v, i)
+            acts = flight * (self.shape.layers[i] * self.act_layer + (self.emb_act if i == 0 else 0)) \
+                + (self.out_act if i == p - 1 else 0)
+        else:  # chunks of different sizes: which of them are in flight matters (topology.stash_states)
+            terms = _stash_terms(schedule, p, m, v, i, self.shape.chunks[i::p])
+            acts = max(n * self.act_layer + first * self.emb_act + last * self.out_act for n, first, last in terms)
+        return params, acts
+
+    def _memory(self, params: float, acts: float, zero: int) -> RankMemory:
+        state = _model_state_bytes(params, zero, self.n, self.precision)
+        return RankMemory(params, state, self._buffers(zero), acts, self.rebuilt)
 
     def rank_memory(self, i: int) -> RankMemory:
         """What one device of pipeline rank ``i`` holds at its peak."""
-        params = _rank_params(self.shape, self.p, self.v, i, self.block, self.embed, self.head_copy, self.h,
-                              self.model.max_seq_len)
-        state = f.model_state_bytes(params, self.layout.zero, self.n, self.precision)
-        acts = _rank_activations(self.shape, self.layout.schedule, self.p, self.m, self.v, i, self.act_layer,
-                                 self.emb_act, self.out_act)
-        return RankMemory(params, state, self.buffers, acts, self.rebuilt)
+        return self._memory(*self._rank_parts(i), self.layout.zero)
 
-    def group_memory(self) -> tuple[RankMemory, ...]:
-        """:meth:`rank_memory` of the first rank of each run of alike ranks, which holds its
-        run's most (:class:`topology.PipelineShape`); computed once."""
-        if self._groups is None:
-            self._groups = tuple(self.rank_memory(i) for i, _ in self.shape.groups)
-        return self._groups
+    def group_parts(self) -> tuple[tuple[float, float], ...]:
+        """(parameters, activation bytes) of the first rank of each run of alike ranks, which
+        holds its run's most (:class:`topology.PipelineShape`); the same at every ZeRO stage."""
+        if self._parts is None:
+            self._parts = tuple(self._rank_parts(i) for i, _ in self.shape.groups)
+        return self._parts
 
-    def peak_bytes(self) -> float:
-        """The most loaded device's peak."""
-        return max(g.peak_bytes for g in self.group_memory())
+    def group_memory(self, zero: int | None = None) -> tuple[RankMemory, ...]:
+        """:meth:`rank_memory` of each run's first rank, with this layout's ZeRO stage or
+        ``zero`` (the search screens the four stages of a layout from one context)."""
+        zero = self.layout.zero if zero is None else zero
+        if zero not in self._groups:
+            self._groups[zero] = tuple(self._memory(params, acts, zero) for params, acts in self.group_parts())
+        return self._groups[zero]
 
-
-
-def _chunk_params(layers: int, first: bool, last: bool, block: float, embed: float, head_copy: bool, h: int,
-                  max_seq_len: int) -> float:
-    return layers * block + (embed + max_seq_len * h if first else 0) + (2 * h + (embed if head_copy else 0)
-                                                                         if last else 0)
+    def peak_bytes(self, zero: int | None = None) -> float:
+        """The most loaded device's peak (at ZeRO stage ``zero``, default the layout's)."""
+        return max(g.peak_bytes for g in self.group_memory(zero))
 
 
-# The search asks for the same ranks many times (every ZeRO stage of a layout holds the same
-# parameters and activations): both are cached.
-@lru_cache(maxsize=16384)
-def _rank_params(shape: PipelineShape, p: int, v: int, i: int, block: float, embed: float, head_copy: bool, h: int,
-                 max_seq_len: int) -> float:
-    return sum(_chunk_params(shape.chunks[k], k == 0, k == p * v - 1, block, embed, head_copy, h, max_seq_len)
-               for k in range(i, p * v, p))
+# A rank's parameters do not depend on the micro-batches, recomputation or sequence parallelism:
+# the search asks for the same states many times (ModelState is immutable).
+_model_state_bytes = lru_cache(maxsize=16384)(f.model_state_bytes)
 
 
 @lru_cache(maxsize=16384)
-def _rank_activations(shape: PipelineShape, schedule: str, p: int, m: int, v: int, i: int, act_layer: float,
-                      emb_act: float, out_act: float) -> float:
-    if v == 1:
-        flight = f.in_flight_microbatches(schedule, p, m, v, i)
-        return flight * (shape.layers[i] * act_layer + (emb_act if i == 0 else 0)) + (out_act if i == p - 1 else 0)
-    # chunks of different sizes: which of them are in flight matters (topology.stash_states)
-    last = p * v - 1
-    per_chunk = tuple(shape.chunks[k] * act_layer + (emb_act if k == 0 else 0) + (out_act if k == last else 0)
-                      for k in range(i, p * v, p))
-    return peak_stash(schedule, p, m, v, i, per_chunk)
+def _stash_terms(schedule: str, p: int, m: int, v: int, i: int, layers: tuple[int, ...]
+                 ) -> tuple[tuple[int, int, int], ...]:
+    """Rank ``i``'s stash states (its chunks hold ``layers``) as (sum_c n_c layers_c, n_first,
+    n_last) of the module docstring, the dominated ones dropped: integers, so they serve every
+    batch size, recomputation and ZeRO stage of the layout."""
+    terms = {(sum(n * c for n, c in zip(state, layers)), state[0] if i == 0 else 0, state[-1] if i == p - 1 else 0)
+             for state in stash_states(schedule, p, m, v, i)}
+    return tuple(sorted(t for t in terms if not any(o != t and all(a >= b for a, b in zip(o, t)) for o in terms)))

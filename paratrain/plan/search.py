@@ -241,12 +241,11 @@ def _bounded(layouts: list[Layout], args: _Args, top: int) -> PlanResult:
                 layout.sequence_parallel, layout.recompute)  # stage_layers / stage_speeds: the same for all
         if base not in contexts:
             contexts[base] = layout_context(model, layout, hardware, global_batch, seq_len, precision, options)
-        ctx = contexts[base]
-        ctx = ctx if ctx.layout.zero == layout.zero else ctx.with_zero(layout)
-        peak = ctx.peak_bytes()
+        ctx, zero = contexts[base], layout.zero
+        peak = ctx.peak_bytes(zero)
         pure = layout.tp == 1 and layout.pp == 1
         if peak <= capacity:
-            bounds.append((step_time_lower_bound(ctx), index))
+            bounds.append((step_time_lower_bound(ctx, zero), index))
             if pure:
                 pure_fitting.append(index)
         else:
