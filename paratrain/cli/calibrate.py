@@ -9,7 +9,7 @@ DESCRIPTION = """\
 Measure this machine's matmul throughput (fp32 with 1 thread and all threads, bf16), memory
 bandwidth (a large copy), the time a training step spends outside matmuls (forward + backward of
 the tiny and small GPTs) and in the optimizer, and gloo all-reduce bandwidth and latency between 2
-local processes, and write a device profile (JSON). Use it with `paratrain estimate/plan --device profile:PATH` (or
+local processes, and write a device profile (JSON). Use it with `paratrain estimate/plan --hardware profile:PATH` (or
 --profile PATH). Takes about 10-20 s."""
 
 
@@ -39,5 +39,5 @@ def run(args: argparse.Namespace) -> int:
           f"  outside matmuls: {hw.elementwise_s_per_byte * 1e9:.3f} ns per activation byte\n"
           f"  link {hw.intra_node_bw / 1e9:.2f} GB/s, {hw.intra_node_latency_s * 1e6:.1f} us per step; "
           f"reduce-scatter {hw.reduce_scatter_slowdown:.2f}x, all-gather {hw.all_gather_slowdown:.2f}x the ring\n"
-          f"use it with: paratrain estimate --device profile:{path} ...")
+          f"use it with: paratrain estimate --hardware profile:{path} ...")
     return 0

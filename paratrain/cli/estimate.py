@@ -14,7 +14,7 @@ pipeline bubble, and the step time split into compute / communication / bubble, 
 MFU. A layout that does not fit is still answered ("fits": false); an impossible one (e.g. tp not
 dividing the heads) is an error. No torch, no processes: answers in milliseconds.
 
-Example:  paratrain estimate --model gpt2-1.3b --dp 8 --global-batch 64 --device A100-80GB"""
+Example:  paratrain estimate --model gpt2-1.3b --dp 8 --global-batch 64 --hardware A100-80GB"""
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -25,14 +25,14 @@ sequence parallelism, recomputation) of N devices, predict each one's memory and
 those that do not fit and rank the rest by step time (then memory). Layout flags pin that part of
 the layout. No torch, no processes.
 
-Example:  paratrain plan --model gpt-13b --devices 64 --device H100-80GB --global-batch 512"""
+Example:  paratrain plan --model gpt-13b --devices 64 --hardware H100-80GB --global-batch 512"""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="find the fastest layout that fits",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
-    p.add_argument("--devices", type=int, help="devices to plan for (default: one node of --device)")
+    p.add_argument("--devices", type=int, help="devices to plan for (default: one node of --hardware)")
     p.add_argument("--top", type=int, default=10, help="layouts to show (0 = all; default: %(default)s)")
     p.add_argument("--allow-cross-node-tp", action="store_true",
                    help="also consider tensor parallelism wider than one node")

@@ -51,8 +51,10 @@ def build_model(args: argparse.Namespace) -> tuple[ModelConfig, int]:
 
 def add_hardware_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("hardware (a catalog device, a calibrated profile, and/or explicit figures)")
-    g.add_argument("--device", help=f"{', '.join(device_names())}, or profile:PATH (default: {DEFAULT_DEVICE}; "
-                   "explicit figures below replace the device's)")
+    g.add_argument("--hardware", "--device", dest="hardware", metavar="NAME",
+                   help=f"the device of the hardware catalog: {', '.join(device_names())}, or profile:PATH "
+                   f"(default: {DEFAULT_DEVICE}; explicit figures below replace the device's). --device NAME is "
+                   f"the old spelling, still accepted (`paratrain train --device` is cpu/cuda, another thing)")
     g.add_argument("--profile", metavar="PATH", help="device profile written by `paratrain calibrate`")
     g.add_argument("--peak-tflops", type=float, help="dense peak TFLOP/s for the chosen --precision")
     m = g.add_mutually_exclusive_group()
@@ -68,15 +70,16 @@ def add_hardware_args(p: argparse.ArgumentParser) -> None:
                    "(default: the device's; 0.48 for GPUs, fitted to Megatron-LM's published runs)")
     g.add_argument("--device-speeds", metavar="X,X,...", help="heterogeneous devices: the relative compute "
                    "speed of each device in rank order (rank = (pp_i * dp + dp_i) * tp + tp_i), e.g. 1,1,2,2; "
-                   "or catalog names, whose speed is their peak x efficiency over --device's, e.g. "
+                   "or catalog names, whose speed is their peak x efficiency over --hardware's, e.g. "
                    "H100-80GB,H100-80GB,A100-80GB,A100-80GB; 'Nx' repeats an entry: 2xH100-80GB,2xA100-80GB. "
                    "Pipeline stages and batch shares are sized to speed and the gain over an even split printed")
 
 
 def build_hardware(args: argparse.Namespace, precision: str) -> Hardware:
     """Catalog device or profile, then explicit figures on top (or alone: a custom device)."""
-    if args.device and args.profile:
-        raise ConfigError("give --device or --profile, not both (--device profile:PATH is --profile PATH).")
+    if args.hardware and args.profile:
+        raise ConfigError("give --hardware (or its old spelling --device) or --profile, not both "
+                          "(--hardware profile:PATH is --profile PATH).")
     peak = args.peak_tflops * TFLOPS if args.peak_tflops is not None else None
     figures: dict[str, Any] = {
         "memory_bytes": args.memory_gib * GiB if args.memory_gib is not None else
@@ -90,8 +93,8 @@ def build_hardware(args: argparse.Namespace, precision: str) -> Hardware:
         keys = ("peak_fp32_flops",) if precision == "fp32" else ("peak_bf16_flops", "peak_fp16_flops")
         figures.update({k: peak for k in keys})
     given = any(v is not None for v in figures.values())
-    if args.profile or args.device:
-        base = get_hardware(f"profile:{args.profile}" if args.profile else args.device)
+    if args.profile or args.hardware:
+        base = get_hardware(f"profile:{args.profile}" if args.profile else args.hardware)
     elif given:
         if peak is not None:  # a device described only by flags: one peak for every precision
             figures.update(peak_bf16_flops=peak, peak_fp16_flops=peak, peak_fp32_flops=peak)
@@ -110,7 +113,9 @@ def add_cost_args(p: argparse.ArgumentParser, batch_help: str) -> None:
     g.add_argument("--global-batch", type=int, help=batch_help)
     g.add_argument("--precision", choices=PRECISIONS, default="bf16",
                    help="bf16: mixed precision, 2+2+12 bytes per parameter (16-bit weights and "
-                        "gradients, fp32 master weights and Adam m, v); fp32: 4+4+8 (default: bf16)")
+                        "gradients, fp32 master weights and Adam m, v); fp32: 4+4+8 (default: bf16, how "
+                        "accelerators train; `paratrain train` defaults to fp32, what its CPU ranks run: give "
+                        "--precision fp32 to price a train run as it runs by default)")
     g.add_argument("--headroom", type=float, default=CostOptions.memory_headroom,
                    help="fraction of device memory kept free for the framework (default: %(default)s)")
     g.add_argument("--no-overlap", action="store_true",

@@ -19,7 +19,7 @@ tensor-parallel peers run the same timeline), so thousands of devices take well 
 No torch, no processes.
 
 Example:  paratrain simulate --model gpt-13b --dp 8 --pp 4 --microbatches 16 --global-batch 256 \\
-              --device A100-80GB --out step.png"""
+              --hardware A100-80GB --out step.png"""
 
 
 def register(sub: argparse._SubParsersAction) -> None:

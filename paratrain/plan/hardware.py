@@ -252,7 +252,7 @@ def custom_hardware(base: Hardware | None, **figures: Any) -> Hardware:
               "intra_node_bw": "--intra-bw-gbs"}
     missing = [flag for key, flag in needed.items() if key not in given]
     if missing:
-        raise ConfigError(f"a custom device needs {', '.join(missing)} (or --device NAME to start "
+        raise ConfigError(f"a custom device needs {', '.join(missing)} (or --hardware NAME to start "
                           f"from a catalog device: {', '.join(CATALOG)}).")
     given.setdefault("peak_bf16_flops", given["peak_fp32_flops"])
     given.setdefault("peak_fp16_flops", given["peak_bf16_flops"] or given["peak_fp32_flops"])
