@@ -8,12 +8,14 @@ import time
 
 from paratrain.cli.common import add_layout_args
 from paratrain.cli.plan_args import (
+    MAX_DEVICES,
     add_cost_args,
     add_hardware_args,
     add_model_args,
     build_hardware,
     build_model,
     build_options,
+    count,
     given_layout_fields,
     parse_speeds,
 )
@@ -32,8 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="find the fastest layout that fits",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
-    p.add_argument("--devices", type=int, help="devices to plan for (default: one node of --hardware)")
-    p.add_argument("--top", type=int, default=10, help="layouts to show (0 = all; default: %(default)s)")
+    p.add_argument("--devices", type=count(1, MAX_DEVICES),
+                   help="devices to plan for (default: one node of --hardware)")
+    p.add_argument("--top", type=count(0, 2**31), default=10, help="layouts to show (0 = all; default: %(default)s)")
     p.add_argument("--allow-cross-node-tp", action="store_true",
                    help="also consider tensor parallelism wider than one node")
     add_layout_args(p)
@@ -48,11 +51,10 @@ def run(args: argparse.Namespace) -> int:
     from paratrain.plan.search import search
 
     model, seq_len = build_model(args)
+    fixed = given_layout_fields(args)
     hw = build_hardware(args, args.precision)
     if args.global_batch is None:
         raise ConfigError("plan needs --global-batch B (sequences per optimizer step over all devices).")
-    if args.top < 0:
-        raise ConfigError(f"--top must be >= 0 (0 = all), got {args.top}.")
     speeds = parse_speeds(args.device_speeds, hw, args.precision) if args.device_speeds else None
     devices = args.devices or (len(speeds) if speeds else hw.devices_per_node)
     if speeds is not None and len(speeds) != devices:
@@ -60,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
                           f"per device.")
     start = time.perf_counter()
     result = search(model, devices, hw, args.global_batch, seq_len, args.precision, build_options(args),
-                    fixed=given_layout_fields(args), allow_cross_node_tp=args.allow_cross_node_tp,
+                    fixed=fixed, allow_cross_node_tp=args.allow_cross_node_tp,
                     device_speeds=speeds, top=args.top)
     seconds = time.perf_counter() - start
     if not result.ranked:

@@ -1,9 +1,13 @@
-"""Flags shared by ``paratrain estimate`` and ``paratrain plan``: model shape, hardware, cost
-options. No torch import (these commands must answer in milliseconds)."""
+"""Flags shared by ``paratrain estimate``, ``plan`` and ``simulate``: model shape, hardware, cost
+options, and the checks of every number a planning command reads (finite, in range, named by its
+flag). No torch import (these commands must answer in milliseconds)."""
 
 from __future__ import annotations
 
 import argparse
+import math
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from paratrain.config import PRECISIONS, Layout
@@ -13,6 +17,49 @@ from paratrain.plan.cost import CostOptions
 from paratrain.plan.hardware import GB, TFLOPS, GiB, Hardware, custom_hardware, device_names, get_hardware
 
 DEFAULT_DEVICE = "H100-80GB"
+# Bounds that keep every answer finite and quick (far beyond any real machine or model).
+MAX_DEVICES = 2**20
+MAX_BATCH = 2**31
+# Forward passes (pp x micro-batches x virtual stages) the event-level schedule check and
+# simulation take on: about a second here; beyond, the closed forms (`paratrain estimate`) answer.
+MAX_SIMULATED_PASSES = 8192
+
+
+def count(lo: int, hi: int) -> Callable[[str], int]:
+    """An argparse type: an integer in [lo, hi] (argparse names the flag in its error, exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer from {lo:,} to {hi:,}, got {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be from {lo:,} to {hi:,}, got {text!r}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def real(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number in the interval from lo to hi (open ends as asked)."""
+    interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number in {interval}, got {text!r}") from None
+        if not (math.isfinite(value) and (lo < value if lo_open else lo <= value)
+                and (value < hi if hi_open else value <= hi)):
+            raise argparse.ArgumentTypeError(f"must be a finite number in {interval}, got {text!r}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+POSITIVE = real(0, 1e12, lo_open=True)  # a bandwidth, a peak, a memory size: > 0, finite
 _SHAPE = {"layers": "num_layers", "hidden": "hidden", "heads": "num_heads", "vocab": "vocab_size",
           "ffn_hidden": "ffn_hidden"}
 
@@ -20,12 +67,13 @@ _SHAPE = {"layers": "num_layers", "hidden": "hidden", "heads": "num_heads", "voc
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (a name, or a shape; shape flags also override a named model)")
     g.add_argument("--model", help=f"named model: {', '.join(model_names())}")
-    g.add_argument("--layers", type=int, help="transformer blocks L")
-    g.add_argument("--hidden", type=int, help="hidden size H")
-    g.add_argument("--heads", type=int, help="attention heads A")
-    g.add_argument("--vocab", type=int, help="vocabulary size V")
-    g.add_argument("--ffn-hidden", type=int, help="MLP width F (default: 4 H)")
-    g.add_argument("--seq-len", type=int, help="tokens per sequence S (default: the named model's maximum)")
+    g.add_argument("--layers", type=count(1, 2**16), help="transformer blocks L")
+    g.add_argument("--hidden", type=count(1, 2**20), help="hidden size H")
+    g.add_argument("--heads", type=count(1, 2**16), help="attention heads A")
+    g.add_argument("--vocab", type=count(1, 2**30), help="vocabulary size V")
+    g.add_argument("--ffn-hidden", type=count(1, 2**24), help="MLP width F (default: 4 H)")
+    g.add_argument("--seq-len", type=count(1, 2**24),
+                   help="tokens per sequence S (default: the named model's maximum)")
     g.add_argument("--untie-embeddings", action="store_true", help="the LM head has its own weight")
 
 
@@ -56,17 +104,17 @@ def add_hardware_args(p: argparse.ArgumentParser) -> None:
                    f"(default: {DEFAULT_DEVICE}; explicit figures below replace the device's). --device NAME is "
                    f"the old spelling, still accepted (`paratrain train --device` is cpu/cuda, another thing)")
     g.add_argument("--profile", metavar="PATH", help="device profile written by `paratrain calibrate`")
-    g.add_argument("--peak-tflops", type=float, help="dense peak TFLOP/s for the chosen --precision")
+    g.add_argument("--peak-tflops", type=POSITIVE, help="dense peak TFLOP/s for the chosen --precision")
     m = g.add_mutually_exclusive_group()
-    m.add_argument("--memory-gib", type=float, help="device memory in GiB (2^30 bytes; a GPU's '80GB')")
-    m.add_argument("--memory-gb", type=float, help="device memory in GB (10^9 bytes)")
-    g.add_argument("--mem-bw-gbs", type=float, help="memory bandwidth, GB/s")
-    g.add_argument("--intra-bw-gbs", type=float, help="intra-node link, GB/s per device per direction")
-    g.add_argument("--inter-bw-gbs", type=float, help="inter-node link, GB/s per device per direction")
-    g.add_argument("--intra-latency-us", type=float, help="intra-node latency per collective step, us")
-    g.add_argument("--inter-latency-us", type=float, help="inter-node latency per collective step, us")
-    g.add_argument("--devices-per-node", type=int, help="devices sharing the intra-node link")
-    g.add_argument("--efficiency", type=float, help="fraction of peak the compute reaches, (0, 1] "
+    m.add_argument("--memory-gib", type=POSITIVE, help="device memory in GiB (2^30 bytes; a GPU's '80GB')")
+    m.add_argument("--memory-gb", type=POSITIVE, help="device memory in GB (10^9 bytes)")
+    g.add_argument("--mem-bw-gbs", type=POSITIVE, help="memory bandwidth, GB/s")
+    g.add_argument("--intra-bw-gbs", type=POSITIVE, help="intra-node link, GB/s per device per direction")
+    g.add_argument("--inter-bw-gbs", type=POSITIVE, help="inter-node link, GB/s per device per direction")
+    g.add_argument("--intra-latency-us", type=real(0, 1e12), help="intra-node latency per collective step, us")
+    g.add_argument("--inter-latency-us", type=real(0, 1e12), help="inter-node latency per collective step, us")
+    g.add_argument("--devices-per-node", type=count(1, MAX_DEVICES), help="devices sharing the intra-node link")
+    g.add_argument("--efficiency", type=real(0, 1, lo_open=True), help="fraction of peak the compute reaches, (0, 1] "
                    "(default: the device's; 0.48 for GPUs, fitted to Megatron-LM's published runs)")
     g.add_argument("--device-speeds", metavar="X,X,...", help="heterogeneous devices: the relative compute "
                    "speed of each device in rank order (rank = (pp_i * dp + dp_i) * tp + tp_i), e.g. 1,1,2,2; "
@@ -110,13 +158,13 @@ def _scaled(value: float | None, unit: float) -> float | None:
 
 def add_cost_args(p: argparse.ArgumentParser, batch_help: str) -> None:
     g = p.add_argument_group("step and cost model")
-    g.add_argument("--global-batch", type=int, help=batch_help)
+    g.add_argument("--global-batch", type=count(1, MAX_BATCH), help=batch_help)
     g.add_argument("--precision", choices=PRECISIONS, default="bf16",
                    help="bf16: mixed precision, 2+2+12 bytes per parameter (16-bit weights and "
                         "gradients, fp32 master weights and Adam m, v); fp32: 4+4+8 (default: bf16, how "
                         "accelerators train; `paratrain train` defaults to fp32, what its CPU ranks run: give "
                         "--precision fp32 to price a train run as it runs by default)")
-    g.add_argument("--headroom", type=float, default=CostOptions.memory_headroom,
+    g.add_argument("--headroom", type=real(0, 1, hi_open=True), default=CostOptions.memory_headroom,
                    help="fraction of device memory kept free for the framework (default: %(default)s)")
     g.add_argument("--no-overlap", action="store_true",
                    help="data-parallel communication does not overlap the backward pass")
@@ -134,9 +182,49 @@ def build_options(args: argparse.Namespace) -> CostOptions:
                        dropout=not args.no_dropout, store_scores=args.eager_attention)
 
 
+_LAYOUT_COUNTS = {"dp": MAX_DEVICES, "pp": MAX_DEVICES, "tp": MAX_DEVICES, "microbatches": MAX_BATCH,
+                  "virtual_stages": 2**16}
+
+
 def given_layout_fields(args: argparse.Namespace) -> dict[str, Any]:
-    """The layout flags the user gave (add_layout_args defaults every flag to None)."""
-    return {k: getattr(args, k) for k in Layout.__dataclass_fields__ if getattr(args, k, None) is not None}
+    """The layout flags the user gave (add_layout_args defaults every flag to None), each count
+    checked against its range here (the flags are train's too: their parser takes any integer)."""
+    given = {k: getattr(args, k) for k in Layout.__dataclass_fields__ if getattr(args, k, None) is not None}
+    for name, hi in _LAYOUT_COUNTS.items():
+        if name in given and not 1 <= given[name] <= hi:
+            raise ConfigError(f"--{name.replace('_', '-')} must be from 1 to {hi:,}, got {given[name]}.")
+    return given
+
+
+def out_path(text: str, flag: str = "--out") -> Path:
+    """The file a drawing goes to, checked before any work: not a folder, a format matplotlib
+    writes (no suffix: .png is added, and said), a place that can be written."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"{flag} {text} is a folder; give a file name, e.g. {path / 'timeline.png'}.")
+    if not path.suffix:
+        path = path.with_name(path.name + ".png")
+    if path.suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise ConfigError(f"{flag} {text}: the drawing is written as .png, .pdf or .svg; got {path.suffix!r}.")
+    existed = path.exists()
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{flag} {text} cannot be written ({e.strerror}); give a file in a writable folder.") \
+            from None
+    if not existed:
+        path.unlink()
+    return path
+
+
+def draw(plot: Callable[[Path], Any], path: Path, flag: str = "--out") -> None:
+    """Run ``plot(path)``; a failure to write (the disk filled, the folder went away) is a user
+    error, said in one line, not a traceback after the results."""
+    try:
+        plot(path)
+    except OSError as e:
+        raise ConfigError(f"{flag} {path} could not be written ({e.strerror or e}).") from None
 
 
 def parse_speeds(text: str, hw: Hardware, precision: str) -> tuple[float, ...]:
@@ -146,16 +234,17 @@ def parse_speeds(text: str, hw: Hardware, precision: str) -> tuple[float, ...]:
     speeds: list[float] = []
     for token in (t.strip() for t in text.split(",")):
         head, sep, rest = token.partition("x")
-        count, value = (head, rest) if sep and head.isdigit() else ("1", token)
+        times, value = (head, rest) if sep and head.isdigit() else ("1", token)
         try:
             speed = float(value)
         except ValueError:
             dev = get_hardware(value)
             speed = dev.peak_flops(precision) * dev.compute_efficiency / base
-        if not speed > 0 or not count.isdigit() or int(count) < 1:
-            raise ConfigError(f"--device-speeds: {token!r} is not a positive speed or a catalog device "
-                              f"({', '.join(device_names())}), optionally prefixed by a count like 4x.")
-        speeds += [speed] * int(count)
+        if not 0 < speed <= 1e6 or not times.isdigit() or not 1 <= int(times) <= MAX_DEVICES:
+            raise ConfigError(f"--device-speeds: {token!r} is not a speed in (0, 1e6] or a catalog device "
+                              f"({', '.join(device_names())}), optionally prefixed by a count like 4x "
+                              f"(at most {MAX_DEVICES:,}).")
+        speeds += [speed] * int(times)
     return tuple(speeds)
 
 

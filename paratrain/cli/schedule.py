@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from paratrain.cli.plan_args import MAX_SIMULATED_PASSES, count, draw, out_path, real
 from paratrain.config import SCHEDULES, Layout
 from paratrain.errors import ConfigError
 
@@ -24,12 +25,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     d = Layout()
     p = sub.add_parser("schedule", help="check, simulate and draw a pipeline schedule",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pp", type=int, default=2, help="pipeline ranks (default: 2)")
-    p.add_argument("--microbatches", type=int, default=4, help="micro-batches per step (default: 4)")
+    p.add_argument("--pp", type=count(1, MAX_SIMULATED_PASSES), default=2, help="pipeline ranks (default: 2)")
+    p.add_argument("--microbatches", type=count(1, MAX_SIMULATED_PASSES), default=4,
+                   help="micro-batches per step (default: 4)")
     p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule, help=f"(default: {d.schedule})")
-    p.add_argument("--virtual-stages", type=int, default=1,
+    p.add_argument("--virtual-stages", type=count(1, MAX_SIMULATED_PASSES), default=1,
                    help="model chunks per rank, for --schedule interleaved (default: 1)")
-    p.add_argument("--backward-cost", type=float, default=2.0, metavar="X",
+    p.add_argument("--backward-cost", type=real(0, 1e6, lo_open=True), default=2.0, metavar="X",
                    help="duration of a backward relative to a forward (default: 2)")
     p.add_argument("--out", metavar="PNG", help="draw the simulated timeline to this file")
     p.add_argument("--actions", action="store_true", help="also print every rank's action list")
@@ -41,14 +43,21 @@ def run(args: argparse.Namespace) -> int:
            virtual_stages=args.virtual_stages).check_degrees()
     if args.virtual_stages > 1 and args.pp < 2:
         raise ConfigError("--virtual-stages spreads model chunks over pipeline ranks: use --pp 2 or more.")
-    if not args.backward_cost > 0:
-        raise ConfigError(f"--backward-cost must be > 0, got {args.backward_cost}.")
+    p, m, v = args.pp, args.microbatches, args.virtual_stages
+    if p * m * v > MAX_SIMULATED_PASSES:
+        from paratrain.plan.formulas import bubble_fraction
+
+        raise ConfigError(f"--pp {p} x --microbatches {m} x --virtual-stages {v} = {p * m * v:,} forward passes "
+                          f"(and as many backward ones) to build, check and simulate, more than the "
+                          f"{MAX_SIMULATED_PASSES:,} done in about a second. The closed form needs none: bubble "
+                          f"fraction {bubble_fraction(args.schedule, p, m, v):.4f}. Use fewer ranks or "
+                          f"micro-batches to see the schedule itself.")
+    out = out_path(args.out) if args.out else None
     from paratrain.parallel.pipeline.check import check
     from paratrain.parallel.pipeline.schedules import build_schedule
     from paratrain.parallel.pipeline.timeline import simulate
     from paratrain.plan.formulas import bubble_fraction
 
-    p, m, v = args.pp, args.microbatches, args.virtual_stages
     schedule = build_schedule(args.schedule, p, m, v)
     report = check(schedule)
     timeline = simulate(schedule, {"F": 1.0 / v, "B": args.backward_cost / v})
@@ -65,11 +74,11 @@ def run(args: argparse.Namespace) -> int:
     if args.actions:
         for r, acts in enumerate(schedule.ranks):
             print(f"rank {r}: {' '.join(map(str, acts))}")
-    if args.out:
+    if out is not None:
         from paratrain.viz.timeline import plot_timeline
 
         title = (f"{args.schedule}: pp={p}, m={m}" + (f", v={v}" if v > 1 else "")
                  + f" -- bubble {timeline.bubble:.1%} (theory {theory:.1%})")
-        plot_timeline(timeline.to_json(), args.out, title, unit="one stage's forward = 1")
-        print(f"wrote {args.out}")
+        draw(lambda path: plot_timeline(timeline.to_json(), path, title, unit="one stage's forward = 1"), out)
+        print(f"wrote {out}")
     return 0

@@ -6,7 +6,8 @@ import argparse
 import json
 import time
 
-from paratrain.cli.plan_args import add_one_layout_args, build_one_layout
+from paratrain.cli.plan_args import MAX_SIMULATED_PASSES, add_one_layout_args, build_one_layout, draw, out_path
+from paratrain.errors import ConfigError
 
 DESCRIPTION = """\
 Simulate one training step of a layout event by event: every pipeline rank runs the real schedule
@@ -31,12 +32,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from paratrain.plan.cost import chunks_per_rank
     from paratrain.plan.hetero import speed_report, with_speeds
     from paratrain.plan.report import fmt_bytes, fmt_seconds
     from paratrain.plan.simulate import simulate_step
 
     one = build_one_layout(args)
     model, seq_len, layout, global_batch, hw, options, speeds = one
+    out = out_path(args.out) if args.out else None
+    passes = layout.pp * layout.microbatches * chunks_per_rank(layout)
+    if passes > MAX_SIMULATED_PASSES:
+        raise ConfigError(f"simulating [{layout}] event by event means {passes:,} forward passes (pp x microbatches "
+                          f"x virtual stages) and as many backward ones, more than the {MAX_SIMULATED_PASSES:,} "
+                          f"simulated in about a second; `paratrain estimate` with the same flags gives the "
+                          f"closed-form step time and bubble.")
     start = time.perf_counter()
     if speeds is not None:
         het = with_speeds(model, layout, hw, global_batch, seq_len, args.precision, options, speeds, simulate=True)
@@ -71,12 +80,12 @@ def run(args: argparse.Namespace) -> int:
         if het is not None:
             lines += ["", speed_report(het)]
         print("\n".join(lines))
-    if args.out:
+    if out is not None:
         from paratrain.viz.timeline import plot_timeline
 
         title = (f"{model.name} [{layout}] on {hw.name}: simulated step {fmt_seconds(sim.step_time_s)}, "
                  f"bubble {sim.bubble:.1%}")
-        plot_timeline(sim.timeline.to_json(), args.out, title, unit="s")
+        draw(lambda path: plot_timeline(sim.timeline.to_json(), path, title, unit="s"), out)
         if not args.json:
-            print(f"wrote {args.out}")
+            print(f"wrote {out}")
     return 0

@@ -47,6 +47,8 @@ from paratrain.plan.cost import (
 from paratrain.plan.hardware import GiB, Hardware
 from paratrain.plan.hetero import SpeedPlan, with_speeds
 
+MAX_LAYOUTS = 200_000  # a search of this many takes seconds; beyond, the user pins part of the layout
+
 
 def divisors(n: int) -> list[int]:
     """The divisors of ``n`` in increasing order, in O(sqrt n) steps (a batch of 10^9 has 100)."""
@@ -173,6 +175,11 @@ def search(model: ModelConfig, num_devices: int, hardware: Hardware, global_batc
             kept.append(layout)
         else:
             rejected += 1
+        if len(kept) > MAX_LAYOUTS:
+            raise ConfigError(f"more than {MAX_LAYOUTS:,} layouts of {num_devices} devices to search for model "
+                              f"{model.name!r} with global batch {global_batch} (every divisor of the local batch "
+                              f"is a micro-batch count): pin part of the layout (e.g. --microbatches, --pp, "
+                              f"--tp), or use a global batch with fewer divisors.")
     if not kept and rejected:
         raise ConfigError(f"none of the {rejected} valid layouts of {num_devices} devices with the constraints "
                           f"{fixed or {}} is one the training runtime implements (ZeRO-3 with a pipeline, "
