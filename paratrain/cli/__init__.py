@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def error(message: str) -> int:
-    text = textwrap.fill(message, width=100, subsequent_indent="  ")
+    text = textwrap.fill(message, width=100, subsequent_indent="  ", break_on_hyphens=False)  # flags stay whole
     print(f"paratrain: error: {text}", file=sys.stderr)
     return 2
 

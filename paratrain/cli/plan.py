@@ -34,9 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="find the fastest layout that fits",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
-    p.add_argument("--devices", type=count(1, MAX_DEVICES),
+    p.add_argument("--devices", **count(1, MAX_DEVICES),
                    help="devices to plan for (default: one node of --hardware)")
-    p.add_argument("--top", type=count(0, 2**31), default=10, help="layouts to show (0 = all; default: %(default)s)")
+    p.add_argument("--top", **count(0, 2**31), default=10, help="layouts to show (0 = all; default: %(default)s)")
     p.add_argument("--allow-cross-node-tp", action="store_true",
                    help="also consider tensor parallelism wider than one node")
     add_layout_args(p)

@@ -25,41 +25,61 @@ MAX_BATCH = 2**31
 MAX_SIMULATED_PASSES = 8192
 
 
-def count(lo: int, hi: int) -> Callable[[str], int]:
-    """An argparse type: an integer in [lo, hi] (argparse names the flag in its error, exit 2)."""
+class Bounds(NamedTuple):
+    """The values a numeric flag accepts: finite, from ``lo`` to ``hi`` (ends open as said)."""
 
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer from {lo:,} to {hi:,}, got {text!r}") from None
-        if not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"must be from {lo:,} to {hi:,}, got {text!r}")
-        return value
+    lo: float
+    hi: float
+    lo_open: bool = False
+    hi_open: bool = False
 
-    parse.__name__ = "integer"
-    return parse
+    def holds(self, value: float) -> bool:
+        return math.isfinite(value) and (self.lo < value if self.lo_open else self.lo <= value) \
+            and (value < self.hi if self.hi_open else value <= self.hi)
 
+    def __str__(self) -> str:
+        def num(x: float) -> str:
+            return f"{int(x):,}" if float(x).is_integer() and abs(x) < 1e9 else f"{x:g}"
 
-def real(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Callable[[str], float]:
-    """An argparse type: a finite number in the interval from lo to hi (open ends as asked)."""
-    interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number in {interval}, got {text!r}") from None
-        if not (math.isfinite(value) and (lo < value if lo_open else lo <= value)
-                and (value < hi if hi_open else value <= hi)):
-            raise argparse.ArgumentTypeError(f"must be a finite number in {interval}, got {text!r}")
-        return value
-
-    parse.__name__ = "number"
-    return parse
+        return f"{'(' if self.lo_open else '['}{num(self.lo)}, {num(self.hi)}{')' if self.hi_open else ']'}"
 
 
-POSITIVE = real(0, 1e12, lo_open=True)  # a bandwidth, a peak, a memory size: > 0, finite
+class _Bounded(argparse.Action):
+    """Stores the number and notes, for :func:`check_numbers`, a value out of its bounds: the
+    error is then a one-paragraph ConfigError naming the flag as typed, like every other."""
+
+    def __init__(self, *args: Any, bounds: Bounds, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.bounds = bounds
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        if not self.bounds.holds(values):
+            kind = "an integer" if self.type is int else "a finite number"
+            errors = getattr(namespace, "number_errors", [])
+            namespace.number_errors = [*errors, f"{option_string} must be {kind} in {self.bounds}, got {values}."]
+
+
+def count(lo: int, hi: int) -> dict[str, Any]:
+    """``add_argument`` keywords of an integer flag in [lo, hi] (checked by :func:`check_numbers`)."""
+    return {"type": int, "action": _Bounded, "bounds": Bounds(lo, hi)}
+
+
+def real(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> dict[str, Any]:
+    """``add_argument`` keywords of a finite number flag between lo and hi."""
+    return {"type": float, "action": _Bounded, "bounds": Bounds(lo, hi, lo_open, hi_open)}
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Raise the first out-of-bounds numeric flag noted while parsing (every planning command
+    calls this before anything else)."""
+    errors = getattr(args, "number_errors", None)
+    if errors:
+        raise ConfigError(errors[0])
+
+
+POSITIVE = real(0, 1e12, lo_open=True)  # a bandwidth, a peak, a memory size: > 0, finite, bounded
 _SHAPE = {"layers": "num_layers", "hidden": "hidden", "heads": "num_heads", "vocab": "vocab_size",
           "ffn_hidden": "ffn_hidden"}
 
@@ -67,18 +87,19 @@ _SHAPE = {"layers": "num_layers", "hidden": "hidden", "heads": "num_heads", "voc
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (a name, or a shape; shape flags also override a named model)")
     g.add_argument("--model", help=f"named model: {', '.join(model_names())}")
-    g.add_argument("--layers", type=count(1, 2**16), help="transformer blocks L")
-    g.add_argument("--hidden", type=count(1, 2**20), help="hidden size H")
-    g.add_argument("--heads", type=count(1, 2**16), help="attention heads A")
-    g.add_argument("--vocab", type=count(1, 2**30), help="vocabulary size V")
-    g.add_argument("--ffn-hidden", type=count(1, 2**24), help="MLP width F (default: 4 H)")
-    g.add_argument("--seq-len", type=count(1, 2**24),
+    g.add_argument("--layers", **count(1, 2**16), help="transformer blocks L")
+    g.add_argument("--hidden", **count(1, 2**20), help="hidden size H")
+    g.add_argument("--heads", **count(1, 2**16), help="attention heads A")
+    g.add_argument("--vocab", **count(1, 2**30), help="vocabulary size V")
+    g.add_argument("--ffn-hidden", **count(1, 2**24), help="MLP width F (default: 4 H)")
+    g.add_argument("--seq-len", **count(1, 2**24),
                    help="tokens per sequence S (default: the named model's maximum)")
     g.add_argument("--untie-embeddings", action="store_true", help="the LM head has its own weight")
 
 
 def build_model(args: argparse.Namespace) -> tuple[ModelConfig, int]:
     """The model shape and the sequence length from --model and/or the shape flags."""
+    check_numbers(args)
     shape = {field: getattr(args, flag) for flag, field in _SHAPE.items() if getattr(args, flag) is not None}
     extra: dict[str, Any] = {"tie_embeddings": False} if args.untie_embeddings else {}
     if args.model:
@@ -104,17 +125,17 @@ def add_hardware_args(p: argparse.ArgumentParser) -> None:
                    f"(default: {DEFAULT_DEVICE}; explicit figures below replace the device's). --device NAME is "
                    f"the old spelling, still accepted (`paratrain train --device` is cpu/cuda, another thing)")
     g.add_argument("--profile", metavar="PATH", help="device profile written by `paratrain calibrate`")
-    g.add_argument("--peak-tflops", type=POSITIVE, help="dense peak TFLOP/s for the chosen --precision")
+    g.add_argument("--peak-tflops", **POSITIVE, help="dense peak TFLOP/s for the chosen --precision")
     m = g.add_mutually_exclusive_group()
-    m.add_argument("--memory-gib", type=POSITIVE, help="device memory in GiB (2^30 bytes; a GPU's '80GB')")
-    m.add_argument("--memory-gb", type=POSITIVE, help="device memory in GB (10^9 bytes)")
-    g.add_argument("--mem-bw-gbs", type=POSITIVE, help="memory bandwidth, GB/s")
-    g.add_argument("--intra-bw-gbs", type=POSITIVE, help="intra-node link, GB/s per device per direction")
-    g.add_argument("--inter-bw-gbs", type=POSITIVE, help="inter-node link, GB/s per device per direction")
-    g.add_argument("--intra-latency-us", type=real(0, 1e12), help="intra-node latency per collective step, us")
-    g.add_argument("--inter-latency-us", type=real(0, 1e12), help="inter-node latency per collective step, us")
-    g.add_argument("--devices-per-node", type=count(1, MAX_DEVICES), help="devices sharing the intra-node link")
-    g.add_argument("--efficiency", type=real(0, 1, lo_open=True), help="fraction of peak the compute reaches, (0, 1] "
+    m.add_argument("--memory-gib", **POSITIVE, help="device memory in GiB (2^30 bytes; a GPU's '80GB')")
+    m.add_argument("--memory-gb", **POSITIVE, help="device memory in GB (10^9 bytes)")
+    g.add_argument("--mem-bw-gbs", **POSITIVE, help="memory bandwidth, GB/s")
+    g.add_argument("--intra-bw-gbs", **POSITIVE, help="intra-node link, GB/s per device per direction")
+    g.add_argument("--inter-bw-gbs", **POSITIVE, help="inter-node link, GB/s per device per direction")
+    g.add_argument("--intra-latency-us", **real(0, 1e12), help="intra-node latency per collective step, us")
+    g.add_argument("--inter-latency-us", **real(0, 1e12), help="inter-node latency per collective step, us")
+    g.add_argument("--devices-per-node", **count(1, MAX_DEVICES), help="devices sharing the intra-node link")
+    g.add_argument("--efficiency", **real(0, 1, lo_open=True), help="fraction of peak the compute reaches, (0, 1] "
                    "(default: the device's; 0.48 for GPUs, fitted to Megatron-LM's published runs)")
     g.add_argument("--device-speeds", metavar="X,X,...", help="heterogeneous devices: the relative compute "
                    "speed of each device in rank order (rank = (pp_i * dp + dp_i) * tp + tp_i), e.g. 1,1,2,2; "
@@ -158,13 +179,13 @@ def _scaled(value: float | None, unit: float) -> float | None:
 
 def add_cost_args(p: argparse.ArgumentParser, batch_help: str) -> None:
     g = p.add_argument_group("step and cost model")
-    g.add_argument("--global-batch", type=count(1, MAX_BATCH), help=batch_help)
+    g.add_argument("--global-batch", **count(1, MAX_BATCH), help=batch_help)
     g.add_argument("--precision", choices=PRECISIONS, default="bf16",
                    help="bf16: mixed precision, 2+2+12 bytes per parameter (16-bit weights and "
                         "gradients, fp32 master weights and Adam m, v); fp32: 4+4+8 (default: bf16, how "
                         "accelerators train; `paratrain train` defaults to fp32, what its CPU ranks run: give "
                         "--precision fp32 to price a train run as it runs by default)")
-    g.add_argument("--headroom", type=real(0, 1, hi_open=True), default=CostOptions.memory_headroom,
+    g.add_argument("--headroom", **real(0, 1, hi_open=True), default=CostOptions.memory_headroom,
                    help="fraction of device memory kept free for the framework (default: %(default)s)")
     g.add_argument("--no-overlap", action="store_true",
                    help="data-parallel communication does not overlap the backward pass")

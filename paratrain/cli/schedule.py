@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from paratrain.cli.plan_args import MAX_SIMULATED_PASSES, count, draw, out_path, real
+from paratrain.cli.plan_args import MAX_SIMULATED_PASSES, check_numbers, count, draw, out_path, real
 from paratrain.config import SCHEDULES, Layout
 from paratrain.errors import ConfigError
 
@@ -25,13 +25,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     d = Layout()
     p = sub.add_parser("schedule", help="check, simulate and draw a pipeline schedule",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pp", type=count(1, MAX_SIMULATED_PASSES), default=2, help="pipeline ranks (default: 2)")
-    p.add_argument("--microbatches", type=count(1, MAX_SIMULATED_PASSES), default=4,
+    p.add_argument("--pp", **count(1, MAX_SIMULATED_PASSES), default=2, help="pipeline ranks (default: 2)")
+    p.add_argument("--microbatches", **count(1, MAX_SIMULATED_PASSES), default=4,
                    help="micro-batches per step (default: 4)")
     p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule, help=f"(default: {d.schedule})")
-    p.add_argument("--virtual-stages", type=count(1, MAX_SIMULATED_PASSES), default=1,
+    p.add_argument("--virtual-stages", **count(1, MAX_SIMULATED_PASSES), default=1,
                    help="model chunks per rank, for --schedule interleaved (default: 1)")
-    p.add_argument("--backward-cost", type=real(0, 1e6, lo_open=True), default=2.0, metavar="X",
+    p.add_argument("--backward-cost", **real(0, 1e6, lo_open=True), default=2.0, metavar="X",
                    help="duration of a backward relative to a forward (default: 2)")
     p.add_argument("--out", metavar="PNG", help="draw the simulated timeline to this file")
     p.add_argument("--actions", action="store_true", help="also print every rank's action list")
@@ -39,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_numbers(args)
     Layout(pp=args.pp, microbatches=args.microbatches, schedule=args.schedule,
            virtual_stages=args.virtual_stages).check_degrees()
     if args.virtual_stages > 1 and args.pp < 2:

@@ -182,11 +182,11 @@ def search(model: ModelConfig, num_devices: int, hardware: Hardware, global_batc
                               f"--tp), or use a global batch with fewer divisors.")
     if not kept and rejected:
         raise ConfigError(f"none of the {rejected} valid layouts of {num_devices} devices with the constraints "
-                          f"{fixed or {}} is one the training runtime implements (ZeRO-3 with a pipeline, "
+                          f"{_flags(fixed)} is one the training runtime implements (ZeRO-3 with a pipeline, "
                           f"for one, is not); drop the constraint that asks for it.")
     if not kept:
         raise ConfigError(f"no valid layout of {num_devices} devices for model {model.name!r} with global "
-                          f"batch {global_batch} and the given constraints {fixed or {}}: dp must divide the "
+                          f"batch {global_batch} and the given constraints {_flags(fixed)}: dp must divide the "
                           f"batch, tp must divide the heads (valid tp: {valid_tp(model)}), pp <= "
                           f"{model.num_layers} layers, pp x virtual_stages <= {model.num_layers}, micro-batches "
                           f"divide the local batch (a multiple of pp when interleaved).")
@@ -194,6 +194,14 @@ def search(model: ModelConfig, num_devices: int, hardware: Hardware, global_batc
     if top and device_speeds is None:
         return _bounded(kept, args, max(top, 2))
     return _exhaustive(kept, args, device_speeds)
+
+
+def _flags(fixed: dict[str, Any] | None) -> str:
+    """The pinned layout fields as the flags that pin them: ``--tp 2 --stage-layers 3,3``."""
+    def text(value: Any) -> str:
+        return ",".join(f"{x:g}" for x in value) if isinstance(value, tuple) else str(value)
+
+    return " ".join(f"--{k.replace('_', '-')} {text(v)}" for k, v in (fixed or {}).items()) or "(none)"
 
 
 _Args = tuple[ModelConfig, Hardware, int, int, str, CostOptions]
