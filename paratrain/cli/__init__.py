@@ -67,7 +67,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_rank_process() -> bool:
-    """Started by an outside torchrun and torch.distributed was used in this process."""
+    """Started by an outside torchrun and torch.distributed was used in this process (checked
+    first: the planning commands never import the launcher)."""
+    if "torch.distributed" not in sys.modules:
+        return False
     from paratrain.launch import under_torchrun
 
-    return under_torchrun() and "torch.distributed" in sys.modules
+    return under_torchrun()

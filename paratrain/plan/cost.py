@@ -215,6 +215,7 @@ class _Layout(LayoutMemory):
         self.message_s = collective_seconds("send", 2, self.message, *self.pp_link)
         self.dp_parts = dp_parts(L.zero, self.m, n, self.G_b, self.P_b)  # payloads per parameter
         self.pipe_bound: float | None = None  # step_time_lower_bound's pipeline part
+        self.max_params = 0.0  # and the largest rank's parameters
 
     def tp_seconds(self, layers: int, first: bool, last: bool) -> dict[str, float]:
         return _tp_seconds(self.model, self.t, self.sp, self.b, self.s, layers, first, last, self.layout.recompute,
@@ -381,9 +382,10 @@ def step_time_lower_bound(ctx: _Layout, zero: int | None = None) -> float:
         # a given bubble fraction b: T_pipe = m t_max / (1 - b) >= m (sum / p) / (1 - b)
         ctx.pipe_bound = C * m / p / (1 - o.bubble_fraction) if o.bubble_fraction is not None \
             else C * (m + (p - 1) / v) / p
+        ctx.max_params = max(params for params, _ in ctx.group_parts())
     bw = ctx.hw.memory_bw * ctx.share
     zero = ctx.layout.zero if zero is None else zero
-    owned = max(params for params, _ in ctx.group_parts()) / (ctx.n if zero >= 1 else 1)
+    owned = ctx.max_params / (ctx.n if zero >= 1 else 1)
     optimizer = OPTIMIZER_BYTES_PER_PARAM * owned / bw if bw else 0.0
     return (ctx.pipe_bound + optimizer) * (1 - 1e-9)  # the margin: the estimate sums the terms in another order
 

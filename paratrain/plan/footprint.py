@@ -84,7 +84,6 @@ class LayoutMemory:
         self.rebuilt = self.full_layer if L.recompute == "full" else 0.0
         self.buffers = self._buffers(L.zero)
         self._parts: tuple[tuple[float, float], ...] | None = None
-        self._groups: dict[int, tuple[RankMemory, ...]] = {}
 
     def _buffers(self, zero: int) -> float:
         """ZeRO-3 gathers one unit (a block, or the embedding) and its gradient at a time."""
@@ -105,7 +104,9 @@ class LayoutMemory:
             acts = flight * (self.shape.layers[i] * self.act_layer + (self.emb_act if i == 0 else 0)) \
                 + (self.out_act if i == p - 1 else 0)
         else:  # chunks of different sizes: which of them are in flight matters (topology.stash_states)
-            terms = _stash_terms(schedule, p, m, v, i, self.shape.chunks[i::p])
+            # past the warm-up and one period (topology.stash_states) more micro-batches repeat the states
+            steady = -(-(2 * (p - i - 1) + (v - 1) * p + p * v) // v)
+            terms = _stash_terms(schedule, p, min(m, steady), v, i, self.shape.chunks[i::p])
             acts = max(n * self.act_layer + first * self.emb_act + last * self.out_act for n, first, last in terms)
         return params, acts
 
@@ -124,17 +125,14 @@ class LayoutMemory:
             self._parts = tuple(self._rank_parts(i) for i, _ in self.shape.groups)
         return self._parts
 
-    def group_memory(self, zero: int | None = None) -> tuple[RankMemory, ...]:
-        """:meth:`rank_memory` of each run's first rank, with this layout's ZeRO stage or
-        ``zero`` (the search screens the four stages of a layout from one context)."""
-        zero = self.layout.zero if zero is None else zero
-        if zero not in self._groups:
-            self._groups[zero] = tuple(self._memory(params, acts, zero) for params, acts in self.group_parts())
-        return self._groups[zero]
-
     def peak_bytes(self, zero: int | None = None) -> float:
-        """The most loaded device's peak (at ZeRO stage ``zero``, default the layout's)."""
-        return max(g.peak_bytes for g in self.group_memory(zero))
+        """The most loaded device's peak, :attr:`RankMemory.peak_bytes` of each run's first rank
+        summed in the same order (at ZeRO stage ``zero``, default the layout's: the search
+        screens the four stages of a layout from one context)."""
+        zero = self.layout.zero if zero is None else zero
+        buffers, rebuilt, n, precision = self._buffers(zero), self.rebuilt, self.n, self.precision
+        return max(_model_state_bytes(params, zero, n, precision).total + buffers + acts + rebuilt
+                   for params, acts in self.group_parts())
 
 
 # A rank's parameters do not depend on the micro-batches, recomputation or sequence parallelism:

@@ -65,3 +65,22 @@ def test_peak_memory_is_the_estimates_and_the_bound_holds(name: str) -> None:
             assert 0 < bound <= est.step_time_s, layout
         tight += bound > 0.9 * est.step_time_s
     assert tight  # a bound that prunes: within 10% of the estimate for some layouts
+
+
+def test_interleaved_stash_terms_are_the_stash_peak() -> None:
+    """The screening's interleaved stash (integer terms, micro-batch counts past the steady state
+    folded onto one period) is topology.peak_stash's sum over the chunks' bytes."""
+    from paratrain.config import Layout
+    from paratrain.plan.footprint import LayoutMemory
+    from paratrain.plan.topology import peak_stash
+
+    model = get_model_config("gpt2-1.3b")
+    for pp, v, m in [(2, 5, 2), (2, 5, 64), (4, 3, 4), (4, 3, 32), (3, 7, 9), (8, 3, 64)]:
+        mem = LayoutMemory(model, Layout(dp=1, pp=pp, microbatches=m, schedule="interleaved", virtual_stages=v),
+                           m, 1024, "bf16", CostOptions())
+        last = pp * v - 1
+        for i in range(pp):
+            per_chunk = tuple(mem.shape.chunks[k] * mem.act_layer + (mem.emb_act if k == 0 else 0)
+                              + (mem.out_act if k == last else 0) for k in range(i, pp * v, pp))
+            want = peak_stash("interleaved", pp, m, v, i, per_chunk)
+            assert mem.rank_memory(i).activation_bytes == pytest.approx(want, rel=1e-12), (pp, v, m, i)
