@@ -20,7 +20,7 @@ real schedule.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import NamedTuple
 
 from paratrain.config import PRECISIONS, Layout, vocab_padding_note
@@ -193,29 +193,55 @@ class _Layout(LayoutMemory):
     def __init__(self, model: ModelConfig, layout: Layout, hw: Hardware, global_batch: int, seq_len: int,
                  precision: str, options: CostOptions) -> None:
         super().__init__(model, layout, global_batch, seq_len, precision, options)
-        L, p, t, n, b, s, h = layout, self.p, self.t, self.n, self.b, self.s, self.h
-        F, V, e = model.ffn_hidden, self.V, self.e
+        L, p, t, b, s, h = layout, self.p, self.t, self.b, self.s, self.h
+        F, V = model.ffn_hidden, self.V
         self.hw = hw
         self.share = compute_share(hw, L.world_size)
         self.rate = hw.peak_flops(precision) * (options.efficiency or hw.compute_efficiency) * self.share
         self.speeds = options.rank_speeds or (1.0,) * p
-        dpn = hw.devices_per_node
         if self.share < 1 and hw.shared_latency_s:  # processes outnumber cores: peers answer later
             hw = hw.replace(intra_node_latency_s=hw.shared_latency_s)
-        self.tp_link = link(hw, axis_spans_nodes("tp", n, p, t, dpn))
-        self.dp_link = link(hw, axis_spans_nodes("dp", n, p, t, dpn))
-        self.pp_link = link(hw, axis_spans_nodes("pp", n, p, t, dpn))
+        self.link_hw = hw
         self.layer_fwd = f.layer_forward_flops(b, s, h, F) / t
         self.layer_rec = f.recompute_forward_flops(L.recompute, b, s, h, F) / t
         self.head_fwd = f.head_forward_flops(b, s, h, V) / t
         # memory-bound seconds of one layer's / the head's forward + backward on an unshared device
         self.ew_layer = hw.elementwise_s_per_byte * self.full_layer
         self.ew_head = hw.elementwise_s_per_byte * self.head_act
-        self.message = volume.p2p_tensor_bytes(h, b, s, t, self.sp, e)
-        self.message_s = collective_seconds("send", 2, self.message, *self.pp_link)
-        self.dp_parts = dp_parts(L.zero, self.m, n, self.G_b, self.P_b)  # payloads per parameter
         self.pipe_bound: float | None = None  # step_time_lower_bound's pipeline part
         self.max_params = 0.0  # and the largest rank's parameters
+
+    # The links and payloads below are computed when first asked: the search bounds most layouts
+    # without them (step_time_lower_bound needs only tp_link, and only with tp > 1).
+    def _link(self, axis: str) -> Link:
+        L = self.layout
+        return link(self.link_hw, axis_spans_nodes(axis, L.dp, L.pp, L.tp, self.link_hw.devices_per_node))
+
+    @cached_property
+    def tp_link(self) -> Link:
+        return self._link("tp")
+
+    @cached_property
+    def dp_link(self) -> Link:
+        return self._link("dp")
+
+    @cached_property
+    def pp_link(self) -> Link:
+        return self._link("pp")
+
+    @cached_property
+    def message(self) -> float:
+        """Bytes of one pipeline message (a micro-batch's activations between stages)."""
+        return volume.p2p_tensor_bytes(self.h, self.b, self.s, self.t, self.sp, self.e)
+
+    @cached_property
+    def message_s(self) -> float:
+        return collective_seconds("send", 2, self.message, *self.pp_link)
+
+    @cached_property
+    def dp_parts(self) -> tuple:
+        """The data-parallel collectives' payloads per parameter."""
+        return dp_parts(self.layout.zero, self.m, self.n, self.G_b, self.P_b)
 
     def tp_seconds(self, layers: int, first: bool, last: bool) -> dict[str, float]:
         return _tp_seconds(self.model, self.t, self.sp, self.b, self.s, layers, first, last, self.layout.recompute,
@@ -361,27 +387,34 @@ def step_time_lower_bound(ctx: _Layout, zero: int | None = None) -> float:
 
         T_pipe = m t_max + (sum - t_max) / v = (m - 1/v) t_max + sum / v >= sum (m + (p - 1)/v) / p
 
-    since m >= 1 >= 1/v, and sum >= C + L tp_1: C, every chunk's compute, adds up over the model
-    (the FLOPs and memory-bound terms of :meth:`_Layout.chunk` are linear in its layers, plus the
-    head's); tp_1, one block's tensor-parallel collectives, is linear too (the embedding's and the
-    head's are extra; with a given bubble fraction b, T_pipe = m t_max / (1 - b)). The step adds
-    the optimizer (exact) and terms >= 0. ``zero``: at that ZeRO stage instead of the layout's
-    (the rest does not depend on it). 0 (no bound) with
-    rank speeds or a batch share (heterogeneous devices)."""
+    since m >= 1 >= 1/v, and sum >= C + L tp_1 + S: C, every chunk's compute, adds up over the
+    model (the FLOPs and memory-bound terms of :meth:`_Layout.chunk` are linear in its layers, plus
+    the head's); tp_1, one block's tensor-parallel collectives, is linear too (the embedding's and
+    the head's are extra); S, every rank's sends (with a given bubble fraction b, T_pipe = m t_max
+    / (1 - b)). The step adds what every rank pays once (the loss's all-reduce over dp, the
+    pipeline's and tensor-parallel norm syncs: their maximum over ranks is at least that), the
+    optimizer (exact) and terms >= 0. ``zero``: at that ZeRO stage instead of the layout's (the
+    rest does not depend on it). 0 (no bound) with rank speeds or a batch share (heterogeneous
+    devices)."""
     o = ctx.options
     if o.rank_speeds is not None or o.local_batch is not None:
         return 0.0
     if ctx.pipe_bound is None:  # the same for every ZeRO stage
-        L, p, m, v = ctx.model.num_layers, ctx.p, ctx.m, ctx.v
+        L, p, t, m, v = ctx.model.num_layers, ctx.p, ctx.t, ctx.m, ctx.v
         replay = ctx.layer_rec / (3 * ctx.layer_fwd) if ctx.layer_fwd else 0.0
         C = (3 * (L * ctx.layer_fwd + ctx.head_fwd) + L * ctx.layer_rec) / ctx.rate \
             + (L * ctx.ew_layer * (1 + replay) + ctx.ew_head) / ctx.share
-        if ctx.t > 1:
+        once = collective_seconds("all_reduce", ctx.n, 4, *ctx.dp_link)
+        if t > 1:
             tp = ctx.tp_seconds(1, False, False)
             C += L * (tp[volume.FORWARD] + tp[volume.BACKWARD])
-        # a given bubble fraction b: T_pipe = m t_max / (1 - b) >= m (sum / p) / (1 - b)
-        ctx.pipe_bound = C * m / p / (1 - o.bubble_fraction) if o.bubble_fraction is not None \
-            else C * (m + (p - 1) / v) / p
+            once += collective_seconds("all_reduce", t, 4, *ctx.tp_link)
+        if p > 1:
+            C += sum(ctx.shape.sends) * ctx.message_s
+            bw, lat = ctx.pp_link.bw, ctx.pp_link.latency
+            once += collective_seconds("all_reduce", p, 4, bw, lat) + f.ring_steps("all_gather", p) * lat
+        pipe = C * m / p / (1 - o.bubble_fraction) if o.bubble_fraction is not None else C * (m + (p - 1) / v) / p
+        ctx.pipe_bound = pipe + once
         ctx.max_params = max(params for params, _ in ctx.group_parts())
     bw = ctx.hw.memory_bw * ctx.share
     zero = ctx.layout.zero if zero is None else zero
