@@ -3,8 +3,9 @@ tensor parallelism (shard each layer), then pipeline parallelism (keep this stag
 data parallelism / ZeRO (reduce gradients over the dp group). Each transform receives only the
 group it uses.
 
-Importing this package does not import torch (the pure pipeline modules -- schedules, checker,
-partition -- are used by the planner and ``paratrain schedule``); the classes load on first use.
+Importing this package does not import torch; the classes load on first use. The torch-free
+parts it shares with the planner (schedules, checker, partition, traffic formulas) live in
+:mod:`paratrain.core`.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ The vocabulary is split too (``parallel/vocab.py``): the embedding's partial loo
 like a row-parallel output, the (tied or untied) LM head is column-parallel, and the
 cross-entropy works on vocab-split logits. :func:`tensor_parallel` applies all of it to the
 reference model by *slicing its weights*. The traffic is stated by
-:func:`paratrain.parallel.volume.tp_comm_per_step` (torch-free, shared with the planner).
+:func:`paratrain.core.traffic.tp_comm_per_step` (torch-free, shared with the planner).
 """
 
 from __future__ import annotations

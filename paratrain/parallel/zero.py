@@ -35,7 +35,8 @@ dp (and over tp/pp as before).
 
 Memory per rank for ``psi`` fp32 parameters (P = G = 4 bytes, AdamW K = 8):
 stage 0 ``16 psi``; stage 1 ``8 psi + 8 psi / n``; stage 2 ``4 psi + 12 psi / n``;
-stage 3 ``16 psi / n`` plus the units gathered at the moment. Traffic: :func:`zero_comm_per_step`.
+stage 3 ``16 psi / n`` plus the units gathered at the moment. Traffic:
+:func:`paratrain.core.traffic.zero_comm_per_step`.
 """
 
 from __future__ import annotations
@@ -328,25 +329,3 @@ class ZeroDataParallel(DataParallel):
         place: this rank's shard is already where the all-gather puts it)."""
         handles = [comm.all_gather(b.flat, b.shard, self.group, async_op=True) for b in self.buckets]
         comm.wait_all(handles)
-
-
-def zero_comm_per_step(stage: int, bucket_bytes: Sequence[int], microbatches: int = 1) -> dict[str, tuple[int, int]]:
-    """The dp traffic of one training step, ``{op: (calls, bytes)}``, bytes counted as
-    :mod:`paratrain.comm` does (reduce-scatter input, all-gather output: a bucket's padded
-    bytes). ``B`` buckets (stage 3: units) of ``S = sum(bucket_bytes)`` bytes, ``m`` micro-batches::
-
-        stage 0 (DP)  all_reduce      B, S
-        stage 1       reduce_scatter  B, S          all_gather  B, S     (after the step)
-        stage 2       reduce_scatter  m B, m S      all_gather  B, S
-        stage 3       reduce_scatter  m B, m S      all_gather  2 m B, 2 m S  (forward, backward)
-
-    and, with ZeRO, ``grad_norm``: one all-reduce of 4 bytes (the shards' squared norm). On the
-    wire an all-reduce is 2 (n-1)/n of its bytes, the others (n-1)/n: stage 1 sends exactly DP's
-    traffic, stage 3 1.5x ([R20] sec. 7.2). With ``S = 4 psi`` (no padding) these are the
-    planner's ``plan/cost.py`` ``_dp_parts``."""
-    B, S, m = len(bucket_bytes), sum(bucket_bytes), microbatches
-    if stage == 0:
-        return {"all_reduce": (B, S)}
-    rs = (B, S) if stage == 1 else (m * B, m * S)
-    ag = (2 * m * B, 2 * m * S) if stage == 3 else (B, S)
-    return {"reduce_scatter": rs, "all_gather": ag, "grad_norm": (1, 4)}

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from paratrain.config import Layout, TrainConfig
+from paratrain.core.traffic import zero_comm_per_step
 from paratrain.models.configs import param_count
-from paratrain.parallel.zero import zero_comm_per_step
 from paratrain.plan.cost import estimate
 from paratrain.plan.formulas import model_state_bytes
 from paratrain.plan.hardware import get_hardware

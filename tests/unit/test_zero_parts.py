@@ -13,12 +13,13 @@ from hypothesis import strategies as st
 
 from paratrain.comm import Group, single_group
 from paratrain.config import Layout, TrainConfig
+from paratrain.core.traffic import zero_comm_per_step
 from paratrain.errors import ConfigError
 from paratrain.models.configs import get_model_config, param_count
 from paratrain.models.gpt import build_reference
 from paratrain.optim import make_optimizer
 from paratrain.parallel.memory import model_state_bytes
-from paratrain.parallel.zero import ZeroDataParallel, owned_pieces, padded_numel, zero_comm_per_step
+from paratrain.parallel.zero import ZeroDataParallel, owned_pieces, padded_numel
 from paratrain.plan.cost import estimate
 from paratrain.plan.hardware import get_hardware
 

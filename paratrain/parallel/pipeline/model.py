@@ -16,15 +16,15 @@ import torch
 from paratrain import comm
 from paratrain.comm import P2P, Group
 from paratrain.config import Layout
+from paratrain.core.bubble import bubble_fraction
+from paratrain.core.check import check
+from paratrain.core.schedules import Schedule, build_schedule
+from paratrain.core.timeline import Timeline, from_times
 from paratrain.mesh import Mesh
 from paratrain.parallel.model import GradSync, ParallelModel
-from paratrain.parallel.pipeline.check import check
 from paratrain.parallel.pipeline.runtime import PipelineRuntime
-from paratrain.parallel.pipeline.schedules import Schedule, build_schedule
 from paratrain.parallel.pipeline.stage import Stage, flatten, unflatten
-from paratrain.parallel.pipeline.timeline import Timeline, from_times
 from paratrain.parallel.shard import gather_full_state
-from paratrain.plan.formulas import bubble_fraction
 
 
 @cache

@@ -26,9 +26,9 @@ from torch import nn
 
 from paratrain.comm import Group
 from paratrain.config import Layout
+from paratrain.core.partition import stage_sizes, stage_units
 from paratrain.mesh import Mesh
 from paratrain.models.gpt import GPT
-from paratrain.parallel.pipeline.partition import stage_sizes, stage_units
 from paratrain.parallel.shard import full_shape
 
 

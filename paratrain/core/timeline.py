@@ -9,7 +9,7 @@ Bubble of a timeline: with ``T`` the span from the first forward's start to the 
 backward's end over all ranks (the pipeline's time, as in the bubble formula) and ``busy_r`` the
 time rank ``r`` spends in forward/backward computation,
 ``bubble = mean_r (1 - busy_r / T)`` -- the idle fraction of the step (waiting on transfers
-counts as idle). Under uniform costs it equals :func:`paratrain.plan.formulas.bubble_fraction`.
+counts as idle). Under uniform costs it equals :func:`paratrain.core.bubble.bubble_fraction`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from paratrain.parallel.pipeline.schedules import (
+from paratrain.core.schedules import (
     RECV_ACT,
     RECV_GRAD,
     RECVS,

@@ -1,7 +1,8 @@
 """Pipeline schedules as plain data: for every pipeline rank, the ordered list of its actions.
 
 Pure Python (no torch): built, checked (:mod:`.check`), simulated (:mod:`.timeline`) and drawn
-without starting a process; the runtime (:mod:`.runtime`) only executes the lists.
+without starting a process; the runtime (:mod:`paratrain.parallel.pipeline.runtime`) only
+executes the lists.
 
 Vocabulary. ``p`` pipeline ranks, ``m`` micro-batches, ``v`` model chunks (virtual stages) per
 rank. The model is cut into ``S = p * v`` *stages* in order; stage ``s`` is chunk ``s // p`` of
@@ -25,7 +26,7 @@ Bubble (every stage costs ``t_f`` forward and ``t_b`` backward per micro-batch, 
 GPipe and 1F1B take ``(m + p - 1)(t_f + t_b)`` for ``m(t_f + t_b)`` of work per rank, an idle
 fraction ``(p - 1) / (m + p - 1)``; interleaving ``v`` chunks shrinks each fill/drain step to
 ``1/v`` of a stage: ``(p - 1) / (v m + p - 1)`` (Narayanan et al. 2021, section 2.2) -- the
-planner's :func:`paratrain.plan.formulas.bubble_fraction`, which the tests check against
+formula of :func:`paratrain.core.bubble.bubble_fraction`, which the tests check against
 :func:`.timeline.simulate`.
 """
 

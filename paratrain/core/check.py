@@ -1,6 +1,6 @@
 """The checker: proves a schedule safe to run, without starting a process.
 
-Rules (each violation raises :class:`~paratrain.parallel.pipeline.schedules.ScheduleError`):
+Rules (each violation raises :class:`~paratrain.core.schedules.ScheduleError`):
 
 1. **Shape.** One action list per rank; micro-batch and chunk indices in range; a transfer's
    peer is the rank holding the neighbouring stage, and no transfer crosses the model's ends.
@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from paratrain.parallel.pipeline.schedules import (
+from paratrain.core.schedules import (
     RECV_ACT,
     RECV_GRAD,
     SEND_ACT,
@@ -33,7 +33,7 @@ from paratrain.parallel.pipeline.schedules import (
     Schedule,
     ScheduleError,
 )
-from paratrain.parallel.pipeline.timeline import simulate
+from paratrain.core.timeline import simulate
 
 
 @dataclass(frozen=True)
