@@ -9,4 +9,5 @@ obeys, and its simulated timeline), :mod:`~paratrain.core.bubble` (the bubble fo
 
 Here, importing torch: :mod:`.stage`, :mod:`.runtime`, :mod:`.model` -- this rank's layers, the
 executor of a schedule over the pp group, and :class:`PipelineModel` for the training loop.
+``.schedules``, ``.check`` and ``.timeline`` re-export their old contents from the core.
 """
