@@ -3,7 +3,9 @@ the data-parallel reduction that the last backward does not hide. Pure Python (n
 
 A collective of S bytes over n devices takes ``wire(S) / bandwidth + steps * latency`` with the
 ring algorithms' wire bytes and steps ([P17] Patarasuk & Yuan 2009): all-reduce ``2(n-1)/n S``
-in ``2(n-1)`` steps, all-gather / reduce-scatter ``(n-1)/n S`` in ``n-1``, a send ``S`` in 1.
+in ``2(n-1)`` steps, all-gather / reduce-scatter ``(n-1)/n S`` in ``n-1``, a send ``S`` in 1
+(:mod:`paratrain.core.ring`, the function ``comm`` counts the runtime's bytes with). Which
+collectives data parallelism runs per step: :func:`paratrain.core.traffic.dp_parts`.
 """
 
 from __future__ import annotations
