@@ -75,7 +75,9 @@ def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, bucket_mb: floa
         sync = NaiveDataParallel(model, mesh.dp)
     else:
         sync = DataParallel(model, mesh.dp, bucket_mb=bucket_mb, overlap=overlap)
-    partial = [p for p in sync.grad_params if getattr(p, "_pt_tp_partial_grad", False)]
+    from paratrain.parallel.marks import has_partial_grad
+
+    partial = [p for p in sync.grad_params if has_partial_grad(p)]
     if partial:  # sequence parallelism: summed over tp, after dp
         sync = SequenceParallelGradSync(sync, partial, mesh.tp)
     # ranks of these groups hold different parameters (ZeRO: different shards over dp)
