@@ -150,7 +150,7 @@ def _train(cfg: TrainConfig, env: RankEnv, device: torch.device) -> dict[str, An
             if cfg.measure_memory and step == cfg.steps:  # one step, its peak: see parallel/memory.py
                 from paratrain.parallel.memory import ActivationMeter
 
-                with ActivationMeter(s.pm.parameters()) as meter:
+                with ActivationMeter(s.pm.weight_tensors()) as meter:
                     record = train_step(s, step)
             else:
                 record = train_step(s, step)

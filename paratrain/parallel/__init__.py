@@ -61,10 +61,12 @@ def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, bucket_mb: floa
 
         stage = build_stage(model, mesh, layout, seq_len or model.cfg.max_seq_len)
     sync: GradSync
+    weights: list[torch.Tensor] = []
     if layout.zero == 3:  # ZeRO-3: parameters sharded too, gathered per block (parallel/zero3.py)
         from paratrain.parallel.zero3 import zero3
 
         sync = zero3(model, mesh.dp, bucket_mb=bucket_mb, overlap=overlap)
+        weights = [b.flat for b in sync.buckets]  # the gathered units: see ParallelModel.register_weights
     elif layout.zero:  # ZeRO-1/2: parallel/zero.py
         from paratrain.parallel.zero import ZeroDataParallel
 
@@ -82,8 +84,12 @@ def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, bucket_mb: floa
         sync = SequenceParallelGradSync(sync, partial, mesh.tp)
     # ranks of these groups hold different parameters (ZeRO: different shards over dp)
     norm_groups = [mesh.tp, mesh.pp] + ([mesh.dp] if layout.zero else [])
+    pm: ParallelModel
     if stage is not None:
         from paratrain.parallel.pipeline.model import PipelineModel
 
-        return PipelineModel(stage, mesh, layout, sync, norm_groups, autocast_dtype)
-    return ParallelModel(model, mesh, layout, sync, norm_groups, autocast_dtype)
+        pm = PipelineModel(stage, mesh, layout, sync, norm_groups, autocast_dtype)
+    else:
+        pm = ParallelModel(model, mesh, layout, sync, norm_groups, autocast_dtype)
+    pm.register_weights(weights)
+    return pm

@@ -50,7 +50,6 @@ from paratrain import comm
 from paratrain.comm import Group, Handle
 from paratrain.parallel.data import DataParallel, _Bucket, group_by_bytes
 from paratrain.parallel.marks import mark_piece
-from paratrain.parallel.memory import register_parameter_storage
 
 
 def padded_numel(numel: int, n: int) -> int:
@@ -104,7 +103,6 @@ class ShardedBucket(_Bucket):
             self.shard = self.flat[self.lo:self.hi]
         else:
             self.shard = self.flat[self.lo:self.hi].clone()
-            register_parameter_storage(self.flat)  # saved gathered weights are not activations
             self.free()
         if stage == 1:
             assert self.buffer is not None

@@ -32,7 +32,7 @@ def measure_fn(cfg):
 
     s = setup(cfg, RankEnv.from_env(), torch.device("cpu"))
     train_step(s, 1)
-    with ActivationMeter(s.pm.parameters()) as meter:
+    with ActivationMeter(s.pm.weight_tensors()) as meter:  # as `train --measure-memory` does
         train_step(s, 2)
     return dict(model_state_bytes(s.pm.module, s.opt).as_dict(), activations=meter.peak_bytes)
 
