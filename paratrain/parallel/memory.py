@@ -1,6 +1,7 @@
 """What a rank holds, measured exactly, in the terms the planner predicts (not RSS noise).
 
-* **Model states** (:func:`model_state_bytes`): the bytes of the rank's parameters, of their
+* **Model states** (:func:`model_state_bytes`, a :class:`~paratrain.core.state.ModelState`, the
+  record the planner predicts too): the bytes of the rank's parameters, of their
   gradients and of the optimizer's state tensors (AdamW's ``exp_avg``, ``exp_avg_sq`` and
   ``step``), counted by *storage*: a tensor that is a view (a parameter inside a flat bucket, a
   ZeRO shard inside a gradient buffer) adds nothing beyond the storage it views, and each storage
@@ -33,11 +34,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+from paratrain.core.state import ModelState
 
 
 def _storage(t: torch.Tensor) -> tuple[int, int]:
@@ -109,23 +111,10 @@ class ActivationMeter:
         self._hooks = None
 
 
-@dataclass(frozen=True)
-class StateBytes:
-    params: int
-    grads: int
-    optimizer: int
-
-    @property
-    def total(self) -> int:
-        return self.params + self.grads + self.optimizer
-
-    def as_dict(self) -> dict[str, int]:
-        return {"params": self.params, "grads": self.grads, "optimizer": self.optimizer}
-
-
-def model_state_bytes(module: nn.Module, optimizer: torch.optim.Optimizer) -> StateBytes:
+def model_state_bytes(module: nn.Module, optimizer: torch.optim.Optimizer) -> ModelState:
     """Bytes of ``module``'s parameters and gradients and of ``optimizer``'s parameters (ZeRO's
-    shards), their gradients and its state (AdamW: two moments and a step count per tensor)."""
+    shards), their gradients and its state (AdamW: two moments and a step count per tensor), as
+    exact integers in the planner's record (``plan/formulas.model_state_bytes`` predicts it)."""
     seen: set[tuple[torch.device, int]] = set()
 
     def count(tensors: Iterable[torch.Tensor | None]) -> int:
@@ -145,4 +134,4 @@ def model_state_bytes(module: nn.Module, optimizer: torch.optim.Optimizer) -> St
     params = count(tensors)
     grads = count(t.grad for t in tensors)
     state = count(v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
-    return StateBytes(params, grads, state)
+    return ModelState(params, grads, state)
