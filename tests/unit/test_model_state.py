@@ -38,6 +38,8 @@ def test_measured_is_predicted_on_one_process() -> None:
     steps = len(list(model.parameters()))
     assert measured - predicted == ModelState(0, 0, 4 * steps)
     assert measured.total == predicted.total + 4 * steps
+    # summary.json's `memory` keeps exact byte counts: the measurement stays integers
+    assert all(type(v) is int for v in measured.as_dict().values()), measured
 
 
 @pytest.mark.parametrize("zero", [0, 1, 2, 3])
@@ -51,8 +53,7 @@ def test_estimate_reports_the_record_under_its_json_keys(zero: int) -> None:
     assert d["model_state_bytes_per_device"] == e.state.total
 
 
-def test_measured_values_stay_integers_in_json() -> None:
-    """summary.json's ``memory`` keeps exact byte counts: ints in, ints out."""
-    d = ModelState(12, 8, 4).as_dict()
-    assert d == {"params": 12, "grads": 8, "optimizer": 4} and all(type(v) is int for v in d.values())
-    assert ModelState.from_dict(dict(d, activations=7)) == ModelState(12, 8, 4)
+def test_reads_back_from_a_memory_record_with_activations() -> None:
+    """summary.json's ``memory`` (and ``predicted.memory_per_rank``) add ``activations``."""
+    state = ModelState(12, 8, 4)
+    assert ModelState.from_dict(dict(state.as_dict(), activations=7)) == state
