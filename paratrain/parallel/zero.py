@@ -29,9 +29,9 @@ reduce-scatter followed by an all-gather anyway ([R20] sec. 7.2.1).
 Shards cut across tensors. The optimizer runs on *pieces*: the part of each parameter inside
 this rank's shard, a view of the shard, in its parameter's param group, so that weight decay
 (matrices and embeddings only) stays exactly the reference's. A piece carries its parameter's
-marks plus ``"dp"`` in ``_pt_sharded``, so the global gradient norm (``parallel/grad.py``) counts
-each element once: ``||g||^2 = sum over dp ranks of the squares of its pieces``, all-reduced over
-dp (and over tp/pp as before).
+marks plus ``"dp"`` in ``sharded`` (``parallel/marks.py``), so the global gradient norm
+(``parallel/grad.py``) counts each element once: ``||g||^2 = sum over dp ranks of the squares of
+its pieces``, all-reduced over dp (and over tp/pp as before).
 
 Memory per rank for ``psi`` fp32 parameters (P = G = 4 bytes, AdamW K = 8):
 stage 0 ``16 psi``; stage 1 ``8 psi + 8 psi / n``; stage 2 ``4 psi + 12 psi / n``;
@@ -50,9 +50,7 @@ from torch import nn
 from paratrain import comm
 from paratrain.comm import Group, Handle
 from paratrain.parallel.data import DataParallel, _Bucket, group_by_bytes
-from paratrain.parallel.memory import register_parameter_storage
-
-_INHERITED_MARKS = ("_pt_duplicate", "_pt_tp_partial_grad")
+from paratrain.parallel.marks import mark_piece
 
 
 def padded_numel(numel: int, n: int) -> int:
@@ -106,7 +104,6 @@ class ShardedBucket(_Bucket):
             self.shard = self.flat[self.lo:self.hi]
         else:
             self.shard = self.flat[self.lo:self.hi].clone()
-            register_parameter_storage(self.flat)  # saved gathered weights are not activations
             self.free()
         if stage == 1:
             assert self.buffer is not None
@@ -123,11 +120,7 @@ class ShardedBucket(_Bucket):
             p = params[i]
             piece = self.shard[at:at + length]
             piece.grad = self.piece_grads[p] = self.grad_shard[at:at + length]
-            piece._pt_param = p
-            piece._pt_sharded = frozenset(getattr(p, "_pt_sharded", frozenset()) | {"dp"})
-            for mark in _INHERITED_MARKS:
-                if getattr(p, mark, False):
-                    setattr(piece, mark, True)
+            mark_piece(piece, p, "dp")
             self.pieces[p] = piece
 
     def gather(self, async_op: bool = False, tag: str | None = None) -> None:

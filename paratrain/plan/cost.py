@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 from paratrain.config import PRECISIONS, Layout, vocab_padding_note
 from paratrain.core import bubble, ring, traffic
+from paratrain.core.state import ModelState
 from paratrain.core.vocab import padded_vocab_size
 from paratrain.errors import ConfigError
 from paratrain.models.configs import ModelConfig, param_count
@@ -114,7 +115,7 @@ class StageCost(NamedTuple):
     count: int  # pipeline ranks this entry stands for (1 unless grouped; see PipelineShape)
     num_layers: int
     params: float
-    state: f.ModelState
+    state: ModelState  # predicted: f.model_state_bytes (the runtime measures the same record)
     buffer_bytes: float
     activation_bytes: float  # stored by forwards, at the schedule's peak
     rebuilt_bytes: float  # full recomputation: one block rebuilt during its backward

@@ -23,8 +23,7 @@ References:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from paratrain.core.state import ModelState
 from paratrain.models.configs import ModelConfig
 
 # ---------------------------------------------------------------------------------- parameters
@@ -116,22 +115,10 @@ STATE_BYTES: dict[str, tuple[int, int, int]] = {"bf16": (2, 2, 12), "fp32": (4, 
 ELEM_BYTES: dict[str, int] = {"bf16": 2, "fp32": 4}
 
 
-@dataclass(frozen=True)
-class ModelState:
-    """Bytes of parameters, gradients and optimizer state on one device."""
-
-    params: float
-    grads: float
-    optimizer: float
-
-    @property
-    def total(self) -> float:
-        return self.params + self.grads + self.optimizer
-
-
 def model_state_bytes(psi: float, zero: int, dp: int, precision: str) -> ModelState:
     """Model states of ``psi`` parameters on one device under ZeRO stage ``zero`` over ``dp``
-    ranks ([R20] sec. 5.1, Fig. 1; P, G, K = bytes per parameter of each part, N_d = dp):
+    ranks, predicted into the record the runtime measures (``core/state.py``) ([R20] sec. 5.1,
+    Fig. 1; P, G, K = bytes per parameter of each part, N_d = dp):
 
         stage 0 (plain DP):   (P + G + K) psi
         stage 1 (P_os):       (P + G) psi + K psi / N_d
