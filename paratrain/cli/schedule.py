@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--virtual-stages spreads model chunks over pipeline ranks: use --pp 2 or more.")
     p, m, v = args.pp, args.microbatches, args.virtual_stages
     if p * m * v > MAX_SIMULATED_PASSES:
-        from paratrain.plan.formulas import bubble_fraction
+        from paratrain.core.bubble import bubble_fraction
 
         raise ConfigError(f"--pp {p} x --microbatches {m} x --virtual-stages {v} = {p * m * v:,} forward passes "
                           f"(and as many backward ones) to build, check and simulate, more than the "
@@ -54,10 +54,10 @@ def run(args: argparse.Namespace) -> int:
                           f"fraction {bubble_fraction(args.schedule, p, m, v):.4f}. Use fewer ranks or "
                           f"micro-batches to see the schedule itself.")
     out = out_path(args.out) if args.out else None
-    from paratrain.parallel.pipeline.check import check
-    from paratrain.parallel.pipeline.schedules import build_schedule
-    from paratrain.parallel.pipeline.timeline import simulate
-    from paratrain.plan.formulas import bubble_fraction
+    from paratrain.core.bubble import bubble_fraction
+    from paratrain.core.check import check
+    from paratrain.core.schedules import build_schedule
+    from paratrain.core.timeline import simulate
 
     schedule = build_schedule(args.schedule, p, m, v)
     report = check(schedule)

@@ -8,7 +8,7 @@ rank i (its chunks c = 0..v-1 are stages k = c p + i):
     params_i  = sum_k  layers_k * block + [k first] (V h / t + S_max h) + [k last] (2 h + [copy] V h / t)
     peak_i    = states(params_i, zero, dp) + ZeRO-3 buffers + stashed activations + rebuilt block
 
-with the stash counted as in :func:`formulas.in_flight_microbatches` (one chunk per rank) or, for
+with the stash counted as in :func:`core.bubble.in_flight_microbatches` (one chunk per rank) or, for
 chunks of different sizes, as the largest over the schedule's stash states
 (:func:`topology.stash_states`, n_c micro-batches of chunk c) of
 
@@ -23,7 +23,10 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import TYPE_CHECKING, NamedTuple
 
-from paratrain.config import Layout, padded_vocab_size
+from paratrain.config import Layout
+from paratrain.core.bubble import in_flight_microbatches
+from paratrain.core.state import ModelState
+from paratrain.core.vocab import padded_vocab_size
 from paratrain.models.configs import ModelConfig
 from paratrain.plan import formulas as f
 from paratrain.plan.topology import pipeline_shape, stash_states
@@ -36,7 +39,7 @@ class RankMemory(NamedTuple):
     """Bytes one device of pipeline rank ``stage`` holds at its peak, by kind."""
 
     params: float  # parameters of the rank's chunks on one device (a count, not bytes)
-    state: f.ModelState
+    state: ModelState
     buffer_bytes: float  # ZeRO-3's gathered unit and its gradient
     activation_bytes: float  # stored by forwards, at the schedule's peak
     rebuilt_bytes: float  # full recomputation: one block rebuilt during its backward
@@ -100,7 +103,7 @@ class LayoutMemory:
         p, v, m, schedule = self.p, self.v, self.m, self.layout.schedule
         params = sum(self.chunk_params(k) for k in range(i, p * v, p))
         if v == 1:
-            flight = f.in_flight_microbatches(schedule, p, m, v, i)
+            flight = in_flight_microbatches(schedule, p, m, v, i)
             acts = flight * (self.shape.layers[i] * self.act_layer + (self.emb_act if i == 0 else 0)) \
                 + (self.out_act if i == p - 1 else 0)
         else:  # chunks of different sizes: which of them are in flight matters (topology.stash_states)
