@@ -19,7 +19,6 @@ real schedule.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from typing import NamedTuple
 
@@ -40,6 +39,7 @@ from paratrain.plan.collectives import (
 )
 from paratrain.plan.footprint import LayoutMemory, chunks_per_rank
 from paratrain.plan.hardware import Hardware
+from paratrain.plan.options import DEFAULT_OPTIONS, CostOptions
 from paratrain.plan.prediction import CommBytes, Estimate, StepTime
 from paratrain.plan.topology import axis_spans_nodes, pipeline_shape  # noqa: F401 - pipeline_shape: hetero.py
 
@@ -49,46 +49,6 @@ from paratrain.plan.topology import axis_spans_nodes, pipeline_shape  # noqa: F4
 OPTIMIZER_BYTES_PER_PARAM = 28
 
 
-@dataclass(frozen=True)
-class CostOptions:
-    """Knobs of the model that are not part of the layout. Defaults describe paratrain's runtime.
-
-    efficiency: fraction of peak the compute reaches (None: the hardware's figure).
-    overlap_dp: data-parallel collectives overlap backward (bucketed DP, [R20]/DDP); False for a
-        naive all-reduce after backward.
-    memory_headroom: fraction of device memory kept free for the framework (CUDA context,
-        allocator fragmentation, temporary buffers); an assumption, not a measured figure.
-    dropout: activation accounting of [K22] counts 1-byte dropout masks (a model trained with
-        dropout 0 stores none).
-    store_scores: the attention stores its s x s scores (eager attention, [K22]); False (the
-        default): a fused kernel, as PyTorch's scaled_dot_product_attention that paratrain runs.
-    sp_saves_gathered: under sequence parallelism the qkv/fc1/head linears save their all-gathered
-        input (paratrain's runtime); False: the shard, re-gathered in backward (Megatron, [K22]).
-    stage_layers: layers per pipeline chunk (pp * virtual_stages entries); None = the layout's, or
-        the runtime's cost-balanced partition.
-    bubble_fraction: idle fraction of the pipeline taken from a simulated schedule, None = analytic.
-    bucket_bytes: gradient bucket size (each bucket is one collective); 25 MiB like PyTorch DDP's
-        ``bucket_cap_mb`` and paratrain's ``--bucket-mb`` default.
-    rank_speeds: relative compute speed of each pipeline rank's devices (heterogeneous devices;
-        None = all 1). Scales compute and the optimizer step, not communication.
-    local_batch: sequences this data-parallel replica trains per step (None = global batch / dp);
-        may be fractional: a speed-proportional share (planner-side prediction only).
-    """
-
-    efficiency: float | None = None
-    overlap_dp: bool = True
-    memory_headroom: float = 0.10
-    dropout: bool = True
-    store_scores: bool = False
-    sp_saves_gathered: bool = True
-    stage_layers: tuple[int, ...] | None = None
-    bubble_fraction: float | None = None
-    bucket_bytes: float = 25 * 2**20
-    rank_speeds: tuple[float, ...] | None = None
-    local_batch: float | None = None
-
-
-DEFAULT_OPTIONS = CostOptions()
 
 
 class ChunkCost(NamedTuple):
@@ -371,56 +331,6 @@ def estimate(model: ModelConfig, layout: Layout, hardware: Hardware, global_batc
 def _estimate(model: ModelConfig, layout: Layout, hw: Hardware, global_batch: int, seq_len: int,
               precision: str, options: CostOptions) -> Estimate:
     return estimate_layout(_Layout(model, layout, hw, global_batch, seq_len, precision, options))
-
-
-def layout_context(model: ModelConfig, layout: Layout, hw: Hardware, global_batch: int, seq_len: int,
-                   precision: str, options: CostOptions) -> _Layout:
-    """The per-layout context (``layout`` valid): its ``peak_bytes()`` is the estimate's peak
-    memory, :func:`step_time_lower_bound` bounds its step time, :func:`estimate_layout` prices it."""
-    return _Layout(model, layout, hw, global_batch, seq_len, precision, options)
-
-
-def step_time_lower_bound(ctx: _Layout, zero: int | None = None) -> float:
-    """A lower bound on :func:`estimate_layout`'s step time, in a few operations (what lets the
-    search price in full only the layouts that can reach its top). With sum_i t_i over the p
-    ranks of the per-micro-batch times and t_max their largest (>= sum / p),
-
-        T_pipe = m t_max + (sum - t_max) / v = (m - 1/v) t_max + sum / v >= sum (m + (p - 1)/v) / p
-
-    since m >= 1 >= 1/v, and sum >= C + L tp_1 + S: C, every chunk's compute, adds up over the
-    model (the FLOPs and memory-bound terms of :meth:`_Layout.chunk` are linear in its layers, plus
-    the head's); tp_1, one block's tensor-parallel collectives, is linear too (the embedding's and
-    the head's are extra); S, every rank's sends (with a given bubble fraction b, T_pipe = m t_max
-    / (1 - b)). The step adds what every rank pays once (the loss's all-reduce over dp, the
-    pipeline's and tensor-parallel norm syncs: their maximum over ranks is at least that), the
-    optimizer (exact) and terms >= 0. ``zero``: at that ZeRO stage instead of the layout's (the
-    rest does not depend on it). 0 (no bound) with rank speeds or a batch share (heterogeneous
-    devices)."""
-    o = ctx.options
-    if o.rank_speeds is not None or o.local_batch is not None:
-        return 0.0
-    if ctx.pipe_bound is None:  # the same for every ZeRO stage
-        L, p, t, m, v = ctx.model.num_layers, ctx.p, ctx.t, ctx.m, ctx.v
-        replay = ctx.layer_rec / (3 * ctx.layer_fwd) if ctx.layer_fwd else 0.0
-        C = (3 * (L * ctx.layer_fwd + ctx.head_fwd) + L * ctx.layer_rec) / ctx.rate \
-            + (L * ctx.ew_layer * (1 + replay) + ctx.ew_head) / ctx.share
-        once = collective_seconds("all_reduce", ctx.n, 4, *ctx.dp_link)
-        if t > 1:
-            tp = ctx.tp_seconds(1, False, False)
-            C += L * (tp[traffic.FORWARD] + tp[traffic.BACKWARD])
-            once += collective_seconds("all_reduce", t, 4, *ctx.tp_link)
-        if p > 1:
-            C += sum(ctx.shape.sends) * ctx.message_s
-            bw, lat = ctx.pp_link.bw, ctx.pp_link.latency
-            once += collective_seconds("all_reduce", p, 4, bw, lat) + ring.ring_steps("all_gather", p) * lat
-        pipe = C * m / p / (1 - o.bubble_fraction) if o.bubble_fraction is not None else C * (m + (p - 1) / v) / p
-        ctx.pipe_bound = pipe + once
-        ctx.max_params = max(params for params, _ in ctx.group_parts())
-    bw = ctx.hw.memory_bw * ctx.share
-    zero = ctx.layout.zero if zero is None else zero
-    owned = ctx.max_params / (ctx.n if zero >= 1 else 1)
-    optimizer = OPTIMIZER_BYTES_PER_PARAM * owned / bw if bw else 0.0
-    return (ctx.pipe_bound + optimizer) * (1 - 1e-9)  # the margin: the estimate sums the terms in another order
 
 
 def estimate_layout(ctx: _Layout) -> Estimate:

@@ -36,14 +36,8 @@ from typing import Any
 from paratrain.config import RECOMPUTE, Layout, valid_tp
 from paratrain.errors import ConfigError
 from paratrain.models.configs import ModelConfig
-from paratrain.plan.cost import (
-    CostOptions,
-    Estimate,
-    _estimate,
-    estimate,
-    layout_context,
-    step_time_lower_bound,
-)
+from paratrain.plan.bound import layout_context, step_time_lower_bound
+from paratrain.plan.cost import CostOptions, Estimate, _estimate, estimate
 from paratrain.plan.hardware import GiB, Hardware
 from paratrain.plan.hetero import SpeedPlan, with_speeds
 
@@ -241,7 +235,7 @@ def _bounded(layouts: list[Layout], args: _Args, top: int) -> PlanResult:
     is computed (exact: the estimate's own, :class:`~paratrain.plan.footprint.LayoutMemory`),
     so the count that fit, the least memory-hungry misfit and the pure data-parallel ones are the
     exhaustive search's; each fitting one gets a lower bound on its step time
-    (:func:`~paratrain.plan.cost.step_time_lower_bound`), and in increasing bound order they are
+    (:func:`~paratrain.plan.bound.step_time_lower_bound`), and in increasing bound order they are
     priced in full until the next bound exceeds the ``top``-th step time found: no layout left
     can then enter the top. Ties keep the enumeration order, as the exhaustive stable sort does."""
     model, hardware, global_batch, seq_len, precision, options = args

@@ -10,7 +10,8 @@ import pytest
 
 from paratrain.config import runtime_implements
 from paratrain.models.configs import ModelConfig, get_model_config
-from paratrain.plan.cost import CostOptions, _estimate, layout_context, step_time_lower_bound
+from paratrain.plan.bound import layout_context, step_time_lower_bound
+from paratrain.plan.cost import CostOptions, _estimate
 from paratrain.plan.hardware import get_hardware
 from paratrain.plan.search import enumerate_layouts, search
 
