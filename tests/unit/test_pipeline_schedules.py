@@ -192,7 +192,7 @@ def test_schedule_cli_draws_without_torch(tmp_path):
     (["--pp", "4", "--microbatches", "6", "--schedule", "interleaved", "--virtual-stages", "2"],
      "multiple of pp=4"),
     (["--pp", "2", "--virtual-stages", "2", "--schedule", "1f1b"], "needs schedule 'interleaved'"),
-    (["--pp", "0"], "pp must be a positive integer"),
+    (["--pp", "0"], "--pp must be an integer in [1, 8,192], got 0"),  # the flag as typed
     (["--pp", "1", "--schedule", "interleaved", "--virtual-stages", "2"], "use --pp 2 or more"),
 ])
 def test_schedule_cli_rejects_bad_input(args, message, capsys):
