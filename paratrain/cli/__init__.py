@@ -14,6 +14,7 @@ import sys
 import textwrap
 
 from paratrain.errors import ConfigError
+from paratrain.launch import Interrupted
 
 COMMANDS = ("train", "bench", "estimate", "plan", "simulate", "calibrate", "schedule")
 
@@ -47,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("paratrain: interrupted", file=sys.stderr)
         code = 130
+    except Interrupted as e:  # SIGTERM & co. inside a command that did not report it itself
+        print(f"paratrain: {e}", file=sys.stderr)
+        code = e.exit_code
     except BrokenPipeError:  # `paratrain plan | head`: the reader left; say nothing more
         import os
 

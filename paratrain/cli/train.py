@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         cfg = build_train_config(args)
     model_cfg, corpus = preflight(cfg)
-    from paratrain.launch import LaunchError, RankEnv, launch
+    from paratrain.launch import Interrupted, LaunchError, RankEnv, launch
     from paratrain.models.configs import param_count
 
     lead = RankEnv.from_env().rank == 0
@@ -140,6 +140,10 @@ def run(args: argparse.Namespace) -> int:
     except LaunchError as e:
         print(format_failure(e), file=sys.stderr)
         return 1
+    except Interrupted as e:
+        if lead:
+            print(interrupted_line(e, out, cfg.steps), file=sys.stderr)
+        return e.exit_code
     summary = results.get(0)
     if not lead:
         return 0
@@ -153,6 +157,15 @@ def run(args: argparse.Namespace) -> int:
         summary["predicted"] = auto.prediction.to_dict()
     report(summary, out)
     return 0
+
+
+def interrupted_line(e: Any, out: Path, steps: int) -> str:
+    """One line for a run stopped by a signal: how far it got and where its outputs are."""
+    metrics = out / "metrics.jsonl"
+    done = len(metrics.read_text(encoding="utf-8").splitlines()) if metrics.exists() else 0
+    files = ", ".join(_listing(out)) if out.is_dir() else "nothing"
+    return (f"paratrain train: interrupted by {e.name} after {done} of {steps} steps; the outputs so far are in "
+            f"{out}/ ({files}); no summary or checkpoint was written.")
 
 
 def predicted_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
