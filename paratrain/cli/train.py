@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from paratrain.cli.common import DEFAULT_NPROC, LAYOUT_FIELDS, add_train_args, build_train_config, write_json
+from paratrain.cli.rundir import LOCK_NAME, RunFolder, claim
 from paratrain.config import Layout, TrainConfig, vocab_padding_note
 from paratrain.errors import ConfigError
 from paratrain.metrics import format_table
@@ -38,6 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    f"--nproc local processes (default {DEFAULT_NPROC}), the model and the batch (layout flags "
                    "given pin that part), train with the fastest predicted one, and print predicted vs "
                    "measured step time and memory per rank at the end")
+    p.add_argument("--overwrite", action="store_true", help="if --out already holds a run, move that folder "
+                   "aside (to NAME.old-<time>) and start afresh; without it such a folder is refused")
     g.add_argument("--profile", metavar="PATH", help="device profile for --plan auto (default: the one "
                    "`paratrain calibrate` writes; without one, the catalog's nominal cpu)")
     p.set_defaults(run=run)
@@ -77,7 +80,7 @@ def describe_auto(auto: Any, nproc: int) -> str:
 
 def _listing(out: Path) -> list[str]:
     """What the run wrote: files, and folders with a trailing slash."""
-    return sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir())
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if p.name != LOCK_NAME)
 
 
 def _default_out(cfg: TrainConfig) -> Path:
@@ -118,21 +121,37 @@ def run(args: argparse.Namespace) -> int:
     else:
         cfg = build_train_config(args)
     model_cfg, corpus = preflight(cfg)
-    from paratrain.launch import Interrupted, LaunchError, RankEnv, launch
-    from paratrain.models.configs import param_count
+    from paratrain.launch import RankEnv
 
     lead = RankEnv.from_env().rank == 0
     out = Path(cfg.out) if cfg.out else _default_out(cfg)
     cfg = cfg.replace(out=str(out))
-    if lead:
-        if auto is not None:
-            print(describe_auto(auto, cfg.world_size), flush=True)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", dataclasses.asdict(cfg))
-        padding = vocab_padding_note(model_cfg, cfg.layout.tp)
-        print(f"paratrain train: {cfg.model} ({param_count(model_cfg):,} parameters) on "
-              f"{cfg.world_size} process(es) [{cfg.layout}]\n  data: {corpus.describe()}\n"
-              + (f"  vocab: {padding}\n" if padding else "") + f"  out:  {out}", flush=True)
+    folder = claim(out, overwrite=bool(getattr(args, "overwrite", False))) if lead else None
+    try:
+        if lead:
+            start_report(cfg, model_cfg, corpus, auto, folder)
+        return _launch_and_report(cfg, auto, lead, out)
+    finally:
+        if folder is not None:
+            folder.release()
+
+
+def start_report(cfg: TrainConfig, model_cfg: Any, corpus: Any, auto: Any, folder: RunFolder) -> None:
+    """The lead's header, and config.json in the (claimed, empty) run folder."""
+    from paratrain.models.configs import param_count
+
+    if auto is not None:
+        print(describe_auto(auto, cfg.world_size), flush=True)
+    write_json(folder.path / "config.json", dataclasses.asdict(cfg))
+    padding = vocab_padding_note(model_cfg, cfg.layout.tp)
+    moved = f"  (the previous run in it was moved to {folder.moved_to})\n" if folder.moved_to else ""
+    print(f"paratrain train: {cfg.model} ({param_count(model_cfg):,} parameters) on "
+          f"{cfg.world_size} process(es) [{cfg.layout}]\n  data: {corpus.describe()}\n"
+          + (f"  vocab: {padding}\n" if padding else "") + f"  out:  {folder.path}\n" + moved, end="", flush=True)
+
+
+def _launch_and_report(cfg: TrainConfig, auto: Any, lead: bool, out: Path) -> int:
+    from paratrain.launch import Interrupted, LaunchError, launch
     from paratrain.train import train_worker
 
     try:
