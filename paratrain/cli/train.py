@@ -10,7 +10,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from paratrain.cli.common import DEFAULT_NPROC, LAYOUT_FIELDS, add_train_args, build_train_config, write_json
+from paratrain.cli.common import (
+    DEFAULT_NPROC,
+    LAYOUT_FIELDS,
+    add_train_args,
+    build_train_config,
+    check_batch_memory,
+    write_json,
+)
 from paratrain.cli.rundir import LOCK_NAME, RunFolder, claim
 from paratrain.config import Layout, TrainConfig, vocab_padding_note
 from paratrain.errors import ConfigError
@@ -95,9 +102,16 @@ def _default_out(cfg: TrainConfig) -> Path:
     return out
 
 
+def check_config(cfg: TrainConfig) -> Any:
+    """The checks of the config alone (no corpus, no device): the model shape, or ConfigError."""
+    model_cfg = cfg.validate()
+    check_batch_memory(cfg.global_batch, cfg.seq_len)
+    return model_cfg
+
+
 def preflight(cfg: TrainConfig) -> Any:
     """Every check that can fail before a process starts (exit 2 on failure)."""
-    model_cfg = cfg.validate()
+    model_cfg = check_config(cfg)
     from paratrain.data import check_corpus, load_corpus
 
     corpus = load_corpus(cfg.data)
