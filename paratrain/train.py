@@ -7,6 +7,7 @@ saves the checkpoint and samples text; it returns the run's summary.
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import statistics
@@ -145,6 +146,7 @@ def _train(cfg: TrainConfig, env: RankEnv, device: torch.device) -> dict[str, An
     val_loss = None
     t_start = time.perf_counter()
     meter = None
+    diverged = 0
     try:
         for step in range(1, cfg.steps + 1):
             if cfg.measure_memory and step == cfg.steps:  # one step, its peak: see parallel/memory.py
@@ -154,6 +156,12 @@ def _train(cfg: TrainConfig, env: RankEnv, device: torch.device) -> dict[str, An
                     record = train_step(s, step)
             else:
                 record = train_step(s, step)
+            if not math.isfinite(record["loss"]):  # the same global mean on every rank: all stop here
+                diverged = step
+                records.append(record)
+                if writer:
+                    writer.write(record)
+                break
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
                 val_loss = evaluate(s.pm, s.corpus, cfg, s.rows, device)
                 record["val_loss"] = val_loss
@@ -166,6 +174,8 @@ def _train(cfg: TrainConfig, env: RankEnv, device: torch.device) -> dict[str, An
         if writer:
             writer.close()
     wall = time.perf_counter() - t_start
+    if diverged:
+        return _diverged_summary(cfg, records, wall, device, s.mesh) if lead else None
     state = s.pm.full_state_dict()
     timeline = s.pm.gather_timeline() if cfg.layout.pp > 1 else None  # of the last step
     memory = None
@@ -192,6 +202,17 @@ def _train(cfg: TrainConfig, env: RankEnv, device: torch.device) -> dict[str, An
                         {"step": cfg.steps, "model": cfg.model, "seed": cfg.seed})
     if cfg.sample_tokens and state is not None:
         summary["sample"] = sample_text(model_cfg, state, cfg.sample_tokens, cfg.seed)
+    return summary
+
+
+def _diverged_summary(cfg: TrainConfig, records: list[dict[str, Any]], wall: float, device: torch.device,
+                      mesh: Mesh) -> dict[str, Any]:
+    """The loss became NaN or infinite: no checkpoint (it would hold those weights), no sample; the
+    summary says where it stopped (``paratrain train`` reports it and exits non-zero)."""
+    summary = _summary(cfg, records, None, wall, device, param_count(cfg.model_config()), mesh)
+    step, loss = records[-1]["step"], records[-1]["loss"]
+    summary["diverged"] = {"step": step, "loss": str(loss), "lr": records[-1]["lr"],
+                           "why": f"the training loss was {loss} at step {step}: training diverged"}
     return summary
 
 

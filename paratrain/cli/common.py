@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import re
 from pathlib import Path
@@ -292,4 +291,7 @@ def _resolve_degrees(values: dict[str, Any], layout: dict[str, Any]) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
+    """Strict JSON: a NaN/infinite number is written as null and its key listed under "nonfinite"."""
+    from paratrain.metrics import dumps_finite
+
+    path.write_text(dumps_finite(obj, indent=2) + "\n", encoding="utf-8")

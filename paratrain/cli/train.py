@@ -188,8 +188,20 @@ def _launch_and_report(cfg: TrainConfig, auto: Any, lead: bool, out: Path) -> in
             (results.get(r) or {}).get("memory") for r in range(1, cfg.world_size)]
     if auto is not None:
         summary["predicted"] = auto.prediction.to_dict()
+    if summary.get("diverged"):
+        write_json(out / "summary.json", summary)
+        print(diverged_message(summary, cfg), file=sys.stderr)
+        return 1
     report(summary, out)
     return 0
+
+
+def diverged_message(summary: dict[str, Any], cfg: TrainConfig) -> str:
+    d = summary["diverged"]
+    return (f"paratrain: error: {d['why']} (lr {d['lr']:.3g}), so the run stopped there and is not finished; "
+            f"no checkpoint was written. metrics.jsonl and summary.json in {summary['out']}/ record it (a "
+            f"non-finite value is written as null and listed under \"nonfinite\"). Lower --lr (it was "
+            f"{cfg.lr:g}), raise --warmup-steps ({cfg.warmup_steps}) or keep --grad-clip on.")
 
 
 def interrupted_line(e: Any, out: Path, steps: int) -> str:
