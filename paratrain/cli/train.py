@@ -162,6 +162,8 @@ def start_report(cfg: TrainConfig, model_cfg: Any, corpus: Any, auto: Any, folde
     print(f"paratrain train: {cfg.model} ({param_count(model_cfg):,} parameters) on "
           f"{cfg.world_size} process(es) [{cfg.layout}]\n  data: {corpus.describe()}\n"
           + (f"  vocab: {padding}\n" if padding else "") + f"  out:  {folder.path}\n" + moved, end="", flush=True)
+    for warning in corpus.warnings:
+        print(f"paratrain: warning: data: {warning}", file=sys.stderr, flush=True)
 
 
 def _launch_and_report(cfg: TrainConfig, auto: Any, lead: bool, out: Path) -> int:
