@@ -48,6 +48,23 @@ class Corpus:
                 f"{len(self.val):,} validation tokens (bytes)")
 
 
+@dataclass(frozen=True)
+class CorpusCheck:
+    """What ``paratrain train`` checked before any rank started: a rank that loads the corpus again
+    asserts it got the same bytes (a file edited in between would train other ranks on other data)."""
+
+    source: str
+    num_files: int
+    train_tokens: int
+    val_tokens: int
+    crc32: int
+
+    @classmethod
+    def of(cls, corpus: Corpus) -> CorpusCheck:
+        crc = zlib.crc32(corpus.val.data, zlib.crc32(corpus.train.data))
+        return cls(corpus.source, corpus.num_files, len(corpus.train), len(corpus.val), crc)
+
+
 def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 

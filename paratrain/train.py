@@ -24,6 +24,7 @@ from paratrain.config import TrainConfig
 from paratrain.data import (
     VAL,
     Corpus,
+    CorpusCheck,
     check_corpus,
     decode,
     dp_rows,
@@ -76,15 +77,17 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def train_worker(cfg: TrainConfig) -> dict[str, Any] | None:
-    """One rank's whole job. Returns the summary on global rank 0, None elsewhere."""
+def train_worker(cfg: TrainConfig, checked: CorpusCheck | None = None) -> dict[str, Any] | None:
+    """One rank's whole job. Returns the summary on global rank 0, None elsewhere. ``checked``: the
+    config was validated and the corpus checked before launch (``paratrain train``); the rank then
+    only asserts that its corpus is the one checked."""
     env = RankEnv.from_env()
     set_threads(cfg.threads, env.local_world_size)
     device = resolve_device(cfg.device, env.local_rank)
     init_distributed(env, device.type, cfg.timeout_s)
     ok = False
     try:
-        result = _train(cfg, env, device)
+        result = _train(cfg, env, device, checked)
         ok = True
         return result
     finally:
@@ -114,10 +117,13 @@ class Session:
     device: torch.device
 
 
-def setup(cfg: TrainConfig, env: RankEnv, device: torch.device, corpus: Corpus | None = None) -> Session:
+def setup(cfg: TrainConfig, env: RankEnv, device: torch.device, corpus: Corpus | None = None,
+          checked: CorpusCheck | None = None) -> Session:
     """Validate, build the mesh, the reference model and its parallel form, and the optimizer.
-    With several ranks the default process group must already exist."""
-    model_cfg = cfg.validate()
+    With several ranks the default process group must already exist. With ``checked`` (from
+    ``paratrain train``, which validated everything before launch) nothing is validated twice: the
+    corpus loaded here must match what was checked."""
+    model_cfg = cfg.validate() if checked is None else cfg.model_config()
     layout = cfg.layout
     if env.world_size != layout.world_size:
         raise RuntimeError(f"{env.world_size} processes were started for a layout of "
@@ -125,7 +131,11 @@ def setup(cfg: TrainConfig, env: RankEnv, device: torch.device, corpus: Corpus |
     mesh = Mesh.build(MeshShape(layout.dp, layout.pp, layout.tp), env.rank, cfg.timeout_s)
     if corpus is None:
         corpus = load_corpus(cfg.data)
-    check_corpus(corpus, cfg.seq_len)
+    if checked is None:
+        check_corpus(corpus, cfg.seq_len)
+    elif CorpusCheck.of(corpus) != checked:
+        raise RuntimeError(f"the data changed after `paratrain train` checked it: checked {checked}, this "
+                           f"rank loaded {CorpusCheck.of(corpus)}. Keep --data unchanged while a run starts.")
     model = build_reference(model_cfg, cfg.seed, device)
     seed_default_generator(cfg.seed, mesh.coords.dp, mesh.coords.pp)  # dropout: see parallel/rng.py
     autocast = torch.bfloat16 if cfg.precision == "bf16" else None
@@ -136,8 +146,9 @@ def setup(cfg: TrainConfig, env: RankEnv, device: torch.device, corpus: Corpus |
     return Session(cfg, mesh, corpus, pm, opt, rows, device)
 
 
-def _train(cfg: TrainConfig, env: RankEnv, device: torch.device) -> dict[str, Any] | None:
-    s = setup(cfg, env, device)
+def _train(cfg: TrainConfig, env: RankEnv, device: torch.device,
+           checked: CorpusCheck | None = None) -> dict[str, Any] | None:
+    s = setup(cfg, env, device, checked=checked)
     lead = env.rank == 0
     out = Path(cfg.out) if cfg.out else None
     writer = MetricsWriter(out / "metrics.jsonl") if lead and out else None

@@ -144,7 +144,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         if lead:
             start_report(cfg, model_cfg, corpus, auto, folder)
-        return _launch_and_report(cfg, auto, lead, out)
+        from paratrain.data import CorpusCheck
+
+        return _launch_and_report(cfg, CorpusCheck.of(corpus), auto, lead, out)
     finally:
         if folder is not None:
             folder.release()
@@ -166,12 +168,12 @@ def start_report(cfg: TrainConfig, model_cfg: Any, corpus: Any, auto: Any, folde
         print(f"paratrain: warning: data: {warning}", file=sys.stderr, flush=True)
 
 
-def _launch_and_report(cfg: TrainConfig, auto: Any, lead: bool, out: Path) -> int:
+def _launch_and_report(cfg: TrainConfig, checked: Any, auto: Any, lead: bool, out: Path) -> int:
     from paratrain.launch import Interrupted, LaunchError, launch
     from paratrain.train import train_worker
 
     try:
-        results = launch(train_worker, (cfg,), cfg.world_size)
+        results = launch(train_worker, (cfg, checked), cfg.world_size)  # validated: ranks only assert
     except LaunchError as e:
         print(format_failure(e), file=sys.stderr)
         return 1
