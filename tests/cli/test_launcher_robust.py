@@ -18,9 +18,9 @@ LONG = ["train", "--model", "tiny", "--steps", "100000", "--global-batch", "4", 
         "--eval-every", "0", "--sample-tokens", "0", "--no-checkpoint", "--timeout", "30"]
 
 
-def start(out: Path, **kw) -> subprocess.Popen:
+def start(out: Path, *extra: str, **kw) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.Popen([sys.executable, "-m", "paratrain", *LONG, "--out", str(out)], cwd=out.parent,
+    return subprocess.Popen([sys.executable, "-m", "paratrain", *LONG, *extra, "--out", str(out)], cwd=out.parent,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
@@ -132,10 +132,11 @@ def test_killed_launcher_ends_its_ranks_and_launch_folder(tmp_path):
         stop(proc, ranks)
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_ends_the_run_with_one_line(tmp_path, sig, code):
+@pytest.mark.parametrize("sig, code, nproc", [(signal.SIGINT, 130, "2"), (signal.SIGTERM, 143, "2"),
+                                             (signal.SIGTERM, 143, "1")])  # 1: the run is in this process
+def test_signal_ends_the_run_with_one_line(tmp_path, sig, code, nproc):
     out = tmp_path / "r"
-    proc = start(out, start_new_session=True)
+    proc = start(out, "--nproc", nproc, start_new_session=True)
     wait_for_steps(proc, out)
     ranks = children(proc.pid)
     if sig == signal.SIGINT:
