@@ -12,6 +12,7 @@ from typing import Any
 
 from paratrain.cli.common import (
     DEFAULT_NPROC,
+    GIVEN_RANGES,
     LAYOUT_FIELDS,
     add_train_args,
     build_train_config,
@@ -19,7 +20,7 @@ from paratrain.cli.common import (
     write_json,
 )
 from paratrain.cli.rundir import LOCK_NAME, RunFolder, claim
-from paratrain.config import Layout, TrainConfig, vocab_padding_note
+from paratrain.config import Layout, TrainConfig, check_range, vocab_padding_note
 from paratrain.errors import ConfigError
 from paratrain.metrics import format_table
 
@@ -62,6 +63,8 @@ def plan_auto(args: argparse.Namespace) -> tuple[TrainConfig, Any]:
     from paratrain.plan.local import auto_layout, local_hardware
 
     fixed = {k: getattr(args, k) for k in SEARCHED if getattr(args, k, None) is not None}
+    if args.nproc is not None:
+        check_range("--nproc", args.nproc, GIVEN_RANGES["nproc"])
     nproc = args.nproc or DEFAULT_NPROC
     plain = dict(vars(args), nproc=None, **{k: None for k in LAYOUT_FIELDS})
     base = build_train_config(argparse.Namespace(**plain)).replace(layout=Layout())

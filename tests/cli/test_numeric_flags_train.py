@@ -118,6 +118,16 @@ def test_train_numeric_flag(flag, capsys):
             assert given == want and (kind is int or math.isfinite(given)), (flag, value, given)
 
 
+def test_plan_auto_nproc(capsys):
+    """--plan auto reads --nproc itself (the layout is searched): 0 must not mean the default 2."""
+    from paratrain.cli.train import plan_auto
+
+    for value in ("0", "-1", HUGE_INT):
+        t0 = time.monotonic()
+        kind, got = answer(["train", "--plan", "auto", "--nproc", value], lambda a: plan_auto(a)[0], capsys)
+        assert_answer(kind, got, False, "--nproc", value, t0)
+
+
 @pytest.mark.parametrize("flag", list(BENCH))
 def test_bench_numeric_flag(flag, capsys):
     accepted, kind = BENCH[flag]
