@@ -56,14 +56,32 @@ def save_checkpoint(folder: Path | str, state: dict[str, Any], meta: dict[str, A
     return folder
 
 
+def _read_meta(folder: Path, meta_path: Path) -> dict[str, Any]:
+    """``checkpoint.json`` as a dict whose ``file`` names a file inside ``folder`` (a manifest is
+    data from disk: a ``"../x"`` or absolute path there must not make us read elsewhere)."""
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"checkpoint {folder}: {META_FILE} is not valid JSON ({e}); the checkpoint is "
+                              f"damaged. Use an earlier checkpoint.") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {folder}: {META_FILE} must hold a JSON object, not "
+                              f"{type(meta).__name__}.")
+    name = meta.setdefault("file", MODEL_FILE)
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+        raise CheckpointError(f"checkpoint {folder}: {META_FILE} names the file {name!r}; it must be a plain "
+                              f"file name inside the checkpoint folder (like {MODEL_FILE!r}).")
+    return meta
+
+
 def load_checkpoint(folder: Path | str) -> tuple[dict[str, Any], dict[str, Any]]:
     """Return ``(state, meta)`` after checking the file against its recorded SHA-256."""
     folder = Path(folder)
     meta_path = folder / META_FILE
     if not meta_path.exists():
         raise CheckpointError(f"{folder} is not a paratrain checkpoint: {META_FILE} is missing.")
-    meta = json.loads(meta_path.read_text())
-    model_path = folder / meta.get("file", MODEL_FILE)
+    meta = _read_meta(folder, meta_path)
+    model_path = folder / meta["file"]
     if not model_path.exists():
         raise CheckpointError(f"checkpoint {folder}: {model_path.name} is missing.")
     digest = _sha256(model_path)

@@ -8,6 +8,7 @@ before any process or process group exists.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,72 @@ def _positive_int(name: str, value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
     return value
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of one numeric field: ``kind`` (int or float; floats must be finite) between
+    ``low`` and ``high`` (``None``: unbounded), each end included unless ``*_open``."""
+
+    kind: type
+    low: float
+    low_open: bool = False
+    high: float | None = None
+    high_open: bool = False
+
+    def describe(self) -> str:
+        if self.kind is int:
+            if self.high is None:
+                return "a positive integer" if self.low == 1 else f"an integer >= {self.low}"
+            return f"an integer in [{self.low}, {self.high}]"
+        low = f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.high is None:
+            return f"{low} (a finite number)"
+        return (f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'} "
+                f"(a finite number)")
+
+    def holds(self, value: object) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float) if self.kind is float else int):
+            return False
+        if not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+
+MAX_THREADS = 1024  # torch threads per rank; more is a typo, and a pool that size would exhaust the machine
+MAX_TIMEOUT_S = 1e9  # ~31 years; torch counts timeouts in int64 nanoseconds, which overflow near 9.2e9 s
+
+# One rule per numeric TrainConfig field: TrainConfig.validate checks them by field name, the CLI
+# the same rules by the flag or config key the user wrote (paratrain/cli/common.py).
+FIELD_RANGES: dict[str, Range] = {
+    "nproc": Range(int, 0),  # 0: dp * pp * tp (the CLI asks >= 1 of a value the user gives)
+    "steps": Range(int, 1),
+    "seed": Range(int, 0, high=2**63 - 1),  # torch.manual_seed and numpy's generators take 64 bits
+    "global_batch": Range(int, 1),
+    "seq_len": Range(int, 1),
+    "eval_batches": Range(int, 1),
+    "eval_every": Range(int, 0),
+    "warmup_steps": Range(int, 0),
+    "sample_tokens": Range(int, 0),
+    "threads": Range(int, 0, high=MAX_THREADS),
+    "lr": Range(float, 0, low_open=True),
+    "min_lr_ratio": Range(float, 0, high=1),
+    "weight_decay": Range(float, 0),
+    "grad_clip": Range(float, 0),
+    "beta1": Range(float, 0, high=1, high_open=True),
+    "beta2": Range(float, 0, high=1, high_open=True),
+    "dropout": Range(float, 0, high=1, high_open=True),
+    "bucket_mb": Range(float, 0, low_open=True),
+    "timeout_s": Range(float, 0, low_open=True, high=MAX_TIMEOUT_S),
+}
+
+
+def check_range(label: str, value: object, rule: Range) -> None:
+    """ConfigError naming ``label`` (a field, a flag or a config key) unless ``value`` obeys ``rule``."""
+    if not rule.holds(value):
+        raise ConfigError(f"{label} must be {rule.describe()}, got {value!r}.")
 
 
 @dataclass(frozen=True)
@@ -95,7 +162,7 @@ class Layout:
         """Pipeline checks that need no model (``paratrain schedule`` runs only these)."""
         if self.virtual_stages > 1 and self.schedule != "interleaved":
             raise ConfigError(
-                f"virtual_stages={self.virtual_stages} needs schedule 'interleaved' "
+                f"virtual_stages={self.virtual_stages} (--virtual-stages) needs schedule 'interleaved' "
                 f"(got {self.schedule!r}); use virtual_stages=1 with gpipe or 1f1b."
             )
         if self.schedule == "interleaved" and self.pp > 1 and self.microbatches % self.pp:
@@ -144,7 +211,7 @@ class Layout:
             raise ConfigError(
                 f"the local batch of {local} sequences (global batch {global_batch} / dp {self.dp}) "
                 f"cannot be split into {self.microbatches} equal micro-batches; valid micro-batch "
-                f"counts are {valid}."
+                f"counts are {valid} (--microbatches)."
             )
         if self.tp > 1:  # the vocabulary need not divide: it is padded (padded_vocab_size)
             for what, size in _tp_split_dims(model):
@@ -277,22 +344,8 @@ class TrainConfig:
                 f"*{layout.tp} = {layout.world_size}. Either drop --nproc or set the degrees so that "
                 f"their product is {self.nproc} (for example --dp {self.nproc})."
             )
-        for name in ("steps", "global_batch", "seq_len", "eval_batches"):
-            _positive_int(name, getattr(self, name))
-        if self.eval_every < 0 or self.warmup_steps < 0 or self.sample_tokens < 0:
-            raise ConfigError("eval_every, warmup_steps and sample_tokens must be >= 0.")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}.")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}.")
-        if self.grad_clip < 0 or self.weight_decay < 0:
-            raise ConfigError("grad_clip and weight_decay must be >= 0 (grad_clip 0 disables clipping).")
-        if not self.bucket_mb > 0:
-            raise ConfigError(f"bucket_mb must be > 0, got {self.bucket_mb}.")
-        if self.timeout_s <= 0:
-            raise ConfigError(f"timeout_s must be > 0, got {self.timeout_s}.")
-        if self.threads < 0:
-            raise ConfigError(f"threads must be >= 0 (0 = automatic), got {self.threads}.")
+        for name, rule in FIELD_RANGES.items():
+            check_range(name, getattr(self, name), rule)
         for name, value, valid in (
             ("precision", self.precision, PRECISIONS),
             ("dp_impl", self.dp_impl, DP_IMPLS),

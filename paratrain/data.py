@@ -3,7 +3,9 @@
 The default corpus is the Python standard library's own ``.py`` files, sorted by path and
 concatenated: present on every machine with Python, nothing downloaded. Tokens are bytes
 (vocabulary 256). Every 20th file (by a CRC of its relative path, so the choice is stable) is
-held out for validation.
+held out for validation. A corpus of fewer than ``FILE_SPLIT_MIN`` files (a single file, a small
+folder) is split inside its text instead: the last tenth of the concatenated bytes is held out, so
+whether it trains no longer depends on how its file names hash.
 
 The global batch of step ``s`` depends only on ``(seed, s)``: its ``B`` start offsets are drawn
 from a generator seeded with ``(seed, s)``. A data-parallel rank takes rows
@@ -24,6 +26,9 @@ from paratrain.errors import ConfigError
 
 VOCAB_SIZE = 256
 VAL_EVERY = 20  # one file in 20 goes to the validation split
+FILE_SPLIT_MIN = 2 * VAL_EVERY  # fewer files: hold out the text's last tenth (the CRC choice is too lumpy)
+VAL_FRACTION = 0.1
+_SNIFF_BYTES = 8192  # how much of each file is looked at for NUL bytes (binary data)
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 _TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst", ".json", ".toml", ".yaml", ".yml", ".csv", ".c", ".h"}
 
@@ -36,10 +41,28 @@ class Corpus:
     val: np.ndarray
     source: str
     num_files: int
+    warnings: tuple[str, ...] = ()
 
     def describe(self) -> str:
         return (f"{self.source}: {self.num_files} files, {len(self.train):,} train / "
                 f"{len(self.val):,} validation tokens (bytes)")
+
+
+@dataclass(frozen=True)
+class CorpusCheck:
+    """What ``paratrain train`` checked before any rank started: a rank that loads the corpus again
+    asserts it got the same bytes (a file edited in between would train other ranks on other data)."""
+
+    source: str
+    num_files: int
+    train_tokens: int
+    val_tokens: int
+    crc32: int
+
+    @classmethod
+    def of(cls, corpus: Corpus) -> CorpusCheck:
+        crc = zlib.crc32(corpus.val.data, zlib.crc32(corpus.train.data))
+        return cls(corpus.source, corpus.num_files, len(corpus.train), len(corpus.val), crc)
 
 
 def stdlib_root() -> Path:
@@ -55,20 +78,23 @@ def _walk(root: Path, suffixes: set[str]) -> list[Path]:
 
 
 def _split(root: Path, files: list[Path], source: str) -> Corpus:
+    blobs = [(f, f.read_bytes()) for f in files]
+    blobs = [(f, data) for f, data in blobs if data]
     train, val = [], []
-    for f in files:
-        data = f.read_bytes()
-        if not data:
-            continue
-        rel = str(f.relative_to(root)) if f != root else f.name
-        (val if zlib.crc32(rel.encode()) % VAL_EVERY == 0 else train).append(data)
-    if not val and train:  # a tiny user corpus: hold out its last tenth instead
-        blob = b"".join(train)
-        cut = int(len(blob) * 0.9)
+    if len(blobs) >= FILE_SPLIT_MIN:
+        for f, data in blobs:
+            rel = str(f.relative_to(root)) if f != root else f.name
+            (val if zlib.crc32(rel.encode()) % VAL_EVERY == 0 else train).append(data)
+    if not train or not val:  # a few files, or every one hashed to one side: split the text itself
+        blob = b"".join(data for _, data in blobs)
+        cut = int(len(blob) * (1 - VAL_FRACTION))
         train, val = [blob[:cut]], [blob[cut:]]
     t = np.frombuffer(b"".join(train), dtype=np.uint8)
     v = np.frombuffer(b"".join(val), dtype=np.uint8)
-    return Corpus(t, v, source, len(files))
+    binary = [str(f) for f, data in blobs if b"\0" in data[:_SNIFF_BYTES]]
+    warnings = (f"{len(binary)} file(s) look binary (NUL bytes), e.g. {binary[0]}; the model will learn those "
+                f"bytes as if they were text.",) if binary else ()
+    return Corpus(t, v, source, len(files), warnings)
 
 
 def load_corpus(path: str | None = None) -> Corpus:

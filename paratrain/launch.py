@@ -1,10 +1,15 @@
 """Starting ranks and ending them cleanly.
 
 * :func:`launch` starts ``nproc`` local ranks through ``torch.distributed.run``'s launcher API
-  (``elastic_launch``: c10d rendezvous on localhost, no restarts). If the job is already under an
-  outside ``torchrun`` (multi-node), it runs the function in this process instead. If any rank
-  fails, the launcher stops the others and :class:`LaunchError` carries the first failing rank's
-  error and traceback.
+  (``elastic_launch``, no restarts). Its rendezvous is one ``TCPStore`` on a socket this process
+  bound to 127.0.0.1 (torch's store has no authentication, and the stock c10d rendezvous listens
+  on every interface); the ranks join it as clients and bind gloo/NCCL to the loopback interface
+  (``paratrain.rank``), so a local run is reachable from this machine only. If the job is already
+  under an outside ``torchrun`` (multi-node), it runs the function in this process instead, and
+  torchrun binds what its user named. If any rank fails, the launcher stops the others and
+  :class:`LaunchError` carries the first failing rank's error and traceback. A signal (Ctrl-C,
+  SIGTERM) stops the ranks and raises :class:`Interrupted`; a launcher killed outright is noticed
+  by its ranks, which end themselves (``paratrain.rank``).
 * :func:`init_distributed` / :func:`shutdown_distributed` bracket a rank's work. Process groups
   get a timeout, so a collective waiting on a dead peer raises instead of hanging. Shutdown waits
   at a barrier and then destroys every group: a rank that exits with gloo work objects still
@@ -18,12 +23,18 @@ import datetime
 import logging
 import os
 import shutil
+import signal
+import socket
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+LOOPBACK = "127.0.0.1"
+_RDZV_BACKEND = "paratrain-loopback"
+_HANDLED_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")  # what torch's launcher catches
 
 
 @dataclass(frozen=True)
@@ -95,6 +106,47 @@ class LaunchError(RuntimeError):
         super().__init__(f"rank {rank} failed (exit code {exitcode}): {message}")
 
 
+class Interrupted(Exception):
+    """The launcher got ``signum`` (Ctrl-C is SIGINT) and stopped the ranks; exit ``128 + signum``."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = int(signum)
+        self.name = signal.Signals(self.signum).name
+        super().__init__(f"interrupted by {self.name}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """Within this block SIGTERM/SIGHUP/SIGQUIT raise :class:`Interrupted` and Ctrl-C becomes one
+    too, so a run stopped from outside unwinds (metrics closed) and ends with one line. The previous
+    handlers are restored afterwards (torch's launcher installs its own and leaves them behind)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    sigs = [getattr(signal, n) for n in _HANDLED_SIGNALS if hasattr(signal, n)]
+    old = {s: signal.getsignal(s) for s in sigs}
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Interrupted(signum)
+
+    for s in sigs:
+        if s != signal.SIGINT:
+            signal.signal(s, handler)
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(signal.SIGINT) from None
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 def _failure_details(failure: Any) -> tuple[str, str]:
     data = getattr(failure, "error_file_data", None) or {}
     msg = data.get("message", "") if isinstance(data, dict) else ""
@@ -114,8 +166,12 @@ def _failure_details(failure: Any) -> tuple[str, str]:
 @contextlib.contextmanager
 def _quiet_launcher_logs() -> Iterator[None]:
     """The launcher logs every failure with its own long traceback; we report ours instead."""
+    import torch.distributed.launcher.api  # noqa: F401 - creates the launcher's loggers
+
     names = ("torch.distributed.elastic", "torch.multiprocessing", "torch.distributed.launcher")
-    loggers = [logging.getLogger(n) for n in names]
+    # torch sets a level on each of its module loggers, so the parents' level alone is not enough
+    loggers = [logging.getLogger(n) for n in names] + [
+        logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith(names)]
     old = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.CRITICAL)
@@ -135,35 +191,76 @@ def launch(fn: Callable[..., Any], args: tuple[Any, ...], nproc: int) -> dict[in
     if under_torchrun():
         return {int(os.environ["RANK"]): fn(*args)}
     if nproc == 1:
-        return {0: fn(*args)}
+        with interruptible():
+            return {0: fn(*args)}
     import pickle
     import sys
 
-    from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs
+    from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    _register_loopback_rendezvous()
     work_dir = Path(tempfile.mkdtemp(prefix="paratrain-launch-"))
     args_file = work_dir / "args.pkl"
     args_file.write_bytes(pickle.dumps(args))
+    listener = socket.create_server((LOOPBACK, 0), backlog=128)  # the store's socket: loopback only
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex,
-        rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0,
+        rdzv_backend=_RDZV_BACKEND, rdzv_endpoint=f"{LOOPBACK}:{listener.getsockname()[1]}",
+        rdzv_configs={"listen_fd": listener.fileno()}, local_addr=LOOPBACK, max_restarts=0,
         monitor_interval=0.1, start_method="spawn", logs_specs=DefaultLogsSpecs(log_dir=str(work_dir / "logs")),
     )
     target = f"{fn.__module__}:{fn.__qualname__}"
+    rank_args = ("-m", "paratrain.rank", target, str(args_file), str(work_dir), str(os.getpid()))
     try:
-        with _quiet_launcher_logs():
-            elastic_launch(config, sys.executable)("-m", "paratrain.rank", target, str(args_file), str(work_dir))
+        with _quiet_launcher_logs(), interruptible():
+            elastic_launch(config, sys.executable)(*rank_args)
         results = {}
         for r in range(nproc):
             with open(work_dir / f"rank-{r}.pkl", "rb") as f:
                 results[r] = pickle.load(f)
         return results
+    except SignalException as e:  # the launcher already stopped the ranks
+        raise Interrupted(e.sigval) from None
     except ChildFailedError as e:
-        raise _root_cause(e, work_dir) from None
+        cause = _root_cause(e, work_dir)
+        if cause.message.startswith("KeyboardInterrupt"):  # Ctrl-C reached the ranks first
+            raise Interrupted(signal.SIGINT) from None
+        raise cause from None
     finally:
+        listener.close()
         shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _register_loopback_rendezvous() -> None:
+    from torch.distributed.elastic.rendezvous import rendezvous_handler_registry
+
+    rendezvous_handler_registry.register(_RDZV_BACKEND, _loopback_rendezvous)
+
+
+def _loopback_rendezvous(params: Any) -> Any:
+    """A single-node rendezvous whose ``TCPStore`` serves on the socket :func:`launch` bound to
+    127.0.0.1 (``listen_fd``). Workers reuse it as their store (``use_agent_store``), so it is the
+    only listener the launcher opens. The store closes the descriptor it is given, hence a dup."""
+    from torch.distributed import PrefixStore, TCPStore
+    from torch.distributed.elastic.rendezvous.api import RendezvousInfo, RendezvousStoreInfo
+    from torch.distributed.elastic.rendezvous.static_tcp_rendezvous import StaticTCPRendezvous
+
+    class LoopbackRendezvous(StaticTCPRendezvous):
+        def get_backend(self) -> str:
+            return _RDZV_BACKEND
+
+        def next_rendezvous(self) -> RendezvousInfo:
+            if not self._store:
+                self._store = TCPStore(self.master_addr, self.master_port, None, True, self.timeout,
+                                       wait_for_workers=False, multi_tenant=True,
+                                       master_listen_fd=os.dup(int(params.config["listen_fd"])), use_libuv=True)
+            return RendezvousInfo(PrefixStore(self.run_id, self._store), 0, 1,
+                                  RendezvousStoreInfo(self.master_addr, self.master_port))
+
+    host, _, port = params.endpoint.rpartition(":")
+    return LoopbackRendezvous(host, int(port), 0, 1, params.run_id, 600)
 
 
 def _root_cause(e: Any, work_dir: Path) -> LaunchError:

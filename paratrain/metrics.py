@@ -4,11 +4,39 @@ the summary table printed at the end."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import IO, Any
 
 from paratrain.text import format_grid as format_grid  # re-exported: its old home, used by bench and scripts
+
+NONFINITE_KEY = "nonfinite"  # lists the keys whose value was NaN or infinite (written as null)
+
+
+def finite_json(obj: Any, path: str = "") -> tuple[Any, list[str]]:
+    """``obj`` with every NaN/infinite float replaced by None (JSON has no NaN; ``json.dumps``
+    would write the non-standard ``NaN``), and the dotted paths of the replaced values."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None, [path or "value"]
+    if isinstance(obj, dict):
+        out, bad = {}, []
+        for k, v in obj.items():
+            out[k], b = finite_json(v, f"{path}.{k}" if path else str(k))
+            bad += b
+        return out, bad
+    if isinstance(obj, (list, tuple)):
+        items = [finite_json(v, f"{path}[{i}]") for i, v in enumerate(obj)]
+        return [v for v, _ in items], [b for _, bs in items for b in bs]
+    return obj, []
+
+
+def dumps_finite(obj: dict[str, Any], **kw: Any) -> str:
+    """Strict JSON of ``obj``; non-finite numbers become null, listed under ``"nonfinite"``."""
+    clean, bad = finite_json(obj)
+    if bad:
+        clean[NONFINITE_KEY] = bad
+    return json.dumps(clean, allow_nan=False, default=str, **kw)
 
 
 class MetricsWriter:
@@ -19,7 +47,7 @@ class MetricsWriter:
         self._f: IO[str] = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
 
     def write(self, record: dict[str, Any]) -> None:
-        self._f.write(json.dumps(record) + "\n")
+        self._f.write(dumps_finite(record) + "\n")
         self._f.flush()
 
     def close(self) -> None:

@@ -1,7 +1,14 @@
-"""Entry point of one launched rank: ``python -m paratrain.rank MODULE:FUNCTION ARGS_FILE RESULT_DIR``.
+"""Entry point of one launched rank: ``python -m paratrain.rank MODULE:FUNCTION ARGS_FILE RESULT_DIR [LAUNCHER_PID]``.
 
 Runs ``FUNCTION(*args)`` (args unpickled from ARGS_FILE), writes its return value to
 ``RESULT_DIR/rank-<RANK>.pkl`` atomically, and ends the process with :func:`end_process`.
+
+A local rank binds gloo (and NCCL's bootstrap) to the loopback interface, as the launcher's store
+is (``paratrain.launch``). It also watches its launcher (LAUNCHER_PID): if that process dies, even
+by SIGKILL, the kernel sends the rank SIGUSR1 (``prctl(PR_SET_PDEATHSIG)``) and a thread checks
+``os.getppid()`` every quarter second as a fallback (the signal only fires when the parent
+*thread* that started us ends, and not at all if the parent was gone before we asked); either way
+the rank removes the launch folder and exits, instead of training on unsupervised.
 
 Why a process of our own instead of returning from a spawned function: gloo's worker threads
 outlive ``destroy_process_group`` (torch keeps references to every group), and a worker that is
@@ -20,7 +27,10 @@ import importlib
 import json
 import os
 import pickle
+import shutil
+import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -62,9 +72,59 @@ def write_error(result_dir: Path, rank: int, exc: BaseException) -> None:
     os.replace(path.with_suffix(".tmp"), path)
 
 
+ORPHAN_EXIT_CODE = 75  # nobody reads it: the launcher that would is gone
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def bind_loopback() -> None:
+    """Make gloo and NCCL listen on the loopback interface only (a local run has no other peer)."""
+    names = {name for _, name in socket_interfaces()}
+    if "lo" in names:
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+        os.environ["NCCL_SOCKET_IFNAME"] = "lo"
+
+
+def socket_interfaces() -> list[tuple[int, str]]:
+    import socket
+
+    try:
+        return socket.if_nameindex()
+    except OSError:
+        return []
+
+
+def watch_launcher(launcher_pid: int, work_dir: Path, interval_s: float = 0.25) -> None:
+    """End this rank (and remove ``work_dir``) soon after the launcher ``launcher_pid`` dies."""
+
+    def orphaned() -> None:
+        shutil.rmtree(work_dir, ignore_errors=True)
+        print(f"paratrain rank {os.environ.get('RANK', '?')}: the launcher (pid {launcher_pid}) is gone; "
+              f"stopping.", file=sys.stderr)
+        end_process(ORPHAN_EXIT_CODE)
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if os.getppid() != launcher_pid:  # a spurious one (a launcher thread ended) is ignored
+            orphaned()
+
+    def poll() -> None:
+        while os.getppid() == launcher_pid:
+            time.sleep(interval_s)
+        orphaned()
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        signal.signal(signal.SIGUSR1, on_signal)
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGUSR1), 0, 0, 0)
+    threading.Thread(target=poll, name="paratrain-launcher-watch", daemon=True).start()
+
+
 def main(argv: list[str]) -> None:
-    func_path, args_file, result_dir = argv
+    func_path, args_file, result_dir, *launcher = argv
     rank = int(os.environ.get("RANK", "0"))
+    bind_loopback()
+    if launcher:
+        watch_launcher(int(launcher[0]), Path(result_dir))
     try:
         with open(args_file, "rb") as f:
             args = pickle.load(f)

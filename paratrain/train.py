@@ -7,6 +7,7 @@ saves the checkpoint and samples text; it returns the run's summary.
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import statistics
@@ -24,6 +25,7 @@ from paratrain.config import TrainConfig
 from paratrain.data import (
     VAL,
     Corpus,
+    CorpusCheck,
     check_corpus,
     decode,
     dp_rows,
@@ -97,16 +99,19 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def train_worker(cfg: TrainConfig, on_step: StepHook | None = None) -> dict[str, Any] | None:
-    """One rank's whole job. Returns the summary on global rank 0, None elsewhere. ``on_step``
-    runs as each step starts (``paratrain train`` passes the :class:`Fault` of ``PARATRAIN_FAULT``)."""
+def train_worker(cfg: TrainConfig, checked: CorpusCheck | None = None,
+                 on_step: StepHook | None = None) -> dict[str, Any] | None:
+    """One rank's whole job. Returns the summary on global rank 0, None elsewhere. ``checked``: the
+    config was validated and the corpus checked before launch (``paratrain train``); the rank then
+    only asserts that its corpus is the one checked. ``on_step`` runs as each step starts
+    (``paratrain train`` passes the :class:`Fault` of ``PARATRAIN_FAULT``)."""
     env = RankEnv.from_env()
     set_threads(cfg.threads, env.local_world_size)
     device = resolve_device(cfg.device, env.local_rank)
     init_distributed(env, device.type, cfg.timeout_s)
     ok = False
     try:
-        result = _train(cfg, env, device, on_step)
+        result = _train(cfg, env, device, checked, on_step)
         ok = True
         return result
     finally:
@@ -138,11 +143,12 @@ class Session:
 
 
 def setup(cfg: TrainConfig, env: RankEnv, device: torch.device, corpus: Corpus | None = None,
-          on_step: StepHook | None = None) -> Session:
+          checked: CorpusCheck | None = None, on_step: StepHook | None = None) -> Session:
     """Validate, build the mesh, the reference model and its parallel form, and the optimizer.
-    With several ranks the default process group must already exist. ``on_step``: see
-    :func:`train_step`."""
-    model_cfg = cfg.validate()
+    With several ranks the default process group must already exist. With ``checked`` (from
+    ``paratrain train``, which validated everything before launch) nothing is validated twice: the
+    corpus loaded here must match what was checked. ``on_step``: see :func:`train_step`."""
+    model_cfg = cfg.validate() if checked is None else cfg.model_config()
     layout = cfg.layout
     if env.world_size != layout.world_size:
         raise RuntimeError(f"{env.world_size} processes were started for a layout of "
@@ -150,7 +156,11 @@ def setup(cfg: TrainConfig, env: RankEnv, device: torch.device, corpus: Corpus |
     mesh = Mesh.build(MeshShape(layout.dp, layout.pp, layout.tp), env.rank, cfg.timeout_s)
     if corpus is None:
         corpus = load_corpus(cfg.data)
-    check_corpus(corpus, cfg.seq_len)
+    if checked is None:
+        check_corpus(corpus, cfg.seq_len)
+    elif CorpusCheck.of(corpus) != checked:
+        raise RuntimeError(f"the data changed after `paratrain train` checked it: checked {checked}, this "
+                           f"rank loaded {CorpusCheck.of(corpus)}. Keep --data unchanged while a run starts.")
     model = build_reference(model_cfg, cfg.seed, device)
     seed_default_generator(cfg.seed, mesh.coords.dp, mesh.coords.pp)  # dropout: see parallel/rng.py
     autocast = torch.bfloat16 if cfg.precision == "bf16" else None
@@ -162,8 +172,8 @@ def setup(cfg: TrainConfig, env: RankEnv, device: torch.device, corpus: Corpus |
 
 
 def _train(cfg: TrainConfig, env: RankEnv, device: torch.device,
-           on_step: StepHook | None = None) -> dict[str, Any] | None:
-    s = setup(cfg, env, device, on_step=on_step)
+           checked: CorpusCheck | None = None, on_step: StepHook | None = None) -> dict[str, Any] | None:
+    s = setup(cfg, env, device, checked=checked, on_step=on_step)
     lead = env.rank == 0
     out = Path(cfg.out) if cfg.out else None
     writer = MetricsWriter(out / "metrics.jsonl") if lead and out else None
@@ -172,6 +182,7 @@ def _train(cfg: TrainConfig, env: RankEnv, device: torch.device,
     val_loss = None
     t_start = time.perf_counter()
     meter = None
+    diverged = 0
     try:
         for step in range(1, cfg.steps + 1):
             if cfg.measure_memory and step == cfg.steps:  # one step, its peak: see parallel/memory.py
@@ -181,6 +192,12 @@ def _train(cfg: TrainConfig, env: RankEnv, device: torch.device,
                     record = train_step(s, step)
             else:
                 record = train_step(s, step)
+            if not math.isfinite(record["loss"]):  # the same global mean on every rank: all stop here
+                diverged = step
+                records.append(record)
+                if writer:
+                    writer.write(record)
+                break
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
                 val_loss = evaluate(s.pm, s.corpus, cfg, s.rows, device)
                 record["val_loss"] = val_loss
@@ -193,6 +210,8 @@ def _train(cfg: TrainConfig, env: RankEnv, device: torch.device,
         if writer:
             writer.close()
     wall = time.perf_counter() - t_start
+    if diverged:
+        return _diverged_summary(cfg, records, wall, device, s.mesh) if lead else None
     state = s.pm.full_state_dict()
     timeline = s.pm.gather_timeline() if cfg.layout.pp > 1 else None  # of the last step
     memory = None
@@ -219,6 +238,17 @@ def _train(cfg: TrainConfig, env: RankEnv, device: torch.device,
                         {"step": cfg.steps, "model": cfg.model, "seed": cfg.seed})
     if cfg.sample_tokens and state is not None:
         summary["sample"] = sample_text(model_cfg, state, cfg.sample_tokens, cfg.seed)
+    return summary
+
+
+def _diverged_summary(cfg: TrainConfig, records: list[dict[str, Any]], wall: float, device: torch.device,
+                      mesh: Mesh) -> dict[str, Any]:
+    """The loss became NaN or infinite: no checkpoint (it would hold those weights), no sample; the
+    summary says where it stopped (``paratrain train`` reports it and exits non-zero)."""
+    summary = _summary(cfg, records, None, wall, device, param_count(cfg.model_config()), mesh)
+    step, loss = records[-1]["step"], records[-1]["loss"]
+    summary["diverged"] = {"step": step, "loss": str(loss), "lr": records[-1]["lr"],
+                           "why": f"the training loss was {loss} at step {step}: training diverged"}
     return summary
 
 

@@ -14,6 +14,7 @@ import sys
 import textwrap
 
 from paratrain.errors import ConfigError
+from paratrain.launch import Interrupted
 
 COMMANDS = ("train", "bench", "estimate", "plan", "simulate", "calibrate", "schedule")
 
@@ -39,7 +40,10 @@ def error(message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # the sub-command's usage, not the top-level one, goes with its unknown flag
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         code = int(args.run(args) or 0)
     except ConfigError as e:
@@ -47,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("paratrain: interrupted", file=sys.stderr)
         code = 130
+    except Interrupted as e:  # SIGTERM & co. inside a command that did not report it itself
+        print(f"paratrain: {e}", file=sys.stderr)
+        code = e.exit_code
     except BrokenPipeError:  # `paratrain plan | head`: the reader left; say nothing more
         import os
 

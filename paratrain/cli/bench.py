@@ -8,6 +8,7 @@ import json
 import sys
 
 from paratrain.bench import GROUPS, BenchOptions, Row
+from paratrain.cli.common import MAX_LOCAL_PROCS, check_batch_memory
 from paratrain.errors import ConfigError
 from paratrain.metrics import format_grid
 
@@ -46,29 +47,45 @@ def _parse_list(text: str, what: str) -> tuple[int, ...]:
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise ConfigError(f"{what} must be comma-separated integers, got {text!r}.") from None
-    if not values or min(values) < 1:
-        raise ConfigError(f"{what} must list positive integers, got {text!r}.")
+    if not values or min(values) < 1 or max(values) > MAX_LOCAL_PROCS:
+        raise ConfigError(f"{what} must list integers in [1, {MAX_LOCAL_PROCS}], got {text!r}.")
     return values
 
 
-def run(args: argparse.Namespace) -> int:
+def check_options(args: argparse.Namespace) -> None:
+    """The numeric flags, by the rules ``train`` uses for the same quantities (config.FIELD_RANGES)."""
+    from paratrain.config import FIELD_RANGES, Range, check_range
+
+    rules = {"global_batch": FIELD_RANGES["global_batch"], "seq_len": FIELD_RANGES["seq_len"],
+             "steps": Range(int, 1), "repeats": Range(int, 1), "threads": FIELD_RANGES["threads"],
+             "bucket_mb": FIELD_RANGES["bucket_mb"]}
+    for name, rule in rules.items():
+        check_range(f"--{name.replace('_', '-')}", getattr(args, name), rule)
+    check_batch_memory(args.global_batch, args.seq_len)
+
+
+def prepare(args: argparse.Namespace) -> tuple[list[str], BenchOptions]:
+    """The groups and options to measure, every check done (ConfigError) before anything starts."""
     groups = [g.strip() for g in args.only.split(",")] if args.only else list(GROUPS)
     unknown = [g for g in groups if g not in GROUPS]
     if unknown:
         raise ConfigError(f"unknown benchmark group(s) {', '.join(unknown)}; valid: {', '.join(GROUPS)}.")
-    for name in ("global_batch", "seq_len", "steps", "repeats"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer.")
+    check_options(args)
     opts = BenchOptions(model=args.model, global_batch=args.global_batch, seq_len=args.seq_len,
                         steps=args.steps, repeats=args.repeats, nprocs=_parse_list(args.nproc, "--nproc"),
                         threads=args.threads, bucket_mb=args.bucket_mb)
     from paratrain.config import Layout, TrainConfig
 
-    for n in opts.nprocs:  # validate before starting anything
+    for n in opts.nprocs:
         for group in groups:
             layout = Layout(tp=n, sequence_parallel=True) if group == "tp" else Layout(dp=n)
             TrainConfig(model=opts.model, global_batch=opts.global_batch, seq_len=opts.seq_len,
                         layout=layout).validate()
+    return groups, opts
+
+
+def run(args: argparse.Namespace) -> int:
+    groups, opts = prepare(args)
     from paratrain.launch import LaunchError
 
     rows: list[Row] = []

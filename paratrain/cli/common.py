@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 from paratrain.config import (
     DEVICES,
     DP_IMPLS,
+    FIELD_RANGES,
     PRECISIONS,
     RECOMPUTE,
     SCHEDULES,
     Layout,
+    Range,
     TrainConfig,
+    check_range,
 )
 from paratrain.errors import ConfigError
 from paratrain.models.configs import model_names
@@ -25,6 +28,23 @@ DEFAULT_NPROC = 2
 LAYOUT_FIELDS = tuple(f.name for f in dataclasses.fields(Layout))
 TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "layout")
 _DEFAULTS = TrainConfig()
+MAX_LOCAL_PROCS = 4096  # processes one machine can start; a larger --nproc is a typo
+FLAGS = {"timeout_s": "--timeout"}  # fields whose flag is not --field-name (see add_train_args)
+# What the user may give (flag or config key), where it differs from FIELD_RANGES (the rule of a
+# finished TrainConfig): an explicit nproc is a count of processes, 0 is not one.
+GIVEN_RANGES: dict[str, Range] = dict(
+    FIELD_RANGES, nproc=Range(int, 1, high=MAX_LOCAL_PROCS),
+    **{name: Range(int, 1) for name in ("dp", "pp", "tp", "microbatches", "virtual_stages")})
+# The type each config-file key wants, from the dataclass fields ("int", "str | None", ...).
+_FIELD_TYPES = {f.name: str(f.type) for f in (*dataclasses.fields(TrainConfig), *dataclasses.fields(Layout))}
+_WANTED = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+           "str | None": "a string", "tuple[int, ...] | None": "a list of integers",
+           "tuple[float, ...] | None": "a list of numbers"}
+
+
+def flag_of(name: str) -> str:
+    """The flag a TrainConfig/Layout field is given with (``timeout_s`` -> ``--timeout``)."""
+    return FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
 def default(name: str) -> Any:
@@ -138,6 +158,44 @@ def _normalise(key: str) -> str:
     return key.strip().replace("-", "_")
 
 
+_YAML_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+
+
+def _yaml_load(text: str) -> Any:
+    """PyYAML follows YAML 1.1, where ``1e-3`` (no dot) is a string; YAML 1.2 and every user read it
+    as a number, so this loader does too. A quoted ``"1e-3"`` stays a string."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML_FLOAT, list("-+0123456789"))
+    return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def coerce_value(key: str, value: Any, where: str) -> Any:
+    """``value`` of config key ``key`` as its field's type (an int is a valid float, a list a valid
+    tuple); otherwise a ConfigError naming the key, the value and the type wanted."""
+    kind = _FIELD_TYPES[key]
+    if value is None and kind.endswith("| None"):
+        return None
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = {"int": isinstance(value, int) and not isinstance(value, bool), "float": number,
+          "bool": isinstance(value, bool), "str": isinstance(value, str), "str | None": isinstance(value, str)}
+    if kind.startswith("tuple["):
+        item = int if kind.startswith("tuple[int") else float
+        good = isinstance(value, list) and all(
+            isinstance(x, item if item is int else (int, float)) and not isinstance(x, bool) for x in value)
+        if good:
+            return tuple(value)
+    elif ok.get(kind, True):
+        return float(value) if kind == "float" else value
+    shown = f"{value!r} ({type(value).__name__})"
+    raise ConfigError(f"{where}: {key} = {shown} is not {_WANTED.get(kind, kind)}; write {key} as "
+                      f"{_WANTED.get(kind, kind)}" + (", e.g. 3e-3 (unquoted)" if kind == "float" else "")
+                      + ".")
+
+
 def load_config_file(path: str) -> dict[str, Any]:
     """Read a TOML (.toml) or YAML (.yaml/.yml) file into flat TrainConfig/Layout keys."""
     p = Path(path)
@@ -150,9 +208,7 @@ def load_config_file(path: str) -> dict[str, Any]:
 
             raw = tomllib.loads(text)
         elif p.suffix in (".yaml", ".yml"):
-            import yaml
-
-            raw = yaml.safe_load(text) or {}
+            raw = _yaml_load(text) or {}
         else:
             raise ConfigError(f"config file {path!r}: use a .toml, .yaml or .yml file.")
     except ConfigError:
@@ -171,19 +227,47 @@ def load_config_file(path: str) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"config file {path!r}: unknown key(s) {', '.join(unknown)}. Valid keys: "
                           f"{', '.join(sorted(set(LAYOUT_FIELDS) | set(TRAIN_FIELDS)))}.")
-    return flat
+    return {k: coerce_value(k, v, f"config file {path!r}") for k, v in flat.items()}
 
 
 def build_train_config(args: argparse.Namespace) -> TrainConfig:
     """Defaults <- config file <- flags, then the process count and degrees made consistent."""
     values: dict[str, Any] = {}
+    labels: dict[str, str] = {}
     if getattr(args, "config", None):
         values.update(load_config_file(args.config))
-    values.update({k: v for k, v in vars(args).items()
-                   if (k in TRAIN_FIELDS or k in LAYOUT_FIELDS) and v is not None})
+        labels.update({k: f"{k} in config file {args.config!r}" for k in values})
+    flags = {k: v for k, v in vars(args).items() if (k in TRAIN_FIELDS or k in LAYOUT_FIELDS) and v is not None}
+    values.update(flags)
+    labels.update({k: flag_of(k) for k in flags})
+    check_given(values, labels)
     layout_values = {k: values.pop(k) for k in LAYOUT_FIELDS if k in values}
     _resolve_degrees(values, layout_values)
     return TrainConfig(**values, layout=Layout(**layout_values))
+
+
+def check_given(values: dict[str, Any], labels: dict[str, str]) -> None:
+    """Every number the user gave obeys its rule (GIVEN_RANGES); the error names the flag or the
+    config key as the user wrote it, not the field behind it. (--stage-speeds and --stage-layers are
+    checked with the layout, which names them.)"""
+    for name, value in values.items():
+        if name in GIVEN_RANGES:
+            check_range(labels[name], value, GIVEN_RANGES[name])
+
+
+def check_batch_memory(global_batch: int, seq_len: int, flag: str = "--global-batch") -> None:
+    """Refuse a batch whose token arrays alone exceed this machine's memory (the activations need
+    many times more): int64 inputs and targets of the whole global batch, ``2 x 8 x B x (L + 1)``
+    bytes over the local ranks."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    need = 2 * 8 * global_batch * (seq_len + 1)
+    if need > ram:
+        raise ConfigError(f"{flag} {global_batch} with --seq-len {seq_len}: the token batch alone needs "
+                          f"{need / 2**30:,.0f} GiB, more than this machine's {ram / 2**30:,.0f} GiB of memory, "
+                          f"and the activations need many times more. Use a smaller {flag}.")
 
 
 def _resolve_degrees(values: dict[str, Any], layout: dict[str, Any]) -> None:
@@ -207,4 +291,7 @@ def _resolve_degrees(values: dict[str, Any], layout: dict[str, Any]) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
+    """Strict JSON: a NaN/infinite number is written as null and its key listed under "nonfinite"."""
+    from paratrain.metrics import dumps_finite
+
+    path.write_text(dumps_finite(obj, indent=2) + "\n", encoding="utf-8")

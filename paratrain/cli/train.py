@@ -10,8 +10,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from paratrain.cli.common import DEFAULT_NPROC, LAYOUT_FIELDS, add_train_args, build_train_config, write_json
-from paratrain.config import Layout, TrainConfig, vocab_padding_note
+from paratrain.cli.common import (
+    DEFAULT_NPROC,
+    GIVEN_RANGES,
+    LAYOUT_FIELDS,
+    add_train_args,
+    build_train_config,
+    check_batch_memory,
+    write_json,
+)
+from paratrain.cli.rundir import LOCK_NAME, RunFolder, claim
+from paratrain.config import Layout, TrainConfig, check_range, vocab_padding_note
 from paratrain.errors import ConfigError
 from paratrain.metrics import format_table
 
@@ -38,6 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    f"--nproc local processes (default {DEFAULT_NPROC}), the model and the batch (layout flags "
                    "given pin that part), train with the fastest predicted one, and print predicted vs "
                    "measured step time and memory per rank at the end")
+    p.add_argument("--overwrite", action="store_true", help="if --out already holds a run, move that folder "
+                   "aside (to NAME.old-<time>) and start afresh; without it such a folder is refused")
     g.add_argument("--profile", metavar="PATH", help="device profile for --plan auto (default: the one "
                    "`paratrain calibrate` writes; without one, the catalog's nominal cpu)")
     p.set_defaults(run=run)
@@ -52,6 +63,8 @@ def plan_auto(args: argparse.Namespace) -> tuple[TrainConfig, Any]:
     from paratrain.plan.local import auto_layout, local_hardware
 
     fixed = {k: getattr(args, k) for k in SEARCHED if getattr(args, k, None) is not None}
+    if args.nproc is not None:
+        check_range("--nproc", args.nproc, GIVEN_RANGES["nproc"])
     nproc = args.nproc or DEFAULT_NPROC
     plain = dict(vars(args), nproc=None, **{k: None for k in LAYOUT_FIELDS})
     base = build_train_config(argparse.Namespace(**plain)).replace(layout=Layout())
@@ -77,7 +90,7 @@ def describe_auto(auto: Any, nproc: int) -> str:
 
 def _listing(out: Path) -> list[str]:
     """What the run wrote: files, and folders with a trailing slash."""
-    return sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir())
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if p.name != LOCK_NAME)
 
 
 def _default_out(cfg: TrainConfig) -> Path:
@@ -92,9 +105,16 @@ def _default_out(cfg: TrainConfig) -> Path:
     return out
 
 
+def check_config(cfg: TrainConfig) -> Any:
+    """The checks of the config alone (no corpus, no device): the model shape, or ConfigError."""
+    model_cfg = cfg.validate()
+    check_batch_memory(cfg.global_batch, cfg.seq_len)
+    return model_cfg
+
+
 def preflight(cfg: TrainConfig) -> Any:
     """Every check that can fail before a process starts (exit 2 on failure)."""
-    model_cfg = cfg.validate()
+    model_cfg = check_config(cfg)
     from paratrain.data import check_corpus, load_corpus
 
     corpus = load_corpus(cfg.data)
@@ -118,29 +138,55 @@ def run(args: argparse.Namespace) -> int:
     else:
         cfg = build_train_config(args)
     model_cfg, corpus = preflight(cfg)
-    from paratrain.train import Fault, train_worker
+    from paratrain.launch import RankEnv
+    from paratrain.train import Fault
 
     fault = Fault.from_env()  # PARATRAIN_FAULT, parsed once, before any rank starts
-    from paratrain.launch import LaunchError, RankEnv, launch
-    from paratrain.models.configs import param_count
 
     lead = RankEnv.from_env().rank == 0
     out = Path(cfg.out) if cfg.out else _default_out(cfg)
     cfg = cfg.replace(out=str(out))
-    if lead:
-        if auto is not None:
-            print(describe_auto(auto, cfg.world_size), flush=True)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", dataclasses.asdict(cfg))
-        padding = vocab_padding_note(model_cfg, cfg.layout.tp)
-        print(f"paratrain train: {cfg.model} ({param_count(model_cfg):,} parameters) on "
-              f"{cfg.world_size} process(es) [{cfg.layout}]\n  data: {corpus.describe()}\n"
-              + (f"  vocab: {padding}\n" if padding else "") + f"  out:  {out}", flush=True)
+    folder = claim(out, overwrite=bool(getattr(args, "overwrite", False))) if lead else None
     try:
-        results = launch(train_worker, (cfg, fault), cfg.world_size)
+        if lead:
+            start_report(cfg, model_cfg, corpus, auto, folder)
+        from paratrain.data import CorpusCheck
+
+        return _launch_and_report(cfg, CorpusCheck.of(corpus), auto, lead, out, fault)
+    finally:
+        if folder is not None:
+            folder.release()
+
+
+def start_report(cfg: TrainConfig, model_cfg: Any, corpus: Any, auto: Any, folder: RunFolder) -> None:
+    """The lead's header, and config.json in the (claimed, empty) run folder."""
+    from paratrain.models.configs import param_count
+
+    if auto is not None:
+        print(describe_auto(auto, cfg.world_size), flush=True)
+    write_json(folder.path / "config.json", dataclasses.asdict(cfg))
+    padding = vocab_padding_note(model_cfg, cfg.layout.tp)
+    moved = f"  (the previous run in it was moved to {folder.moved_to})\n" if folder.moved_to else ""
+    print(f"paratrain train: {cfg.model} ({param_count(model_cfg):,} parameters) on "
+          f"{cfg.world_size} process(es) [{cfg.layout}]\n  data: {corpus.describe()}\n"
+          + (f"  vocab: {padding}\n" if padding else "") + f"  out:  {folder.path}\n" + moved, end="", flush=True)
+    for warning in corpus.warnings:
+        print(f"paratrain: warning: data: {warning}", file=sys.stderr, flush=True)
+
+
+def _launch_and_report(cfg: TrainConfig, checked: Any, auto: Any, lead: bool, out: Path, fault: Any = None) -> int:
+    from paratrain.launch import Interrupted, LaunchError, launch
+    from paratrain.train import train_worker
+
+    try:
+        results = launch(train_worker, (cfg, checked, fault), cfg.world_size)  # validated: ranks only assert
     except LaunchError as e:
         print(format_failure(e), file=sys.stderr)
         return 1
+    except Interrupted as e:
+        if lead:
+            print(interrupted_line(e, out, cfg.steps), file=sys.stderr)
+        return e.exit_code
     summary = results.get(0)
     if not lead:
         return 0
@@ -152,8 +198,29 @@ def run(args: argparse.Namespace) -> int:
             (results.get(r) or {}).get("memory") for r in range(1, cfg.world_size)]
     if auto is not None:
         summary["predicted"] = auto.prediction.to_dict()
+    if summary.get("diverged"):
+        write_json(out / "summary.json", summary)
+        print(diverged_message(summary, cfg), file=sys.stderr)
+        return 1
     report(summary, out)
     return 0
+
+
+def diverged_message(summary: dict[str, Any], cfg: TrainConfig) -> str:
+    d = summary["diverged"]
+    return (f"paratrain: error: {d['why']} (lr {d['lr']:.3g}), so the run stopped there and is not finished; "
+            f"no checkpoint was written. metrics.jsonl and summary.json in {summary['out']}/ record it (a "
+            f"non-finite value is written as null and listed under \"nonfinite\"). Lower --lr (it was "
+            f"{cfg.lr:g}), raise --warmup-steps ({cfg.warmup_steps}) or keep --grad-clip on.")
+
+
+def interrupted_line(e: Any, out: Path, steps: int) -> str:
+    """One line for a run stopped by a signal: how far it got and where its outputs are."""
+    metrics = out / "metrics.jsonl"
+    done = len(metrics.read_text(encoding="utf-8").splitlines()) if metrics.exists() else 0
+    files = ", ".join(_listing(out)) if out.is_dir() else "nothing"
+    return (f"paratrain train: interrupted by {e.name} after {done} of {steps} steps; the outputs so far are in "
+            f"{out}/ ({files}); no summary or checkpoint was written.")
 
 
 def predicted_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:

@@ -116,6 +116,8 @@ def test_bad_config_file_key(tmp_path):
 def test_unknown_flag_is_usage_error(tmp_path):
     r = paratrain("train", "--stepz", "3", cwd=tmp_path)
     assert r.returncode == 2 and "unrecognized arguments: --stepz" in r.stderr
+    # the sub-command's usage and prefix (issue 15 item 11), not the top-level "paratrain COMMAND"
+    assert r.stderr.startswith("usage: paratrain train ") and "paratrain train: error:" in r.stderr
 
 
 def test_failing_rank_stops_the_job_with_its_error(tmp_path):

@@ -67,3 +67,46 @@ def test_encode_decode_roundtrip():
 def test_decode_ids_beyond_a_byte():
     """A model with a vocabulary above 256 (tiny-odd) can sample id 256: shown as U+FFFD."""
     assert decode([104, 256, 105]) == "h\ufffdi"
+
+
+def _names_by_split() -> dict[bool, str]:
+    """One file name that the per-file CRC choice sends to validation, and one it keeps for training."""
+    import zlib
+
+    from paratrain.data import VAL_EVERY
+
+    found: dict[bool, str] = {}
+    for i in range(200):
+        name = f"corpus{i}.txt"
+        found.setdefault(zlib.crc32(name.encode()) % VAL_EVERY == 0, name)
+    return found
+
+
+@pytest.mark.parametrize("held_out", [True, False])
+def test_a_single_file_trains_whatever_its_name(tmp_path, held_out):
+    """Issue 15 item 9: the same bytes under a name that hashes to the validation side used to
+    leave 0 training tokens."""
+    text = b"def f(x):\n    return x + 1\n" * 400
+    name = _names_by_split()[held_out]
+    (tmp_path / name).write_bytes(text)
+    c = load_corpus(str(tmp_path / name))
+    check_corpus(c, 128)
+    assert c.train.tobytes() + c.val.tobytes() == text
+    assert len(c.val) == len(text) - int(len(text) * 0.9)
+    assert load_corpus(str(tmp_path / name)).train.tobytes() == c.train.tobytes()  # deterministic
+
+
+def test_a_folder_of_few_files_is_split_inside_the_text(tmp_path):
+    files = {f"m{i}.py": (f"# module {i}\n" + "x = 1\n" * 300).encode() for i in range(5)}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    c = load_corpus(str(tmp_path))
+    whole = b"".join(files[n] for n in sorted(files))
+    assert c.train.tobytes() + c.val.tobytes() == whole and c.num_files == 5
+    assert 0.05 < len(c.val) / len(whole) < 0.15 and not c.warnings
+
+
+def test_a_binary_file_warns(tmp_path):
+    (tmp_path / "blob.bin").write_bytes(b"\x7fELF\x02\x01\x01\0\0\0" * 500)
+    c = load_corpus(str(tmp_path / "blob.bin"))
+    assert len(c.warnings) == 1 and "binary" in c.warnings[0] and "blob.bin" in c.warnings[0]

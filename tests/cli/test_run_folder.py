@@ -1,0 +1,49 @@
+"""`--out` as a careless user gives it (issue 15, items 1 and 6): a finished run's folder, a file,
+a path under a file, a place that cannot be written."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from tests.cli.test_train_cli import paratrain
+
+QUICK = ["--nproc", "1", "--steps", "3", "--global-batch", "4", "--seq-len", "32", "--eval-every", "0",
+         "--sample-tokens", "0"]
+
+
+def test_a_finished_run_is_never_mixed_with_a_new_one(tmp_path):
+    first = paratrain("train", *QUICK, "--out", "r", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    run = tmp_path / "r"
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    again = paratrain("train", *QUICK, "--seed", "2", "--out", "r", cwd=tmp_path, env={"PARATRAIN_FAULT": "0:2"})
+    assert again.returncode == 2, again.stderr
+    assert "already holds a run" in again.stderr and "--overwrite" in again.stderr
+    assert "Traceback" not in again.stderr
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before  # untouched
+    # --overwrite: the old run moves aside whole; the failed new one does not look finished
+    bad = paratrain("train", *QUICK, "--seed", "2", "--out", "r", "--overwrite", cwd=tmp_path,
+                    env={"PARATRAIN_FAULT": "0:2"})
+    assert bad.returncode != 0
+    (old,) = tmp_path.glob("r.old-*")
+    assert {p.name: p.read_bytes() for p in old.iterdir() if p.is_file()} == before
+    assert (old / "checkpoint" / "checkpoint.json").exists()
+    assert not (run / "summary.json").exists() and not (run / "checkpoint").exists()
+    assert json.loads((run / "config.json").read_text())["seed"] == 2
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+@pytest.mark.parametrize("case", ["file", "under a file", "unwritable"])
+def test_an_unusable_out_is_refused_before_anything_starts(tmp_path, case):
+    (tmp_path / "f").write_text("x")
+    out, message = {"file": ("f", "is an existing file"), "under a file": ("f/run", "which is a file"),
+                    "unwritable": ("/proc/paratrain-run", "cannot create the run folder")}[case]
+    t0 = time.monotonic()
+    r = paratrain("train", *QUICK, "--out", out, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert message in " ".join(r.stderr.split()) and "Traceback" not in r.stderr
+    assert (tmp_path / "f").read_text() == "x"
+    assert time.monotonic() - t0 < 30
