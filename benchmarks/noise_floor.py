@@ -132,7 +132,8 @@ def deviation(a: dict, b: dict, lr: float) -> list[float | str]:
 
 
 def row(label: str, values: list[float | str]) -> str:
-    return f"{label:38s} " + " ".join(f"{v:9.2e}" for v in values[:-1]) + f"  {values[-1]}"
+    cells = [f"{v:9.2e}" if v == v else f"{'-':>9s}" for v in values[:-1]]  # nan: not measured
+    return f"{label:38s} " + " ".join(cells) + f"  {values[-1]}"
 
 
 def main() -> None:
