@@ -7,18 +7,21 @@ import json
 import pytest
 
 from tests.cli.test_train_cli import FAST, losses, paratrain
+from tests.common import LOSS_RTOL
 
 
+@pytest.mark.equivalence
 def test_pipeline_run_matches_one_process_and_writes_a_timeline(tmp_path):
     one = paratrain("train", "--nproc", "1", "--steps", "4", "--out", "one", *FAST, cwd=tmp_path)
     pp = paratrain("train", "--nproc", "2", "--pp", "2", "--microbatches", "4", "--steps", "4", "--out", "pp",
                    *FAST, cwd=tmp_path)
     assert one.returncode == 0, one.stderr
     assert pp.returncode == 0, pp.stderr
-    assert losses(tmp_path / "pp") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
+    # two runs that each round differently from the reference (tests/common.py): the floor counts twice
+    assert losses(tmp_path / "pp") == pytest.approx(losses(tmp_path / "one"), rel=2 * LOSS_RTOL)
     val = [json.loads(x).get("val_loss") for x in (tmp_path / d / "metrics.jsonl" for d in ("one", "pp"))
            for x in x.read_text().splitlines()[2:3]]
-    assert val[1] == pytest.approx(val[0], rel=1e-5)  # evaluation runs through the pipeline too
+    assert val[1] == pytest.approx(val[0], rel=2 * LOSS_RTOL)  # evaluation runs through the pipeline too
     out = tmp_path / "pp"
     timeline = json.loads((out / "timeline.json").read_text())
     assert timeline["schedule"] == "1f1b" and len(timeline["ranks"]) == 2

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.cli.test_train_cli import assert_like_reference, paratrain
 
 
+@pytest.mark.equivalence
 def test_dp2_tp2_sequence_parallel_from_the_cli(tmp_path):
     """4 processes, dp 2 x tp 2 with sequence parallelism: the reference's losses (rounding
     only, see tests/distributed/test_tensor_parallel.py), and a checkpoint of full reference shapes."""
@@ -28,6 +31,7 @@ def test_sequence_parallel_needs_divisible_sequence(tmp_path):
     assert "Use a tp > 1 that divides seq_len" in " ".join(r.stderr.split())
 
 
+@pytest.mark.equivalence
 def test_tp2_on_a_vocabulary_it_does_not_divide(tmp_path):
     """tiny-odd (vocabulary 257, prime) at tp 2: padded to 384 rows and said so; the reference's
     losses; a checkpoint of the reference's shapes (257 rows, no padding); a text sample (the

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.common import LOSS_RTOL
+
 REPO = Path(__file__).resolve().parents[2]
 FAST = ["--global-batch", "8", "--seq-len", "32", "--eval-every", "3", "--sample-tokens", "16"]
 
@@ -27,14 +29,14 @@ def losses(out: Path) -> list[float]:
 
 def assert_like_reference(out: Path, model: str = "tiny", steps: int = 3, global_batch: int = 8,
                           seq_len: int = 32) -> dict:
-    """The run in ``out`` has the single-process reference's losses (rtol 1e-5) and a checkpoint
+    """The run in ``out`` has the single-process reference's losses (LOSS_RTOL) and a checkpoint
     of the reference's full shapes (a parallel run gathers it back); returns its model state."""
     from paratrain.checkpoint import load_checkpoint
     from paratrain.config import TrainConfig
     from paratrain.reference import reference_train
 
     ref = reference_train(TrainConfig(model=model, steps=steps, global_batch=global_batch, seq_len=seq_len))
-    assert losses(out) == pytest.approx(ref.losses, rel=1e-5)
+    assert losses(out) == pytest.approx(ref.losses, rel=LOSS_RTOL)
     state, _ = load_checkpoint(out / "checkpoint")
     assert {k: tuple(v.shape) for k, v in state["model"].items()} == {k: tuple(v.shape) for k, v in ref.state.items()}
     return state["model"]
@@ -62,12 +64,14 @@ def test_train_writes_outputs_and_is_deterministic(tmp_path):
     assert losses(runs[0]) == losses(runs[1])  # same seed: identical, bit for bit
 
 
+@pytest.mark.equivalence
 def test_one_process_equals_two_data_parallel(tmp_path):
     one = paratrain("train", "--nproc", "1", "--steps", "5", "--out", "one", *FAST, cwd=tmp_path)
     two = paratrain("train", "--nproc", "2", "--dp", "2", "--steps", "5", "--out", "two", *FAST, cwd=tmp_path)
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stderr
-    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
+    # two runs that each round differently from the reference: the floor counts twice
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=2 * LOSS_RTOL)
 
 
 def test_config_file_with_flag_override(tmp_path):

@@ -11,6 +11,7 @@ from tests.cli.test_train_cli import assert_like_reference, paratrain
 FAST = ["--steps", "3", "--global-batch", "8", "--seq-len", "32", "--eval-every", "3"]
 
 
+@pytest.mark.equivalence
 @pytest.mark.parametrize("args", [["--nproc", "4", "--dp", "4", "--zero", "2"],
                                   ["--nproc", "2", "--dp", "2", "--zero", "3"]])
 def test_zero_from_the_cli(args, tmp_path):

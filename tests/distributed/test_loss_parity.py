@@ -45,6 +45,7 @@ def measure(tmp: Path) -> list[float]:
     return run_ranks(2, train_ranks_fn, config(corpus(tmp / "corpus.txt")))[0]["losses"]
 
 
+@pytest.mark.equivalence
 def test_loss_curve_matches_golden(tmp_path):
     golden = json.loads(GOLDEN.read_text())
     losses = measure(tmp_path)
