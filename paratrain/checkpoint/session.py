@@ -1,0 +1,53 @@
+"""Saving and restoring one rank's training session (model, optimizer, RNG, step).
+
+The data position and the learning-rate schedule position are the step itself: the global batch
+of step ``k`` is a function of ``(seed, k)`` (``paratrain.data.get_batch``) and the learning rate
+of ``(k, config)``, so a run resumed after step ``N`` trains on exactly the batches and learning
+rates an uninterrupted run would. The RNG states (dropout) are restored when the layout is the
+one that saved them; in another layout the dropout streams differ by construction (they follow
+the dp and pp coordinates) and are seeded afresh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from paratrain.checkpoint import holdings as hd
+from paratrain.checkpoint.manifest import Manifest
+from paratrain.checkpoint.store import CheckpointReader, CheckpointSaver
+
+
+def layout_json(layout: Any) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(layout).items()}
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    out = {"cpu_rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        out["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return out
+
+
+def save(saver: CheckpointSaver, session: Any, step: int, config: dict[str, Any]) -> dict[str, Any] | None:
+    """Save ``session`` (a :class:`paratrain.train.Session`) after ``step``; returns the record of a
+    previous asynchronous save that completed meanwhile (see :class:`CheckpointSaver`)."""
+    hs = hd.holdings(session.pm, session.opt)
+    meta = {"layout": layout_json(session.cfg.layout), "config": config}
+    return saver.save(step, hd.shards(hs, session.opt, session.mesh.rank), rng_state(session.device), meta)
+
+
+def load(session: Any, folder: Path, m: Manifest) -> int:
+    """Fill ``session`` from a verified checkpoint of any layout; returns the bytes this rank read."""
+    reader = CheckpointReader(folder, m)
+    hd.load(hd.holdings(session.pm, session.opt), session.opt, reader)
+    if m.layout == layout_json(session.cfg.layout) and m.world_size == session.mesh.shape.world_size:
+        local = reader.local(session.mesh.rank)
+        if "cpu_rng" in local:
+            torch.set_rng_state(local["cpu_rng"])
+        if "cuda_rng" in local and session.device.type == "cuda":
+            torch.cuda.set_rng_state(local["cuda_rng"], session.device)
+    return reader.bytes_read
