@@ -273,6 +273,11 @@ class TrainConfig:
     checkpoint: bool = True
     progress: bool = True
     measure_memory: bool = False  # exact model-state and saved-activation bytes of the last step
+    checkpoint_every: int = 0  # 0: only the final checkpoint (when checkpoint is on)
+    keep_checkpoints: int = 0  # 0: keep every checkpoint
+    async_checkpoint: bool = True  # write in the background; training waits only for the host copy
+    resume_from: str | None = None  # a verified checkpoint folder (set by `train --resume`)
+    init_from: str | None = None  # reference-shaped safetensors file or Hugging Face GPT-2 folder
 
     @property
     def world_size(self) -> int:
@@ -314,6 +319,11 @@ class TrainConfig:
             raise ConfigError(f"timeout_s must be > 0, got {self.timeout_s}.")
         if self.threads < 0:
             raise ConfigError(f"threads must be >= 0 (0 = automatic), got {self.threads}.")
+        for name, flag, zero in (("checkpoint_every", "--checkpoint-every", "only the final checkpoint"),
+                                 ("keep_checkpoints", "--keep-checkpoints", "keep all")):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{flag} must be a whole number >= 0 (0 = {zero}), got {value!r}.")
         for name, value, valid in (
             ("precision", self.precision, PRECISIONS),
             ("dp_impl", self.dp_impl, DP_IMPLS),

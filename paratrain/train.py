@@ -7,6 +7,7 @@ saves the checkpoint and samples text; it returns the run's summary.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import resource
 import statistics
@@ -18,7 +19,6 @@ from typing import Any
 import torch
 
 from paratrain import comm
-from paratrain.checkpoint import save_checkpoint
 from paratrain.config import TrainConfig
 from paratrain.data import (
     VAL,
@@ -126,6 +126,8 @@ def setup(cfg: TrainConfig, env: RankEnv, device: torch.device, corpus: Corpus |
         corpus = load_corpus(cfg.data)
     check_corpus(corpus, cfg.seq_len)
     model = build_reference(model_cfg, cfg.seed, device)
+    if cfg.init_from:
+        _init_from(model, cfg.init_from)
     seed_default_generator(cfg.seed, mesh.coords.dp, mesh.coords.pp)  # dropout: see parallel/rng.py
     autocast = torch.bfloat16 if cfg.precision == "bf16" else None
     pm = parallelize(model, mesh, layout, bucket_mb=cfg.bucket_mb, dp_impl=cfg.dp_impl,
@@ -135,18 +137,36 @@ def setup(cfg: TrainConfig, env: RankEnv, device: torch.device, corpus: Corpus |
     return Session(cfg, mesh, corpus, pm, opt, rows, device)
 
 
+def _init_from(model: torch.nn.Module, path: str) -> None:
+    """Start from the weights of a reference-shaped safetensors file or a GPT-2 folder."""
+    from paratrain.checkpoint.convert import read_init
+
+    state = read_init(Path(path))
+    want = model.state_dict()
+    if set(state) != set(want) or any(state[k].shape != want[k].shape for k in want):
+        bad = sorted(set(state) ^ set(want)) or [k for k in want if state[k].shape != want[k].shape]
+        raise ValueError(f"--init-from {path}: its tensors do not fit model {model.cfg.name!r} "
+                         f"(differing: {', '.join(bad[:5])}); give weights of the same shape.")
+    model.load_state_dict(state)
+
+
 def _train(cfg: TrainConfig, env: RankEnv, device: torch.device) -> dict[str, Any] | None:
+    from paratrain.checkpoint.session import RunCheckpoints
+
     s = setup(cfg, env, device)
     lead = env.rank == 0
     out = Path(cfg.out) if cfg.out else None
-    writer = MetricsWriter(out / "metrics.jsonl") if lead and out else None
-    progress = Progress(cfg.steps, f"train {cfg.model} [{cfg.layout}]", enabled=lead and cfg.progress)
+    checkpoints = RunCheckpoints(s, out, dataclasses.asdict(cfg))
+    first = checkpoints.restore()  # 1, or the step after the checkpoint resumed from
+    writer = MetricsWriter(out / "metrics.jsonl", append=first > 1) if lead and out else None
+    progress = Progress(cfg.steps, f"train {cfg.model} [{cfg.layout}]", enabled=lead and cfg.progress,
+                        initial=first - 1)
     records: list[dict[str, Any]] = []
     val_loss = None
     t_start = time.perf_counter()
     meter = None
     try:
-        for step in range(1, cfg.steps + 1):
+        for step in range(first, cfg.steps + 1):
             if cfg.measure_memory and step == cfg.steps:  # one step, its peak: see parallel/memory.py
                 from paratrain.parallel.memory import ActivationMeter
 
@@ -157,6 +177,7 @@ def _train(cfg: TrainConfig, env: RankEnv, device: torch.device) -> dict[str, An
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
                 val_loss = evaluate(s.pm, s.corpus, cfg, s.rows, device)
                 record["val_loss"] = val_loss
+            checkpoints.after_step(step, record)
             records.append(record)
             if writer:
                 writer.write(record)
@@ -165,8 +186,9 @@ def _train(cfg: TrainConfig, env: RankEnv, device: torch.device) -> dict[str, An
         progress.close()
         if writer:
             writer.close()
+    last_save = checkpoints.close(cfg.steps)  # the final checkpoint, sharded like the others
     wall = time.perf_counter() - t_start
-    state = s.pm.full_state_dict()
+    state = s.pm.full_state_dict() if cfg.sample_tokens else None
     timeline = s.pm.gather_timeline() if cfg.layout.pp > 1 else None  # of the last step
     memory = None
     if meter is not None:
@@ -187,9 +209,10 @@ def _train(cfg: TrainConfig, env: RankEnv, device: torch.device) -> dict[str, An
             save_timeline(dict(timeline.to_json(), bubble_theory=s.pm.theoretical_bubble), out,
                           f"{cfg.model} [{cfg.layout}], step {cfg.steps}: bubble {timeline.bubble:.1%} "
                           f"measured, {s.pm.theoretical_bubble:.1%} theory", unit="s")
-    if out and cfg.checkpoint and state is not None:
-        save_checkpoint(out / "checkpoint", {"model": state},
-                        {"step": cfg.steps, "model": cfg.model, "seed": cfg.seed})
+    if last_save is not None:
+        summary["checkpoint"] = dict(last_save, folder=str(out / "checkpoints" / f"step-{cfg.steps}"))
+    if checkpoints.bytes_read:
+        summary["resumed_from"] = {"folder": cfg.resume_from, "bytes_read_rank0": checkpoints.bytes_read}
     if cfg.sample_tokens and state is not None:
         summary["sample"] = sample_text(model_cfg, state, cfg.sample_tokens, cfg.seed)
     return summary

@@ -51,3 +51,55 @@ def load(session: Any, folder: Path, m: Manifest) -> int:
         if "cuda_rng" in local and session.device.type == "cuda":
             torch.cuda.set_rng_state(local["cuda_rng"], session.device)
     return reader.bytes_read
+
+
+class RunCheckpoints:
+    """The checkpoints of one training run, as the loop uses them: restore at the start, a save
+    every ``checkpoint_every`` steps and at the end, each save's record in ``metrics.jsonl``."""
+
+    def __init__(self, session: Any, out: Path | None, config: dict[str, Any]) -> None:
+        import torch.distributed as dist
+
+        cfg = session.cfg
+        self.session, self.config = session, config
+        self.every = cfg.checkpoint_every
+        self.final = cfg.checkpoint
+        self.saver = None
+        if out is not None and (cfg.checkpoint or cfg.checkpoint_every):
+            barrier = (lambda: dist.barrier()) if dist.is_initialized() else (lambda: None)
+            self.saver = CheckpointSaver(out / "checkpoints", session.mesh.rank, session.mesh.shape.world_size,
+                                         barrier, cfg.keep_checkpoints, cfg.async_checkpoint, cfg.timeout_s * 5)
+        self.bytes_read = 0
+
+    def restore(self) -> int:
+        """Load ``cfg.resume_from`` (or ``cfg.init_from``, weights only); the first step to run."""
+        from paratrain.checkpoint import manifest as mf
+
+        cfg = self.session.cfg
+        if cfg.resume_from:
+            folder = Path(cfg.resume_from)
+            m = mf.read(folder)
+            self.bytes_read = load(self.session, folder, m)
+            return m.step + 1
+        return 1
+
+    def after_step(self, step: int, record: dict[str, Any]) -> None:
+        """Save when due (not at the last step: :meth:`close` does) and report a finished save."""
+        done = None
+        if self.saver is not None:
+            if self.every and step % self.every == 0 and step < self.session.cfg.steps:
+                done = save(self.saver, self.session, step, self.config)
+            else:
+                done = self.saver.poll()
+        if done is not None:
+            record["checkpoint"] = done
+
+    def close(self, step: int) -> dict[str, Any] | None:
+        """The final checkpoint (if on), then wait for every save; the last save's record."""
+        if self.saver is None:
+            return None
+        done = self.saver.wait()
+        if self.final:
+            save(self.saver, self.session, step, self.config)
+            done = self.saver.wait()
+        return done

@@ -15,7 +15,7 @@ import textwrap
 
 from paratrain.errors import ConfigError
 
-COMMANDS = ("train", "bench", "estimate", "plan", "simulate", "calibrate", "schedule")
+COMMANDS = ("train", "bench", "estimate", "plan", "simulate", "calibrate", "schedule", "convert")
 
 
 def build_parser() -> argparse.ArgumentParser:
