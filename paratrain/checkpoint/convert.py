@@ -53,6 +53,8 @@ def model_state(run_or_checkpoint: Path) -> tuple[dict[str, torch.Tensor], mf.Ma
         out = torch.empty(entry.shape, dtype=_TORCH_DTYPES.get(entry.dtype, torch.float32))
         reader.fill(name, full_box(entry.shape), out)
         state[name] = out
+    if "lm_head.weight" not in state and "wte.weight" in state:  # tied: saved once, as the reference's
+        state["lm_head.weight"] = state["wte.weight"]  # state dict has it under both names
     return state, m
 
 
@@ -60,6 +62,8 @@ def to_single(run: Path, file: Path) -> Path:
     from safetensors.torch import save
 
     state, m = model_state(run)
+    if state.get("lm_head.weight") is state.get("wte.weight"):
+        del state["lm_head.weight"]  # tied: one tensor (read_init restores the alias)
     meta = {"format": "paratrain-reference", "step": str(m.step), "model": str(m.config.get("model", ""))}
     atomic_write_bytes(Path(file), save(state, metadata=meta))
     return Path(file)
@@ -110,8 +114,6 @@ def to_hf(run: Path, folder: Path, cfg: ModelConfig) -> Path:
     from safetensors.torch import save
 
     state, _ = model_state(run)
-    if "lm_head.weight" not in state and "wte.weight" in state:
-        state["lm_head.weight"] = state["wte.weight"]
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(folder / "model.safetensors", save(to_hf_state(state, cfg), metadata={"format": "pt"}))

@@ -89,9 +89,10 @@ class RunCheckpoints:
         if self.saver is not None:
             if self.every and step % self.every == 0 and step < self.session.cfg.steps:
                 done = save(self.saver, self.session, step, self.config)
+                record["checkpoint_blocked_s"] = self.saver.last_blocked_s
             else:
                 done = self.saver.poll()
-        if done is not None:
+        if done is not None:  # a save finished: its blocked and total seconds
             record["checkpoint"] = done
 
     def close(self, step: int) -> dict[str, Any] | None:

@@ -157,6 +157,7 @@ class CheckpointSaver:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._pending: dict[str, Any] | None = None
+        self.last_blocked_s = 0.0
 
     def save(self, step: int, shards: Iterable[Shard], local: dict[str, torch.Tensor],
              meta: dict[str, Any]) -> dict[str, Any] | None:
@@ -167,7 +168,7 @@ class CheckpointSaver:
         folder = begin(self.root, step, self.rank, self.barrier)
         staged = stage(shards)
         local = {k: v.detach().to("cpu", copy=True) for k, v in local.items()}
-        blocked = time.perf_counter() - t0
+        blocked = self.last_blocked_s = time.perf_counter() - t0
         self._pending = {"step": step, "blocked_s": blocked, "t0": t0}
         if self.asynchronous:
             self._thread = threading.Thread(target=self._run, args=(folder, step, staged, local, meta),

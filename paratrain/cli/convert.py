@@ -22,7 +22,7 @@ Either output can start another run: paratrain train --init-from model.safetenso
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="a run's checkpoint as one safetensors file or a Hugging Face folder",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", metavar="OUT", help="the run folder (or its checkpoints/ or one step-N/ folder)")
+    p.add_argument("folder", metavar="OUT", help="the run folder (or its checkpoints/ or one step-N/ folder)")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--to-single", metavar="FILE", help="write the reference-shaped state dict to FILE (safetensors)")
     g.add_argument("--to-hf", metavar="DIR", help="write model.safetensors and config.json of a transformers "
@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from paratrain.checkpoint import convert
     from paratrain.checkpoint.manifest import CheckpointError
 
-    src = Path(args.run)
+    src = Path(args.folder)
     if not src.exists():
         raise ConfigError(f"{src} does not exist; give a run folder written by paratrain train --checkpoint-every.")
     target = Path(args.to_single or args.to_hf)

@@ -20,6 +20,8 @@ def resume_config(args: argparse.Namespace) -> tuple[TrainConfig, list[str]]:
     from paratrain.checkpoint.store import find_valid
 
     out = Path(args.resume)
+    if args.out is not None and Path(args.out) != out:
+        raise ConfigError(f"--resume continues the run in its own folder; drop --out {args.out}.")
     saved_path = out / "config.json"
     try:
         saved = json.loads(saved_path.read_text(encoding="utf-8"))
@@ -30,8 +32,6 @@ def resume_config(args: argparse.Namespace) -> tuple[TrainConfig, list[str]]:
         raise ConfigError(f"--resume {out}: {saved_path} cannot be read ({e}).") from None
     if not isinstance(saved, dict):
         raise ConfigError(f"--resume {out}: {saved_path} does not hold a run's settings.")
-    if args.out is not None and Path(args.out) != out:
-        raise ConfigError(f"--resume continues the run in its own folder; drop --out {args.out}.")
     base: dict[str, Any] = {k: v for k, v in saved.items() if k in TRAIN_FIELDS and k not in ("nproc", "resume_from")}
     if not any(getattr(args, k, None) is not None for k in LAYOUT_FIELDS) and args.nproc is None:
         base.update({k: v for k, v in (saved.get("layout") or {}).items() if k in LAYOUT_FIELDS})
