@@ -8,8 +8,8 @@ arithmetic on the same bytes: model, AdamW state, step count, RNG). Another layo
 run in layout B differs from layout A's only by float reordering, which the equivalence tests
 bound at rtol 1e-5 on losses already; a resharding mistake (a box read from the wrong offset, a
 ZeRO piece of the wrong parameter, optimizer state left at zero) moves the loss of the very next
-step by far more (checked: skipping the optimizer state in ``holdings.load`` changes the step-3
-loss by ~3e-3 relative).
+step by far more (checked: leaving AdamW's second moment unloaded in ``holdings.load`` moves the
+step-3 loss of the zero3 -> zero0 case from 4.4562 to 5.0976, 14%).
 """
 
 from __future__ import annotations
