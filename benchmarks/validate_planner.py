@@ -39,8 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from paratrain.config import Layout, TrainConfig  # noqa: E402
-from paratrain.metrics import format_grid  # noqa: E402
 from paratrain.plan.local import local_hardware, predict_run  # noqa: E402
+from paratrain.text import format_grid  # noqa: E402
 
 STEP_TARGET, MEMORY_TARGET = 0.15, 0.10
 # name: layout (processes = dp * pp * tp; this machine has 2 cores, so 4 processes share them)

@@ -5,13 +5,14 @@ number of calls, the payload bytes and the seconds the caller was blocked. A gro
 the same code path as a no-op: nothing is sent and nothing is recorded.
 
 Byte accounting (``bytes`` below is the payload ``S`` of the full tensor; ``wire_bytes`` is what
-one device sends with the ring algorithms NCCL and gloo use for large tensors, n = group size):
+one device sends with the ring algorithms NCCL and gloo use for large tensors, n = group size),
+counted with :func:`paratrain.core.ring.wire_bytes`, the function the planner prices with:
 
     all_reduce      S            wire 2(n-1)/n * S
     reduce_scatter  S (input)    wire (n-1)/n * S
     all_gather      S (output)   wire (n-1)/n * S
     broadcast       S            wire S on the root, 0 elsewhere (lower bound)
-    send / recv     S            wire S on the sender
+    send / recv     S            wire S on the sender, 0 on the receiver
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from paratrain.core.ring import wire_bytes
 
 
 @dataclass
@@ -169,7 +172,7 @@ def all_reduce(tensor: torch.Tensor, group: Group, op: str = "sum", async_op: bo
         return None
     n, s = group.size, _nbytes(tensor)
     red = _REDUCE_OPS[op]
-    return _run(group, tag or "all_reduce", s, 2 * (n - 1) / n * s,
+    return _run(group, tag or "all_reduce", s, wire_bytes("all_reduce", n, s),
                 lambda a: dist.all_reduce(tensor, op=red, group=group.pg, async_op=a), async_op)
 
 
@@ -181,7 +184,7 @@ def reduce_scatter(output: torch.Tensor, input: torch.Tensor, group: Group, op: 
         return None
     n, s = group.size, _nbytes(input)
     red = _REDUCE_OPS[op]
-    return _run(group, tag or "reduce_scatter", s, (n - 1) / n * s,
+    return _run(group, tag or "reduce_scatter", s, wire_bytes("reduce_scatter", n, s),
                 lambda a: dist.reduce_scatter_single(output, input, op=red, group=group.pg, async_op=a),
                 async_op)
 
@@ -193,7 +196,7 @@ def all_gather(output: torch.Tensor, input: torch.Tensor, group: Group, async_op
         output.copy_(input)
         return None
     n, s = group.size, _nbytes(output)
-    return _run(group, tag or "all_gather", s, (n - 1) / n * s,
+    return _run(group, tag or "all_gather", s, wire_bytes("all_gather", n, s),
                 lambda a: dist.all_gather_single(output, input, group=group.pg, async_op=a),
                 async_op)
 
@@ -205,7 +208,7 @@ def broadcast(tensor: torch.Tensor, src_index: int, group: Group, async_op: bool
         return None
     s = _nbytes(tensor)
     src = group.global_rank(src_index)
-    wire = float(s) if group.rank == src_index else 0.0
+    wire = wire_bytes("broadcast", group.size, s) if group.rank == src_index else 0.0
     return _run(group, tag or "broadcast", s, wire,
                 lambda a: dist.broadcast(tensor, src=src, group=group.pg, async_op=a), async_op)
 
@@ -232,7 +235,8 @@ def _post_p2p(ops: Sequence[P2P], group: Group, tag: str | None) -> list[Any]:
         fn = dist.isend if o.kind == "send" else dist.irecv
         p2p.append(dist.P2POp(fn, o.tensor, group.global_rank(o.peer), group=group.pg))
         s = _nbytes(o.tensor)
-        group.stats.record(f"{tag}_{o.kind}" if tag else o.kind, s, float(s) if o.kind == "send" else 0.0)
+        wire = wire_bytes("send", group.size, s) if o.kind == "send" else 0.0
+        group.stats.record(f"{tag}_{o.kind}" if tag else o.kind, s, wire)
     return dist.batch_isend_irecv(p2p)
 
 

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
+from paratrain.text import format_grid as format_grid  # re-exported: its old home, used by bench and scripts
+
 
 class MetricsWriter:
     """Appends one JSON line per record and flushes, so a crash keeps every finished step."""
@@ -67,16 +69,3 @@ def format_table(rows: list[tuple[str, str]], title: str = "") -> str:
     lines = [title, "-" * max(len(title), 40)] if title else []
     lines += [f"{k:<{width}}  {v}" for k, v in rows]
     return "\n".join(lines)
-
-
-def format_grid(header: list[str], rows: list[list[str]]) -> str:
-    """A column-aligned text table (first column left-aligned, the rest right-aligned)."""
-    cols = list(zip(header, *rows))
-    widths = [max(len(str(c)) for c in col) for col in cols]
-
-    def line(cells: list[str]) -> str:
-        out = [f"{cells[0]:<{widths[0]}}"] + [f"{c:>{w}}" for c, w in zip(cells[1:], widths[1:])]
-        return "  ".join(out)
-
-    sep = "  ".join("-" * w for w in widths)
-    return "\n".join([line(header), sep] + [line(r) for r in rows])

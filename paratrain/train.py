@@ -12,6 +12,7 @@ import os
 import resource
 import statistics
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from paratrain.data import (
     get_batch,
     load_corpus,
 )
+from paratrain.errors import ConfigError
 from paratrain.launch import RankEnv, init_distributed, set_threads, shutdown_distributed
 from paratrain.mesh import Mesh, MeshShape
 from paratrain.metrics import MetricsWriter, Progress
@@ -43,18 +45,38 @@ SAMPLE_PROMPT = "def "
 FAULT_ENV = "PARATRAIN_FAULT"
 
 
-def inject_fault(rank: int, step: int) -> None:
-    """Testing aid: ``PARATRAIN_FAULT=RANK:STEP[:hang]`` makes that rank raise (or hang forever)
-    at the start of that step, to check that a failure ends the whole job promptly."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    parts = spec.split(":")
-    if int(parts[0]) == rank and int(parts[1]) == step:
-        if len(parts) > 2 and parts[2] == "hang":
-            while True:
-                time.sleep(3600)
-        raise RuntimeError(f"injected fault on rank {rank} at step {step} ({FAULT_ENV}={spec})")
+StepHook = Callable[[int, int], None]  # (global rank, step), called as each step starts
+
+
+@dataclass(frozen=True)
+class Fault:
+    """Testing aid, a :data:`StepHook`: rank ``rank`` raises (``hang``: sleeps forever) at the
+    start of step ``step``, to check that a failure ends the whole job promptly. From outside:
+    ``PARATRAIN_FAULT=RANK:STEP[:hang]``, parsed once by ``paratrain train`` before it starts the
+    ranks (:meth:`from_env`) and handed to each one's :func:`train_worker`."""
+
+    rank: int
+    step: int
+    hang: bool = False
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Fault | None:
+        spec = environ.get(FAULT_ENV)
+        if not spec:
+            return None
+        parts = spec.split(":")
+        if len(parts) not in (2, 3) or not all(p.isdigit() for p in parts[:2]) or parts[2:] not in ([], ["hang"]):
+            raise ConfigError(f"{FAULT_ENV}={spec!r} is not a fault: expected RANK:STEP or RANK:STEP:hang "
+                              "(a global rank and a step, non-negative integers; e.g. 1:3), or unset it.")
+        return cls(int(parts[0]), int(parts[1]), len(parts) == 3)
+
+    def __call__(self, rank: int, step: int) -> None:
+        if (rank, step) != (self.rank, self.step):
+            return
+        while self.hang:
+            time.sleep(3600)
+        raise RuntimeError(f"injected fault on rank {rank} at step {step} ({FAULT_ENV}="
+                           f"{self.rank}:{self.step}{':hang' if self.hang else ''})")
 
 
 def resolve_device(name: str, local_rank: int) -> torch.device:
@@ -75,15 +97,16 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def train_worker(cfg: TrainConfig) -> dict[str, Any] | None:
-    """One rank's whole job. Returns the summary on global rank 0, None elsewhere."""
+def train_worker(cfg: TrainConfig, on_step: StepHook | None = None) -> dict[str, Any] | None:
+    """One rank's whole job. Returns the summary on global rank 0, None elsewhere. ``on_step``
+    runs as each step starts (``paratrain train`` passes the :class:`Fault` of ``PARATRAIN_FAULT``)."""
     env = RankEnv.from_env()
     set_threads(cfg.threads, env.local_world_size)
     device = resolve_device(cfg.device, env.local_rank)
     init_distributed(env, device.type, cfg.timeout_s)
     ok = False
     try:
-        result = _train(cfg, env, device)
+        result = _train(cfg, env, device, on_step)
         ok = True
         return result
     finally:
@@ -111,11 +134,14 @@ class Session:
     opt: torch.optim.Optimizer
     rows: slice
     device: torch.device
+    on_step: StepHook | None = None
 
 
-def setup(cfg: TrainConfig, env: RankEnv, device: torch.device, corpus: Corpus | None = None) -> Session:
+def setup(cfg: TrainConfig, env: RankEnv, device: torch.device, corpus: Corpus | None = None,
+          on_step: StepHook | None = None) -> Session:
     """Validate, build the mesh, the reference model and its parallel form, and the optimizer.
-    With several ranks the default process group must already exist."""
+    With several ranks the default process group must already exist. ``on_step``: see
+    :func:`train_step`."""
     model_cfg = cfg.validate()
     layout = cfg.layout
     if env.world_size != layout.world_size:
@@ -134,7 +160,7 @@ def setup(cfg: TrainConfig, env: RankEnv, device: torch.device, corpus: Corpus |
                      overlap=cfg.overlap, autocast_dtype=autocast, seq_len=cfg.seq_len)
     opt = pm.shard_optimizer(make_optimizer(pm.named_parameters(), cfg))  # ZeRO: over the shards
     rows = dp_rows(cfg.global_batch, layout.dp, mesh.coords.dp)
-    return Session(cfg, mesh, corpus, pm, opt, rows, device)
+    return Session(cfg, mesh, corpus, pm, opt, rows, device, on_step)
 
 
 def _init_from(model: torch.nn.Module, path: str) -> None:
@@ -150,10 +176,11 @@ def _init_from(model: torch.nn.Module, path: str) -> None:
     model.load_state_dict(state)
 
 
-def _train(cfg: TrainConfig, env: RankEnv, device: torch.device) -> dict[str, Any] | None:
+def _train(cfg: TrainConfig, env: RankEnv, device: torch.device,
+           on_step: StepHook | None = None) -> dict[str, Any] | None:
     from paratrain.checkpoint.session import RunCheckpoints
 
-    s = setup(cfg, env, device)
+    s = setup(cfg, env, device, on_step=on_step)
     lead = env.rank == 0
     out = Path(cfg.out) if cfg.out else None
     checkpoints = RunCheckpoints(s, out, dataclasses.asdict(cfg))
@@ -170,7 +197,7 @@ def _train(cfg: TrainConfig, env: RankEnv, device: torch.device) -> dict[str, An
             if cfg.measure_memory and step == cfg.steps:  # one step, its peak: see parallel/memory.py
                 from paratrain.parallel.memory import ActivationMeter
 
-                with ActivationMeter(s.pm.parameters()) as meter:
+                with ActivationMeter(s.pm.weight_tensors()) as meter:
                     record = train_step(s, step)
             else:
                 record = train_step(s, step)
@@ -219,9 +246,11 @@ def _train(cfg: TrainConfig, env: RankEnv, device: torch.device) -> dict[str, An
 
 
 def train_step(s: Session, step: int) -> dict[str, Any]:
-    """One optimizer step on the global batch of ``step``; returns its metrics record."""
+    """One optimizer step on the global batch of ``step``; returns its metrics record. The
+    session's ``on_step`` hook (if any) runs first, with this rank and ``step``."""
     cfg, pm, device = s.cfg, s.pm, s.device
-    inject_fault(pm.mesh.rank, step)
+    if s.on_step is not None:
+        s.on_step(pm.mesh.rank, step)
     groups = pm.mesh.groups
     bytes0 = {g.name: g.stats.bytes for g in groups}
     comm0 = sum(g.stats.seconds for g in groups)

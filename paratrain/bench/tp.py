@@ -149,8 +149,8 @@ def _dtensor(cfg: Any, model_cfg: Any, n: int, keep_grads: bool = False) -> tupl
 def _measure_throughput(opts: BenchOptions, rank: int, n: int) -> dict[str, Any]:
     import torch.distributed as dist
 
+    from paratrain.core.traffic import tp_comm_per_step
     from paratrain.mesh import Mesh, MeshShape
-    from paratrain.parallel.volume import tp_comm_per_step
 
     sides, meshes, formula = {}, {}, {}
     for side, sp in (("ours", False), ("ours_sp", True)):

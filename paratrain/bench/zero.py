@@ -11,7 +11,7 @@ with its defaults: parameters resharded after forward (except the root's), the n
 all-gather prefetched, gradients reduce-scattered in fp32. ``ZeroRedundancyOptimizer`` shards
 AdamW's state over the ranks by whole parameters behind DDP's all-reduce and broadcasts each
 rank's updated parameters. Also reported: the first losses of both sides (the same model, so
-they must agree) and our dp bytes per step against :func:`paratrain.parallel.zero.zero_comm_per_step`.
+they must agree) and our dp bytes per step against :func:`paratrain.core.traffic.zero_comm_per_step`.
 """
 
 from __future__ import annotations
@@ -68,8 +68,8 @@ def _case(opts: BenchOptions, cfg: Any, rank: int, world: int, zero: int, batche
     import torch.distributed as dist
 
     from paratrain.config import Layout
+    from paratrain.core.traffic import zero_comm_per_step
     from paratrain.mesh import Mesh, MeshShape
-    from paratrain.parallel.zero import zero_comm_per_step
 
     cfg = cfg.replace(layout=Layout(dp=world, zero=zero))
     mesh = Mesh.build(MeshShape(dp=world), rank, timeout_s=600)

@@ -22,6 +22,7 @@ from torch import nn
 from paratrain.checkpoint.boxes import Box, flat_range_boxes, full_box, intersect, lengths, numel, relative, tp_boxes
 from paratrain.checkpoint.manifest import CheckpointError
 from paratrain.checkpoint.store import CheckpointReader, Shard
+from paratrain.parallel import marks
 
 OPTIM_STATES = ("exp_avg", "exp_avg_sq")
 STEP = "optim.step"
@@ -55,13 +56,13 @@ class Holding:
 def _tp_segments(p: torch.Tensor, local_shape: tuple[int, ...], tp_rank: int, tp_size: int
                  ) -> tuple[tuple[int, ...], list[tuple[Box, Box]]]:
     """The global shape of ``p`` and ``(global box, local box)`` per tensor-parallel block."""
-    split = getattr(p, "_pt_tp_split", None)
+    split = marks.tp_split(p)
     if split is None:
         return local_shape, [(full_box(local_shape), full_box(local_shape))]
     dim, chunks = split
     padded = local_shape[dim] * tp_size
     shape = list(local_shape)
-    shape[dim] = getattr(p, "_pt_tp_size", padded)
+    shape[dim] = marks.tp_size(p) or padded
     out = []
     for off, box in tp_boxes(shape, dim, chunks, tp_rank, tp_size, padded if shape[dim] != padded else None):
         local = list(full_box(local_shape))

@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from paratrain.plan.calibrate import calibrate
+    from paratrain.calibrate import calibrate
     from paratrain.plan.hardware import default_profile_path, save_profile
 
     start = time.perf_counter()

@@ -43,10 +43,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--virtual-stages spreads model chunks over pipeline ranks: use --pp 2 or more.")
     if not args.backward_cost > 0:
         raise ConfigError(f"--backward-cost must be > 0, got {args.backward_cost}.")
-    from paratrain.parallel.pipeline.check import check
-    from paratrain.parallel.pipeline.schedules import build_schedule
-    from paratrain.parallel.pipeline.timeline import simulate
-    from paratrain.plan.formulas import bubble_fraction
+    from paratrain.core.bubble import bubble_fraction
+    from paratrain.core.check import check
+    from paratrain.core.schedules import build_schedule
+    from paratrain.core.timeline import simulate
 
     p, m, v = args.pp, args.microbatches, args.virtual_stages
     schedule = build_schedule(args.schedule, p, m, v)

@@ -128,6 +128,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--init-from {cfg.init_from} does not exist; give a .safetensors file or a Hugging Face "
                           f"GPT-2 folder with model.safetensors.")
     model_cfg, corpus = preflight(cfg)
+    from paratrain.train import Fault, train_worker
+
+    fault = Fault.from_env()  # PARATRAIN_FAULT, parsed once, before any rank starts
     from paratrain.launch import LaunchError, RankEnv, launch
     from paratrain.models.configs import param_count
 
@@ -152,10 +155,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"paratrain train: {cfg.model} ({param_count(model_cfg):,} parameters) on "
               f"{cfg.world_size} process(es) [{cfg.layout}]\n  data: {corpus.describe()}\n"
               + (f"  vocab: {padding}\n" if padding else "") + f"  out:  {out}", flush=True)
-    from paratrain.train import train_worker
-
     try:
-        results = launch(train_worker, (cfg,), cfg.world_size)
+        results = launch(train_worker, (cfg, fault), cfg.world_size)
     except LaunchError as e:
         print(format_failure(e), file=sys.stderr)
         return 1

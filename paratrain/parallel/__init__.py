@@ -3,8 +3,9 @@ tensor parallelism (shard each layer), then pipeline parallelism (keep this stag
 data parallelism / ZeRO (reduce gradients over the dp group). Each transform receives only the
 group it uses.
 
-Importing this package does not import torch (the pure pipeline modules -- schedules, checker,
-partition -- are used by the planner and ``paratrain schedule``); the classes load on first use.
+Importing this package does not import torch; the classes load on first use. The torch-free
+parts it shares with the planner (schedules, checker, partition, traffic formulas) live in
+:mod:`paratrain.core`.
 """
 
 from __future__ import annotations
@@ -61,10 +62,12 @@ def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, bucket_mb: floa
 
         stage = build_stage(model, mesh, layout, seq_len or model.cfg.max_seq_len)
     sync: GradSync
+    weights: list[torch.Tensor] = []
     if layout.zero == 3:  # ZeRO-3: parameters sharded too, gathered per block (parallel/zero3.py)
         from paratrain.parallel.zero3 import zero3
 
         sync = zero3(model, mesh.dp, bucket_mb=bucket_mb, overlap=overlap)
+        weights = [b.flat for b in sync.buckets]  # the gathered units: see ParallelModel.register_weights
     elif layout.zero:  # ZeRO-1/2: parallel/zero.py
         from paratrain.parallel.zero import ZeroDataParallel
 
@@ -75,13 +78,19 @@ def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, bucket_mb: floa
         sync = NaiveDataParallel(model, mesh.dp)
     else:
         sync = DataParallel(model, mesh.dp, bucket_mb=bucket_mb, overlap=overlap)
-    partial = [p for p in sync.grad_params if getattr(p, "_pt_tp_partial_grad", False)]
+    from paratrain.parallel.marks import has_partial_grad
+
+    partial = [p for p in sync.grad_params if has_partial_grad(p)]
     if partial:  # sequence parallelism: summed over tp, after dp
         sync = SequenceParallelGradSync(sync, partial, mesh.tp)
     # ranks of these groups hold different parameters (ZeRO: different shards over dp)
     norm_groups = [mesh.tp, mesh.pp] + ([mesh.dp] if layout.zero else [])
+    pm: ParallelModel
     if stage is not None:
         from paratrain.parallel.pipeline.model import PipelineModel
 
-        return PipelineModel(stage, mesh, layout, sync, norm_groups, autocast_dtype)
-    return ParallelModel(model, mesh, layout, sync, norm_groups, autocast_dtype)
+        pm = PipelineModel(stage, mesh, layout, sync, norm_groups, autocast_dtype)
+    else:
+        pm = ParallelModel(model, mesh, layout, sync, norm_groups, autocast_dtype)
+    pm.register_weights(weights)
+    return pm

@@ -5,7 +5,7 @@ gradients it *owns* (see :func:`owns`), then one all-reduce per group in ``group
 partial sums. A parameter sharded along an axis is owned by every rank of that axis (each has a
 different slice); a parameter replicated along a reduced axis is owned only by that axis's index 0;
 a duplicate copy (e.g. the LM head tied to the embedding on the last pipeline stage) is owned by
-nobody. Transforms mark parameters with ``p._pt_sharded`` (set of axes) and ``p._pt_duplicate``.
+nobody. Transforms mark parameters as sharded along axes or duplicate: ``parallel/marks.py``.
 """
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ from torch import nn
 
 from paratrain import comm
 from paratrain.comm import Group
+from paratrain.parallel.marks import is_duplicate, marks
 
 
 def owns(p: nn.Parameter, groups: Sequence[Group]) -> bool:
-    if getattr(p, "_pt_duplicate", False):
+    if is_duplicate(p):
         return False
-    sharded = getattr(p, "_pt_sharded", frozenset())
+    sharded = marks(p).sharded
     return all(g.rank == 0 or g.name in sharded for g in groups)
 
 

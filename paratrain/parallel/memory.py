@@ -1,6 +1,7 @@
 """What a rank holds, measured exactly, in the terms the planner predicts (not RSS noise).
 
-* **Model states** (:func:`model_state_bytes`): the bytes of the rank's parameters, of their
+* **Model states** (:func:`model_state_bytes`, a :class:`~paratrain.core.state.ModelState`, the
+  record the planner predicts too): the bytes of the rank's parameters, of their
   gradients and of the optimizer's state tensors (AdamW's ``exp_avg``, ``exp_avg_sq`` and
   ``step``), counted by *storage*: a tensor that is a view (a parameter inside a flat bucket, a
   ZeRO shard inside a gradient buffer) adds nothing beyond the storage it views, and each storage
@@ -12,18 +13,19 @@
   with :func:`torch.autograd.graph.saved_tensors_hooks` while the step runs. A saved tensor is
   counted by its storage (q, k and v are views of one qkv output: one storage), from the moment
   it is saved until autograd frees it after its backward; parameters (a linear saves its weight)
-  are not activations. The peak over the step is what the micro-batches in flight hold at once:
-  one micro-batch's activations without a pipeline, up to ``min(p - i, m)`` of them on pipeline
-  rank ``i`` under 1F1B, and so on -- the planner's ``activation_bytes``. (Under ZeRO-3 the
-  gathered full weights a linear saves are not the parameters' storages, so they count as
-  activations here.)
+  are not activations: the meter is given the tensors whose storages hold parameters and skips
+  those storages -- the parameters, and under ZeRO-3 also each unit's gathered flat buffer
+  (between steps the parameters are placeholders, so only the wrapper knows those storages:
+  ``ParallelModel.weight_tensors``). The peak over the step is what the micro-batches in flight
+  hold at once: one micro-batch's activations without a pipeline, up to ``min(p - i, m)`` of
+  them on pipeline rank ``i`` under 1F1B, and so on -- the planner's ``activation_bytes``.
 
   Activation recomputation is seen as it happens: ``torch.utils.checkpoint`` saves each
   checkpointed region's inputs through the same hooks (counted) and the region's own tensors
   through inner hooks (not counted: they are not stored). The tensors rebuilt during a
   region's backward are a transient of the backward pass and are not part of this figure.
 
-    meter = ActivationMeter(model.parameters())
+    meter = ActivationMeter(pm.weight_tensors())   # or a plain model's model.parameters()
     with meter:
         loss = model(x, y); loss.backward()
     meter.peak_bytes
@@ -31,13 +33,13 @@
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+from paratrain.core.state import ModelState
 
 
 def _storage(t: torch.Tensor) -> tuple[int, int]:
@@ -46,19 +48,6 @@ def _storage(t: torch.Tensor) -> tuple[int, int]:
     regathered (reallocated elsewhere)."""
     s = t.untyped_storage()
     return s._cdata, s.nbytes()
-
-
-# Storages that hold parameters although no nn.Parameter views them right now: ZeRO-3's gathered
-# units (between steps their parameters are placeholders). A linear saves its gathered weight
-# for backward; that is parameter memory (the planner's ZeRO-3 buffers), not an activation.
-_PARAMETER_STORAGES: set[int] = set()
-
-
-def register_parameter_storage(t: torch.Tensor) -> None:
-    """Count ``t``'s storage as parameters, never as activations, for as long as ``t`` lives."""
-    key = _storage(t)[0]
-    _PARAMETER_STORAGES.add(key)
-    weakref.finalize(t, _PARAMETER_STORAGES.discard, key)
 
 
 class _Saved:
@@ -76,10 +65,12 @@ class _Saved:
 
 class ActivationMeter:
     """Peak bytes of saved-for-backward tensors (distinct storages) while the meter is active.
-    Re-entrant use accumulates; :meth:`reset` starts a new peak."""
+    ``weights``: tensors whose storages hold parameters, never counted (their storages are taken
+    now; a freed ZeRO-3 buffer keeps its storage's identity when regathered). Re-entrant use
+    accumulates; :meth:`reset` starts a new peak."""
 
-    def __init__(self, params: Iterable[nn.Parameter]) -> None:
-        self._excluded = {_storage(p)[0] for p in params}
+    def __init__(self, weights: Iterable[torch.Tensor]) -> None:
+        self._excluded = {_storage(t)[0] for t in weights}
         self._refs: dict[int, int] = {}
         self._sizes: dict[int, int] = {}
         self.live_bytes = 0
@@ -91,7 +82,7 @@ class ActivationMeter:
 
     def _pack(self, t: torch.Tensor) -> Any:
         key, nbytes = _storage(t)
-        if key in self._excluded or key in _PARAMETER_STORAGES or nbytes == 0:
+        if key in self._excluded or nbytes == 0:
             return t
         if key not in self._refs:
             self._refs[key], self._sizes[key] = 0, nbytes
@@ -120,24 +111,10 @@ class ActivationMeter:
         self._hooks = None
 
 
-
-@dataclass(frozen=True)
-class StateBytes:
-    params: int
-    grads: int
-    optimizer: int
-
-    @property
-    def total(self) -> int:
-        return self.params + self.grads + self.optimizer
-
-    def as_dict(self) -> dict[str, int]:
-        return {"params": self.params, "grads": self.grads, "optimizer": self.optimizer}
-
-
-def model_state_bytes(module: nn.Module, optimizer: torch.optim.Optimizer) -> StateBytes:
+def model_state_bytes(module: nn.Module, optimizer: torch.optim.Optimizer) -> ModelState:
     """Bytes of ``module``'s parameters and gradients and of ``optimizer``'s parameters (ZeRO's
-    shards), their gradients and its state (AdamW: two moments and a step count per tensor)."""
+    shards), their gradients and its state (AdamW: two moments and a step count per tensor), as
+    exact integers in the planner's record (``plan/formulas.model_state_bytes`` predicts it)."""
     seen: set[tuple[torch.device, int]] = set()
 
     def count(tensors: Iterable[torch.Tensor | None]) -> int:
@@ -157,4 +134,4 @@ def model_state_bytes(module: nn.Module, optimizer: torch.optim.Optimizer) -> St
     params = count(tensors)
     grads = count(t.grad for t in tensors)
     state = count(v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
-    return StateBytes(params, grads, state)
+    return ModelState(params, grads, state)

@@ -52,12 +52,23 @@ class ParallelModel:
         self.norm_groups = norm_groups
         self.autocast_dtype = autocast_dtype
         self._params = [p for p in module.parameters() if p.requires_grad]
+        self._weight_buffers: list[torch.Tensor] = []
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         return self.module.named_parameters()
 
     def parameters(self) -> list[nn.Parameter]:
         return self._params
+
+    def register_weights(self, buffers: list[torch.Tensor]) -> None:
+        """Tensors that hold parameters although no parameter views them between steps (ZeRO-3's
+        gathered units): a linear saves its gathered weight for backward, parameter memory."""
+        self._weight_buffers.extend(buffers)
+
+    def weight_tensors(self) -> list[torch.Tensor]:
+        """Every tensor whose storage holds this rank's parameters: what an
+        :class:`~paratrain.parallel.memory.ActivationMeter` must not count as activations."""
+        return [*self._params, *self._weight_buffers]
 
     def _autocast(self, x: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
         if self.autocast_dtype is None:

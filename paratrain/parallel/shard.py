@@ -11,15 +11,15 @@ attention input ``qkv.weight`` is ``[W_q; W_k; W_v]`` (3H, H): with ``chunks = 3
 ``[W_q[r]; W_k[r]; W_v[r]]``, the q, k and v rows of *its* heads, so ``chunk(3)`` of its output
 still yields q, k and v.
 
-Parameters carry their description as attributes, read by :func:`gather_full_state` and by the
-gradient-norm code (``paratrain.parallel.grad``):
+Parameters carry their description as marks (``paratrain.parallel.marks``), read by
+:func:`gather_full_state` and by the gradient-norm code (``paratrain.parallel.grad``):
 
-* ``_pt_tp_split = (dim, chunks)`` and ``_pt_sharded = {"tp"}`` — a different slice per tp rank;
-* ``_pt_tp_size = V`` — the reference size along ``dim`` when the tensor was padded with zeros
+* ``tp_split = (dim, chunks)`` and ``"tp"`` in ``sharded`` — a different slice per tp rank;
+* ``tp_size = V`` — the reference size along ``dim`` when the tensor was padded with zeros
   before slicing (the vocabulary, ``config.padded_vocab_size``): the concatenated shards hold
   ``padded`` rows, of which the first V are the reference's and the rest zero;
-* ``_pt_tp_partial_grad = True`` — replicated, but each tp rank's gradient is a partial sum over
-  its slice of the sequence (sequence parallelism); the gradients must be summed over tp.
+* ``partial_grad`` — replicated, but each tp rank's gradient is a partial sum over its slice of
+  the sequence (sequence parallelism); the gradients must be summed over tp.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from torch import nn
 
 from paratrain import comm
 from paratrain.comm import Group
+from paratrain.parallel import marks
 
 
 def shard(t: torch.Tensor, rank: int, n: int, dim: int = 0, chunks: int = 1) -> torch.Tensor:
@@ -67,10 +68,7 @@ def shard_parameter(p: nn.Parameter, group: Group, dim: int = 0, chunks: int = 1
         assert chunks == 1, "padding is defined for a plain split only"
         t = pad(t, dim, padded_size)
     out = nn.Parameter(shard(t, group.rank, group.size, dim, chunks), requires_grad=p.requires_grad)
-    out._pt_tp_split = (dim, chunks)
-    out._pt_sharded = frozenset({"tp"})
-    if t.shape[dim] != p.shape[dim]:
-        out._pt_tp_size = p.shape[dim]
+    marks.mark_tp_split(out, dim, chunks, p.shape[dim] if t.shape[dim] != p.shape[dim] else None)
     return out
 
 
@@ -78,9 +76,9 @@ def full_shape(t: torch.Tensor, n: int) -> torch.Size:
     """The reference shape of ``t``, this rank's tensor in a tp group of ``n`` (a shard: its
     split dimension times n, less the padding; anything else: its own shape)."""
     shape = list(t.shape)
-    split = getattr(t, "_pt_tp_split", None)
+    split = marks.tp_split(t)
     if split is not None:
-        shape[split[0]] = getattr(t, "_pt_tp_size", shape[split[0]] * n)
+        shape[split[0]] = marks.tp_size(t) or shape[split[0]] * n
     return torch.Size(shape)
 
 
@@ -88,7 +86,7 @@ def mark_partial_grad(module: nn.Module) -> list[nn.Parameter]:
     """Mark every parameter of ``module`` as replicated-with-partial-gradients; returns them."""
     params = list(module.parameters())
     for p in params:
-        p._pt_tp_partial_grad = True
+        marks.mark_partial_grad(p)
     return params
 
 
@@ -113,8 +111,8 @@ def gather_full_state(module: nn.Module, group: Group, grads: bool = False) -> d
         value = t.detach()
         if grads:
             value = torch.zeros_like(value) if t.grad is None else t.grad.detach()
-        split = getattr(t, "_pt_tp_split", None)
+        split = marks.tp_split(t)
         if id(t) not in done:
-            done[id(t)] = value if split is None else _gather(value, group, *split, getattr(t, "_pt_tp_size", None))
+            done[id(t)] = value if split is None else _gather(value, group, *split, marks.tp_size(t))
         out[name] = done[id(t)]
     return out if group.rank == 0 else None

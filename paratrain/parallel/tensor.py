@@ -20,7 +20,7 @@ The vocabulary is split too (``parallel/vocab.py``): the embedding's partial loo
 like a row-parallel output, the (tied or untied) LM head is column-parallel, and the
 cross-entropy works on vocab-split logits. :func:`tensor_parallel` applies all of it to the
 reference model by *slicing its weights*. The traffic is stated by
-:func:`paratrain.parallel.volume.tp_comm_per_step` (torch-free, shared with the planner).
+:func:`paratrain.core.traffic.tp_comm_per_step` (torch-free, shared with the planner).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from torch import nn
 
 from paratrain import comm
 from paratrain.comm import Group
+from paratrain.parallel import marks
 from paratrain.parallel.rng import ShardedRNG
 from paratrain.parallel.shard import mark_partial_grad, shard_parameter
 from paratrain.parallel.tp_ops import enter_tp, leave_tp
@@ -92,7 +93,7 @@ class RowParallelLinear(nn.Module):
         self.group = group
         self.sequence_parallel = sequence_parallel
         if bias is not None and sequence_parallel:
-            bias._pt_tp_partial_grad = True  # added to this rank's tokens only
+            marks.mark_partial_grad(bias)  # added to this rank's tokens only
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group: Group, sequence_parallel: bool = False) -> RowParallelLinear:

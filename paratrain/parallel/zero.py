@@ -29,13 +29,14 @@ reduce-scatter followed by an all-gather anyway ([R20] sec. 7.2.1).
 Shards cut across tensors. The optimizer runs on *pieces*: the part of each parameter inside
 this rank's shard, a view of the shard, in its parameter's param group, so that weight decay
 (matrices and embeddings only) stays exactly the reference's. A piece carries its parameter's
-marks plus ``"dp"`` in ``_pt_sharded``, so the global gradient norm (``parallel/grad.py``) counts
-each element once: ``||g||^2 = sum over dp ranks of the squares of its pieces``, all-reduced over
-dp (and over tp/pp as before).
+marks plus ``"dp"`` in ``sharded`` (``parallel/marks.py``), so the global gradient norm
+(``parallel/grad.py``) counts each element once: ``||g||^2 = sum over dp ranks of the squares of
+its pieces``, all-reduced over dp (and over tp/pp as before).
 
 Memory per rank for ``psi`` fp32 parameters (P = G = 4 bytes, AdamW K = 8):
 stage 0 ``16 psi``; stage 1 ``8 psi + 8 psi / n``; stage 2 ``4 psi + 12 psi / n``;
-stage 3 ``16 psi / n`` plus the units gathered at the moment. Traffic: :func:`zero_comm_per_step`.
+stage 3 ``16 psi / n`` plus the units gathered at the moment. Traffic:
+:func:`paratrain.core.traffic.zero_comm_per_step`.
 """
 
 from __future__ import annotations
@@ -49,9 +50,7 @@ from torch import nn
 from paratrain import comm
 from paratrain.comm import Group, Handle
 from paratrain.parallel.data import DataParallel, _Bucket, group_by_bytes
-from paratrain.parallel.memory import register_parameter_storage
-
-_INHERITED_MARKS = ("_pt_duplicate", "_pt_tp_partial_grad")
+from paratrain.parallel.marks import mark_piece
 
 
 def padded_numel(numel: int, n: int) -> int:
@@ -105,7 +104,6 @@ class ShardedBucket(_Bucket):
             self.shard = self.flat[self.lo:self.hi]
         else:
             self.shard = self.flat[self.lo:self.hi].clone()
-            register_parameter_storage(self.flat)  # saved gathered weights are not activations
             self.free()
         if stage == 1:
             assert self.buffer is not None
@@ -122,11 +120,7 @@ class ShardedBucket(_Bucket):
             p = params[i]
             piece = self.shard[at:at + length]
             piece.grad = self.piece_grads[p] = self.grad_shard[at:at + length]
-            piece._pt_param = p
-            piece._pt_sharded = frozenset(getattr(p, "_pt_sharded", frozenset()) | {"dp"})
-            for mark in _INHERITED_MARKS:
-                if getattr(p, mark, False):
-                    setattr(piece, mark, True)
+            mark_piece(piece, p, "dp")
             self.pieces[p] = piece
 
     def gather(self, async_op: bool = False, tag: str | None = None) -> None:
@@ -328,25 +322,3 @@ class ZeroDataParallel(DataParallel):
         place: this rank's shard is already where the all-gather puts it)."""
         handles = [comm.all_gather(b.flat, b.shard, self.group, async_op=True) for b in self.buckets]
         comm.wait_all(handles)
-
-
-def zero_comm_per_step(stage: int, bucket_bytes: Sequence[int], microbatches: int = 1) -> dict[str, tuple[int, int]]:
-    """The dp traffic of one training step, ``{op: (calls, bytes)}``, bytes counted as
-    :mod:`paratrain.comm` does (reduce-scatter input, all-gather output: a bucket's padded
-    bytes). ``B`` buckets (stage 3: units) of ``S = sum(bucket_bytes)`` bytes, ``m`` micro-batches::
-
-        stage 0 (DP)  all_reduce      B, S
-        stage 1       reduce_scatter  B, S          all_gather  B, S     (after the step)
-        stage 2       reduce_scatter  m B, m S      all_gather  B, S
-        stage 3       reduce_scatter  m B, m S      all_gather  2 m B, 2 m S  (forward, backward)
-
-    and, with ZeRO, ``grad_norm``: one all-reduce of 4 bytes (the shards' squared norm). On the
-    wire an all-reduce is 2 (n-1)/n of its bytes, the others (n-1)/n: stage 1 sends exactly DP's
-    traffic, stage 3 1.5x ([R20] sec. 7.2). With ``S = 4 psi`` (no padding) these are the
-    planner's ``plan/cost.py`` ``_dp_parts``."""
-    B, S, m = len(bucket_bytes), sum(bucket_bytes), microbatches
-    if stage == 0:
-        return {"all_reduce": (B, S)}
-    rs = (B, S) if stage == 1 else (m * B, m * S)
-    ag = (2 * m * B, 2 * m * S) if stage == 3 else (B, S)
-    return {"reduce_scatter": rs, "all_gather": ag, "grad_norm": (1, 4)}

@@ -1,7 +1,10 @@
 """The planner: predict memory, communication and step time of a layout, and search for the best.
 
-Nothing here imports torch (except :mod:`paratrain.plan.calibrate`, which measures this machine):
-``paratrain estimate`` and ``paratrain plan`` answer in milliseconds.
+Nothing here imports torch, the strategies (:mod:`paratrain.parallel`), the training loop, the
+launcher, ``comm`` or ``metrics`` (``tests/unit/test_imports.py`` enforces it): ``paratrain
+estimate`` and ``paratrain plan`` answer in milliseconds. The formulas the runtime shares come
+from :mod:`paratrain.core`; measuring this machine is the runtime's :mod:`paratrain.calibrate`,
+which writes the profile :mod:`~paratrain.plan.hardware` reads.
 
 * :mod:`~paratrain.plan.hardware` - device catalog, explicit figures, calibrated profiles
 * :mod:`~paratrain.plan.formulas` - the closed-form formulas, each cited

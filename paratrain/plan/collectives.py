@@ -3,15 +3,16 @@ the data-parallel reduction that the last backward does not hide. Pure Python (n
 
 A collective of S bytes over n devices takes ``wire(S) / bandwidth + steps * latency`` with the
 ring algorithms' wire bytes and steps ([P17] Patarasuk & Yuan 2009): all-reduce ``2(n-1)/n S``
-in ``2(n-1)`` steps, all-gather / reduce-scatter ``(n-1)/n S`` in ``n-1``, a send ``S`` in 1.
+in ``2(n-1)`` steps, all-gather / reduce-scatter ``(n-1)/n S`` in ``n-1``, a send ``S`` in 1
+(:mod:`paratrain.core.ring`, the function ``comm`` counts the runtime's bytes with). Which
+collectives data parallelism runs per step: :func:`paratrain.core.traffic.dp_parts`.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
-from paratrain.parallel.volume import wire_bytes
-from paratrain.plan.formulas import ring_steps
+from paratrain.core.ring import ring_steps, wire_bytes
 from paratrain.plan.hardware import Hardware
 
 
@@ -90,29 +91,3 @@ def exposed_reduction(b: Buckets, window_s: float, overlap: bool = True) -> floa
     K, W = b.count, window_s
     end = max(W / K + (K - 1) * b.full_s + b.last_s, W + b.last_s)
     return end - W
-
-
-def dp_parts(zero: int, m: int, n: int, grad_b: float, param_b: float) -> list[tuple[str, float, str, int]]:
-    """Data-parallel collectives per step as (op, payload bytes per parameter, overlap window,
-    count):
-
-    zero 0: all-reduce the gradients once, during the last backward ([R20] sec. 7: 2 psi).
-    zero 1: reduce-scatter the gradients during the last backward, all-gather the updated
-            parameters after the optimizer step (``step``: nothing to hide behind, the runtime
-            waits for it before the next forward): the same 2 psi ([R20] sec. 7.2.1).
-    zero 2: the gradient shard is reduced every micro-batch, during its backward (gradients stay
-            sharded while they accumulate), parameters gathered once after the step.
-    zero 3: every micro-batch all-gathers the parameters for forward (the next unit prefetched
-            while one computes) and again for backward and reduce-scatters the gradients: 3 psi
-            per micro-batch ([R20] sec. 7.2.2: 1.5x DP).
-    As ``parallel/zero.py`` and ``parallel/zero3.py`` run them (``zero_comm_per_step``)."""
-    if n == 1:
-        return []
-    if zero == 0:
-        return [("all_reduce", grad_b, "backward", 1)]
-    if zero == 1:
-        return [("reduce_scatter", grad_b, "backward", 1), ("all_gather", param_b, "step", 1)]
-    if zero == 2:
-        return [("reduce_scatter", grad_b, "backward", m), ("all_gather", param_b, "step", 1)]
-    return [("all_gather", param_b, "forward", m), ("all_gather", param_b, "backward", m),
-            ("reduce_scatter", grad_b, "backward", m)]

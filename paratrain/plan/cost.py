@@ -10,8 +10,8 @@ activations); :func:`estimate` composes the stages into one optimizer step:
 
 With equal stages T_pipe = (m + (p - 1)/v) t, whose idle share is the analytic bubble
 (p - 1)/(v m + p - 1). The model describes paratrain's runtime: the pipeline partition is the
-runtime's (:func:`paratrain.parallel.pipeline.partition.stage_sizes`), tensor- and
-pipeline-parallel bytes are the runtime's (:mod:`paratrain.parallel.volume`), data-parallel
+runtime's (:func:`paratrain.core.partition.stage_sizes`), tensor- and
+pipeline-parallel bytes are the runtime's (:mod:`paratrain.core.traffic`), data-parallel
 buckets are reduced as the last backward produces them (:func:`exposed_reduction`). The
 event-level simulator (:mod:`paratrain.plan.simulate`) replays the same per-chunk costs on the
 real schedule.
@@ -23,10 +23,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple
 
-from paratrain.config import PRECISIONS, Layout, padded_vocab_size, vocab_padding_note
+from paratrain.config import PRECISIONS, Layout, vocab_padding_note
+from paratrain.core import bubble, ring, traffic
+from paratrain.core.state import ModelState
+from paratrain.core.vocab import padded_vocab_size
 from paratrain.errors import ConfigError
 from paratrain.models.configs import ModelConfig, param_count
-from paratrain.parallel import volume
 from paratrain.plan import formulas as f
 from paratrain.plan.collectives import (
     NO_BUCKETS,
@@ -34,7 +36,6 @@ from paratrain.plan.collectives import (
     Link,
     buckets,
     collective_seconds,
-    dp_parts,
     exposed_reduction,
     link,
 )
@@ -114,7 +115,7 @@ class StageCost(NamedTuple):
     count: int  # pipeline ranks this entry stands for (1 unless grouped; see PipelineShape)
     num_layers: int
     params: float
-    state: f.ModelState
+    state: ModelState  # predicted: f.model_state_bytes (the runtime measures the same record)
     buffer_bytes: float
     activation_bytes: float  # stored by forwards, at the schedule's peak
     rebuilt_bytes: float  # full recomputation: one block rebuilt during its backward
@@ -181,13 +182,13 @@ def _tp_seconds(model: ModelConfig, t: int, sp: bool, b: float, s: int, layers: 
                 recompute: str, e: int, grad_bytes: int, tp_link: Link) -> dict[str, float]:
     """Seconds per phase (forward / backward per micro-batch; step once) of one chunk's tp
     collectives, and their ``wire_*`` bytes, from the runtime's traffic formula."""
-    out = {volume.FORWARD: 0.0, volume.BACKWARD: 0.0, volume.STEP: 0.0}
+    out = {traffic.FORWARD: 0.0, traffic.BACKWARD: 0.0, traffic.STEP: 0.0}
     for phase in list(out):
         out["wire_" + phase] = 0.0
-    for (phase, op), (calls, nbytes) in volume.tp_traffic(model, t, sp, b, s, layers, first, last, recompute, e,
+    for (phase, op), (calls, nbytes) in traffic.tp_traffic(model, t, sp, b, s, layers, first, last, recompute, e,
                                                           grad_bytes).items():
         out[phase] += collective_seconds(op, t, nbytes, *tp_link, calls=calls)
-        out["wire_" + phase] += volume.wire_bytes(op, t, nbytes)
+        out["wire_" + phase] += ring.wire_bytes(op, t, nbytes)
     return out
 
 
@@ -238,9 +239,9 @@ class _Layout:
                                                                              options.sp_saves_gathered)
         # ZeRO-3 gathers one unit (a block, or the embedding) and its gradient at a time.
         self.buffers = (P_b + self.G_b) * max(block, embed) if (L.zero == 3 and n > 1) else 0.0
-        self.message = volume.p2p_tensor_bytes(h, b, s, t, sp, e)
+        self.message = traffic.p2p_tensor_bytes(h, b, s, t, sp, e)
         self.message_s = collective_seconds("send", 2, self.message, *self.pp_link)
-        self.dp_parts = dp_parts(L.zero, m, n, self.G_b, P_b)  # payloads per parameter
+        self.dp_parts = traffic.dp_parts(L.zero, m, n, self.G_b, P_b)  # payloads per parameter
 
     def tp_seconds(self, layers: int, first: bool, last: bool) -> dict[str, float]:
         return _tp_seconds(self.model, self.t, self.sp, self.b, self.s, layers, first, last, self.layout.recompute,
@@ -260,7 +261,7 @@ class _Layout:
         replay = layers * self.ew_layer * self.layer_rec / (3 * self.layer_fwd) / (self.share * speed)
         return ChunkCost(layers, first, last, params, fwd / rate + ew / 3,
                          (2 * fwd + layers * self.layer_rec) / rate + 2 * ew / 3 + replay,
-                         tp[volume.FORWARD], tp[volume.BACKWARD], tp["wire_forward"] + tp["wire_backward"])
+                         tp[traffic.FORWARD], tp[traffic.BACKWARD], tp["wire_forward"] + tp["wire_backward"])
 
     def syncs(self, i: int, n_layers: int) -> tuple[float, float, float, float]:
         """(tp seconds, tp wire bytes, pp seconds, pp wire bytes) once per step after the schedule:
@@ -270,14 +271,14 @@ class _Layout:
         tp_s = tp_b = pp_s = pp_b = 0.0
         if t > 1:
             step = self.tp_seconds(n_layers, first, last)  # per-step terms do not depend on the split
-            tp_s = step[volume.STEP] + collective_seconds("all_reduce", t, 4, *self.tp_link)
-            tp_b = step["wire_step"] + volume.wire_bytes("all_reduce", t, 4)
+            tp_s = step[traffic.STEP] + collective_seconds("all_reduce", t, 4, *self.tp_link)
+            tp_b = step["wire_step"] + ring.wire_bytes("all_reduce", t, 4)
         if p > 1:
             bw, lat = self.pp_link.bw, self.pp_link.latency
-            pp_s = collective_seconds("all_reduce", p, 4, bw, lat) + f.ring_steps("all_gather", p) * lat
+            pp_s = collective_seconds("all_reduce", p, 4, bw, lat) + ring.ring_steps("all_gather", p) * lat
             if self.model.tie_embeddings and (first or last):
-                tied = volume.tied_embedding_bytes(self.model, t, self.G_b)
-                pp_b = volume.wire_bytes("all_reduce", 2, tied)
+                tied = traffic.tied_embedding_bytes(self.model, t, self.G_b)
+                pp_b = ring.wire_bytes("all_reduce", 2, tied)
                 pp_s += collective_seconds("all_reduce", 2, tied, bw, lat)
         return tp_s, tp_b, pp_s, pp_b
 
@@ -297,7 +298,7 @@ class _Layout:
         units = sum(c.layers for c in chunks) + (1 if any(c.first or c.last for c in chunks) else 0)
         for op, per_param, phase, times in self.dp_parts:
             payload = per_param * params
-            wire += times * volume.wire_bytes(op, n, payload)
+            wire += times * ring.wire_bytes(op, n, payload)
             if self.layout.zero == 3:
                 continue  # below: per unit
             b = buckets(op, n, payload, opts.bucket_bytes, *self.dp_link)
@@ -329,7 +330,7 @@ class _Layout:
         params = sum(c.params for c in chunks)
         state = f.model_state_bytes(params, self.layout.zero, self.n, self.precision)
         if v == 1:
-            flight = f.in_flight_microbatches(self.layout.schedule, p, m, v, i)
+            flight = bubble.in_flight_microbatches(self.layout.schedule, p, m, v, i)
             acts = flight * (n_layers * self.act_layer + (self.emb_act if first else 0)) \
                 + (self.out_act if last else 0)
         else:  # chunks of different sizes: which of them are in flight matters (topology.stash_states)
@@ -388,7 +389,7 @@ def _estimate(model: ModelConfig, layout: Layout, hw: Hardware, global_batch: in
         bubble_frac = options.bubble_fraction
     else:
         pipe = m * t_max + (sum(c.count * c.microbatch_s for c in stages) - t_max) / v
-        bubble_frac = f.bubble_fraction(layout.schedule, p, m, v)
+        bubble_frac = bubble.bubble_fraction(layout.schedule, p, m, v)
     time = StepTime(
         compute=m * (slow.forward_s + slow.backward_s), tp_comm=m * slow.tp_s + max(c.tp_sync_s for c in stages),
         pp_comm=m * slow.p2p_s + max(c.pp_sync_s for c in stages),

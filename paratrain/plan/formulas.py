@@ -1,12 +1,15 @@
-"""Closed-form costs of training a GPT: FLOPs, memory, pipeline bubble, collective volumes.
+"""Closed-form costs of training a GPT: parameters, FLOPs, memory.
 
 Pure arithmetic on numbers (no torch, no model objects except :class:`ModelConfig`). Each
-function writes its formula out and cites where it comes from. Symbols, as in the papers:
+function writes its formula out and cites where it comes from. The formulas the runtime shares
+live in :mod:`paratrain.core`: the pipeline bubble and stash (:mod:`paratrain.core.bubble`), the
+ring collectives' wire bytes and steps (:mod:`paratrain.core.ring`), what each strategy sends
+(:mod:`paratrain.core.traffic`). Symbols, as in the papers:
 
     B global batch (sequences)   b micro-batch size   s sequence length   l layers
     h hidden size   F MLP width (4h in the papers)   a attention heads   V vocabulary
     t tensor-parallel degree   p pipeline stages   m micro-batches   v virtual stages (chunks)
-    n group size of a collective   S payload bytes   psi parameters on one device
+    psi parameters on one device
 
 References:
   [N21] Narayanan et al., "Efficient Large-Scale Language Model Training on GPU Clusters Using
@@ -15,16 +18,12 @@ References:
         MLSys 2023 (arXiv:2205.05198).
   [R20] Rajbhandari et al., "ZeRO: Memory Optimizations Toward Training Trillion Parameter
         Models", SC20 (arXiv:1910.02054).
-  [H19] Huang et al., "GPipe", NeurIPS 2019 (arXiv:1811.06965).
-  [P17] Patarasuk & Yuan, "Bandwidth optimal all-reduce algorithms for clusters of
-        workstations", JPDC 2009 (ring all-reduce).
   [K20] Kaplan et al., "Scaling Laws for Neural Language Models", 2020 (C = 6 N D).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from paratrain.core.state import ModelState
 from paratrain.models.configs import ModelConfig
 
 # ---------------------------------------------------------------------------------- parameters
@@ -116,22 +115,10 @@ STATE_BYTES: dict[str, tuple[int, int, int]] = {"bf16": (2, 2, 12), "fp32": (4, 
 ELEM_BYTES: dict[str, int] = {"bf16": 2, "fp32": 4}
 
 
-@dataclass(frozen=True)
-class ModelState:
-    """Bytes of parameters, gradients and optimizer state on one device."""
-
-    params: float
-    grads: float
-    optimizer: float
-
-    @property
-    def total(self) -> float:
-        return self.params + self.grads + self.optimizer
-
-
 def model_state_bytes(psi: float, zero: int, dp: int, precision: str) -> ModelState:
     """Model states of ``psi`` parameters on one device under ZeRO stage ``zero`` over ``dp``
-    ranks ([R20] sec. 5.1, Fig. 1; P, G, K = bytes per parameter of each part, N_d = dp):
+    ranks, predicted into the record the runtime measures (``core/state.py``) ([R20] sec. 5.1,
+    Fig. 1; P, G, K = bytes per parameter of each part, N_d = dp):
 
         stage 0 (plain DP):   (P + G + K) psi
         stage 1 (P_os):       (P + G) psi + K psi / N_d
@@ -212,69 +199,3 @@ def embedding_activation_bytes(s: int, b: float, h: int, t: int = 1, sp: bool = 
     ``theoretical_memory_usage``): the token ids (8 s b, int64) and the embedding dropout mask
     (s b h bytes, split t ways with sequence parallelism)."""
     return 8 * s * b + (s * b * h / (t if sp else 1) if dropout else 0)
-
-
-def in_flight_microbatches(schedule: str, p: int, m: int, v: int, stage: int) -> float:
-    """How many micro-batches' activations of its layers pipeline stage ``stage`` (0-based) holds
-    at its peak, in units of "one micro-batch through all of this device's layers".
-
-    p = 1 (no pipeline; micro-batches are gradient accumulation): 1.
-    GPipe: every micro-batch's forward runs before any backward: m ([H19]).
-    1F1B: stage i runs p - i warm-up forwards before its first backward: min(p - i, m) ([N21]
-    sec. 2.2.1); the first stage holds p.
-    Interleaved with v chunks per device: Megatron's warm-up is 2(p - i - 1) + (v - 1) p chunk
-    forwards, +1 in the steady state, each of 1/v of the device's layers: min(m v, 2(p - i - 1) +
-    (v - 1) p + 1) / v. For i = 0 this is p (1 + (p - 1)/(p v)), the factor of [K22] sec. 4.2.2.
-    """
-    if p == 1:
-        return 1.0
-    if schedule == "gpipe":
-        return float(m)
-    if schedule == "interleaved" and v > 1:
-        return min(m * v, 2 * (p - stage - 1) + (v - 1) * p + 1) / v
-    return float(min(p - stage, m))
-
-
-# ---------------------------------------------------------------------------------- pipeline
-
-
-def bubble_fraction(schedule: str, p: int, m: int, v: int = 1) -> float:
-    """Idle fraction of the whole step of a pipeline with equal stages (the bubble over the total
-    time, not over the ideal time):
-
-        GPipe, 1F1B:   (p - 1) / (m + p - 1)      ([H19]; [N21] sec. 2.2.1: the same bubble)
-        interleaved:   (p - 1) / (v m + p - 1)    ([N21] sec. 2.2.2: bubble time / v)
-
-    [N21] writes the bubble relative to the ideal time, (p - 1)/m and (p - 1)/(v m); the
-    fractions above are the same bubble divided by ideal + bubble. 0 when p = 1."""
-    if p <= 1:
-        return 0.0
-    vv = v if schedule == "interleaved" else 1
-    return (p - 1) / (vv * m + p - 1)
-
-
-# ---------------------------------------------------------------------------------- collectives
-
-
-def all_reduce_wire_bytes(n: int, S: float) -> float:
-    """Bytes one device sends in a ring all-reduce of S bytes over n devices: a reduce-scatter
-    then an all-gather, each n - 1 steps of S/n: 2 (n - 1)/n S ([P17]). 0 when n = 1."""
-    return 2 * (n - 1) / n * S
-
-
-def reduce_scatter_wire_bytes(n: int, S: float) -> float:
-    """Ring reduce-scatter of an S-byte input: (n - 1)/n S sent per device ([P17])."""
-    return (n - 1) / n * S
-
-
-def all_gather_wire_bytes(n: int, S: float) -> float:
-    """Ring all-gather into an S-byte output: (n - 1)/n S sent per device ([P17])."""
-    return (n - 1) / n * S
-
-
-def ring_steps(op: str, n: int) -> int:
-    """Latency-bound steps of a ring collective: all-reduce 2(n - 1), reduce-scatter and
-    all-gather n - 1, send 1 ([P17])."""
-    if n <= 1:
-        return 0
-    return {"all_reduce": 2 * (n - 1), "reduce_scatter": n - 1, "all_gather": n - 1, "send": 1}[op]

@@ -8,7 +8,7 @@ and predict the gain over an even split. Pure Python (no torch).
   pipeline rank i of replica d is ``w[i][d] = min_tp speeds``.
 * **Stages.** Every replica uses the same partition (data parallelism reduces the same
   parameters), sized to ``w_i = min_d w[i][d]`` by the runtime's speed-aware partition
-  (:func:`paratrain.parallel.pipeline.partition.stage_sizes` with ``stage_speeds``, what
+  (:func:`paratrain.core.partition.stage_sizes` with ``stage_speeds``, what
   ``paratrain train --stage-speeds`` runs): a 2x faster stage gets about 2x the layers.
 * **Batch shares** (a planner-side prediction: the runtime gives every replica B/dp). Replica d
   gets ``B_d`` proportional to its throughput ``B_d / T_d(B_d)``, found by fixed-point iteration

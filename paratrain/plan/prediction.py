@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from paratrain.config import Layout
-from paratrain.plan.formulas import ModelState
+from paratrain.core.state import ModelState
 
 
 @dataclass(frozen=True)
@@ -107,8 +107,7 @@ class Estimate:
             "global_batch": self.global_batch, "seq_len": self.seq_len, "precision": self.precision,
             "params_per_device": self.params_per_device,
             "six_p_tokens_flops": self.six_p_tokens_flops, "hfu": self.hfu, "efficiency": self.efficiency,
-            "memory_bytes": {"params": self.state.params, "grads": self.state.grads,
-                             "optimizer": self.state.optimizer, "buffers": self.buffer_bytes,
+            "memory_bytes": {**self.state.as_dict(), "buffers": self.buffer_bytes,
                              "activations": self.activation_bytes_per_device},
             "most_loaded_stage": self.most_loaded_stage,
             "notes": list(self.notes),

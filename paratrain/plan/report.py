@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from paratrain.metrics import format_grid
+from paratrain.core.bubble import in_flight_microbatches
 from paratrain.plan import formulas as f
 from paratrain.plan.cost import Estimate
 from paratrain.plan.hardware import GiB, Hardware
 from paratrain.plan.hetero import speed_report
 from paratrain.plan.search import PlanResult
+from paratrain.text import format_grid
 
 
 def fmt_bytes(x: float) -> str:
@@ -49,8 +50,8 @@ def _header(e: Estimate, hw: Hardware) -> str:
 def estimate_report(e: Estimate, hw: Hardware) -> str:
     """The breakdown printed by ``paratrain estimate``."""
     P, G, K = f.STATE_BYTES[e.precision]
-    flight = f.in_flight_microbatches(e.layout.schedule, e.layout.pp, e.layout.microbatches,
-                                      e.layout.virtual_stages, e.most_loaded_stage)
+    flight = in_flight_microbatches(e.layout.schedule, e.layout.pp, e.layout.microbatches,
+                                    e.layout.virtual_stages, e.most_loaded_stage)
     zero = f", ZeRO-{e.layout.zero} over dp={e.layout.dp}" if e.layout.zero else ""
     mem_rows = [
         [f"parameters ({P} B/param{zero if e.layout.zero >= 3 else ''})", fmt_bytes(e.state.params)],

@@ -5,9 +5,9 @@ and tensor-parallel index 0. Data-parallel replicas run the same schedule on equ
 tensor-parallel peers the same actions in lockstep, so every other pipeline of the mesh has the
 same timeline; a mesh of thousands of devices costs no more than its pipeline (seconds at most).
 
-Per pipeline rank, the real schedule of :mod:`paratrain.parallel.pipeline.schedules` (GPipe,
+Per pipeline rank, the real schedule of :mod:`paratrain.core.schedules` (GPipe,
 1F1B, interleaved; ``pp = 1`` is 1F1B on one rank: forward and backward of each micro-batch,
-i.e. gradient accumulation) is replayed by :func:`paratrain.parallel.pipeline.timeline.simulate`
+i.e. gradient accumulation) is replayed by :func:`paratrain.core.timeline.simulate`
 -- the simulator the pipeline module uses, with the runtime's semantics (transfers posted
 without waiting, a compute waits for the receive that feeds it, sends awaited at the end) -- on
 these durations, all from :func:`paratrain.plan.cost.stage_costs`:
@@ -38,9 +38,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from paratrain.config import Layout
+from paratrain.core.schedules import Action, Schedule, build_schedule
+from paratrain.core.timeline import Timeline, simulate
 from paratrain.models.configs import ModelConfig
-from paratrain.parallel.pipeline.schedules import Action, Schedule, build_schedule
-from paratrain.parallel.pipeline.timeline import Timeline, simulate
 from paratrain.plan.collectives import exposed_reduction
 from paratrain.plan.cost import (
     DEFAULT_OPTIONS,

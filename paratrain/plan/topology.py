@@ -15,12 +15,12 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
+from paratrain.core import traffic
+from paratrain.core.bubble import in_flight_microbatches as f_in_flight
+from paratrain.core.partition import stage_sizes
 from paratrain.errors import ConfigError
 from paratrain.mesh import MeshShape
 from paratrain.models.configs import ModelConfig
-from paratrain.parallel import volume
-from paratrain.parallel.pipeline.partition import stage_sizes
-from paratrain.plan.formulas import in_flight_microbatches as f_in_flight
 
 
 @lru_cache(maxsize=8192)
@@ -55,7 +55,7 @@ class PipelineShape:
 
     ``groups`` lists (first rank, number of ranks) of runs of ranks with the same chunks, sends,
     speed and first/last role; within a run only the in-flight count differs, and it never grows
-    with the rank index (see :func:`formulas.in_flight_microbatches`), so the first rank of a run
+    with the rank index (see :func:`paratrain.core.bubble.in_flight_microbatches`), so the first rank of a run
     holds the most memory and every rank of it takes the same time."""
 
     chunks: tuple[int, ...]  # layers of stage s = c * pp + i (chunk c of rank i)
@@ -78,7 +78,7 @@ def pipeline_shape(model: ModelConfig, seq_len: int, pp: int, virtual_stages: in
     layers = [0] * pp
     for k, c in enumerate(chunks):
         layers[k % pp] += c
-    sends = volume.p2p_sends_per_microbatch(pp, virtual_stages)
+    sends = traffic.p2p_sends_per_microbatch(pp, virtual_stages)
     speeds = rank_speeds or (1.0,) * pp
 
     def signature(i: int) -> tuple:
@@ -106,9 +106,9 @@ def stash_states(schedule: str, pp: int, microbatches: int, virtual_stages: int,
     """The activations pipeline rank ``rank`` holds as its schedule runs, as micro-batch counts per
     chunk after each forward (the only moments a peak can occur), keeping the maximal ones.
 
-    The schedules of :mod:`paratrain.parallel.pipeline.schedules`: a forward of chunk c stashes
+    The schedules of :mod:`paratrain.core.schedules`: a forward of chunk c stashes
     one micro-batch's activations of c, its backward frees them. One chunk per rank: the closed
-    form of :func:`formulas.in_flight_microbatches`. Interleaved (v chunks, which may hold
+    form of :func:`paratrain.core.bubble.in_flight_microbatches`. Interleaved (v chunks, which may hold
     different layers, the embedding or the head, so which of them are in flight matters): rank r
     runs w = min(v m, 2(p - r - 1) + (v - 1) p) warm-up forwards, then alternates; after its j-th
     forward (j >= w) it has run forwards 0..j and backwards 0..j-w-1, the k-th forward visiting

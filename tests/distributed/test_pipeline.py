@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from paratrain.parallel.volume import p2p_sends_per_microbatch, pp_send_bytes_per_step
+from paratrain.core.traffic import p2p_sends_per_microbatch, pp_send_bytes_per_step
 from paratrain.reference import reference_train
 from tests.common import BASE, max_param_diff, train_ranks_fn, with_layout
 from tests.harness import RankFailure, run_ranks

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from paratrain.config import padded_vocab_size
+from paratrain.core.traffic import tp_comm_per_step
 from paratrain.parallel.shard import pad, shard
-from paratrain.parallel.volume import tp_comm_per_step
 from paratrain.reference import reference_train
 from tests.common import BASE, max_param_diff, train_ranks_fn, with_layout
 from tests.distributed.test_data_parallel import LOSS_RTOL, NORM_RTOL

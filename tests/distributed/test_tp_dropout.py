@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from paratrain.parallel.volume import tp_comm_per_step
+from paratrain.core.traffic import tp_comm_per_step
 from tests.common import BASE, train_ranks_fn, with_layout
 from tests.harness import run_ranks
 

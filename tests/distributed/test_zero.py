@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from paratrain.config import Layout, TrainConfig
+from paratrain.core.state import ModelState
+from paratrain.core.traffic import zero_comm_per_step
 from paratrain.models.configs import param_count
-from paratrain.parallel.zero import zero_comm_per_step
 from paratrain.plan.cost import estimate
 from paratrain.plan.formulas import model_state_bytes
 from paratrain.plan.hardware import get_hardware
@@ -87,7 +88,7 @@ def zero_ranks_fn(cfg: TrainConfig) -> dict:
         "pieces": len(sync.grad_params),
         "owned": sum(q.numel() for q in sync.grad_params),
         "local_numel": sum(p.numel() for p in s.pm.parameters()),
-        "memory": (memory.params, memory.grads, memory.optimizer),
+        "memory": memory,
     }
 
 
@@ -165,8 +166,5 @@ def test_zero_state_bytes_are_the_papers(name):
     psi = param_count(cfg.model_config())
     want = model_state_bytes(psi, layout.zero, layout.dp, "fp32")
     for res in run(name):
-        params, grads, optimizer = res["memory"]
         units = len(res["bucket_bytes"]) if layout.zero == 3 else 0
-        assert params == want.params + 4 * units
-        assert grads == want.grads
-        assert optimizer == want.optimizer + 4 * res["pieces"]
+        assert res["memory"] - want == ModelState(4 * units, 0, 4 * res["pieces"])

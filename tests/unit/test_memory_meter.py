@@ -26,6 +26,30 @@ def test_counts_saved_storages_once_and_not_parameters() -> None:
     assert meter.live_bytes == 0 and meter.peak_bytes == 256
 
 
+def gathered_view(flat: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Regather a freed buffer in place, as ZeRO-3 does, and view it as a weight."""
+    storage = flat.untyped_storage()
+    storage.resize_(flat.numel() * flat.element_size())
+    return flat.new_empty(0).set_(storage, 0, shape).requires_grad_()
+
+
+@pytest.mark.parametrize("told", [True, False])
+def test_weights_are_what_the_meter_is_given(told: bool) -> None:
+    """A buffer that holds weights although no parameter views it (ZeRO-3's unit: freed to 0
+    bytes between uses, regathered in place) is skipped by a meter built with it -- even while
+    freed -- and counted as an activation by one built without it: no process-wide registry."""
+    flat = torch.randn(64)
+    flat.untyped_storage().resize_(0)
+    meter = ActivationMeter([flat] if told else [])
+    w = gathered_view(flat, (8, 8))
+    x = torch.randn(4, 8, requires_grad=True)
+    with meter:
+        loss = (x @ w).sum()  # saves x (128 bytes) and the gathered w (256 bytes)
+    assert meter.peak_bytes == 128 + (0 if told else 256)
+    loss.backward()
+    assert meter.live_bytes == 0
+
+
 @pytest.mark.parametrize("recompute", ["none", "selective", "full"])
 def test_gpt_activations_match_the_planner(recompute: str) -> None:
     """One process, fp32, no dropout, PyTorch's fused attention: the planner's per-layer,

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from paratrain.core.partition import layer_costs, partition, stage_sizes, stage_units
 from paratrain.models.configs import get_model_config
-from paratrain.parallel.pipeline.partition import layer_costs, partition, stage_sizes, stage_units
 
 
 def bottleneck(costs, sizes, speeds):

@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from paratrain.parallel.pipeline.check import check, in_flight
-from paratrain.parallel.pipeline.schedules import (
+from paratrain.core.bubble import bubble_fraction, in_flight_microbatches
+from paratrain.core.check import check, in_flight
+from paratrain.core.schedules import (
     RECV_ACT,
     RECV_GRAD,
     SEND_ACT,
@@ -23,8 +24,7 @@ from paratrain.parallel.pipeline.schedules import (
     ScheduleError,
     build_schedule,
 )
-from paratrain.parallel.pipeline.timeline import simulate
-from paratrain.plan.formulas import bubble_fraction, in_flight_microbatches
+from paratrain.core.timeline import simulate
 
 # Unit costs per stage (forward 1; backward 1, or 2 as on real hardware). A chunk of an
 # interleaved schedule costs 1/v of a stage. Floats add exactly here (powers of two), but the

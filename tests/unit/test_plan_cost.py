@@ -9,6 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from paratrain.config import Layout
+from paratrain.core.bubble import in_flight_microbatches
+from paratrain.core.ring import wire_bytes
 from paratrain.errors import ConfigError
 from paratrain.mesh import MeshShape
 from paratrain.models.configs import ModelConfig, get_model_config, param_count
@@ -85,7 +87,7 @@ def test_tp_bytes_per_layer() -> None:
 def test_tp_bytes_are_the_runtimes_formula() -> None:
     """The planner's tp bytes are volume.tp_comm_per_step's payloads (what the runtime's tests
     measure exactly) put on the ring: all-reduce 2(n-1)/n, all-gather/reduce-scatter (n-1)/n."""
-    from paratrain.parallel.volume import tp_comm_per_step
+    from paratrain.core.traffic import tp_comm_per_step
 
     model = get_model_config("tiny")
     for layout in (Layout(tp=2), Layout(tp=4, sequence_parallel=True, microbatches=2),
@@ -104,7 +106,7 @@ def test_pp_bytes() -> None:
     costs = stage_costs(MODEL, Layout(pp=p, microbatches=m), H100, m * b, s, "bf16")
     S = 2 * b * s * h
     assert costs[1].pp_bytes == pytest.approx(2 * m * S)
-    tied = f.all_reduce_wire_bytes(2, 2 * 51200 * h)  # W_e's gradient between first and last stage
+    tied = wire_bytes("all_reduce", 2, 2 * 51200 * h)  # W_e's gradient between first and last stage
     assert costs[0].pp_bytes == pytest.approx(m * S + tied)
 
 
@@ -250,7 +252,7 @@ def test_cross_node_groups_use_the_network() -> None:
 def test_partition_is_the_runtimes() -> None:
     """The planner prices the partition `paratrain train` runs (cost-balanced by FLOPs, the
     head's cost on the last stage), or the one given."""
-    from paratrain.parallel.pipeline.partition import stage_sizes
+    from paratrain.core.partition import stage_sizes
 
     gpt2 = get_model_config("gpt2-124m")
     assert pipeline_shape(gpt2, 1024, 4, 1).chunks == stage_sizes(gpt2, 4, 1, 1024) == (3, 4, 4, 1)
@@ -327,14 +329,14 @@ def test_stash_from_the_schedule_is_the_closed_form_for_equal_chunks(p: int, k: 
     m = k * p
     for i in range(p):
         got = peak_stash("interleaved", p, m, v, i, (1.0,) * v)
-        assert got == pytest.approx(v * f.in_flight_microbatches("interleaved", p, m, v, i))
+        assert got == pytest.approx(v * in_flight_microbatches("interleaved", p, m, v, i))
 
 
 @settings(max_examples=80, deadline=None)
 @given(p=st.integers(2, 6), k=st.integers(1, 5), v=st.integers(2, 4))
 def test_stash_states_are_the_generated_schedules(p: int, k: int, v: int) -> None:
     """The closed-form interleaved stash equals counting the generated schedule's actions."""
-    from paratrain.parallel.pipeline.schedules import build_schedule
+    from paratrain.core.schedules import build_schedule
     from paratrain.plan.topology import stash_states
 
     m = k * p

@@ -78,49 +78,6 @@ def test_sequence_parallel_with_gathered_linear_inputs() -> None:
         f.output_activation_bytes(s, b, h, 256, t, True, e) == pytest.approx(e * s * b * h * (1 - 1 / t))
 
 
-def test_bubble_fractions() -> None:
-    assert f.bubble_fraction("1f1b", 1, 8) == 0
-    assert f.bubble_fraction("gpipe", 4, 8) == pytest.approx(3 / 11)
-    assert f.bubble_fraction("1f1b", 4, 8) == pytest.approx(3 / 11)
-    assert f.bubble_fraction("interleaved", 4, 8, 2) == pytest.approx(3 / 19)
-    # [N21] quotes the bubble relative to the ideal time: (p-1)/m and (p-1)/(vm).
-    frac = f.bubble_fraction("interleaved", 8, 16, 4)
-    assert frac / (1 - frac) == pytest.approx(7 / (4 * 16))
-
-
-def test_in_flight_counts() -> None:
-    assert [f.in_flight_microbatches("1f1b", 4, 8, 1, i) for i in range(4)] == [4, 3, 2, 1]
-    assert [f.in_flight_microbatches("1f1b", 4, 2, 1, i) for i in range(4)] == [2, 2, 2, 1]
-    assert f.in_flight_microbatches("gpipe", 4, 8, 1, 3) == 8
-    assert f.in_flight_microbatches("1f1b", 1, 8, 1, 0) == 1
-    p, v = 8, 4  # [K22] sec. 4.2.2: the first stage holds p (1 + (p - 1)/(p v)) micro-batches' worth
-    assert f.in_flight_microbatches("interleaved", p, 64, v, 0) == pytest.approx(p * (1 + (p - 1) / (p * v)))
-
-
-def test_ring_formulas() -> None:
-    S = 1000.0
-    assert f.all_reduce_wire_bytes(1, S) == 0
-    assert f.all_reduce_wire_bytes(4, S) == pytest.approx(1500)
-    assert f.reduce_scatter_wire_bytes(4, S) == f.all_gather_wire_bytes(4, S) == pytest.approx(750)
-    assert f.ring_steps("all_reduce", 4) == 6 and f.ring_steps("send", 2) == 1 and f.ring_steps("all_gather", 1) == 0
-
-
-@given(n=st.integers(1, 4096), S=st.integers(0, 10**12))
-def test_ring_all_reduce_is_reduce_scatter_plus_all_gather(n: int, S: int) -> None:
-    ar = f.all_reduce_wire_bytes(n, S)
-    assert ar == pytest.approx(f.reduce_scatter_wire_bytes(n, S) + f.all_gather_wire_bytes(n, S))
-    assert 0 <= ar < 2 * S or S == 0
-
-
-@given(p=st.integers(1, 128), m=st.integers(1, 512), v=st.integers(1, 16),
-       schedule=st.sampled_from(["gpipe", "1f1b", "interleaved"]))
-def test_bubble_in_unit_interval_and_shrinks(p: int, m: int, v: int, schedule: str) -> None:
-    b = f.bubble_fraction(schedule, p, m, v)
-    assert 0 <= b < 1
-    assert f.bubble_fraction(schedule, p, m + 1, v) <= b
-    assert f.bubble_fraction("interleaved", p, m, v) <= f.bubble_fraction("1f1b", p, m)
-
-
 @given(psi=st.floats(1, 1e12), dp=st.integers(1, 4096), precision=st.sampled_from(["bf16", "fp32"]))
 def test_zero_stages_never_increase_memory(psi: float, dp: int, precision: str) -> None:
     totals = [f.model_state_bytes(psi, z, dp, precision).total for z in range(4)]
@@ -128,14 +85,7 @@ def test_zero_stages_never_increase_memory(psi: float, dp: int, precision: str) 
     assert totals[0] == pytest.approx(16 * psi)  # 2+2+12 and 4+4+8 are both 16 bytes per parameter
 
 
-@given(schedule=st.sampled_from(["gpipe", "1f1b", "interleaved"]), p=st.integers(1, 64),
-       mult=st.integers(1, 8), v=st.integers(1, 8))
-def test_in_flight_never_grows_with_stage(schedule: str, p: int, mult: int, v: int) -> None:
-    """The grouping of alike stages in cost.py relies on this."""
-    m = p * mult
-    counts = [f.in_flight_microbatches(schedule, p, m, v, i) for i in range(p)]
-    assert all(a >= b for a, b in zip(counts, counts[1:]))
-    assert all(c >= 1 for c in counts)
+
 
 
 @given(s=st.sampled_from([128, 1024, 4096]), b=st.integers(1, 16), t=st.sampled_from([1, 2, 4, 8]),

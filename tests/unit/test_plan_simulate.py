@@ -9,8 +9,8 @@ import pytest
 
 from paratrain.cli import main
 from paratrain.config import Layout
+from paratrain.core.bubble import bubble_fraction
 from paratrain.models.configs import ModelConfig, get_model_config
-from paratrain.plan import formulas as f
 from paratrain.plan.collectives import Buckets, exposed_reduction
 from paratrain.plan.cost import CostOptions, estimate
 from paratrain.plan.hardware import get_hardware
@@ -45,7 +45,7 @@ def test_uniform_pipeline_bubble_is_the_formula(schedule: str, v: int, m: int) -
     layout = Layout(pp=p, microbatches=m, schedule=schedule, virtual_stages=v,
                     stage_layers=(24 // (p * v),) * (p * v))
     sim = simulate_step(UNIFORM, layout, FAST, m, 2048)
-    assert sim.bubble == pytest.approx(f.bubble_fraction(schedule, p, m, v), abs=2e-3)
+    assert sim.bubble == pytest.approx(bubble_fraction(schedule, p, m, v), abs=2e-3)
     est = estimate(UNIFORM, layout, FAST, m, 2048)
     assert sim.step_time_s == pytest.approx(est.step_time_s, rel=5e-3)
 
@@ -53,7 +53,7 @@ def test_uniform_pipeline_bubble_is_the_formula(schedule: str, v: int, m: int) -
 def test_unequal_stages_and_messages_cost_more_than_the_formula() -> None:
     """The runtime's partition with the LM head, and real messages: a bubble above the formula's."""
     sim = simulate_step(MODEL, Layout(pp=4, microbatches=8), H100, 8, 2048)
-    assert sim.bubble > f.bubble_fraction("1f1b", 4, 8)
+    assert sim.bubble > bubble_fraction("1f1b", 4, 8)
 
 
 def test_dp_reduction_overlaps_the_last_backward() -> None:

@@ -9,13 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from paratrain.comm import single_group
+from paratrain.core.traffic import tp_comm_per_step
 from paratrain.models.configs import get_model_config
 from paratrain.models.gpt import build_reference
 from paratrain.parallel.rng import ShardedRNG, derive_seed, seed_default_generator
 from paratrain.parallel.shard import full_shape, gather_full_state, shard, shard_parameter, unshard
 from paratrain.parallel.tensor import tensor_parallel
 from paratrain.parallel.tp_ops import copy_to_tp, gather_from_sp, reduce_from_tp, reduce_scatter_to_sp
-from paratrain.parallel.volume import tp_comm_per_step
 from tests.harness import run_ranks
 
 

@@ -13,12 +13,14 @@ from hypothesis import strategies as st
 
 from paratrain.comm import Group, single_group
 from paratrain.config import Layout, TrainConfig
+from paratrain.core.traffic import zero_comm_per_step
 from paratrain.errors import ConfigError
 from paratrain.models.configs import get_model_config, param_count
 from paratrain.models.gpt import build_reference
 from paratrain.optim import make_optimizer
+from paratrain.parallel.marks import param_of
 from paratrain.parallel.memory import model_state_bytes
-from paratrain.parallel.zero import ZeroDataParallel, owned_pieces, padded_numel, zero_comm_per_step
+from paratrain.parallel.zero import ZeroDataParallel, owned_pieces, padded_numel
 from paratrain.plan.cost import estimate
 from paratrain.plan.hardware import get_hardware
 
@@ -166,7 +168,7 @@ def test_unused_parameter_gets_zero_and_micro_batches_add_up(stage):
         used(x).square().sum().backward()
         ref(x).square().sum().backward()
     sync.finish()
-    grads = {piece._pt_param: piece.grad for piece in sync.grad_params}
+    grads = {param_of(piece): piece.grad for piece in sync.grad_params}
     for p, q in zip(used.parameters(), ref.parameters()):
         assert torch.allclose(grads[p], q.grad.reshape(-1), rtol=1e-6, atol=0)
     for p in unused.parameters():

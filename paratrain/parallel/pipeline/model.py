@@ -16,15 +16,16 @@ import torch
 from paratrain import comm
 from paratrain.comm import P2P, Group
 from paratrain.config import Layout
+from paratrain.core.bubble import bubble_fraction
+from paratrain.core.check import check
+from paratrain.core.schedules import Schedule, build_schedule
+from paratrain.core.timeline import Timeline, from_times
 from paratrain.mesh import Mesh
+from paratrain.parallel.marks import param_of
 from paratrain.parallel.model import GradSync, ParallelModel
-from paratrain.parallel.pipeline.check import check
 from paratrain.parallel.pipeline.runtime import PipelineRuntime
-from paratrain.parallel.pipeline.schedules import Schedule, build_schedule
 from paratrain.parallel.pipeline.stage import Stage, flatten, unflatten
-from paratrain.parallel.pipeline.timeline import Timeline, from_times
 from paratrain.parallel.shard import gather_full_state
-from paratrain.plan.formulas import bubble_fraction
 
 
 @cache
@@ -93,7 +94,7 @@ class PipelineModel(ParallelModel):
             # dL/dW = (embedding's part) + (head's part); both are already averaged over dp.
             # Under ZeRO the reduced gradient is this rank's shard of W (the same on both stages)
             for t in self.grad_sync.grad_params:
-                if getattr(t, "_pt_param", t) is self.stage.tied_param:
+                if param_of(t) is self.stage.tied_param:
                     comm.all_reduce(t.grad, self.stage.tied_group)
         return loss
 

@@ -29,7 +29,7 @@ import torch
 
 from paratrain import comm
 from paratrain.comm import P2P, Group, Handle
-from paratrain.parallel.pipeline.schedules import RECV_ACT, RECV_GRAD, SEND_ACT, SEND_GRAD, Action, B, F
+from paratrain.core.schedules import RECV_ACT, RECV_GRAD, SEND_ACT, SEND_GRAD, Action, B, F
 
 ChunkFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 Key = tuple[int, int]  # (micro-batch, chunk)

@@ -13,7 +13,7 @@ gradient is ``dL/dW = g_embed + g_head``, so after backward the two copies' grad
 by an all-reduce over the group {first stage, last stage} of each (dp, tp) coordinate, and both
 copies take the same optimizer step. For the global gradient norm (summed over the pp group)
 every kept parameter is marked sharded along ``pp``, and the last stage's copy of ``W``
-``_pt_duplicate``, so ``W`` counts once.
+duplicate (``parallel/marks.py``), so ``W`` counts once.
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ from torch import nn
 
 from paratrain.comm import Group
 from paratrain.config import Layout
+from paratrain.core.partition import stage_sizes, stage_units
 from paratrain.mesh import Mesh
 from paratrain.models.gpt import GPT
-from paratrain.parallel.pipeline.partition import stage_sizes, stage_units
+from paratrain.parallel.marks import mark_duplicate, mark_sharded
 from paratrain.parallel.shard import full_shape
 
 
@@ -111,7 +112,7 @@ def build_stage(model: GPT, mesh: Mesh, layout: Layout, seq_len: int) -> Stage:
     if cfg.num_layers + 1 not in mine:
         del model.ln_f, model.lm_head
     for param in model.parameters():  # each pipeline rank holds different parameters
-        param._pt_sharded = frozenset(getattr(param, "_pt_sharded", frozenset()) | {"pp"})
+        mark_sharded(param, "pp")
     tied_group, tied_param = None, None
     if cfg.tie_embeddings:
         tied_group = _tied_group(mesh)
@@ -119,7 +120,7 @@ def build_stage(model: GPT, mesh: Mesh, layout: Layout, seq_len: int) -> Stage:
             tied_param = model.wte.weight
         elif rank == p - 1:
             tied_param = model.lm_head.weight
-            tied_param._pt_duplicate = True  # counted once, on the first stage
+            mark_duplicate(tied_param)  # counted once, on the first stage
     chunks = [Chunk(model, units[c * p + rank]) for c in range(v)]
     return Stage(model, chunks, sizes, keys_by_rank, tied_group, tied_param)
 

@@ -1,10 +1,10 @@
-"""What tensor and pipeline parallelism send per step: the one formula the runtime's tests and
+"""What each parallel strategy sends per step: the one set of formulas the runtime's tests and
 the planner share. Pure Python (no torch): ``paratrain estimate`` imports it.
 
 Bytes are *payloads* as :mod:`paratrain.comm` counts them (all-reduce: its input; all-gather:
 its output; reduce-scatter: its input; a send: its tensor). The bytes one device puts on the
-wire follow from the ring algorithms (Patarasuk & Yuan 2009): all-reduce ``2(n-1)/n S``,
-all-gather and reduce-scatter ``(n-1)/n S``, a send ``S`` -- see :func:`wire_bytes`.
+wire follow from the ring algorithms: :func:`paratrain.core.ring.wire_bytes`, the function
+``comm`` counts with.
 
 Notation: ``n`` = tp, ``b`` sequences per micro-batch, ``s`` sequence length, ``h`` hidden,
 ``L`` blocks on this pipeline rank, ``e`` bytes per activation element (4 for fp32; 2 when
@@ -41,26 +41,22 @@ every stage boundary: ``(b, s, h)``, or ``(b, s/n, h)`` under sequence paralleli
 every tp rank of a stage sends the whole (replicated) tensor to its counterpart -- Megatron's
 scatter/gather over tp (Narayanan et al. 2021, sec. 4.1) is not done. With tied embeddings the
 first and last stage all-reduce the embedding's gradient, ``V_pad/n x h`` (``V_pad`` =
-:func:`paratrain.config.padded_vocab_size`), once per step.
+:func:`paratrain.core.vocab.padded_vocab_size`), once per step.
+
+Data parallelism and ZeRO (Rajbhandari et al. 2020, [R20]): :func:`zero_comm_per_step` in the
+runtime's buckets, as ``parallel/zero.py`` and ``parallel/zero3.py`` run them, and
+:func:`dp_parts`, the same collectives per parameter, as the planner prices them.
 """
 
 from __future__ import annotations
 
-from paratrain.config import padded_vocab_size
+from collections.abc import Sequence
+
+from paratrain.core.vocab import padded_vocab_size
 from paratrain.models.configs import ModelConfig
 
 FORWARD, BACKWARD, STEP = "forward", "backward", "step"
 Traffic = dict[tuple[str, str], tuple[int, int]]  # (phase, op) -> (calls, payload bytes)
-
-
-def wire_bytes(op: str, n: int, payload: float) -> float:
-    """Bytes one device sends for a ring collective of ``payload`` bytes over ``n`` devices (a
-    send: all of it)."""
-    if op == "send":
-        return payload
-    if n <= 1:
-        return 0.0
-    return (2 if op == "all_reduce" else 1) * (n - 1) / n * payload
 
 
 def _add(out: Traffic, phase: str, op: str, calls: int, nbytes: int) -> None:
@@ -110,7 +106,7 @@ def tp_comm_per_step(model: ModelConfig, tp: int, sequence_parallel: bool, local
     ``microbatches``. Includes the gradient norm's all-reduce (filed as ``grad_norm``). This is
     what ``comm``'s counters of the tp group show after one step (tested exactly).
 
-    No term depends on the vocabulary, padded (``config.padded_vocab_size``) or not: the logits
+    No term depends on the vocabulary, padded (:func:`~paratrain.core.vocab.padded_vocab_size`) or not: the logits
     never travel (the cross-entropy moves 3 floats per token), the embedding's sum and the LM
     head's input gradient are (b, s, h) activations, and the vocabulary-sized weights are not
     replicated over tp. Only the checkpoint gather (not per step; tagged ``"checkpoint"``)
@@ -128,7 +124,7 @@ def tp_comm_per_step(model: ModelConfig, tp: int, sequence_parallel: bool, local
 
 def p2p_sends_per_microbatch(pp: int, virtual_stages: int) -> tuple[int, ...]:
     """Tensors each pipeline rank sends per micro-batch: at every boundary between stages
-    ``c -> c + 1`` (stage ``c`` runs on rank ``c mod pp``, see ``pipeline/schedules.py``) the
+    ``c -> c + 1`` (stage ``c`` runs on rank ``c mod pp``, see :mod:`.schedules`) the
     upstream rank sends the activation forward and the downstream rank its gradient back."""
     sends = [0] * pp
     for c in range(pp * virtual_stages - 1):
@@ -158,3 +154,52 @@ def tied_embedding_bytes(model: ModelConfig, tp: int, grad_bytes: int = 4) -> in
     """The embedding gradient all-reduced between the first and last pipeline stage (per tp
     shard), once per step: ``V_pad/n x h`` gradients."""
     return padded_vocab_size(model.vocab_size, tp) // tp * model.hidden * grad_bytes
+
+
+def zero_comm_per_step(stage: int, bucket_bytes: Sequence[int], microbatches: int = 1) -> dict[str, tuple[int, int]]:
+    """The dp traffic of one training step, ``{op: (calls, bytes)}``, bytes counted as
+    :mod:`paratrain.comm` does (reduce-scatter input, all-gather output: a bucket's padded
+    bytes). ``B`` buckets (stage 3: units) of ``S = sum(bucket_bytes)`` bytes, ``m`` micro-batches::
+
+        stage 0 (DP)  all_reduce      B, S
+        stage 1       reduce_scatter  B, S          all_gather  B, S     (after the step)
+        stage 2       reduce_scatter  m B, m S      all_gather  B, S
+        stage 3       reduce_scatter  m B, m S      all_gather  2 m B, 2 m S  (forward, backward)
+
+    and, with ZeRO, ``grad_norm``: one all-reduce of 4 bytes (the shards' squared norm). On the
+    wire an all-reduce is 2 (n-1)/n of its bytes, the others (n-1)/n: stage 1 sends exactly DP's
+    traffic, stage 3 1.5x ([R20] sec. 7.2). With ``S = 4 psi`` (no padding) these are
+    :func:`dp_parts` (tested equal)."""
+    B, S, m = len(bucket_bytes), sum(bucket_bytes), microbatches
+    if stage == 0:
+        return {"all_reduce": (B, S)}
+    rs = (B, S) if stage == 1 else (m * B, m * S)
+    ag = (2 * m * B, 2 * m * S) if stage == 3 else (B, S)
+    return {"reduce_scatter": rs, "all_gather": ag, "grad_norm": (1, 4)}
+
+
+def dp_parts(zero: int, m: int, n: int, grad_b: float, param_b: float) -> list[tuple[str, float, str, int]]:
+    """Data-parallel collectives per step as (op, payload bytes per parameter, overlap window,
+    count), over ``n`` dp ranks with ``m`` micro-batches, ``grad_b`` / ``param_b`` bytes per
+    gradient / parameter:
+
+    zero 0: all-reduce the gradients once, during the last backward ([R20] sec. 7: 2 psi).
+    zero 1: reduce-scatter the gradients during the last backward, all-gather the updated
+            parameters after the optimizer step (``step``: nothing to hide behind, the runtime
+            waits for it before the next forward): the same 2 psi ([R20] sec. 7.2.1).
+    zero 2: the gradient shard is reduced every micro-batch, during its backward (gradients stay
+            sharded while they accumulate), parameters gathered once after the step.
+    zero 3: every micro-batch all-gathers the parameters for forward (the next unit prefetched
+            while one computes) and again for backward and reduce-scatters the gradients: 3 psi
+            per micro-batch ([R20] sec. 7.2.2: 1.5x DP).
+    :func:`zero_comm_per_step`'s collectives, per parameter instead of per bucket."""
+    if n == 1:
+        return []
+    if zero == 0:
+        return [("all_reduce", grad_b, "backward", 1)]
+    if zero == 1:
+        return [("reduce_scatter", grad_b, "backward", 1), ("all_gather", param_b, "step", 1)]
+    if zero == 2:
+        return [("reduce_scatter", grad_b, "backward", m), ("all_gather", param_b, "step", 1)]
+    return [("all_gather", param_b, "forward", m), ("all_gather", param_b, "backward", m),
+            ("reduce_scatter", grad_b, "backward", m)]

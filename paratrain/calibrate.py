@@ -1,6 +1,9 @@
 """Measure this machine and write a device profile the planner can load (``--device profile:PATH``).
 
-The only module of :mod:`paratrain.plan` that imports torch. It measures, on the CPU:
+The runtime side of the planner: it imports torch, starts processes with :mod:`paratrain.launch`
+and runs its collectives through :mod:`paratrain.comm`, as training does; the planner
+(:mod:`paratrain.plan`, torch-free) only reads the profile it writes
+(:func:`paratrain.plan.hardware.load_profile`). It measures, on the CPU:
 
 * matmul throughput: ``C = A @ B`` of n x n matrices, 2 n^3 FLOPs, best of several runs, with one
   thread and with every thread, in fp32 and bf16;
@@ -16,11 +19,11 @@ The only module of :mod:`paratrain.plan` that imports torch. It measures, on the
   ``small``'s 4.9M parameters, median of repeated runs), as an effective bandwidth
   ``28 bytes x parameters / seconds``: the planner prices the optimizer as 28 bytes per
   parameter over ``memory_bw``;
-* gloo collectives between two local processes, as training sees them: each process alternates
-  ~4 ms of matmuls with an all-reduce of a freshly written buffer of S bytes (as layers alternate
-  with collectives; an idle pair of processes answers differently, and that is kept as a
-  measurement only), for several S; each device sends 2 (n - 1)/n S = S bytes (n = 2) in
-  2 (n - 1) = 2 latency-bound steps, so the least-squares fit of the medians to
+* gloo collectives between two local processes, as training sees them (through ``comm``):
+  each process alternates ~4 ms of matmuls with an all-reduce of a freshly written buffer of S
+  bytes (as layers alternate with collectives; an idle pair of processes answers differently,
+  and that is kept as a measurement only), for several S; each device sends 2 (n - 1)/n S = S
+  bytes (n = 2) in 2 (n - 1) = 2 latency-bound steps, so the least-squares fit of the medians to
   t = 2 alpha + S / bw gives the link's bandwidth bw and per-step latency alpha;
 * the same with twice as many processes as cores (a 4 KiB all-reduce over its 2(n - 1) ring
   steps): ``shared_latency_s``, which the planner uses when processes outnumber cores.
@@ -39,9 +42,12 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from paratrain.plan.hardware import Hardware
+
+if TYPE_CHECKING:
+    from paratrain.comm import Group
 
 FULL = {"matmul_1t": (128, 256, 512, 1024), "matmul_all": (512, 1024, 2048), "matmul_bf16": (512, 1024),
         "copy_mib": 256, "allreduce_bytes": (2**10, 2**14, 2**18, 2**20, 2**22, 2**24), "budget_s": 0.25,
@@ -165,27 +171,40 @@ def measure_optimizer(model_name: str, budget_s: float) -> dict[str, float]:
     return {"seconds": seconds, "params": n, "bandwidth": OPTIMIZER_BYTES_PER_PARAM * n / seconds}
 
 
+def _join(timeout_s: float) -> Group:
+    """Start this rank's torch.distributed (gloo) and return the group of every rank, through
+    which the measured collectives run: :mod:`paratrain.comm`, as in training."""
+    import torch
+
+    from paratrain.launch import RankEnv, init_distributed
+    from paratrain.mesh import Mesh, MeshShape
+
+    torch.set_num_threads(1)
+    env = RankEnv.from_env()
+    init_distributed(env, "cpu", timeout_s)
+    return Mesh.build(MeshShape(dp=env.world_size), env.rank, timeout_s).world
+
+
 def allreduce_worker(sizes: tuple[int, ...], budget_s: float, timeout_s: float) -> list[float]:
     """Runs on each of the 2 ranks: seconds per all-reduce of each payload size (bytes)."""
     import torch
-    import torch.distributed as dist
 
-    from paratrain.launch import RankEnv, init_distributed, shutdown_distributed
+    from paratrain import comm
+    from paratrain.launch import shutdown_distributed
 
-    torch.set_num_threads(1)
-    init_distributed(RankEnv.from_env(), "cpu", timeout_s)
+    world = _join(timeout_s)
     ok = False
     try:
         times = []
         for size in sizes:
             x = torch.zeros(size // 4, dtype=torch.float32)
             for _ in range(3):  # warm-up (first use of a size sets up buffers)
-                dist.all_reduce(x)
+                comm.all_reduce(x, world)
             reps = max(3, min(200, int(budget_s * 1e9 / max(size, 1) / 4)))  # ~budget at 4 GB/s
-            dist.barrier()
+            comm.barrier(world)
             t0 = time.perf_counter()
             for _ in range(reps):
-                dist.all_reduce(x)
+                comm.all_reduce(x, world)
             times.append((time.perf_counter() - t0) / reps)
         ok = True
         return times
@@ -201,12 +220,11 @@ def busy_allreduce_worker(sizes: tuple[int, ...], compute_s: float, reps: int, t
     alternates layers and collectives; returns, per payload size, the median seconds spent in the
     collective (its peers' compute jitter and scheduling included)."""
     import torch
-    import torch.distributed as dist
 
-    from paratrain.launch import RankEnv, init_distributed, shutdown_distributed
+    from paratrain import comm
+    from paratrain.launch import shutdown_distributed
 
-    torch.set_num_threads(1)
-    init_distributed(RankEnv.from_env(), "cpu", timeout_s)
+    world = _join(timeout_s)
     ok = False
     try:
         a = torch.randn(256, 256)
@@ -215,14 +233,13 @@ def busy_allreduce_worker(sizes: tuple[int, ...], compute_s: float, reps: int, t
             a @ a
         n_mm = max(1, int(compute_s / ((time.perf_counter() - t0) / 20)))
         out = []
-        world = dist.get_world_size()
         for size in sizes:
             x = torch.zeros(size // 4)
-            part = torch.zeros(size // 4 // world)
-            run = {"all_reduce": functools.partial(dist.all_reduce, x),
-                   "reduce_scatter": functools.partial(dist.reduce_scatter_tensor, part, x),
-                   "all_gather": functools.partial(dist.all_gather_single, x, part)}[op]
-            dist.barrier()
+            part = torch.zeros(size // 4 // world.size)
+            run = {"all_reduce": functools.partial(comm.all_reduce, x, world),
+                   "reduce_scatter": functools.partial(comm.reduce_scatter, part, x, world),
+                   "all_gather": functools.partial(comm.all_gather, x, part, world)}[op]
+            comm.barrier(world)
             times = []
             for _ in range(reps):
                 for _ in range(n_mm):

@@ -1,0 +1,53 @@
+"""The pipeline's idle time and its activation stash, in closed form. Pure Python (no torch).
+
+The runtime reports :func:`bubble_fraction` next to the measured timeline, ``paratrain
+schedule`` prints it next to the simulated one, and the planner prices the pipeline with it;
+:func:`in_flight_microbatches` is the stash the schedules of :mod:`.schedules` keep (the checker
+proves they never exceed it). Symbols: ``p`` pipeline stages (ranks), ``m`` micro-batches,
+``v`` virtual stages (model chunks) per rank.
+
+References:
+  [H19] Huang et al., "GPipe", NeurIPS 2019 (arXiv:1811.06965).
+  [N21] Narayanan et al., "Efficient Large-Scale Language Model Training on GPU Clusters Using
+        Megatron-LM", SC21 (arXiv:2104.04473).
+  [K22] Korthikanti et al., "Reducing Activation Recomputation in Large Transformer Models",
+        MLSys 2023 (arXiv:2205.05198).
+"""
+
+from __future__ import annotations
+
+
+def bubble_fraction(schedule: str, p: int, m: int, v: int = 1) -> float:
+    """Idle fraction of the whole step of a pipeline with equal stages (the bubble over the total
+    time, not over the ideal time):
+
+        GPipe, 1F1B:   (p - 1) / (m + p - 1)      ([H19]; [N21] sec. 2.2.1: the same bubble)
+        interleaved:   (p - 1) / (v m + p - 1)    ([N21] sec. 2.2.2: bubble time / v)
+
+    [N21] writes the bubble relative to the ideal time, (p - 1)/m and (p - 1)/(v m); the
+    fractions above are the same bubble divided by ideal + bubble. 0 when p = 1."""
+    if p <= 1:
+        return 0.0
+    vv = v if schedule == "interleaved" else 1
+    return (p - 1) / (vv * m + p - 1)
+
+
+def in_flight_microbatches(schedule: str, p: int, m: int, v: int, stage: int) -> float:
+    """How many micro-batches' activations of its layers pipeline stage ``stage`` (0-based) holds
+    at its peak, in units of "one micro-batch through all of this device's layers".
+
+    p = 1 (no pipeline; micro-batches are gradient accumulation): 1.
+    GPipe: every micro-batch's forward runs before any backward: m ([H19]).
+    1F1B: stage i runs p - i warm-up forwards before its first backward: min(p - i, m) ([N21]
+    sec. 2.2.1); the first stage holds p.
+    Interleaved with v chunks per device: Megatron's warm-up is 2(p - i - 1) + (v - 1) p chunk
+    forwards, +1 in the steady state, each of 1/v of the device's layers: min(m v, 2(p - i - 1) +
+    (v - 1) p + 1) / v. For i = 0 this is p (1 + (p - 1)/(p v)), the factor of [K22] sec. 4.2.2.
+    """
+    if p == 1:
+        return 1.0
+    if schedule == "gpipe":
+        return float(m)
+    if schedule == "interleaved" and v > 1:
+        return min(m * v, 2 * (p - stage - 1) + (v - 1) * p + 1) / v
+    return float(min(p - stage, m))
