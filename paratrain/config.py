@@ -86,6 +86,9 @@ FIELD_RANGES: dict[str, Range] = {
     "dropout": Range(float, 0, high=1, high_open=True),
     "bucket_mb": Range(float, 0, low_open=True),
     "timeout_s": Range(float, 0, low_open=True, high=MAX_TIMEOUT_S),
+    "checkpoint_every": Range(int, 0),  # 0: only the final checkpoint
+    "keep_checkpoints": Range(int, 0),  # 0: keep every checkpoint
+    "max_bad_steps": Range(int, 0),  # 0: stop at the first non-finite step
 }
 
 
@@ -319,6 +322,12 @@ class TrainConfig:
     checkpoint: bool = True
     progress: bool = True
     measure_memory: bool = False  # exact model-state and saved-activation bytes of the last step
+    checkpoint_every: int = 0  # 0: only the final checkpoint (when checkpoint is on)
+    keep_checkpoints: int = 0  # 0: keep every checkpoint
+    async_checkpoint: bool = True  # write in the background; training waits only for the host copy
+    resume_from: str | None = None  # a verified checkpoint folder (set by `train --resume`)
+    init_from: str | None = None  # reference-shaped safetensors file or Hugging Face GPT-2 folder
+    max_bad_steps: int = 3  # non-finite steps skipped in a row before the run stops
 
     @property
     def world_size(self) -> int:

@@ -42,9 +42,9 @@ def dumps_finite(obj: dict[str, Any], **kw: Any) -> str:
 class MetricsWriter:
     """Appends one JSON line per record and flushes, so a crash keeps every finished step."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, append: bool = False) -> None:
         self.path = path
-        self._f: IO[str] = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._f: IO[str] = open(path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
 
     def write(self, record: dict[str, Any]) -> None:
         self._f.write(dumps_finite(record) + "\n")
@@ -62,7 +62,7 @@ def read_metrics(path: Path | str) -> list[dict[str, Any]]:
 class Progress:
     """A tqdm bar on a terminal; on a pipe or log file, a plain line every ~5% of the run."""
 
-    def __init__(self, total: int, desc: str, enabled: bool = True) -> None:
+    def __init__(self, total: int, desc: str, enabled: bool = True, initial: int = 0) -> None:
         self.total = total
         self.enabled = enabled
         self._bar = None
@@ -70,9 +70,10 @@ class Progress:
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=True)
+            self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, leave=True)
         elif enabled:
-            print(f"{desc}: {total} steps", file=sys.stderr, flush=True)
+            start = f", from step {initial + 1}" if initial else ""
+            print(f"{desc}: {total} steps{start}", file=sys.stderr, flush=True)
 
     def update(self, step: int, **fields: float | str) -> None:
         if not self.enabled:

@@ -7,10 +7,12 @@ saves the checkpoint and samples text; it returns the run's summary.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -20,7 +22,6 @@ from typing import Any
 import torch
 
 from paratrain import comm
-from paratrain.checkpoint import save_checkpoint
 from paratrain.config import TrainConfig
 from paratrain.data import (
     VAL,
@@ -162,6 +163,8 @@ def setup(cfg: TrainConfig, env: RankEnv, device: torch.device, corpus: Corpus |
         raise RuntimeError(f"the data changed after `paratrain train` checked it: checked {checked}, this "
                            f"rank loaded {CorpusCheck.of(corpus)}. Keep --data unchanged while a run starts.")
     model = build_reference(model_cfg, cfg.seed, device)
+    if cfg.init_from:
+        _init_from(model, cfg.init_from)
     seed_default_generator(cfg.seed, mesh.coords.dp, mesh.coords.pp)  # dropout: see parallel/rng.py
     autocast = torch.bfloat16 if cfg.precision == "bf16" else None
     pm = parallelize(model, mesh, layout, bucket_mb=cfg.bucket_mb, dp_impl=cfg.dp_impl,
@@ -171,20 +174,38 @@ def setup(cfg: TrainConfig, env: RankEnv, device: torch.device, corpus: Corpus |
     return Session(cfg, mesh, corpus, pm, opt, rows, device, on_step)
 
 
+def _init_from(model: torch.nn.Module, path: str) -> None:
+    """Start from the weights of a reference-shaped safetensors file or a GPT-2 folder."""
+    from paratrain.checkpoint.convert import read_init
+
+    state = read_init(Path(path))
+    want = model.state_dict()
+    if set(state) != set(want) or any(state[k].shape != want[k].shape for k in want):
+        bad = sorted(set(state) ^ set(want)) or [k for k in want if state[k].shape != want[k].shape]
+        raise ValueError(f"--init-from {path}: its tensors do not fit model {model.cfg.name!r} "
+                         f"(differing: {', '.join(bad[:5])}); give weights of the same shape.")
+    model.load_state_dict(state)
+
+
 def _train(cfg: TrainConfig, env: RankEnv, device: torch.device,
            checked: CorpusCheck | None = None, on_step: StepHook | None = None) -> dict[str, Any] | None:
+    from paratrain.checkpoint.session import RunCheckpoints
+
     s = setup(cfg, env, device, checked=checked, on_step=on_step)
     lead = env.rank == 0
     out = Path(cfg.out) if cfg.out else None
-    writer = MetricsWriter(out / "metrics.jsonl") if lead and out else None
-    progress = Progress(cfg.steps, f"train {cfg.model} [{cfg.layout}]", enabled=lead and cfg.progress)
+    checkpoints = RunCheckpoints(s, out, dataclasses.asdict(cfg))
+    first = checkpoints.restore()  # 1, or the step after the checkpoint resumed from
+    writer = MetricsWriter(out / "metrics.jsonl", append=first > 1) if lead and out else None
+    progress = Progress(cfg.steps, f"train {cfg.model} [{cfg.layout}]", enabled=lead and cfg.progress,
+                        initial=first - 1)
     records: list[dict[str, Any]] = []
     val_loss = None
     t_start = time.perf_counter()
     meter = None
-    diverged = 0
+    diverged = bad = 0
     try:
-        for step in range(1, cfg.steps + 1):
+        for step in range(first, cfg.steps + 1):
             if cfg.measure_memory and step == cfg.steps:  # one step, its peak: see parallel/memory.py
                 from paratrain.parallel.memory import ActivationMeter
 
@@ -192,15 +213,21 @@ def _train(cfg: TrainConfig, env: RankEnv, device: torch.device,
                     record = train_step(s, step)
             else:
                 record = train_step(s, step)
-            if not math.isfinite(record["loss"]):  # the same global mean on every rank: all stop here
+            bad = bad + 1 if record.get("skipped") else 0  # skipped: the same on every rank
+            if bad and bad > cfg.max_bad_steps:  # N skipped in a row, and one more: stop here
                 diverged = step
                 records.append(record)
                 if writer:
                     writer.write(record)
                 break
+            if bad and lead:
+                print(f"paratrain: warning: step {step}: the loss or gradient norm is not finite "
+                      f"(loss {record['loss']}, norm {record['grad_norm']}); the update was skipped "
+                      f"({bad} in a row; the run stops after {cfg.max_bad_steps})", file=sys.stderr, flush=True)
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
                 val_loss = evaluate(s.pm, s.corpus, cfg, s.rows, device)
                 record["val_loss"] = val_loss
+            checkpoints.after_step(step, record)
             records.append(record)
             if writer:
                 writer.write(record)
@@ -209,10 +236,12 @@ def _train(cfg: TrainConfig, env: RankEnv, device: torch.device,
         progress.close()
         if writer:
             writer.close()
+    # the final checkpoint, sharded like the others; none after a divergence (the last good one stays)
+    last_save = checkpoints.close(cfg.steps, final=not diverged)
     wall = time.perf_counter() - t_start
     if diverged:
         return _diverged_summary(cfg, records, wall, device, s.mesh) if lead else None
-    state = s.pm.full_state_dict()
+    state = s.pm.full_state_dict() if cfg.sample_tokens else None
     timeline = s.pm.gather_timeline() if cfg.layout.pp > 1 else None  # of the last step
     memory = None
     if meter is not None:
@@ -233,9 +262,10 @@ def _train(cfg: TrainConfig, env: RankEnv, device: torch.device,
             save_timeline(dict(timeline.to_json(), bubble_theory=s.pm.theoretical_bubble), out,
                           f"{cfg.model} [{cfg.layout}], step {cfg.steps}: bubble {timeline.bubble:.1%} "
                           f"measured, {s.pm.theoretical_bubble:.1%} theory", unit="s")
-    if out and cfg.checkpoint and state is not None:
-        save_checkpoint(out / "checkpoint", {"model": state},
-                        {"step": cfg.steps, "model": cfg.model, "seed": cfg.seed})
+    if last_save is not None:
+        summary["checkpoint"] = dict(last_save, folder=str(out / "checkpoints" / f"step-{cfg.steps}"))
+    if checkpoints.bytes_read:
+        summary["resumed_from"] = {"folder": cfg.resume_from, "bytes_read_rank0": checkpoints.bytes_read}
     if cfg.sample_tokens and state is not None:
         summary["sample"] = sample_text(model_cfg, state, cfg.sample_tokens, cfg.seed)
     return summary
@@ -247,8 +277,12 @@ def _diverged_summary(cfg: TrainConfig, records: list[dict[str, Any]], wall: flo
     summary says where it stopped (``paratrain train`` reports it and exits non-zero)."""
     summary = _summary(cfg, records, None, wall, device, param_count(cfg.model_config()), mesh)
     step, loss = records[-1]["step"], records[-1]["loss"]
-    summary["diverged"] = {"step": step, "loss": str(loss), "lr": records[-1]["lr"],
-                           "why": f"the training loss was {loss} at step {step}: training diverged"}
+    skipped = sum(1 for r in records if r.get("skipped"))
+    why = f"the training loss was {loss} at step {step}: training diverged"
+    if cfg.max_bad_steps:
+        why += f" ({cfg.max_bad_steps + 1} non-finite steps in a row; their updates were skipped)"
+    summary["diverged"] = {"step": step, "loss": str(loss), "lr": records[-1]["lr"], "skipped_steps": skipped,
+                           "why": why}
     return summary
 
 
@@ -266,17 +300,19 @@ def train_step(s: Session, step: int) -> dict[str, Any]:
     lr = lr_at(step, cfg)
     set_lr(s.opt, lr)
     local_loss = pm.forward_backward(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
-    norm = pm.clip_grad_norm_(cfg.grad_clip)
-    s.opt.step()
+    norm = float(pm.clip_grad_norm_(cfg.grad_clip))  # the global norm: the same on every rank
+    loss = pm.global_mean(local_loss).item()  # likewise; also a sync point for CUDA
+    skipped = not (math.isfinite(loss) and math.isfinite(norm))
+    if not skipped:  # a non-finite step leaves the weights and the optimizer state as they were
+        s.opt.step()
     pm.zero_grad()
-    loss = pm.global_mean(local_loss).item()  # also a sync point for CUDA
     dt = time.perf_counter() - t0
     comm_s = sum(g.stats.seconds for g in groups) - comm0
-    return {
+    return {**({"skipped": True} if skipped else {}),
         "step": step,
         "loss": loss,
         "lr": lr,
-        "grad_norm": float(norm),
+        "grad_norm": norm,
         "tokens_per_s": cfg.global_batch * cfg.seq_len / dt,
         "step_time_s": dt,
         "comm_wait_s": comm_s,

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-GROUPS = ("dp", "tp", "pp", "zero")
+GROUPS = ("dp", "tp", "pp", "zero", "ckpt")
 
 
 @dataclass
@@ -61,8 +61,7 @@ def alternate(sides: dict[str, Callable[[], None]], repeats: int, sync: Callable
     return times
 
 
-def rank_worker(measure: Callable[[BenchOptions, int, int], dict[str, Any]],
-                opts: BenchOptions) -> dict[str, Any] | None:
+def rank_worker(measure: Callable[[Any, int, int], dict[str, Any]], opts: Any) -> dict[str, Any] | None:
     """One benchmark rank (launch it with :func:`paratrain.launch.launch`): threads per rank, the
     gloo process group, then ``measure(opts, rank, world_size)`` (a module-level function).
     Returns rank 0's result with ``threads`` (per rank) added, None elsewhere."""

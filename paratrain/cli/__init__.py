@@ -16,7 +16,7 @@ import textwrap
 from paratrain.errors import ConfigError
 from paratrain.launch import Interrupted
 
-COMMANDS = ("train", "bench", "estimate", "plan", "simulate", "calibrate", "schedule")
+COMMANDS = ("train", "bench", "estimate", "plan", "simulate", "calibrate", "schedule", "convert")
 
 
 def build_parser() -> argparse.ArgumentParser:

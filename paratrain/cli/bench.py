@@ -6,6 +6,7 @@ import argparse
 import importlib
 import json
 import sys
+from typing import Any
 
 from paratrain.bench import GROUPS, BenchOptions, Row
 from paratrain.cli.common import MAX_LOCAL_PROCS, check_batch_memory
@@ -15,7 +16,7 @@ from paratrain.metrics import format_grid
 DESCRIPTION = """\
 Measure our parallel implementations against PyTorch's own (DDP for dp, DTensor tensor
 parallelism for tp, torch.distributed.pipelining for pp, FSDP2 and DDP + ZeroRedundancyOptimizer
-for zero) on the same model,
+for zero, torch.distributed.checkpoint for ckpt) on the same model,
 global batch and threads per rank, in one run: A/B alternating repeats in the same processes,
 medians reported. Prints a table, or one JSON object per row with --json."""
 
@@ -77,7 +78,7 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], BenchOptions]:
     from paratrain.config import Layout, TrainConfig
 
     for n in opts.nprocs:
-        for group in groups:
+        for group in (g for g in groups if g != "ckpt"):  # ckpt runs its own two layouts
             layout = Layout(tp=n, sequence_parallel=True) if group == "tp" else Layout(dp=n)
             TrainConfig(model=opts.model, global_batch=opts.global_batch, seq_len=opts.seq_len,
                         layout=layout).validate()
@@ -108,18 +109,35 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def render(rows: list[Row], opts: BenchOptions) -> str:
-    header = ["name", "ours tok/s", "PyTorch tok/s", "ours/PyTorch", "notes"]
-    body = []
-    for r in rows:
-        note = ""
-        if "allreduce_bytes_per_step" in r.extra:
-            e = r.extra
-            note = (f"all-reduced {e['allreduce_bytes_per_step'] / 2**20:.2f} MiB/step vs grads "
-                    f"{e['grad_bytes'] / 2**20:.2f} MiB ({e['buckets']} buckets), {e['threads_per_rank']} thr/rank")
-        elif "note" in r.extra:
-            note = str(r.extra["note"])
-        body.append([r.name, f"{r.ours_tokens_per_s:,.0f}", f"{r.ref_tokens_per_s:,.0f}", f"{r.ratio:.3f}", note])
+def render(rows: list[Any], opts: BenchOptions) -> str:
     title = (f"model {opts.model}, global batch {opts.global_batch} x {opts.seq_len} tokens, "
              f"{opts.steps} steps x {opts.repeats} A/B repeats (medians)")
-    return title + "\n" + format_grid(header, body)
+    speed = [r for r in rows if not hasattr(r, "ours_s")]
+    seconds = [r for r in rows if hasattr(r, "ours_s")]
+    parts = [title]
+    if speed:
+        parts.append(format_grid(["name", "ours tok/s", "PyTorch tok/s", "ours/PyTorch", "notes"],
+                                 [_speed_cells(r) for r in speed]))
+    if seconds:  # checkpoints: seconds, lower is better; ratio = PyTorch / ours
+        parts.append(format_grid(["name", "ours", "PyTorch (DCP)", "PyTorch/ours", "notes"],
+                                 [_seconds_cells(r) for r in seconds]))
+    return "\n".join(parts)
+
+
+def _speed_cells(r: Row) -> list[str]:
+    note = ""
+    if "allreduce_bytes_per_step" in r.extra:
+        e = r.extra
+        note = (f"all-reduced {e['allreduce_bytes_per_step'] / 2**20:.2f} MiB/step vs grads "
+                f"{e['grad_bytes'] / 2**20:.2f} MiB ({e['buckets']} buckets), {e['threads_per_rank']} thr/rank")
+    elif "note" in r.extra:
+        note = str(r.extra["note"])
+    return [r.name, f"{r.ours_tokens_per_s:,.0f}", f"{r.ref_tokens_per_s:,.0f}", f"{r.ratio:.3f}", note]
+
+
+def _seconds_cells(r: Any) -> list[str]:
+    note = f"{r.extra['ours_bytes'] / 2**20:.1f} / {r.extra['ref_bytes'] / 2**20:.1f} MiB on disk (ours / DCP)"
+    if "note" in r.extra:
+        note += f"; {r.extra['note']}"
+    ref = "-" if r.ref_s is None else f"{r.ref_s:.3f} s"
+    return [r.name, f"{r.ours_s:.3f} s", ref, "-" if r.ratio is None else f"{r.ratio:.3f}", note]

@@ -146,8 +146,28 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help=f"bytes of text to sample at the end, 0 = none (default: {default('sample_tokens')})")
     g.add_argument("--quiet", dest="progress", action="store_false", default=None,
                    help="no progress display")
+    g = p.add_argument_group("checkpoints (OUT/checkpoints/step-N: each rank's shards + manifest.json)")
     g.add_argument("--no-checkpoint", dest="checkpoint", action="store_false", default=None,
                    help="do not save the final checkpoint")
+    g.add_argument("--checkpoint-every", type=int, metavar="K",
+                   help="also save every K steps (default: 0, only the final checkpoint)")
+    g.add_argument("--keep-checkpoints", type=int, metavar="N",
+                   help="keep the newest N checkpoints, deleting older ones (default: 0, keep all)")
+    g.add_argument("--async-checkpoint", dest="async_checkpoint", action="store_true", default=None,
+                   help="training waits only while the shards are copied to host memory; files are written in "
+                   "the background, at most one save in flight, checked before the next save and at the end "
+                   "(the default)")
+    g.add_argument("--no-async-checkpoint", dest="async_checkpoint", action="store_false",
+                   help="write each checkpoint before training goes on")
+    g.add_argument("--resume", metavar="OUT", help="continue the run in OUT from its latest valid checkpoint "
+                   "(its settings, with any flag given here overriding them: e.g. --steps N for N steps in all, "
+                   "or other layout flags to continue in another layout)")
+    g.add_argument("--max-bad-steps", type=int, metavar="N",
+                   help="a step whose loss or gradient norm is NaN/infinite skips its update (every rank agrees); "
+                   f"after N such steps in a row the run stops, keeping the last good checkpoint "
+                   f"(default: {default('max_bad_steps')}; 0 stops at the first)")
+    g.add_argument("--init-from", metavar="PATH", help="start from the weights of a reference-shaped "
+                   ".safetensors file (paratrain convert --to-single) or a Hugging Face GPT-2 folder")
     g.add_argument("--measure-memory", action="store_true", default=None,
                    help="measure each rank's parameter, gradient and optimizer-state bytes and the peak "
                    "bytes of activations saved for backward during the last step (summary.json: "
@@ -230,10 +250,11 @@ def load_config_file(path: str) -> dict[str, Any]:
     return {k: coerce_value(k, v, f"config file {path!r}") for k, v in flat.items()}
 
 
-def build_train_config(args: argparse.Namespace) -> TrainConfig:
-    """Defaults <- config file <- flags, then the process count and degrees made consistent."""
-    values: dict[str, Any] = {}
-    labels: dict[str, str] = {}
+def build_train_config(args: argparse.Namespace, base: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults <- ``base`` (a resumed run's settings) <- config file <- flags, then the process
+    count and degrees made consistent."""
+    values: dict[str, Any] = dict(base or {})
+    labels: dict[str, str] = {k: f"{k} in the resumed run's config.json" for k in values}
     if getattr(args, "config", None):
         values.update(load_config_file(args.config))
         labels.update({k: f"{k} in config file {args.config!r}" for k in values})

@@ -56,13 +56,14 @@ def check_out_path(path: Path) -> None:
             return
 
 
-def claim(path: Path, overwrite: bool = False) -> RunFolder:
+def claim(path: Path, overwrite: bool = False, resume: bool = False) -> RunFolder:
     """Create (or reuse an empty) run folder and lock it; with ``overwrite``, move a previous run
-    aside first. Every failure is a ConfigError saying what to do instead."""
+    aside first; with ``resume`` (``--resume``), lock the run's own folder and keep its files.
+    Every failure is a ConfigError saying what to do instead."""
     check_out_path(path)
     fd = _lock(path)
     leftovers = sorted(p.name for p in path.iterdir() if p.name != LOCK_NAME)
-    if not leftovers:
+    if not leftovers or resume:
         return _held(path, fd)
     if not overwrite:
         os.close(fd)
@@ -70,8 +71,8 @@ def claim(path: Path, overwrite: bool = False) -> RunFolder:
         raise ConfigError(
             f"run folder {str(path)!r} already holds a run ({shown}). A new run would mix its files with "
             f"those. Give a new --out folder, or add --overwrite to move the old folder aside (to "
-            f"{path.name}.old-<time>) and start afresh. Continuing a run from its checkpoint is not "
-            f"supported yet.")
+            f"{path.name}.old-<time>) and start afresh, or continue that run from its latest checkpoint "
+            f"with: paratrain train --resume {path}")
     aside = _aside_name(path)
     os.rename(path, aside)  # whole, lock file included: the old run stays one folder
     os.close(fd)

@@ -132,11 +132,21 @@ def preflight(cfg: TrainConfig) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    auto = None
-    if args.plan == "auto":
+    auto, notes = None, []
+    if args.resume is not None:
+        if args.plan == "auto" or args.init_from:
+            raise ConfigError("--resume continues a run as it was saved; it cannot be combined with --plan auto "
+                              "or --init-from.")
+        from paratrain.cli.resume import resume_config
+
+        cfg, notes = resume_config(args)
+    elif args.plan == "auto":
         cfg, auto = plan_auto(args)
     else:
         cfg = build_train_config(args)
+    if cfg.init_from and not Path(cfg.init_from).exists():
+        raise ConfigError(f"--init-from {cfg.init_from} does not exist; give a .safetensors file or a Hugging Face "
+                          f"GPT-2 folder with model.safetensors.")
     model_cfg, corpus = preflight(cfg)
     from paratrain.launch import RankEnv
     from paratrain.train import Fault
@@ -146,9 +156,19 @@ def run(args: argparse.Namespace) -> int:
     lead = RankEnv.from_env().rank == 0
     out = Path(cfg.out) if cfg.out else _default_out(cfg)
     cfg = cfg.replace(out=str(out))
-    folder = claim(out, overwrite=bool(getattr(args, "overwrite", False))) if lead else None
+    folder = claim(out, overwrite=bool(getattr(args, "overwrite", False)), resume=cfg.resume_from is not None) \
+        if lead else None
     try:
         if lead:
+            for note in notes:
+                print(f"paratrain train: passed over a damaged checkpoint: {note}", file=sys.stderr)
+            if cfg.resume_from:
+                from paratrain.checkpoint.manifest import read
+                from paratrain.cli.resume import truncate_metrics
+
+                step = read(Path(cfg.resume_from)).step
+                truncate_metrics(out, step)  # the lines after the checkpoint are trained again
+                print(f"paratrain train: resuming {out} from {cfg.resume_from} (step {step})", flush=True)
             start_report(cfg, model_cfg, corpus, auto, folder)
         from paratrain.data import CorpusCheck
 
@@ -278,6 +298,8 @@ def report(summary: dict[str, Any], out: Path) -> None:
     from paratrain.viz.loss import plot_loss
 
     records = read_metrics(out / "metrics.jsonl")
+    if summary.get("resumed_from") and records:  # the whole run, not only the part since the resume
+        summary.update(first_loss=records[0]["loss"], steps=len(records))
     plot_loss(records, out / "loss.png", title=f"{summary['model']} [{summary['layout']}]")
     write_json(out / "summary.json", {k: v for k, v in summary.items() if k != "sample"})
     val = summary["val_loss"]

@@ -31,15 +31,15 @@ def assert_like_reference(out: Path, model: str = "tiny", steps: int = 3, global
                           seq_len: int = 32) -> dict:
     """The run in ``out`` has the single-process reference's losses (LOSS_RTOL) and a checkpoint
     of the reference's full shapes (a parallel run gathers it back); returns its model state."""
-    from paratrain.checkpoint import load_checkpoint
+    from paratrain.checkpoint.convert import model_state
     from paratrain.config import TrainConfig
     from paratrain.reference import reference_train
 
     ref = reference_train(TrainConfig(model=model, steps=steps, global_batch=global_batch, seq_len=seq_len))
     assert losses(out) == pytest.approx(ref.losses, rel=LOSS_RTOL)
-    state, _ = load_checkpoint(out / "checkpoint")
-    assert {k: tuple(v.shape) for k, v in state["model"].items()} == {k: tuple(v.shape) for k, v in ref.state.items()}
-    return state["model"]
+    state, _ = model_state(out)
+    assert {k: tuple(v.shape) for k, v in state.items()} == {k: tuple(v.shape) for k, v in ref.state.items()}
+    return state
 
 
 def test_train_writes_outputs_and_is_deterministic(tmp_path):
@@ -59,7 +59,8 @@ def test_train_writes_outputs_and_is_deterministic(tmp_path):
     assert (out / "loss.png").stat().st_size > 1000
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["seed"] == 3 and cfg["layout"]["dp"] == 2
-    assert (out / "checkpoint" / "checkpoint.json").exists()
+    assert (out / "checkpoints" / "step-6" / "manifest.json").exists()
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-6"
     assert "paratrain train: finished" in proc.stdout and "sampled from the trained model" in proc.stdout
     assert losses(runs[0]) == losses(runs[1])  # same seed: identical, bit for bit
 

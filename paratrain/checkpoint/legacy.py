@@ -17,12 +17,10 @@ from typing import Any
 
 import torch
 
+from paratrain.checkpoint.manifest import CheckpointError  # one error type for both formats
+
 MODEL_FILE = "model.pt"
 META_FILE = "checkpoint.json"
-
-
-class CheckpointError(RuntimeError):
-    """A missing, partial or corrupted checkpoint."""
 
 
 def _sha256(path: Path) -> str:

@@ -1,0 +1,173 @@
+"""Group ``ckpt``: our sharded checkpoints vs ``torch.distributed.checkpoint`` (DCP), sync and async.
+
+The same training state (a session of ``--model`` after one step: parameters, AdamW moments,
+each rank its own shards) is saved and loaded by both in the same processes, alternating A/B,
+medians over ``--repeats``. DCP gets the tensors each rank owns (its shards; a replica's copy
+only once) under rank-unique keys (plain tensors are "replicated" to DCP, so shared keys would
+keep one rank's shard): it writes what we write.
+Rows (``ratio`` = DCP seconds / ours, higher is better):
+
+* ``save``: a synchronous save, start to files on disk (ours: ``--no-async-checkpoint``);
+* ``blocked``: how long training waits for an asynchronous save (ours: the copy to host
+  memory; DCP: ``async_save`` until it returns its future);
+* ``load``: reading it back into the same layout;
+* ``load-resharded``: ours into one process (dp 1, no sharding) from the sharded save, reading
+  every box from the files that hold it; DCP cannot reshard plain tensors (it needs DTensor
+  state dicts), so that row has no DCP figure.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from paratrain.bench import BenchOptions, median
+
+LAYOUTS = {"dp2-zero3": dict(dp=2, zero=3), "dp2xtp2": dict(dp=2, tp=2)}
+
+
+@dataclass
+class TimeRow:
+    """A row of seconds (lower is better); ``ratio`` = reference / ours."""
+
+    name: str
+    ours_s: float
+    ref_s: float | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float | None:
+        return None if self.ref_s is None else self.ref_s / self.ours_s
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, "ours_s": self.ours_s, "ref_s": self.ref_s, "ratio": self.ratio, **self.extra}
+
+
+def run(opts: BenchOptions) -> list[TimeRow]:
+    from paratrain.bench import rank_worker
+    from paratrain.launch import launch
+
+    rows: list[TimeRow] = []
+    for name, layout in LAYOUTS.items():
+        world = layout.get("dp", 1) * layout.get("tp", 1)
+        root = Path(tempfile.mkdtemp(prefix="paratrain-bench-ckpt-"))
+        try:
+            r = launch(rank_worker, (_measure, _Args(opts, layout, str(root))), world)[0]
+            single = launch(rank_worker, (_reshard, _Args(opts, {"dp": 1}, str(root))), 1)[0]
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        base = {"model": opts.model, "nproc": world, "ours_bytes": r["ours_bytes"], "ref_bytes": r["dcp_bytes"]}
+        rows += [TimeRow(f"{name}-save", median(r["ours_save"]), median(r["dcp_save"]), dict(base)),
+                 TimeRow(f"{name}-blocked", median(r["ours_blocked"]), median(r["dcp_blocked"]),
+                         dict(base, blocked_share_of_sync_save=median(r["ours_blocked"]) / median(r["ours_save"]))),
+                 TimeRow(f"{name}-load", median(r["ours_load"]), median(r["dcp_load"]), dict(base)),
+                 TimeRow(f"{name}-load-resharded", median(single["ours_load"]), None,
+                         dict(base, note="into dp 1; DCP needs DTensor state to reshard"))]
+    return rows
+
+
+@dataclass(frozen=True)
+class _Args:
+    """What ``rank_worker`` hands each rank (it reads ``threads`` like BenchOptions')."""
+
+    opts: BenchOptions
+    layout: dict[str, Any]
+    root: str
+
+    @property
+    def threads(self) -> int:
+        return self.opts.threads
+
+
+def _session(a: _Args, rank: int) -> Any:
+    import torch
+
+    from paratrain.config import Layout, TrainConfig
+    from paratrain.launch import RankEnv
+    from paratrain.train import setup, train_step
+
+    cfg = TrainConfig(model=a.opts.model, global_batch=a.opts.global_batch, seq_len=a.opts.seq_len,
+                      layout=Layout(**a.layout), seed=a.opts.seed, steps=2, eval_every=0, sample_tokens=0,
+                      progress=False)
+    s = setup(cfg, RankEnv.from_env(), torch.device("cpu"))
+    train_step(s, 1)  # AdamW state exists
+    return s
+
+
+def _dcp_state(s: Any, rank: int) -> dict[str, Any]:
+    from paratrain.checkpoint import holdings as hd
+
+    hs = hd.holdings(s.pm, s.opt)  # what this rank owns: what we write (replicas write nothing)
+    return {f"r{rank}.{i}": h.tensor for i, h in enumerate(hs) if h.owned}
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _measure(a: _Args, rank: int, world: int) -> dict[str, Any]:
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    from paratrain.checkpoint import manifest as mf
+    from paratrain.checkpoint import session as ck
+    from paratrain.checkpoint.store import CheckpointSaver
+
+    s = _session(a, rank)
+    root = Path(a.root)
+    out: dict[str, list[float]] = {k: [] for k in ("ours_save", "dcp_save", "ours_blocked", "dcp_blocked",
+                                                   "ours_load", "dcp_load")}
+    state = _dcp_state(s, rank)
+    sync = CheckpointSaver(root / "ours", rank, world, dist.barrier, asynchronous=False)
+    background = CheckpointSaver(root / "ours", rank, world, dist.barrier, asynchronous=True)
+    for i in range(a.opts.repeats):
+        dist.barrier()
+        t0 = time.perf_counter()
+        ck.save(sync, s, 10 + 2 * i, {"model": a.opts.model})
+        out["ours_save"].append(time.perf_counter() - t0)
+        dist.barrier()
+        t0 = time.perf_counter()
+        dcp.save(state, checkpoint_id=str(root / f"dcp-{i}"))
+        dist.barrier()
+        out["dcp_save"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        ck.save(background, s, 11 + 2 * i, {"model": a.opts.model})
+        out["ours_blocked"].append(time.perf_counter() - t0)
+        background.wait()
+        dist.barrier()
+        t0 = time.perf_counter()
+        future = dcp.async_save(state, checkpoint_id=str(root / f"dcp-async-{i}"))
+        out["dcp_blocked"].append(time.perf_counter() - t0)
+        future.result()
+        dist.barrier()
+    folder = root / "ours" / (root / "ours" / "latest").read_text().strip()
+    m = mf.read(folder)
+    for i in range(a.opts.repeats):
+        dist.barrier()
+        t0 = time.perf_counter()
+        ck.load(s, folder, m)
+        dist.barrier()
+        out["ours_load"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        dcp.load(state, checkpoint_id=str(root / f"dcp-{i}"))
+        dist.barrier()
+        out["dcp_load"].append(time.perf_counter() - t0)
+    return dict(out, ours_bytes=_size(folder), dcp_bytes=_size(root / "dcp-0"))
+
+
+def _reshard(a: _Args, rank: int, world: int) -> dict[str, Any]:
+    from paratrain.checkpoint import session as ck
+    from paratrain.checkpoint.store import find_valid
+
+    s = _session(a, rank)
+    folder, m, _ = find_valid(Path(a.root) / "ours")
+    times = []
+    for _ in range(a.opts.repeats):
+        t0 = time.perf_counter()
+        ck.load(s, folder, m)
+        times.append(time.perf_counter() - t0)
+    return {"ours_load": times}

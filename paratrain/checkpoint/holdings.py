@@ -1,0 +1,183 @@
+"""What this rank holds of the training state, as boxes of global tensors.
+
+A *holding* is one local tensor (a parameter, its tensor-parallel shard, a ZeRO piece of it, or
+one of its optimizer states) together with the boxes of the global tensor it holds and a view of
+each. Saving writes the views of the holdings this rank *owns* (one writer per element: the rule
+of the global gradient norm, :func:`paratrain.parallel.grad.owns`); loading fills the views of
+every holding, owned or not (replicas, the tied head's copy), from whatever layout wrote them.
+
+Global names are the reference model's state-dict names (the tied LM head is ``wte.weight``);
+AdamW's state is ``optim.exp_avg.<name>`` and ``optim.exp_avg_sq.<name>`` with the parameter's
+shape, and the step count one scalar ``optim.step``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from paratrain.checkpoint.boxes import Box, flat_range_boxes, full_box, intersect, lengths, numel, relative, tp_boxes
+from paratrain.checkpoint.manifest import CheckpointError
+from paratrain.checkpoint.store import CheckpointReader, Shard
+from paratrain.parallel import marks
+
+OPTIM_STATES = ("exp_avg", "exp_avg_sq")
+STEP = "optim.step"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One global box and where it sits in the local tensor: ``flat_at`` (a 1-D ZeRO piece: the
+    box's first element in the piece, the piece read as ``local`` box's shape) or None (the local
+    tensor itself), then the sub-box ``sub`` of that."""
+
+    box: Box
+    flat_at: int | None
+    local: Box
+    sub: Box
+
+    def view(self, t: torch.Tensor) -> torch.Tensor:
+        base = t if self.flat_at is None else t[self.flat_at:self.flat_at + numel(self.local)].view(lengths(self.local))
+        return base[tuple(slice(o, o + n) for o, n in self.sub)] if self.sub else base
+
+
+@dataclass
+class Holding:
+    name: str
+    shape: tuple[int, ...]
+    tensor: torch.Tensor
+    segments: list[Segment]
+    owned: bool
+
+
+def _tp_segments(p: torch.Tensor, local_shape: tuple[int, ...], tp_rank: int, tp_size: int
+                 ) -> tuple[tuple[int, ...], list[tuple[Box, Box]]]:
+    """The global shape of ``p`` and ``(global box, local box)`` per tensor-parallel block."""
+    split = marks.tp_split(p)
+    if split is None:
+        return local_shape, [(full_box(local_shape), full_box(local_shape))]
+    dim, chunks = split
+    padded = local_shape[dim] * tp_size
+    shape = list(local_shape)
+    shape[dim] = marks.tp_size(p) or padded
+    out = []
+    for off, box in tp_boxes(shape, dim, chunks, tp_rank, tp_size, padded if shape[dim] != padded else None):
+        local = list(full_box(local_shape))
+        local[dim] = (off, box[dim][1])
+        out.append((box, tuple(local)))
+    return tuple(shape), out
+
+
+def _to_global(inner: Box, local: Box, glob: Box) -> Box:
+    return tuple((g + (i - lo), n) for (i, n), (lo, _), (g, _) in zip(inner, local, glob))
+
+
+def _segments(local_shape: tuple[int, ...], tp: list[tuple[Box, Box]], start: int | None, length: int
+              ) -> list[Segment]:
+    if start is None:
+        return [Segment(g, None, full_box(local_shape), lbox) for g, lbox in tp]
+    out = []
+    for at, lbox in flat_range_boxes(local_shape, start, start + length):
+        for g, tbox in tp:
+            common = intersect(lbox, tbox)
+            if common is not None:
+                out.append(Segment(_to_global(common, tbox, g), at, lbox, relative(common, lbox)))
+    return out
+
+
+def _zero_sync(pm: object) -> object | None:
+    sync = getattr(pm, "grad_sync", None)
+    while sync is not None and not hasattr(sync, "_bucket_of"):
+        sync = getattr(sync, "inner", None)
+    return sync if sync is not None and hasattr(sync, "stage") else None
+
+
+def _owns(t: torch.Tensor, groups: list) -> bool:
+    from paratrain.parallel.grad import owns
+
+    return owns(t, [g for g in groups if g.size > 1])
+
+
+def holdings(pm: object, opt: torch.optim.Optimizer) -> list[Holding]:
+    """Every tensor of this rank's training state (model, then optimizer) with its boxes."""
+    module: nn.Module = pm.module  # type: ignore[attr-defined]
+    mesh = pm.mesh  # type: ignore[attr-defined]
+    groups = [mesh.tp, mesh.pp, mesh.dp]
+    zero = _zero_sync(pm)
+    tied = bool(getattr(getattr(module, "cfg", None), "tie_embeddings", False))
+    out: list[Holding] = []
+    where: dict[int, tuple[str, tuple[int, ...], tuple[int, ...], list[tuple[Box, Box]]]] = {}
+    by_piece: dict[int, tuple[torch.Tensor, int]] = {}
+    seen: set[int] = set()
+    for name, p in module.state_dict(keep_vars=True).items():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        gname = "wte.weight" if tied and name == "lm_head.weight" else name
+        bucket = zero._bucket_of.get(p) if zero is not None else None  # type: ignore[attr-defined]
+        local_shape = tuple(bucket.param_views[p].shape) if bucket is not None and zero.stage == 3 else tuple(p.shape)
+        shape, tp = _tp_segments(p, local_shape, mesh.tp.rank, mesh.tp.size)
+        where[id(p)] = (gname, shape, local_shape, tp)
+        piece = bucket.pieces.get(p) if bucket is not None else None
+        if piece is not None:
+            start = max(bucket.offsets[p], bucket.lo) - bucket.offsets[p]
+            by_piece[id(piece)] = (p, start)
+        if bucket is not None and zero.stage == 3:  # the parameter lives only in its pieces
+            if piece is not None:
+                out.append(Holding(gname, shape, piece, _segments(local_shape, tp, start, piece.numel()),
+                                   _owns(piece, groups)))
+        else:
+            out.append(Holding(gname, shape, p, _segments(local_shape, tp, None, 0), _owns(p, groups)))
+    out += list(_optimizer_holdings(opt, where, by_piece, groups))
+    return out
+
+
+def _optimizer_holdings(opt: torch.optim.Optimizer, where: dict, by_piece: dict, groups: list) -> Iterator[Holding]:
+    for group in opt.param_groups:
+        for q in group["params"]:
+            p, start = by_piece.get(id(q), (q, None))
+            gname, shape, local_shape, tp = where[id(p)]
+            state = opt.state.get(q)
+            if not state:  # a fresh optimizer (loading): AdamW's state, zero, as its first step makes it
+                state = opt.state[q] = {"step": torch.tensor(0.0),
+                                        **{k: torch.zeros_like(q, memory_format=torch.preserve_format)
+                                           for k in OPTIM_STATES}}
+            segs = _segments(local_shape, tp, start, q.numel())
+            for k in OPTIM_STATES:
+                yield Holding(f"optim.{k}.{gname}", shape, state[k], segs, _owns(q, groups))
+
+
+def _step_tensors(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [s["step"] for s in opt.state.values() if "step" in s]
+
+
+def shards(hs: list[Holding], opt: torch.optim.Optimizer, rank: int) -> list[Shard]:
+    """What this rank writes: the views of the holdings it owns, and (rank 0) the step count."""
+    out = [Shard(h.name, h.shape, seg.box, seg.view(h.tensor)) for h in hs if h.owned for seg in h.segments]
+    if rank == 0:
+        steps = _step_tensors(opt)
+        assert steps and all(float(s) == float(steps[0]) for s in steps), "optimizer step counts differ"
+        out.append(Shard(STEP, (), (), steps[0].detach().reshape(())))
+    return out
+
+
+@torch.no_grad()
+def load(hs: list[Holding], opt: torch.optim.Optimizer, reader: CheckpointReader) -> None:
+    """Fill every holding from the checkpoint (any layout), then AdamW's step counts."""
+    for h in hs:
+        if not reader.has(h.name):
+            raise CheckpointError(f"checkpoint {reader.folder} has no {h.name!r}: it was saved from another model "
+                                  f"or without optimizer state.")
+        saved = tuple(reader.manifest.tensors[h.name].shape)
+        if saved != h.shape:
+            raise CheckpointError(f"checkpoint {reader.folder}: {h.name!r} has shape {list(saved)}, this model's is "
+                                  f"{list(h.shape)}; resume with the model it was saved from.")
+        for seg in h.segments:
+            reader.fill(h.name, seg.box, seg.view(h.tensor))
+    step = torch.empty(())
+    reader.fill(STEP, (), step)
+    for s in _step_tensors(opt):
+        s.fill_(step.item())

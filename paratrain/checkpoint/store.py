@@ -1,0 +1,320 @@
+"""Writing and reading sharded checkpoints: each rank its own safetensors file, one manifest.
+
+Saving step ``N`` into ``ROOT`` (``OUT/checkpoints``)::
+
+    begin       rank 0 clears stale ``.step-*.partial`` folders, creates ``.step-N.partial``; barrier
+    stage       every rank copies its boxes to host memory          <- the only time training waits
+    write       every rank writes ``rankRRRRR.safetensors`` (temporary name, fsync, rename), then
+                its fragment ``rankRRRRR.json`` (what the file holds, its SHA-256): its "done" mark
+    commit      rank 0 waits for every fragment, merges them into ``manifest.json``, renames the
+                folder to ``step-N`` and only then points ``latest`` at it; keeps the newest K
+
+A crash at any moment leaves either the previous ``latest`` (and its folder) untouched or the new
+one complete. ``write`` and ``commit`` need no collective, so they run on a background thread
+(:class:`CheckpointSaver`, at most one save in flight) while training goes on.
+
+Loading never unpickles anything: tensors come through safetensors, metadata through JSON. A
+rank asks :class:`CheckpointReader` for the boxes it needs and reads only their intersections
+with the saved pieces.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from paratrain.checkpoint import manifest as mf
+from paratrain.checkpoint.atomic import atomic_write_bytes, fsync_dir, sha256_file
+from paratrain.checkpoint.boxes import Box, intersect, lengths, numel, relative
+from paratrain.checkpoint.manifest import CheckpointError, Manifest, Piece, TensorEntry
+
+LATEST = "latest"
+_DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
+           torch.bfloat16: "bfloat16", torch.int64: "int64", torch.int32: "int32", torch.uint8: "uint8",
+           torch.bool: "bool"}
+
+
+@dataclass
+class Shard:
+    """One box of one global tensor, as this rank holds it."""
+
+    name: str
+    shape: tuple[int, ...]
+    box: Box
+    data: torch.Tensor  # shaped like the box; a view into the live tensor until staged
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step-{step}"
+
+
+def _partial_dir(root: Path, step: int) -> Path:
+    return root / f".step-{step}.partial"
+
+
+def _rank_file(rank: int) -> str:
+    return f"rank{rank:05d}.safetensors"
+
+
+def _key(name: str, box: Box) -> str:
+    return name + "@" + ",".join(f"{o}+{n}" for o, n in box)
+
+
+def begin(root: Path, step: int, rank: int, barrier: Callable[[], None]) -> Path:
+    """Every rank calls it at the same step; returns the folder the save writes into."""
+    folder = _partial_dir(root, step)
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".step-*.partial"):
+            shutil.rmtree(stale, ignore_errors=True)
+        folder.mkdir()
+    barrier()
+    return folder
+
+
+def stage(shards: Iterable[Shard]) -> list[Shard]:
+    """Copies on the host of every shard's data, detached from training."""
+    return [Shard(s.name, s.shape, s.box, s.data.detach().to("cpu", copy=True).contiguous()) for s in shards]
+
+
+def write_rank(folder: Path, rank: int, shards: list[Shard], local: dict[str, torch.Tensor]) -> None:
+    """This rank's file and its fragment (written last: its presence means the file is whole).
+    ``local``: rank-local tensors (RNG states), restored only into the same rank of the same layout."""
+    from safetensors.torch import save
+
+    tensors = {_key(s.name, s.box): s.data for s in shards}
+    tensors.update({f"rank/{k}": v.detach().cpu().contiguous() for k, v in local.items()})
+    file = _rank_file(rank)
+    data = save(tensors)
+    digest = atomic_write_bytes(folder / file, data)
+    fragment = {
+        "file": file, "sha256": digest, "bytes": len(data), "local": sorted(local),
+        "tensors": [{"name": s.name, "shape": list(s.shape), "dtype": _DTYPES[s.data.dtype],
+                     "key": _key(s.name, s.box), "box": [list(d) for d in s.box]} for s in shards],
+    }
+    atomic_write_bytes(folder / f"rank{rank:05d}.json", json.dumps(fragment).encode())
+
+
+def commit(root: Path, step: int, world_size: int, meta: dict[str, Any], keep: int,
+           timeout_s: float) -> Path:
+    """Rank 0: merge the fragments into the manifest, publish the folder, then ``latest``."""
+    folder = _partial_dir(root, step)
+    names = [folder / f"rank{r:05d}.json" for r in range(world_size)]
+    deadline = time.monotonic() + timeout_s
+    while not all(p.exists() for p in names):
+        if time.monotonic() > deadline:
+            missing = [p.name for p in names if not p.exists()]
+            raise CheckpointError(f"checkpoint of step {step}: ranks did not finish writing within "
+                                  f"{timeout_s:.0f} s (missing {', '.join(missing[:4])}).")
+        time.sleep(0.01)
+    m = Manifest(step, meta.get("layout", {}), meta.get("config", {}), world_size)
+    for rank, path in enumerate(names):
+        frag = json.loads(path.read_text())
+        m.files[frag["file"]] = {"sha256": frag["sha256"], "bytes": frag["bytes"]}
+        m.ranks[rank] = {"file": frag["file"], "local": frag["local"]}
+        for t in frag["tensors"]:
+            entry = m.tensors.setdefault(t["name"], TensorEntry(tuple(t["shape"]), t["dtype"]))
+            entry.pieces.append(Piece(frag["file"], t["key"], tuple(tuple(d) for d in t["box"])))
+        path.unlink()
+    for name, entry in m.tensors.items():
+        mf.check_tiling(name, entry, str(folder))
+    m.write(folder)
+    final = step_dir(root, step)
+    if final.exists():  # a save of this step from an earlier, resumed attempt
+        shutil.rmtree(final)
+    folder.rename(final)
+    fsync_dir(root)
+    atomic_write_bytes(root / LATEST, (final.name + "\n").encode())
+    _prune(root, keep)
+    return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    if keep <= 0:
+        return
+    steps = sorted((int(p.name[5:]), p) for p in root.glob("step-*") if p.name[5:].isdigit())
+    for _, p in steps[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+class CheckpointSaver:
+    """Saves with at most one in flight. ``asynchronous``: :meth:`save` returns once the shards
+    are on the host; the writing and the commit run on a thread, and their failure is raised by
+    the next :meth:`save` or :meth:`wait` (so it cannot pass unnoticed)."""
+
+    def __init__(self, root: Path, rank: int, world_size: int, barrier: Callable[[], None], keep: int = 0,
+                 asynchronous: bool = True, timeout_s: float = 600.0) -> None:
+        self.root, self.rank, self.world_size, self.barrier = Path(root), rank, world_size, barrier
+        self.keep, self.asynchronous, self.timeout_s = keep, asynchronous, timeout_s
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._pending: dict[str, Any] | None = None
+        self.last_blocked_s = 0.0
+
+    def save(self, step: int, shards: Iterable[Shard], local: dict[str, torch.Tensor],
+             meta: dict[str, Any]) -> dict[str, Any] | None:
+        """Start (or, synchronously, do) the save of ``step``; returns the previous save's record
+        if it completed just now."""
+        done = self.wait()
+        t0 = time.perf_counter()
+        folder = begin(self.root, step, self.rank, self.barrier)
+        staged = stage(shards)
+        local = {k: v.detach().to("cpu", copy=True) for k, v in local.items()}
+        blocked = self.last_blocked_s = time.perf_counter() - t0
+        self._pending = {"step": step, "blocked_s": blocked, "t0": t0}
+        if self.asynchronous:
+            self._thread = threading.Thread(target=self._run, args=(folder, step, staged, local, meta),
+                                            name=f"checkpoint-step-{step}", daemon=True)
+            self._thread.start()
+        else:
+            write_rank(folder, self.rank, staged, local)
+            self.barrier()
+            if self.rank == 0:
+                commit(self.root, step, self.world_size, meta, self.keep, self.timeout_s)
+            self.barrier()
+            return self._finish() if done is None else done
+        return done
+
+    def _run(self, folder: Path, step: int, staged: list[Shard], local: dict[str, torch.Tensor],
+             meta: dict[str, Any]) -> None:
+        try:
+            write_rank(folder, self.rank, staged, local)
+            if self.rank == 0:
+                commit(self.root, step, self.world_size, meta, self.keep, self.timeout_s)
+        except BaseException as e:  # noqa: BLE001 - re-raised on the training thread
+            self._error = e
+
+    def poll(self) -> dict[str, Any] | None:
+        """The record of a save that has completed since the last call (None otherwise)."""
+        if self._pending is None or (self._thread is not None and self._thread.is_alive()):
+            return None
+        return self.wait()
+
+    def wait(self) -> dict[str, Any] | None:
+        """Block until the save in flight (if any) is complete; raise if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error, self._pending = self._error, None, None
+            if isinstance(err, CheckpointError):
+                raise err
+            raise CheckpointError(f"writing the checkpoint failed on rank {self.rank}: {err!r}") from err
+        return self._finish() if self._pending is not None else None
+
+    def _finish(self) -> dict[str, Any]:
+        assert self._pending is not None
+        p, self._pending = self._pending, None
+        return {"step": p["step"], "blocked_s": p["blocked_s"], "total_s": time.perf_counter() - p["t0"]}
+
+
+def verify(folder: Path, m: Manifest) -> None:
+    """Every file the manifest lists is present and has its recorded SHA-256."""
+    for name, info in m.files.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {folder}: {name} is missing.")
+        if path.stat().st_size != info.get("bytes", path.stat().st_size):
+            raise CheckpointError(f"checkpoint {folder}: {name} is truncated ({path.stat().st_size} of "
+                                  f"{info['bytes']} bytes).")
+        digest = sha256_file(path)
+        if digest != info["sha256"]:
+            raise CheckpointError(f"checkpoint {folder}: {name} is corrupted (SHA-256 {digest[:12]}... does not "
+                                  f"match the recorded {info['sha256'][:12]}...).")
+
+
+def candidates(root: Path) -> list[Path]:
+    """Checkpoint folders under ``root``, the one ``latest`` names first, then newest first."""
+    steps = sorted((int(p.name[5:]), p) for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit())
+    order = [p for _, p in reversed(steps)]
+    try:
+        named = (root / LATEST).read_text().strip()
+    except OSError:
+        named = ""
+    first = [p for p in order if p.name == named]
+    return first + [p for p in order if p.name != named]
+
+
+def find_valid(root: Path) -> tuple[Path, Manifest, list[str]]:
+    """The newest checkpoint that reads and verifies, and a note for each one passed over."""
+    notes: list[str] = []
+    for folder in candidates(root):
+        try:
+            m = mf.read(folder)
+            verify(folder, m)
+            return folder, m, notes
+        except CheckpointError as e:
+            notes.append(str(e))
+    detail = (" Passed over: " + " ".join(notes)) if notes else ""
+    raise CheckpointError(f"no valid checkpoint under {root}.{detail}")
+
+
+class CheckpointReader:
+    """Reads boxes of the tensors of one verified checkpoint; counts the bytes it reads."""
+
+    def __init__(self, folder: Path, m: Manifest) -> None:
+        self.folder, self.manifest = Path(folder), m
+        self._files: dict[str, Any] = {}
+        self.bytes_read = 0
+
+    def _open(self, file: str) -> Any:
+        from safetensors import SafetensorError, safe_open
+
+        if file not in self._files:
+            path = self.folder / mf.safe_file_name(file, str(self.folder))
+            try:
+                self._files[file] = safe_open(str(path), framework="pt")
+            except (SafetensorError, OSError, ValueError) as e:
+                raise CheckpointError(f"checkpoint {self.folder}: {file} is not a readable safetensors file "
+                                      f"({e}); nothing in it was loaded or executed.") from None
+        return self._files[file]
+
+    def has(self, name: str) -> bool:
+        return name in self.manifest.tensors
+
+    def fill(self, name: str, box: Box, out: torch.Tensor) -> None:
+        """Copy the elements of ``name`` inside ``box`` into ``out`` (shaped like the box)."""
+        entry = self.manifest.tensors.get(name)
+        if entry is None:
+            raise CheckpointError(f"checkpoint {self.folder} has no tensor {name!r}.")
+        if tuple(out.shape) != lengths(box):
+            raise CheckpointError(f"{name}: asked for a box of {lengths(box)} into a tensor of {tuple(out.shape)}.")
+        covered = 0
+        for piece in entry.pieces:
+            common = intersect(piece.box, box)
+            if common is None:
+                continue
+            handle = self._open(piece.file)
+            try:
+                sl = handle.get_slice(piece.key)
+            except Exception:  # noqa: BLE001 - safetensors raises its own types
+                raise CheckpointError(f"checkpoint {self.folder}: {piece.file} has no tensor {piece.key!r}.") \
+                    from None
+            if tuple(sl.get_shape()) != lengths(piece.box):
+                raise CheckpointError(f"checkpoint {self.folder}: {piece.file}: {piece.key!r} has shape "
+                                      f"{sl.get_shape()}, the manifest says {list(lengths(piece.box))}.")
+            src = tuple(slice(o, o + n) for o, n in relative(common, piece.box))
+            dst = tuple(slice(o, o + n) for o, n in relative(common, box))
+            data = sl[src] if src else handle.get_tensor(piece.key)  # a scalar: no slicing
+            (out[dst] if dst else out).copy_(data)
+            self.bytes_read += data.numel() * data.element_size()
+            covered += numel(common)
+        if covered != numel(box):
+            raise CheckpointError(f"checkpoint {self.folder}: tensor {name!r} lacks {numel(box) - covered} of the "
+                                  f"elements of box {box}.")
+
+    def local(self, rank: int) -> dict[str, torch.Tensor]:
+        """The rank-local tensors (RNG states) rank ``rank`` saved."""
+        info = self.manifest.ranks.get(rank)
+        if info is None:
+            return {}
+        handle = self._open(info["file"])
+        return {k: handle.get_tensor(f"rank/{k}") for k in info.get("local", [])}
