@@ -56,7 +56,7 @@ def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--resume", "nowhere"], "does not exist"),
     (["--resume", "o", "--out", "x"], "drop --out"),
-    (["--checkpoint-every", "-1"], "--checkpoint-every must be a whole number >= 0"),
+    (["--checkpoint-every", "-1"], "--checkpoint-every must be an integer >= 0"),
     (["--init-from", "missing.safetensors"], "--init-from missing.safetensors does not exist"),
 ])
 def test_bad_checkpoint_flags_exit_2(tmp_path, args, message):

@@ -30,8 +30,8 @@ def test_a_finished_run_is_never_mixed_with_a_new_one(tmp_path):
     assert bad.returncode != 0
     (old,) = tmp_path.glob("r.old-*")
     assert {p.name: p.read_bytes() for p in old.iterdir() if p.is_file()} == before
-    assert (old / "checkpoint" / "checkpoint.json").exists()
-    assert not (run / "summary.json").exists() and not (run / "checkpoint").exists()
+    assert (old / "checkpoints" / "latest").exists()
+    assert not (run / "summary.json").exists() and not (run / "checkpoints").exists()
     assert json.loads((run / "config.json").read_text())["seed"] == 2
     assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1]
 
