@@ -227,10 +227,20 @@ def launch(fn: Callable[..., Any], args: tuple[Any, ...], nproc: int) -> dict[in
         cause = _root_cause(e, work_dir)
         if cause.message.startswith("KeyboardInterrupt"):  # Ctrl-C reached the ranks first
             raise Interrupted(signal.SIGINT) from None
+        if cause.message.startswith("Preempted"):  # a signal reached the ranks only: they saved, then stopped
+            raise Interrupted(_signal_of(cause.message)) from None
         raise cause from None
     finally:
         listener.close()
         shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _signal_of(message: str) -> int:
+    """The signal named in a rank's ``Preempted: interrupted by SIGTERM`` (SIGTERM if none)."""
+    for name in ("SIGINT", "SIGHUP", "SIGTERM"):
+        if name in message:
+            return int(getattr(signal, name))
+    return int(signal.SIGTERM)
 
 
 def _register_loopback_rendezvous() -> None:

@@ -109,14 +109,19 @@ def train_worker(cfg: TrainConfig, checked: CorpusCheck | None = None,
     env = RankEnv.from_env()
     set_threads(cfg.threads, env.local_world_size)
     device = resolve_device(cfg.device, env.local_rank)
+    from paratrain.preempt import StopRequest
+
+    stop = StopRequest()
+    undo = stop.install()  # a signal now ends the run after the step in flight and a checkpoint
     init_distributed(env, device.type, cfg.timeout_s)
     ok = False
     try:
-        result = _train(cfg, env, device, checked, on_step)
+        result = _train(cfg, env, device, checked, on_step, stop)
         ok = True
         return result
     finally:
         shutdown_distributed(ok)
+        undo()
 
 
 def evaluate(pm: ParallelModel, corpus: Corpus, cfg: TrainConfig, rows: slice,
@@ -188,7 +193,8 @@ def _init_from(model: torch.nn.Module, path: str) -> None:
 
 
 def _train(cfg: TrainConfig, env: RankEnv, device: torch.device,
-           checked: CorpusCheck | None = None, on_step: StepHook | None = None) -> dict[str, Any] | None:
+           checked: CorpusCheck | None = None, on_step: StepHook | None = None,
+           stop: Any = None) -> dict[str, Any] | None:
     from paratrain.checkpoint.session import RunCheckpoints
 
     s = setup(cfg, env, device, checked=checked, on_step=on_step)
@@ -232,6 +238,11 @@ def _train(cfg: TrainConfig, env: RankEnv, device: torch.device,
             if writer:
                 writer.write(record)
             progress.update(step, loss=record["loss"], tok_s=f"{record['tokens_per_s']:,.0f}")
+            if stop is not None and step < cfg.steps and (signum := stop.agreed(s.mesh)):
+                from paratrain.preempt import Preempted
+
+                folder = checkpoints.save_now(step)  # preempted: save this step, then stop
+                raise Preempted(signum, step, folder)
     finally:
         progress.close()
         if writer:

@@ -96,6 +96,18 @@ class RunCheckpoints:
         if done is not None:  # a save finished: its blocked and total seconds
             record["checkpoint"] = done
 
+    def save_now(self, step: int) -> str | None:
+        """A synchronous save of ``step`` (after the one in flight); its folder, None without saver."""
+        if self.saver is None:
+            return None
+        self.saver.wait()
+        sync, self.saver.asynchronous = self.saver.asynchronous, False
+        try:
+            save(self.saver, self.session, step, self.config)
+        finally:
+            self.saver.asynchronous = sync
+        return str(self.saver.root / f"step-{step}")
+
     def close(self, step: int, final: bool = True) -> dict[str, Any] | None:
         """The final checkpoint (if on and ``final``), then wait for every save; the last save's record."""
         if self.saver is None:

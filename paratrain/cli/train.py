@@ -239,6 +239,11 @@ def interrupted_line(e: Any, out: Path, steps: int) -> str:
     metrics = out / "metrics.jsonl"
     done = len(metrics.read_text(encoding="utf-8").splitlines()) if metrics.exists() else 0
     files = ", ".join(_listing(out)) if out.is_dir() else "nothing"
+    latest = out / "checkpoints" / "latest"
+    if latest.is_file():
+        saved = latest.read_text(encoding="utf-8").strip()
+        return (f"paratrain train: interrupted by {e.name} after {done} of {steps} steps; the latest checkpoint is "
+                f"{out / 'checkpoints' / saved}; continue with: paratrain train --resume {out}")
     return (f"paratrain train: interrupted by {e.name} after {done} of {steps} steps; the outputs so far are in "
             f"{out}/ ({files}); no summary or checkpoint was written.")
 

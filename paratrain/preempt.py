@@ -1,0 +1,65 @@
+"""Preemption: a signal (SIGTERM from a scheduler, Ctrl-C's SIGINT) stops a run *between* steps,
+after a checkpoint of the last finished step, instead of killing it mid-step.
+
+Each rank's handler only records the signal. After every step the ranks agree on it with one
+4-byte all-reduce (max) over the whole mesh -- ranks may see a signal a step apart, and the save is
+collective, so each must decide at the same step -- then save synchronously and raise
+:class:`Preempted`. The launcher forwards the signal to the ranks and gives them torch-elastic's
+grace period (30 s) before it kills them, so the step in flight plus the save must fit in it.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from paratrain.launch import Interrupted
+
+SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")
+
+
+class Preempted(Interrupted):
+    """Stopped by ``signum`` after step ``step``, a checkpoint of which is in ``folder`` (or None)."""
+
+    def __init__(self, signum: int, step: int, folder: str | None) -> None:
+        super().__init__(signum)
+        self.step, self.folder = step, folder
+
+
+class StopRequest:
+    """The signal this process got (0: none), recorded by :meth:`install`'s handlers."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+
+    def install(self) -> Callable[[], None]:
+        """Record SIGTERM/SIGINT/SIGHUP instead of dying of them; returns the undo. Outside the
+        main thread (where Python cannot set handlers) it does nothing."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        sigs = [getattr(signal, n) for n in SIGNALS if hasattr(signal, n)]
+        old = {s: signal.getsignal(s) for s in sigs}
+
+        def record(signum: int, frame: Any) -> None:
+            self.signum = self.signum or signum
+
+        for s in sigs:
+            signal.signal(s, record)
+
+        def undo() -> None:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+        return undo
+
+    def agreed(self, mesh: Any) -> int:
+        """The signal any rank of ``mesh`` got (the same answer on every rank; collective)."""
+        import torch
+
+        from paratrain import comm
+
+        flag = torch.tensor([self.signum], dtype=torch.int32)
+        comm.all_reduce(flag, mesh.world, op="max", tag="control")
+        return int(flag.item())
