@@ -89,6 +89,7 @@ FIELD_RANGES: dict[str, Range] = {
     "checkpoint_every": Range(int, 0),  # 0: only the final checkpoint
     "keep_checkpoints": Range(int, 0),  # 0: keep every checkpoint
     "max_bad_steps": Range(int, 0),  # 0: stop at the first non-finite step
+    "max_restarts": Range(int, 0, high=1000),
 }
 
 
@@ -328,6 +329,7 @@ class TrainConfig:
     resume_from: str | None = None  # a verified checkpoint folder (set by `train --resume`)
     init_from: str | None = None  # reference-shaped safetensors file or Hugging Face GPT-2 folder
     max_bad_steps: int = 3  # non-finite steps skipped in a row before the run stops
+    max_restarts: int = 0  # a dead rank restarts the job (torch elastic) from the latest checkpoint
 
     @property
     def world_size(self) -> int:

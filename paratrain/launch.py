@@ -182,8 +182,10 @@ def _quiet_launcher_logs() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def launch(fn: Callable[..., Any], args: tuple[Any, ...], nproc: int) -> dict[int, Any]:
-    """Run ``fn(*args)`` on ``nproc`` local ranks and return ``{rank: return value}``.
+def launch(fn: Callable[..., Any], args: tuple[Any, ...], nproc: int, max_restarts: int = 0) -> dict[int, Any]:
+    """Run ``fn(*args)`` on ``nproc`` local ranks and return ``{rank: return value}``. When a rank
+    fails, torch's elastic agent restarts all of them up to ``max_restarts`` times (``fn`` sees
+    ``TORCHELASTIC_RESTART_COUNT``); then the first failure is raised.
 
     ``fn`` must be a module-level function and ``args`` picklable: each rank is a process running
     ``python -m paratrain.rank`` (see there for why). Under an outside torchrun, runs ``fn`` here as
@@ -208,7 +210,7 @@ def launch(fn: Callable[..., Any], args: tuple[Any, ...], nproc: int) -> dict[in
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex,
         rdzv_backend=_RDZV_BACKEND, rdzv_endpoint=f"{LOOPBACK}:{listener.getsockname()[1]}",
-        rdzv_configs={"listen_fd": listener.fileno()}, local_addr=LOOPBACK, max_restarts=0,
+        rdzv_configs={"listen_fd": listener.fileno()}, local_addr=LOOPBACK, max_restarts=max_restarts,
         monitor_interval=0.1, start_method="spawn", logs_specs=DefaultLogsSpecs(log_dir=str(work_dir / "logs")),
     )
     target = f"{fn.__module__}:{fn.__qualname__}"
@@ -262,10 +264,18 @@ def _loopback_rendezvous(params: Any) -> Any:
             return _RDZV_BACKEND
 
         def next_rendezvous(self) -> RendezvousInfo:
+            # A fresh store every round (a restart is a new round): the workers' keys of a failed
+            # attempt (their gloo addresses) must not be read by the next one, and the workers
+            # use the store as clients without a per-attempt prefix. Each is on a loopback socket.
             if not self._store:
-                self._store = TCPStore(self.master_addr, self.master_port, None, True, self.timeout,
-                                       wait_for_workers=False, multi_tenant=True,
-                                       master_listen_fd=os.dup(int(params.config["listen_fd"])), use_libuv=True)
+                fd = os.dup(int(params.config["listen_fd"]))
+            else:
+                fresh = socket.create_server((LOOPBACK, 0), backlog=128)
+                self.master_port = fresh.getsockname()[1]
+                fd = os.dup(fresh.fileno())
+                fresh.close()
+            self._store = TCPStore(self.master_addr, self.master_port, None, True, self.timeout,
+                                   wait_for_workers=False, multi_tenant=True, master_listen_fd=fd, use_libuv=True)
             return RendezvousInfo(PrefixStore(self.run_id, self._store), 0, 1,
                                   RendezvousStoreInfo(self.master_addr, self.master_port))
 

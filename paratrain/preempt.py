@@ -29,10 +29,14 @@ class Preempted(Interrupted):
 
 
 class StopRequest:
-    """The signal this process got (0: none), recorded by :meth:`install`'s handlers."""
+    """The signal this process got (0: none), recorded by :meth:`install`'s handlers while
+    :attr:`armed` (inside the training loop, where the next step boundary is near). Unarmed (set-up,
+    shutdown), or at a second signal, the process ends at once with ``128 + signum``: a rank the
+    launcher stops because a peer died must not linger until torch-elastic's grace period ends."""
 
     def __init__(self) -> None:
         self.signum = 0
+        self.armed = False
 
     def install(self) -> Callable[[], None]:
         """Record SIGTERM/SIGINT/SIGHUP instead of dying of them; returns the undo. Outside the
@@ -43,7 +47,11 @@ class StopRequest:
         old = {s: signal.getsignal(s) for s in sigs}
 
         def record(signum: int, frame: Any) -> None:
-            self.signum = self.signum or signum
+            if not self.armed or self.signum:
+                from paratrain.rank import end_process
+
+                end_process(128 + signum)
+            self.signum = signum
 
         for s in sigs:
             signal.signal(s, record)

@@ -122,6 +122,8 @@ def watch_launcher(launcher_pid: int, work_dir: Path, interval_s: float = 0.25) 
 def main(argv: list[str]) -> None:
     func_path, args_file, result_dir, *launcher = argv
     rank = int(os.environ.get("RANK", "0"))
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")):  # restarted: the last attempt's error is history
+        (Path(result_dir) / f"error-{rank}.json").unlink(missing_ok=True)
     bind_loopback()
     if launcher:
         watch_launcher(int(launcher[0]), Path(result_dir))

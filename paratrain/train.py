@@ -107,6 +107,7 @@ def train_worker(cfg: TrainConfig, checked: CorpusCheck | None = None,
     only asserts that its corpus is the one checked. ``on_step`` runs as each step starts
     (``paratrain train`` passes the :class:`Fault` of ``PARATRAIN_FAULT``)."""
     env = RankEnv.from_env()
+    cfg = _after_restart(cfg, env)
     set_threads(cfg.threads, env.local_world_size)
     device = resolve_device(cfg.device, env.local_rank)
     from paratrain.preempt import StopRequest
@@ -122,6 +123,31 @@ def train_worker(cfg: TrainConfig, checked: CorpusCheck | None = None,
     finally:
         shutdown_distributed(ok)
         undo()
+
+
+def _after_restart(cfg: TrainConfig, env: RankEnv) -> TrainConfig:
+    """A rank started again by the elastic agent (``--max-restarts``) continues from the run's
+    latest checkpoint (or from step 1 if none was committed), as ``--resume`` would; rank 0 drops
+    the metrics lines of the steps it will train again. The checkpoint was committed atomically
+    (``latest`` is written after every file is fsynced), so it is read without re-hashing."""
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0 or not cfg.out:
+        return cfg
+    from paratrain.checkpoint import manifest as mf
+    from paratrain.checkpoint.store import LATEST
+    from paratrain.cli.resume import truncate_metrics
+
+    root = Path(cfg.out) / "checkpoints"
+    try:
+        folder = root / (root / LATEST).read_text().strip()
+        step = mf.read(folder).step
+    except (OSError, mf.CheckpointError):
+        folder, step = None, 0
+    if env.rank == 0:
+        truncate_metrics(Path(cfg.out), step)
+        where = f"from {folder} (step {step})" if folder else "from step 1 (no checkpoint yet)"
+        print(f"paratrain train: restart {os.environ['TORCHELASTIC_RESTART_COUNT']} of {cfg.max_restarts}: "
+              f"continuing {where}", file=sys.stderr, flush=True)
+    return cfg.replace(resume_from=str(folder) if folder else None)
 
 
 def evaluate(pm: ParallelModel, corpus: Corpus, cfg: TrainConfig, rows: slice,
@@ -210,6 +236,8 @@ def _train(cfg: TrainConfig, env: RankEnv, device: torch.device,
     t_start = time.perf_counter()
     meter = None
     diverged = bad = 0
+    if stop is not None:
+        stop.armed = True  # a signal from here on: finish the step, checkpoint it, stop
     try:
         for step in range(first, cfg.steps + 1):
             if cfg.measure_memory and step == cfg.steps:  # one step, its peak: see parallel/memory.py
@@ -244,6 +272,8 @@ def _train(cfg: TrainConfig, env: RankEnv, device: torch.device,
                 folder = checkpoints.save_now(step)  # preempted: save this step, then stop
                 raise Preempted(signum, step, folder)
     finally:
+        if stop is not None:
+            stop.armed = False
         progress.close()
         if writer:
             writer.close()

@@ -162,6 +162,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", metavar="OUT", help="continue the run in OUT from its latest valid checkpoint "
                    "(its settings, with any flag given here overriding them: e.g. --steps N for N steps in all, "
                    "or other layout flags to continue in another layout)")
+    g.add_argument("--max-restarts", type=int, metavar="R",
+                   help="when a rank dies (killed, out of memory), restart all ranks up to R times through torch's "
+                   "elastic agent; each restart continues from the latest checkpoint (use --checkpoint-every) "
+                   f"(default: {default('max_restarts')}: the job ends, naming the rank that died)")
     g.add_argument("--max-bad-steps", type=int, metavar="N",
                    help="a step whose loss or gradient norm is NaN/infinite skips its update (every rank agrees); "
                    f"after N such steps in a row the run stops, keeping the last good checkpoint "

@@ -199,7 +199,8 @@ def _launch_and_report(cfg: TrainConfig, checked: Any, auto: Any, lead: bool, ou
     from paratrain.train import train_worker
 
     try:
-        results = launch(train_worker, (cfg, checked, fault), cfg.world_size)  # validated: ranks only assert
+        results = launch(train_worker, (cfg, checked, fault), cfg.world_size,  # validated: ranks only assert
+                         max_restarts=cfg.max_restarts)
     except LaunchError as e:
         print(format_failure(e), file=sys.stderr)
         return 1

@@ -1,0 +1,70 @@
+"""A worker killed outright (SIGKILL) in the middle of training (issue 10): with --max-restarts
+the job restarts through torch's elastic agent, continues from the latest checkpoint on its own and
+ends with the parameters of a run that was never interrupted; without, it ends promptly naming
+the rank that died, leaving no process behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tests.cli.test_launcher_robust import REPO, alive, children, wait_for_steps
+from tests.cli.test_train_cli import losses, paratrain
+
+RUN = ["train", "--model", "tiny", "--steps", "10", "--global-batch", "4", "--seq-len", "32", "--eval-every", "0",
+       "--sample-tokens", "0", "--checkpoint-every", "2", "--timeout", "30", "--quiet"]
+
+
+def _rank_pids(launcher: int) -> list[int]:
+    out = []
+    for pid in sorted(children(launcher)):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"paratrain.rank" in cmd:
+            out.append(pid)
+    return out
+
+
+def _start_and_kill_a_rank(tmp_path: Path, out: Path, *extra: str) -> tuple[subprocess.Popen, str, float]:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "paratrain", *RUN, *extra, "--out", str(out)], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_steps(proc, out, steps=5)
+    ranks = _rank_pids(proc.pid)
+    assert len(ranks) == 2, ranks
+    os.kill(ranks[1], signal.SIGKILL)
+    t0 = time.monotonic()
+    _, err = proc.communicate(timeout=120)
+    return proc, err, time.monotonic() - t0
+
+
+def test_a_killed_worker_restarts_and_ends_like_an_uninterrupted_run(tmp_path):
+    from paratrain.checkpoint.convert import model_state
+
+    full = paratrain("train", *RUN[1:], "--out", "full", cwd=tmp_path)
+    assert full.returncode == 0, full.stderr
+    proc, err, _ = _start_and_kill_a_rank(tmp_path, tmp_path / "r", "--max-restarts", "1")
+    assert proc.returncode == 0, err
+    assert "restart 1 of 1: continuing from" in err
+    assert losses(tmp_path / "r") == losses(tmp_path / "full")  # each step once, bit for bit
+    a, _ = model_state(tmp_path / "r")
+    b, _ = model_state(tmp_path / "full")
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_without_restarts_a_killed_worker_ends_the_job_naming_it(tmp_path):
+    proc, err, elapsed = _start_and_kill_a_rank(tmp_path, tmp_path / "k", "--steps", "100000")
+    assert proc.returncode == 1, err
+    assert "rank " in err and "The run did not finish" in err and "Traceback" not in err.split("---")[0]
+    assert "signal 9" in err or "SIGKILL" in err or "-9" in err, err
+    assert elapsed < 30, f"the job took {elapsed:.0f} s to end"
+    time.sleep(1)
+    assert not [p for p in children(proc.pid) if alive(p)]
