@@ -257,7 +257,8 @@ def _train(cfg: TrainConfig, env: RankEnv, device: torch.device,
             if bad and lead:
                 print(f"paratrain: warning: step {step}: the loss or gradient norm is not finite "
                       f"(loss {record['loss']}, norm {record['grad_norm']}); the update was skipped "
-                      f"({bad} in a row; the run stops after {cfg.max_bad_steps})", file=sys.stderr, flush=True)
+                      f"({bad} in a row of the {cfg.max_bad_steps} --max-bad-steps allows)",
+                      file=sys.stderr, flush=True)
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
                 val_loss = evaluate(s.pm, s.corpus, cfg, s.rows, device)
                 record["val_loss"] = val_loss

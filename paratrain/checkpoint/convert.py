@@ -121,6 +121,25 @@ def to_hf(run: Path, folder: Path, cfg: ModelConfig) -> Path:
     return folder
 
 
+def read_init_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The reference names and shapes :func:`read_init` would return, from the file's header only."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    file = path / "model.safetensors" if path.is_dir() else path
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"--init-from {path}: {file.name} is not a readable safetensors file ({e}).") from None
+    if any(k.startswith("transformer.") for k in shapes):
+        return {k: tuple(v.shape) for k, v in from_hf_state({k: torch.empty(s, device="meta")
+                                                              for k, s in shapes.items()}).items()}
+    if "lm_head.weight" not in shapes and "wte.weight" in shapes:
+        shapes["lm_head.weight"] = shapes["wte.weight"]
+    return shapes
+
+
 def read_init(path: Path) -> dict[str, torch.Tensor]:
     """A reference state dict from a ``--to-single`` file, or a GPT-2 folder / ``.safetensors``."""
     from safetensors import SafetensorError

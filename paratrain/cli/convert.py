@@ -38,6 +38,9 @@ def run(args: argparse.Namespace) -> int:
     if not src.exists():
         raise ConfigError(f"{src} does not exist; give a run folder written by paratrain train --checkpoint-every.")
     target = Path(args.to_single or args.to_hf)
+    if not target.resolve().parent.is_dir():
+        raise ConfigError(f"{target}: the folder {target.resolve().parent} does not exist; create it or give "
+                          f"another path.")
     if args.to_single and target.is_dir():
         raise ConfigError(f"--to-single {target} is a folder; give a file name such as {target / 'model.safetensors'}.")
     if args.to_hf and target.exists() and not target.is_dir():

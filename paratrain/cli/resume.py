@@ -40,6 +40,18 @@ def resume_config(args: argparse.Namespace) -> tuple[TrainConfig, list[str]]:
     except CheckpointError as e:
         raise ConfigError(f"--resume {out}: {e}") from None
     cfg = build_train_config(args, base).replace(out=str(out), resume_from=str(folder), init_from=None)
+    for key in ("model", "untie_embeddings"):  # the checkpoint holds that model's tensors, no other's
+        if key in base and getattr(cfg, key) != base[key]:
+            raise ConfigError(f"--resume {out}: the run trained {key} = {base[key]!r}; its checkpoint cannot continue "
+                              f"as {key} = {getattr(cfg, key)!r}. Drop that flag, or start a new run from its "
+                              f"weights with: paratrain convert {out} --to-single m.safetensors, then "
+                              f"paratrain train --init-from m.safetensors ...")
+    if cfg.steps != base.get("steps", cfg.steps):
+        import sys
+
+        print(f"paratrain train: note: --steps {cfg.steps} instead of the run's {base['steps']}: the learning-rate "
+              f"schedule (warm-up, then cosine decay to the last step) is recomputed for {cfg.steps} steps.",
+              file=sys.stderr)
     if m.step >= cfg.steps:
         raise ConfigError(f"--resume {out}: its latest checkpoint is already at step {m.step} of {cfg.steps}; "
                           f"give --steps N with N > {m.step} to train further.")

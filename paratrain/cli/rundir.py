@@ -71,8 +71,10 @@ def claim(path: Path, overwrite: bool = False, resume: bool = False) -> RunFolde
         raise ConfigError(
             f"run folder {str(path)!r} already holds a run ({shown}). A new run would mix its files with "
             f"those. Give a new --out folder, or add --overwrite to move the old folder aside (to "
-            f"{path.name}.old-<time>) and start afresh, or continue that run from its latest checkpoint "
-            f"with: paratrain train --resume {path}")
+            f"{path.name}.old-<time>) and start afresh"
+            + (f", or continue that run from its latest checkpoint with: paratrain train --resume {path}"
+               if (path / "checkpoints" / "latest").is_file() else " (it has no checkpoint to continue from)")
+            + ".")
     aside = _aside_name(path)
     os.rename(path, aside)  # whole, lock file included: the old run stays one folder
     os.close(fd)

@@ -112,6 +112,32 @@ def check_config(cfg: TrainConfig) -> Any:
     return model_cfg
 
 
+def check_init_from(cfg: TrainConfig) -> None:
+    """--init-from names weights of this model's shapes (read from the file's header; nothing loaded)."""
+    path = Path(cfg.init_from or "")
+    if not path.exists():
+        raise ConfigError(f"--init-from {path} does not exist; give a .safetensors file or a Hugging Face "
+                          f"GPT-2 folder with model.safetensors.")
+    import torch
+
+    from paratrain.checkpoint.convert import read_init_shapes
+    from paratrain.checkpoint.manifest import CheckpointError
+    from paratrain.models.gpt import GPT
+
+    try:
+        got = read_init_shapes(path)
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        want = {k: tuple(v.shape) for k, v in GPT(cfg.model_config()).state_dict().items()}
+    if got != want:
+        bad = sorted(set(got) ^ set(want)) or [k for k in want if got[k] != want[k]]
+        first = bad[0]
+        raise ConfigError(f"--init-from {path} holds weights of another shape than model {cfg.model!r}: "
+                          f"{len(bad)} tensor(s) differ, e.g. {first} is {got.get(first, 'missing')} there and "
+                          f"{want.get(first, 'absent')} here. Give --model the size the weights were trained with.")
+
+
 def preflight(cfg: TrainConfig) -> Any:
     """Every check that can fail before a process starts (exit 2 on failure)."""
     model_cfg = check_config(cfg)
@@ -144,9 +170,8 @@ def run(args: argparse.Namespace) -> int:
         cfg, auto = plan_auto(args)
     else:
         cfg = build_train_config(args)
-    if cfg.init_from and not Path(cfg.init_from).exists():
-        raise ConfigError(f"--init-from {cfg.init_from} does not exist; give a .safetensors file or a Hugging Face "
-                          f"GPT-2 folder with model.safetensors.")
+    if cfg.init_from:
+        check_init_from(cfg)
     model_cfg, corpus = preflight(cfg)
     from paratrain.launch import RankEnv
     from paratrain.train import Fault

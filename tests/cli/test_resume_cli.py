@@ -78,6 +78,14 @@ def test_convert_to_single_and_init_from(tmp_path):
     state, _ = model_state(tmp_path / "o")
     assert set(single) | {"lm_head.weight"} == set(state)
     assert all((single[k] == state[k]).all() for k in single)
+    wrong = paratrain("train", *RUN, "--model", "small", "--init-from", "m.safetensors", "--out", "w", cwd=tmp_path)
+    assert wrong.returncode == 2 and "another shape than model 'small'" in wrong.stderr, wrong.stderr
+    assert "Traceback" not in wrong.stderr and not (tmp_path / "w").exists()  # refused before anything
+    other = paratrain("train", "--resume", "o", "--model", "small", cwd=tmp_path)
+    assert other.returncode == 2 and "cannot continue as model = 'small'" in other.stderr, other.stderr
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["model"] == "tiny"  # untouched
+    nowhere = paratrain("convert", "o", "--to-single", "no/such/dir/m.safetensors", cwd=tmp_path)
+    assert nowhere.returncode == 2 and "does not exist" in nowhere.stderr and "Traceback" not in nowhere.stderr
     init = paratrain("train", *RUN, "--steps", "1", "--nproc", "1", "--dp", "1", "--init-from", "m.safetensors",
                      "--lr", "1e-9", "--warmup-steps", "0", "--out", "i", cwd=tmp_path)
     assert init.returncode == 0, init.stderr
