@@ -79,6 +79,15 @@ def init_distributed(env: RankEnv, device_type: str, timeout_s: float) -> None:
     kwargs: dict[str, Any] = {"timeout": datetime.timedelta(seconds=timeout_s)}
     if device_type == "cuda":
         kwargs["device_id"] = torch.device("cuda", env.local_rank)
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # A restarted attempt under torchrun's agent store: the store still holds the failed
+        # attempt's keys (its ranks' gloo addresses) and torch adds no per-attempt prefix, so a
+        # new rank could read a dead peer's address. Give every attempt its own namespace.
+        client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size,
+                               is_master=False, timeout=kwargs["timeout"])
+        kwargs.update(store=dist.PrefixStore(f"paratrain/attempt-{attempt}", client), rank=env.rank,
+                      world_size=env.world_size)
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo", **kwargs)
 
 

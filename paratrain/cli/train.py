@@ -181,8 +181,10 @@ def run(args: argparse.Namespace) -> int:
     lead = RankEnv.from_env().rank == 0
     out = Path(cfg.out) if cfg.out else _default_out(cfg)
     cfg = cfg.replace(out=str(out))
-    folder = claim(out, overwrite=bool(getattr(args, "overwrite", False)), resume=cfg.resume_from is not None) \
-        if lead else None
+    # a rank restarted by an outside torchrun (--max-restarts there) continues its own run's folder
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    folder = claim(out, overwrite=bool(getattr(args, "overwrite", False)),
+                   resume=cfg.resume_from is not None or restarted) if lead else None
     try:
         if lead:
             for note in notes:

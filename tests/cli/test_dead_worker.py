@@ -68,3 +68,23 @@ def test_without_restarts_a_killed_worker_ends_the_job_naming_it(tmp_path):
     assert elapsed < 30, f"the job took {elapsed:.0f} s to end"
     time.sleep(1)
     assert not [p for p in children(proc.pid) if alive(p)]
+
+
+def test_under_an_outside_torchrun_a_restart_continues_the_run(tmp_path):
+    """Multi-node users restart with torchrun's own --max-restarts: the restarted ranks run the
+    CLI again, which continues its own run folder from the latest checkpoint."""
+    full = paratrain("train", *RUN[1:], "--out", "full", cwd=tmp_path)
+    assert full.returncode == 0, full.stderr
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                             "--max-restarts", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0",
+                             "-m", "paratrain", *RUN, "--out", "tr"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_steps(proc, tmp_path / "tr", steps=5)
+    workers = [p for p in sorted(children(proc.pid))
+               if b"paratrain" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    os.kill(workers[-1], signal.SIGKILL)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err[-3000:]
+    assert "restart 1 of" in err
+    assert losses(tmp_path / "tr") == losses(tmp_path / "full")
