@@ -145,8 +145,9 @@ def _after_restart(cfg: TrainConfig, env: RankEnv) -> TrainConfig:
     if env.rank == 0:
         truncate_metrics(Path(cfg.out), step)
         where = f"from {folder} (step {step})" if folder else "from step 1 (no checkpoint yet)"
-        print(f"paratrain train: restart {os.environ['TORCHELASTIC_RESTART_COUNT']} of {cfg.max_restarts}: "
-              f"continuing {where}", file=sys.stderr, flush=True)
+        of = f" of {cfg.max_restarts}" if cfg.max_restarts else ""  # torchrun's own --max-restarts: not ours to know
+        print(f"paratrain train: restart {os.environ['TORCHELASTIC_RESTART_COUNT']}{of}: continuing {where}",
+              file=sys.stderr, flush=True)
     return cfg.replace(resume_from=str(folder) if folder else None)
 
 

@@ -86,5 +86,5 @@ def test_under_an_outside_torchrun_a_restart_continues_the_run(tmp_path):
     os.kill(workers[-1], signal.SIGKILL)
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err[-3000:]
-    assert "restart 1 of" in err
+    assert "restart 1: continuing from" in err
     assert losses(tmp_path / "tr") == losses(tmp_path / "full")
