@@ -72,7 +72,11 @@ def _resume(tmp_path: Path, saved: dict[str, Any], resumed: dict[str, Any]) -> l
 
 SAME = {
     "dp2": dict(dp=2),
+    "dp2-zero1": dict(dp=2, zero=1),
+    "dp2-zero2": dict(dp=2, zero=2),
     "dp2-zero3": dict(dp=2, zero=3),
+    "pp2-gpipe": dict(pp=2, microbatches=2, schedule="gpipe"),
+    "pp2-1f1b": dict(pp=2, microbatches=2, schedule="1f1b"),
     "tp2-sp": dict(tp=2, sequence_parallel=True),
     "pp2-interleaved": dict(pp=2, microbatches=2, schedule="interleaved", virtual_stages=2),
 }
