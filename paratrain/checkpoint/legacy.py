@@ -9,7 +9,6 @@ checksum does not match.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -17,18 +16,11 @@ from typing import Any
 
 import torch
 
+from paratrain.checkpoint.atomic import sha256_file
 from paratrain.checkpoint.manifest import CheckpointError  # one error type for both formats
 
 MODEL_FILE = "model.pt"
 META_FILE = "checkpoint.json"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _atomic_write(path: Path, write: Any) -> None:
@@ -49,7 +41,7 @@ def save_checkpoint(folder: Path | str, state: dict[str, Any], meta: dict[str, A
     folder.mkdir(parents=True, exist_ok=True)
     model_path = folder / MODEL_FILE
     _atomic_write(model_path, lambda f: torch.save(state, f))
-    record = dict(meta, file=MODEL_FILE, sha256=_sha256(model_path))
+    record = dict(meta, file=MODEL_FILE, sha256=sha256_file(model_path))
     _atomic_write(folder / META_FILE, lambda f: f.write(json.dumps(record, indent=2).encode()))
     return folder
 
@@ -82,7 +74,7 @@ def load_checkpoint(folder: Path | str) -> tuple[dict[str, Any], dict[str, Any]]
     model_path = folder / meta["file"]
     if not model_path.exists():
         raise CheckpointError(f"checkpoint {folder}: {model_path.name} is missing.")
-    digest = _sha256(model_path)
+    digest = sha256_file(model_path)
     if digest != meta.get("sha256"):
         raise CheckpointError(
             f"checkpoint {folder}: {model_path.name} is corrupted (SHA-256 {digest[:12]}... does "
