@@ -27,6 +27,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                     "and plan which layout to use.",
         epilog="Run 'paratrain COMMAND --help' for the options of one command.",
     )
+    from paratrain import __version__
+
+    parser.add_argument("--version", action="version", version=f"paratrain {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in ([only] if only in COMMANDS else COMMANDS):
         importlib.import_module(f"paratrain.cli.{name}").register(sub)

@@ -84,6 +84,10 @@ def test_convert_to_single_and_init_from(tmp_path):
     other = paratrain("train", "--resume", "o", "--model", "small", cwd=tmp_path)
     assert other.returncode == 2 and "cannot continue as model = 'small'" in other.stderr, other.stderr
     assert json.loads((tmp_path / "o" / "config.json").read_text())["model"] == "tiny"  # untouched
+    again = paratrain("convert", "o", "--to-single", "m.safetensors", cwd=tmp_path)  # never overwrites silently
+    assert again.returncode == 2 and "exists; nothing was written" in again.stderr and "--force" in again.stderr
+    forced = paratrain("convert", "o", "--to-single", "m.safetensors", "--force", cwd=tmp_path)
+    assert forced.returncode == 0 and load_file(str(tmp_path / "m.safetensors")).keys() == single.keys()
     nowhere = paratrain("convert", "o", "--to-single", "no/such/dir/m.safetensors", cwd=tmp_path)
     assert nowhere.returncode == 2 and "does not exist" in nowhere.stderr and "Traceback" not in nowhere.stderr
     init = paratrain("train", *RUN, "--steps", "1", "--nproc", "1", "--dp", "1", "--init-from", "m.safetensors",

@@ -129,3 +129,20 @@ def test_calibrate_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     d = run_json(capsys, "estimate", "--model", "tiny", "--dp", "2", "--global-batch", "8", "--seq-len", "128",
                  "--precision", "fp32", "--profile", str(out))
     assert d["hardware"].startswith("profile:") and d["step_time_s"] > 0
+
+
+def test_version_and_one_sub_command_parser(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--version`` answers; a planning command builds only its own parser (not train's, which
+    would import the launcher), yet an unknown command still lists every command."""
+    from paratrain import __version__
+    from paratrain.cli import COMMANDS, build_parser
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"paratrain {__version__}"
+    sub = next(a for a in build_parser("plan")._actions if a.dest == "command")
+    assert list(sub.choices) == ["plan"]
+    with pytest.raises(SystemExit) as e:
+        main(["plann"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and all(f"'{c}'" in err for c in COMMANDS)
