@@ -77,7 +77,8 @@ def plan_auto(args: argparse.Namespace) -> tuple[TrainConfig, Any]:
 def describe_auto(auto: Any, nproc: int) -> str:
     pred = auto.prediction
     mem = max(sum(m.values()) for m in pred.memory_per_rank)
-    shortlist = "; ".join(f"[{lay}] {sec * 1e3:.1f} ms" for lay, sec in auto.candidates)
+    shortlist = "; ".join(f"[{lay}]{' (chosen)' if lay == auto.layout else ''} {sec * 1e3:.1f} ms"
+                          for lay, sec in auto.candidates)
     return "\n".join([
         f"paratrain train --plan auto: {nproc} local processes; hardware: {pred.source}",
         f"  searched {auto.considered} layouts the runtime implements"
