@@ -65,11 +65,12 @@ def _number_list(kind: type, what: str) -> Any:
     return parse
 
 
-def add_layout_args(p: argparse.ArgumentParser) -> None:
-    """--dp/--pp/--tp and the rest of the Layout; every default is None = "not given"."""
+def add_layout_args(p: argparse.ArgumentParser, dp_default: str = "the processes left after pp and tp; 2 "
+                    "when nothing is given") -> None:
+    """--dp/--pp/--tp and the rest of the Layout; every default is None = "not given".
+    ``dp_default``: what the command does without --dp (train and the planners differ)."""
     g = p.add_argument_group("layout (dp x pp x tp processes)")
-    g.add_argument("--dp", type=int, metavar="N", help="data-parallel degree (default: the processes left "
-                   "after pp and tp; 2 when nothing is given)")
+    g.add_argument("--dp", type=int, metavar="N", help=f"data-parallel degree (default: {dp_default})")
     g.add_argument("--pp", type=int, metavar="N", help="pipeline-parallel stages (default: 1)")
     g.add_argument("--tp", type=int, metavar="N", help="tensor-parallel degree (default: 1)")
     g.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO stage over the dp group: 1 shards the "

@@ -146,3 +146,17 @@ def test_version_and_one_sub_command_parser(capsys: pytest.CaptureFixture[str]) 
         main(["plann"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and all(f"'{c}'" in err for c in COMMANDS)
+
+
+def test_layout_flag_help_says_what_each_command_does(capsys: pytest.CaptureFixture[str]) -> None:
+    """estimate prices dp = 1 without --dp; plan searches every layout field a flag does not pin."""
+    import re
+
+    def help_of(command: str) -> str:
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        return re.sub(r"\s+", " ", capsys.readouterr().out)
+
+    assert "--dp N data-parallel degree (default: 1)" in help_of("estimate")
+    plan = help_of("plan")
+    assert "--dp N data-parallel degree (searched; the flag pins it)" in plan and "2 when nothing" not in plan
