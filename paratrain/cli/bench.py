@@ -129,8 +129,9 @@ def _speed_cells(r: Row) -> list[str]:
     note = ""
     if "allreduce_bytes_per_step" in r.extra:
         e = r.extra
+        buckets = f"{e['buckets']} bucket" + ("s" if e["buckets"] != 1 else "")
         note = (f"all-reduced {e['allreduce_bytes_per_step'] / 2**20:.2f} MiB/step vs grads "
-                f"{e['grad_bytes'] / 2**20:.2f} MiB ({e['buckets']} bucket{'s' if e['buckets'] != 1 else ''}), {e['threads_per_rank']} thr/rank")
+                f"{e['grad_bytes'] / 2**20:.2f} MiB ({buckets}), {e['threads_per_rank']} thr/rank")
     elif "note" in r.extra:
         note = str(r.extra["note"])
     return [r.name, f"{r.ours_tokens_per_s:,.0f}", f"{r.ref_tokens_per_s:,.0f}", f"{r.ratio:.3f}", note]
