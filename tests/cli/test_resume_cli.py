@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -27,6 +28,9 @@ def test_a_crashed_run_resumes_bit_for_bit_and_in_another_layout(tmp_path):
     same = paratrain("train", "--resume", "crashed", cwd=tmp_path)
     assert same.returncode == 0, same.stderr
     assert "resuming" in same.stdout
+    at = int(re.search(r"resuming crashed from \S+ \(step (\d)\)", same.stdout).group(1))  # 2 or 4: async save
+    assert f"6 (resumed after step {at})" in same.stdout and f"since the resume at step {at}" in same.stdout
+    assert json.loads((tmp_path / "crashed" / "summary.json").read_text())["resumed_from"]["step"] == at
     assert losses(tmp_path / "crashed") == losses(tmp_path / "full")  # bit for bit, steps 1..6 once each
 
     other = paratrain("train", "--resume", "crashed2", "--nproc", "1", "--dp", "1", cwd=tmp_path)
