@@ -220,6 +220,10 @@ def start_report(cfg: TrainConfig, model_cfg: Any, corpus: Any, auto: Any, folde
           + (f"  vocab: {padding}\n" if padding else "") + f"  out:  {folder.path}\n" + moved, end="", flush=True)
     for warning in corpus.warnings:
         print(f"paratrain: warning: data: {warning}", file=sys.stderr, flush=True)
+    if cfg.warmup_steps >= cfg.steps > 1:
+        print(f"paratrain: note: the learning-rate warm-up ({cfg.warmup_steps} steps) is as long as the run "
+              f"({cfg.steps} steps): the rate never reaches --lr {cfg.lr:g}; --warmup-steps sets it.",
+              file=sys.stderr, flush=True)
 
 
 def _launch_and_report(cfg: TrainConfig, checked: Any, auto: Any, lead: bool, out: Path, fault: Any = None) -> int:
