@@ -18,7 +18,8 @@ from paratrain.models.configs import ModelConfig, get_model_config
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 RECOMPUTE = ("none", "selective", "full")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "bf16-autocast")
+GRAD_DTYPES = ("bf16", "fp32")  # --grad-dtype under --precision bf16 (docs/precision.md)
 DP_IMPLS = ("bucketed", "naive")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -330,6 +331,12 @@ class TrainConfig:
     init_from: str | None = None  # reference-shaped safetensors file or Hugging Face GPT-2 folder
     max_bad_steps: int = 3  # non-finite steps skipped in a row before the run stops
     max_restarts: int = 0  # a dead rank restarts the job (torch elastic) from the latest checkpoint
+    # mixed precision (docs/precision.md): --precision bf16 keeps bf16 weights and gradients and fp32
+    # master weights in the optimizer; grad_dtype "fp32" accumulates and reduces the gradients in fp32
+    # (None: the weights' dtype); offload_optimizer keeps the masters, AdamW's state and its step in
+    # host memory (ZeRO-Offload)
+    grad_dtype: str | None = None
+    offload_optimizer: bool = False
 
     @property
     def world_size(self) -> int:
@@ -365,8 +372,28 @@ class TrainConfig:
             if value not in valid:
                 raise ConfigError(f"{name} must be one of {', '.join(valid)}, got {value!r}.")
         layout.validate(model, self.global_batch, self.seq_len)
+        self._check_precision()
         self._check_implemented()
         return model
+
+    def _check_precision(self) -> None:
+        """--grad-dtype and --offload-optimizer describe the fp32 master weights of --precision bf16."""
+        if self.grad_dtype is not None and self.grad_dtype not in GRAD_DTYPES:
+            raise ConfigError(f"grad_dtype must be one of {', '.join(GRAD_DTYPES)}, got {self.grad_dtype!r}.")
+        for flag, given in (("--grad-dtype", self.grad_dtype is not None), ("--offload-optimizer", self.offload_optimizer)):
+            if given and self.precision != "bf16":
+                raise ConfigError(
+                    f"{flag} sets how mixed precision keeps its gradients or fp32 master weights; it needs "
+                    f"--precision bf16 (bf16 weights, fp32 masters), got --precision {self.precision} "
+                    f"({'fp32 weights are their own masters' if self.precision == 'fp32' else 'autocast over fp32 weights has no masters'}). "
+                    f"Use --precision bf16 {flag}{' fp32' if flag == '--grad-dtype' else ''}, or drop {flag}."
+                )
+        if self.grad_dtype == "fp32" and self.dp_impl == "naive":
+            raise ConfigError(
+                "--grad-dtype fp32 accumulates gradients in fp32 buffers, which the bucketed data "
+                "parallelism holds; --dp-impl naive (the teaching version) reduces autograd's bf16 "
+                "gradients as they are. Use --dp-impl bucketed (the default) or drop --grad-dtype."
+            )
 
     def _check_implemented(self) -> None:
         """What the runtime does not implement (the planner may still rank it): the layouts
