@@ -273,6 +273,29 @@ def _tp_split_dims(model: ModelConfig) -> tuple[tuple[str, int], ...]:
             ("MLP width", model.ffn_hidden))
 
 
+def check_precision(precision: str, grad_dtype: str | None, offload: bool, dp_impl: str = "bucketed") -> None:
+    """``--grad-dtype`` and ``--offload-optimizer`` describe the fp32 master weights of ``--precision
+    bf16`` (docs/precision.md); the one rule ``TrainConfig.validate`` and the planner's CLI apply."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
+    if grad_dtype is not None and grad_dtype not in GRAD_DTYPES:
+        raise ConfigError(f"grad_dtype must be one of {', '.join(GRAD_DTYPES)}, got {grad_dtype!r}.")
+    why = "fp32 weights are their own masters" if precision == "fp32" else "autocast over fp32 weights has no masters"
+    for flag, given in (("--grad-dtype", grad_dtype is not None), ("--offload-optimizer", offload)):
+        if given and precision != "bf16":
+            raise ConfigError(
+                f"{flag} sets how mixed precision keeps its gradients or its fp32 master weights; it needs "
+                f"--precision bf16 (bf16 weights, fp32 masters), got --precision {precision} ({why}). "
+                f"Use --precision bf16 {flag}{' fp32' if flag == '--grad-dtype' else ''}, or drop {flag}."
+            )
+    if grad_dtype == "fp32" and dp_impl == "naive":
+        raise ConfigError(
+            "--grad-dtype fp32 accumulates gradients in fp32 buffers, which the bucketed data "
+            "parallelism holds; --dp-impl naive (the teaching version) reduces autograd's bf16 "
+            "gradients as they are. Use --dp-impl bucketed (the default) or drop --grad-dtype."
+        )
+
+
 def runtime_implements(layout: Layout) -> bool:
     """Whether ``paratrain train`` runs ``layout``, valid by :meth:`Layout.validate`: the one
     function ``TrainConfig.validate`` (which explains a refusal) and ``train --plan auto``'s
@@ -372,28 +395,9 @@ class TrainConfig:
             if value not in valid:
                 raise ConfigError(f"{name} must be one of {', '.join(valid)}, got {value!r}.")
         layout.validate(model, self.global_batch, self.seq_len)
-        self._check_precision()
+        check_precision(self.precision, self.grad_dtype, self.offload_optimizer, self.dp_impl)
         self._check_implemented()
         return model
-
-    def _check_precision(self) -> None:
-        """--grad-dtype and --offload-optimizer describe the fp32 master weights of --precision bf16."""
-        if self.grad_dtype is not None and self.grad_dtype not in GRAD_DTYPES:
-            raise ConfigError(f"grad_dtype must be one of {', '.join(GRAD_DTYPES)}, got {self.grad_dtype!r}.")
-        for flag, given in (("--grad-dtype", self.grad_dtype is not None), ("--offload-optimizer", self.offload_optimizer)):
-            if given and self.precision != "bf16":
-                raise ConfigError(
-                    f"{flag} sets how mixed precision keeps its gradients or fp32 master weights; it needs "
-                    f"--precision bf16 (bf16 weights, fp32 masters), got --precision {self.precision} "
-                    f"({'fp32 weights are their own masters' if self.precision == 'fp32' else 'autocast over fp32 weights has no masters'}). "
-                    f"Use --precision bf16 {flag}{' fp32' if flag == '--grad-dtype' else ''}, or drop {flag}."
-                )
-        if self.grad_dtype == "fp32" and self.dp_impl == "naive":
-            raise ConfigError(
-                "--grad-dtype fp32 accumulates gradients in fp32 buffers, which the bucketed data "
-                "parallelism holds; --dp-impl naive (the teaching version) reduces autograd's bf16 "
-                "gradients as they are. Use --dp-impl bucketed (the default) or drop --grad-dtype."
-            )
 
     def _check_implemented(self) -> None:
         """What the runtime does not implement (the planner may still rank it): the layouts

@@ -71,6 +71,8 @@ class LayoutMemory:
         self.b = b = (options.local_batch if options.local_batch is not None else global_batch / n) / m
         self.e = e = f.ELEM_BYTES[precision]
         self.P_b, self.G_b, _ = f.STATE_BYTES[precision]
+        self.G_b = options.grad_bytes or self.G_b
+        self.offload = options.offload_optimizer
         self.sp = sp = L.sequence_parallel
         self.shape = pipeline_shape(model, seq_len, p, self.v, options.stage_layers or L.stage_layers,
                                     L.stage_speeds, options.rank_speeds)
@@ -118,7 +120,7 @@ class LayoutMemory:
         return params, acts
 
     def _memory(self, params: float, acts: float, zero: int) -> RankMemory:
-        state = _model_state_bytes(params, zero, self.n, self.precision)
+        state = _model_state_bytes(params, zero, self.n, self.precision, self.G_b, self.offload)
         return RankMemory(params, state, self._buffers(zero), acts, self.rebuilt)
 
     def rank_memory(self, i: int) -> RankMemory:
@@ -138,7 +140,7 @@ class LayoutMemory:
         screens the four stages of a layout from one context)."""
         zero = self.layout.zero if zero is None else zero
         buffers, rebuilt, n, precision = self._buffers(zero), self.rebuilt, self.n, self.precision
-        return max(_model_state_bytes(params, zero, n, precision).total + buffers + acts + rebuilt
+        return max(_model_state_bytes(params, zero, n, precision, self.G_b, self.offload).total + buffers + acts + rebuilt
                    for params, acts in self.group_parts())
 
 
