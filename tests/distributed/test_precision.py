@@ -158,3 +158,15 @@ def test_bf16_dp_traffic_follows_the_dtypes(name):
         assert ops == expected
         wire = sum(w for op, (_, _, w) in res["dp_ops"].items() if op in ("all_reduce", "reduce_scatter", "all_gather"))
         assert wire == pytest.approx(est.comm_bytes_per_device.dp, rel=1e-12)
+
+
+def test_bf16_resume_is_bit_exact(tmp_path):
+    """A bf16 run saved after step 2 (bf16 weights + fp32 masters, optim.master.*) and resumed in
+    the same layout continues bit for bit; without the masters it would continue from bf16(master)."""
+    from tests.distributed.test_checkpoint_resume import SAVE_AT, _run
+
+    cfg = with_layout(BF16, dp=2, zero=2).replace(steps=4, grad_dtype="fp32")
+    root = str(tmp_path / "checkpoints")
+    ref = run_ranks(2, _run, cfg, root, None)[0]["losses"]  # trains on after saving at SAVE_AT
+    out = run_ranks(2, _run, cfg, None, root)[0]["losses"]
+    assert out == {k: v for k, v in ref.items() if k > SAVE_AT}  # float equality: bit for bit
