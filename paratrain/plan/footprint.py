@@ -140,7 +140,8 @@ class LayoutMemory:
         screens the four stages of a layout from one context)."""
         zero = self.layout.zero if zero is None else zero
         buffers, rebuilt, n, precision = self._buffers(zero), self.rebuilt, self.n, self.precision
-        return max(_model_state_bytes(params, zero, n, precision, self.G_b, self.offload).total + buffers + acts + rebuilt
+        G_b, offload = self.G_b, self.offload
+        return max(_model_state_bytes(params, zero, n, precision, G_b, offload).total + buffers + acts + rebuilt
                    for params, acts in self.group_parts())
 
 

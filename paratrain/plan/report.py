@@ -64,7 +64,8 @@ def estimate_report(e: Estimate, hw: Hardware) -> str:
          f"{', in host memory' if e.host_bytes_per_device else ''})", fmt_bytes(e.state.optimizer)],
     ]
     if e.host_bytes_per_device:
-        mem_rows.append(["host memory: offloaded optimizer state (not on the device)", fmt_bytes(e.host_bytes_per_device)])
+        mem_rows.append(["host memory: offloaded optimizer state (not on the device)",
+                         fmt_bytes(e.host_bytes_per_device)])
     if e.buffer_bytes:
         mem_rows.append(["ZeRO-3 gather buffers", fmt_bytes(e.buffer_bytes)])
     mem_rows += [

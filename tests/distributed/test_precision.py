@@ -20,7 +20,8 @@ BF16 = BASE.replace(precision="bf16")
 CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "dp2-mb2-offload": (dict(dp=2, microbatches=2), dict(offload_optimizer=True)),
     "z1-dp2-mb2": (dict(dp=2, zero=1, microbatches=2), {}),
-    "z2-dp2-mb2-fp32grad-offload": (dict(dp=2, zero=2, microbatches=2), dict(grad_dtype="fp32", offload_optimizer=True)),
+    "z2-dp2-mb2-fp32grad-offload": (dict(dp=2, zero=2, microbatches=2),
+                                    dict(grad_dtype="fp32", offload_optimizer=True)),
     "z3-dp2-fp32grad": (dict(dp=2, zero=3), dict(grad_dtype="fp32")),
     "tp2-sp": (dict(tp=2, sequence_parallel=True), {}),
     "pp2-1f1b-fp32grad": (dict(pp=2, microbatches=4, schedule="1f1b"), dict(grad_dtype="fp32")),
