@@ -104,13 +104,6 @@ class StageCost(NamedTuple):
         return self.forward_s + self.backward_s + self.tp_s + self.p2p_s
 
 
-def offload_copy_seconds(owned: float, grad_bytes: float, param_bytes: float, hw: Hardware) -> float:
-    """ZeRO-Offload's copies per step for ``owned`` parameters: their reduced gradients device ->
-    host and the updated 16-bit weights host -> device, one after the other over the host link
-    (``host_link_bw`` 0: the device is the host, nothing to copy)."""
-    return (grad_bytes + param_bytes) * owned / hw.host_link_bw if hw.host_link_bw else 0.0
-
-
 def compute_share(hw: Hardware, world_size: int) -> float:
     """Fraction of a compute unit each process gets when the processes of a node outnumber its
     cores (CPU ranks time-sharing cores): min(1, cores / processes on the node). 1 for devices
@@ -304,7 +297,7 @@ class _Layout(LayoutMemory):
         if self.offload:  # ZeRO-Offload: the step runs in host memory, gradients and weights cross the link
             host_bw = (self.hw.host_memory_bw or self.hw.memory_bw) * self.speeds[i]
             opt_s = OPTIMIZER_BYTES_PER_PARAM * owned / host_bw if host_bw else 0.0
-            opt_s += offload_copy_seconds(owned, self.G_b, self.P_b, self.hw)
+            opt_s += f.offload_copy_seconds(owned, self.G_b, self.P_b, self.hw.host_link_bw)
         return StageCost(
             i, count, n_layers, params, state, self.buffers, acts, self.rebuilt,
             sum(c.forward_s for c in chunks), sum(c.backward_s for c in chunks),

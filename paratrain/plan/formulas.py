@@ -19,6 +19,8 @@ References:
   [R20] Rajbhandari et al., "ZeRO: Memory Optimizations Toward Training Trillion Parameter
         Models", SC20 (arXiv:1910.02054).
   [K20] Kaplan et al., "Scaling Laws for Neural Language Models", 2020 (C = 6 N D).
+  [R21] Ren et al., "ZeRO-Offload: Democratizing Billion-Scale Model Training", USENIX ATC 2021
+        (arXiv:2101.06840).
 """
 
 from __future__ import annotations
@@ -138,6 +140,13 @@ def model_state_bytes(psi: float, zero: int, dp: int, precision: str, grad_bytes
         grads=G * psi / (dp if zero >= 2 else 1),
         optimizer=0.0 if offload else K * psi / (dp if zero >= 1 else 1),
     )
+
+
+def offload_copy_seconds(owned: float, grad_bytes: float, param_bytes: float, host_link_bw: float) -> float:
+    """ZeRO-Offload's copies per step for the ``owned`` parameters a device steps ([R21] sec. 4):
+    their reduced gradients device -> host and the updated 16-bit weights host -> device, one
+    after the other over the host link (``host_link_bw`` 0: the device is the host, no copy)."""
+    return (grad_bytes + param_bytes) * owned / host_link_bw if host_link_bw else 0.0
 
 
 def host_state_bytes(psi: float, zero: int, dp: int, precision: str, offload: bool) -> float:

@@ -36,11 +36,6 @@ def config(name: str) -> TrainConfig:
     return with_layout(BF16, **layout).replace(**changes)
 
 
-def reference_of(name: str) -> str:
-    """The reference (benchmarks/noise_floor_bf16.py's names) a case is compared with."""
-    return "tiny"
-
-
 def _layouts_fn(cfgs: list[TrainConfig]) -> list[dict[str, Any]] | None:
     """On every rank: train each config in turn (one launch); rank 0 returns what is compared."""
     import torch.distributed as dist

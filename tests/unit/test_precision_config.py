@@ -9,7 +9,7 @@ from paratrain.config import Layout, TrainConfig, check_precision
 from paratrain.errors import ConfigError
 from paratrain.models.configs import get_model_config, param_count
 from paratrain.plan import formulas as f
-from paratrain.plan.cost import CostOptions, estimate, offload_copy_seconds
+from paratrain.plan.cost import CostOptions, estimate
 from paratrain.plan.hardware import get_hardware
 from tests.cli.test_train_cli import paratrain
 
@@ -63,7 +63,7 @@ def test_the_estimate_counts_gradients_and_offload():
     assert off.peak_bytes_per_device == pytest.approx(base.peak_bytes_per_device - base.state.optimizer)
     # the step pays the copies over PCIe (2 B gradient down, 2 B weight up per owned parameter) and
     # AdamW in host memory
-    copies = offload_copy_seconds(psi / 8, 2, 2, hw)
+    copies = f.offload_copy_seconds(psi / 8, 2, 2, hw.host_link_bw)
     assert copies == pytest.approx(4 * psi / 8 / hw.host_link_bw)
     assert off.time.optimizer > base.time.optimizer + copies * 0.99
     assert estimate(model, layout, hw, 64, 1024, "bf16-autocast").state.total == pytest.approx(
@@ -72,7 +72,7 @@ def test_the_estimate_counts_gradients_and_offload():
 
 def test_cpu_offload_copies_nothing():
     cpu = get_hardware("cpu")
-    assert cpu.host_link_bw == 0 and offload_copy_seconds(1e6, 2, 2, cpu) == 0
+    assert cpu.host_link_bw == 0 and f.offload_copy_seconds(1e6, 2, 2, cpu.host_link_bw) == 0
     est = estimate(get_model_config("tiny"), Layout(dp=2), cpu, 8, 32, "bf16", CostOptions(offload_optimizer=True))
     assert any("its own host" in n for n in est.notes)
 
