@@ -53,7 +53,8 @@ def worker(out: str, parallel: bool) -> None:
     if parallel:
         for world, names in LAYOUTS.items():
             for name, res in zip(names, run_layouts(world, names)):
-                results[name, "parallel"] = res
+                results[name, "parallel"] = {"losses": res["losses"], "grad_norms": res["grad_norms"],
+                                             "state": res["full_state"]}
                 results[name, "ref"] = _run(BASE.replace(precision="bf16", steps=config(name).steps))
     torch.save(results, out)
 

@@ -153,6 +153,7 @@ class _Layout(LayoutMemory):
     def __init__(self, model: ModelConfig, layout: Layout, hw: Hardware, global_batch: int, seq_len: int,
                  precision: str, options: CostOptions) -> None:
         super().__init__(model, layout, global_batch, seq_len, precision, options)
+        self.offload = options.offload_optimizer and hw.host_link_bw > 0  # a CPU is its own host
         L, p, t, b, s, h = layout, self.p, self.t, self.b, self.s, self.h
         F, V = model.ffn_hidden, self.V
         self.hw = hw
@@ -392,7 +393,7 @@ def make_estimate(model: ModelConfig, layout: Layout, hw: Hardware, global_batch
         notes=_notes(model, hw, precision, layout, options),
         grad_bytes=options.grad_bytes or f.STATE_BYTES[precision][1],
         host_bytes_per_device=f.host_state_bytes(heavy.params, layout.zero, layout.dp, precision,
-                                                 options.offload_optimizer),
+                                                 options.offload_optimizer and hw.host_link_bw > 0),
     )
 
 
@@ -400,7 +401,8 @@ def _notes(model: ModelConfig, hw: Hardware, precision: str, layout: Layout,
            options: CostOptions = DEFAULT_OPTIONS) -> tuple[str, ...]:
     notes = []
     if options.offload_optimizer and not hw.host_link_bw:
-        notes.append(f"{hw.name} is its own host: --offload-optimizer moves nothing (no host link to price).")
+        notes.append(f"{hw.name} is its own host (no host link): with --offload-optimizer the optimizer state "
+                     f"stays in the same memory and nothing is copied.")
     if precision != "fp32" and not hw.peak_bf16_flops:
         notes.append(f"{hw.name} has no bf16 units: estimated as fp16 mixed precision (same bytes, fp16 peak).")
     if not hw.memory_bw:

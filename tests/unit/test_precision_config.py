@@ -75,6 +75,8 @@ def test_cpu_offload_copies_nothing():
     assert cpu.host_link_bw == 0 and f.offload_copy_seconds(1e6, 2, 2, cpu.host_link_bw) == 0
     est = estimate(get_model_config("tiny"), Layout(dp=2), cpu, 8, 32, "bf16", CostOptions(offload_optimizer=True))
     assert any("its own host" in n for n in est.notes)
+    assert est.state == estimate(get_model_config("tiny"), Layout(dp=2), cpu, 8, 32, "bf16").state
+    assert est.host_bytes_per_device == 0
 
 
 def test_cli_refuses_with_exit_2(tmp_path):
