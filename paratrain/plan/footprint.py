@@ -149,13 +149,14 @@ class LayoutMemory:
         """:meth:`peak_bytes` at each ZeRO stage of ``zeros``, in one call (the search screens
         every stage of a layout from one context)."""
         parts, rebuilt, n, precision = self.group_parts(), self.rebuilt, self.n, self.precision
-        return {zero: max(_state_total(params, zero, n, precision) + self._buffers(zero) + acts + rebuilt
-                          for params, acts in parts) for zero in zeros}
+        G_b, offload = self.G_b, self.offload
+        return {zero: max(_state_total(params, zero, n, precision, G_b, offload) + self._buffers(zero) + acts
+                          + rebuilt for params, acts in parts) for zero in zeros}
 
 
 @lru_cache(maxsize=16384)
-def _state_total(psi: float, zero: int, dp: int, precision: str) -> float:
-    return _model_state_bytes(psi, zero, dp, precision).total
+def _state_total(psi: float, zero: int, dp: int, precision: str, grad_bytes: int, offload: bool) -> float:
+    return _model_state_bytes(psi, zero, dp, precision, grad_bytes, offload).total
 
 
 # A rank's parameters do not depend on the micro-batches, recomputation or sequence parallelism:
