@@ -8,13 +8,14 @@ before any process or process group exists.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from paratrain.core.vocab import padded_vocab_size
 from paratrain.errors import ConfigError
-from paratrain.models.configs import ModelConfig, get_model_config
+from paratrain.models.configs import ModelConfig, get_model_config, hf_shape
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 RECOMPUTE = ("none", "selective", "full")
@@ -268,7 +269,9 @@ def vocab_padding_note(model: ModelConfig, tp: int) -> str | None:
 
 def _tp_split_dims(model: ModelConfig) -> tuple[tuple[str, int], ...]:
     """The dimensions tensor parallelism splits evenly, which tp must divide."""
-    return (("attention heads", model.num_heads), ("hidden size", model.hidden),
+    kv = (("key/value heads (grouped-query attention splits them over tp)", model.num_kv_heads),) \
+        if model.num_kv_heads != model.num_heads else ()
+    return (("attention heads", model.num_heads), *kv, ("hidden size", model.hidden),
             ("MLP width", model.ffn_hidden))
 
 
@@ -330,12 +333,18 @@ class TrainConfig:
     init_from: str | None = None  # reference-shaped safetensors file or Hugging Face GPT-2 folder
     max_bad_steps: int = 3  # non-finite steps skipped in a row before the run stops
     max_restarts: int = 0  # a dead rank restarts the job (torch elastic) from the latest checkpoint
+    # A Hugging Face model instead of `model` (issue 11): its family (gpt2 | llama) and its config
+    # fields as a JSON object (random weights from `seed`; nothing is downloaded)
+    hf: str | None = None
+    hf_config: str | None = None
 
     @property
     def world_size(self) -> int:
         return self.nproc or self.layout.world_size
 
     def model_config(self) -> ModelConfig:
+        if self.hf is not None:  # dropout: the HF config's own fields (0 unless given)
+            return hf_shape(self.hf, json.loads(self.hf_config or "{}"))
         overrides: dict[str, Any] = {"dropout": self.dropout}
         if self.untie_embeddings:
             overrides["tie_embeddings"] = False

@@ -5,6 +5,7 @@ the optimizer settings and the batches."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -23,15 +24,22 @@ class ReferenceRun:
 
 
 def reference_train(cfg: TrainConfig, corpus: Corpus | None = None, device: str = "cpu") -> ReferenceRun:
-    """Train ``cfg.model`` for ``cfg.steps`` steps in this process (fp32)."""
+    """Train ``cfg.model`` (or ``cfg.hf``) for ``cfg.steps`` steps in this process (fp32)."""
     corpus = corpus or load_corpus(cfg.data)
-    model = build_reference(cfg.model_config(), cfg.seed, device)
+    if cfg.hf is None:
+        model = build_reference(cfg.model_config(), cfg.seed, device)
+        forward = model
+    else:  # the Hugging Face model's own forward (models/hf.py)
+        from paratrain.models.hf import build_hf, reference_loss
+
+        model = build_hf(cfg.hf, cfg.hf_config, cfg.seed, device)
+        forward = functools.partial(reference_loss, model)
     opt = make_optimizer(model.named_parameters(), cfg)
     losses, norms = [], []
     for step in range(1, cfg.steps + 1):
         x, y = get_batch(corpus.train, cfg.seq_len, cfg.global_batch, cfg.seed, step)
         set_lr(opt, lr_at(step, cfg))
-        loss = model(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
+        loss = forward(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
         loss.backward()
         if cfg.grad_clip > 0:
             norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)))
