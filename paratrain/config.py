@@ -344,7 +344,13 @@ class TrainConfig:
 
     def model_config(self) -> ModelConfig:
         if self.hf is not None:  # dropout: the HF config's own fields (0 unless given)
-            return hf_shape(self.hf, json.loads(self.hf_config or "{}"))
+            try:
+                fields = json.loads(self.hf_config or "{}")
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"hf_config is not valid JSON ({e.msg}): {self.hf_config!r}") from None
+            if not isinstance(fields, dict):
+                raise ConfigError(f"hf_config must be a JSON object of config fields, got {self.hf_config!r}")
+            return hf_shape(self.hf, fields)
         overrides: dict[str, Any] = {"dropout": self.dropout}
         if self.untie_embeddings:
             overrides["tie_embeddings"] = False

@@ -27,11 +27,11 @@ from paratrain.reference import reference_train  # noqa: E402
 from tests.common import BASE, assert_matches_reference  # noqa: E402
 from tests.harness import run_ranks  # noqa: E402
 
-# 4 blocks (the interleaved schedule needs pp x 2 of them), width 32, seq 16. GPT-2's vocabulary
-# 96 divides by tp; Llama's 97 does not (padded rows), and its 4 query heads share 2 kv heads.
-GPT2 = json.dumps({"n_layer": 4, "n_embd": 32, "n_head": 4, "vocab_size": 96, "n_positions": 16})
+# 4 blocks (the interleaved schedule needs pp x 2 of them), width 32, seq 16, byte tokens. GPT-2's vocabulary
+# 256 divides by tp; Llama's 257 does not (padded rows), and its 4 query heads share 2 kv heads.
+GPT2 = json.dumps({"n_layer": 4, "n_embd": 32, "n_head": 4, "vocab_size": 256, "n_positions": 16})
 LLAMA = json.dumps({"num_hidden_layers": 4, "hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2,
-                    "intermediate_size": 64, "vocab_size": 97, "max_position_embeddings": 16})
+                    "intermediate_size": 64, "vocab_size": 257, "max_position_embeddings": 16})
 HF_BASE = BASE.replace(steps=4, seq_len=16, global_batch=8)
 CFG = {"gpt2": HF_BASE.replace(hf="gpt2", hf_config=GPT2), "llama": HF_BASE.replace(hf="llama", hf_config=LLAMA)}
 
