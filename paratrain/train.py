@@ -379,7 +379,7 @@ def _summary(cfg: TrainConfig, records: list[dict[str, Any]], val_loss: float | 
              device: torch.device, params: int, mesh: Mesh) -> dict[str, Any]:
     steady = records[min(len(records) - 1, 2):]  # the first steps include warm-up costs
     return {
-        "model": cfg.model,
+        "model": cfg.model_config().name if cfg.hf else cfg.model,
         "params": params,
         "layout": str(cfg.layout),
         "world_size": cfg.layout.world_size,

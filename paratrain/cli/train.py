@@ -168,10 +168,6 @@ def check_init_from(cfg: TrainConfig) -> None:
 def preflight(cfg: TrainConfig) -> Any:
     """Every check that can fail before a process starts (exit 2 on failure)."""
     model_cfg = check_config(cfg)
-    from paratrain.data import check_corpus, load_corpus
-
-    corpus = load_corpus(cfg.data)
-    check_corpus(corpus, cfg.seq_len)
     if cfg.hf is not None:  # a Hugging Face model: its config's fields exist; byte tokens fit its vocabulary
         from paratrain.models.hf import parse_hf_config
 
@@ -181,6 +177,10 @@ def preflight(cfg: TrainConfig) -> Any:
                               "the training data is made of; give vocab_size 256 or more.")
         if cfg.init_from:
             raise ConfigError("--init-from loads weights of the built-in GPT; with --hf the weights are random.")
+    from paratrain.data import check_corpus, load_corpus
+
+    corpus = load_corpus(cfg.data)
+    check_corpus(corpus, cfg.seq_len)
     if cfg.device == "cuda":
         import torch
 

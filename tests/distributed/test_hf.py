@@ -36,13 +36,12 @@ HF_BASE = BASE.replace(steps=4, seq_len=16, global_batch=8)
 CFG = {"gpt2": HF_BASE.replace(hf="gpt2", hf_config=GPT2), "llama": HF_BASE.replace(hf="llama", hf_config=LLAMA)}
 
 PP = dict(microbatches=2)
+# Every kind of layout once: plain dp (with tp, and with pp), ZeRO 1/2/3, tp with and without
+# sequence parallelism, pp under each schedule, and 3D.
 LAYOUTS: dict[int, list[tuple[str, Layout]]] = {
-    4: [("dp4", Layout(dp=4)),
-        ("dp2-tp2", Layout(dp=2, tp=2)),
+    4: [("dp2-tp2", Layout(dp=2, tp=2)),
         ("dp2-tp2-sp-zero1", Layout(dp=2, tp=2, sequence_parallel=True, zero=1)),
-        ("dp4-zero2", Layout(dp=4, zero=2)),
-        ("dp4-zero3", Layout(dp=4, zero=3, microbatches=2)),
-        ("dp2-tp2-sp-zero3", Layout(dp=2, tp=2, zero=3, sequence_parallel=True)),
+        ("dp4-zero3-accum2", Layout(dp=4, zero=3, microbatches=2)),
         ("pp2-dp2-gpipe", Layout(pp=2, dp=2, schedule="gpipe", **PP)),
         ("pp2-tp2-sp-1f1b", Layout(pp=2, tp=2, schedule="1f1b", sequence_parallel=True, **PP)),
         ("pp2-dp2-interleaved-zero2", Layout(pp=2, dp=2, schedule="interleaved", virtual_stages=2, zero=2, **PP))],

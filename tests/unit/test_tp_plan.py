@@ -37,7 +37,8 @@ class Tiny(nn.Module):
 
 
 def test_a_missing_module_lists_the_modules_that_exist():
-    with pytest.raises(ValueError, match=r"'mlp\.fc1', which matches no module of Tiny; its modules are: emb, up, down"):
+    with pytest.raises(ValueError, match=r"'mlp\.fc1', which matches no module of Tiny; its modules are: "
+                                         r"emb, up, down"):
         check_tp_plan(Tiny(), {"mlp.fc1": "column"}, 2)
 
 
@@ -53,15 +54,15 @@ def test_a_width_tp_does_not_divide_is_an_error_naming_the_module_and_valid_tp()
 def test_llama_kv_heads_tp_does_not_divide_say_so():
     model = hf.build_hf("llama", LLAMA)
     check_tp_plan(model, hf.tp_plan("llama", hf.hf_config("llama", LLAMA)), 2)
-    with pytest.raises(ValueError, match=r"tp=4 does not divide the 2 key/value heads .* of 'model\.layers\.0\.self_attn"
-                                         r"\.k_proj'.*valid tp: \[1, 2\]"):
+    with pytest.raises(ValueError, match=r"tp=4 does not divide the 2 key/value heads .* of "
+                                         r"'model\.layers\.0\.self_attn\.k_proj'.*valid tp: \[1, 2\]"):
         check_tp_plan(model, hf.tp_plan("llama", hf.hf_config("llama", LLAMA)), 4)
 
 
 def test_gpt2_fused_qkv_splits_by_heads():
     cfg = dict(GPT2, n_head=2)
-    with pytest.raises(ValueError, match=r"tp=4 does not divide the 2 attention heads of 'transformer\.h\.0\.attn\.c_attn' "
-                                         r"\(each of its 3 fused parts\)"):
+    with pytest.raises(ValueError, match=r"tp=4 does not divide the 2 attention heads of "
+                                         r"'transformer\.h\.0\.attn\.c_attn' \(each of its 3 fused parts\)"):
         check_tp_plan(hf.build_hf("gpt2", cfg), hf.tp_plan("gpt2", hf.hf_config("gpt2", cfg)), 4)
 
 
