@@ -148,6 +148,16 @@ _register(ModelConfig("gpt-70b", num_layers=80, hidden=8192, num_heads=64, vocab
           max_seq_len=4096, planning_only=True))
 _register(ModelConfig("gpt-175b", num_layers=96, hidden=12288, num_heads=96, vocab_size=GPT2_VOCAB,
           max_seq_len=2048, planning_only=True))
+# Llama 3 (Meta, 2024; the configs of meta-llama/Meta-Llama-3-8B and -70B): grouped-query attention
+# with 8 kv heads, SwiGLU, RMSNorm, rotary positions, untied head, vocabulary 128,256. Exactly
+# 8,030,261,248 and 70,553,706,496 parameters, the published counts (tested).
+LLAMA3_VOCAB = 128256
+_register(ModelConfig("llama-3-8b", num_layers=32, hidden=4096, num_heads=32, vocab_size=LLAMA3_VOCAB,
+          max_seq_len=8192, ffn_hidden=14336, tie_embeddings=False, planning_only=True, family="llama",
+          num_kv_heads=8))
+_register(ModelConfig("llama-3-70b", num_layers=80, hidden=8192, num_heads=64, vocab_size=LLAMA3_VOCAB,
+          max_seq_len=8192, ffn_hidden=28672, tie_embeddings=False, planning_only=True, family="llama",
+          num_kv_heads=8))
 
 
 def model_names() -> list[str]:
