@@ -169,14 +169,14 @@ def preflight(cfg: TrainConfig) -> Any:
     """Every check that can fail before a process starts (exit 2 on failure)."""
     model_cfg = check_config(cfg)
     if cfg.hf is not None:  # a Hugging Face model: its config's fields exist; byte tokens fit its vocabulary
-        from paratrain.models.hf import parse_hf_config
-
-        parse_hf_config(cfg.hf, cfg.hf_config)
         if model_cfg.vocab_size < 256:
             raise ConfigError(f"--hf-config: vocab_size {model_cfg.vocab_size} is smaller than the 256 byte tokens "
                               "the training data is made of; give vocab_size 256 or more.")
         if cfg.init_from:
             raise ConfigError("--init-from loads weights of the built-in GPT; with --hf the weights are random.")
+        from paratrain.models.hf import parse_hf_config  # imports transformers (and torch): last
+
+        parse_hf_config(cfg.hf, cfg.hf_config)
     from paratrain.data import check_corpus, load_corpus
 
     corpus = load_corpus(cfg.data)
