@@ -108,11 +108,15 @@ def _params(model: nn.Module, names: Sequence[str]) -> set[int]:
     return {id(p) for n in names for p in model.get_submodule(n).parameters()}
 
 
-def build_stage(model: nn.Module, mesh: Mesh, layout: Layout, seq_len: int, stages: Stages) -> Stage:
+def build_stage(model: nn.Module, mesh: Mesh, layout: Layout, seq_len: int, stages: Stages | None = None) -> Stage:
     """Cut ``model`` (the full reference, identical on every rank) down to this pipeline rank's
-    chunks, by its stage spec. Collective (it creates the tied-embedding groups): every rank
-    calls it. A weight held both before and after the blocks (a tied embedding) is the tied
-    parameter."""
+    chunks, by its stage spec (default: the built-in GPT's). Collective (it creates the
+    tied-embedding groups): every rank calls it. A weight held both before and after the blocks
+    (a tied embedding) is the tied parameter."""
+    if stages is None:
+        from paratrain.models.plans import gpt_stages
+
+        stages = gpt_stages(model.cfg)  # type: ignore[arg-type]
     p, v, rank = layout.pp, layout.virtual_stages, mesh.coords.pp
     blocks = stages.block_list(model)
     num_layers = len(blocks)
