@@ -320,7 +320,8 @@ def _train(cfg: TrainConfig, env: RankEnv, device: torch.device,
     if last_save is not None:
         summary["checkpoint"] = dict(last_save, folder=str(out / "checkpoints" / f"step-{cfg.steps}"))
     if checkpoints.bytes_read:
-        summary["resumed_from"] = {"folder": cfg.resume_from, "bytes_read_rank0": checkpoints.bytes_read}
+        summary["resumed_from"] = {"folder": cfg.resume_from, "step": first - 1,
+                                   "bytes_read_rank0": checkpoints.bytes_read}
     if cfg.sample_tokens and state is not None and cfg.hf is None:
         summary["sample"] = sample_text(model_cfg, state, cfg.sample_tokens, cfg.seed)
     return summary

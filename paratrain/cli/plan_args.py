@@ -328,7 +328,7 @@ def add_one_layout_args(p: argparse.ArgumentParser) -> None:
     from paratrain.cli.common import add_layout_args
 
     add_model_args(p)
-    add_layout_args(p)
+    add_layout_args(p, dp_default="1")
     add_cost_args(p, batch_help="sequences per optimizer step over all ranks (default: dp x microbatches)")
     add_hardware_args(p)
 

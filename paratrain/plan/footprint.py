@@ -102,7 +102,11 @@ class LayoutMemory:
     def _rank_parts(self, i: int) -> tuple[float, float]:
         """(parameters, stashed activation bytes) of rank ``i``: the same for every ZeRO stage."""
         p, v, m, schedule = self.p, self.v, self.m, self.layout.schedule
-        params = sum(self.chunk_params(k) for k in range(i, p * v, p))
+        # = sum(self.chunk_params(k) for k in range(i, p v, p)), in one product: parameter counts are
+        # integers (tp divides the widths, the vocabulary is padded), so no order rounds differently
+        params = sum(self.shape.chunks[i::p]) * self.block \
+            + (self.embed + self.model.max_seq_len * self.h if i == 0 else 0) \
+            + (2 * self.h + (self.embed if self.head_copy else 0) if i == p - 1 else 0)
         if v == 1:
             flight = in_flight_microbatches(schedule, p, m, v, i)
             acts = flight * (self.shape.layers[i] * self.act_layer + (self.emb_act if i == 0 else 0)) \
@@ -137,6 +141,19 @@ class LayoutMemory:
         buffers, rebuilt, n, precision = self._buffers(zero), self.rebuilt, self.n, self.precision
         return max(_model_state_bytes(params, zero, n, precision).total + buffers + acts + rebuilt
                    for params, acts in self.group_parts())
+
+
+    def peaks(self, zeros: tuple[int, ...]) -> dict[int, float]:
+        """:meth:`peak_bytes` at each ZeRO stage of ``zeros``, in one call (the search screens
+        every stage of a layout from one context)."""
+        parts, rebuilt, n, precision = self.group_parts(), self.rebuilt, self.n, self.precision
+        return {zero: max(_state_total(params, zero, n, precision) + self._buffers(zero) + acts + rebuilt
+                          for params, acts in parts) for zero in zeros}
+
+
+@lru_cache(maxsize=16384)
+def _state_total(psi: float, zero: int, dp: int, precision: str) -> float:
+    return _model_state_bytes(psi, zero, dp, precision).total
 
 
 # A rank's parameters do not depend on the micro-batches, recomputation or sequence parallelism:
