@@ -32,7 +32,7 @@ from tests.harness import run_ranks  # noqa: E402
 GPT2 = json.dumps({"n_layer": 4, "n_embd": 32, "n_head": 4, "vocab_size": 256, "n_positions": 16})
 LLAMA = json.dumps({"num_hidden_layers": 4, "hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2,
                     "intermediate_size": 64, "vocab_size": 257, "max_position_embeddings": 16})
-HF_BASE = BASE.replace(steps=4, seq_len=16, global_batch=8)
+HF_BASE = BASE.replace(steps=3, seq_len=16, global_batch=8)
 CFG = {"gpt2": HF_BASE.replace(hf="gpt2", hf_config=GPT2), "llama": HF_BASE.replace(hf="llama", hf_config=LLAMA)}
 
 PP = dict(microbatches=2)
