@@ -8,13 +8,14 @@ before any process or process group exists.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from paratrain.core.vocab import padded_vocab_size
 from paratrain.errors import ConfigError
-from paratrain.models.configs import ModelConfig, get_model_config
+from paratrain.models.configs import ModelConfig, get_model_config, hf_shape
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 RECOMPUTE = ("none", "selective", "full")
@@ -269,7 +270,9 @@ def vocab_padding_note(model: ModelConfig, tp: int) -> str | None:
 
 def _tp_split_dims(model: ModelConfig) -> tuple[tuple[str, int], ...]:
     """The dimensions tensor parallelism splits evenly, which tp must divide."""
-    return (("attention heads", model.num_heads), ("hidden size", model.hidden),
+    kv = (("key/value heads (grouped-query attention splits them over tp)", model.num_kv_heads),) \
+        if model.num_kv_heads != model.num_heads else ()
+    return (("attention heads", model.num_heads), *kv, ("hidden size", model.hidden),
             ("MLP width", model.ffn_hidden))
 
 
@@ -360,12 +363,24 @@ class TrainConfig:
     # host memory (ZeRO-Offload)
     grad_dtype: str | None = None
     offload_optimizer: bool = False
+    # A Hugging Face model instead of `model` (issue 11): its family (gpt2 | llama) and its config
+    # fields as a JSON object (random weights from `seed`; nothing is downloaded)
+    hf: str | None = None
+    hf_config: str | None = None
 
     @property
     def world_size(self) -> int:
         return self.nproc or self.layout.world_size
 
     def model_config(self) -> ModelConfig:
+        if self.hf is not None:  # dropout: the HF config's own fields (0 unless given)
+            try:
+                fields = json.loads(self.hf_config or "{}")
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"hf_config is not valid JSON ({e.msg}): {self.hf_config!r}") from None
+            if not isinstance(fields, dict):
+                raise ConfigError(f"hf_config must be a JSON object of config fields, got {self.hf_config!r}")
+            return hf_shape(self.hf, fields)
         overrides: dict[str, Any] = {"dropout": self.dropout}
         if self.untie_embeddings:
             overrides["tie_embeddings"] = False

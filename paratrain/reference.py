@@ -5,6 +5,7 @@ the optimizer settings and the batches."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -23,11 +24,18 @@ class ReferenceRun:
 
 
 def reference_train(cfg: TrainConfig, corpus: Corpus | None = None, device: str = "cpu") -> ReferenceRun:
-    """Train ``cfg.model`` for ``cfg.steps`` steps in this process: fp32, or with
+    """Train ``cfg.model`` (or ``cfg.hf``) for ``cfg.steps`` steps in this process: fp32, or with
     ``cfg.precision`` "bf16" a bf16 model whose fp32 master copies AdamW steps (the gradient
     upcast to fp32, then clipped: parallel/mixed.py's arithmetic), or "bf16-autocast"."""
     corpus = corpus or load_corpus(cfg.data)
-    model = build_reference(cfg.model_config(), cfg.seed, device)
+    if cfg.hf is None:
+        model = build_reference(cfg.model_config(), cfg.seed, device)
+        forward = model
+    else:  # the Hugging Face model's own forward (models/hf.py)
+        from paratrain.models.hf import build_hf, reference_loss
+
+        model = build_hf(cfg.hf, cfg.hf_config, cfg.seed, device)
+        forward = functools.partial(reference_loss, model)
     mixed = cfg.precision == "bf16"
     if mixed:
         model.to(torch.bfloat16)
@@ -42,7 +50,7 @@ def reference_train(cfg: TrainConfig, corpus: Corpus | None = None, device: str 
         x, y = get_batch(corpus.train, cfg.seq_len, cfg.global_batch, cfg.seed, step)
         set_lr(opt, lr_at(step, cfg))
         with autocast:
-            loss = model(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
+            loss = forward(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
         loss.backward()
         if mixed:
             for p, m in zip(params, masters):

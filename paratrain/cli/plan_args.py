@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 
 from paratrain.config import GRAD_DTYPES, PRECISIONS, Layout, check_precision
 from paratrain.errors import ConfigError
-from paratrain.models.configs import ModelConfig, get_model_config, model_names
+from paratrain.models.configs import HF_FIELDS, ModelConfig, get_model_config, hf_shape, model_names
 from paratrain.plan.cost import CostOptions
 from paratrain.plan.hardware import GB, TFLOPS, GiB, Hardware, custom_hardware, device_names, get_hardware
 
@@ -95,6 +95,31 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seq-len", **count(1, 2**24),
                    help="tokens per sequence S (default: the named model's maximum)")
     g.add_argument("--untie-embeddings", action="store_true", help="the LM head has its own weight")
+    g.add_argument("--hf-config", metavar="FILE", help="a Hugging Face GPT-2 or Llama config (config.json, or "
+                   "the JSON text of its fields): the family from its model_type (or its field names), missing "
+                   "fields at transformers' defaults")
+
+
+def hf_config_model(spec: str) -> ModelConfig:
+    """The shape of a Hugging Face config file or JSON text (``estimate|plan --hf-config``)."""
+    import json
+    from pathlib import Path
+
+    try:
+        text = spec if spec.lstrip().startswith("{") else Path(spec).read_text()
+        fields = json.loads(text)
+    except OSError as e:
+        raise ConfigError(f"--hf-config {spec!r}: cannot read it ({e.strerror}).") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--hf-config {spec!r}: not valid JSON ({e.msg} at character {e.pos}).") from None
+    if not isinstance(fields, dict):
+        raise ConfigError(f"--hf-config {spec!r}: expected a JSON object of config fields.")
+    kind = fields.get("model_type") or ("gpt2" if "n_layer" in fields else
+                                        "llama" if "num_hidden_layers" in fields else None)
+    if kind not in HF_FIELDS:
+        raise ConfigError(f"--hf-config {spec!r}: model_type {kind!r} is not one paratrain knows; valid: "
+                          f"{', '.join(HF_FIELDS)} (or give n_layer / num_hidden_layers so the family shows).")
+    return hf_shape(kind, fields)
 
 
 def build_model(args: argparse.Namespace) -> tuple[ModelConfig, int]:
@@ -102,6 +127,12 @@ def build_model(args: argparse.Namespace) -> tuple[ModelConfig, int]:
     check_numbers(args)
     shape = {field: getattr(args, flag) for flag, field in _SHAPE.items() if getattr(args, flag) is not None}
     extra: dict[str, Any] = {"tie_embeddings": False} if args.untie_embeddings else {}
+    if getattr(args, "hf_config", None):
+        if args.model:
+            raise ConfigError("give either --model or --hf-config, not both.")
+        base = hf_config_model(args.hf_config)
+        model = base.replace(**shape, **extra) if shape or extra else base
+        return model, args.seq_len or model.max_seq_len
     if args.model:
         base = get_model_config(args.model)
         changes = {**shape, **extra}

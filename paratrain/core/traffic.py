@@ -88,7 +88,10 @@ def tp_traffic(model: ModelConfig, tp: int, sequence_parallel: bool, microbatch:
         scatters = 2 * L + hd + ((1 + last) * L if full else 0)
         _add(out, BACKWARD, "all_gather", gathers, gathers * A)
         _add(out, BACKWARD, "reduce_scatter", scatters, scatters * A)
-        partial = L * (4 * h + 2 * h) + emb * model.max_seq_len * h + hd * 2 * h
+        if model.family == "gpt":  # 2 LayerNorms (4h), 2 row biases (2h); positions; the final LayerNorm
+            partial = L * (4 * h + 2 * h) + emb * model.max_seq_len * h + hd * 2 * h
+        else:  # Llama: 2 RMSNorm weights, no biases, rotary positions; the final RMSNorm
+            partial = L * 2 * h + hd * h
         _add(out, STEP, "all_reduce", 1, partial * grad_bytes)
     else:
         _add(out, FORWARD, "all_reduce", emb + 2 * L, (emb + 2 * L) * A)

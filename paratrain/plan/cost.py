@@ -163,8 +163,9 @@ class _Layout(LayoutMemory):
         if self.share < 1 and hw.shared_latency_s:  # processes outnumber cores: peers answer later
             hw = hw.replace(intra_node_latency_s=hw.shared_latency_s)
         self.link_hw = hw
-        self.layer_fwd = f.layer_forward_flops(b, s, h, F) / t
-        self.layer_rec = f.recompute_forward_flops(L.recompute, b, s, h, F) / t
+        shape = f.shape_args(model)
+        self.layer_fwd = f.layer_forward_flops(b, s, h, F, **shape) / t
+        self.layer_rec = f.recompute_forward_flops(L.recompute, b, s, h, F, **shape) / t
         self.head_fwd = f.head_forward_flops(b, s, h, V) / t
         # memory-bound seconds of one layer's / the head's forward + backward on an unshared device
         self.ew_layer = hw.elementwise_s_per_byte * self.full_layer

@@ -76,11 +76,11 @@ class LayoutMemory:
         self.sp = sp = L.sequence_parallel
         self.shape = pipeline_shape(model, seq_len, p, self.v, options.stage_layers or L.stage_layers,
                                     L.stage_speeds, options.rank_speeds)
-        self.block = f.block_params_per_device(h, F, t)
+        self.block = f.block_params_per_device(h, F, t, **f.shape_args(model))
         self.embed = V * h / t
         self.head_copy = (not model.tie_embeddings) or p > 1  # the last stage keeps a copy of W_e
         act = dict(t=t, sp=sp, elem_bytes=e, dropout=options.dropout, store_scores=options.store_scores,
-                   sp_saves_gathered=options.sp_saves_gathered)
+                   sp_saves_gathered=options.sp_saves_gathered, **f.shape_args(model))
         self.act_layer = f.layer_activation_bytes(s, b, h, a, F, recompute=L.recompute, **act)
         self.emb_act = f.embedding_activation_bytes(s, b, h, t, sp, options.dropout)
         self.head_act = f.output_activation_bytes(s, b, h, V, t, sp, e, options.sp_saves_gathered)
@@ -97,8 +97,9 @@ class LayoutMemory:
     def chunk_params(self, k: int) -> float:
         """Parameters of stage ``k`` (chunk ``k // p`` of rank ``k % p``) on one device."""
         layers, first, last = self.shape.chunks[k], k == 0, k == self.p * self.v - 1
-        return layers * self.block + (self.embed + self.model.max_seq_len * self.h if first else 0) \
-            + (2 * self.h + (self.embed if self.head_copy else 0) if last else 0)
+        gpt = self.model.family == "gpt"  # learned positions and a LayerNorm bias; Llama: rotary, RMSNorm
+        return layers * self.block + (self.embed + (self.model.max_seq_len * self.h if gpt else 0) if first else 0) \
+            + ((2 if gpt else 1) * self.h + (self.embed if self.head_copy else 0) if last else 0)
 
     def _rank_parts(self, i: int) -> tuple[float, float]:
         """(parameters, stashed activation bytes) of rank ``i``: the same for every ZeRO stage."""

@@ -75,7 +75,7 @@ class PipelineModel(ParallelModel):
         m = schedule.num_microbatches
         xs, ys = inputs.chunk(m), targets.chunk(m)
         seq = xs[0].shape[1] // (self.mesh.tp.size if self.layout.sequence_parallel else 1)
-        shape = (xs[0].shape[0], seq, self.module.cfg.hidden)  # (B/m, T, H); T/tp between SP blocks
+        shape = (xs[0].shape[0], seq, self.stage.hidden)  # (B/m, T, H); T/tp between SP blocks
         on_backward = self.grad_sync.set_sync if loss_scale is not None else None
         dtype = next(self.module.parameters()).dtype  # the residual stream's (autocast or not)
         losses, times = self.runtime.run(schedule.ranks[self.mesh.coords.pp], xs, ys, shape,
