@@ -1,7 +1,8 @@
 """``parallelize`` applies a layout to the reference model, as transforms in a fixed order:
-tensor parallelism (shard each layer), then pipeline parallelism (keep this stage's layers), then
-data parallelism / ZeRO (reduce gradients over the dp group). Each transform receives only the
-group it uses.
+tensor parallelism (shard each layer), then context parallelism (ring attention, global
+positions), then pipeline parallelism (keep this stage's layers), then data parallelism / ZeRO
+(reduce gradients over the dp group -- over dp x cp under context parallelism). Each transform
+receives only the group it uses.
 
 Importing this package does not import torch; the classes load on first use. The torch-free
 parts it shares with the planner (schedules, checker, partition, traffic formulas) live in
@@ -55,6 +56,10 @@ def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, bucket_mb: floa
 
         rng = ShardedRNG(mesh.coords.tp, next(model.parameters()).device)
         model = tensor_parallel(model, mesh.tp, rng, layout.sequence_parallel)
+    if layout.cp > 1:  # context parallelism: parallel/context.py (splits no parameter)
+        from paratrain.parallel.context import context_parallel
+
+        model = context_parallel(model, mesh.cp)
     apply_recompute(model, layout.recompute)
     stage = None
     if layout.pp > 1:  # pipeline parallelism: parallel/pipeline/ (prunes the model in place)
@@ -75,9 +80,9 @@ def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, bucket_mb: floa
         chunks = [c.parameters() for c in stage.chunks] if stage is not None else None
         sync = ZeroDataParallel(model, mesh.dp, layout.zero, bucket_mb, overlap, parts=chunks, alone=tied)
     elif dp_impl == "naive":
-        sync = NaiveDataParallel(model, mesh.dp)
-    else:
-        sync = DataParallel(model, mesh.dp, bucket_mb=bucket_mb, overlap=overlap)
+        sync = NaiveDataParallel(model, mesh.dpcp)
+    else:  # dpcp: the dp group itself when cp = 1
+        sync = DataParallel(model, mesh.dpcp, bucket_mb=bucket_mb, overlap=overlap)
     from paratrain.parallel.marks import has_partial_grad
 
     partial = [p for p in sync.grad_params if has_partial_grad(p)]
