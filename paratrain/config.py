@@ -258,8 +258,8 @@ class Layout:
             raise ConfigError(
                 f"context parallelism cuts each sequence into 2 x cp = {2 * self.cp} equal chunks (rank i "
                 f"holds chunks i and {2 * self.cp - 1}-i, balancing the causal mask), so seq_len must be "
-                f"divisible by {2 * self.cp}; got seq_len={seq_len}. Use --seq-len {seq_len // (2 * self.cp) * 2 * self.cp or 2 * self.cp} "
-                f"or a cp dividing seq_len / 2 (valid cp > 1 for seq_len {seq_len}: {valid})."
+                f"divisible by {2 * self.cp}; got seq_len={seq_len}. Use a multiple of {2 * self.cp} as "
+                f"--seq-len, or a cp dividing seq_len / 2 (valid cp > 1 for seq_len {seq_len}: {valid})."
             )
         if self.sequence_parallel and (seq_len // self.cp) % self.tp:
             raise ConfigError(

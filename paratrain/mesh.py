@@ -17,7 +17,7 @@ saw different tokens): the ``dpcp`` group, which *is* the dp group when ``cp = 1
 
 from __future__ import annotations
 
-import itertools
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -71,12 +71,16 @@ class MeshShape:
         differ from ``rank`` only there, e.g. ``("dp", "cp")``), in increasing rank order --
         for one axis, the order of the index on that axis."""
         axes = (axis,) if isinstance(axis, str) else tuple(axis)
-        base = self.coords(rank)._asdict()
-        members = []
-        for idx in itertools.product(*(range(self.size(a)) for a in axes)):
-            c = dict(base, **dict(zip(axes, idx)))
-            members.append(self.rank_of(**c))
+        c = self.coords(rank)
+        members = [rank - sum(getattr(c, a) * self.stride(a) for a in axes)]  # this rank at index 0
+        for a in axes:
+            members = [m + i * self.stride(a) for m in members for i in range(self.size(a))]
         return sorted(members)
+
+    def stride(self, axis: str) -> int:
+        """How far apart in rank two neighbours along ``axis`` are."""
+        inner = {"tp": (), "cp": ("tp",), "dp": ("tp", "cp"), "pp": ("tp", "cp", "dp")}[axis]
+        return math.prod(self.size(a) for a in inner)
 
     def all_groups(self, axis: str | tuple[str, ...]) -> list[list[int]]:
         """Every group along ``axis`` (a partition of all ranks), in a fixed order."""
