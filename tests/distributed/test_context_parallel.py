@@ -144,3 +144,23 @@ def test_context_parallel_traffic_and_memory(world):
             print(f"{name}: activations {results[0][name]['activations']:,} B = {ratio:.3f} x the reference's")
             # per-token activations split exactly; the reference's attention saves a little more
             assert 0.8 * share <= ratio <= 1.1 * share, (name, ratio, share)
+
+
+def test_checkpoint_resumes_and_reshards_out_of_cp(tmp_path):
+    """A cp2 run saves after step 2 (cp shards no parameter: the cp ranks hold the same tensors and
+    only cp index 0 writes them) and goes on; resumed in cp2 it continues bit for bit, resumed in
+    dp2 (the record says cp=2, the tensors are whole) within RESHARD_RTOL of the cp2 run."""
+    from tests.distributed.test_checkpoint_resume import CFG, RESHARD_RTOL, SAVE_AT, _run
+
+    root = str(tmp_path / "checkpoints")
+    saved = run_ranks(2, _run, with_layout(CFG, cp=2), root, None)[0]["losses"]
+    import json
+
+    manifest = json.loads(next((tmp_path / "checkpoints").glob("step-*/manifest.json")).read_text())
+    assert manifest["layout"]["cp"] == 2
+    same = run_ranks(2, _run, with_layout(CFG, cp=2), None, root)[0]["losses"]
+    assert same == {k: v for k, v in saved.items() if k > SAVE_AT}  # float equality: bit for bit
+    other = run_ranks(2, _run, with_layout(CFG, dp=2), None, root)[0]["losses"]
+    assert sorted(other) == [3, 4]
+    for step, loss in other.items():
+        assert loss == pytest.approx(saved[step], rel=RESHARD_RTOL), step
