@@ -255,11 +255,12 @@ class Layout:
             return
         if seq_len % (2 * self.cp):
             valid = ", ".join(str(c) for c in range(2, 65) if seq_len % (2 * c) == 0) or "none"
+            n = 2 * self.cp
             raise ConfigError(
-                f"context parallelism cuts each sequence into 2 x cp = {2 * self.cp} equal chunks (rank i "
-                f"holds chunks i and {2 * self.cp - 1}-i, balancing the causal mask), so seq_len must be "
-                f"divisible by {2 * self.cp}; got seq_len={seq_len}. Use a multiple of {2 * self.cp} as "
-                f"--seq-len, or a cp dividing seq_len / 2 (valid cp > 1 for seq_len {seq_len}: {valid})."
+                f"context parallelism (cp={self.cp}) cuts each sequence into 2 x cp = {n} equal chunks "
+                f"(rank i holds chunks i and {n - 1}-i, balancing the causal mask), so seq_len must be "
+                f"divisible by {n}; got seq_len={seq_len}. Use a multiple of {n} as --seq-len, or a cp "
+                f"dividing seq_len / 2 (valid cp > 1 for seq_len {seq_len}: {valid})."
             )
         if self.sequence_parallel and (seq_len // self.cp) % self.tp:
             raise ConfigError(

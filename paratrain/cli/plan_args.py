@@ -203,7 +203,7 @@ def build_options(args: argparse.Namespace) -> CostOptions:
                        dropout=not args.no_dropout, store_scores=args.eager_attention)
 
 
-_LAYOUT_COUNTS = {"dp": MAX_DEVICES, "pp": MAX_DEVICES, "tp": MAX_DEVICES, "microbatches": MAX_BATCH,
+_LAYOUT_COUNTS = {"dp": MAX_DEVICES, "pp": MAX_DEVICES, "tp": MAX_DEVICES, "cp": MAX_DEVICES, "microbatches": MAX_BATCH,
                   "virtual_stages": 2**16}
 
 
