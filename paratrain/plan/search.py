@@ -252,8 +252,9 @@ def _bounded(layouts: list[Layout], args: _Args, top: int) -> PlanResult:
     pure_fitting: list[int] = []
     contexts: dict[tuple, Any] = {}  # one per layout but its ZeRO stage
     for index, layout in enumerate(layouts):
-        base = (layout.dp, layout.pp, layout.tp, layout.microbatches, layout.schedule, layout.virtual_stages,
-                layout.sequence_parallel, layout.recompute)  # stage_layers / stage_speeds: the same for all
+        # stage_layers / stage_speeds: the same for all
+        base = (layout.dp, layout.pp, layout.tp, layout.cp, layout.microbatches, layout.schedule,
+                layout.virtual_stages, layout.sequence_parallel, layout.recompute)
         if base not in contexts:
             contexts[base] = layout_context(model, layout, hardware, global_batch, seq_len, precision, options)
         ctx, zero = contexts[base], layout.zero

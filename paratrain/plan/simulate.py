@@ -161,7 +161,7 @@ def simulate_step(model: ModelConfig, layout: Layout, hw: Hardware, global_batch
                          replace(options, overlap_dp=overlaps_dp(hw, layout.world_size, options)))
     v = chunks_per_rank(layout)
     schedule = build_schedule(layout.schedule if layout.pp > 1 else "1f1b", layout.pp, layout.microbatches, v)
-    procs_per_rank = layout.dp * layout.tp
+    procs_per_rank = layout.dp * layout.cp * layout.tp
     scale: dict[tuple[int, int], float] = {}
     if shared:  # start from every rank busy all the time
         static = layout.world_size / cores

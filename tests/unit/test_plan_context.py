@@ -43,3 +43,17 @@ def test_the_search_has_cp_within_a_node_and_pins_it():
         x.validate(model, 8, 64)
     best = search(LONG, 8, H100, 8, 32768, fixed={"cp": 2}, top=3).best
     assert best.layout.cp == 2 and best.fits
+
+
+def test_the_search_bound_holds_for_cp_layouts():
+    from paratrain.plan.bound import layout_context, step_time_lower_bound
+    from paratrain.plan.cost import _estimate
+    from paratrain.plan.options import CostOptions
+
+    cpu = get_hardware("cpu")
+    for hw in (H100, cpu):
+        for layout in (Layout(cp=2), Layout(cp=4, tp=2, zero=1, dp=2), Layout(cp=2, pp=2, microbatches=4)):
+            ctx = layout_context(LONG, layout, hw, 16, 32768, "bf16", CostOptions())
+            full = _estimate(LONG, layout, hw, 16, 32768, "bf16", CostOptions())
+            assert step_time_lower_bound(ctx) <= full.step_time_s, (hw.name, layout)
+            assert ctx.peak_bytes() == pytest.approx(full.peak_bytes_per_device)
