@@ -6,9 +6,12 @@ per chunk, ``t`` = tp, ``h`` hidden):
 
 * **compute**: the per-token work (every matmul but the scores) is ``1/N`` of the sequence's;
   the scores are the ring's blocks (:func:`paratrain.parallel.context.ring_blocks`): ``2N + 1``
-  blocks of ``c x c`` (the diagonal step's ``3 c^2``, every other step ``2 c^2``) of the dense
-  ``(2N c)^2`` -- the same on every rank (the causal balance of chunks ``i`` and ``2N - 1 - i``),
-  about half of a dense ``1/N`` share because the masked blocks are skipped;
+  blocks of ``c x c`` per rank (the diagonal step's ``3 c^2``, every other step ``2 c^2``), the
+  same on every rank (the causal balance of chunks ``i`` and ``2N - 1 - i``), where a causal
+  kernel skipping masked blocks would need ``2N`` of them per rank. The cost model prices one
+  device's attention as the dense ``s x s`` (``formulas.attention_core_forward_flops``), so a cp
+  rank is priced ``1/N`` of that times ``(2N + 1) / 2N``: the ring's extra over an ideal causal
+  split, not credited with the masked half a single device's kernel would skip too;
 * **ring**: ``N - 1`` hops of the K/V message (``cp_kv_bytes``) in forward, each hidden behind one
   step's block, ``4 b (2 c^2) h / t`` FLOPs; in backward ``N - 1`` K/V hops and ``N`` dK/dV hops
   (fp32) behind blocks of twice that work, the last dK/dV hop exposed; a replayed forward
@@ -33,9 +36,9 @@ from paratrain.plan.collectives import Link, collective_seconds
 
 
 def score_fraction(cp: int) -> float:
-    """Share of the dense ``s x s`` score elements one cp rank computes: ``(2N + 1) / (2N)^2``;
-    1 without context parallelism (the dense kernel)."""
-    return 1.0 if cp == 1 else (2 * cp + 1) / (2 * cp) ** 2
+    """One cp rank's attention-score work as a share of one device's, in the cost model's dense
+    convention: ``(1/N) (2N + 1) / 2N`` (module docstring); 1 without context parallelism."""
+    return 1.0 if cp == 1 else (2 * cp + 1) / (2 * cp * cp)
 
 
 class Ring(NamedTuple):
