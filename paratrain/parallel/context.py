@@ -182,10 +182,13 @@ class _RingAttention(torch.autograd.Function):
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Group) -> torch.Tensor:
     """Causal attention over the whole sequence for this cp rank's queries: q, k, v (B, h, T/n, d)
-    of its two chunks -> (B, h, T/n, d). On a group of one, plain causal attention."""
+    of its two chunks -> (B, h, T/n, d). On a group of one, plain causal attention. Under
+    autocast the blocks still accumulate in fp32 (autocast would round each matmul to 16 bits);
+    the K/V travel in the inputs' dtype."""
     if group.size == 1:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return _RingAttention.apply(q, k, v, group)
+    with torch.autocast(q.device.type, enabled=False):
+        return _RingAttention.apply(q, k, v, group)
 
 
 class ContextParallelPositions(nn.Module):
