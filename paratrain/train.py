@@ -198,9 +198,14 @@ def setup(cfg: TrainConfig, env: RankEnv, device: torch.device, corpus: Corpus |
     if cfg.init_from:
         _init_from(model, cfg.init_from)
     seed_default_generator(cfg.seed, mesh.coords.dp, mesh.coords.pp)  # dropout: see parallel/rng.py
-    autocast = torch.bfloat16 if cfg.precision == "bf16" else None
+    autocast = torch.bfloat16 if cfg.precision == "bf16-autocast" else None
+    mixed = cfg.precision == "bf16"  # bf16 weights, fp32 masters: parallel/mixed.py
+    if mixed:
+        model.to(torch.bfloat16)
     pm = parallelize(model, mesh, layout, bucket_mb=cfg.bucket_mb, dp_impl=cfg.dp_impl,
-                     overlap=cfg.overlap, autocast_dtype=autocast, seq_len=cfg.seq_len)
+                     overlap=cfg.overlap, autocast_dtype=autocast, seq_len=cfg.seq_len,
+                     master_weights=mixed, grad_dtype=torch.float32 if cfg.grad_dtype == "fp32" else None,
+                     offload_optimizer=cfg.offload_optimizer)
     opt = pm.shard_optimizer(make_optimizer(pm.named_parameters(), cfg))  # ZeRO: over the shards
     rows = dp_rows(cfg.global_batch, layout.dp, mesh.coords.dp)
     return Session(cfg, mesh, corpus, pm, opt, rows, device, on_step)
@@ -308,7 +313,8 @@ def _train(cfg: TrainConfig, env: RankEnv, device: torch.device,
     if last_save is not None:
         summary["checkpoint"] = dict(last_save, folder=str(out / "checkpoints" / f"step-{cfg.steps}"))
     if checkpoints.bytes_read:
-        summary["resumed_from"] = {"folder": cfg.resume_from, "bytes_read_rank0": checkpoints.bytes_read}
+        summary["resumed_from"] = {"folder": cfg.resume_from, "step": first - 1,
+                                   "bytes_read_rank0": checkpoints.bytes_read}
     if cfg.sample_tokens and state is not None:
         summary["sample"] = sample_text(model_cfg, state, cfg.sample_tokens, cfg.seed)
     return summary

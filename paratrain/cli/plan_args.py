@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from paratrain.config import PRECISIONS, Layout
+from paratrain.config import GRAD_DTYPES, PRECISIONS, Layout, check_precision
 from paratrain.errors import ConfigError
 from paratrain.models.configs import ModelConfig, get_model_config, model_names
 from paratrain.plan.cost import CostOptions
@@ -182,9 +182,16 @@ def add_cost_args(p: argparse.ArgumentParser, batch_help: str) -> None:
     g.add_argument("--global-batch", **count(1, MAX_BATCH), help=batch_help)
     g.add_argument("--precision", choices=PRECISIONS, default="bf16",
                    help="bf16: mixed precision, 2+2+12 bytes per parameter (16-bit weights and "
-                        "gradients, fp32 master weights and Adam m, v); fp32: 4+4+8 (default: bf16, how "
+                        "gradients, fp32 master weights and Adam m, v); fp32: 4+4+8; bf16-autocast: 4+4+8 "
+                        "with bf16 matmuls and activations (default: bf16, how "
                         "accelerators train; `paratrain train` defaults to fp32, what its CPU ranks run: give "
                         "--precision fp32 to price a train run as it runs by default)")
+    g.add_argument("--grad-dtype", choices=GRAD_DTYPES, default=None,
+                   help="with --precision bf16: fp32 gradient buffers (accumulation and reduction in fp32: "
+                        "2+4+12 bytes per parameter) instead of bf16 (default: the weights' dtype)")
+    g.add_argument("--offload-optimizer", action="store_true",
+                   help="with --precision bf16: fp32 master weights and Adam state in host memory "
+                        "(ZeRO-Offload): not counted on the device; the host copies are priced")
     g.add_argument("--headroom", **real(0, 1, hi_open=True), default=CostOptions.memory_headroom,
                    help="fraction of device memory kept free for the framework (default: %(default)s)")
     g.add_argument("--no-overlap", action="store_true",
@@ -199,8 +206,11 @@ def add_cost_args(p: argparse.ArgumentParser, batch_help: str) -> None:
 
 
 def build_options(args: argparse.Namespace) -> CostOptions:
+    check_precision(args.precision, args.grad_dtype, args.offload_optimizer)  # train's rule
     return CostOptions(efficiency=args.efficiency, overlap_dp=not args.no_overlap, memory_headroom=args.headroom,
-                       dropout=not args.no_dropout, store_scores=args.eager_attention)
+                       dropout=not args.no_dropout, store_scores=args.eager_attention,
+                       grad_bytes=4 if args.grad_dtype == "fp32" else None,
+                       offload_optimizer=args.offload_optimizer)
 
 
 _LAYOUT_COUNTS = {"dp": MAX_DEVICES, "pp": MAX_DEVICES, "tp": MAX_DEVICES, "cp": MAX_DEVICES, "microbatches": MAX_BATCH,
@@ -297,7 +307,7 @@ def add_one_layout_args(p: argparse.ArgumentParser) -> None:
     from paratrain.cli.common import add_layout_args
 
     add_model_args(p)
-    add_layout_args(p)
+    add_layout_args(p, dp_default="1")
     add_cost_args(p, batch_help="sequences per optimizer step over all ranks (default: dp x microbatches)")
     add_hardware_args(p)
 

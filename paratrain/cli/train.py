@@ -78,7 +78,8 @@ def plan_auto(args: argparse.Namespace) -> tuple[TrainConfig, Any]:
 def describe_auto(auto: Any, nproc: int) -> str:
     pred = auto.prediction
     mem = max(sum(m.values()) for m in pred.memory_per_rank)
-    shortlist = "; ".join(f"[{lay}] {sec * 1e3:.1f} ms" for lay, sec in auto.candidates)
+    shortlist = "; ".join(f"[{lay}]{' (chosen)' if lay == auto.layout else ''} {sec * 1e3:.1f} ms"
+                          for lay, sec in auto.candidates)
     return "\n".join([
         f"paratrain train --plan auto: {nproc} local processes; hardware: {pred.source}",
         f"  searched {auto.considered} layouts the runtime implements"
@@ -221,6 +222,10 @@ def start_report(cfg: TrainConfig, model_cfg: Any, corpus: Any, auto: Any, folde
           + (f"  vocab: {padding}\n" if padding else "") + f"  out:  {folder.path}\n" + moved, end="", flush=True)
     for warning in corpus.warnings:
         print(f"paratrain: warning: data: {warning}", file=sys.stderr, flush=True)
+    if cfg.warmup_steps >= cfg.steps > 1:
+        print(f"paratrain: note: the learning-rate warm-up ({cfg.warmup_steps} steps) is as long as the run "
+              f"({cfg.steps} steps): the rate never reaches --lr {cfg.lr:g}; --warmup-steps sets it.",
+              file=sys.stderr, flush=True)
 
 
 def _launch_and_report(cfg: TrainConfig, checked: Any, auto: Any, lead: bool, out: Path, fault: Any = None) -> int:
@@ -333,19 +338,22 @@ def report(summary: dict[str, Any], out: Path) -> None:
     from paratrain.viz.loss import plot_loss
 
     records = read_metrics(out / "metrics.jsonl")
-    if summary.get("resumed_from") and records:  # the whole run, not only the part since the resume
+    resumed = (summary.get("resumed_from") or {}).get("step")
+    if resumed is not None and records:  # the whole run, not only the part since the resume
         summary.update(first_loss=records[0]["loss"], steps=len(records))
-    plot_loss(records, out / "loss.png", title=f"{summary['model']} [{summary['layout']}]")
+    plot_loss(records, out / "loss.png", title=f"{summary['model']} [{summary['layout']}]",
+              resumed_at=None if resumed is None else [resumed])
+    since = "" if resumed is None else f"; since the resume at step {resumed}"
     write_json(out / "summary.json", {k: v for k, v in summary.items() if k != "sample"})
     val = summary["val_loss"]
     rows = [
         ("model", f"{summary['model']} ({summary['params']:,} parameters)"),
         ("layout", f"{summary['layout']} on {summary['world_size']} process(es), {summary['device']}"),
-        ("steps", str(summary["steps"])),
+        ("steps", str(summary["steps"]) + ("" if resumed is None else f" (resumed after step {resumed})")),
         ("loss", f"{summary['first_loss']:.4f} -> {summary['final_loss']:.4f}"),
         ("validation loss", "-" if val is None else f"{val:.4f}"),
         ("throughput", f"{summary['tokens_per_s']:,.0f} tokens/s (median step {summary['step_time_s'] * 1e3:.1f} ms, "
-                       f"{summary['comm_wait_s'] * 1e3:.1f} ms waiting on communication)"),
+                       f"{summary['comm_wait_s'] * 1e3:.1f} ms waiting on communication{since})"),
         ("peak memory", f"{summary['peak_memory_mb']:,.0f} MiB on rank 0"),
     ]
     rows += predicted_rows(summary)

@@ -40,9 +40,14 @@ def __getattr__(name: str) -> Any:
 
 def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, bucket_mb: float = 25.0,
                 dp_impl: str = "bucketed", overlap: bool = True,
-                autocast_dtype: torch.dtype | None = None, seq_len: int | None = None) -> ParallelModel:
+                autocast_dtype: torch.dtype | None = None, seq_len: int | None = None,
+                master_weights: bool = False, grad_dtype: torch.dtype | None = None,
+                offload_optimizer: bool = False) -> ParallelModel:
     """Turn the reference ``model`` (identical on every rank) into this rank's share of it.
-    ``seq_len`` (default: the model's maximum) sizes the attention cost of the pipeline partition."""
+    ``seq_len`` (default: the model's maximum) sizes the attention cost of the pipeline partition.
+    ``master_weights``: the model is bf16 and the optimizer steps fp32 master copies
+    (``parallel/mixed.py``; in host memory with ``offload_optimizer``), the gradients reduced in
+    ``grad_dtype`` (default: the parameters')."""
     from paratrain.parallel.data import DataParallel, NaiveDataParallel
     from paratrain.parallel.model import GradSync, ParallelModel
     from paratrain.parallel.recompute import apply_recompute
@@ -71,18 +76,23 @@ def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, bucket_mb: floa
     if layout.zero == 3:  # ZeRO-3: parameters sharded too, gathered per block (parallel/zero3.py)
         from paratrain.parallel.zero3 import zero3
 
-        sync = zero3(model, mesh.dp, bucket_mb=bucket_mb, overlap=overlap)
+        sync = zero3(model, mesh.dp, bucket_mb=bucket_mb, overlap=overlap, grad_dtype=grad_dtype)
         weights = [b.flat for b in sync.buckets]  # the gathered units: see ParallelModel.register_weights
     elif layout.zero:  # ZeRO-1/2: parallel/zero.py
         from paratrain.parallel.zero import ZeroDataParallel
 
         tied = [stage.tied_param] if stage is not None and stage.tied_param is not None else []
         chunks = [c.parameters() for c in stage.chunks] if stage is not None else None
-        sync = ZeroDataParallel(model, mesh.dp, layout.zero, bucket_mb, overlap, parts=chunks, alone=tied)
+        sync = ZeroDataParallel(model, mesh.dp, layout.zero, bucket_mb, overlap, parts=chunks, alone=tied,
+                                grad_dtype=grad_dtype)
     elif dp_impl == "naive":
         sync = NaiveDataParallel(model, mesh.dpcp)
     else:  # dpcp: the dp group itself when cp = 1
-        sync = DataParallel(model, mesh.dpcp, bucket_mb=bucket_mb, overlap=overlap)
+        sync = DataParallel(model, mesh.dpcp, bucket_mb=bucket_mb, overlap=overlap, grad_dtype=grad_dtype)
+    if master_weights:  # fp32 masters: the tensors the norm, the clip and the optimizer see
+        from paratrain.parallel.mixed import MixedPrecision
+
+        sync = MixedPrecision(sync, offload=offload_optimizer)
     from paratrain.parallel.marks import has_partial_grad
 
     partial = [p for p in sync.grad_params if has_partial_grad(p)]

@@ -35,6 +35,7 @@ from torch import nn
 from paratrain import comm
 from paratrain.comm import Group
 from paratrain.parallel import marks
+from paratrain.parallel.grad import collective_device
 from paratrain.parallel.rng import ShardedRNG
 from paratrain.parallel.shard import mark_partial_grad, shard_parameter
 from paratrain.parallel.tp_ops import enter_tp, leave_tp
@@ -205,6 +206,7 @@ class SequenceParallelGradSync:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = flat.to(collective_device(flat))  # offloaded masters' gradients: reduced on the device
         comm.all_reduce(flat, self.group)
         offset = 0
         for p, g in zip(self.params, grads):

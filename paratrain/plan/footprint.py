@@ -77,6 +77,8 @@ class LayoutMemory:
         self.b = b = (options.local_batch if options.local_batch is not None else global_batch / n) / m
         self.e = e = f.ELEM_BYTES[precision]
         self.P_b, self.G_b, _ = f.STATE_BYTES[precision]
+        self.G_b = options.grad_bytes or self.G_b
+        self.offload = options.offload_optimizer
         self.sp = sp = L.sequence_parallel
         self.shape = pipeline_shape(model, seq_len, p, self.v, options.stage_layers or L.stage_layers,
                                     L.stage_speeds, options.rank_speeds)
@@ -107,7 +109,11 @@ class LayoutMemory:
     def _rank_parts(self, i: int) -> tuple[float, float]:
         """(parameters, stashed activation bytes) of rank ``i``: the same for every ZeRO stage."""
         p, v, m, schedule = self.p, self.v, self.m, self.layout.schedule
-        params = sum(self.chunk_params(k) for k in range(i, p * v, p))
+        # = sum(self.chunk_params(k) for k in range(i, p v, p)), in one product: parameter counts are
+        # integers (tp divides the widths, the vocabulary is padded), so no order rounds differently
+        params = sum(self.shape.chunks[i::p]) * self.block \
+            + (self.embed + self.model.max_seq_len * self.h if i == 0 else 0) \
+            + (2 * self.h + (self.embed if self.head_copy else 0) if i == p - 1 else 0)
         if v == 1:
             flight = in_flight_microbatches(schedule, p, m, v, i)
             acts = flight * (self.shape.layers[i] * self.act_layer + (self.emb_act if i == 0 else 0)) \
@@ -120,7 +126,7 @@ class LayoutMemory:
         return params, acts
 
     def _memory(self, params: float, acts: float, zero: int) -> RankMemory:
-        state = _model_state_bytes(params, zero, self.r, self.precision)
+        state = _model_state_bytes(params, zero, self.r, self.precision, self.G_b, self.offload)
         return RankMemory(params, state, self._buffers(zero), acts, self.rebuilt)
 
     def rank_memory(self, i: int) -> RankMemory:
@@ -140,8 +146,22 @@ class LayoutMemory:
         screens the four stages of a layout from one context)."""
         zero = self.layout.zero if zero is None else zero
         buffers, rebuilt, n, precision = self._buffers(zero), self.rebuilt, self.r, self.precision
-        return max(_model_state_bytes(params, zero, n, precision).total + buffers + acts + rebuilt
+        G_b, offload = self.G_b, self.offload
+        return max(_model_state_bytes(params, zero, n, precision, G_b, offload).total + buffers + acts + rebuilt
                    for params, acts in self.group_parts())
+
+    def peaks(self, zeros: tuple[int, ...]) -> dict[int, float]:
+        """:meth:`peak_bytes` at each ZeRO stage of ``zeros``, in one call (the search screens
+        every stage of a layout from one context)."""
+        parts, rebuilt, n, precision = self.group_parts(), self.rebuilt, self.r, self.precision
+        G_b, offload = self.G_b, self.offload
+        return {zero: max(_state_total(params, zero, n, precision, G_b, offload) + self._buffers(zero) + acts
+                          + rebuilt for params, acts in parts) for zero in zeros}
+
+
+@lru_cache(maxsize=16384)
+def _state_total(psi: float, zero: int, dp: int, precision: str, grad_bytes: int, offload: bool) -> float:
+    return _model_state_bytes(psi, zero, dp, precision, grad_bytes, offload).total
 
 
 # A rank's parameters do not depend on the micro-batches, recomputation or sequence parallelism:

@@ -19,6 +19,8 @@ References:
   [R20] Rajbhandari et al., "ZeRO: Memory Optimizations Toward Training Trillion Parameter
         Models", SC20 (arXiv:1910.02054).
   [K20] Kaplan et al., "Scaling Laws for Neural Language Models", 2020 (C = 6 N D).
+  [R21] Ren et al., "ZeRO-Offload: Democratizing Billion-Scale Model Training", USENIX ATC 2021
+        (arXiv:2101.06840).
 """
 
 from __future__ import annotations
@@ -110,12 +112,15 @@ def six_p_tokens(num_params: float, tokens: float) -> float:
 
 # Bytes per parameter (working copy, gradient, optimizer state) before any sharding:
 # bf16 = mixed precision [R20] sec. 3.1: fp16/bf16 parameters 2 + gradients 2 + K = 12 for Adam
-# (fp32 master copy 4, momentum 4, variance 4); fp32: parameters 4 + gradients 4 + Adam m, v 8.
-STATE_BYTES: dict[str, tuple[int, int, int]] = {"bf16": (2, 2, 12), "fp32": (4, 4, 8)}
-ELEM_BYTES: dict[str, int] = {"bf16": 2, "fp32": 4}
+# (fp32 master copy 4, momentum 4, variance 4); fp32: parameters 4 + gradients 4 + Adam m, v 8;
+# bf16-autocast (`train --precision bf16-autocast`): fp32 weights as fp32's, bf16 matmuls and
+# activations. `--grad-dtype fp32` makes G = 4 under bf16 (2 + 4 + 12): ``grad_bytes``.
+STATE_BYTES: dict[str, tuple[int, int, int]] = {"bf16": (2, 2, 12), "fp32": (4, 4, 8), "bf16-autocast": (4, 4, 8)}
+ELEM_BYTES: dict[str, int] = {"bf16": 2, "fp32": 4, "bf16-autocast": 2}
 
 
-def model_state_bytes(psi: float, zero: int, dp: int, precision: str) -> ModelState:
+def model_state_bytes(psi: float, zero: int, dp: int, precision: str, grad_bytes: int | None = None,
+                      offload: bool = False) -> ModelState:
     """Model states of ``psi`` parameters on one device under ZeRO stage ``zero`` over ``dp``
     ranks, predicted into the record the runtime measures (``core/state.py``) ([R20] sec. 5.1,
     Fig. 1; P, G, K = bytes per parameter of each part, N_d = dp):
@@ -125,13 +130,28 @@ def model_state_bytes(psi: float, zero: int, dp: int, precision: str) -> ModelSt
         stage 2 (P_os+g):     P psi + (G + K) psi / N_d
         stage 3 (P_os+g+p):   (P + G + K) psi / N_d
 
-    [R20]'s example: psi = 7.5e9, N_d = 64, mixed precision: 120, 31.4, 16.6, 1.88 GB."""
+    [R20]'s example: psi = 7.5e9, N_d = 64, mixed precision: 120, 31.4, 16.6, 1.88 GB.
+    ``grad_bytes`` replaces G (``--grad-dtype fp32``: 4); ``offload`` (ZeRO-Offload, [R21]): the
+    K bytes live in host memory (:func:`host_state_bytes`), the device holds none of them."""
     P, G, K = STATE_BYTES[precision]
+    G = grad_bytes or G
     return ModelState(
         params=P * psi / (dp if zero >= 3 else 1),
         grads=G * psi / (dp if zero >= 2 else 1),
-        optimizer=K * psi / (dp if zero >= 1 else 1),
+        optimizer=0.0 if offload else K * psi / (dp if zero >= 1 else 1),
     )
+
+
+def offload_copy_seconds(owned: float, grad_bytes: float, param_bytes: float, host_link_bw: float) -> float:
+    """ZeRO-Offload's copies per step for the ``owned`` parameters a device steps ([R21] sec. 4):
+    their reduced gradients device -> host and the updated 16-bit weights host -> device, one
+    after the other over the host link (``host_link_bw`` 0: the device is the host, no copy)."""
+    return (grad_bytes + param_bytes) * owned / host_link_bw if host_link_bw else 0.0
+
+
+def host_state_bytes(psi: float, zero: int, dp: int, precision: str, offload: bool) -> float:
+    """Host memory of the optimizer's state under ``offload`` (K psi, / N_d from ZeRO-1 on)."""
+    return STATE_BYTES[precision][2] * psi / (dp if zero >= 1 else 1) if offload else 0.0
 
 
 def layer_activation_bytes(s: int, b: float, h: int, a: int, F: int, t: int = 1, sp: bool = False,
