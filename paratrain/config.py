@@ -69,7 +69,7 @@ MAX_TIMEOUT_S = 1e9  # ~31 years; torch counts timeouts in int64 nanoseconds, wh
 # One rule per numeric TrainConfig field: TrainConfig.validate checks them by field name, the CLI
 # the same rules by the flag or config key the user wrote (paratrain/cli/common.py).
 FIELD_RANGES: dict[str, Range] = {
-    "nproc": Range(int, 0),  # 0: dp * pp * tp (the CLI asks >= 1 of a value the user gives)
+    "nproc": Range(int, 0),  # 0: dp * pp * cp * tp (the CLI asks >= 1 of a value the user gives)
     "steps": Range(int, 1),
     "seed": Range(int, 0, high=2**63 - 1),  # torch.manual_seed and numpy's generators take 64 bits
     "global_batch": Range(int, 1),
@@ -103,10 +103,12 @@ def check_range(label: str, value: object, rule: Range) -> None:
 
 @dataclass(frozen=True)
 class Layout:
-    """How one training step is split over ``dp * pp * tp`` processes.
+    """How one training step is split over ``dp * pp * cp * tp`` processes.
 
     ``dp``: data-parallel replicas (each takes ``global_batch / dp`` sequences);
     ``pp``: pipeline stages; ``tp``: tensor-parallel shards of every layer;
+    ``cp``: context-parallel ranks, each holding ``seq_len / cp`` tokens of every sequence
+    (ring attention, ``parallel/context.py``);
     ``zero``: ZeRO stage (0 = plain data parallelism); ``microbatches``: slices of the local
     batch (pipeline micro-batches, or gradient-accumulation steps when ``pp == 1``).
     """
@@ -122,6 +124,7 @@ class Layout:
     recompute: str = "none"
     stage_layers: tuple[int, ...] | None = None
     stage_speeds: tuple[float, ...] | None = None
+    cp: int = 1
 
     def __post_init__(self) -> None:
         # lists from config files become tuples: a Layout is frozen and hashable
@@ -132,10 +135,10 @@ class Layout:
 
     @property
     def world_size(self) -> int:
-        return self.dp * self.pp * self.tp
+        return self.dp * self.pp * self.cp * self.tp
 
     def __str__(self) -> str:
-        parts = [f"dp={self.dp}", f"pp={self.pp}", f"tp={self.tp}"]
+        parts = [f"dp={self.dp}", f"pp={self.pp}", f"tp={self.tp}"] + ([f"cp={self.cp}"] if self.cp > 1 else [])
         if self.zero:
             parts.append(f"zero={self.zero}")
         if self.microbatches > 1:
@@ -154,7 +157,7 @@ class Layout:
 
     def check_degrees(self) -> None:
         """Checks that need no model: types and ranges of every field."""
-        for name in ("dp", "pp", "tp", "microbatches", "virtual_stages"):
+        for name in ("dp", "pp", "tp", "cp", "microbatches", "virtual_stages"):
             _positive_int(name, getattr(self, name))
         if self.zero not in (0, 1, 2, 3):
             raise ConfigError(f"zero must be one of 0, 1, 2, 3 (ZeRO stage), got {self.zero!r}.")
@@ -233,6 +236,7 @@ class Layout:
                 f"(got tp={self.tp}, seq_len={seq_len}): it splits each sequence over the tp ranks. "
                 f"Use a tp > 1 that divides seq_len, or drop --sequence-parallel."
             )
+        self._check_context(model, seq_len)
         chunks = self.pp * self.virtual_stages
         if chunks > model.num_layers:
             what = (f"pp={self.pp}" if self.virtual_stages == 1
@@ -244,6 +248,34 @@ class Layout:
             )
         if self.stage_layers is not None:
             self._check_stage_layers(model, chunks)
+
+    def _check_context(self, model: ModelConfig, seq_len: int) -> None:
+        """Context parallelism cuts every sequence into 2 cp chunks (rank i holds chunks i and
+        2 cp - 1 - i, which balances the causal mask); under sequence parallelism each rank's
+        seq_len / cp tokens are split again over tp."""
+        if self.cp == 1:
+            return
+        if seq_len % (2 * self.cp):
+            valid = ", ".join(str(c) for c in range(2, 65) if seq_len % (2 * c) == 0) or "none"
+            n = 2 * self.cp
+            raise ConfigError(
+                f"context parallelism (cp={self.cp}) cuts each sequence into 2 x cp = {n} equal chunks "
+                f"(rank i holds chunks i and {n - 1}-i, balancing the causal mask), so seq_len must be "
+                f"divisible by {n}; got seq_len={seq_len}. Use a multiple of {n} as --seq-len, or a cp "
+                f"dividing seq_len / 2 (valid cp > 1 for seq_len {seq_len}: {valid})."
+            )
+        if self.sequence_parallel and (seq_len // self.cp) % self.tp:
+            raise ConfigError(
+                f"sequence parallelism with context parallelism splits each rank's seq_len / cp = "
+                f"{seq_len // self.cp} tokens over tp={self.tp}, which must divide it. Use a seq_len "
+                f"divisible by cp x tp = {self.cp * self.tp}, or drop --sequence-parallel."
+            )
+        if model.dropout > 0:
+            raise ConfigError(
+                f"context parallelism (cp={self.cp}) does not implement dropout yet (the ring attention "
+                f"would need the same dropout mask in forward and backward, block by block); got "
+                f"dropout={model.dropout}. Use --dropout 0 with --cp, or --cp 1."
+            )
 
     def _check_stage_layers(self, model: ModelConfig, chunks: int) -> None:
         layers = self.stage_layers or ()
@@ -302,9 +334,9 @@ def check_precision(precision: str, grad_dtype: str | None, offload: bool, dp_im
 def runtime_implements(layout: Layout) -> bool:
     """Whether ``paratrain train`` runs ``layout``, valid by :meth:`Layout.validate`: the one
     function ``TrainConfig.validate`` (which explains a refusal) and ``train --plan auto``'s
-    search use. The planner prices every valid layout; ZeRO-3 with a pipeline is the one the
-    runtime does not implement."""
-    return not (layout.zero == 3 and layout.pp > 1)
+    search use. The planner prices every valid layout; ZeRO-3 with a pipeline and ZeRO with
+    context parallelism are the ones the runtime does not implement."""
+    return not (layout.zero == 3 and layout.pp > 1) and not (layout.zero and layout.cp > 1)
 
 
 def valid_tp(model: ModelConfig) -> list[int]:
@@ -321,7 +353,7 @@ class TrainConfig:
 
     model: str = "tiny"
     layout: Layout = field(default_factory=Layout)
-    nproc: int = 0  # 0: dp * pp * tp
+    nproc: int = 0  # 0: dp * pp * cp * tp
     steps: int = 500
     seed: int = 0
     global_batch: int = 32
@@ -396,8 +428,8 @@ class TrainConfig:
         layout.check_degrees()
         if self.nproc and self.nproc != layout.world_size:
             raise ConfigError(
-                f"--nproc {self.nproc} does not match the layout: dp*pp*tp = {layout.dp}*{layout.pp}"
-                f"*{layout.tp} = {layout.world_size}. Either drop --nproc or set the degrees so that "
+                f"--nproc {self.nproc} does not match the layout: dp*pp*cp*tp = {layout.dp}*{layout.pp}"
+                f"*{layout.cp}*{layout.tp} = {layout.world_size}. Either drop --nproc or set the degrees so that "
                 f"their product is {self.nproc} (for example --dp {self.nproc})."
             )
         for name, rule in FIELD_RANGES.items():
@@ -423,6 +455,19 @@ class TrainConfig:
                 f"ZeRO (zero={layout.zero}) shards the bucketed data parallelism; dp_impl "
                 f"{self.dp_impl!r} is the teaching version without buckets. Use --dp-impl bucketed "
                 f"(the default) with --zero, or --zero 0 with --dp-impl naive."
+            )
+        if layout.zero and layout.cp > 1:
+            raise ConfigError(
+                f"ZeRO (zero={layout.zero}) with context parallelism (cp={layout.cp}) is not implemented "
+                f"yet: ZeRO shards over the dp group, while cp ranks average their gradients over dp x cp. "
+                f"Use --zero 0 with --cp {layout.cp} (plain data parallelism over the dp x cp ranks), "
+                f"or --cp 1 with --zero."
+            )
+        if self.hf is not None and layout.cp > 1:
+            raise ConfigError(
+                f"context parallelism (cp={layout.cp}) replaces the built-in GPT's attention with ring "
+                f"attention; a Hugging Face model (--hf {self.hf}) keeps its own attention. Use --cp 1 with "
+                f"--hf, or the built-in --model with --cp."
             )
         if not runtime_implements(layout):  # zero 3 with a pipeline: the one layout left
             raise ConfigError(

@@ -1,10 +1,15 @@
 """The process topology of one layout.
 
 Ranks are laid out with tensor parallelism innermost (tp ranks adjacent: they talk the most and
-share a node), data parallelism next and pipeline parallelism outermost (stages exchange only
-activations, so they tolerate the slowest links)::
+share a node), context parallelism next (the ring passes keys and values every attention layer),
+then data parallelism, and pipeline parallelism outermost (stages exchange only activations, so
+they tolerate the slowest links)::
 
-    rank = (pp_index * dp + dp_index) * tp + tp_index
+    rank = ((pp_index * dp + dp_index) * cp + cp_index) * tp + tp_index
+
+At ``cp = 1`` this is the ``dp x pp x tp`` numbering of before. Gradients of replicated
+parameters are averaged over the ``dp x cp`` ranks of a (pp, tp) coordinate (every one of them
+saw different tokens): the ``dpcp`` group, which *is* the dp group when ``cp = 1``.
 
 :class:`MeshShape` is pure arithmetic (no torch.distributed, unit-tested on its own);
 :class:`Mesh` adds this rank's three process groups and is passed explicitly to whatever needs it.
@@ -12,19 +17,22 @@ activations, so they tolerate the slowest links)::
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from paratrain.comm import Group
 
-AXES = ("dp", "pp", "tp")
+AXES = ("dp", "pp", "tp", "cp")
+DPCP = ("dp", "cp")  # the axes of the gradient-averaging group (``Mesh.dpcp``)
 
 
 class Coords(NamedTuple):
     dp: int
     pp: int
     tp: int
+    cp: int = 0
 
 
 @dataclass(frozen=True)
@@ -32,6 +40,7 @@ class MeshShape:
     dp: int = 1
     pp: int = 1
     tp: int = 1
+    cp: int = 1
 
     def __post_init__(self) -> None:
         for axis in AXES:
@@ -40,7 +49,7 @@ class MeshShape:
 
     @property
     def world_size(self) -> int:
-        return self.dp * self.pp * self.tp
+        return self.dp * self.pp * self.cp * self.tp
 
     def size(self, axis: str) -> int:
         return getattr(self, axis)
@@ -49,23 +58,31 @@ class MeshShape:
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank {rank} outside a mesh of {self.world_size} ranks")
         tp = rank % self.tp
-        dp = (rank // self.tp) % self.dp
-        pp = rank // (self.tp * self.dp)
-        return Coords(dp, pp, tp)
+        cp = (rank // self.tp) % self.cp
+        dp = (rank // (self.tp * self.cp)) % self.dp
+        pp = rank // (self.tp * self.cp * self.dp)
+        return Coords(dp, pp, tp, cp)
 
-    def rank_of(self, dp: int, pp: int, tp: int) -> int:
-        return (pp * self.dp + dp) * self.tp + tp
+    def rank_of(self, dp: int, pp: int, tp: int, cp: int = 0) -> int:
+        return ((pp * self.dp + dp) * self.cp + cp) * self.tp + tp
 
-    def group_ranks(self, axis: str, rank: int) -> list[int]:
-        """Global ranks of ``rank``'s group along ``axis``, ordered by their index on that axis."""
-        c = self.coords(rank)._asdict()
-        members = []
-        for i in range(self.size(axis)):
-            c[axis] = i
-            members.append(self.rank_of(**c))
-        return members
+    def group_ranks(self, axis: str | tuple[str, ...], rank: int) -> list[int]:
+        """Global ranks of ``rank``'s group along ``axis`` (or along several axes: the ranks that
+        differ from ``rank`` only there, e.g. ``("dp", "cp")``), in increasing rank order --
+        for one axis, the order of the index on that axis."""
+        axes = (axis,) if isinstance(axis, str) else tuple(axis)
+        c = self.coords(rank)
+        members = [rank - sum(getattr(c, a) * self.stride(a) for a in axes)]  # this rank at index 0
+        for a in axes:
+            members = [m + i * self.stride(a) for m in members for i in range(self.size(a))]
+        return sorted(members)
 
-    def all_groups(self, axis: str) -> list[list[int]]:
+    def stride(self, axis: str) -> int:
+        """How far apart in rank two neighbours along ``axis`` are."""
+        inner = {"tp": (), "cp": ("tp",), "dp": ("tp", "cp"), "pp": ("tp", "cp", "dp")}[axis]
+        return math.prod(self.size(a) for a in inner)
+
+    def all_groups(self, axis: str | tuple[str, ...]) -> list[list[int]]:
         """Every group along ``axis`` (a partition of all ranks), in a fixed order."""
         seen: dict[tuple[int, ...], None] = {}
         for r in range(self.world_size):
@@ -74,7 +91,8 @@ class MeshShape:
 
 
 class Mesh:
-    """This rank's place in the mesh and its ``dp``, ``pp`` and ``tp`` groups (plus ``world``)."""
+    """This rank's place in the mesh and its ``dp``, ``pp``, ``tp`` and ``cp`` groups, plus ``world``
+    and ``dpcp`` (the dp x cp ranks that average gradients; the dp group itself when cp = 1)."""
 
     def __init__(self, shape: MeshShape, rank: int, groups: dict[str, Group],
                  timeout_s: float | None = None) -> None:
@@ -85,15 +103,19 @@ class Mesh:
         self.dp = groups["dp"]
         self.pp = groups["pp"]
         self.tp = groups["tp"]
+        self.cp = groups["cp"]
+        self.dpcp = groups.get("dpcp", self.dp)
         self.world = groups["world"]
 
     def __repr__(self) -> str:
         c, s = self.coords, self.shape
-        return f"Mesh(rank={self.rank}, dp={c.dp}/{s.dp}, pp={c.pp}/{s.pp}, tp={c.tp}/{s.tp})"
+        cp = f", cp={c.cp}/{s.cp}" if s.cp > 1 else ""
+        return f"Mesh(rank={self.rank}, dp={c.dp}/{s.dp}, pp={c.pp}/{s.pp}{cp}, tp={c.tp}/{s.tp})"
 
     @property
     def groups(self) -> list[Group]:
-        return [self.dp, self.pp, self.tp, self.world]
+        extra = [self.dpcp] if self.dpcp is not self.dp else []
+        return [self.dp, self.pp, self.tp, self.cp, *extra, self.world]
 
     @property
     def is_first_stage(self) -> bool:
@@ -117,11 +139,14 @@ class Mesh:
         import torch.distributed as dist
 
         groups["world"] = comm.Group("world", list(range(shape.world_size)), rank, dist.group.WORLD)
-        for axis in AXES:
-            for members in shape.all_groups(axis):
-                g = comm.new_group(axis, members, rank, timeout_s)
+        named: list[tuple[str, str | tuple[str, ...]]] = [(a, a) for a in AXES]
+        if shape.cp > 1:
+            named.append(("dpcp", DPCP))
+        for name, axes in named:
+            for members in shape.all_groups(axes):
+                g = comm.new_group(name, members, rank, timeout_s)
                 if g is not None:
-                    groups[axis] = g
+                    groups[name] = g
         return cls(shape, rank, groups, timeout_s)
 
     def build_groups(self, name: str, all_members: list[list[int]]) -> Group | None:

@@ -186,7 +186,7 @@ def setup(cfg: TrainConfig, env: RankEnv, device: torch.device, corpus: Corpus |
     if env.world_size != layout.world_size:
         raise RuntimeError(f"{env.world_size} processes were started for a layout of "
                            f"{layout.world_size} ({layout})")
-    mesh = Mesh.build(MeshShape(layout.dp, layout.pp, layout.tp), env.rank, cfg.timeout_s)
+    mesh = Mesh.build(MeshShape(layout.dp, layout.pp, layout.tp, layout.cp), env.rank, cfg.timeout_s)
     if corpus is None:
         corpus = load_corpus(cfg.data)
     if checked is None:

@@ -108,7 +108,7 @@ def holdings(pm: object, opt: torch.optim.Optimizer) -> list[Holding]:
     """Every tensor of this rank's training state (model, then optimizer) with its boxes."""
     module: nn.Module = pm.module  # type: ignore[attr-defined]
     mesh = pm.mesh  # type: ignore[attr-defined]
-    groups = [mesh.tp, mesh.pp, mesh.dp]
+    groups = [mesh.tp, mesh.pp, mesh.dp, mesh.cp]  # cp ranks hold the same tensors: cp index 0 writes
     zero = _zero_sync(pm)
     tied = bool(getattr(getattr(module, "cfg", None), "tie_embeddings", False))
     out: list[Holding] = []

@@ -44,7 +44,8 @@ def load(session: Any, folder: Path, m: Manifest) -> int:
     """Fill ``session`` from a verified checkpoint of any layout; returns the bytes this rank read."""
     reader = CheckpointReader(folder, m)
     hd.load(hd.holdings(session.pm, session.opt), session.opt, reader)
-    if m.layout == layout_json(session.cfg.layout) and m.world_size == session.mesh.shape.world_size:
+    # the same layout restores the RNG streams too (records written before cp existed have no "cp": 1)
+    if {"cp": 1, **m.layout} == layout_json(session.cfg.layout) and m.world_size == session.mesh.shape.world_size:
         local = reader.local(session.mesh.rank)
         if "cpu_rng" in local:
             torch.set_rng_state(local["cpu_rng"])

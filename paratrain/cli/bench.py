@@ -8,7 +8,7 @@ import json
 import sys
 from typing import Any
 
-from paratrain.bench import GROUPS, BenchOptions, Row
+from paratrain.bench import DEFAULT_GROUPS, GROUPS, BenchOptions, Row
 from paratrain.cli.common import MAX_LOCAL_PROCS, check_batch_memory
 from paratrain.errors import ConfigError
 from paratrain.metrics import format_grid
@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d = BenchOptions()
     p = sub.add_parser("bench", help="benchmark ours against PyTorch's implementations",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", help=f"comma-separated groups among {', '.join(GROUPS)} (default: all)")
+    p.add_argument("--only", help=f"comma-separated groups among {', '.join(GROUPS)} (default: all but cp)")
     p.add_argument("--json", action="store_true", help="one JSON object per row")
     p.add_argument("--model", default=d.model, help=f"named model (default: {d.model})")
     p.add_argument("--global-batch", type=int, default=d.global_batch,
@@ -67,7 +67,7 @@ def check_options(args: argparse.Namespace) -> None:
 
 def prepare(args: argparse.Namespace) -> tuple[list[str], BenchOptions]:
     """The groups and options to measure, every check done (ConfigError) before anything starts."""
-    groups = [g.strip() for g in args.only.split(",")] if args.only else list(GROUPS)
+    groups = [g.strip() for g in args.only.split(",")] if args.only else list(DEFAULT_GROUPS)
     unknown = [g for g in groups if g not in GROUPS]
     if unknown:
         raise ConfigError(f"unknown benchmark group(s) {', '.join(unknown)}; valid: {', '.join(GROUPS)}.")
@@ -79,7 +79,8 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], BenchOptions]:
 
     for n in opts.nprocs:
         for group in (g for g in groups if g != "ckpt"):  # ckpt runs its own two layouts
-            layout = Layout(tp=n, sequence_parallel=True) if group == "tp" else Layout(dp=n)
+            layout = (Layout(tp=n, sequence_parallel=True) if group == "tp" else Layout(cp=n) if group == "cp"
+                      else Layout(dp=n))
             TrainConfig(model=opts.model, global_batch=opts.global_batch, seq_len=opts.seq_len,
                         layout=layout).validate()
     return groups, opts
@@ -132,6 +133,11 @@ def _speed_cells(r: Row) -> list[str]:
         buckets = f"{e['buckets']} bucket" + ("s" if e["buckets"] != 1 else "")
         note = (f"all-reduced {e['allreduce_bytes_per_step'] / 2**20:.2f} MiB/step vs grads "
                 f"{e['grad_bytes'] / 2**20:.2f} MiB ({buckets}), {e['threads_per_rank']} thr/rank")
+    elif "cp_bytes_per_step" in r.extra:  # the reference side is one process, not PyTorch's CP
+        e = r.extra
+        note = (f"vs ONE process; activations/rank {e['activations_per_rank'] / 2**20:.1f} MiB vs "
+                f"{e['single_activations'] / 2**20:.1f} MiB; ring sent {e['cp_bytes_per_step'] / 2**20:.2f} MiB/step "
+                f"(formula {e['cp_bytes_formula'] / 2**20:.2f}), {e['threads_per_rank']} thr/rank")
     elif "note" in r.extra:
         note = str(r.extra["note"])
     return [r.name, f"{r.ours_tokens_per_s:,.0f}", f"{r.ref_tokens_per_s:,.0f}", f"{r.ratio:.3f}", note]

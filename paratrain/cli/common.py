@@ -35,7 +35,7 @@ FLAGS = {"timeout_s": "--timeout"}  # fields whose flag is not --field-name (see
 # finished TrainConfig): an explicit nproc is a count of processes, 0 is not one.
 GIVEN_RANGES: dict[str, Range] = dict(
     FIELD_RANGES, nproc=Range(int, 1, high=MAX_LOCAL_PROCS),
-    **{name: Range(int, 1) for name in ("dp", "pp", "tp", "microbatches", "virtual_stages")})
+    **{name: Range(int, 1) for name in ("dp", "pp", "tp", "cp", "microbatches", "virtual_stages")})
 # The type each config-file key wants, from the dataclass fields ("int", "str | None", ...).
 _FIELD_TYPES = {f.name: str(f.type) for f in (*dataclasses.fields(TrainConfig), *dataclasses.fields(Layout))}
 _WANTED = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
@@ -70,10 +70,13 @@ def add_layout_args(p: argparse.ArgumentParser, dp_default: str = "the processes
                     "when nothing is given") -> None:
     """--dp/--pp/--tp and the rest of the Layout; every default is None = "not given".
     ``dp_default``: what the command does without --dp (train and the planners differ)."""
-    g = p.add_argument_group("layout (dp x pp x tp processes)")
+    g = p.add_argument_group("layout (dp x pp x cp x tp processes)")
     g.add_argument("--dp", type=int, metavar="N", help=f"data-parallel degree (default: {dp_default})")
     g.add_argument("--pp", type=int, metavar="N", help="pipeline-parallel stages (default: 1)")
     g.add_argument("--tp", type=int, metavar="N", help="tensor-parallel degree (default: 1)")
+    g.add_argument("--cp", type=int, metavar="N", help="context-parallel degree: each rank holds seq_len/N "
+                   "tokens of every sequence, attention is ring attention over the N ranks; seq_len must be "
+                   "divisible by 2N (default: 1)")
     g.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO stage over the dp group: 1 shards the "
                    "optimizer state, 2 also the gradients, 3 also the parameters (default: 0, plain data "
                    "parallelism)")
@@ -99,7 +102,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="TOML, YAML or JSON file (a run's config.json too) with "
                    "any of the options below (keys as the flags: warmup_steps or warmup-steps; layout "
                    "keys at top level or in a [layout] table); flags override it")
-    p.add_argument("--nproc", type=int, metavar="N", help=f"local processes to start (default: dp*pp*tp, "
+    p.add_argument("--nproc", type=int, metavar="N", help=f"local processes to start (default: dp*pp*cp*tp, "
                    f"{DEFAULT_NPROC} when no degree is given; ignored under torchrun)")
     add_layout_args(p)
     g = p.add_argument_group("model and data")
@@ -323,19 +326,21 @@ def check_batch_memory(global_batch: int, seq_len: int, flag: str = "--global-ba
 def _resolve_degrees(values: dict[str, Any], layout: dict[str, Any]) -> None:
     """Fill in dp and nproc: under torchrun the world size is given; otherwise --nproc, the
     degrees, or the default of 2 data-parallel processes."""
-    pp, tp = layout.get("pp", 1), layout.get("tp", 1)
-    if not all(isinstance(v, int) and v >= 1 for v in (pp, tp)):
+    pp, tp, cp = layout.get("pp", 1), layout.get("tp", 1), layout.get("cp", 1)
+    if not all(isinstance(v, int) and v >= 1 for v in (pp, tp, cp)):
         return  # Layout validation reports it
     world = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ and "RANK" in os.environ else None
     nproc = world or values.get("nproc")
     if "dp" not in layout:
+        others = pp * cp * tp
         if nproc:
-            if nproc % (pp * tp):
-                raise ConfigError(f"{nproc} processes cannot be split into pp={pp} x tp={tp} "
-                                  f"groups; use a multiple of {pp * tp} processes.")
-            layout["dp"] = nproc // (pp * tp)
+            if nproc % others:
+                what = f"pp={pp} x tp={tp}" + (f" x cp={cp}" if cp > 1 else "")
+                raise ConfigError(f"{nproc} processes cannot be split into {what} "
+                                  f"groups; use a multiple of {others} processes.")
+            layout["dp"] = nproc // others
         else:
-            layout["dp"] = DEFAULT_NPROC if pp * tp == 1 else 1
+            layout["dp"] = DEFAULT_NPROC if others == 1 else 1
     if world:
         values["nproc"] = world
 

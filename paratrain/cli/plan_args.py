@@ -244,7 +244,7 @@ def build_options(args: argparse.Namespace) -> CostOptions:
                        offload_optimizer=args.offload_optimizer)
 
 
-_LAYOUT_COUNTS = {"dp": MAX_DEVICES, "pp": MAX_DEVICES, "tp": MAX_DEVICES, "microbatches": MAX_BATCH,
+_LAYOUT_COUNTS = {"dp": MAX_DEVICES, "pp": MAX_DEVICES, "tp": MAX_DEVICES, "cp": MAX_DEVICES, "microbatches": MAX_BATCH,
                   "virtual_stages": 2**16}
 
 

@@ -81,7 +81,8 @@ def hf_config_arg(value: str) -> str:
     return json.dumps(fields, sort_keys=True)
 
 
-SEARCHED = ("dp", "pp", "tp", "zero", "microbatches", "schedule", "virtual_stages", "sequence_parallel", "recompute")
+SEARCHED = ("dp", "pp", "tp", "cp", "zero", "microbatches", "schedule", "virtual_stages", "sequence_parallel",
+            "recompute")
 
 
 def plan_auto(args: argparse.Namespace) -> tuple[TrainConfig, Any]:
@@ -109,7 +110,8 @@ def describe_auto(auto: Any, nproc: int) -> str:
     return "\n".join([
         f"paratrain train --plan auto: {nproc} local processes; hardware: {pred.source}",
         f"  searched {auto.considered} layouts the runtime implements"
-        + " (every dp x pp x tp, ZeRO stage, schedule and recomputation; not ZeRO-3 with a pipeline)"
+        + " (every dp x pp x cp x tp, ZeRO stage, schedule and recomputation; not ZeRO-3 with a pipeline"
+        + " nor ZeRO with cp)"
         + f"; simulated the fastest {len(auto.candidates)}: {shortlist}",
         f"  chose [{auto.layout}]: predicted {pred.step_time_s * 1e3:.1f} ms per step, {mem / 2**20:.1f} MiB on the "
         f"most loaded rank (model states + activations)",
@@ -125,7 +127,7 @@ def _default_out(cfg: TrainConfig) -> Path:
     run_id = os.environ.get("TORCHELASTIC_RUN_ID") if "RANK" in os.environ else None
     stamp = run_id or time.strftime("%Y%m%d-%H%M%S")
     l = cfg.layout
-    base = Path("runs") / f"{stamp}-{cfg.model}-dp{l.dp}pp{l.pp}tp{l.tp}"
+    base = Path("runs") / f"{stamp}-{cfg.model}-dp{l.dp}pp{l.pp}tp{l.tp}" + (f"cp{l.cp}" if l.cp > 1 else "")
     out, n = base, 1
     while out.exists() and not run_id:
         n += 1

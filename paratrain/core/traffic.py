@@ -43,6 +43,20 @@ scatter/gather over tp (Narayanan et al. 2021, sec. 4.1) is not done. With tied 
 first and last stage all-reduce the embedding's gradient, ``V_pad/n x h`` (``V_pad`` =
 :func:`paratrain.core.vocab.padded_vocab_size`), once per step.
 
+Context parallelism (ring attention, ``parallel/context.py``), per micro-batch, on one cp rank of
+``N`` holding ``L`` blocks: every attention layer passes the keys and values of ``s/N`` tokens of
+its ``h/n`` local width, ``KV = 2 b (s/N) (h/n) e`` bytes, one hop around the ring at a time::
+
+    forward   ring_kv  send  (N - 1) L  messages of KV        (each rank's K/V visits every other)
+    backward  ring_kv  send  (N - 1) L  of KV                 (K/V go round again: not stored)
+              ring_dkv send  N L        of 2 b (s/N) (h/n) 4  (fp32 dK/dV ride along; the last
+                                                               hop brings them home)
+
+plus ``(N - 1) L`` more K/V messages in backward when the attention is recomputed (``full`` or
+``selective``: the ring forward is replayed). Receives mirror the sends (``*_recv``, the same
+calls and bytes). Gradients of replicated parameters are averaged over the dp x cp ranks in one
+all-reduce per bucket (the ``dpcp`` group), as data parallelism over dp x cp ranks would.
+
 Data parallelism and ZeRO (Rajbhandari et al. 2020, [R20]): :func:`zero_comm_per_step` in the
 runtime's buckets, as ``parallel/zero.py`` and ``parallel/zero3.py`` run them, and
 :func:`dp_parts`, the same collectives per parameter, as the planner prices them.
@@ -210,3 +224,40 @@ def dp_parts(zero: int, m: int, n: int, grad_b: float, param_b: float) -> list[t
         return [("reduce_scatter", grad_b, "backward", m), ("all_gather", param_b, "step", 1)]
     return [("all_gather", param_b, "forward", m), ("all_gather", param_b, "backward", m),
             ("reduce_scatter", grad_b, "backward", m)]
+
+
+def cp_kv_bytes(model: ModelConfig, cp: int, tp: int, microbatch: int, seq_len: int, elem_bytes: int = 4) -> int:
+    """One ring message of keys and values: ``2 b (s/N) (h/n) e`` bytes (the two stacked)."""
+    return 2 * microbatch * (seq_len // cp) * (model.hidden // tp) * elem_bytes
+
+
+def cp_traffic(model: ModelConfig, cp: int, tp: int, microbatch: int, seq_len: int,
+               num_layers: int | None = None, recompute: str = "none", elem_bytes: int = 4) -> Traffic:
+    """Context-parallel ring traffic of one cp rank per micro-batch of ``microbatch`` sequences
+    (phases ``forward`` / ``backward``), ``num_layers`` blocks (default all): the sends of the
+    module docstring's table, receives the same. A ring of one moves nothing."""
+    out: Traffic = {}
+    if cp == 1:
+        return out
+    L = model.num_layers if num_layers is None else num_layers
+    kv = cp_kv_bytes(model, cp, tp, microbatch, seq_len, elem_bytes)
+    dkv = cp_kv_bytes(model, cp, tp, microbatch, seq_len, 4)
+    replays = 1 if recompute in ("full", "selective") else 0
+    for kind in ("send", "recv"):
+        _add(out, FORWARD, f"ring_kv_{kind}", (cp - 1) * L, (cp - 1) * L * kv)
+        _add(out, BACKWARD, f"ring_kv_{kind}", (1 + replays) * (cp - 1) * L, (1 + replays) * (cp - 1) * L * kv)
+        _add(out, BACKWARD, f"ring_dkv_{kind}", cp * L, cp * L * dkv)
+    return out
+
+
+def cp_comm_per_step(model: ModelConfig, cp: int, tp: int, local_batch: int, seq_len: int,
+                     microbatches: int = 1, num_layers: int | None = None,
+                     recompute: str = "none") -> dict[str, tuple[int, int]]:
+    """The traffic of one training step on the cp group, ``{op: (calls, bytes)}``, fp32:
+    what ``comm``'s counters of the cp group show after one step (tested exactly)."""
+    out: dict[str, tuple[int, int]] = {}
+    per = cp_traffic(model, cp, tp, local_batch // microbatches, seq_len, num_layers, recompute)
+    for (_, op), (calls, nbytes) in per.items():
+        c, b = out.get(op, (0, 0))
+        out[op] = (c + microbatches * calls, b + microbatches * nbytes)
+    return out

@@ -1,7 +1,8 @@
 """``parallelize`` applies a layout to the reference model, as transforms in a fixed order:
-tensor parallelism (shard each layer), then pipeline parallelism (keep this stage's layers), then
-data parallelism / ZeRO (reduce gradients over the dp group). Each transform receives only the
-group it uses.
+tensor parallelism (shard each layer), then context parallelism (ring attention, global
+positions), then pipeline parallelism (keep this stage's layers), then data parallelism / ZeRO
+(reduce gradients over the dp group -- over dp x cp under context parallelism). Each transform
+receives only the group it uses.
 
 Importing this package does not import torch; the classes load on first use. The torch-free
 parts it shares with the planner (schedules, checker, partition, traffic formulas) live in
@@ -78,6 +79,12 @@ def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, tp_plan: TPPlan
             from paratrain.parallel.tp_plan import apply_tp_plan
 
             apply_tp_plan(model, tp_plan, mesh.tp, layout.sequence_parallel)  # type: ignore[arg-type]
+    if layout.cp > 1:  # context parallelism: parallel/context.py (splits no parameter)
+        if not gpt:
+            raise ValueError("context parallelism (cp > 1) is implemented for the built-in GPT only")
+        from paratrain.parallel.context import context_parallel
+
+        model = context_parallel(model, mesh.cp)
     if gpt:
         apply_recompute(model, layout.recompute)
     stage = None
@@ -103,9 +110,9 @@ def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, tp_plan: TPPlan
         sync = ZeroDataParallel(model, mesh.dp, layout.zero, bucket_mb, overlap, parts=chunks, alone=tied,
                                 grad_dtype=grad_dtype)
     elif dp_impl == "naive":
-        sync = NaiveDataParallel(model, mesh.dp)
-    else:
-        sync = DataParallel(model, mesh.dp, bucket_mb=bucket_mb, overlap=overlap, grad_dtype=grad_dtype)
+        sync = NaiveDataParallel(model, mesh.dpcp)
+    else:  # dpcp: the dp group itself when cp = 1
+        sync = DataParallel(model, mesh.dpcp, bucket_mb=bucket_mb, overlap=overlap, grad_dtype=grad_dtype)
     if master_weights:  # fp32 masters: the tensors the norm, the clip and the optimizer see
         from paratrain.parallel.mixed import MixedPrecision
 

@@ -85,6 +85,7 @@ class ParallelModel:
         gradient of the mean loss over the global batch. Returns this rank's mean loss (detached)."""
         m = self.layout.microbatches
         scale = self.grad_sync.grad_scale / m
+        inputs, targets = self.local_tokens(inputs), self.local_tokens(targets)
         total = torch.zeros((), device=inputs.device)
         for i, (x, y) in enumerate(zip(inputs.chunk(m), targets.chunk(m))):
             self.grad_sync.set_sync(i == m - 1)
@@ -100,14 +101,21 @@ class ParallelModel:
         was_training = self.module.training
         self.module.eval()
         with self._autocast(inputs):
-            loss = self.runner(inputs, targets).float()
+            loss = self.runner(self.local_tokens(inputs), self.local_tokens(targets)).float()
         self.module.train(was_training)
         return loss
 
+    def local_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T) -> this cp rank's (B, T/cp) tokens (``parallel/context.py``); x itself at cp = 1."""
+        from paratrain.parallel.context import split_sequence
+
+        return split_sequence(x, self.mesh.cp)
+
     def global_mean(self, value: torch.Tensor) -> torch.Tensor:
-        """Average a per-rank scalar (e.g. the local loss) over the data-parallel group."""
+        """Average a per-rank scalar (e.g. the local loss) over the data-parallel group (dp x cp:
+        every cp rank's mean is over as many tokens, so their mean is the global one)."""
         out = value.detach().clone().float()
-        comm.all_reduce(out, self.mesh.dp, op="avg", tag="metrics")
+        comm.all_reduce(out, self.mesh.dpcp, op="avg", tag="metrics")
         return out
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
@@ -125,7 +133,8 @@ class ParallelModel:
         """The reference model's state dict (full shapes) on global rank 0, None elsewhere.
         Collective: every rank calls it (the tp shards are gathered on each tp group)."""
         with self.grad_sync.full_params():  # ZeRO-3: copied before they are freed again
-            state = gather_full_state(self.module, self.mesh.tp) if self.mesh.coords.dp == 0 else None
+            lead = self.mesh.coords.dp == 0 and self.mesh.coords.cp == 0
+            state = gather_full_state(self.module, self.mesh.tp) if lead else None
             if self.mesh.rank != 0 or state is None:
                 return None
             return {k: v.detach().cpu().clone() for k, v in state.items()}

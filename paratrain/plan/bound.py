@@ -44,7 +44,7 @@ def step_time_lower_bound(ctx: _Layout, zero: int | None = None) -> float:
         replay = ctx.layer_rec / (3 * ctx.layer_fwd) if ctx.layer_fwd else 0.0
         C = (3 * (L * ctx.layer_fwd + ctx.head_fwd) + L * ctx.layer_rec) / ctx.rate \
             + (L * ctx.ew_layer * (1 + replay) + ctx.ew_head) / ctx.share
-        once = collective_seconds("all_reduce", ctx.n, 4, *ctx.dp_link)
+        once = collective_seconds("all_reduce", ctx.r, 4, *ctx.dp_link)
         if t > 1:
             tp = ctx.tp_seconds(1, False, False)
             C += L * (tp[traffic.FORWARD] + tp[traffic.BACKWARD])
@@ -69,6 +69,6 @@ def step_time_lower_bounds(ctx: _Layout, zeros: tuple[int, ...]) -> dict[int, fl
 def _with_optimizer(ctx: _Layout, zero: int) -> float:
     """The pipeline part of the bound (computed) plus the optimizer's step at ZeRO stage ``zero``."""
     bw = ctx.hw.memory_bw * ctx.share
-    owned = ctx.max_params / (ctx.n if zero >= 1 else 1)
+    owned = ctx.max_params / (ctx.r if zero >= 1 else 1)
     optimizer = OPTIMIZER_BYTES_PER_PARAM * owned / bw if bw else 0.0
     return (ctx.pipe_bound + optimizer) * (1 - 1e-9)  # the margin: the estimate sums the terms in another order

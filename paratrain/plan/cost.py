@@ -37,6 +37,7 @@ from paratrain.plan.collectives import (
     exposed_reduction,
     link,
 )
+from paratrain.plan.context import NO_RING, Ring, ring_cost, score_fraction
 from paratrain.plan.footprint import LayoutMemory, chunks_per_rank
 from paratrain.plan.hardware import Hardware
 from paratrain.plan.options import DEFAULT_OPTIONS, CostOptions
@@ -64,6 +65,7 @@ class ChunkCost(NamedTuple):
     tp_forward_s: float
     tp_backward_s: float
     tp_bytes: float  # wire bytes per micro-batch
+    ring: Ring = NO_RING  # context parallelism: the chunk's exposed ring seconds and bytes (plan/context.py)
 
 
 class StageCost(NamedTuple):
@@ -94,6 +96,8 @@ class StageCost(NamedTuple):
     dp_buckets: Buckets = NO_BUCKETS  # ZeRO-0 gradient buckets (what the simulator replays)
     dp_other_s: float = 0.0  # the part of dp_exposed_s that is not those buckets
     p2p_message_s: float = 0.0  # one pipeline message
+    cp_s: float = 0.0  # per micro-batch: the ring attention's exposed transfers
+    cp_bytes: float = 0.0  # per step
 
     @property
     def peak_bytes(self) -> float:
@@ -101,7 +105,7 @@ class StageCost(NamedTuple):
 
     @property
     def microbatch_s(self) -> float:
-        return self.forward_s + self.backward_s + self.tp_s + self.p2p_s
+        return self.forward_s + self.backward_s + self.tp_s + self.p2p_s + self.cp_s
 
 
 def compute_share(hw: Hardware, world_size: int) -> float:
@@ -163,10 +167,14 @@ class _Layout(LayoutMemory):
         if self.share < 1 and hw.shared_latency_s:  # processes outnumber cores: peers answer later
             hw = hw.replace(intra_node_latency_s=hw.shared_latency_s)
         self.link_hw = hw
+        # per rank: the per-token work of s / cp tokens, the ring's share of the scores (plan/context.py)
         shape = f.shape_args(model)
-        self.layer_fwd = f.layer_forward_flops(b, s, h, F, **shape) / t
-        self.layer_rec = f.recompute_forward_flops(L.recompute, b, s, h, F, **shape) / t
-        self.head_fwd = f.head_forward_flops(b, s, h, V) / t
+        cp, attn = L.cp, f.attention_core_forward_flops(b, s, h)
+        self.attn_fwd = attn * score_fraction(cp) / t
+        self.layer_fwd = (f.layer_forward_flops(b, s, h, F, **shape) - attn) / (t * cp) + self.attn_fwd
+        self.layer_rec = {"full": self.layer_fwd, "selective": self.attn_fwd}.get(L.recompute, 0.0)
+        self.layer_rec = self.layer_rec if cp > 1 else f.recompute_forward_flops(L.recompute, b, s, h, F, **shape) / t
+        self.head_fwd = f.head_forward_flops(b, s, h, V) / (t * cp)
         # memory-bound seconds of one layer's / the head's forward + backward on an unshared device
         self.ew_layer = hw.elementwise_s_per_byte * self.full_layer
         self.ew_head = hw.elementwise_s_per_byte * self.head_act
@@ -175,17 +183,27 @@ class _Layout(LayoutMemory):
 
     # The links and payloads below are computed when first asked: the search bounds most layouts
     # without them (step_time_lower_bound needs only tp_link, and only with tp > 1).
-    def _link(self, axis: str) -> Link:
+    def _spans(self, axis: str) -> bool:
         L = self.layout
-        return link(self.link_hw, axis_spans_nodes(axis, L.dp, L.pp, L.tp, self.link_hw.devices_per_node))
+        return axis_spans_nodes(axis, L.dp, L.pp, L.tp, self.link_hw.devices_per_node, L.cp)
+
+    def _link(self, axis: str) -> Link:
+        return link(self.link_hw, self._spans(axis))
 
     @cached_property
     def tp_link(self) -> Link:
         return self._link("tp")
 
     @cached_property
-    def dp_link(self) -> Link:
-        return self._link("dp")
+    def dp_link(self) -> Link:  # the dp x cp ranks that average gradients
+        return link(self.link_hw, self._spans("dp") or self._spans("cp"))
+
+    @cached_property
+    def ring(self) -> Ring:
+        """One block's ring-attention transfers per micro-batch (plan/context.py)."""
+        L = self.layout
+        return ring_cost(self.model, L.cp, self.t, self.b, self.s, self.e, self.rate, self._link("cp"),
+                         L.recompute, overlaps_dp(self.hw, L.world_size, self.options))
 
     @cached_property
     def pp_link(self) -> Link:
@@ -203,7 +221,7 @@ class _Layout(LayoutMemory):
     @cached_property
     def dp_parts(self) -> tuple:
         """The data-parallel collectives' payloads per parameter."""
-        return traffic.dp_parts(self.layout.zero, self.m, self.n, self.G_b, self.P_b)
+        return traffic.dp_parts(self.layout.zero, self.m, self.r, self.G_b, self.P_b)
 
     def tp_seconds(self, layers: int, first: bool, last: bool) -> dict[str, float]:
         # the sequence-parallel sum acts on the optimizer's gradients: fp32 (the masters' under bf16)
@@ -221,9 +239,11 @@ class _Layout(LayoutMemory):
         # plus the replayed forward's share under recomputation (see Hardware.elementwise_s_per_byte)
         ew = (layers * self.ew_layer + (self.ew_head if last else 0)) / (self.share * speed)
         replay = layers * self.ew_layer * self.layer_rec / (3 * self.layer_fwd) / (self.share * speed)
+        rg = self.ring
         return ChunkCost(layers, first, last, params, fwd / rate + ew / 3,
                          (2 * fwd + layers * self.layer_rec) / rate + 2 * ew / 3 + replay,
-                         tp[traffic.FORWARD], tp[traffic.BACKWARD], tp["wire_forward"] + tp["wire_backward"])
+                         tp[traffic.FORWARD], tp[traffic.BACKWARD], tp["wire_forward"] + tp["wire_backward"],
+                         Ring(layers * rg.forward_s, layers * rg.backward_s, layers * rg.wire_bytes))
 
     def syncs(self, i: int, n_layers: int) -> tuple[float, float, float, float]:
         """(tp seconds, tp wire bytes, pp seconds, pp wire bytes) once per step after the schedule:
@@ -250,7 +270,7 @@ class _Layout(LayoutMemory):
         runtime reduces during the rank's last backward (chunk 0 of the last micro-batch); with
         several chunks the buckets of the others complete only at the end, and since buckets are
         launched in order none of them overlaps."""
-        n, opts, m = self.n, self.options, self.m
+        n, opts, m = self.r, self.options, self.m
         overlap = overlaps_dp(self.hw, self.layout.world_size, opts)
         window = chunks[0].backward_s + chunks[0].tp_backward_s if self.v == 1 else 0.0
         fwd_s, bwd_s = sum(c.forward_s for c in chunks), sum(c.backward_s for c in chunks)
@@ -293,7 +313,7 @@ class _Layout(LayoutMemory):
         params, state, acts = mem.params, mem.state, mem.activation_bytes
         tp_sync, tp_step_b, pp_sync, pp_step_b = self.syncs(i, n_layers)
         dp_b, exposed, grads, dp_other = self.data_parallel(params, chunks)
-        owned = params / (self.n if self.layout.zero >= 1 else 1)
+        owned = params / (self.r if self.layout.zero >= 1 else 1)
         bw = self.hw.memory_bw * self.share * self.speeds[i]
         opt_s = OPTIMIZER_BYTES_PER_PARAM * owned / bw if bw else 0.0
         if self.offload:  # ZeRO-Offload: the step runs in host memory, gradients and weights cross the link
@@ -305,7 +325,8 @@ class _Layout(LayoutMemory):
             sum(c.forward_s for c in chunks), sum(c.backward_s for c in chunks),
             sum(c.tp_forward_s + c.tp_backward_s for c in chunks), sends * self.message_s,
             m * sum(c.tp_bytes for c in chunks) + tp_step_b, m * sends * self.message + pp_step_b,
-            dp_b, exposed, tp_sync, pp_sync, opt_s, tuple(chunks), grads, dp_other, self.message_s)
+            dp_b, exposed, tp_sync, pp_sync, opt_s, tuple(chunks), grads, dp_other, self.message_s,
+            sum(c.ring.forward_s + c.ring.backward_s for c in chunks), m * sum(c.ring.wire_bytes for c in chunks))
 
 
 def _stages(model: ModelConfig, layout: Layout, hw: Hardware, global_batch: int, seq_len: int,
@@ -358,7 +379,7 @@ def estimate_layout(ctx: _Layout) -> Estimate:
         compute=m * (slow.forward_s + slow.backward_s), tp_comm=m * slow.tp_s + max(c.tp_sync_s for c in stages),
         pp_comm=m * slow.p2p_s + max(c.pp_sync_s for c in stages),
         bubble=pipe - m * t_max, dp_comm=max(c.dp_exposed_s for c in stages),
-        optimizer=max(c.optimizer_s for c in stages),
+        optimizer=max(c.optimizer_s for c in stages), cp_comm=m * slow.cp_s,
     )
     heavy = max(stages, key=lambda c: c.peak_bytes)
     return make_estimate(model, layout, hw, ctx.global_batch, ctx.s, ctx.precision, options, time, bubble_frac,
@@ -388,7 +409,7 @@ def make_estimate(model: ModelConfig, layout: Layout, hw: Hardware, global_batch
         capacity_bytes=hw.memory_bytes * (1 - options.memory_headroom), most_loaded_stage=heavy.stage,
         bubble_fraction=bubble_frac,
         comm_bytes_per_device=CommBytes(dp=max(c.dp_bytes for c in stages), tp=max(c.tp_bytes for c in stages),
-                                        pp=max(c.pp_bytes for c in stages)),
+                                        pp=max(c.pp_bytes for c in stages), cp=max(c.cp_bytes for c in stages)),
         time=time, tokens_per_s=tokens / step, mfu=flops / (step * n_dev * peak),
         hfu=hw_flops / (step * n_dev * peak), efficiency=options.efficiency or hw.compute_efficiency,
         notes=_notes(model, hw, precision, layout, options),

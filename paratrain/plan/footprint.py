@@ -16,6 +16,9 @@ chunks of different sizes, as the largest over the schedule's stash states
         = (sum_c n_c layers_c) a + n_first e_emb + n_last e_head
 
 with a, e_emb, e_head one micro-batch's activations of a block, the embedding and the head.
+Under context parallelism every activation is of the rank's ``s / cp`` tokens (and the ring
+attention keeps no ``s x s`` scores), and model states are sharded by ZeRO over the ``dp x cp``
+ranks that average the gradients (:mod:`paratrain.plan.context`).
 """
 
 from __future__ import annotations
@@ -64,8 +67,11 @@ class LayoutMemory:
         self.model, self.layout, self.options, self.precision = model, layout, options, precision
         self.global_batch = global_batch
         self.p, self.t, self.n, self.m = p, t, n, m
+        self.cp = L.cp
+        self.r = n * L.cp  # ranks that average (ZeRO: shard) the gradients: dp x cp
         self.v = chunks_per_rank(L)
         s, h, F, a = seq_len, model.hidden, model.ffn_hidden, model.num_heads
+        s_act = s // L.cp  # the tokens a rank holds
         self.s, self.h = s, h
         self.V = V = padded_vocab_size(model.vocab_size, t)  # rows of the embedding / LM head over all tp ranks
         self.b = b = (options.local_batch if options.local_batch is not None else global_batch / n) / m
@@ -79,20 +85,21 @@ class LayoutMemory:
         self.block = f.block_params_per_device(h, F, t, **f.shape_args(model))
         self.embed = V * h / t
         self.head_copy = (not model.tie_embeddings) or p > 1  # the last stage keeps a copy of W_e
-        act = dict(t=t, sp=sp, elem_bytes=e, dropout=options.dropout, store_scores=options.store_scores,
-                   sp_saves_gathered=options.sp_saves_gathered, **f.shape_args(model))
-        self.act_layer = f.layer_activation_bytes(s, b, h, a, F, recompute=L.recompute, **act)
-        self.emb_act = f.embedding_activation_bytes(s, b, h, t, sp, options.dropout)
-        self.head_act = f.output_activation_bytes(s, b, h, V, t, sp, e, options.sp_saves_gathered)
+        act = dict(t=t, sp=sp, elem_bytes=e, dropout=options.dropout,
+                   store_scores=options.store_scores and L.cp == 1, sp_saves_gathered=options.sp_saves_gathered,
+                   **f.shape_args(model))
+        self.act_layer = f.layer_activation_bytes(s_act, b, h, a, F, recompute=L.recompute, **act)
+        self.emb_act = f.embedding_activation_bytes(s_act, b, h, t, sp, options.dropout)
+        self.head_act = f.output_activation_bytes(s_act, b, h, V, t, sp, e, options.sp_saves_gathered)
         self.out_act = (m if (L.schedule == "gpipe" and p > 1) else 1) * self.head_act
-        self.full_layer = f.layer_activation_bytes(s, b, h, a, F, recompute="none", **act)
+        self.full_layer = f.layer_activation_bytes(s_act, b, h, a, F, recompute="none", **act)
         self.rebuilt = self.full_layer if L.recompute == "full" else 0.0
         self.buffers = self._buffers(L.zero)
         self._parts: tuple[tuple[float, float], ...] | None = None
 
     def _buffers(self, zero: int) -> float:
         """ZeRO-3 gathers one unit (a block, or the embedding) and its gradient at a time."""
-        return (self.P_b + self.G_b) * max(self.block, self.embed) if (zero == 3 and self.n > 1) else 0.0
+        return (self.P_b + self.G_b) * max(self.block, self.embed) if (zero == 3 and self.r > 1) else 0.0
 
     def chunk_params(self, k: int) -> float:
         """Parameters of stage ``k`` (chunk ``k // p`` of rank ``k % p``) on one device."""
@@ -121,7 +128,7 @@ class LayoutMemory:
         return params, acts
 
     def _memory(self, params: float, acts: float, zero: int) -> RankMemory:
-        state = _model_state_bytes(params, zero, self.n, self.precision, self.G_b, self.offload)
+        state = _model_state_bytes(params, zero, self.r, self.precision, self.G_b, self.offload)
         return RankMemory(params, state, self._buffers(zero), acts, self.rebuilt)
 
     def rank_memory(self, i: int) -> RankMemory:
@@ -140,16 +147,15 @@ class LayoutMemory:
         summed in the same order (at ZeRO stage ``zero``, default the layout's: the search
         screens the four stages of a layout from one context)."""
         zero = self.layout.zero if zero is None else zero
-        buffers, rebuilt, n, precision = self._buffers(zero), self.rebuilt, self.n, self.precision
+        buffers, rebuilt, n, precision = self._buffers(zero), self.rebuilt, self.r, self.precision
         G_b, offload = self.G_b, self.offload
         return max(_model_state_bytes(params, zero, n, precision, G_b, offload).total + buffers + acts + rebuilt
                    for params, acts in self.group_parts())
 
-
     def peaks(self, zeros: tuple[int, ...]) -> dict[int, float]:
         """:meth:`peak_bytes` at each ZeRO stage of ``zeros``, in one call (the search screens
         every stage of a layout from one context)."""
-        parts, rebuilt, n, precision = self.group_parts(), self.rebuilt, self.n, self.precision
+        parts, rebuilt, n, precision = self.group_parts(), self.rebuilt, self.r, self.precision
         G_b, offload = self.G_b, self.offload
         return {zero: max(_state_total(params, zero, n, precision, G_b, offload) + self._buffers(zero) + acts
                           + rebuilt for params, acts in parts) for zero in zeros}

@@ -71,12 +71,13 @@ class SpeedPlan:
 
 
 def replica_speeds(layout: Layout, speeds: tuple[float, ...]) -> list[tuple[float, ...]]:
-    """``w[d]``: per data-parallel replica d, the speed of each pipeline rank (min over tp)."""
+    """``w[d]``: per data-parallel replica d, the speed of each pipeline rank (min over cp and tp)."""
     if len(speeds) != layout.world_size or not all(x > 0 for x in speeds):
         raise ConfigError(f"--device-speeds needs one positive speed per device: {layout.world_size} for "
                           f"[{layout}], got {len(speeds)}.")
-    dp, pp, tp = layout.dp, layout.pp, layout.tp
-    return [tuple(min(speeds[(i * dp + d) * tp + t] for t in range(tp)) for i in range(pp)) for d in range(dp)]
+    dp, pp, tp, cp = layout.dp, layout.pp, layout.tp, layout.cp
+    return [tuple(min(speeds[((i * dp + d) * cp + c) * tp + t] for c in range(cp) for t in range(tp))
+                  for i in range(pp)) for d in range(dp)]
 
 
 def with_speeds(model: ModelConfig, layout: Layout, hw: Hardware, global_batch: int, seq_len: int,

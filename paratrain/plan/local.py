@@ -73,7 +73,7 @@ def predict_run(cfg: TrainConfig, hw: Hardware, source: str = "") -> RunPredicti
     sim = simulate_step(model, layout, hw, cfg.global_batch, cfg.seq_len, cfg.precision, runtime_options(cfg))
     per_stage = [{"params": st.state.params, "grads": st.state.grads, "optimizer": st.state.optimizer,
                   "activations": st.activation_bytes} for st in sim.stages]
-    ranks = tuple(per_stage[r // (layout.dp * layout.tp)] for r in range(layout.world_size))
+    ranks = tuple(per_stage[r // (layout.dp * layout.cp * layout.tp)] for r in range(layout.world_size))
     return RunPrediction(sim, ranks, hw.name, source)
 
 

@@ -22,10 +22,12 @@ class StepTime:
     bubble: float
     dp_comm: float
     optimizer: float
+    cp_comm: float = 0.0  # the ring attention's transfers that its blocks do not hide
 
     @property
     def total(self) -> float:
-        return self.compute + self.tp_comm + self.pp_comm + self.bubble + self.dp_comm + self.optimizer
+        return (self.compute + self.tp_comm + self.pp_comm + self.bubble + self.dp_comm + self.optimizer
+                + self.cp_comm)
 
 
 @dataclass(frozen=True)
@@ -36,9 +38,10 @@ class CommBytes:
     dp: float
     tp: float
     pp: float
+    cp: float = 0.0  # the ring attention's K/V and dK/dV sends
 
     def as_dict(self) -> dict[str, float]:
-        return {"dp": self.dp, "tp": self.tp, "pp": self.pp}
+        return {"dp": self.dp, "tp": self.tp, "pp": self.pp, **({"cp": self.cp} if self.cp else {})}
 
 
 @dataclass(frozen=True)
@@ -115,5 +118,6 @@ class Estimate:
             "most_loaded_stage": self.most_loaded_stage,
             "notes": list(self.notes),
             "step_time_breakdown_s": {"compute": t.compute, "tp_comm": t.tp_comm, "pp_comm": t.pp_comm,
-                                      "bubble": t.bubble, "dp_comm": t.dp_comm, "optimizer": t.optimizer},
+                                      "bubble": t.bubble, "dp_comm": t.dp_comm, "optimizer": t.optimizer,
+                                      **({"cp_comm": t.cp_comm} if t.cp_comm else {})},
         }

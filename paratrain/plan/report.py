@@ -78,6 +78,8 @@ def estimate_report(e: Estimate, hw: Hardware) -> str:
     parts = [("compute", t.compute), ("tensor-parallel communication", t.tp_comm),
              ("pipeline sends", t.pp_comm), ("pipeline bubble", t.bubble),
              ("exposed data-parallel communication", t.dp_comm), ("optimizer step", t.optimizer)]
+    if e.layout.cp > 1:
+        parts.insert(2, ("exposed ring-attention transfers (cp)", t.cp_comm))
     time_rows = [[name, fmt_seconds(sec), f"{sec / t.total:.1%}"] for name, sec in parts]
     time_rows.append(["step", fmt_seconds(t.total), "100%"])
     verdict = "fits" if e.fits else (f"DOES NOT FIT: needs {fmt_bytes(e.peak_bytes_per_device - e.capacity_bytes)} "

@@ -7,7 +7,10 @@ accepts (the one rule the runtime applies too), one of each set of equivalent on
           need the fast link) unless allowed; validate: it divides the heads, hidden size and
           MLP width (a vocabulary it does not divide is padded: config.padded_vocab_size)
     pp    divides N / tp; validate: <= layers
-    dp    = N / (tp pp); validate: divides the global batch
+    cp    divides N / (tp pp), cp tp <= devices per node (the ring passes keys and values every
+          layer: like tp it needs the fast link) unless allowed; validate: 2 cp divides the
+          sequence length (with sequence parallelism cp tp divides it too), no dropout
+    dp    = N / (tp pp cp); validate: divides the global batch
     microbatches  every divisor of the local batch B / dp (validate: a multiple of pp when interleaved)
     zero  0-3; at dp = 1 only 0 (ZeRO shards over dp: with one replica every stage is zero 0's
           layout, which the runtime accepts and runs as such) unless pinned
@@ -95,10 +98,13 @@ def enumerate_layouts(model: ModelConfig, num_devices: int, global_batch: int, s
     for tp in pick("tp", [t for t in divisors(num_devices) if allow_cross_node_tp or t <= devices_per_node]):
         if not isinstance(tp, int) or tp < 1 or num_devices % tp:
             continue
-        for pp in pick("pp", divisors(num_devices // tp)):
-            if not isinstance(pp, int) or pp < 1 or num_devices % (tp * pp):
+        pps = [x for x in pick("pp", divisors(num_devices // tp)) if isinstance(x, int) and x >= 1]
+        for pp, cp in ((x, c) for x in pps if num_devices % (tp * x) == 0
+                       for c in pick("cp", [c for c in divisors(num_devices // (tp * x))
+                                            if allow_cross_node_tp or c * tp <= devices_per_node])):
+            if not isinstance(cp, int) or cp < 1 or num_devices % (tp * pp * cp):
                 continue
-            dp = num_devices // (tp * pp)
+            dp = num_devices // (tp * pp * cp)
             if fixed.get("dp", dp) != dp or global_batch % dp:
                 continue
             zeros = pick("zero", [0, 1, 2, 3] if dp > 1 else [0])  # zero > 0 at dp = 1 equals zero 0
@@ -106,7 +112,7 @@ def enumerate_layouts(model: ModelConfig, num_devices: int, global_batch: int, s
             sps = pick("sequence_parallel", [False, True] if tp > 1 else [False])
             for m in pick("microbatches", divisors(global_batch // dp)):
                 for schedule, v in schedules:
-                    shared = dict(dp=dp, pp=pp, tp=tp, microbatches=m, schedule=schedule, virtual_stages=v,
+                    shared = dict(dp=dp, pp=pp, tp=tp, cp=cp, microbatches=m, schedule=schedule, virtual_stages=v,
                                   stage_layers=stage_layers, stage_speeds=stage_speeds)
                     valid = [sp for sp in sps if _valid(Layout(**shared, zero=zeros[0], recompute=recomputes[0],
                                                                sequence_parallel=sp), model, global_batch, seq_len)]
@@ -248,8 +254,9 @@ def _bounded(layouts: list[Layout], args: _Args, top: int) -> PlanResult:
     # one context per layout but its ZeRO stage, screened at every stage at once: (peaks, bounds)
     screens: dict[tuple, tuple[dict[int, float], dict[int, float]]] = {}
     for index, layout in enumerate(layouts):
-        base = (layout.dp, layout.pp, layout.tp, layout.microbatches, layout.schedule, layout.virtual_stages,
-                layout.sequence_parallel, layout.recompute)  # stage_layers / stage_speeds: the same for all
+        # stage_layers / stage_speeds: the same for all
+        base = (layout.dp, layout.pp, layout.tp, layout.cp, layout.microbatches, layout.schedule,
+                layout.virtual_stages, layout.sequence_parallel, layout.recompute)
         screen = screens.get(base)
         if screen is None:
             ctx = layout_context(model, layout, hardware, global_batch, seq_len, precision, options)
@@ -290,12 +297,12 @@ def _key(e: Estimate) -> tuple[float, float, float]:
     memory: the model cannot see every cost of traffic (contention, jitter), and memory that
     fits is worth nothing more."""
     c = e.comm_bytes_per_device
-    return (e.step_time_s, c.dp + c.tp + c.pp, e.peak_bytes_per_device)
+    return (e.step_time_s, c.dp + c.tp + c.pp + c.cp, e.peak_bytes_per_device)
 
 
 _PARTS = {"compute": "compute (recomputation included)", "tp_comm": "tensor-parallel communication",
           "pp_comm": "pipeline sends", "bubble": "pipeline bubble", "dp_comm": "exposed data-parallel communication",
-          "optimizer": "optimizer step"}
+          "optimizer": "optimizer step", "cp_comm": "exposed ring-attention transfers"}
 
 
 def _why_slower(best: Estimate, other: Estimate) -> str:

@@ -98,10 +98,10 @@ def _durations(schedule: Schedule, stages: tuple[StageCost, ...], scale: dict[tu
         st = stages[rank]
         if a.kind == "F":
             c = st.chunks[a.chunk]
-            return c.forward_s * scale.get((rank, id(a)), 1.0) + c.tp_forward_s
+            return c.forward_s * scale.get((rank, id(a)), 1.0) + c.tp_forward_s + c.ring.forward_s
         if a.kind == "B":
             c = st.chunks[a.chunk]
-            return c.backward_s * scale.get((rank, id(a)), 1.0) + c.tp_backward_s
+            return c.backward_s * scale.get((rank, id(a)), 1.0) + c.tp_backward_s + c.ring.backward_s
         return st.p2p_message_s if a.kind in ("send_act", "send_grad") else 0.0
     return duration
 
@@ -161,7 +161,7 @@ def simulate_step(model: ModelConfig, layout: Layout, hw: Hardware, global_batch
                          replace(options, overlap_dp=overlaps_dp(hw, layout.world_size, options)))
     v = chunks_per_rank(layout)
     schedule = build_schedule(layout.schedule if layout.pp > 1 else "1f1b", layout.pp, layout.microbatches, v)
-    procs_per_rank = layout.dp * layout.tp
+    procs_per_rank = layout.dp * layout.cp * layout.tp
     scale: dict[tuple[int, int], float] = {}
     if shared:  # start from every rank busy all the time
         static = layout.world_size / cores
@@ -198,12 +198,14 @@ def _compose(model: ModelConfig, layout: Layout, hw: Hardware, global_batch: int
     st = stages[crit]
     compute = sum(_compute_part(st, sp.action, scale, crit) for sp in timeline.ranks[crit])
     tp = sum(_tp_part(st, sp.action) for sp in timeline.ranks[crit])
+    cp = sum(_cp_part(st, sp.action) for sp in timeline.ranks[crit])
     span = max(sp.end for sp in timeline.ranks[crit]) - t0
-    idle = span - compute - tp  # waiting in the schedule: the bubble and messages
+    idle = span - compute - tp - cp  # waiting in the schedule: the bubble and messages
     assert idle >= -1e-9 * span, f"rank {crit} busy {compute + tp} s in a {span} s schedule"
     time = StepTime(
         compute=compute, tp_comm=tp + max(s.tp_sync_s for s in stages), pp_comm=max(s.pp_sync_s for s in stages),
-        bubble=max(0.0, idle), dp_comm=exposed[crit], optimizer=max(s.optimizer_s for s in stages) * static)
+        bubble=max(0.0, idle), dp_comm=exposed[crit], optimizer=max(s.optimizer_s for s in stages) * static,
+        cp_comm=cp)
     heavy = max(stages, key=lambda c: c.peak_bytes)
     est = make_estimate(model, layout, hw, global_batch, seq_len, precision, options, time, timeline.bubble,
                         heavy, stages)
@@ -216,6 +218,13 @@ def _compute_part(st: StageCost, a: Action, scale: dict[tuple[int, int], float],
         return st.chunks[a.chunk].forward_s * scale.get((r, id(a)), 1.0)
     if a.kind == "B":
         return st.chunks[a.chunk].backward_s * scale.get((r, id(a)), 1.0)
+    return 0.0
+
+
+def _cp_part(st: StageCost, a: Action) -> float:
+    if a.kind in ("F", "B"):
+        ring = st.chunks[a.chunk].ring
+        return ring.forward_s if a.kind == "F" else ring.backward_s
     return 0.0
 
 

@@ -1,8 +1,8 @@
 """Which link each parallel axis uses, and how layers are split into pipeline chunks.
 
-Ranks are placed as in :mod:`paratrain.mesh` (tp innermost, then dp, pp outermost)::
+Ranks are placed as in :mod:`paratrain.mesh` (tp innermost, then cp, dp, pp outermost)::
 
-    rank = (pp_index * dp + dp_index) * tp + tp_index,   node = rank // devices_per_node
+    rank = ((pp_index * dp + dp_index) * cp + cp_index) * tp + tp_index,   node = rank // devices_per_node
 
 A group whose members all sit on one node talks over the intra-node link (NVLink, shared
 memory); if any group of an axis spans nodes, that axis is costed at the inter-node rate (its
@@ -24,19 +24,19 @@ from paratrain.models.configs import ModelConfig
 
 
 @lru_cache(maxsize=8192)
-def axis_spans_nodes(axis: str, dp: int, pp: int, tp: int, devices_per_node: int) -> bool:
-    """True if some ``axis`` group of the ``dp x pp x tp`` mesh has members on two nodes.
+def axis_spans_nodes(axis: str, dp: int, pp: int, tp: int, devices_per_node: int, cp: int = 1) -> bool:
+    """True if some ``axis`` group of the ``dp x pp x cp x tp`` mesh has members on two nodes.
 
-    An ``axis`` group is ``size`` ranks ``stride`` apart (tp: stride 1; dp: stride tp; pp: stride
-    dp*tp). Group starts are the first ``stride`` ranks of every block of ``stride * size`` ranks;
+    An ``axis`` group is ``size`` ranks ``stride`` apart (tp: stride 1; cp: stride tp; dp: stride
+    cp*tp; pp: stride dp*cp*tp). Group starts are the first ``stride`` ranks of every block of ``stride * size`` ranks;
     whether a group crosses a node boundary depends only on its start modulo the node size, so
     the starts of lcm(block, node) / block blocks cover every case."""
     D = devices_per_node
-    shape = MeshShape(dp=dp, pp=pp, tp=tp)
+    shape = MeshShape(dp=dp, pp=pp, tp=tp, cp=cp)
     size = shape.size(axis)
     if size == 1:
         return False
-    stride = {"tp": 1, "dp": tp, "pp": dp * tp}[axis]
+    stride = shape.stride(axis)
     if stride * (size - 1) >= D:
         return True  # the first and last member of every group are at least a node apart
     block = stride * size

@@ -42,6 +42,8 @@ def test_llama_tp2_from_the_cli_is_the_hf_model(tmp_path):
      ["--hf", "llama", "--tp", "2"], "tp=2 does not divide the model's key/value heads"),
     ('{"n_layer": 2, "n_embd": 32, "n_head": 4, "vocab_size": 100}', ["--hf", "gpt2"],
      "vocab_size 100 is smaller than the 256 byte tokens"),
+    ('{"n_layer": 2, "n_embd": 32, "n_head": 4}', ["--hf", "gpt2", "--cp", "2", "--seq-len", "32"],
+     "a Hugging Face model (--hf gpt2) keeps its own attention"),
 ])
 def test_bad_hf_configs_are_exit_2_before_launch(tmp_path, config, flags, message):
     r = paratrain("train", *flags, "--hf-config", config, "--steps", "1", cwd=tmp_path)

@@ -26,6 +26,7 @@ TRAIN = {
     "--dp": (set(), [], int),
     "--pp": (set(), [], int),
     "--tp": (set(), [], int),
+    "--cp": (set(), [], int),
     "--zero": ({"0"}, [], int),
     "--microbatches": (set(), [], int),
     "--virtual-stages": (set(), [], int),
@@ -57,7 +58,7 @@ BENCH = {
     "--threads": ({"0"}, int),
     "--bucket-mb": ({"huge"}, float),
 }
-LAYOUT_FIELD = {"--dp": "dp=", "--pp": "pp=", "--tp": "tp="}  # layout rules name the degree as dp=N
+LAYOUT_FIELD = {"--dp": "dp=", "--pp": "pp=", "--tp": "tp=", "--cp": "cp="}  # layout rules name the degree as dp=N
 
 
 def text(value: str, kind: type, flag: str) -> str:

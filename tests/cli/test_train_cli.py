@@ -97,6 +97,7 @@ BAD_INPUTS = {
     "steps": (["--steps", "0"], "steps must be a positive integer"),
     "seq len": (["--seq-len", "100000"], "exceeds model 'tiny'"),
     "tp": (["--tp", "3", "--nproc", "3"], "tp=3 does not divide"),
+    "cp seq len": (["--cp", "3", "--seq-len", "32"], "so seq_len must be divisible by 6; got seq_len=32"),
 }
 
 

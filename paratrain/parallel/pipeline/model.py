@@ -73,7 +73,7 @@ class PipelineModel(ParallelModel):
     def _run(self, schedule: Schedule, inputs: torch.Tensor, targets: torch.Tensor,
              loss_scale: float | None) -> tuple[torch.Tensor, list[tuple[float, float]]]:
         m = schedule.num_microbatches
-        xs, ys = inputs.chunk(m), targets.chunk(m)
+        xs, ys = self.local_tokens(inputs).chunk(m), self.local_tokens(targets).chunk(m)
         seq = xs[0].shape[1] // (self.mesh.tp.size if self.layout.sequence_parallel else 1)
         shape = (xs[0].shape[0], seq, self.stage.hidden)  # (B/m, T, H); T/tp between SP blocks
         on_backward = self.grad_sync.set_sync if loss_scale is not None else None
@@ -118,12 +118,12 @@ class PipelineModel(ParallelModel):
 
     def _leads_gather(self) -> bool:
         """Only the pipeline group of global rank 0 (dp = tp = 0) gathers to rank 0."""
-        return self.mesh.coords.dp == 0 and self.mesh.coords.tp == 0
+        return self.mesh.coords.dp == 0 and self.mesh.coords.tp == 0 and self.mesh.coords.cp == 0
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The reference-shaped state dict on global rank 0: each stage gathers its tensor-parallel
         shards on its tp index 0, which sends the stage's entries to rank 0. Collective."""
-        if self.mesh.coords.dp != 0:
+        if self.mesh.coords.dp != 0 or self.mesh.coords.cp != 0:
             return None
         state = gather_full_state(self.module, self.mesh.tp)  # None off tp index 0
         if state is None:

@@ -81,10 +81,10 @@ class Stage:
 
 
 def _tied_group(mesh: Mesh) -> Group | None:
-    """{first stage, last stage} of every (dp, tp) coordinate, created on every rank in order."""
+    """{first stage, last stage} of every (dp, cp, tp) coordinate, created on every rank in order."""
     shape = mesh.shape
-    members = [[shape.rank_of(dp, 0, tp), shape.rank_of(dp, shape.pp - 1, tp)]
-               for dp in range(shape.dp) for tp in range(shape.tp)]
+    members = [[shape.rank_of(dp, 0, tp, cp), shape.rank_of(dp, shape.pp - 1, tp, cp)]
+               for dp in range(shape.dp) for cp in range(shape.cp) for tp in range(shape.tp)]
     return mesh.build_groups("embed", members)
 
 
