@@ -27,6 +27,7 @@ from torch import nn
 from paratrain.comm import Group
 from paratrain.config import Layout
 from paratrain.core.partition import stage_sizes, stage_units
+from paratrain.core.schedules import VEE, place_of, placement_of, stage_of
 from paratrain.mesh import Mesh
 from paratrain.models.gpt import GPT
 from paratrain.parallel.marks import mark_duplicate, mark_sharded
@@ -96,9 +97,11 @@ def build_stage(model: GPT, mesh: Mesh, layout: Layout, seq_len: int) -> Stage:
     chunks. Collective (it creates the tied-embedding groups): every rank calls it."""
     cfg = model.cfg
     p, v, rank = layout.pp, layout.virtual_stages, mesh.coords.pp
-    sizes = stage_sizes(cfg, p, v, seq_len, layout.stage_layers, layout.stage_speeds)
+    placement = placement_of(layout.schedule)
+    sizes = stage_sizes(cfg, p, v, seq_len, layout.stage_layers, layout.stage_speeds,
+                        placement=placement)
     units = stage_units(sizes)
-    owner = {u: s % p for s, run in enumerate(units) for u in run}  # unit -> pipeline rank
+    owner = {u: place_of(placement, p, s)[0] for s, run in enumerate(units) for u in run}  # unit -> rank
     keys_by_rank: list[list[tuple[str, torch.Size]]] = [[] for _ in range(p)]
     for key, value in model.state_dict(keep_vars=True).items():  # tp shards: their reference shape
         keys_by_rank[owner[unit_of_key(key, cfg.num_layers)]].append((key, full_shape(value, mesh.tp.size)))
@@ -114,14 +117,14 @@ def build_stage(model: GPT, mesh: Mesh, layout: Layout, seq_len: int) -> Stage:
     for param in model.parameters():  # each pipeline rank holds different parameters
         mark_sharded(param, "pp")
     tied_group, tied_param = None, None
-    if cfg.tie_embeddings:
+    if cfg.tie_embeddings and placement != VEE:  # V: the first and last stage are both on rank 0
         tied_group = _tied_group(mesh)
         if rank == 0:
             tied_param = model.wte.weight
         elif rank == p - 1:
             tied_param = model.lm_head.weight
             mark_duplicate(tied_param)  # counted once, on the first stage
-    chunks = [Chunk(model, units[c * p + rank]) for c in range(v)]
+    chunks = [Chunk(model, units[stage_of(placement, p, rank, c)]) for c in range(v)]
     return Stage(model, chunks, sizes, keys_by_rank, tied_group, tied_param)
 
 
