@@ -144,15 +144,10 @@ class PipelineRuntime:
         """``B``, or ``I`` with the weight gradients deferred to the chunk's ``W``."""
         key = (a.microbatch, a.chunk)
         y, x = st.y_out.pop(key), st.x_in.pop(key)
-        box = st.weight_grads.get(key)
-        if box is not None:
-            box.defer = a.kind == I
         if grad is None:  # the last stage: y is the micro-batch's mean loss
             (y * loss_scale).backward()
         else:
             y.backward(grad)
-        if a.kind == B:
-            st.weight_grads.pop(key, None)
         if a.chunk in self.local_prev:
             st.local[(RECV_GRAD, a.microbatch, self.local_prev[a.chunk])] = x.grad
         elif a.chunk != self.first:

@@ -9,8 +9,9 @@ For a linear ``y = x W^T + b`` the backward is three matmul-sized pieces:
 
 While a micro-batch's chunk runs forward under :class:`SplitLinears`, every ``F.linear`` whose
 weight needs a gradient (``nn.Linear``, the column- and row-parallel linears, the LM head) runs
-as :class:`_SplitLinear`. Its backward computes ``dL/dx`` and ``dL/db`` and, while the chunk's
-:class:`WeightGrads` defers, queues ``(W, x, dy)`` instead of computing ``dL/dW``. ``I`` is then
+as :class:`_SplitLinear`, which sees the weight detached (the autograd graph has no edge to it,
+so the weight's gradient hooks do not fire in ``I``). Its backward computes ``dL/dx`` and
+``dL/db`` and queues ``(W, x, dy)`` on the chunk's :class:`WeightGrads` instead of ``dL/dW``. ``I`` is then
 the chunk's ordinary ``y.backward(dy)`` (every other gradient -- layer norms, embeddings --
 is computed there; the autograd graph is freed as usual), and ``W`` is
 :meth:`WeightGrads.run`: the queued matmuls, accumulated into ``W.grad`` through autograd (so
@@ -42,7 +43,6 @@ class WeightGrads:
     """The deferred ``dL/dW`` of one micro-batch through one chunk."""
 
     def __init__(self) -> None:
-        self.defer = False
         self.queue: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (W, x, dy)
 
     def run(self) -> None:
@@ -59,44 +59,39 @@ class WeightGrads:
 
 
 class _SplitLinear(torch.autograd.Function):
-    """``y = x W^T + b``; backward: ``dx = dy W`` and ``db = sum dy`` now, ``dW = dy^T x`` now
-    or queued on ``box`` (see the module docstring). Under autocast the matmuls run in the
-    autocast dtype, as ``F.linear`` would."""
+    """``y = x W^T + b``; backward: ``dx = dy W`` and ``db = sum dy``, with ``dW = dy^T x``
+    queued on ``box`` (see the module docstring); ``weight``: the parameter in a tuple (no
+    autograd edge to it), ``detached`` its data. Under autocast the matmuls run in the autocast dtype, as
+    ``F.linear`` would."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                box: WeightGrads) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, detached: torch.Tensor, bias: torch.Tensor | None,
+                box: WeightGrads, weight: tuple[torch.Tensor]) -> torch.Tensor:
         device = x.device.type
         if torch.is_autocast_enabled(device):
             dtype = torch.get_autocast_dtype(device)
-            x_c, w_c = x.to(dtype), weight.to(dtype)
+            x_c, w_c = x.to(dtype), detached.to(dtype)
             b_c = None if bias is None else bias.to(dtype)
         else:
-            x_c, w_c, b_c = x, weight, bias
+            x_c, w_c, b_c = x, detached, bias
         with torch.autocast(device, enabled=False):
             y = F.linear(x_c, w_c, b_c)
         ctx.save_for_backward(x_c, w_c)
-        ctx.box, ctx.dtypes, ctx.has_bias = box, (x.dtype, weight.dtype), bias is not None
-        ctx.weight = weight
+        ctx.box, ctx.x_dtype, ctx.has_bias, (ctx.weight,) = box, x.dtype, bias is not None, weight
         return y
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, w = ctx.saved_tensors
-        dx = dy.matmul(w).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+        dx = dy.matmul(w).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
         db = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        dw = None
-        if ctx.needs_input_grad[1]:
-            if ctx.box.defer:
-                ctx.box.queue.append((ctx.weight, x, dy))
-            else:
-                dw = dy.reshape(-1, dy.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1])).to(ctx.dtypes[1])
-        return dx, dw, db, None
+        ctx.box.queue.append((ctx.weight, x, dy))
+        return dx, None, db, None, None
 
 
 class SplitLinears(TorchFunctionMode):
     """While active, ``F.linear`` with a weight that needs a gradient runs as
-    :class:`_SplitLinear` whose weight gradient ``box`` may defer."""
+    :class:`_SplitLinear`, its weight gradient deferred to ``box``."""
 
     def __init__(self, box: WeightGrads) -> None:
         super().__init__()
@@ -108,5 +103,6 @@ class SplitLinears(TorchFunctionMode):
             x, weight, *rest = args
             bias = rest[0] if rest else kwargs.get("bias")
             if weight.requires_grad:
-                return _SplitLinear.apply(x, weight, bias, self.box)
+                # the parameter travels in a tuple: as an argument it would get an autograd edge
+                return _SplitLinear.apply(x, weight.detach(), bias, self.box, (weight,))
         return func(*args, **kwargs)
