@@ -1,0 +1,134 @@
+"""Zero-bubble schedules (ZB-H1, ZB-V) are data too: checked and simulated without a process."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from paratrain.core.bubble import bubble_fraction, deferred_w, in_flight_microbatches
+from paratrain.core.check import check, in_flight
+from paratrain.core.schedules import (
+    SEND_ACT,
+    Action,
+    F,
+    I,
+    ScheduleError,
+    W,
+    build_schedule,
+    place_of,
+    stage_of,
+)
+from paratrain.core.timeline import simulate
+
+EQUAL = {"F": 1.0, "I": 1.0, "W": 1.0}  # the paper's T_F = T_B = T_W (its B is our I)
+
+
+@settings(max_examples=60, deadline=None)
+@given(p=st.integers(1, 8), m=st.integers(1, 16))
+def test_zb_h1_is_safe_and_has_a_third_of_the_1f1b_bubble(p, m):
+    s = build_schedule("zb-h1", p, m)
+    report = check(s)
+    # the runtime's semantics (the checker's stricter blocking ones may wait longer)
+    assert simulate(s, EQUAL).bubble == pytest.approx(bubble_fraction("zb-h1", p, m), abs=1e-9)
+    # memory: 1F1B's peak (the first rank's min(p, m)) on every rank, counted from F to W
+    assert report.peak_in_flight == (min(p, m),) * p == tuple(int(in_flight_microbatches("zb-h1", p, m, 1, r))
+                                                              for r in range(p))
+    # a third of 1F1B's bubble time with B = I + W
+    one_f = simulate(build_schedule("1f1b", p, m), {"F": 1.0, "B": 2.0})
+    zb = simulate(s, EQUAL)
+    idle = zb.makespan - 3 * m
+    if m >= p:
+        assert idle == p - 1 and one_f.makespan - 3 * m == 3 * (p - 1)
+    assert zb.makespan <= one_f.makespan
+
+
+@settings(max_examples=60, deadline=None)
+@given(p=st.integers(1, 8), m=st.integers(1, 16))
+def test_zb_v_is_safe_in_1f1b_memory_with_a_bubble_near_zero(p, m):
+    s = build_schedule("zb-v", p, m)
+    report = check(s)
+    # 2 min(p, m) chunks, each half of the rank's layers: 1F1B's peak of min(p, m) micro-batches
+    assert report.peak_in_flight == (2 * min(p, m),) * p
+    assert in_flight_microbatches("zb-v", p, m, 2, 0) == min(p, m)
+    t = simulate(s, EQUAL)
+    bound = max(6 * m + p - 1, 4 * p + 2 * m - 1) if p > 1 else 6 * m
+    assert t.makespan >= bound  # the critical path
+    if p <= 4 and m >= p:  # the list scheduler reaches it ...
+        assert t.bubble == pytest.approx(bubble_fraction("zb-v", p, m), abs=1e-9)
+    assert t.makespan <= bound + 4  # ... and is never more than 4 chunk forwards from it
+    assert simulate(s, EQUAL, blocking=True).makespan >= t.makespan
+
+
+def test_v_placement_turns_on_the_last_rank():
+    p = 4
+    assert [place_of("v", p, s) for s in range(2 * p)] == [(0, 0), (1, 0), (2, 0), (3, 0), (3, 1), (2, 1),
+                                                          (1, 1), (0, 1)]
+    assert all(stage_of("v", p, *place_of("v", p, s)) == s for s in range(2 * p))
+    s = build_schedule("zb-v", p, 4)
+    # the turn (stage 3 -> 4) is on rank 3: no transfer there; rank 0 sends nothing past the end
+    assert not any(a.kind == SEND_ACT and a.chunk == 0 for a in s.ranks[3])
+    assert [a.peer for a in s.ranks[3] if a.kind == SEND_ACT] == [2] * 4
+
+
+def test_zb_h1_action_lists_defer_w_by_the_rank():
+    s = build_schedule("zb-h1", 2, 4)
+    assert " ".join(str(a) for a in s.compute_order(0)) == "F0 F1 I0 W0 F2 I1 W1 F3 I2 W2 I3 W3"
+    assert " ".join(str(a) for a in s.compute_order(1)) == "F0 I0 F1 I1 W0 F2 I2 W1 F3 I3 W2 W3"
+
+
+def _replace(s, rank, actions):
+    ranks = list(s.ranks)
+    ranks[rank] = tuple(actions)
+    return dataclasses.replace(s, ranks=tuple(ranks))
+
+
+def test_checker_rejects_broken_zero_bubble_schedules():
+    s = build_schedule("zb-h1", 2, 2)
+    acts = list(s.ranks[1])
+    w0, i0 = acts.index(Action(W, 0)), acts.index(Action(I, 0))
+    early = acts[:]
+    early.insert(i0, early.pop(w0))  # W before its I
+    with pytest.raises(ScheduleError, match="comes before I0"):
+        check(_replace(s, 1, early))
+    with pytest.raises(ScheduleError, match="exactly once"):  # W dropped
+        check(_replace(s, 1, [a for a in acts if a != Action(W, 0)]))
+    with pytest.raises(ScheduleError, match="exactly once"):  # W twice
+        check(_replace(s, 1, acts + [Action(W, 0)]))
+    bound = dataclasses.replace(s, in_flight_bound=(1, 1))  # a W frees memory only when it runs
+    with pytest.raises(ScheduleError, match="promises at most 1"):
+        check(bound)
+    v = build_schedule("zb-v", 2, 2)
+    turn = list(v.ranks[1])  # rank 1 holds stages 1 and 2: chunk 1's F needs chunk 0's F first
+    f0, f1 = turn.index(Action(F, 0, 0)), turn.index(Action(F, 0, 1))
+    turn[f0], turn[f1] = turn[f1], turn[f0]
+    with pytest.raises(ScheduleError, match="comes before F0"):
+        check(_replace(v, 1, turn))
+    to_self = list(v.ranks[1]) + [Action(SEND_ACT, 0, 0, 1)]
+    with pytest.raises(ScheduleError, match="sends to itself"):
+        check(_replace(v, 1, to_self))
+
+
+def test_in_flight_frees_at_w():
+    assert in_flight((Action(F, 0), Action(I, 0), Action(F, 1), Action(W, 0), Action(I, 1), Action(W, 1))) == 2
+
+
+@pytest.mark.parametrize("name,p,m", [("zb-h1", 4, 8), ("zb-h1", 3, 2), ("zb-v", 4, 8), ("zb-v", 3, 5)])
+def test_peak_stash_is_the_planners(name, p, m):
+    """Every (whole, past-I) stash state of a rank is covered by the planner's peak: at most
+    ``in_flight - deferred_w`` whole micro-batches and ``in_flight`` in all (a past-I one holds
+    less than a whole one, so that corner is the peak)."""
+    s = build_schedule(name, p, m)
+    v = s.num_chunks
+    for r in range(p):
+        whole = past_i = 0
+        full_cap = (in_flight_microbatches(name, p, m, v, r) - deferred_w(name, p, m, r)) * v
+        total_cap = in_flight_microbatches(name, p, m, v, r) * v
+        corner = False
+        for a in s.compute_order(r):
+            whole, past_i = whole + (a.kind == F) - (a.kind == I), past_i + (a.kind == I) - (a.kind == W)
+            assert whole <= full_cap and whole + past_i <= total_cap, (r, a)
+            corner |= (whole, whole + past_i) == (full_cap, total_cap)
+        assert corner  # the bound is reached
