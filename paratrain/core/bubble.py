@@ -47,6 +47,15 @@ def bubble_fraction(schedule: str, p: int, m: int, v: int = 1) -> float:
     return (p - 1) / (vv * m + p - 1)
 
 
+def fill_share(schedule: str) -> float:
+    """The share of a stage's (chunk's) forward + backward that one fill or drain step of the
+    pipeline idles: 1 for GPipe and the 1F1Bs; a third for the zero-bubble schedules, whose
+    idle step is T_F + T_I - T_W of T_F + T_I + T_W ([Q24] sec. 2.1), one forward when the
+    three are equal (a backward costs two forwards). The planner prices the bubble of stages of
+    unequal cost with it: ``(sum_i t_i - t_max) / v * fill_share``."""
+    return 1 / 3 if schedule in ("zb-h1", "zb-v") else 1.0
+
+
 def in_flight_microbatches(schedule: str, p: int, m: int, v: int, stage: int) -> float:
     """How many micro-batches' activations of its layers pipeline stage ``stage`` (0-based) holds
     at its peak, in units of "one micro-batch through all of this device's layers".

@@ -63,11 +63,13 @@ def _schedules(pp: int, num_layers: int, fixed: dict[str, Any]) -> list[tuple[st
     if pp == 1:  # no pipeline: the schedule does not matter, so a pinned one means pp > 1
         return [("1f1b", 1)] if fixed.get("schedule", "1f1b") == "1f1b" and fixed.get("virtual_stages", 1) == 1 \
             else []
-    names = [fixed["schedule"]] if "schedule" in fixed else ["1f1b", "interleaved"]
+    names = [fixed["schedule"]] if "schedule" in fixed else ["1f1b", "interleaved", "zb-h1", "zb-v"]
     out = []
     for name in names:
         if "virtual_stages" in fixed:
             out.append((name, fixed["virtual_stages"]))
+        elif name == "zb-v":  # two chunks per rank, always
+            out.append((name, 2))
         else:  # interleaved with v = 1 runs 1F1B's order: only when pinned
             out += [(name, v) for v in (range(2, num_layers // pp + 1) if name == "interleaved" else [1])]
     return out
