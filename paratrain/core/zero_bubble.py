@@ -29,7 +29,6 @@ The tests simulate both and check these fractions and bounds for many ``p`` and 
 from __future__ import annotations
 
 from paratrain.core.schedules import (
-    LOOP,
     VEE,
     F,
     I,

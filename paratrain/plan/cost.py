@@ -283,7 +283,7 @@ class _Layout(LayoutMemory):
 
     def rank(self, i: int, count: int) -> StageCost:
         """Pipeline rank ``i`` (standing for ``count`` alike ranks)."""
-        p, m, v = self.p, self.m, self.v
+        m = self.m
         n_layers, sends = self.shape.layers[i], self.shape.sends[i]
         chunks = [self.chunk(k, self.speeds[i]) for k in self.shape.rank_stages[i]]
         mem = self.rank_memory(i)

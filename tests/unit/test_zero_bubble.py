@@ -132,3 +132,29 @@ def test_peak_stash_is_the_planners(name, p, m):
             assert whole <= full_cap and whole + past_i <= total_cap, (r, a)
             corner |= (whole, whole + past_i) == (full_cap, total_cap)
         assert corner  # the bound is reached
+
+
+def test_schedule_cli_draws_zero_bubble_schedules(capsys, tmp_path):
+    from paratrain.cli import main
+
+    assert main(["schedule", "--pp", "4", "--microbatches", "8", "--schedule", "zb-h1",
+                 "--out", str(tmp_path / "zb.png")]) == 0
+    out = capsys.readouterr().out
+    assert "bubble fraction: 0.1111 simulated" in out and "0.1111 theory" in out  # 3 / (3 * 8 + 3)
+    assert "rank 3: 4" in out  # min(p, m) from F to W on every rank
+    assert (tmp_path / "zb.png").stat().st_size > 5000
+    assert main(["schedule", "--pp", "4", "--microbatches", "8", "--schedule", "zb-v"]) == 0
+    out = capsys.readouterr().out
+    assert "virtual stages=2" in out and "bubble fraction: 0.0588 simulated" in out  # 3 / (6 * 8 + 3)
+    assert main(["schedule", "--pp", "2", "--schedule", "zb-v", "--virtual-stages", "3"]) == 2
+    assert "exactly two chunks" in capsys.readouterr().err
+
+
+def test_search_tries_zero_bubble_schedules():
+    from paratrain.models.configs import get_model_config
+    from paratrain.plan.search import enumerate_layouts
+
+    layouts = list(enumerate_layouts(get_model_config("tiny-deep"), 4, 8, 32, 8))
+    names = {(lay.schedule, lay.virtual_stages) for lay in layouts if lay.pp == 4}
+    assert {("zb-h1", 1), ("zb-v", 2)} <= names
+    assert not any(lay.schedule == "zb-v" and lay.pp * 2 > 8 for lay in layouts)  # validate's rule
