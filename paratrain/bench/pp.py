@@ -8,9 +8,11 @@ hand on the PyTorch side, which does not tie across stages) and takes an AdamW s
 clips. Also reported: our measured bubble (idle share of the schedule, mean over both ranks,
 median over a few extra steps) against the theory (p-1)/(m+p-1).
 
-Zero-bubble rows (``pp2-zb-h1-m4-vs-1f1b`` ...): ours ``zb-h1`` / ``zb-v`` against ours 1F1B
-at the same m, alternating in the same processes (the "ref" column is our 1F1B): the speed-up
-the schedule buys here. Their bubble is reported measured, in theory (F = I = W) and simulated
+Zero-bubble rows: ``pp2-zb-h1-m4`` ours ``zb-h1`` against PyTorch's
+``ScheduleInterleavedZeroBubble`` (one stage per rank), ``pp2-zb-v-m4`` ours ``zb-v`` against
+``ScheduleZBVZeroBubble``, on the same split (``bench/pp_zb.py``); ``...-vs-1f1b``: the same run
+of ours against ours 1F1B at the same m (the "ref" column is our 1F1B), the speed-up the schedule
+buys here. All three alternate in the same processes. Their bubble is reported measured, in theory (F = I = W) and simulated
 with the step's measured mean F, I and W per rank (``core.timeline.simulate``).
 """
 
@@ -47,6 +49,16 @@ def run(opts: BenchOptions) -> list[Row]:
             "param_drift_after_warmup": case["param_drift"], "note": note,
         }))
     for case in result["zb"]:
+        ours, ref = tokens / median(case["ours"]), tokens / median(case["torch"])
+        rows.append(Row(f"pp{PP}-{case['schedule']}-m{case['m']}", ours, ref, {
+            "pp": PP, "schedule": case["schedule"], "microbatches": case["m"], "model": opts.model,
+            "reference": case["torch_schedule"], "bubble_measured": case["bubble"],
+            "bubble_theory": case["theory"], "threads_per_rank": result["threads"],
+            "param_drift_after_warmup": case["param_drift"],
+            "note": (f"vs {case['torch_schedule']}, bubble {case['bubble']:.3f} measured vs "
+                     f"{case['theory']:.3f} theory, max |ours - PyTorch| weight after warm-up "
+                     f"{case['param_drift']:.1e}"),
+        }))
         ours, ref = tokens / median(case["ours"]), tokens / median(case["1f1b"])
         note = (f"ref = ours 1f1b; bubble {case['bubble']:.3f} measured vs {case['theory']:.3f} theory "
                 f"(F=I=W), {case['simulated']:.3f} simulated with the measured F/I/W; 1f1b bubble "
@@ -68,8 +80,8 @@ def _measure_all(opts: BenchOptions, rank: int, world: int) -> dict[str, Any]:
             "zb": [_measure_zero_bubble(opts, mesh, schedule, m) for schedule, m in ZB_CASES]}
 
 
-def _ours(opts: BenchOptions, mesh: Any, schedule: str, m: int) -> tuple[Any, Any, list[Any]]:
-    """Our pipeline for ``schedule``: (PipelineModel, one-repeat function, batches)."""
+def _ours(opts: BenchOptions, mesh: Any, schedule: str, m: int) -> tuple[Any, Any, list[Any], Any]:
+    """Our pipeline for ``schedule``: (PipelineModel, one-repeat function, batches, config)."""
     import torch
 
     from paratrain.config import Layout, TrainConfig
@@ -91,7 +103,7 @@ def _ours(opts: BenchOptions, mesh: Any, schedule: str, m: int) -> tuple[Any, An
             pm.forward_backward(x, y)
             opt.step()
             pm.zero_grad()
-    return pm, run, batches
+    return pm, run, batches, cfg
 
 
 def _timelines(pm: Any, batches: list[Any]) -> list[Any]:
@@ -111,12 +123,18 @@ def _measure_zero_bubble(opts: BenchOptions, mesh: Any, schedule: str, m: int) -
 
     from paratrain.core.timeline import simulate
 
-    zb, run_zb, batches = _ours(opts, mesh, schedule, m)
-    base, run_base, _ = _ours(opts, mesh, "1f1b", m)
+    from paratrain.bench.pp_zb import torch_zero_bubble
+
+    zb, run_zb, batches, cfg = _ours(opts, mesh, schedule, m)
+    base, run_base, _, _ = _ours(opts, mesh, "1f1b", m)
+    theirs, their_model = torch_zero_bubble(mesh, cfg, batches)
     for _ in range(max(1, opts.warmup // max(1, opts.steps))):
         run_zb()
         run_base()
-    times = alternate({"ours": run_zb, "1f1b": run_base}, opts.repeats, dist.barrier)
+        theirs()
+    mine = dict(zb.module.named_parameters())  # the same steps from the same weights: a fair race
+    drift = max((t - mine[k]).abs().max().item() for k, t in their_model.named_parameters())
+    times = alternate({"ours": run_zb, "torch": theirs, "1f1b": run_base}, opts.repeats, dist.barrier)
     tls, base_tls = _timelines(zb, batches), _timelines(base, batches)
     means: list[dict[str, float]] = []
     simulated = float("nan")
@@ -126,7 +144,9 @@ def _measure_zero_bubble(opts: BenchOptions, mesh: Any, schedule: str, m: int) -
             means.append({k: median([sp.end - sp.start for sp in spans if sp.action.kind == k])
                           for k in sorted({sp.action.kind for sp in spans})})
         simulated = simulate(zb.schedule, lambda r, a: means[r].get(a.kind, 0.0)).bubble
-    return {"schedule": schedule, "m": m, "ours": times["ours"], "1f1b": times["1f1b"],
+    return {"schedule": schedule, "m": m, "ours": times["ours"], "1f1b": times["1f1b"], "torch": times["torch"],
+            "torch_schedule": "ScheduleZBVZeroBubble" if schedule == "zb-v" else "ScheduleInterleavedZeroBubble",
+            "param_drift": drift,
             "bubble": median([t.bubble for t in tls]) if tls else float("nan"),
             "bubble_1f1b": median([t.bubble for t in base_tls]) if base_tls else float("nan"),
             "theory": zb.theoretical_bubble, "simulated": simulated, "means": means}
