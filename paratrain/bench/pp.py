@@ -12,8 +12,9 @@ Zero-bubble rows: ``pp2-zb-h1-m4`` ours ``zb-h1`` against PyTorch's
 ``ScheduleInterleavedZeroBubble`` (one stage per rank), ``pp2-zb-v-m4`` ours ``zb-v`` against
 ``ScheduleZBVZeroBubble``, on the same split (``bench/pp_zb.py``); ``...-vs-1f1b``: the same run
 of ours against ours 1F1B at the same m (the "ref" column is our 1F1B), the speed-up the schedule
-buys here. All three alternate in the same processes. Their bubble is reported measured, in theory (F = I = W) and simulated
-with the step's measured mean F, I and W per rank (``core.timeline.simulate``).
+buys here. All three alternate in the same processes. Their bubble is reported measured, in
+theory (F = I = W) and simulated with the step's measured mean F, I and W per rank
+(``core.timeline.simulate``).
 """
 
 from __future__ import annotations
@@ -121,9 +122,8 @@ def _timelines(pm: Any, batches: list[Any]) -> list[Any]:
 def _measure_zero_bubble(opts: BenchOptions, mesh: Any, schedule: str, m: int) -> dict[str, Any]:
     import torch.distributed as dist
 
-    from paratrain.core.timeline import simulate
-
     from paratrain.bench.pp_zb import torch_zero_bubble
+    from paratrain.core.timeline import simulate
 
     zb, run_zb, batches, cfg = _ours(opts, mesh, schedule, m)
     base, run_base, _, _ = _ours(opts, mesh, "1f1b", m)
