@@ -158,3 +158,35 @@ def test_search_tries_zero_bubble_schedules():
     names = {(lay.schedule, lay.virtual_stages) for lay in layouts if lay.pp == 4}
     assert {("zb-h1", 1), ("zb-v", 2)} <= names
     assert not any(lay.schedule == "zb-v" and lay.pp * 2 > 8 for lay in layouts)  # validate's rule
+
+
+def test_planner_prices_the_w_deferred_memory_and_the_smaller_bubble():
+    from paratrain.config import Layout
+    from paratrain.models.configs import ModelConfig
+    from paratrain.plan import formulas as f
+    from paratrain.plan.cost import DEFAULT_OPTIONS, estimate
+    from paratrain.plan.footprint import LayoutMemory
+    from paratrain.plan.hardware import get_hardware
+
+    model = ModelConfig("m", num_layers=24, hidden=2048, num_heads=16, vocab_size=51200, max_seq_len=2048)
+    hw, p, m, batch, s = get_hardware("H100-80GB"), 4, 8, 32, 2048
+    one_f = LayoutMemory(model, Layout(pp=p, microbatches=m), batch, s, "bf16", DEFAULT_OPTIONS)
+    zb = LayoutMemory(model, Layout(pp=p, microbatches=m, schedule="zb-h1"), batch, s, "bf16", DEFAULT_OPTIONS)
+    b = batch / m
+    w_layer = f.w_deferred_layer_bytes(s, b, model.hidden, model.ffn_hidden, 1, 2)
+    for r in range(p):  # rank r: 1F1B's p - r whole micro-batches, plus r held for their W only
+        extra = r * (zb.shape.layers[r] * w_layer + (f.w_deferred_head_bytes(s, b, model.hidden, 51200, 1, 2) if r == p - 1 else 0))
+        assert zb.rank_memory(r).activation_bytes == pytest.approx(one_f.rank_memory(r).activation_bytes + extra)
+        # at most min(p, m) micro-batches of its own layers: 1F1B's first-rank count (a W-deferred
+        # one holds less than a whole one); equal to 1F1B on rank 0
+        whole = min(p, m) * (zb.shape.layers[r] * zb.act_layer + (zb.emb_act if r == 0 else 0)) \
+            + (zb.out_act if r == p - 1 else 0) + (min(p, m) - 1) * (zb.w_head if r == p - 1 else 0)
+        assert zb.rank_memory(r).activation_bytes <= whole
+    assert zb.rank_memory(0).activation_bytes == one_f.rank_memory(0).activation_bytes
+    times = {name: estimate(model, Layout(pp=p, microbatches=m, schedule=name), hw, batch, s)
+             for name in ("1f1b", "zb-h1", "zb-v")}
+    assert times["zb-h1"].bubble_fraction == pytest.approx(3 / 27)
+    assert times["zb-v"].step_time_s < times["zb-h1"].step_time_s < times["1f1b"].step_time_s
+    # ZB-V: rank 0 holds the embedding and the head (no tied copy), p micro-batches of its layers
+    v_mem = LayoutMemory(model, Layout(pp=p, microbatches=m, schedule="zb-v"), batch, s, "bf16", DEFAULT_OPTIONS)
+    assert v_mem.shape.rank_stages[0] == (0, 2 * p - 1) and not v_mem.head_copy
