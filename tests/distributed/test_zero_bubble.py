@@ -26,11 +26,12 @@ DEEP = BASE.replace(model="tiny-deep")  # 8 blocks: pp 4 x 2 chunks of ZB-V
 SHORT = BASE.replace(steps=3)  # the 8-process case: 3 steps keep it affordable
 
 WORLDS = {
-    2: [(BASE, dict(pp=2, microbatches=4, schedule="zb-h1")),
-        (BASE, dict(pp=2, microbatches=4, schedule="zb-v"))],
+    # pp 4 alone (ZB-V: 8 chunks); pp 2 with data parallelism (buckets reduced after the last W)
+    # and with ZeRO-2 (a reduce-scatter after every I and every W)
     4: [(DEEP, dict(pp=4, microbatches=4, schedule="zb-v")),
-        (BASE, dict(dp=2, pp=2, microbatches=2, schedule="zb-h1"))],
-    # 3D: tp collectives inside I (input gradients), none in W; dp buckets after the last W
+        (BASE, dict(dp=2, pp=2, microbatches=2, schedule="zb-h1")),
+        (BASE, dict(dp=2, pp=2, zero=2, microbatches=2, schedule="zb-v"))],
+    # 3D: tp collectives inside I (input gradients), none in W
     8: [(SHORT, dict(dp=2, pp=2, tp=2, microbatches=2, schedule="zb-v"))],
 }
 
