@@ -174,8 +174,9 @@ def test_planner_prices_the_w_deferred_memory_and_the_smaller_bubble():
     zb = LayoutMemory(model, Layout(pp=p, microbatches=m, schedule="zb-h1"), batch, s, "bf16", DEFAULT_OPTIONS)
     b = batch / m
     w_layer = f.w_deferred_layer_bytes(s, b, model.hidden, model.ffn_hidden, 1, 2)
+    w_head = f.w_deferred_head_bytes(s, b, model.hidden, 51200, 1, 2)
     for r in range(p):  # rank r: 1F1B's p - r whole micro-batches, plus r held for their W only
-        extra = r * (zb.shape.layers[r] * w_layer + (f.w_deferred_head_bytes(s, b, model.hidden, 51200, 1, 2) if r == p - 1 else 0))
+        extra = r * (zb.shape.layers[r] * w_layer + (w_head if r == p - 1 else 0))
         assert zb.rank_memory(r).activation_bytes == pytest.approx(one_f.rank_memory(r).activation_bytes + extra)
         # at most min(p, m) micro-batches of its own layers: 1F1B's first-rank count (a W-deferred
         # one holds less than a whole one); equal to 1F1B on rank 0
