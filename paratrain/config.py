@@ -171,6 +171,12 @@ class Layout:
                 f"the zb-v schedule runs exactly two chunks per pipeline rank (V placement); got "
                 f"virtual_stages={self.virtual_stages} (--virtual-stages). Leave it out or give 2."
             )
+        if self.schedule in ("zb-h1", "zb-v") and self.pp > 1 and self.recompute == "full":
+            raise ConfigError(
+                f"the {self.schedule} schedule defers the weight gradients of each block's linears "
+                f"from the forward it records, which full recomputation replays differently; use "
+                f"--recompute selective or none with it, or --schedule 1f1b with --recompute full."
+            )
         if self.virtual_stages > 1 and self.schedule not in ("interleaved", "zb-v"):
             raise ConfigError(
                 f"virtual_stages={self.virtual_stages} (--virtual-stages) needs schedule 'interleaved' "

@@ -191,3 +191,12 @@ def test_planner_prices_the_w_deferred_memory_and_the_smaller_bubble():
     # ZB-V: rank 0 holds the embedding and the head (no tied copy), p micro-batches of its layers
     v_mem = LayoutMemory(model, Layout(pp=p, microbatches=m, schedule="zb-v"), batch, s, "bf16", DEFAULT_OPTIONS)
     assert v_mem.shape.rank_stages[0] == (0, 2 * p - 1) and not v_mem.head_copy
+
+
+def test_zero_bubble_refuses_full_recomputation():
+    from paratrain.config import Layout
+    from paratrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--recompute selective or none"):
+        Layout(pp=2, microbatches=4, schedule="zb-h1", recompute="full").check_degrees()
+    Layout(pp=2, microbatches=4, schedule="zb-v", recompute="selective").check_degrees()
