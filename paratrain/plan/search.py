@@ -110,11 +110,13 @@ def enumerate_layouts(model: ModelConfig, num_devices: int, global_batch: int, s
                 for schedule, v in schedules:
                     shared = dict(dp=dp, pp=pp, tp=tp, microbatches=m, schedule=schedule, virtual_stages=v,
                                   stage_layers=stage_layers, stage_speeds=stage_speeds)
-                    valid = [sp for sp in sps if _valid(Layout(**shared, zero=zeros[0], recompute=recomputes[0],
-                                                               sequence_parallel=sp), model, global_batch, seq_len)]
+                    # validity depends on the recomputation too (zero-bubble schedules refuse full)
+                    valid = {r: [sp for sp in sps if _valid(Layout(**shared, zero=zeros[0], recompute=r,
+                                                                   sequence_parallel=sp), model, global_batch, seq_len)]
+                             for r in recomputes}
                     for zero in zeros:
                         for recompute in recomputes:
-                            for sp in valid:
+                            for sp in valid[recompute]:
                                 yield Layout(**shared, zero=zero, recompute=recompute, sequence_parallel=sp)
 
 
