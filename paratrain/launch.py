@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from paratrain.errors import Interrupted  # noqa: F401 - defined there, raised here; import it from either
+
 LOOPBACK = "127.0.0.1"
 _RDZV_BACKEND = "paratrain-loopback"
 _HANDLED_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")  # what torch's launcher catches
@@ -113,19 +115,6 @@ class LaunchError(RuntimeError):
         self.rank, self.exitcode, self.message, self.traceback = rank, exitcode, message, traceback
         self.others = others or {}
         super().__init__(f"rank {rank} failed (exit code {exitcode}): {message}")
-
-
-class Interrupted(Exception):
-    """The launcher got ``signum`` (Ctrl-C is SIGINT) and stopped the ranks; exit ``128 + signum``."""
-
-    def __init__(self, signum: int) -> None:
-        self.signum = int(signum)
-        self.name = signal.Signals(self.signum).name
-        super().__init__(f"interrupted by {self.name}")
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum
 
 
 @contextlib.contextmanager

@@ -32,10 +32,8 @@ def torch_zero_bubble(mesh: Any, cfg: Any, batches: list[Any]) -> tuple[Any, Any
 
         def __init__(self, chunk: Any) -> None:
             super().__init__()
-            m = chunk.model
-            parts = ([m.wte, m.wpe] if chunk.embeds else []) + list(chunk.blocks) \
-                + ([m.ln_f, m.lm_head] if chunk.has_head else [])
-            self.parts = nn.ModuleList(parts)
+            names = (chunk.stages.before if chunk.embeds else ()) + (chunk.stages.after if chunk.has_head else ())
+            self.parts = nn.ModuleList([chunk.model.get_submodule(n) for n in names] + list(chunk.blocks))
             self.chunk = [chunk]  # not a submodule
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:

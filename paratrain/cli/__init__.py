@@ -13,21 +13,25 @@ import importlib
 import sys
 import textwrap
 
-from paratrain.errors import ConfigError
-from paratrain.launch import Interrupted
+from paratrain.errors import ConfigError, Interrupted
 
 COMMANDS = ("train", "bench", "estimate", "plan", "simulate", "calibrate", "schedule", "convert")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line, or with ``only`` (a command's name) just that sub-command's
+    options: a planning command then does not import the training side to build its parser."""
     parser = argparse.ArgumentParser(
         prog="paratrain",
         description="Train models with data, tensor and pipeline parallelism on torch.distributed, "
                     "and plan which layout to use.",
         epilog="Run 'paratrain COMMAND --help' for the options of one command.",
     )
+    from paratrain import __version__
+
+    parser.add_argument("--version", action="version", version=f"paratrain {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMANDS:
+    for name in ([only] if only in COMMANDS else COMMANDS):
         importlib.import_module(f"paratrain.cli.{name}").register(sub)
     return parser
 
@@ -39,7 +43,8 @@ def error(message: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    words = sys.argv[1:] if argv is None else argv
+    parser = build_parser(words[0] if words else None)
     args, extra = parser.parse_known_args(argv)
     if extra:  # the sub-command's usage, not the top-level one, goes with its unknown flag
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))

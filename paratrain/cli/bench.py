@@ -93,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
     for group in groups:
         module = importlib.import_module(f"paratrain.bench.{group}")
         if not args.json:
-            print(f"[bench {group}] measuring ({module.__doc__.splitlines()[0]})", file=sys.stderr, flush=True)
+            what = module.__doc__.splitlines()[0].replace("``", "")  # the docstring's reST quotes, not for a terminal
+            print(f"[bench {group}] measuring ({what})", file=sys.stderr, flush=True)
         try:
             rows += module.run(opts)
         except LaunchError as e:
@@ -128,8 +129,9 @@ def _speed_cells(r: Row) -> list[str]:
     note = ""
     if "allreduce_bytes_per_step" in r.extra:
         e = r.extra
+        buckets = f"{e['buckets']} bucket" + ("s" if e["buckets"] != 1 else "")
         note = (f"all-reduced {e['allreduce_bytes_per_step'] / 2**20:.2f} MiB/step vs grads "
-                f"{e['grad_bytes'] / 2**20:.2f} MiB ({e['buckets']} buckets), {e['threads_per_rank']} thr/rank")
+                f"{e['grad_bytes'] / 2**20:.2f} MiB ({buckets}), {e['threads_per_rank']} thr/rank")
     elif "note" in r.extra:
         note = str(r.extra["note"])
     return [r.name, f"{r.ours_tokens_per_s:,.0f}", f"{r.ref_tokens_per_s:,.0f}", f"{r.ratio:.3f}", note]

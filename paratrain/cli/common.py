@@ -13,6 +13,7 @@ from paratrain.config import (
     DEVICES,
     DP_IMPLS,
     FIELD_RANGES,
+    GRAD_DTYPES,
     PRECISIONS,
     RECOMPUTE,
     SCHEDULES,
@@ -65,11 +66,12 @@ def _number_list(kind: type, what: str) -> Any:
     return parse
 
 
-def add_layout_args(p: argparse.ArgumentParser) -> None:
-    """--dp/--pp/--tp and the rest of the Layout; every default is None = "not given"."""
+def add_layout_args(p: argparse.ArgumentParser, dp_default: str = "the processes left after pp and tp; 2 "
+                    "when nothing is given") -> None:
+    """--dp/--pp/--tp and the rest of the Layout; every default is None = "not given".
+    ``dp_default``: what the command does without --dp (train and the planners differ)."""
     g = p.add_argument_group("layout (dp x pp x tp processes)")
-    g.add_argument("--dp", type=int, metavar="N", help="data-parallel degree (default: the processes left "
-                   "after pp and tp; 2 when nothing is given)")
+    g.add_argument("--dp", type=int, metavar="N", help=f"data-parallel degree (default: {dp_default})")
     g.add_argument("--pp", type=int, metavar="N", help="pipeline-parallel stages (default: 1)")
     g.add_argument("--tp", type=int, metavar="N", help="tensor-parallel degree (default: 1)")
     g.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO stage over the dp group: 1 shards the "
@@ -94,9 +96,9 @@ def add_layout_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE", help="TOML or YAML file with any of the options "
-                   "below (snake_case keys, layout keys at top level or in a [layout] table); "
-                   "flags override it")
+    p.add_argument("--config", metavar="FILE", help="TOML, YAML or JSON file (a run's config.json too) with "
+                   "any of the options below (keys as the flags: warmup_steps or warmup-steps; layout "
+                   "keys at top level or in a [layout] table); flags override it")
     p.add_argument("--nproc", type=int, metavar="N", help=f"local processes to start (default: dp*pp*tp, "
                    f"{DEFAULT_NPROC} when no degree is given; ignored under torchrun)")
     add_layout_args(p)
@@ -123,7 +125,16 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help=f"AdamW weight decay (default: {default('weight_decay')})")
     g.add_argument("--grad-clip", type=float, metavar="C",
                    help=f"global gradient-norm clip, 0 = off (default: {default('grad_clip')})")
-    g.add_argument("--precision", choices=PRECISIONS, help="fp32, or bf16 autocast with fp32 weights (default: fp32)")
+    g.add_argument("--precision", choices=PRECISIONS,
+                   help="fp32; bf16: bf16 weights, gradients and activations, fp32 master weights and AdamW "
+                        "state in the optimizer (2+2+12 bytes per parameter); bf16-autocast: bf16 matmuls "
+                        "over fp32 weights (4+4+8) (default: fp32; docs/precision.md)")
+    g.add_argument("--grad-dtype", choices=GRAD_DTYPES,
+                   help="with --precision bf16: fp32 gradient buffers, accumulated over micro-batches and "
+                        "reduced in fp32 (2+4+12 bytes per parameter; default: bf16)")
+    g.add_argument("--offload-optimizer", action="store_true", default=None,
+                   help="with --precision bf16: fp32 master weights, AdamW state and the optimizer step in "
+                        "host memory (ZeRO-Offload)")
     g = p.add_argument_group("runtime")
     g.add_argument("--device", choices=DEVICES,
                    help="cuda (NCCL) or cpu (gloo); auto picks cuda when present (default: auto)")
@@ -178,8 +189,14 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    "memory_per_rank); the figures the planner predicts")
 
 
+# Config-file keys are the option names (either spelling: ``warmup-steps`` or ``warmup_steps``);
+# where a flag's name differs from its field, both are accepted.
+_KEY_ALIASES = {"timeout": "timeout_s"}
+
+
 def _normalise(key: str) -> str:
-    return key.strip().replace("-", "_")
+    key = key.strip().lstrip("-").replace("-", "_")
+    return _KEY_ALIASES.get(key, key)
 
 
 _YAML_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
@@ -221,7 +238,8 @@ def coerce_value(key: str, value: Any, where: str) -> Any:
 
 
 def load_config_file(path: str) -> dict[str, Any]:
-    """Read a TOML (.toml) or YAML (.yaml/.yml) file into flat TrainConfig/Layout keys."""
+    """Read a TOML (.toml), YAML (.yaml/.yml) or JSON (.json: e.g. a run's own config.json) file
+    into flat TrainConfig/Layout keys."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {path!r} does not exist.")
@@ -233,8 +251,15 @@ def load_config_file(path: str) -> dict[str, Any]:
             raw = tomllib.loads(text)
         elif p.suffix in (".yaml", ".yml"):
             raw = _yaml_load(text) or {}
+        elif p.suffix == ".json":
+            import json
+
+            raw = json.loads(text)
+            if isinstance(raw, dict):  # a run's config.json holds every field: its nulls and defaults say "default"
+                defaults = dataclasses.asdict(TrainConfig())
+                raw = {k: v for k, v in raw.items() if v is not None and v != defaults.get(k, not v)}
         else:
-            raise ConfigError(f"config file {path!r}: use a .toml, .yaml or .yml file.")
+            raise ConfigError(f"config file {path!r}: use a .toml, .yaml, .yml or .json file.")
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001 - parser errors of two libraries

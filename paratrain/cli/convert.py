@@ -22,11 +22,13 @@ Either output can start another run: paratrain train --init-from model.safetenso
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="a run's checkpoint as one safetensors file or a Hugging Face folder",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("folder", metavar="OUT", help="the run folder (or its checkpoints/ or one step-N/ folder)")
+    p.add_argument("folder", metavar="RUN", help="the run folder, i.e. train's --out (or its checkpoints/ or one "
+                   "step-N/ folder)")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--to-single", metavar="FILE", help="write the reference-shaped state dict to FILE (safetensors)")
     g.add_argument("--to-hf", metavar="DIR", help="write model.safetensors and config.json of a transformers "
                    "GPT2LMHeadModel into DIR (GPT-2-layout models)")
+    p.add_argument("--force", action="store_true", help="replace an existing output (refused without it)")
     p.set_defaults(run=run)
 
 
@@ -45,6 +47,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--to-single {target} is a folder; give a file name such as {target / 'model.safetensors'}.")
     if args.to_hf and target.exists() and not target.is_dir():
         raise ConfigError(f"--to-hf {target} is a file; give a folder (it is created if missing).")
+    existing = target if args.to_single else target / "model.safetensors"
+    if existing.exists() and not args.force:
+        raise ConfigError(f"{existing} exists; nothing was written. Give another path, or --force to replace it.")
     try:
         if args.to_single:
             out = convert.to_single(src, target)

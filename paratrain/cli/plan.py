@@ -6,7 +6,7 @@ import argparse
 import json
 import time
 
-from paratrain.cli.common import add_layout_args
+from paratrain.cli.common import LAYOUT_FIELDS, add_layout_args
 from paratrain.cli.plan_args import (
     MAX_DEVICES,
     add_cost_args,
@@ -40,6 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-cross-node-tp", action="store_true",
                    help="also consider tensor parallelism wider than one node")
     add_layout_args(p)
+    for action in p._actions:  # plan searches the layout: a flag pins its part instead of a default
+        if action.help and action.dest in LAYOUT_FIELDS and "(default:" in action.help:
+            action.help = action.help[:action.help.index("(default:")] + "(searched; the flag pins it)"
     add_cost_args(p, batch_help="sequences per optimizer step over all ranks (required)")
     add_hardware_args(p)
     p.set_defaults(run=run)

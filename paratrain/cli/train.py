@@ -51,7 +51,34 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "aside (to NAME.old-<time>) and start afresh; without it such a folder is refused")
     g.add_argument("--profile", metavar="PATH", help="device profile for --plan auto (default: the one "
                    "`paratrain calibrate` writes; without one, the catalog's nominal cpu)")
+    g = p.add_argument_group("Hugging Face model (instead of --model; pip install 'paratrain[hf]')")
+    g.add_argument("--hf", choices=("gpt2", "llama"), help="train transformers' GPT2LMHeadModel or LlamaForCausalLM "
+                   "with random weights from --seed (nothing is downloaded), by its ready tensor-parallel plan "
+                   "and stage spec (paratrain/models/hf.py)")
+    g.add_argument("--hf-config", metavar="JSON|FILE", type=hf_config_arg, help="the model's config fields, as a "
+                   "JSON object or a JSON file, e.g. '{\"n_layer\": 4, \"n_embd\": 128, \"n_head\": 4}'; the rest "
+                   "are transformers' defaults (dropout 0)")
     p.set_defaults(run=run)
+
+
+def hf_config_arg(value: str) -> str:
+    """--hf-config: JSON text, or the path of a JSON file; kept as compact JSON text."""
+    import json
+
+    text = value
+    if not value.lstrip().startswith("{"):
+        try:
+            text = Path(value).read_text()
+        except OSError as e:
+            raise argparse.ArgumentTypeError(f"neither a JSON object nor a readable file: {value!r} ({e.strerror})") \
+                from None
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg} at character {e.pos}): {value!r}") from None
+    if not isinstance(fields, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object of config fields, got {value!r}")
+    return json.dumps(fields, sort_keys=True)
 
 
 SEARCHED = ("dp", "pp", "tp", "zero", "microbatches", "schedule", "virtual_stages", "sequence_parallel", "recompute")
@@ -77,7 +104,8 @@ def plan_auto(args: argparse.Namespace) -> tuple[TrainConfig, Any]:
 def describe_auto(auto: Any, nproc: int) -> str:
     pred = auto.prediction
     mem = max(sum(m.values()) for m in pred.memory_per_rank)
-    shortlist = "; ".join(f"[{lay}] {sec * 1e3:.1f} ms" for lay, sec in auto.candidates)
+    shortlist = "; ".join(f"[{lay}]{' (chosen)' if lay == auto.layout else ''} {sec * 1e3:.1f} ms"
+                          for lay, sec in auto.candidates)
     return "\n".join([
         f"paratrain train --plan auto: {nproc} local processes; hardware: {pred.source}",
         f"  searched {auto.considered} layouts the runtime implements"
@@ -141,6 +169,15 @@ def check_init_from(cfg: TrainConfig) -> None:
 def preflight(cfg: TrainConfig) -> Any:
     """Every check that can fail before a process starts (exit 2 on failure)."""
     model_cfg = check_config(cfg)
+    if cfg.hf is not None:  # a Hugging Face model: its config's fields exist; byte tokens fit its vocabulary
+        if model_cfg.vocab_size < 256:
+            raise ConfigError(f"--hf-config: vocab_size {model_cfg.vocab_size} is smaller than the 256 byte tokens "
+                              "the training data is made of; give vocab_size 256 or more.")
+        if cfg.init_from:
+            raise ConfigError("--init-from loads weights of the built-in GPT; with --hf the weights are random.")
+        from paratrain.models.hf import parse_hf_config  # imports transformers (and torch): last
+
+        parse_hf_config(cfg.hf, cfg.hf_config)
     from paratrain.data import check_corpus, load_corpus
 
     corpus = load_corpus(cfg.data)
@@ -214,11 +251,15 @@ def start_report(cfg: TrainConfig, model_cfg: Any, corpus: Any, auto: Any, folde
     write_json(folder.path / "config.json", dataclasses.asdict(cfg))
     padding = vocab_padding_note(model_cfg, cfg.layout.tp)
     moved = f"  (the previous run in it was moved to {folder.moved_to})\n" if folder.moved_to else ""
-    print(f"paratrain train: {cfg.model} ({param_count(model_cfg):,} parameters) on "
+    print(f"paratrain train: {model_cfg.name if cfg.hf else cfg.model} ({param_count(model_cfg):,} parameters) on "
           f"{cfg.world_size} process(es) [{cfg.layout}]\n  data: {corpus.describe()}\n"
           + (f"  vocab: {padding}\n" if padding else "") + f"  out:  {folder.path}\n" + moved, end="", flush=True)
     for warning in corpus.warnings:
         print(f"paratrain: warning: data: {warning}", file=sys.stderr, flush=True)
+    if cfg.warmup_steps >= cfg.steps > 1:
+        print(f"paratrain: note: the learning-rate warm-up ({cfg.warmup_steps} steps) is as long as the run "
+              f"({cfg.steps} steps): the rate never reaches --lr {cfg.lr:g}; --warmup-steps sets it.",
+              file=sys.stderr, flush=True)
 
 
 def _launch_and_report(cfg: TrainConfig, checked: Any, auto: Any, lead: bool, out: Path, fault: Any = None) -> int:
@@ -331,19 +372,22 @@ def report(summary: dict[str, Any], out: Path) -> None:
     from paratrain.viz.loss import plot_loss
 
     records = read_metrics(out / "metrics.jsonl")
-    if summary.get("resumed_from") and records:  # the whole run, not only the part since the resume
+    resumed = (summary.get("resumed_from") or {}).get("step")
+    if resumed is not None and records:  # the whole run, not only the part since the resume
         summary.update(first_loss=records[0]["loss"], steps=len(records))
-    plot_loss(records, out / "loss.png", title=f"{summary['model']} [{summary['layout']}]")
+    plot_loss(records, out / "loss.png", title=f"{summary['model']} [{summary['layout']}]",
+              resumed_at=None if resumed is None else [resumed])
+    since = "" if resumed is None else f"; since the resume at step {resumed}"
     write_json(out / "summary.json", {k: v for k, v in summary.items() if k != "sample"})
     val = summary["val_loss"]
     rows = [
         ("model", f"{summary['model']} ({summary['params']:,} parameters)"),
         ("layout", f"{summary['layout']} on {summary['world_size']} process(es), {summary['device']}"),
-        ("steps", str(summary["steps"])),
+        ("steps", str(summary["steps"]) + ("" if resumed is None else f" (resumed after step {resumed})")),
         ("loss", f"{summary['first_loss']:.4f} -> {summary['final_loss']:.4f}"),
         ("validation loss", "-" if val is None else f"{val:.4f}"),
         ("throughput", f"{summary['tokens_per_s']:,.0f} tokens/s (median step {summary['step_time_s'] * 1e3:.1f} ms, "
-                       f"{summary['comm_wait_s'] * 1e3:.1f} ms waiting on communication)"),
+                       f"{summary['comm_wait_s'] * 1e3:.1f} ms waiting on communication{since})"),
         ("peak memory", f"{summary['peak_memory_mb']:,.0f} MiB on rank 0"),
     ]
     rows += predicted_rows(summary)

@@ -57,8 +57,19 @@ def step_time_lower_bound(ctx: _Layout, zero: int | None = None) -> float:
             C * (m + (p - 1) / v * bubble.fill_share(ctx.layout.schedule)) / p
         ctx.pipe_bound = pipe + once
         ctx.max_params = max(params for params, _ in ctx.group_parts())
+    return _with_optimizer(ctx, ctx.layout.zero if zero is None else zero)
+
+
+def step_time_lower_bounds(ctx: _Layout, zeros: tuple[int, ...]) -> dict[int, float]:
+    """:func:`step_time_lower_bound` at each ZeRO stage of ``zeros``, in one call."""
+    if step_time_lower_bound(ctx, zeros[0]) == 0.0:
+        return dict.fromkeys(zeros, 0.0)
+    return {zero: _with_optimizer(ctx, zero) for zero in zeros}
+
+
+def _with_optimizer(ctx: _Layout, zero: int) -> float:
+    """The pipeline part of the bound (computed) plus the optimizer's step at ZeRO stage ``zero``."""
     bw = ctx.hw.memory_bw * ctx.share
-    zero = ctx.layout.zero if zero is None else zero
     owned = ctx.max_params / (ctx.n if zero >= 1 else 1)
     optimizer = OPTIMIZER_BYTES_PER_PARAM * owned / bw if bw else 0.0
     return (ctx.pipe_bound + optimizer) * (1 - 1e-9)  # the margin: the estimate sums the terms in another order

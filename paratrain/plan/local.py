@@ -39,7 +39,9 @@ def runtime_options(cfg: TrainConfig) -> CostOptions:
     dropout > 0; PyTorch's fused attention; SP saving all-gathered inputs; its bucket size and
     overlap setting."""
     return CostOptions(dropout=cfg.dropout > 0, store_scores=False, sp_saves_gathered=True,
-                       bucket_bytes=cfg.bucket_mb * 2**20, overlap_dp=cfg.overlap)
+                       bucket_bytes=cfg.bucket_mb * 2**20, overlap_dp=cfg.overlap,
+                       grad_bytes=4 if cfg.grad_dtype == "fp32" else None,
+                       offload_optimizer=cfg.offload_optimizer)
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,9 @@ def auto_layout(cfg: TrainConfig, nproc: int, hw: Hardware, source: str, fixed: 
     pred = min(ties, key=lambda p: _complexity(p.simulation.estimate.layout))
     layout = pred.simulation.estimate.layout
     why = result.explain()
-    if layout != result.best.layout:
+    if layout != result.best.layout:  # one winner in the text: the estimate's first is not the choice
+        best = f"[{result.best.layout}] wins at"
+        why = why.replace(best, f"By the estimate alone {best}", 1)
         why += (f" Simulated on the real schedule, the {len(sims)} fastest estimates give [{layout}] "
                 f"{pred.step_time_s * 1e3:.1f} ms" + (f", the simplest of the {len(ties)} within {TIE:.0%} of the "
                                                      f"fastest" if len(ties) > 1 else ", the fastest") + ".")

@@ -36,7 +36,7 @@ from typing import Any
 from paratrain.config import RECOMPUTE, Layout, valid_tp
 from paratrain.errors import ConfigError
 from paratrain.models.configs import ModelConfig
-from paratrain.plan.bound import layout_context, step_time_lower_bound
+from paratrain.plan.bound import layout_context, step_time_lower_bounds
 from paratrain.plan.cost import CostOptions, Estimate, _estimate, estimate
 from paratrain.plan.hardware import GiB, Hardware
 from paratrain.plan.hetero import SpeedPlan, with_speeds
@@ -248,17 +248,21 @@ def _bounded(layouts: list[Layout], args: _Args, top: int) -> PlanResult:
     misfit: tuple[float, int] | None = None
     pure_misfit: tuple[float, int] | None = None
     pure_fitting: list[int] = []
-    contexts: dict[tuple, Any] = {}  # one per layout but its ZeRO stage
+    zeros = tuple(sorted({layout.zero for layout in layouts}))
+    # one context per layout but its ZeRO stage, screened at every stage at once: (peaks, bounds)
+    screens: dict[tuple, tuple[dict[int, float], dict[int, float]]] = {}
     for index, layout in enumerate(layouts):
         base = (layout.dp, layout.pp, layout.tp, layout.microbatches, layout.schedule, layout.virtual_stages,
                 layout.sequence_parallel, layout.recompute)  # stage_layers / stage_speeds: the same for all
-        if base not in contexts:
-            contexts[base] = layout_context(model, layout, hardware, global_batch, seq_len, precision, options)
-        ctx, zero = contexts[base], layout.zero
-        peak = ctx.peak_bytes(zero)
+        screen = screens.get(base)
+        if screen is None:
+            ctx = layout_context(model, layout, hardware, global_batch, seq_len, precision, options)
+            screen = screens[base] = (ctx.peaks(zeros), step_time_lower_bounds(ctx, zeros))
+        zero = layout.zero
+        peak = screen[0][zero]
         pure = layout.tp == 1 and layout.pp == 1
         if peak <= capacity:
-            bounds.append((step_time_lower_bound(ctx, zero), index))
+            bounds.append((screen[1][zero], index))
             if pure:
                 pure_fitting.append(index)
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -27,6 +28,9 @@ def test_a_crashed_run_resumes_bit_for_bit_and_in_another_layout(tmp_path):
     same = paratrain("train", "--resume", "crashed", cwd=tmp_path)
     assert same.returncode == 0, same.stderr
     assert "resuming" in same.stdout
+    at = int(re.search(r"resuming crashed from \S+ \(step (\d)\)", same.stdout).group(1))  # 2 or 4: async save
+    assert f"6 (resumed after step {at})" in same.stdout and f"since the resume at step {at}" in same.stdout
+    assert json.loads((tmp_path / "crashed" / "summary.json").read_text())["resumed_from"]["step"] == at
     assert losses(tmp_path / "crashed") == losses(tmp_path / "full")  # bit for bit, steps 1..6 once each
 
     other = paratrain("train", "--resume", "crashed2", "--nproc", "1", "--dp", "1", cwd=tmp_path)
@@ -84,6 +88,10 @@ def test_convert_to_single_and_init_from(tmp_path):
     other = paratrain("train", "--resume", "o", "--model", "small", cwd=tmp_path)
     assert other.returncode == 2 and "cannot continue as model = 'small'" in other.stderr, other.stderr
     assert json.loads((tmp_path / "o" / "config.json").read_text())["model"] == "tiny"  # untouched
+    again = paratrain("convert", "o", "--to-single", "m.safetensors", cwd=tmp_path)  # never overwrites silently
+    assert again.returncode == 2 and "exists; nothing was written" in again.stderr and "--force" in again.stderr
+    forced = paratrain("convert", "o", "--to-single", "m.safetensors", "--force", cwd=tmp_path)
+    assert forced.returncode == 0 and load_file(str(tmp_path / "m.safetensors")).keys() == single.keys()
     nowhere = paratrain("convert", "o", "--to-single", "no/such/dir/m.safetensors", cwd=tmp_path)
     assert nowhere.returncode == 2 and "does not exist" in nowhere.stderr and "Traceback" not in nowhere.stderr
     init = paratrain("train", *RUN, "--steps", "1", "--nproc", "1", "--dp", "1", "--init-from", "m.safetensors",

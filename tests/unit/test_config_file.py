@@ -44,3 +44,24 @@ def test_a_wrong_type_names_key_value_and_type(tmp_path, name, body, words):
 def test_a_bad_number_names_the_config_key(tmp_path, body, key):
     with pytest.raises(ConfigError, match=f"^{key} in config file .* must be"):
         config(tmp_path, "c.yaml", body)
+
+
+def test_keys_as_the_flags_spell_them(tmp_path):
+    """A user copies flags into a file: ``warmup-steps`` and ``timeout`` (the field is timeout_s)."""
+    cfg = config(tmp_path, "c.yaml", "warmup-steps: 3\ntimeout: 7\n--lr: 0.01\n")
+    assert (cfg.warmup_steps, cfg.timeout_s, cfg.lr) == (3, 7.0, 0.01)
+
+
+def test_a_runs_own_config_json_is_a_config_file(tmp_path):
+    """config.json as `paratrain train` writes it (every field, nulls and the nproc 0 default
+    included) starts the same run again."""
+    import dataclasses
+    import json
+
+    from paratrain.config import Layout, TrainConfig
+
+    ran = TrainConfig(layout=Layout(dp=2, tp=2), steps=7, lr=0.01, out="runs/x")
+    (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(ran)))
+    assert config(tmp_path, "config.json", (tmp_path / "config.json").read_text()) == ran
+    with pytest.raises(ConfigError, match="must hold a table"):
+        config(tmp_path, "list.json", "[1, 2]")

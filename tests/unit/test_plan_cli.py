@@ -129,3 +129,34 @@ def test_calibrate_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     d = run_json(capsys, "estimate", "--model", "tiny", "--dp", "2", "--global-batch", "8", "--seq-len", "128",
                  "--precision", "fp32", "--profile", str(out))
     assert d["hardware"].startswith("profile:") and d["step_time_s"] > 0
+
+
+def test_version_and_one_sub_command_parser(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--version`` answers; a planning command builds only its own parser (not train's, which
+    would import the launcher), yet an unknown command still lists every command."""
+    from paratrain import __version__
+    from paratrain.cli import COMMANDS, build_parser
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"paratrain {__version__}"
+    sub = next(a for a in build_parser("plan")._actions if a.dest == "command")
+    assert list(sub.choices) == ["plan"]
+    with pytest.raises(SystemExit) as e:
+        main(["plann"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and all(f"'{c}'" in err for c in COMMANDS)
+
+
+def test_layout_flag_help_says_what_each_command_does(capsys: pytest.CaptureFixture[str]) -> None:
+    """estimate prices dp = 1 without --dp; plan searches every layout field a flag does not pin."""
+    import re
+
+    def help_of(command: str) -> str:
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        return re.sub(r"\s+", " ", capsys.readouterr().out)
+
+    assert "--dp N data-parallel degree (default: 1)" in help_of("estimate")
+    plan = help_of("plan")
+    assert "--dp N data-parallel degree (searched; the flag pins it)" in plan and "2 when nothing" not in plan

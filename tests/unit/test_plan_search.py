@@ -160,3 +160,18 @@ def test_equal_step_times_prefer_less_traffic() -> None:
     assert z3.peak_bytes_per_device < z2.peak_bytes_per_device < z1.peak_bytes_per_device
     assert z3.comm_bytes_per_device.dp > z1.comm_bytes_per_device.dp == z2.comm_bytes_per_device.dp
     assert [e.layout.zero for e in sorted([z3, z1, z2], key=_key)] == [2, 1, 3]
+
+
+def test_plan_auto_names_one_winner():
+    """--plan auto simulates the estimate's shortlist and may choose another layout than the
+    estimate's first: the explanation then says the estimate's first would win by the estimate
+    alone, and names the chosen layout as what the simulation gives, never two "winners"."""
+    from paratrain.config import TrainConfig
+    from paratrain.plan.local import auto_layout, local_hardware
+
+    hw, source = local_hardware(2, "/nonexistent-profile")
+    auto = auto_layout(TrainConfig(), 2, hw, source)
+    assert auto.explanation.count(" wins at") == 1
+    first = auto.explanation.split(" wins at")[0]
+    assert first.endswith(f"[{auto.layout}]") or (first.startswith("By the estimate alone")
+                                                  and f"give [{auto.layout}]" in auto.explanation)
