@@ -17,7 +17,7 @@ from paratrain.core.vocab import padded_vocab_size
 from paratrain.errors import ConfigError
 from paratrain.models.configs import ModelConfig, get_model_config, hf_shape
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved")
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-v")
 RECOMPUTE = ("none", "selective", "full")
 PRECISIONS = ("fp32", "bf16", "bf16-autocast")
 GRAD_DTYPES = ("bf16", "fp32")  # --grad-dtype under --precision bf16 (docs/precision.md)
@@ -132,6 +132,8 @@ class Layout:
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
+        if self.schedule == "zb-v" and self.pp > 1 and self.virtual_stages == 1:  # two chunks per rank
+            object.__setattr__(self, "virtual_stages", 2)
 
     @property
     def world_size(self) -> int:
@@ -169,10 +171,21 @@ class Layout:
 
     def check_pipeline(self) -> None:
         """Pipeline checks that need no model (``paratrain schedule`` runs only these)."""
-        if self.virtual_stages > 1 and self.schedule != "interleaved":
+        if self.schedule == "zb-v" and self.pp > 1 and self.virtual_stages != 2:
+            raise ConfigError(
+                f"the zb-v schedule runs exactly two chunks per pipeline rank (V placement); got "
+                f"virtual_stages={self.virtual_stages} (--virtual-stages). Leave it out or give 2."
+            )
+        if self.schedule in ("zb-h1", "zb-v") and self.pp > 1 and self.recompute == "full":
+            raise ConfigError(
+                f"the {self.schedule} schedule defers the weight gradients of each block's linears "
+                f"from the forward it records, which full recomputation replays differently; use "
+                f"--recompute selective or none with it, or --schedule 1f1b with --recompute full."
+            )
+        if self.virtual_stages > 1 and self.schedule not in ("interleaved", "zb-v"):
             raise ConfigError(
                 f"virtual_stages={self.virtual_stages} (--virtual-stages) needs schedule 'interleaved' "
-                f"(got {self.schedule!r}); use virtual_stages=1 with gpipe or 1f1b."
+                f"(got {self.schedule!r}); use virtual_stages=1 with gpipe, 1f1b or zb-h1."
             )
         if self.schedule == "interleaved" and self.pp > 1 and self.microbatches % self.pp:
             valid = ", ".join(str(self.pp * k) for k in range(1, 5))

@@ -7,6 +7,14 @@ backward over the global batch, sums the tied embedding gradient between the two
 hand on the PyTorch side, which does not tie across stages) and takes an AdamW step; neither
 clips. Also reported: our measured bubble (idle share of the schedule, mean over both ranks,
 median over a few extra steps) against the theory (p-1)/(m+p-1).
+
+Zero-bubble rows: ``pp2-zb-h1-m4`` ours ``zb-h1`` against PyTorch's
+``ScheduleInterleavedZeroBubble`` (one stage per rank), ``pp2-zb-v-m4`` ours ``zb-v`` against
+``ScheduleZBVZeroBubble``, on the same split (``bench/pp_zb.py``); ``...-vs-1f1b``: the same run
+of ours against ours 1F1B at the same m (the "ref" column is our 1F1B), the speed-up the schedule
+buys here. All three alternate in the same processes. Their bubble is reported measured, in
+theory (F = I = W) and simulated with the step's measured mean F, I and W per rank
+(``core.timeline.simulate``).
 """
 
 from __future__ import annotations
@@ -17,13 +25,14 @@ from paratrain.bench import BenchOptions, Row, alternate, median, rank_worker
 
 PP = 2
 CASES = (("gpipe", 4), ("1f1b", 4), ("gpipe", 8), ("1f1b", 8))
+ZB_CASES = (("zb-h1", 4), ("zb-v", 4), ("zb-h1", 8), ("zb-v", 8))  # against ours 1F1B
 
 
 def run(opts: BenchOptions) -> list[Row]:
     from paratrain.config import Layout, TrainConfig
     from paratrain.launch import launch
 
-    for _, m in CASES:  # validate before starting anything
+    for _, m in CASES + ZB_CASES:  # validate before starting anything
         TrainConfig(model=opts.model, global_batch=opts.global_batch, seq_len=opts.seq_len,
                     layout=Layout(pp=PP, microbatches=m)).validate()
     result = launch(rank_worker, (_measure_all, opts), PP)[0]
@@ -40,6 +49,27 @@ def run(opts: BenchOptions) -> list[Row]:
             "stage_layers": case["stages"], "threads_per_rank": result["threads"],
             "param_drift_after_warmup": case["param_drift"], "note": note,
         }))
+    for case in result["zb"]:
+        ours, ref = tokens / median(case["ours"]), tokens / median(case["torch"])
+        rows.append(Row(f"pp{PP}-{case['schedule']}-m{case['m']}", ours, ref, {
+            "pp": PP, "schedule": case["schedule"], "microbatches": case["m"], "model": opts.model,
+            "reference": case["torch_schedule"], "bubble_measured": case["bubble"],
+            "bubble_theory": case["theory"], "threads_per_rank": result["threads"],
+            "param_drift_after_warmup": case["param_drift"],
+            "note": (f"vs {case['torch_schedule']}, bubble {case['bubble']:.3f} measured vs "
+                     f"{case['theory']:.3f} theory, max |ours - PyTorch| weight after warm-up "
+                     f"{case['param_drift']:.1e}"),
+        }))
+        ours, ref = tokens / median(case["ours"]), tokens / median(case["1f1b"])
+        note = (f"ref = ours 1f1b; bubble {case['bubble']:.3f} measured vs {case['theory']:.3f} theory "
+                f"(F=I=W), {case['simulated']:.3f} simulated with the measured F/I/W; 1f1b bubble "
+                f"{case['bubble_1f1b']:.3f}")
+        rows.append(Row(f"pp{PP}-{case['schedule']}-m{case['m']}-vs-1f1b", ours, ref, {
+            "pp": PP, "schedule": case["schedule"], "microbatches": case["m"], "model": opts.model,
+            "reference": "ours-1f1b", "bubble_measured": case["bubble"], "bubble_theory": case["theory"],
+            "bubble_simulated": case["simulated"], "bubble_1f1b": case["bubble_1f1b"],
+            "mean_seconds": case["means"], "threads_per_rank": result["threads"], "note": note,
+        }))
     return rows
 
 
@@ -47,7 +77,79 @@ def _measure_all(opts: BenchOptions, rank: int, world: int) -> dict[str, Any]:
     from paratrain.mesh import Mesh, MeshShape
 
     mesh = Mesh.build(MeshShape(pp=world), rank, timeout_s=600)
-    return {"cases": [_measure(opts, mesh, schedule, m) for schedule, m in CASES]}
+    return {"cases": [_measure(opts, mesh, schedule, m) for schedule, m in CASES],
+            "zb": [_measure_zero_bubble(opts, mesh, schedule, m) for schedule, m in ZB_CASES]}
+
+
+def _ours(opts: BenchOptions, mesh: Any, schedule: str, m: int) -> tuple[Any, Any, list[Any], Any]:
+    """Our pipeline for ``schedule``: (PipelineModel, one-repeat function, batches, config)."""
+    import torch
+
+    from paratrain.config import Layout, TrainConfig
+    from paratrain.data import get_batch, load_corpus
+    from paratrain.models.gpt import build_reference
+    from paratrain.optim import make_optimizer
+    from paratrain.parallel import parallelize
+
+    cfg = TrainConfig(model=opts.model, global_batch=opts.global_batch, seq_len=opts.seq_len,
+                      seed=opts.seed, layout=Layout(pp=PP, microbatches=m, schedule=schedule))
+    corpus = load_corpus()
+    batches = [tuple(torch.from_numpy(a) for a in get_batch(corpus.train, cfg.seq_len, cfg.global_batch,
+                                                            cfg.seed, step)) for step in range(1, opts.steps + 1)]
+    pm = parallelize(build_reference(cfg.model_config(), cfg.seed), mesh, cfg.layout, seq_len=cfg.seq_len)
+    opt = make_optimizer(pm.named_parameters(), cfg)
+
+    def run() -> None:
+        for x, y in batches:
+            pm.forward_backward(x, y)
+            opt.step()
+            pm.zero_grad()
+    return pm, run, batches, cfg
+
+
+def _timelines(pm: Any, batches: list[Any]) -> list[Any]:
+    """Timelines of a few extra steps (on rank 0; empty elsewhere), outside the timed repeats."""
+    out = []
+    for x, y in batches[:3]:
+        pm.forward_backward(x, y)
+        pm.zero_grad()
+        timeline = pm.gather_timeline()
+        if timeline is not None:
+            out.append(timeline)
+    return out
+
+
+def _measure_zero_bubble(opts: BenchOptions, mesh: Any, schedule: str, m: int) -> dict[str, Any]:
+    import torch.distributed as dist
+
+    from paratrain.bench.pp_zb import torch_zero_bubble
+    from paratrain.core.timeline import simulate
+
+    zb, run_zb, batches, cfg = _ours(opts, mesh, schedule, m)
+    base, run_base, _, _ = _ours(opts, mesh, "1f1b", m)
+    theirs, their_model = torch_zero_bubble(mesh, cfg, batches)
+    for _ in range(max(1, opts.warmup // max(1, opts.steps))):
+        run_zb()
+        run_base()
+        theirs()
+    mine = dict(zb.module.named_parameters())  # the same steps from the same weights: a fair race
+    drift = max((t - mine[k]).abs().max().item() for k, t in their_model.named_parameters())
+    times = alternate({"ours": run_zb, "torch": theirs, "1f1b": run_base}, opts.repeats, dist.barrier)
+    tls, base_tls = _timelines(zb, batches), _timelines(base, batches)
+    means: list[dict[str, float]] = []
+    simulated = float("nan")
+    if tls:  # mean duration of each kind per rank over the timelines, then the schedule on them
+        for r in range(PP):
+            spans = [sp for tl in tls for sp in tl.ranks[r] if sp.action.is_compute]
+            means.append({k: median([sp.end - sp.start for sp in spans if sp.action.kind == k])
+                          for k in sorted({sp.action.kind for sp in spans})})
+        simulated = simulate(zb.schedule, lambda r, a: means[r].get(a.kind, 0.0)).bubble
+    return {"schedule": schedule, "m": m, "ours": times["ours"], "1f1b": times["1f1b"], "torch": times["torch"],
+            "torch_schedule": "ScheduleZBVZeroBubble" if schedule == "zb-v" else "ScheduleInterleavedZeroBubble",
+            "param_drift": drift,
+            "bubble": median([t.bubble for t in tls]) if tls else float("nan"),
+            "bubble_1f1b": median([t.bubble for t in base_tls]) if base_tls else float("nan"),
+            "theory": zb.theoretical_bubble, "simulated": simulated, "means": means}
 
 
 def _torch_side(opts: BenchOptions, mesh: Any, cfg: Any, schedule: str, batches: list[Any]) -> Any:

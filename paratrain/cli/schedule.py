@@ -18,7 +18,12 @@ the bubble fraction and the peak in-flight activations per rank. With --out, dra
 examples:
   paratrain schedule --pp 4 --microbatches 8 --schedule 1f1b
   paratrain schedule --pp 4 --microbatches 8 --schedule interleaved --virtual-stages 2 --out t.png
-  paratrain schedule --pp 2 --microbatches 4 --schedule gpipe --actions"""
+  paratrain schedule --pp 2 --microbatches 4 --schedule gpipe --actions
+  paratrain schedule --pp 4 --microbatches 8 --schedule zb-h1 --out zb.png
+  paratrain schedule --pp 4 --microbatches 8 --schedule zb-v    # two chunks per rank, V placement
+
+The zero-bubble schedules split each backward into I (input gradient) and W (weight gradients),
+each half of --backward-cost (so F = I = W at the default 2)."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,11 +45,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_numbers(args)
-    Layout(pp=args.pp, microbatches=args.microbatches, schedule=args.schedule,
-           virtual_stages=args.virtual_stages).check_degrees()
+    layout = Layout(pp=args.pp, microbatches=args.microbatches, schedule=args.schedule,
+                    virtual_stages=args.virtual_stages)
+    layout.check_degrees()
     if args.virtual_stages > 1 and args.pp < 2:
         raise ConfigError("--virtual-stages spreads model chunks over pipeline ranks: use --pp 2 or more.")
-    p, m, v = args.pp, args.microbatches, args.virtual_stages
+    p, m, v = args.pp, args.microbatches, layout.virtual_stages  # zb-v: 2
     if p * m * v > MAX_SIMULATED_PASSES:
         from paratrain.core.bubble import bubble_fraction
 
@@ -61,13 +67,16 @@ def run(args: argparse.Namespace) -> int:
 
     schedule = build_schedule(args.schedule, p, m, v)
     report = check(schedule)
-    timeline = simulate(schedule, {"F": 1.0 / v, "B": args.backward_cost / v})
+    half = args.backward_cost / 2 / v  # I and W of the zero-bubble schedules
+    timeline = simulate(schedule, {"F": 1.0 / v, "B": args.backward_cost / v, "I": half, "W": half})
     theory = bubble_fraction(args.schedule, p, m, v)
-    formula = "(p-1)/(v*m+p-1)" if args.schedule == "interleaved" else "(p-1)/(m+p-1)"
+    formula = {"interleaved": "(p-1)/(v*m+p-1)", "zb-h1": "1-3m/max(3m+p-1, 2m+2p-1), F=I=W",
+               "zb-v": "1-6m/max(6m+p-1, 4p+2m-1), F=I=W per chunk"}.get(args.schedule, "(p-1)/(m+p-1)")
     print(f"schedule {args.schedule}: pp={p}, microbatches={m}, virtual stages={v} -- checked: no deadlock, "
           f"transfers matched in order, every micro-batch forwarded and backwarded once per stage")
-    print(f"bubble fraction: {timeline.bubble:.4f} simulated (forward 1, backward {args.backward_cost:g} per "
-          f"stage), {theory:.4f} theory {formula}")
+    split = " = I + W" if args.schedule.startswith("zb") else ""
+    print(f"bubble fraction: {timeline.bubble:.4f} simulated (forward 1, backward{split} {args.backward_cost:g} "
+          f"per stage), {theory:.4f} theory {formula}")
     unit = "micro-batch activations of one stage" if v == 1 else f"micro-batch chunks, 1/{v} of a stage each"
     peaks = ", ".join(f"rank {r}: {n}" for r, n in enumerate(report.peak_in_flight))
     bounds = ", ".join(map(str, schedule.in_flight_bound))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from paratrain.core.schedules import place_of
 from paratrain.errors import ConfigError
 from paratrain.models.configs import ModelConfig, block_param_count
 
@@ -77,14 +78,15 @@ def partition(costs: Sequence[float], num_stages: int, speeds: Sequence[float] |
 
 def stage_sizes(model: ModelConfig, pp: int, virtual_stages: int, seq_len: int,
                 stage_layers: Sequence[int] | None = None, stage_speeds: Sequence[float] | None = None,
-                by: str = "flops") -> tuple[int, ...]:
+                by: str = "flops", placement: str = "loop") -> tuple[int, ...]:
     """Layers per stage for a layout: ``stage_layers`` when given, else balanced by cost, with the
-    device speed of stage ``s`` being ``stage_speeds[s % pp]``."""
+    device speed of stage ``s`` being that of the rank holding it (``stage_speeds[s % pp]`` in
+    the loop placement; ``placement`` "v": see :func:`paratrain.core.schedules.place_of`)."""
     if stage_layers is not None:
         return tuple(stage_layers)
     speeds = None
     if stage_speeds is not None:
-        speeds = [float(stage_speeds[s % pp]) for s in range(pp * virtual_stages)]
+        speeds = [float(stage_speeds[place_of(placement, pp, s)[0]]) for s in range(pp * virtual_stages)]
     units = layer_costs(model, seq_len, by)
     costs = units[1:-1]
     costs[0] += units[0]  # the first stage also embeds,

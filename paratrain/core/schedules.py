@@ -34,13 +34,36 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-F, B = "F", "B"
+F, B, I, W = "F", "B", "I", "W"
 SEND_ACT, RECV_ACT, SEND_GRAD, RECV_GRAD = "send_act", "recv_act", "send_grad", "recv_grad"
-COMPUTE = (F, B)
+COMPUTE = (F, B, I, W)
+GRAD = (B, I)  # the computes that produce the gradient of the chunk's input
 SENDS = (SEND_ACT, SEND_GRAD)
 RECVS = (RECV_ACT, RECV_GRAD)
 KINDS = COMPUTE + SENDS + RECVS
-SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved", "forward")
+SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-v", "forward")
+LOOP, VEE = "loop", "v"  # placements of stages on ranks (see :func:`stage_of`)
+
+
+def placement_of(name: str) -> str:
+    """The stage placement a schedule uses: ZB-V's V shape, Megatron's loop for the others."""
+    return VEE if name == "zb-v" else LOOP
+
+
+def stage_of(placement: str, p: int, rank: int, chunk: int) -> int:
+    """Stage held by ``chunk`` of ``rank``. Loop: ``chunk * p + rank`` (rank r holds r, r + p, ...).
+    V (two chunks): chunk 0 of rank r is stage r, chunk 1 is stage ``2p - 1 - r``, so the
+    activations flow down the ranks and back up, and rank 0 holds the first and the last stage."""
+    if placement == VEE:
+        return rank if chunk == 0 else 2 * p - 1 - rank
+    return chunk * p + rank
+
+
+def place_of(placement: str, p: int, stage: int) -> tuple[int, int]:
+    """(rank, chunk) holding ``stage`` (the inverse of :func:`stage_of`)."""
+    if placement == VEE:
+        return (stage, 0) if stage < p else (2 * p - 1 - stage, 1)
+    return stage % p, stage // p
 
 
 class ScheduleError(ValueError):
@@ -81,52 +104,56 @@ class Schedule:
     ranks: tuple[tuple[Action, ...], ...]
     in_flight_bound: tuple[int, ...]
     has_backward: bool = True
+    placement: str = LOOP
 
     @property
     def num_stages(self) -> int:
         return self.num_ranks * self.num_chunks
 
     def stage(self, rank: int, chunk: int) -> int:
-        return chunk * self.num_ranks + rank
+        return stage_of(self.placement, self.num_ranks, rank, chunk)
 
     def place(self, stage: int) -> tuple[int, int]:
         """(rank, chunk) holding ``stage``."""
-        return stage % self.num_ranks, stage // self.num_ranks
+        return place_of(self.placement, self.num_ranks, stage)
 
     def compute_order(self, rank: int) -> list[Action]:
         return [a for a in self.ranks[rank] if a.is_compute]
 
 
-def _send_after(kind: str, mb: int, c: int, r: int, p: int, v: int) -> Action | None:
+def _send_after(kind: str, mb: int, c: int, r: int, p: int, v: int, placement: str = LOOP) -> Action | None:
     """The transfer a compute produces: its activation to the next stage, or its input gradient
-    to the previous one (none past the ends of the model)."""
-    s = c * p + r
+    to the previous one (none past the ends of the model, none when that stage is on this rank:
+    the V placement's turn on rank p - 1 hands the tensor over in memory)."""
+    s = stage_of(placement, p, r, c)
     if kind == F and s < p * v - 1:
-        return Action(SEND_ACT, mb, c, (r + 1) % p)
-    if kind == B and s > 0:
-        return Action(SEND_GRAD, mb, c, (r - 1) % p)
+        peer = place_of(placement, p, s + 1)[0]
+        return Action(SEND_ACT, mb, c, peer) if peer != r else None
+    if kind in GRAD and s > 0:
+        peer = place_of(placement, p, s - 1)[0]
+        return Action(SEND_GRAD, mb, c, peer) if peer != r else None
     return None
 
 
-def _ticks(orders: list[list[tuple[str, int, int]]], p: int, v: int) -> list[list[int]]:
+def _ticks(orders: list[list[tuple[str, int, int]]], p: int, v: int, placement: str = LOOP) -> list[list[int]]:
     """Unit-time start tick of every compute: one tick each, after the previous compute of its
     rank and after the compute (on the neighbouring stage) whose output it consumes."""
     ticks: list[list[int]] = [[] for _ in orders]
-    finished: dict[tuple[str, int, int], int] = {}  # (kind, microbatch, stage) -> end tick
+    finished: dict[tuple[str, int, int], int] = {}  # (F or "G", microbatch, stage) -> end tick
     progress = True
     while progress:
         progress = False
         for r, order in enumerate(orders):
             while len(ticks[r]) < len(order):
                 kind, mb, c = order[len(ticks[r])]
-                s = c * p + r
-                source = (F, mb, s - 1) if kind == F else (B, mb, s + 1)
-                needs_input = (kind == F and s > 0) or (kind == B and s < p * v - 1)
+                s = stage_of(placement, p, r, c)
+                source = (F, mb, s - 1) if kind == F else ("G", mb, s + 1)
+                needs_input = (kind == F and s > 0) or (kind in GRAD and s < p * v - 1)
                 if needs_input and source not in finished:
                     break
                 start = max(ticks[r][-1] + 1 if ticks[r] else 0, finished[source] if needs_input else 0)
                 ticks[r].append(start)
-                finished[(kind, mb, s)] = start + 1
+                finished[(F if kind == F else "G", mb, s)] = start + 1
                 progress = True
     for r, order in enumerate(orders):
         if len(ticks[r]) < len(order):
@@ -136,7 +163,7 @@ def _ticks(orders: list[list[tuple[str, int, int]]], p: int, v: int) -> list[lis
 
 
 def lower(name: str, p: int, m: int, v: int, orders: list[list[tuple[str, int, int]]],
-          in_flight_bound: list[int], has_backward: bool = True) -> Schedule:
+          in_flight_bound: list[int], has_backward: bool = True, placement: str = LOOP) -> Schedule:
     """Add the transfers to per-rank compute orders (``(kind, microbatch, chunk)`` triples).
 
     Bulk-synchronous placement on the unit-time ticks of :func:`_ticks`: a tensor computed in
@@ -146,14 +173,14 @@ def lower(name: str, p: int, m: int, v: int, orders: list[list[tuple[str, int, i
     semantics whatever the real durations (induction over boundaries: every batch only waits on
     batches of boundaries it has reached), and each channel carries at most one tensor per
     boundary, so receives are posted in sending order. :mod:`.check` verifies both anyway."""
-    ticks = _ticks(orders, p, v)
+    ticks = _ticks(orders, p, v, placement)
     recvs: list[list[tuple[int, int, Action]]] = [[] for _ in range(p)]  # (boundary, src, action)
     for r, order in enumerate(orders):
         for (kind, mb, c), t in zip(order, ticks[r]):
-            send = _send_after(kind, mb, c, r, p, v)
+            send = _send_after(kind, mb, c, r, p, v, placement)
             if send is not None:
-                s = c * p + r + (1 if send.kind == SEND_ACT else -1)  # the receiving stage
-                recv = Action(RECV_ACT if send.kind == SEND_ACT else RECV_GRAD, mb, s // p, r)
+                s = stage_of(placement, p, r, c) + (1 if send.kind == SEND_ACT else -1)  # receiving stage
+                recv = Action(RECV_ACT if send.kind == SEND_ACT else RECV_GRAD, mb, place_of(placement, p, s)[1], r)
                 recvs[send.peer].append((t + 1, r, recv))
     ranks = []
     for r, order in enumerate(orders):
@@ -165,13 +192,13 @@ def lower(name: str, p: int, m: int, v: int, orders: list[list[tuple[str, int, i
                 acts.append(pending[j][2])
                 j += 1
             acts.append(Action(kind, mb, c))
-            send = _send_after(kind, mb, c, r, p, v)
+            send = _send_after(kind, mb, c, r, p, v, placement)
             if send is not None:
                 acts.append(send)
         if j < len(pending):
             raise ScheduleError(f"rank {r} never uses {pending[j][2]}")
         ranks.append(tuple(acts))
-    return Schedule(name, p, m, v, tuple(ranks), tuple(in_flight_bound), has_backward)
+    return Schedule(name, p, m, v, tuple(ranks), tuple(in_flight_bound), has_backward, placement)
 
 
 def gpipe(p: int, m: int) -> Schedule:
@@ -225,20 +252,24 @@ def interleaved(p: int, m: int, v: int) -> Schedule:
     return lower("interleaved", p, m, v, orders, bounds)
 
 
-def forward_only(p: int, m: int, v: int = 1) -> Schedule:
+def forward_only(p: int, m: int, v: int = 1, placement: str = LOOP) -> Schedule:
     """Forwards only (evaluation): micro-batches in order through every chunk, nothing stashed."""
     orders = [[(F, i, c) for c in range(v) for i in range(m)] for _ in range(p)]
-    return lower("forward", p, m, v, orders, [0] * p, has_backward=False)
+    return lower("forward", p, m, v, orders, [0] * p, has_backward=False, placement=placement)
 
 
-def build_schedule(name: str, p: int, m: int, v: int = 1) -> Schedule:
-    """The schedule called ``name`` (``gpipe``, ``1f1b``, ``interleaved``, ``forward``)."""
+def build_schedule(name: str, p: int, m: int, v: int = 1, placement: str = LOOP) -> Schedule:
+    """The schedule called ``name`` (``gpipe``, ``1f1b``, ``interleaved``, ``zb-h1``, ``zb-v``,
+    ``forward``). ``zb-v`` always has two chunks per rank (``v`` is ignored)."""
     if name == "gpipe":
         return gpipe(p, m)
     if name == "1f1b":
         return one_f_one_b(p, m)
     if name == "interleaved":
         return interleaved(p, m, v)
-    if name == "forward":
-        return forward_only(p, m, v)
+    if name in ("zb-h1", "zb-v"):
+        from paratrain.core import zero_bubble  # builds on lower(): imported here, not at the top
+        return zero_bubble.zb_h1(p, m) if name == "zb-h1" else zero_bubble.zb_v(p, m)
+    if name == "forward":  # ``placement``: that of the training schedule it evaluates for
+        return forward_only(p, m, v, placement)
     raise ScheduleError(f"unknown schedule {name!r}; valid: {', '.join(SCHEDULE_NAMES)}")

@@ -30,7 +30,7 @@ from paratrain.core.schedules import (
 )
 
 Durations = Callable[[int, Action], float] | Mapping[str, float]
-UNIT = {"F": 1.0, "B": 1.0}  # compute kinds not listed take 0, like every transfer
+UNIT = {"F": 1.0, "B": 1.0, "I": 1.0, "W": 1.0}  # kinds not listed take 0, like every transfer
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +113,7 @@ def _consumer_recv(schedule: Schedule, rank: int) -> dict[int, int]:
     for i, a in enumerate(schedule.ranks[rank]):
         if a.kind in RECVS:
             where[(a.kind, a.microbatch, a.chunk)] = i
-        elif a.is_compute:
+        elif a.kind in ("F", "B", "I"):  # a W consumes nothing that travels
             key = (RECV_ACT if a.kind == "F" else RECV_GRAD, a.microbatch, a.chunk)
             if key in where:
                 feeds[i] = where[key]

@@ -66,6 +66,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from paratrain.core.schedules import place_of
 from paratrain.core.vocab import padded_vocab_size
 from paratrain.models.configs import ModelConfig
 
@@ -139,14 +140,17 @@ def tp_comm_per_step(model: ModelConfig, tp: int, sequence_parallel: bool, local
     return out
 
 
-def p2p_sends_per_microbatch(pp: int, virtual_stages: int) -> tuple[int, ...]:
+def p2p_sends_per_microbatch(pp: int, virtual_stages: int, placement: str = "loop") -> tuple[int, ...]:
     """Tensors each pipeline rank sends per micro-batch: at every boundary between stages
-    ``c -> c + 1`` (stage ``c`` runs on rank ``c mod pp``, see :mod:`.schedules`) the
-    upstream rank sends the activation forward and the downstream rank its gradient back."""
+    ``c -> c + 1`` (stage ``c`` runs on rank ``c mod pp``, or as :func:`.schedules.place_of`
+    says for ``placement``) the upstream rank sends the activation forward and the downstream
+    rank its gradient back -- unless both stages are on one rank (the V placement's turn)."""
     sends = [0] * pp
     for c in range(pp * virtual_stages - 1):
-        sends[c % pp] += 1
-        sends[(c + 1) % pp] += 1
+        a, b = place_of(placement, pp, c)[0], place_of(placement, pp, c + 1)[0]
+        if a != b:
+            sends[a] += 1
+            sends[b] += 1
     return tuple(sends)
 
 
@@ -158,12 +162,12 @@ def p2p_tensor_bytes(hidden: int, microbatch: int, seq_len: int, tp: int, sequen
 
 def pp_send_bytes_per_step(model: ModelConfig, pp: int, virtual_stages: int, rank: int, local_batch: int,
                            seq_len: int, tp: int = 1, sequence_parallel: bool = False,
-                           elem_bytes: int = 4) -> int:
+                           elem_bytes: int = 4, placement: str = "loop") -> int:
     """Bytes pipeline rank ``rank`` sends on the pp group in one step: its sends per micro-batch
     times the local batch's hidden states (the micro-batches add up to ``local_batch``)."""
     if pp == 1:
         return 0
-    sends = p2p_sends_per_microbatch(pp, virtual_stages)[rank]
+    sends = p2p_sends_per_microbatch(pp, virtual_stages, placement)[rank]
     return sends * p2p_tensor_bytes(model.hidden, local_batch, seq_len, tp, sequence_parallel, elem_bytes)
 
 

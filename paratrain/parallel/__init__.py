@@ -106,7 +106,7 @@ def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, tp_plan: TPPlan
         from paratrain.parallel.zero import ZeroDataParallel
 
         tied = [stage.tied_param] if stage is not None and stage.tied_param is not None else []
-        chunks = [c.parameters() for c in stage.chunks] if stage is not None else None
+        chunks = _distinct_parts([c.parameters() for c in stage.chunks]) if stage is not None else None
         sync = ZeroDataParallel(model, mesh.dp, layout.zero, bucket_mb, overlap, parts=chunks, alone=tied,
                                 grad_dtype=grad_dtype)
     elif dp_impl == "naive":
@@ -133,6 +133,17 @@ def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, tp_plan: TPPlan
         pm = ParallelModel(model, mesh, layout, sync, norm_groups, autocast_dtype, runner)
     pm.register_weights(weights)
     return pm
+
+
+def _distinct_parts(parts: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+    """Each parameter in the first part that has it: ZB-V's rank 0 runs the embedding and the
+    head, which share the tied embedding."""
+    seen: set[int] = set()
+    out = []
+    for part in parts:
+        out.append([p for p in part if id(p) not in seen])
+        seen.update(id(p) for p in part)
+    return out
 
 
 def _check_given(model: nn.Module, layout: Layout, gpt: bool, tp_plan: TPPlan | None,

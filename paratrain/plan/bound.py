@@ -5,7 +5,7 @@ its top. Pure Python (no torch); tested never to exceed :func:`cost.estimate_lay
 from __future__ import annotations
 
 from paratrain.config import Layout
-from paratrain.core import ring, traffic
+from paratrain.core import bubble, ring, traffic
 from paratrain.models.configs import ModelConfig
 from paratrain.plan.collectives import collective_seconds
 from paratrain.plan.cost import OPTIMIZER_BYTES_PER_PARAM, _Layout
@@ -53,7 +53,8 @@ def step_time_lower_bound(ctx: _Layout, zero: int | None = None) -> float:
             C += sum(ctx.shape.sends) * ctx.message_s
             bw, lat = ctx.pp_link.bw, ctx.pp_link.latency
             once += collective_seconds("all_reduce", p, 4, bw, lat) + ring.ring_steps("all_gather", p) * lat
-        pipe = C * m / p / (1 - o.bubble_fraction) if o.bubble_fraction is not None else C * (m + (p - 1) / v) / p
+        pipe = C * m / p / (1 - o.bubble_fraction) if o.bubble_fraction is not None else \
+            C * (m + (p - 1) / v * bubble.fill_share(ctx.layout.schedule)) / p
         ctx.pipe_bound = pipe + once
         ctx.max_params = max(params for params, _ in ctx.group_parts())
     return _with_optimizer(ctx, ctx.layout.zero if zero is None else zero)

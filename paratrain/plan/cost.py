@@ -249,7 +249,7 @@ class _Layout(LayoutMemory):
         """(tp seconds, tp wire bytes, pp seconds, pp wire bytes) once per step after the schedule:
         SP's partial gradients and the gradient norm's sum over tp; the norm's sum over pp, the loss
         broadcast from the last stage, the tied embedding's gradient between first and last."""
-        first, last, t, p = i == 0, i == self.p - 1, self.t, self.p
+        first, last, t, p = self.shape.holds(i, 0), self.shape.holds(i, self.p * self.v - 1), self.t, self.p
         tp_s = tp_b = pp_s = pp_b = 0.0
         if t > 1:
             step = self.tp_seconds(n_layers, first, last)  # per-step terms do not depend on the split
@@ -258,7 +258,7 @@ class _Layout(LayoutMemory):
         if p > 1:
             bw, lat = self.pp_link.bw, self.pp_link.latency
             pp_s = collective_seconds("all_reduce", p, 4, bw, lat) + ring.ring_steps("all_gather", p) * lat
-            if self.model.tie_embeddings and (first or last):
+            if self.model.tie_embeddings and (first or last) and not (first and last):  # (ZB-V: one rank)
                 tied = traffic.tied_embedding_bytes(self.model, t, 4)  # the optimizer's (fp32) gradients
                 pp_b = ring.wire_bytes("all_reduce", 2, tied)
                 pp_s += collective_seconds("all_reduce", 2, tied, bw, lat)
@@ -306,9 +306,9 @@ class _Layout(LayoutMemory):
 
     def rank(self, i: int, count: int) -> StageCost:
         """Pipeline rank ``i`` (standing for ``count`` alike ranks)."""
-        p, m, v = self.p, self.m, self.v
+        m = self.m
         n_layers, sends = self.shape.layers[i], self.shape.sends[i]
-        chunks = [self.chunk(c * p + i, self.speeds[i]) for c in range(v)]
+        chunks = [self.chunk(k, self.speeds[i]) for k in self.shape.rank_stages[i]]
         mem = self.rank_memory(i)
         params, state, acts = mem.params, mem.state, mem.activation_bytes
         tp_sync, tp_step_b, pp_sync, pp_step_b = self.syncs(i, n_layers)
@@ -373,7 +373,8 @@ def estimate_layout(ctx: _Layout) -> Estimate:
         pipe = m * t_max / (1 - options.bubble_fraction)
         bubble_frac = options.bubble_fraction
     else:
-        pipe = m * t_max + (sum(c.count * c.microbatch_s for c in stages) - t_max) / v
+        pipe = m * t_max + (sum(c.count * c.microbatch_s for c in stages) - t_max) / v \
+            * bubble.fill_share(layout.schedule)
         bubble_frac = bubble.bubble_fraction(layout.schedule, p, m, v)
     time = StepTime(
         compute=m * (slow.forward_s + slow.backward_s), tp_comm=m * slow.tp_s + max(c.tp_sync_s for c in stages),

@@ -19,6 +19,11 @@ with a, e_emb, e_head one micro-batch's activations of a block, the embedding an
 Under context parallelism every activation is of the rank's ``s / cp`` tokens (and the ring
 attention keeps no ``s x s`` scores), and model states are sharded by ZeRO over the ``dp x cp``
 ranks that average the gradients (:mod:`paratrain.plan.context`).
+
+Zero-bubble schedules keep a micro-batch from its F to its W; past its I only what W needs
+(``formulas.w_deferred_layer_bytes``): ZB-H1's rank i holds at its peak min(p - i, m) whole
+micro-batches and ``core.bubble.deferred_w`` = min(p, m) - min(p - i, m) past their I; ZB-V's
+peak is 2 min(p, m) whole chunks of half the rank's layers (both from the schedules; tested).
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, NamedTuple
 
 from paratrain.config import Layout
-from paratrain.core.bubble import in_flight_microbatches
+from paratrain.core.bubble import deferred_w, in_flight_microbatches
+from paratrain.core.schedules import LOOP, placement_of
 from paratrain.core.state import ModelState
 from paratrain.core.vocab import padded_vocab_size
 from paratrain.models.configs import ModelConfig
@@ -53,9 +59,9 @@ class RankMemory(NamedTuple):
 
 
 def chunks_per_rank(layout: Layout) -> int:
-    """Model chunks each pipeline rank runs: ``virtual_stages`` with the interleaved schedule and
-    pp > 1, else 1 (the runtime ignores virtual stages without a pipeline)."""
-    return layout.virtual_stages if layout.schedule == "interleaved" and layout.pp > 1 else 1
+    """Model chunks each pipeline rank runs: ``virtual_stages`` with the interleaved schedule (2
+    with zb-v) and pp > 1, else 1 (the runtime ignores virtual stages without a pipeline)."""
+    return layout.virtual_stages if layout.schedule in ("interleaved", "zb-v") and layout.pp > 1 else 1
 
 
 class LayoutMemory:
@@ -81,10 +87,11 @@ class LayoutMemory:
         self.offload = options.offload_optimizer
         self.sp = sp = L.sequence_parallel
         self.shape = pipeline_shape(model, seq_len, p, self.v, options.stage_layers or L.stage_layers,
-                                    L.stage_speeds, options.rank_speeds)
+                                    L.stage_speeds, options.rank_speeds, placement_of(L.schedule) if p > 1 else LOOP)
         self.block = f.block_params_per_device(h, F, t, **f.shape_args(model))
         self.embed = V * h / t
-        self.head_copy = (not model.tie_embeddings) or p > 1  # the last stage keeps a copy of W_e
+        # the last stage keeps a copy of W_e, but not in ZB-V's V (rank 0 holds both ends)
+        self.head_copy = (not model.tie_embeddings) or (p > 1 and L.schedule != "zb-v")
         act = dict(t=t, sp=sp, elem_bytes=e, dropout=options.dropout,
                    store_scores=options.store_scores and L.cp == 1, sp_saves_gathered=options.sp_saves_gathered,
                    **f.shape_args(model))
@@ -93,6 +100,8 @@ class LayoutMemory:
         self.head_act = f.output_activation_bytes(s_act, b, h, V, t, sp, e, options.sp_saves_gathered)
         self.out_act = (m if (L.schedule == "gpipe" and p > 1) else 1) * self.head_act
         self.full_layer = f.layer_activation_bytes(s_act, b, h, a, F, recompute="none", **act)
+        self.w_layer = f.w_deferred_layer_bytes(s_act, b, h, F, t, e)  # zero-bubble: kept from I to W
+        self.w_head = f.w_deferred_head_bytes(s_act, b, h, V, t, e)
         self.rebuilt = self.full_layer if L.recompute == "full" else 0.0
         self.buffers = self._buffers(L.zero)
         self._parts: tuple[tuple[float, float], ...] | None = None
@@ -111,19 +120,25 @@ class LayoutMemory:
     def _rank_parts(self, i: int) -> tuple[float, float]:
         """(parameters, stashed activation bytes) of rank ``i``: the same for every ZeRO stage."""
         p, v, m, schedule = self.p, self.v, self.m, self.layout.schedule
-        # = sum(self.chunk_params(k) for k in range(i, p v, p)), in one product: parameter counts are
+        stages = self.shape.rank_stages[i]
+        first, last = 0 in stages, p * v - 1 in stages
+        # = sum(self.chunk_params(k) for k in stages), in one product: parameter counts are
         # integers (tp divides the widths, the vocabulary is padded), so no order rounds differently
-        params = sum(self.shape.chunks[i::p]) * self.block \
-            + (self.embed + self.model.max_seq_len * self.h if i == 0 else 0) \
-            + (2 * self.h + (self.embed if self.head_copy else 0) if i == p - 1 else 0)
+        params = sum(self.shape.chunks[k] for k in stages) * self.block \
+            + (self.embed + self.model.max_seq_len * self.h if first else 0) \
+            + (2 * self.h + (self.embed if self.head_copy else 0) if last else 0)
         if v == 1:
-            flight = in_flight_microbatches(schedule, p, m, v, i)
-            acts = flight * (self.shape.layers[i] * self.act_layer + (self.emb_act if i == 0 else 0)) \
-                + (self.out_act if i == p - 1 else 0)
+            past_i = deferred_w(schedule, p, m, i)  # ZB-H1: held past their I, for W only
+            flight = in_flight_microbatches(schedule, p, m, v, i) - past_i
+            acts = flight * (self.shape.layers[i] * self.act_layer + (self.emb_act if first else 0)) \
+                + (self.out_act if last else 0) \
+                + past_i * (self.shape.layers[i] * self.w_layer + (self.w_head if last else 0))
         else:  # chunks of different sizes: which of them are in flight matters (topology.stash_states)
             # past the warm-up and one period (topology.stash_states) more micro-batches repeat the states
             steady = -(-(2 * (p - i - 1) + (v - 1) * p + p * v) // v)
-            terms = _stash_terms(schedule, p, min(m, steady), v, i, self.shape.chunks[i::p])
+            layers = tuple(self.shape.chunks[k] for k in stages)
+            ends = (stages.index(0) if first else -1, stages.index(p * v - 1) if last else -1)
+            terms = _stash_terms(schedule, p, min(m, steady), v, i, layers, ends)
             acts = max(n * self.act_layer + first * self.emb_act + last * self.out_act for n, first, last in terms)
         return params, acts
 
@@ -172,11 +187,14 @@ _model_state_bytes = lru_cache(maxsize=16384)(f.model_state_bytes)
 
 
 @lru_cache(maxsize=16384)
-def _stash_terms(schedule: str, p: int, m: int, v: int, i: int, layers: tuple[int, ...]
-                 ) -> tuple[tuple[int, int, int], ...]:
-    """Rank ``i``'s stash states (its chunks hold ``layers``) as (sum_c n_c layers_c, n_first,
-    n_last) of the module docstring, the dominated ones dropped: integers, so they serve every
-    batch size, recomputation and ZeRO stage of the layout."""
-    terms = {(sum(n * c for n, c in zip(state, layers)), state[0] if i == 0 else 0, state[-1] if i == p - 1 else 0)
+def _stash_terms(schedule: str, p: int, m: int, v: int, i: int, layers: tuple[int, ...],
+                 ends: tuple[int, int]) -> tuple[tuple[int, int, int], ...]:
+    """Rank ``i``'s stash states (its chunks hold ``layers``; ``ends``: its chunks holding the
+    first and the last stage, or -1) as (sum_c n_c layers_c, n_first, n_last) of the module
+    docstring, the dominated ones dropped: integers, so they serve every batch size,
+    recomputation and ZeRO stage of the layout."""
+    first, last = ends
+    terms = {(sum(n * c for n, c in zip(state, layers)), state[first] if first >= 0 else 0,
+              state[last] if last >= 0 else 0)
              for state in stash_states(schedule, p, m, v, i)}
     return tuple(sorted(t for t in terms if not any(o != t and all(a >= b for a, b in zip(o, t)) for o in terms)))

@@ -248,3 +248,19 @@ def embedding_activation_bytes(s: int, b: float, h: int, t: int = 1, sp: bool = 
     ``theoretical_memory_usage``): the token ids (8 s b, int64) and the embedding dropout mask
     (s b h bytes, split t ways with sequence parallelism)."""
     return 8 * s * b + (s * b * h / (t if sp else 1) if dropout else 0)
+
+
+def w_deferred_layer_bytes(s: int, b: float, h: int, F: int, t: int = 1, elem_bytes: int = 2) -> float:
+    """What one block keeps per micro-batch between a zero-bubble schedule's I and its W: the
+    input ``x`` and output gradient ``dy`` of each of its four linears, for ``dL/dW = dy^T x``
+    (``parallel/pipeline/split.py``; the rest of the graph is freed by I). Per token: qkv
+    ``h + 3h/t``, proj ``h/t + h``, fc1 ``h + F/t``, fc2 ``F/t + h`` elements, i.e.
+    ``4h + 4h/t + 2F/t`` (``8h + 2F`` without tp; the column-parallel inputs are whole, gathered
+    under sequence parallelism)."""
+    return elem_bytes * s * b * (4 * h + 4 * h / t + 2 * F / t)
+
+
+def w_deferred_head_bytes(s: int, b: float, h: int, V: int, t: int = 1, elem_bytes: int = 2) -> float:
+    """The LM head's share of the same: its input and the logits' gradient, ``h + V/t`` elements
+    per token (``V`` the padded vocabulary)."""
+    return elem_bytes * s * b * (h + V / t)

@@ -66,11 +66,13 @@ def _schedules(pp: int, num_layers: int, fixed: dict[str, Any]) -> list[tuple[st
     if pp == 1:  # no pipeline: the schedule does not matter, so a pinned one means pp > 1
         return [("1f1b", 1)] if fixed.get("schedule", "1f1b") == "1f1b" and fixed.get("virtual_stages", 1) == 1 \
             else []
-    names = [fixed["schedule"]] if "schedule" in fixed else ["1f1b", "interleaved"]
+    names = [fixed["schedule"]] if "schedule" in fixed else ["1f1b", "interleaved", "zb-h1", "zb-v"]
     out = []
     for name in names:
         if "virtual_stages" in fixed:
             out.append((name, fixed["virtual_stages"]))
+        elif name == "zb-v":  # two chunks per rank, always
+            out.append((name, 2))
         else:  # interleaved with v = 1 runs 1F1B's order: only when pinned
             out += [(name, v) for v in (range(2, num_layers // pp + 1) if name == "interleaved" else [1])]
     return out
@@ -114,11 +116,13 @@ def enumerate_layouts(model: ModelConfig, num_devices: int, global_batch: int, s
                 for schedule, v in schedules:
                     shared = dict(dp=dp, pp=pp, tp=tp, cp=cp, microbatches=m, schedule=schedule, virtual_stages=v,
                                   stage_layers=stage_layers, stage_speeds=stage_speeds)
-                    valid = [sp for sp in sps if _valid(Layout(**shared, zero=zeros[0], recompute=recomputes[0],
-                                                               sequence_parallel=sp), model, global_batch, seq_len)]
+                    # validity depends on the recomputation too (zero-bubble schedules refuse full)
+                    valid = {r: [sp for sp in sps if _valid(Layout(**shared, zero=zeros[0], recompute=r,
+                                                                   sequence_parallel=sp), model, global_batch, seq_len)]
+                             for r in recomputes}
                     for zero in zeros:
                         for recompute in recomputes:
-                            for sp in valid:
+                            for sp in valid[recompute]:
                                 yield Layout(**shared, zero=zero, recompute=recompute, sequence_parallel=sp)
 
 

@@ -13,7 +13,8 @@ without waiting, a compute waits for the receive that feeds it, sends awaited at
 these durations, all from :func:`paratrain.plan.cost.stage_costs`:
 
 * ``F`` / ``B`` of chunk c: its compute (FLOPs / rate) plus its tensor-parallel collectives
-  (on the tp link, on the critical path as the runtime issues them);
+  (on the tp link, on the critical path as the runtime issues them); ``I`` and ``W`` of the
+  zero-bubble schedules: half the backward compute each, the tp collectives all in ``I``;
 * a pipeline message: ``bytes / bandwidth + latency`` of the pp link (intra- or inter-node by the
   mesh placement ``rank = (pp_i * dp + dp_i) * tp + tp_i``);
 * after the schedule, per rank: the data-parallel gradient buckets, launched as the rank's last
@@ -99,9 +100,8 @@ def _durations(schedule: Schedule, stages: tuple[StageCost, ...], scale: dict[tu
         if a.kind == "F":
             c = st.chunks[a.chunk]
             return c.forward_s * scale.get((rank, id(a)), 1.0) + c.tp_forward_s + c.ring.forward_s
-        if a.kind == "B":
-            c = st.chunks[a.chunk]
-            return c.backward_s * scale.get((rank, id(a)), 1.0) + c.tp_backward_s + c.ring.backward_s
+        if a.kind in ("B", "I", "W"):
+            return _compute_part(st, a, scale, rank) + _tp_part(st, a) + _cp_part(st, a)
         return st.p2p_message_s if a.kind in ("send_act", "send_grad") else 0.0
     return duration
 
@@ -218,11 +218,13 @@ def _compute_part(st: StageCost, a: Action, scale: dict[tuple[int, int], float],
         return st.chunks[a.chunk].forward_s * scale.get((r, id(a)), 1.0)
     if a.kind == "B":
         return st.chunks[a.chunk].backward_s * scale.get((r, id(a)), 1.0)
+    if a.kind in ("I", "W"):  # the split backward: dL/dx and dL/dW, a matmul each per linear
+        return st.chunks[a.chunk].backward_s / 2 * scale.get((r, id(a)), 1.0)
     return 0.0
 
 
 def _cp_part(st: StageCost, a: Action) -> float:
-    if a.kind in ("F", "B"):
+    if a.kind in ("F", "B", "I"):  # ring attention's backward yields input gradients: in I
         ring = st.chunks[a.chunk].ring
         return ring.forward_s if a.kind == "F" else ring.backward_s
     return 0.0
@@ -231,6 +233,6 @@ def _cp_part(st: StageCost, a: Action) -> float:
 def _tp_part(st: StageCost, a: Action) -> float:
     if a.kind == "F":
         return st.chunks[a.chunk].tp_forward_s
-    if a.kind == "B":
+    if a.kind in ("B", "I"):  # the tp collectives of a split backward are all in I (dL/dx)
         return st.chunks[a.chunk].tp_backward_s
     return 0.0

@@ -18,6 +18,7 @@ from functools import lru_cache
 from paratrain.core import traffic
 from paratrain.core.bubble import in_flight_microbatches as f_in_flight
 from paratrain.core.partition import stage_sizes
+from paratrain.core.schedules import build_schedule, stage_of
 from paratrain.errors import ConfigError
 from paratrain.mesh import MeshShape
 from paratrain.models.configs import ModelConfig
@@ -58,31 +59,36 @@ class PipelineShape:
     with the rank index (see :func:`paratrain.core.bubble.in_flight_microbatches`), so the first rank of a run
     holds the most memory and every rank of it takes the same time."""
 
-    chunks: tuple[int, ...]  # layers of stage s = c * pp + i (chunk c of rank i)
+    chunks: tuple[int, ...]  # layers of stage s (chunk c of rank i holds stage rank_stages[i][c])
     layers: tuple[int, ...]  # per pipeline rank
     sends: tuple[int, ...]
     groups: tuple[tuple[int, int], ...]
+    rank_stages: tuple[tuple[int, ...], ...] = ()  # stages of rank i, by chunk (c * pp + i in the loop)
+
+    def holds(self, rank: int, stage: int) -> bool:
+        return stage in self.rank_stages[rank]
 
 
 @lru_cache(maxsize=4096)
 def pipeline_shape(model: ModelConfig, seq_len: int, pp: int, virtual_stages: int,
                    stage_layers: tuple[int, ...] | None = None, stage_speeds: tuple[float, ...] | None = None,
-                   rank_speeds: tuple[float, ...] | None = None) -> PipelineShape:
+                   rank_speeds: tuple[float, ...] | None = None, placement: str = "loop") -> PipelineShape:
     """The runtime's partition (given ``stage_layers``, or balanced by FLOPs and ``stage_speeds``:
-    the very function ``paratrain train`` uses) and the ranks grouped by alikeness."""
+    the very function ``paratrain train`` uses) and the ranks grouped by alikeness; ``placement``
+    of the stages on the ranks as in :func:`paratrain.core.schedules.stage_of` (ZB-V's "v")."""
     S = pp * virtual_stages
     chunks = tuple(stage_layers) if stage_layers else stage_sizes(model, pp, virtual_stages, seq_len,
-                                                                   stage_speeds=stage_speeds)
+                                                                   stage_speeds=stage_speeds, placement=placement)
     if len(chunks) != S or sum(chunks) != model.num_layers or min(chunks) < 1:
         raise ConfigError(f"stage_layers {chunks} must give {S} chunks of >= 1 layer summing to {model.num_layers}.")
-    layers = [0] * pp
-    for k, c in enumerate(chunks):
-        layers[k % pp] += c
-    sends = traffic.p2p_sends_per_microbatch(pp, virtual_stages)
+    rank_stages = tuple(tuple(stage_of(placement, pp, i, c) for c in range(virtual_stages)) for i in range(pp))
+    layers = [sum(chunks[k] for k in stages) for stages in rank_stages]
+    sends = traffic.p2p_sends_per_microbatch(pp, virtual_stages, placement)
     speeds = rank_speeds or (1.0,) * pp
 
     def signature(i: int) -> tuple:
-        return (tuple(chunks[c * pp + i] for c in range(virtual_stages)), i == 0, i == pp - 1, sends[i], speeds[i])
+        stages = rank_stages[i]
+        return (tuple(chunks[k] for k in stages), 0 in stages, S - 1 in stages, sends[i], speeds[i])
 
     groups: list[list[int]] = []
     for i in range(pp):
@@ -90,7 +96,7 @@ def pipeline_shape(model: ModelConfig, seq_len: int, pp: int, virtual_stages: in
             groups[-1][1] += 1
         else:
             groups.append([i, 1])
-    return PipelineShape(chunks, tuple(layers), sends, tuple((i, c) for i, c in groups))
+    return PipelineShape(chunks, tuple(layers), sends, tuple((i, c) for i, c in groups), rank_stages)
 
 
 def _visits(K: int, chunk: int, pp: int, virtual_stages: int) -> int:
@@ -117,6 +123,8 @@ def stash_states(schedule: str, pp: int, microbatches: int, virtual_stages: int,
     v, p, m = virtual_stages, pp, microbatches
     if v == 1 or p == 1:
         return ((int(f_in_flight(schedule, p, m, 1, rank)),),)
+    if schedule == "zb-v":  # from the schedule itself: chunks between their F and their W
+        return _scanned_states(build_schedule("zb-v", p, min(m, 2 * p)).compute_order(rank), v)
     total = v * m
     w = min(total, 2 * (p - rank - 1) + (v - 1) * p)
     states = set()
@@ -124,6 +132,19 @@ def stash_states(schedule: str, pp: int, microbatches: int, virtual_stages: int,
         done_f, done_b = j + 1, max(0, j - w)
         states.add(tuple(_visits(done_f, c, p, v) - _visits(done_b, v - 1 - c, p, v) for c in range(v)))
     maximal = [s for s in states if not any(o != s and all(a >= b for a, b in zip(o, s)) for o in states)]
+    return tuple(sorted(maximal))
+
+
+def _scanned_states(order: list, v: int) -> tuple[tuple[int, ...], ...]:
+    """The maximal per-chunk stash states along a compute order (F stashes, B or W frees)."""
+    live, states = [0] * v, set()
+    for a in order:
+        if a.kind == "F":
+            live[a.chunk] += 1
+            states.add(tuple(live))
+        elif a.kind in ("B", "W"):
+            live[a.chunk] -= 1
+    maximal = [s for s in states if not any(o != s and all(x >= y for x, y in zip(o, s)) for o in states)]
     return tuple(sorted(maximal))
 
 

@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-COLORS = {"F": ("#9ecae1", "#3182bd"), "B": ("#fdae6b", "#e6550d")}  # (light, dark) per kind
+COLORS = {"F": ("#9ecae1", "#3182bd"), "B": ("#fdae6b", "#e6550d"),  # (light, dark) per kind
+          "I": ("#fdae6b", "#e6550d"), "W": ("#a1d99b", "#31a354")}  # I/W: the split backward
 
 
 def _color(kind: str, chunk: int, num_chunks: int) -> str:
@@ -52,9 +53,14 @@ def plot_timeline(data: dict[str, Any], path: Path | str, title: str = "", unit:
     handles = [Patch(facecolor=COLORS["F"][0], edgecolor="black", label="forward"),
                Patch(facecolor=COLORS["B"][0], edgecolor="black", label="backward"),
                Patch(facecolor="white", edgecolor="black", label="idle")]
+    if any(a["kind"] in "IW" for a in boxes):
+        handles[1:2] = [Patch(facecolor=COLORS["I"][0], edgecolor="black", label="input gradient (I)"),
+                        Patch(facecolor=COLORS["W"][0], edgecolor="black", label="weight gradient (W)")]
     if v > 1:
-        handles[2:2] = [Patch(facecolor=COLORS["F"][1], edgecolor="black", label="forward, odd chunk"),
-                        Patch(facecolor=COLORS["B"][1], edgecolor="black", label="backward, odd chunk")]
+        handles[-1:-1] = [Patch(facecolor=COLORS["F"][1], edgecolor="black", label="forward, odd chunk"),
+                          Patch(facecolor=COLORS["B"][1], edgecolor="black", label="backward (I), odd chunk")]
+        if any(a["kind"] == "W" for a in boxes):
+            handles[-1:-1] = [Patch(facecolor=COLORS["W"][1], edgecolor="black", label="W, odd chunk")]
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.35 if len(ranks) < 4 else -0.2),
               ncol=len(handles), fontsize=8, frameon=False)
     ax.set_title(title or f"{data.get('schedule', '')} schedule, bubble {data.get('bubble', 0):.1%}")

@@ -18,7 +18,7 @@ from paratrain.comm import P2P, Group
 from paratrain.config import Layout
 from paratrain.core.bubble import bubble_fraction
 from paratrain.core.check import check
-from paratrain.core.schedules import Schedule, build_schedule
+from paratrain.core.schedules import Schedule, build_schedule, placement_of, stage_of
 from paratrain.core.timeline import Timeline, from_times
 from paratrain.mesh import Mesh
 from paratrain.parallel.grad import collective_device
@@ -30,9 +30,9 @@ from paratrain.parallel.shard import gather_full_state
 
 
 @cache
-def checked_schedule(name: str, p: int, m: int, v: int) -> Schedule:
+def checked_schedule(name: str, p: int, m: int, v: int, placement: str = "loop") -> Schedule:
     """The schedule, proven by the checker before any rank runs it."""
-    schedule = build_schedule(name, p, m, v)
+    schedule = build_schedule(name, p, m, v, placement)
     check(schedule)
     return schedule
 
@@ -57,11 +57,13 @@ class PipelineModel(ParallelModel):
         super().__init__(stage.module, mesh, layout, grad_sync, norm_groups, autocast_dtype)
         self.stage = stage
         p, v, r = layout.pp, layout.virtual_stages, mesh.coords.pp
-        chunk_of_stage = {c * p + r: c for c in range(v)}
+        placement = placement_of(layout.schedule)
+        chunk_of_stage = {stage_of(placement, p, r, c): c for c in range(v)}
+        local_next = {c: chunk_of_stage[s + 1] for s, c in chunk_of_stage.items() if s + 1 in chunk_of_stage}
         self.runtime = PipelineRuntime(mesh.pp, [self._autocast_chunk(c) for c in stage.chunks],
-                                       chunk_of_stage.get(0), chunk_of_stage.get(p * v - 1))
+                                       chunk_of_stage.get(0), chunk_of_stage.get(p * v - 1), local_next)
         self.schedule = checked_schedule(layout.schedule, p, layout.microbatches, v)
-        self.eval_schedule = checked_schedule("forward", p, layout.microbatches, v)
+        self.eval_schedule = checked_schedule("forward", p, layout.microbatches, v, placement)
         self.times: list[tuple[float, float]] = []  # of the last training step's actions
 
     def _autocast_chunk(self, chunk: Any) -> Any:
@@ -111,9 +113,10 @@ class PipelineModel(ParallelModel):
         return loss
 
     def global_mean(self, value: torch.Tensor) -> torch.Tensor:
-        """Average the last stage's value over dp, then broadcast it to every pipeline rank."""
+        """Average the last stage's value over dp, then broadcast it to every pipeline rank (from
+        the rank holding the last stage: rank 0 in the V placement)."""
         out = super().global_mean(value)
-        comm.broadcast(out, self.mesh.shape.pp - 1, self.mesh.pp, tag="metrics")
+        comm.broadcast(out, self.schedule.place(self.schedule.num_stages - 1)[0], self.mesh.pp, tag="metrics")
         return out
 
     def _leads_gather(self) -> bool:

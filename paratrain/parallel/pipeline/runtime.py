@@ -9,6 +9,11 @@ Per action, on this rank (chunk ``c`` is stage ``s = c * pp + rank`` of ``S``):
   so the accumulated gradients are those of the mean over micro-batches (and over dp, with
   ``grad_scale = 1/dp``) -- the reference's loss; elsewhere ``y.backward(dL/dy)`` with the
   received gradient. ``dL/dx`` is then ready to send.
+* ``I m c`` / ``W m c``: the same backward in two halves (:mod:`.split`): ``I`` with the
+  linears' weight gradients deferred (the chunk's forward ran under ``SplitLinears``), ``W``
+  computes them. ``dL/dx`` is ready after ``I``.
+* Two neighbouring stages on this rank (the V placement's turn): the activation and its
+  gradient are handed over in memory (``local_next``), no transfer.
 * transfers: a run of consecutive transfers is posted as one batched isend/irecv through
   :mod:`paratrain.comm`; a receive is waited for just before the compute that consumes it, sends
   at the end of the step (the runtime waits for less than the checker's blocking semantics,
@@ -29,7 +34,8 @@ import torch
 
 from paratrain import comm
 from paratrain.comm import P2P, Group, Handle
-from paratrain.core.schedules import RECV_ACT, RECV_GRAD, SEND_ACT, SEND_GRAD, Action, B, F
+from paratrain.core.schedules import RECV_ACT, RECV_GRAD, SEND_ACT, SEND_GRAD, Action, B, F, I, W
+from paratrain.parallel.pipeline.split import SplitLinears, WeightGrads
 
 ChunkFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 Key = tuple[int, int]  # (micro-batch, chunk)
@@ -47,17 +53,24 @@ class _Step:
     sends: list[tuple[Handle, int, torch.Tensor]] = field(default_factory=list)
     losses: dict[int, torch.Tensor] = field(default_factory=dict)
     times: list[tuple[float, float]] = field(default_factory=list)
+    split: set[Key] = field(default_factory=set)  # (micro-batch, chunk) whose backward is I + W
+    weight_grads: dict[Key, WeightGrads] = field(default_factory=dict)  # forwarded under SplitLinears
+    local: dict[tuple[str, int, int], torch.Tensor] = field(default_factory=dict)  # handed over in memory
 
 
 class PipelineRuntime:
     """Runs action lists on one pipeline rank. ``chunks[c]`` computes this rank's chunk ``c``;
-    ``first``/``last`` say which chunk holds the model's first / last stage (or None)."""
+    ``first``/``last`` say which chunk holds the model's first / last stage (or None);
+    ``local_next[c]``: the chunk of this rank holding the stage after chunk ``c``'s, if any."""
 
-    def __init__(self, group: Group, chunks: Sequence[ChunkFn], first: int | None, last: int | None) -> None:
+    def __init__(self, group: Group, chunks: Sequence[ChunkFn], first: int | None, last: int | None,
+                 local_next: dict[int, int] | None = None) -> None:
         self.group = group
         self.chunks = chunks
         self.first = first
         self.last = last
+        self.local_next = dict(local_next or {})
+        self.local_prev = {b: a for a, b in self.local_next.items()}
 
     def run(self, actions: Sequence[Action], inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
             act_shape: tuple[int, ...], act_dtype: torch.dtype, loss_scale: float | None = None,
@@ -69,7 +82,8 @@ class PipelineRuntime:
         elsewhere) and the ``(start, end)`` of every action."""
         device = inputs[0].device
         st = _Step(loss_scale is not None, times=[(0.0, 0.0)] * len(actions))
-        last_b = max((i for i, a in enumerate(actions) if a.kind == B), default=-1)
+        st.split = {(a.microbatch, a.chunk) for a in actions if a.kind == I}
+        last_b = max((i for i, a in enumerate(actions) if a.kind in (B, I, W)), default=-1)
         i = 0
         while i < len(actions):
             a = actions[i]
@@ -84,11 +98,16 @@ class PipelineRuntime:
                 if a.chunk == self.first:
                     x = inputs[a.microbatch]
                 else:  # a leaf: backward leaves dL/dx in x.grad
-                    x = self._received(st, RECV_ACT, a).requires_grad_(st.training)
+                    x = self._input(st, RECV_ACT, a).requires_grad_(st.training)
                 t0 = time.perf_counter()
                 self._forward(st, a, x, targets[a.microbatch] if a.chunk == self.last else None)
+            elif a.kind == W:
+                t0 = time.perf_counter()
+                if on_backward is not None:
+                    on_backward(i == last_b)
+                st.weight_grads.pop((a.microbatch, a.chunk)).run()
             else:
-                grad = None if a.chunk == self.last else self._received(st, RECV_GRAD, a)
+                grad = None if a.chunk == self.last else self._input(st, RECV_GRAD, a)
                 t0 = time.perf_counter()
                 if on_backward is not None:
                     on_backward(i == last_b)
@@ -101,27 +120,43 @@ class PipelineRuntime:
             handle.wait()
             st.times[index] = (st.times[index][0], time.perf_counter())
         assert not st.inbox, f"received but never used: {sorted(st.inbox)}"
+        assert not st.weight_grads, f"weight gradients never computed: {sorted(st.weight_grads)}"
         return [st.losses[m] for m in sorted(st.losses)], st.times
 
     def _forward(self, st: _Step, a: Action, x: torch.Tensor, targets: torch.Tensor | None) -> None:
         key = (a.microbatch, a.chunk)
-        y = self.chunks[a.chunk](x, targets)
+        if st.training and key in st.split:
+            box = st.weight_grads[key] = WeightGrads()
+            with SplitLinears(box):
+                y = self.chunks[a.chunk](x, targets)
+        else:
+            y = self.chunks[a.chunk](x, targets)
         if a.chunk == self.last:
             st.losses[a.microbatch] = y.detach()
+        elif a.chunk in self.local_next:  # the next stage is this rank's: no transfer
+            st.local[(RECV_ACT, a.microbatch, self.local_next[a.chunk])] = y.detach()
         else:
             st.outbox[(SEND_ACT, *key)] = y
         if st.training:
             st.x_in[key], st.y_out[key] = x, y
 
     def _backward(self, st: _Step, a: Action, grad: torch.Tensor | None, loss_scale: float | None) -> None:
+        """``B``, or ``I`` with the weight gradients deferred to the chunk's ``W``."""
         key = (a.microbatch, a.chunk)
         y, x = st.y_out.pop(key), st.x_in.pop(key)
         if grad is None:  # the last stage: y is the micro-batch's mean loss
             (y * loss_scale).backward()
         else:
             y.backward(grad)
-        if a.chunk != self.first:
+        if a.chunk in self.local_prev:
+            st.local[(RECV_GRAD, a.microbatch, self.local_prev[a.chunk])] = x.grad
+        elif a.chunk != self.first:
             st.outbox[(SEND_GRAD, *key)] = x.grad
+
+    def _input(self, st: _Step, kind: str, a: Action) -> torch.Tensor:
+        """The tensor compute ``a`` consumes: handed over on this rank, or received."""
+        local = st.local.pop((kind, a.microbatch, a.chunk), None)
+        return local if local is not None else self._received(st, kind, a)
 
     def _received(self, st: _Step, kind: str, a: Action) -> torch.Tensor:
         """Wait for the transfer that feeds compute ``a``; its buffer."""

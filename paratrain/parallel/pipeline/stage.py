@@ -29,6 +29,7 @@ from torch import nn
 from paratrain.comm import Group
 from paratrain.config import Layout
 from paratrain.core.partition import partition, stage_sizes, stage_units
+from paratrain.core.schedules import VEE, place_of, placement_of, stage_of
 from paratrain.mesh import Mesh
 from paratrain.models.plans import Stages
 from paratrain.parallel.marks import mark_duplicate, mark_sharded
@@ -88,13 +89,15 @@ def _tied_group(mesh: Mesh) -> Group | None:
     return mesh.build_groups("embed", members)
 
 
-def _sizes(stages: Stages, num_layers: int, layout: Layout, seq_len: int) -> tuple[int, ...]:
+def _sizes(stages: Stages, num_layers: int, layout: Layout, seq_len: int, placement: str) -> tuple[int, ...]:
     p, v = layout.pp, layout.virtual_stages
     if stages.config is not None or layout.stage_layers is not None:
-        return stage_sizes(stages.config, p, v, seq_len, layout.stage_layers, layout.stage_speeds)  # type: ignore[arg-type]
+        return stage_sizes(stages.config, p, v, seq_len, layout.stage_layers, layout.stage_speeds,  # type: ignore[arg-type]
+                           placement=placement)
     if num_layers < p * v:
         raise ValueError(f"{p * v} pipeline stages need at least as many blocks; {stages.blocks!r} has {num_layers}")
-    speeds = [float(layout.stage_speeds[s % p]) for s in range(p * v)] if layout.stage_speeds else None
+    speeds = ([float(layout.stage_speeds[place_of(placement, p, s)[0]]) for s in range(p * v)]
+              if layout.stage_speeds else None)
     return partition([1.0] * num_layers, p * v, speeds)  # no shape to price: blocks alike
 
 
@@ -118,11 +121,12 @@ def build_stage(model: nn.Module, mesh: Mesh, layout: Layout, seq_len: int, stag
 
         stages = gpt_stages(model.cfg)  # type: ignore[arg-type]
     p, v, rank = layout.pp, layout.virtual_stages, mesh.coords.pp
+    placement = placement_of(layout.schedule)
     blocks = stages.block_list(model)
     num_layers = len(blocks)
-    sizes = _sizes(stages, num_layers, layout, seq_len)
+    sizes = _sizes(stages, num_layers, layout, seq_len, placement)
     units = stage_units(sizes)
-    owner = {u: s % p for s, run in enumerate(units) for u in run}  # unit -> pipeline rank
+    owner = {u: place_of(placement, p, s)[0] for s, run in enumerate(units) for u in run}  # unit -> rank
     keys_by_rank: list[list[tuple[str, torch.Size]]] = [[] for _ in range(p)]
     for key, value in model.state_dict(keep_vars=True).items():  # tp shards: their reference shape
         keys_by_rank[owner[stages.unit_of_key(key, num_layers)]].append((key, full_shape(value, mesh.tp.size)))
@@ -141,14 +145,14 @@ def build_stage(model: nn.Module, mesh: Mesh, layout: Layout, seq_len: int, stag
     for param in model.parameters():  # each pipeline rank holds different parameters
         mark_sharded(param, "pp")
     tied_group, tied_param = None, None
-    if tied_ids:
+    if tied_ids and placement != VEE:  # V: the first and last stage are both on rank 0
         assert len(tied_ids) == 1, "one tied weight (the embedding) is supported"
         tied_group = _tied_group(mesh)
         if rank in (0, p - 1):
             tied_param = next(q for q in model.parameters() if id(q) == tied_ids[0])
             if rank == p - 1:
                 mark_duplicate(tied_param)  # counted once, on the first stage
-    chunks = [Chunk(model, stages, units[c * p + rank]) for c in range(v)]
+    chunks = [Chunk(model, stages, units[stage_of(placement, p, rank, c)]) for c in range(v)]
     return Stage(model, chunks, sizes, keys_by_rank, tied_group, tied_param, stages.hidden)
 
 
