@@ -230,6 +230,10 @@ def _train(cfg: TrainConfig, env: RankEnv, device: torch.device,
     checkpoints = RunCheckpoints(s, out, dataclasses.asdict(cfg))
     first = checkpoints.restore()  # 1, or the step after the checkpoint resumed from
     writer = MetricsWriter(out / "metrics.jsonl", append=first > 1) if lead and out else None
+    if writer and cfg.tensorboard:  # the same records as TensorBoard events, in OUT/tensorboard
+        from paratrain.tboard import FOLDER, TensorBoardMetrics
+
+        writer = TensorBoardMetrics(writer, out / FOLDER)
     progress = Progress(cfg.steps, f"train {cfg.model} [{cfg.layout}]", enabled=lead and cfg.progress,
                         initial=first - 1)
     records: list[dict[str, Any]] = []

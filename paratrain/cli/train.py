@@ -149,6 +149,10 @@ def preflight(cfg: TrainConfig) -> Any:
     from paratrain.cli.prepare_data import check_resume_data
 
     check_resume_data(cfg, corpus)
+    if cfg.tensorboard:
+        from paratrain.tboard import check_available
+
+        check_available()
     if cfg.device == "cuda":
         import torch
 

@@ -107,7 +107,8 @@ def test_bpe_trains_locally_round_trips_and_is_reused(tmp_path, capsys):
     corpus = load_corpus(str(tmp_path / "bpe"), verify=True)
     index = json.loads((tmp_path / "bpe" / "index.json").read_text())
     assert index["tokenizer"] == "tokenizer.json" and 256 < index["vocab_size"] <= 300
-    assert corpus.vocab_size == index["vocab_size"] and int(np.asarray(corpus.train[np.arange(len(corpus.train))]).max()) < 300
+    tokens = corpus.train[np.arange(len(corpus.train))]
+    assert corpus.vocab_size == index["vocab_size"] and int(tokens.max()) < index["vocab_size"]
     text = src.read_text(encoding="utf-8")
     ids = corpus.encode(text[:500])
     assert len(ids) < 250 and corpus.decode(ids) == text[:500]  # merges, and byte-level exactness
@@ -169,3 +170,30 @@ def test_bad_input_is_one_paragraph_and_exit_2(tmp_path, capsys):
     shard = tmp_path / "p" / "train-00000.bin"
     shard.write_bytes(b"\1\0" + shard.read_bytes()[2:])  # same size, one token changed
     assert "does not match its SHA-256" in _err(capsys, [*train, "--data", str(tmp_path / "p")])
+
+
+def test_tensorboard_missing_is_exit_2(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    src = write_text(tmp_path / "c.txt", 5000)
+    err = _err(capsys, ["train", "--data", str(src), "--tensorboard", "--steps", "1", "--quiet",
+                        "--out", str(tmp_path / "run")])
+    assert "--tensorboard needs the `tensorboard` package" in err and "paratrain[data]" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_tensorboard_events_read_back_as_the_records(tmp_path):
+    pytest.importorskip("tensorboard")
+    from paratrain.metrics import MetricsWriter
+    from paratrain.tboard import TensorBoardMetrics
+    from tests.cli.test_prepared_data_cli import assert_tensorboard_matches_metrics
+
+    writer = TensorBoardMetrics(MetricsWriter(tmp_path / "metrics.jsonl"), tmp_path / "tensorboard")
+    for step in (1, 2, 3):
+        writer.write({"step": step, "loss": 5.0 / step, "lr": 1e-3 * step, "grad_norm": 0.5, "tokens_per_s": 1e4,
+                      "comm_bytes": {"dp": 1024 * step}, "checkpoint_blocked_s": 0.01,
+                      **({"val_loss": 4.0} if step == 3 else {})})
+    writer.close()
+    assert_tensorboard_matches_metrics(tmp_path)
