@@ -35,7 +35,7 @@ def scalars(record: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, flo
         if tag == "step":
             continue
         if isinstance(value, dict):
-            pass
+            yield from scalars(value, f"{tag}/")
         elif isinstance(value, (bool, int, float)):
             yield tag, float(value)
 
