@@ -15,7 +15,8 @@ import textwrap
 
 from paratrain.errors import ConfigError, Interrupted
 
-COMMANDS = ("train", "bench", "estimate", "plan", "simulate", "calibrate", "schedule", "convert", "prepare-data")
+COMMANDS = ("train", "bench", "estimate", "plan", "simulate", "calibrate", "schedule", "convert", "prepare-data",
+            "explain")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
