@@ -8,8 +8,11 @@ import json
 
 import pytest
 
+from paratrain.config import TrainConfig
 from paratrain.prepare import prepare
+from paratrain.reference import reference_train
 from tests.cli.test_train_cli import losses, paratrain
+from tests.common import LOSS_RTOL
 from tests.unit.test_prepare_data import write_text
 
 RUN = ["--steps", "4", "--global-batch", "8", "--seq-len", "32", "--eval-every", "0", "--quiet",
@@ -48,6 +51,10 @@ def test_resume_on_prepared_shards_is_bit_for_bit(tmp_path):
     vocab = json.loads((tmp_path / "bpe" / "index.json").read_text())["vocab_size"]
     assert json.loads((tmp_path / "full" / "config.json").read_text())["vocab_size"] == vocab
     assert f"vocabulary {vocab}" in full.stdout and "sampled from the trained model" in full.stdout
+    # dp=2 on the shards trains on the single-process reference's batches: its losses (LOSS_RTOL)
+    ref = reference_train(TrainConfig(steps=4, global_batch=8, seq_len=32, data=str(tmp_path / "bpe"),
+                                      vocab_size=vocab))
+    assert losses(tmp_path / "full") == pytest.approx(ref.losses, rel=LOSS_RTOL)
     crash = paratrain("train", *RUN, "--data", "bpe", "--sample-tokens", "0", "--out", "crashed", cwd=tmp_path,
                       env={"PARATRAIN_FAULT": "1:3"})
     assert crash.returncode == 1 and "injected fault" in crash.stderr
