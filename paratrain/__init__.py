@@ -3,7 +3,12 @@
 Public API (torch is imported only when a torch-backed name is first used, so planning code
 and the CLI stay light)::
 
-    from paratrain import Layout, TrainConfig, Mesh, parallelize, train_step
+    from paratrain import Layout, build_mesh, parallelize, train_step, save_checkpoint, load_checkpoint
+
+``parallelize(model, mesh, layout, tp_plan=..., stages=...)`` takes any ``nn.Module``: a tensor
+parallel plan maps module-name patterns to styles and a :class:`Stages` names the model's blocks
+(``paratrain.models.plans``); ``paratrain.models.hf`` holds ready ones for Hugging Face GPT-2
+and Llama. See ``paratrain/api.py`` and the README's "Bring your own model".
 """
 
 from __future__ import annotations
@@ -24,11 +29,17 @@ _LAZY = {
     "GPT": "paratrain.models.gpt",
     "build_reference": "paratrain.models.gpt",
     "setup": "paratrain.train",
-    "train_step": "paratrain.train",
     "train_worker": "paratrain.train",
     "reference_train": "paratrain.reference",
-    "save_checkpoint": "paratrain.checkpoint",
-    "load_checkpoint": "paratrain.checkpoint",
+    "init": "paratrain.api",
+    "finish": "paratrain.api",
+    "build_mesh": "paratrain.api",
+    "CrossEntropy": "paratrain.models.gpt",
+    "train_step": "paratrain.api",
+    "save_checkpoint": "paratrain.api",
+    "load_checkpoint": "paratrain.api",
+    "Stages": "paratrain.models.plans",
+    "TPStyle": "paratrain.models.plans",
     "launch": "paratrain.launch",
 }
 

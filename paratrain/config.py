@@ -8,17 +8,19 @@ before any process or process group exists.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from paratrain.core.vocab import padded_vocab_size
 from paratrain.errors import ConfigError
-from paratrain.models.configs import ModelConfig, get_model_config
+from paratrain.models.configs import ModelConfig, get_model_config, hf_shape
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 RECOMPUTE = ("none", "selective", "full")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "bf16-autocast")
+GRAD_DTYPES = ("bf16", "fp32")  # --grad-dtype under --precision bf16 (docs/precision.md)
 DP_IMPLS = ("bucketed", "naive")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -269,8 +271,33 @@ def vocab_padding_note(model: ModelConfig, tp: int) -> str | None:
 
 def _tp_split_dims(model: ModelConfig) -> tuple[tuple[str, int], ...]:
     """The dimensions tensor parallelism splits evenly, which tp must divide."""
-    return (("attention heads", model.num_heads), ("hidden size", model.hidden),
+    kv = (("key/value heads (grouped-query attention splits them over tp)", model.num_kv_heads),) \
+        if model.num_kv_heads != model.num_heads else ()
+    return (("attention heads", model.num_heads), *kv, ("hidden size", model.hidden),
             ("MLP width", model.ffn_hidden))
+
+
+def check_precision(precision: str, grad_dtype: str | None, offload: bool, dp_impl: str = "bucketed") -> None:
+    """``--grad-dtype`` and ``--offload-optimizer`` describe the fp32 master weights of ``--precision
+    bf16`` (docs/precision.md); the one rule ``TrainConfig.validate`` and the planner's CLI apply."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
+    if grad_dtype is not None and grad_dtype not in GRAD_DTYPES:
+        raise ConfigError(f"grad_dtype must be one of {', '.join(GRAD_DTYPES)}, got {grad_dtype!r}.")
+    why = "fp32 weights are their own masters" if precision == "fp32" else "autocast over fp32 weights has no masters"
+    for flag, given in (("--grad-dtype", grad_dtype is not None), ("--offload-optimizer", offload)):
+        if given and precision != "bf16":
+            raise ConfigError(
+                f"{flag} sets how mixed precision keeps its gradients or its fp32 master weights; it needs "
+                f"--precision bf16 (bf16 weights, fp32 masters), got --precision {precision} ({why}). "
+                f"Use --precision bf16 {flag}{' fp32' if flag == '--grad-dtype' else ''}, or drop {flag}."
+            )
+    if grad_dtype == "fp32" and dp_impl == "naive":
+        raise ConfigError(
+            "--grad-dtype fp32 accumulates gradients in fp32 buffers, which the bucketed data "
+            "parallelism holds; --dp-impl naive (the teaching version) reduces autograd's bf16 "
+            "gradients as they are. Use --dp-impl bucketed (the default) or drop --grad-dtype."
+        )
 
 
 def runtime_implements(layout: Layout) -> bool:
@@ -331,6 +358,16 @@ class TrainConfig:
     init_from: str | None = None  # reference-shaped safetensors file or Hugging Face GPT-2 folder
     max_bad_steps: int = 3  # non-finite steps skipped in a row before the run stops
     max_restarts: int = 0  # a dead rank restarts the job (torch elastic) from the latest checkpoint
+    # mixed precision (docs/precision.md): --precision bf16 keeps bf16 weights and gradients and fp32
+    # master weights in the optimizer; grad_dtype "fp32" accumulates and reduces the gradients in fp32
+    # (None: the weights' dtype); offload_optimizer keeps the masters, AdamW's state and its step in
+    # host memory (ZeRO-Offload)
+    grad_dtype: str | None = None
+    offload_optimizer: bool = False
+    # A Hugging Face model instead of `model` (issue 11): its family (gpt2 | llama) and its config
+    # fields as a JSON object (random weights from `seed`; nothing is downloaded)
+    hf: str | None = None
+    hf_config: str | None = None
     # real data (docs/data.md): the embedding's rows; 0 keeps the model's own, a prepared --data
     # folder sets its tokenizer's vocabulary, --tensorboard also writes TensorBoard events
     vocab_size: int = 0
@@ -341,6 +378,14 @@ class TrainConfig:
         return self.nproc or self.layout.world_size
 
     def model_config(self) -> ModelConfig:
+        if self.hf is not None:  # dropout: the HF config's own fields (0 unless given)
+            try:
+                fields = json.loads(self.hf_config or "{}")
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"hf_config is not valid JSON ({e.msg}): {self.hf_config!r}") from None
+            if not isinstance(fields, dict):
+                raise ConfigError(f"hf_config must be a JSON object of config fields, got {self.hf_config!r}")
+            return hf_shape(self.hf, fields)
         overrides: dict[str, Any] = {"dropout": self.dropout}
         if self.untie_embeddings:
             overrides["tie_embeddings"] = False
@@ -372,6 +417,7 @@ class TrainConfig:
             if value not in valid:
                 raise ConfigError(f"{name} must be one of {', '.join(valid)}, got {value!r}.")
         layout.validate(model, self.global_batch, self.seq_len)
+        check_precision(self.precision, self.grad_dtype, self.offload_optimizer, self.dp_impl)
         self._check_implemented()
         return model
 

@@ -194,16 +194,33 @@ def setup(cfg: TrainConfig, env: RankEnv, device: torch.device, corpus: Corpus |
     elif CorpusCheck.of(corpus) != checked:
         raise RuntimeError(f"the data changed after `paratrain train` checked it: checked {checked}, this "
                            f"rank loaded {CorpusCheck.of(corpus)}. Keep --data unchanged while a run starts.")
-    model = build_reference(model_cfg, cfg.seed, device)
+    model, plans = build_model(cfg, model_cfg, device)
     if cfg.init_from:
         _init_from(model, cfg.init_from)
     seed_default_generator(cfg.seed, mesh.coords.dp, mesh.coords.pp)  # dropout: see parallel/rng.py
-    autocast = torch.bfloat16 if cfg.precision == "bf16" else None
+    autocast = torch.bfloat16 if cfg.precision == "bf16-autocast" else None
+    mixed = cfg.precision == "bf16"  # bf16 weights, fp32 masters: parallel/mixed.py
+    if mixed:
+        model.to(torch.bfloat16)
     pm = parallelize(model, mesh, layout, bucket_mb=cfg.bucket_mb, dp_impl=cfg.dp_impl,
-                     overlap=cfg.overlap, autocast_dtype=autocast, seq_len=cfg.seq_len)
+                     overlap=cfg.overlap, autocast_dtype=autocast, seq_len=cfg.seq_len,
+                     master_weights=mixed, grad_dtype=torch.float32 if cfg.grad_dtype == "fp32" else None,
+                     offload_optimizer=cfg.offload_optimizer, **plans)
     opt = pm.shard_optimizer(make_optimizer(pm.named_parameters(), cfg))  # ZeRO: over the shards
     rows = dp_rows(cfg.global_batch, layout.dp, mesh.coords.dp)
     return Session(cfg, mesh, corpus, pm, opt, rows, device, on_step)
+
+
+def build_model(cfg: TrainConfig, model_cfg: Any, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The reference model from the seed, and the plans ``parallelize`` needs for it (the
+    built-in GPT: none; a Hugging Face model: its tp plan and stage spec, ``models/hf.py``)."""
+    if cfg.hf is None:
+        return build_reference(model_cfg, cfg.seed, device), {}
+    from paratrain.models import hf
+
+    hf_cfg = hf.hf_config(cfg.hf, cfg.hf_config)
+    model = hf.build_hf(cfg.hf, cfg.hf_config, cfg.seed, device)
+    return model, {"tp_plan": hf.tp_plan(cfg.hf, hf_cfg), "stages": hf.stages(cfg.hf, hf_cfg)}
 
 
 def _init_from(model: torch.nn.Module, path: str) -> None:
@@ -314,7 +331,7 @@ def _train(cfg: TrainConfig, env: RankEnv, device: torch.device,
     if checkpoints.bytes_read:
         summary["resumed_from"] = {"folder": cfg.resume_from, "step": first - 1,
                                    "bytes_read_rank0": checkpoints.bytes_read}
-    if cfg.sample_tokens and state is not None:
+    if cfg.sample_tokens and state is not None and cfg.hf is None:
         summary["sample"] = sample_text(model_cfg, state, cfg.sample_tokens, cfg.seed, corpus=s.corpus)
     return summary
 
@@ -372,7 +389,7 @@ def _summary(cfg: TrainConfig, records: list[dict[str, Any]], val_loss: float | 
              device: torch.device, params: int, mesh: Mesh) -> dict[str, Any]:
     steady = records[min(len(records) - 1, 2):]  # the first steps include warm-up costs
     return {
-        "model": cfg.model,
+        "model": cfg.model_config().name if cfg.hf else cfg.model,
         "params": params,
         "layout": str(cfg.layout),
         "world_size": cfg.layout.world_size,

@@ -136,3 +136,82 @@ def assert_matches_reference(res: dict[str, Any], ref: ReferenceRun, cfg: TrainC
     unless ``state`` is None, parameters ``res[state]``, within the tolerances above."""
     failures = reference_failures(res["losses"], res["grad_norms"], res[state] if state else None, ref, cfg)
     assert not failures, (f"{who}: " if who else "") + "; ".join(failures)
+
+
+# --precision bf16 (bf16 weights, fp32 masters; parallel/mixed.py) against the single-process bf16
+# reference (paratrain/reference.py), measured with benchmarks/noise_floor_bf16.py --parallel:
+# * kernel sets: the bf16 reference is bit-identical under AVX-512 and AVX2 (loss 1.9e-7, norms and
+#   parameters 0): bf16 matmuls go through oneDNN, whose kernels these variables do not switch, and
+#   each result is rounded to bf16. The floor is the layouts' own reordering instead: a dp rank's
+#   gradient, a tp partial sum or a micro-batch's gradient is rounded to bf16 before it is summed
+#   (2^-9 relative per element), where the reference rounds the whole sum once.
+# * that reordering, 5 steps of tiny (worst over dp2, ZeRO 1/2/3, tp2-sp, pp2 1f1b/interleaved, the
+#   dp2-pp2-tp2 3D case): losses 4.0e-4, step-1 norm 5.5e-4, norms 4.6e-3 (the tp2 cases: their
+#   activations are all-reduced in bf16; dp/ZeRO/pp <= 1.8e-4, 1.3e-4, 1.3e-3). bf16 against fp32
+#   is of the same size (losses 2.8e-4, norms 1.7e-3): no tolerance here can tell "bf16 computed in
+#   another order" from "fp32"; what these catch is a wrong reduction, shard or scale.
+# BF16_LOSS_RTOL 2.5x the worst: one dp rank's gradients dropped moves the losses by 5e-2 (fp32,
+# test_tolerances.py). BF16_FIRST_NORM_RTOL 5x: a parameter counted twice or a shard once moves
+# the step-1 norm by >> 1e-2. BF16_NORM_RTOL 2x: a wrong dp or micro-batch scale moves it >= 1.5x.
+BF16_LOSS_RTOL = 1e-3
+BF16_FIRST_NORM_RTOL = 3e-3
+BF16_NORM_RTOL = 1e-2
+# Parameters: AdamW's first step is lr * sign(g), and an element whose gradient is rounding noise
+# (the key bias's, mathematically zero; a few per matrix) moves by up to ~lr per step in a random
+# direction, so a largest-difference bound as fp32's PARAM_ATOL_LR would be ~3 lr and catch
+# nothing. Counted instead: the *fraction* of a tensor's elements whose bf16 weights differ by more
+# than one bf16 ulp (two nearly equal masters may round apart) plus BF16_PARAM_ATOL_LR lr. Measured
+# <= 0.39% (tp2-sp; dp/ZeRO/pp <= 0.03%; the key third of qkv.bias, pure noise, left out);
+# BF16_PARAM_FRACTION 2%: a wrong shard or a dropped slice changes all the elements it touches.
+BF16_PARAM_ATOL_LR = 0.5
+BF16_PARAM_FRACTION = 0.02
+BF16_VS_FP32_LOSS_RTOL = 2e-3  # bf16 vs the fp32 reference: 4.0e-4 measured (tiny, 5 steps)
+
+
+def bf16_ulp(t: torch.Tensor) -> torch.Tensor:
+    """One bf16 unit in the last place of each element of ``t`` (8 significant bits): the gap to
+    the next bf16 value of larger magnitude."""
+    t = t.double().abs()
+    exp = torch.floor(torch.log2(t.clamp_min(2.0 ** -126)))
+    return torch.pow(2.0, exp - 7)
+
+
+def bf16_param_excess(state: dict[str, torch.Tensor], ref: dict[str, torch.Tensor],
+                      atol: float = 0.0) -> tuple[float, str]:
+    """Largest over tensors of the fraction of elements with ``|p - p_ref| > ulp(p_ref) + atol``
+    (and which tensor); ``atol`` 0 and the largest excess instead when ``atol`` is None. The key
+    bias (the middle third of ``attn.qkv.bias``: its gradient is mathematically zero) is left out."""
+    worst, name = 0.0, ""
+    for k, v in ref.items():
+        a, b = state[k].double(), v.double()
+        assert a.shape == b.shape, f"{k}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+        if not v.numel():
+            continue
+        excess = ((a - b).abs() - bf16_ulp(b)).clamp_min(0)
+        if k.endswith("attn.qkv.bias"):
+            n = excess.numel() // 3
+            excess = torch.cat([excess[:n], excess[2 * n:]])
+        d = excess.max().item() if atol is None else (excess > atol).double().mean().item()
+        if d > worst:
+            worst, name = d, k
+    return worst, name
+
+
+def bf16_failures(res: dict[str, Any], ref: ReferenceRun, cfg: TrainConfig, state: str = "full_state") -> list[str]:
+    """Every way a bf16 run differs from the bf16 reference beyond the BF16_* tolerances."""
+    out = []
+    rel, step = _worst_rel(res["losses"], ref.losses)
+    if rel > BF16_LOSS_RTOL:
+        out.append(f"losses: relative difference {rel:.3g} at step {step} > {BF16_LOSS_RTOL}")
+    first, _ = _worst_rel(res["grad_norms"][:1], ref.grad_norms[:1])
+    if first > BF16_FIRST_NORM_RTOL:
+        out.append(f"grad norms: relative difference {first:.3g} at step 1 > {BF16_FIRST_NORM_RTOL}")
+    rel, step = _worst_rel(res["grad_norms"], ref.grad_norms)
+    if rel > BF16_NORM_RTOL:
+        out.append(f"grad norms: relative difference {rel:.3g} at step {step} > {BF16_NORM_RTOL}")
+    if res.get(state) is not None:
+        frac, where = bf16_param_excess(res[state], ref.state, BF16_PARAM_ATOL_LR * cfg.lr)
+        if frac > BF16_PARAM_FRACTION:
+            out.append(f"parameters: {frac:.2%} of {where} differ by more than one bf16 ulp + "
+                       f"{BF16_PARAM_ATOL_LR} lr (> {BF16_PARAM_FRACTION:.0%})")
+    return out

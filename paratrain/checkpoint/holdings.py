@@ -8,7 +8,9 @@ every holding, owned or not (replicas, the tied head's copy), from whatever layo
 
 Global names are the reference model's state-dict names (the tied LM head is ``wte.weight``);
 AdamW's state is ``optim.exp_avg.<name>`` and ``optim.exp_avg_sq.<name>`` with the parameter's
-shape, and the step count one scalar ``optim.step``.
+shape, and the step count one scalar ``optim.step``. Under ``--precision bf16`` the optimizer
+steps fp32 master weights (``parallel/mixed.py``): they are saved as ``optim.master.<name>``
+(fp32, the parameter's shape), next to the bf16 weights themselves.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from paratrain.checkpoint.store import CheckpointReader, Shard
 from paratrain.parallel import marks
 
 OPTIM_STATES = ("exp_avg", "exp_avg_sq")
+MASTER = "optim.master"
 STEP = "optim.step"
 
 
@@ -136,9 +139,11 @@ def holdings(pm: object, opt: torch.optim.Optimizer) -> list[Holding]:
 
 
 def _optimizer_holdings(opt: torch.optim.Optimizer, where: dict, by_piece: dict, groups: list) -> Iterator[Holding]:
+    low_of = getattr(opt, "low_of", {})  # mixed precision: q is the fp32 master of a bf16 tensor
     for group in opt.param_groups:
         for q in group["params"]:
-            p, start = by_piece.get(id(q), (q, None))
+            low = low_of.get(id(q), q)
+            p, start = by_piece.get(id(low), (low, None))
             gname, shape, local_shape, tp = where[id(p)]
             state = opt.state.get(q)
             if not state:  # a fresh optimizer (loading): AdamW's state, zero, as its first step makes it
@@ -148,6 +153,8 @@ def _optimizer_holdings(opt: torch.optim.Optimizer, where: dict, by_piece: dict,
             segs = _segments(local_shape, tp, start, q.numel())
             for k in OPTIM_STATES:
                 yield Holding(f"optim.{k}.{gname}", shape, state[k], segs, _owns(q, groups))
+            if q is not low:
+                yield Holding(f"{MASTER}.{gname}", shape, q, segs, _owns(q, groups))
 
 
 def _step_tensors(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -168,6 +175,10 @@ def shards(hs: list[Holding], opt: torch.optim.Optimizer, rank: int) -> list[Sha
 def load(hs: list[Holding], opt: torch.optim.Optimizer, reader: CheckpointReader) -> None:
     """Fill every holding from the checkpoint (any layout), then AdamW's step counts."""
     for h in hs:
+        if h.name.startswith(MASTER + ".") and not reader.has(h.name):
+            raise CheckpointError(f"checkpoint {reader.folder} has no fp32 master weights ({h.name!r}): it was "
+                                  f"saved by a run without --precision bf16. Resume it with its own --precision "
+                                  f"(see its config.json), or start from its weights with --init-from.")
         if not reader.has(h.name):
             raise CheckpointError(f"checkpoint {reader.folder} has no {h.name!r}: it was saved from another model "
                                   f"or without optimizer state.")

@@ -13,6 +13,7 @@ from paratrain.config import (
     DEVICES,
     DP_IMPLS,
     FIELD_RANGES,
+    GRAD_DTYPES,
     PRECISIONS,
     RECOMPUTE,
     SCHEDULES,
@@ -125,7 +126,16 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help=f"AdamW weight decay (default: {default('weight_decay')})")
     g.add_argument("--grad-clip", type=float, metavar="C",
                    help=f"global gradient-norm clip, 0 = off (default: {default('grad_clip')})")
-    g.add_argument("--precision", choices=PRECISIONS, help="fp32, or bf16 autocast with fp32 weights (default: fp32)")
+    g.add_argument("--precision", choices=PRECISIONS,
+                   help="fp32; bf16: bf16 weights, gradients and activations, fp32 master weights and AdamW "
+                        "state in the optimizer (2+2+12 bytes per parameter); bf16-autocast: bf16 matmuls "
+                        "over fp32 weights (4+4+8) (default: fp32; docs/precision.md)")
+    g.add_argument("--grad-dtype", choices=GRAD_DTYPES,
+                   help="with --precision bf16: fp32 gradient buffers, accumulated over micro-batches and "
+                        "reduced in fp32 (2+4+12 bytes per parameter; default: bf16)")
+    g.add_argument("--offload-optimizer", action="store_true", default=None,
+                   help="with --precision bf16: fp32 master weights, AdamW state and the optimizer step in "
+                        "host memory (ZeRO-Offload)")
     g = p.add_argument_group("runtime")
     g.add_argument("--device", choices=DEVICES,
                    help="cuda (NCCL) or cpu (gloo); auto picks cuda when present (default: auto)")

@@ -41,5 +41,10 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(dict(est.to_dict(), **({"device_speeds": plan.to_dict()} if plan else {})), indent=2))
     else:
-        print(estimate_report(est, hw) + (f"\n\n{speed_report(plan)}" if plan else ""))
+        text = estimate_report(est, hw)
+        if plan:  # the devices differ: the header names the reference device the speeds are relative to
+            speeds = ", ".join(f"{x:.3g}" for x in one.speeds)
+            text = text.replace(f" x {hw.name}\n", f" devices of speeds {speeds} relative to {hw.name} (MFU and "
+                                f"HFU: of {hw.name}'s peak)\n", 1) + f"\n\n{speed_report(plan)}"
+        print(text)
     return 0

@@ -66,13 +66,14 @@ def data_vocab(cfg: Any) -> Any:
 
     path = Path(cfg.data).expanduser() if cfg.data else None
     need = read_index(path)["vocab_size"] if path is not None and is_prepared(path) else None
-    if need is not None and not cfg.vocab_size:
+    hf = getattr(cfg, "hf", None)  # a Hugging Face model's vocabulary is its config's: never resized here
+    if need is not None and not cfg.vocab_size and hf is None:
         return cfg.replace(vocab_size=need)
-    have = cfg.vocab_size or cfg.model_config().vocab_size
+    have = cfg.model_config().vocab_size if hf else (cfg.vocab_size or cfg.model_config().vocab_size)
     need = need or BYTES_VOCAB
     if have < need:
         raise ConfigError(f"the data's tokenizer has a vocabulary of {need:,} tokens, more than the model's "
-                          f"embedding of {have:,} rows (--vocab-size / the model's own), so token ids up to "
+                          f"embedding of {have:,} rows (--vocab-size, the model's own or --hf-config's vocab_size), so token ids up to "
                           f"{need - 1} would index past it. Drop --vocab-size (with a prepared --data the "
                           f"embedding follows its tokenizer) or give at least --vocab-size {need}.")
     return cfg

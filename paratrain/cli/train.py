@@ -51,7 +51,34 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "aside (to NAME.old-<time>) and start afresh; without it such a folder is refused")
     g.add_argument("--profile", metavar="PATH", help="device profile for --plan auto (default: the one "
                    "`paratrain calibrate` writes; without one, the catalog's nominal cpu)")
+    g = p.add_argument_group("Hugging Face model (instead of --model; pip install 'paratrain[hf]')")
+    g.add_argument("--hf", choices=("gpt2", "llama"), help="train transformers' GPT2LMHeadModel or LlamaForCausalLM "
+                   "with random weights from --seed (nothing is downloaded), by its ready tensor-parallel plan "
+                   "and stage spec (paratrain/models/hf.py)")
+    g.add_argument("--hf-config", metavar="JSON|FILE", type=hf_config_arg, help="the model's config fields, as a "
+                   "JSON object or a JSON file, e.g. '{\"n_layer\": 4, \"n_embd\": 128, \"n_head\": 4}'; the rest "
+                   "are transformers' defaults (dropout 0)")
     p.set_defaults(run=run)
+
+
+def hf_config_arg(value: str) -> str:
+    """--hf-config: JSON text, or the path of a JSON file; kept as compact JSON text."""
+    import json
+
+    text = value
+    if not value.lstrip().startswith("{"):
+        try:
+            text = Path(value).read_text()
+        except OSError as e:
+            raise argparse.ArgumentTypeError(f"neither a JSON object nor a readable file: {value!r} ({e.strerror})") \
+                from None
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg} at character {e.pos}): {value!r}") from None
+    if not isinstance(fields, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object of config fields, got {value!r}")
+    return json.dumps(fields, sort_keys=True)
 
 
 SEARCHED = ("dp", "pp", "tp", "zero", "microbatches", "schedule", "virtual_stages", "sequence_parallel", "recompute")
@@ -142,6 +169,15 @@ def check_init_from(cfg: TrainConfig) -> None:
 def preflight(cfg: TrainConfig) -> Any:
     """Every check that can fail before a process starts (exit 2 on failure)."""
     model_cfg = check_config(cfg)
+    if cfg.hf is not None:  # a Hugging Face model: its config's fields exist; byte tokens fit its vocabulary
+        if model_cfg.vocab_size < 256:
+            raise ConfigError(f"--hf-config: vocab_size {model_cfg.vocab_size} is smaller than the 256 byte tokens "
+                              "the training data is made of; give vocab_size 256 or more.")
+        if cfg.init_from:
+            raise ConfigError("--init-from loads weights of the built-in GPT; with --hf the weights are random.")
+        from paratrain.models.hf import parse_hf_config  # imports transformers (and torch): last
+
+        parse_hf_config(cfg.hf, cfg.hf_config)
     from paratrain.data import check_corpus, load_corpus
 
     corpus = load_corpus(cfg.data, verify=True)  # a prepared folder: every shard's SHA-256, once
@@ -225,11 +261,15 @@ def start_report(cfg: TrainConfig, model_cfg: Any, corpus: Any, auto: Any, folde
     write_json(folder.path / "config.json", dataclasses.asdict(cfg))
     padding = vocab_padding_note(model_cfg, cfg.layout.tp)
     moved = f"  (the previous run in it was moved to {folder.moved_to})\n" if folder.moved_to else ""
-    print(f"paratrain train: {cfg.model} ({param_count(model_cfg):,} parameters) on "
+    print(f"paratrain train: {model_cfg.name if cfg.hf else cfg.model} ({param_count(model_cfg):,} parameters) on "
           f"{cfg.world_size} process(es) [{cfg.layout}]\n  data: {corpus.describe()}\n"
           + (f"  vocab: {padding}\n" if padding else "") + f"  out:  {folder.path}\n" + moved, end="", flush=True)
     for warning in corpus.warnings:
         print(f"paratrain: warning: data: {warning}", file=sys.stderr, flush=True)
+    if cfg.warmup_steps >= cfg.steps > 1:
+        print(f"paratrain: note: the learning-rate warm-up ({cfg.warmup_steps} steps) is as long as the run "
+              f"({cfg.steps} steps): the rate never reaches --lr {cfg.lr:g}; --warmup-steps sets it.",
+              file=sys.stderr, flush=True)
 
 
 def _launch_and_report(cfg: TrainConfig, checked: Any, auto: Any, lead: bool, out: Path, fault: Any = None) -> int:

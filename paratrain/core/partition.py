@@ -33,10 +33,14 @@ COSTS = ("flops", "params")
 def layer_costs(model: ModelConfig, seq_len: int, by: str = "flops") -> list[float]:
     """Cost of each unit ``[embedding, block 0, ..., block L-1, head]`` (see module doc)."""
     h, f, v = model.hidden, model.ffn_hidden, model.vocab_size
-    if by == "flops":
-        embed, block, head = 2 * h, 2 * (4 * h * h + 2 * h * f) + 4 * seq_len * h, 2 * h * v
+    gpt = model.family == "gpt"
+    if by == "flops":  # Llama: k/v project to the kv heads, three MLP matrices (plan/formulas.py)
+        kv = model.num_kv_heads * model.head_dim
+        block = 2 * (2 * h * h + 2 * h * kv + (2 if gpt else 3) * h * f) + 4 * seq_len * h
+        embed, head = 2 * h, 2 * h * v
     elif by == "params":
-        embed, block, head = v * h + model.max_seq_len * h, block_param_count(model), v * h + 2 * h
+        embed = v * h + (model.max_seq_len * h if gpt else 0)
+        block, head = block_param_count(model), v * h + (2 if gpt else 1) * h
     else:
         raise ConfigError(f"unknown partition cost {by!r}; valid: {', '.join(COSTS)}")
     return [float(embed)] + [float(block)] * model.num_layers + [float(head)]

@@ -88,7 +88,10 @@ def tp_traffic(model: ModelConfig, tp: int, sequence_parallel: bool, microbatch:
         scatters = 2 * L + hd + ((1 + last) * L if full else 0)
         _add(out, BACKWARD, "all_gather", gathers, gathers * A)
         _add(out, BACKWARD, "reduce_scatter", scatters, scatters * A)
-        partial = L * (4 * h + 2 * h) + emb * model.max_seq_len * h + hd * 2 * h
+        if model.family == "gpt":  # 2 LayerNorms (4h), 2 row biases (2h); positions; the final LayerNorm
+            partial = L * (4 * h + 2 * h) + emb * model.max_seq_len * h + hd * 2 * h
+        else:  # Llama: 2 RMSNorm weights, no biases, rotary positions; the final RMSNorm
+            partial = L * 2 * h + hd * h
         _add(out, STEP, "all_reduce", 1, partial * grad_bytes)
     else:
         _add(out, FORWARD, "all_reduce", emb + 2 * L, (emb + 2 * L) * A)
@@ -156,7 +159,8 @@ def tied_embedding_bytes(model: ModelConfig, tp: int, grad_bytes: int = 4) -> in
     return padded_vocab_size(model.vocab_size, tp) // tp * model.hidden * grad_bytes
 
 
-def zero_comm_per_step(stage: int, bucket_bytes: Sequence[int], microbatches: int = 1) -> dict[str, tuple[int, int]]:
+def zero_comm_per_step(stage: int, bucket_bytes: Sequence[int], microbatches: int = 1,
+                       param_bucket_bytes: Sequence[int] | None = None) -> dict[str, tuple[int, int]]:
     """The dp traffic of one training step, ``{op: (calls, bytes)}``, bytes counted as
     :mod:`paratrain.comm` does (reduce-scatter input, all-gather output: a bucket's padded
     bytes). ``B`` buckets (stage 3: units) of ``S = sum(bucket_bytes)`` bytes, ``m`` micro-batches::
@@ -169,12 +173,15 @@ def zero_comm_per_step(stage: int, bucket_bytes: Sequence[int], microbatches: in
     and, with ZeRO, ``grad_norm``: one all-reduce of 4 bytes (the shards' squared norm). On the
     wire an all-reduce is 2 (n-1)/n of its bytes, the others (n-1)/n: stage 1 sends exactly DP's
     traffic, stage 3 1.5x ([R20] sec. 7.2). With ``S = 4 psi`` (no padding) these are
-    :func:`dp_parts` (tested equal)."""
+    :func:`dp_parts` (tested equal). Mixed precision: ``bucket_bytes`` are the gradients' (2 bytes
+    an element, 4 with ``--grad-dtype fp32``), ``param_bucket_bytes`` the all-gathered bf16
+    parameters' (default: the same)."""
     B, S, m = len(bucket_bytes), sum(bucket_bytes), microbatches
+    P = S if param_bucket_bytes is None else sum(param_bucket_bytes)
     if stage == 0:
         return {"all_reduce": (B, S)}
     rs = (B, S) if stage == 1 else (m * B, m * S)
-    ag = (2 * m * B, 2 * m * S) if stage == 3 else (B, S)
+    ag = (2 * m * B, 2 * m * P) if stage == 3 else (B, P)
     return {"reduce_scatter": rs, "all_gather": ag, "grad_norm": (1, 4)}
 
 

@@ -19,6 +19,9 @@ class ModelConfig:
 
     ``ffn_hidden`` defaults to ``4 * hidden``. ``planning_only`` marks sizes that exist for the
     planner (far too large to build here); they can still be built on a machine that fits them.
+    ``family = "llama"``: the Llama layout instead (RMSNorm without bias, rotary positions, no
+    biases, SwiGLU MLP of three ``H x F`` matrices, grouped-query attention with ``num_kv_heads``
+    key/value heads; 0 means ``num_heads``).
     """
 
     name: str
@@ -31,6 +34,8 @@ class ModelConfig:
     dropout: float = 0.0
     tie_embeddings: bool = True
     planning_only: bool = False
+    family: str = "gpt"
+    num_kv_heads: int = 0
 
     def __post_init__(self) -> None:
         if self.ffn_hidden == 0:
@@ -39,6 +44,11 @@ class ModelConfig:
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"model {self.name!r}: {field} must be a positive integer, got {value!r}.")
+        if self.num_kv_heads == 0:
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
+        if self.family not in ("gpt", "llama") or self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"model {self.name!r}: family must be gpt or llama and num_kv_heads divide "
+                              f"num_heads; got {self.family!r}, {self.num_kv_heads} of {self.num_heads} heads.")
         if self.hidden % self.num_heads:
             raise ConfigError(
                 f"model {self.name!r}: hidden size {self.hidden} is not divisible by "
@@ -62,6 +72,8 @@ def block_param_count(cfg: ModelConfig) -> int:
     = 4H^2 + 2HF + 9H + F   (with F = 4H this is 12H^2 + 13H, Narayanan et al. 2021, eq. 2).
     """
     h, f = cfg.hidden, cfg.ffn_hidden
+    if cfg.family == "llama":  # 2 RMSNorms (H) + q, o (H^2 each) + k, v (H x kv heads) + gate, up, down
+        return 2 * h + 2 * h * h + 2 * h * cfg.num_kv_heads * cfg.head_dim + 3 * h * f
     return 4 * h * h + 2 * h * f + 9 * h + f
 
 
@@ -71,9 +83,36 @@ def param_count(cfg: ModelConfig) -> int:
     P = V*H (token embedding) + S*H (positions) + L * block + 2H (final LayerNorm)
         [+ V*H for an untied LM head; the head has no bias].
     """
-    emb = cfg.vocab_size * cfg.hidden + cfg.max_seq_len * cfg.hidden
+    positions = cfg.max_seq_len * cfg.hidden if cfg.family == "gpt" else 0  # Llama: rotary, no weights
+    emb = cfg.vocab_size * cfg.hidden + positions
     head = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.hidden
-    return emb + cfg.num_layers * block_param_count(cfg) + 2 * cfg.hidden + head
+    final_norm = 2 * cfg.hidden if cfg.family == "gpt" else cfg.hidden
+    return emb + cfg.num_layers * block_param_count(cfg) + final_norm + head
+
+
+# The defaults of transformers' GPT2Config and LlamaConfig, by paratrain field: what a
+# --hf-config that leaves a field out gets (read without importing transformers).
+HF_FIELDS: dict[str, dict[str, tuple[str, object]]] = {
+    "gpt2": {"num_layers": ("n_layer", 12), "hidden": ("n_embd", 768), "num_heads": ("n_head", 12),
+             "vocab_size": ("vocab_size", 50257), "max_seq_len": ("n_positions", 1024),
+             "ffn_hidden": ("n_inner", None), "tie_embeddings": ("tie_word_embeddings", True)},
+    "llama": {"num_layers": ("num_hidden_layers", 32), "hidden": ("hidden_size", 4096),
+              "num_heads": ("num_attention_heads", 32), "num_kv_heads": ("num_key_value_heads", None),
+              "vocab_size": ("vocab_size", 32000), "max_seq_len": ("max_position_embeddings", 2048),
+              "ffn_hidden": ("intermediate_size", 11008), "tie_embeddings": ("tie_word_embeddings", False)},
+}
+
+
+def hf_shape(kind: str, fields: dict[str, object], dropout: float = 0.0) -> ModelConfig:
+    """The shape of a Hugging Face GPT-2 or Llama config (its fields as a dict, defaults filled
+    in as transformers does) in paratrain's terms."""
+    if kind not in HF_FIELDS:
+        raise ConfigError(f"--hf {kind!r} is not a known model family; valid: {', '.join(HF_FIELDS)}")
+    shape = {ours: fields.get(theirs, default) for ours, (theirs, default) in HF_FIELDS[kind].items()}
+    shape = {k: (0 if v is None else v) for k, v in shape.items()}
+    if kind == "llama":
+        shape["family"] = "llama"
+    return ModelConfig(f"hf-{kind}", dropout=dropout, **shape)  # type: ignore[arg-type]
 
 
 GPT2_VOCAB = 50257
@@ -109,6 +148,16 @@ _register(ModelConfig("gpt-70b", num_layers=80, hidden=8192, num_heads=64, vocab
           max_seq_len=4096, planning_only=True))
 _register(ModelConfig("gpt-175b", num_layers=96, hidden=12288, num_heads=96, vocab_size=GPT2_VOCAB,
           max_seq_len=2048, planning_only=True))
+# Llama 3 (Meta, 2024; the configs of meta-llama/Meta-Llama-3-8B and -70B): grouped-query attention
+# with 8 kv heads, SwiGLU, RMSNorm, rotary positions, untied head, vocabulary 128,256. Exactly
+# 8,030,261,248 and 70,553,706,496 parameters, the published counts (tested).
+LLAMA3_VOCAB = 128256
+_register(ModelConfig("llama-3-8b", num_layers=32, hidden=4096, num_heads=32, vocab_size=LLAMA3_VOCAB,
+          max_seq_len=8192, ffn_hidden=14336, tie_embeddings=False, planning_only=True, family="llama",
+          num_kv_heads=8))
+_register(ModelConfig("llama-3-70b", num_layers=80, hidden=8192, num_heads=64, vocab_size=LLAMA3_VOCAB,
+          max_seq_len=8192, ffn_hidden=28672, tie_embeddings=False, planning_only=True, family="llama",
+          num_kv_heads=8))
 
 
 def model_names() -> list[str]:

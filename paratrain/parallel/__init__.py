@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
     from paratrain.config import Layout
     from paratrain.mesh import Mesh
+    from paratrain.models.plans import Stages, TPPlan
     from paratrain.parallel.model import ParallelModel
 
 __all__ = ["ParallelModel", "parallelize", "DataParallel", "NaiveDataParallel", "PipelineModel"]
@@ -37,47 +38,78 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'paratrain.parallel' has no attribute {name!r}")
 
 
-def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, bucket_mb: float = 25.0,
-                dp_impl: str = "bucketed", overlap: bool = True,
-                autocast_dtype: torch.dtype | None = None, seq_len: int | None = None) -> ParallelModel:
+def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, tp_plan: TPPlan | None = None,
+                stages: Stages | None = None, bucket_mb: float = 25.0, dp_impl: str = "bucketed",
+                overlap: bool = True, autocast_dtype: torch.dtype | None = None,
+                seq_len: int | None = None, master_weights: bool = False,
+                grad_dtype: torch.dtype | None = None, offload_optimizer: bool = False) -> ParallelModel:
     """Turn the reference ``model`` (identical on every rank) into this rank's share of it.
-    ``seq_len`` (default: the model's maximum) sizes the attention cost of the pipeline partition."""
+
+    ``model``: the built-in GPT (its plan and stages are built in), or any ``nn.Module``: with
+    ``stages`` (:class:`~paratrain.models.plans.Stages`) the step runs ``stages.loss``, without
+    them ``model(inputs, targets)`` must return the mean loss. ``tp_plan`` (module-name patterns
+    -> styles, :mod:`paratrain.models.plans`) is needed for tp > 1, ``stages`` for pp > 1.
+    ``seq_len`` (default: the model's maximum) sizes the attention cost of the pipeline partition.
+    ``master_weights``: the model is bf16 and the optimizer steps fp32 master copies
+    (``parallel/mixed.py``; in host memory with ``offload_optimizer``), the gradients reduced in
+    ``grad_dtype`` (default: the parameters')."""
+    from paratrain.models.gpt import GPT
+    from paratrain.models.plans import StagedForward, gpt_stages
     from paratrain.parallel.data import DataParallel, NaiveDataParallel
     from paratrain.parallel.model import GradSync, ParallelModel
     from paratrain.parallel.recompute import apply_recompute
     from paratrain.parallel.tensor import SequenceParallelGradSync
 
-    if layout.tp > 1:  # tensor parallelism: parallel/tensor.py
+    gpt = isinstance(model, GPT)
+    if gpt and stages is None:
+        stages = gpt_stages(model.cfg)
+    runner = model if gpt or stages is None else StagedForward(model, stages)
+    _check_given(model, layout, gpt, tp_plan, stages)
+    if layout.tp > 1:  # tensor parallelism: parallel/tensor.py, parallel/tp_plan.py
         # (at tp = 1 it would compute the same model, but its vocab-parallel loss rounds
         # differently from F.cross_entropy; data parallelism alone keeps the reference's arithmetic)
-        from paratrain.parallel.rng import ShardedRNG
-        from paratrain.parallel.tensor import tensor_parallel
+        if gpt and tp_plan is None:
+            from paratrain.parallel.rng import ShardedRNG
+            from paratrain.parallel.tensor import tensor_parallel
 
-        rng = ShardedRNG(mesh.coords.tp, next(model.parameters()).device)
-        model = tensor_parallel(model, mesh.tp, rng, layout.sequence_parallel)
-    apply_recompute(model, layout.recompute)
+            rng = ShardedRNG(mesh.coords.tp, next(model.parameters()).device)
+            model = tensor_parallel(model, mesh.tp, rng, layout.sequence_parallel)
+        else:
+            from paratrain.parallel.tp_plan import apply_tp_plan
+
+            apply_tp_plan(model, tp_plan, mesh.tp, layout.sequence_parallel)  # type: ignore[arg-type]
+    if gpt:
+        apply_recompute(model, layout.recompute)
     stage = None
     if layout.pp > 1:  # pipeline parallelism: parallel/pipeline/ (prunes the model in place)
         from paratrain.parallel.pipeline.stage import build_stage
 
-        stage = build_stage(model, mesh, layout, seq_len or model.cfg.max_seq_len)
+        assert stages is not None
+        stage = build_stage(model, mesh, layout, seq_len or getattr(stages.config, "max_seq_len", 0), stages)
     sync: GradSync
     weights: list[torch.Tensor] = []
     if layout.zero == 3:  # ZeRO-3: parameters sharded too, gathered per block (parallel/zero3.py)
         from paratrain.parallel.zero3 import zero3
 
-        sync = zero3(model, mesh.dp, bucket_mb=bucket_mb, overlap=overlap)
+        blocks = list(stages.block_list(model)) if stages is not None else []
+        sync = zero3(model, mesh.dp, bucket_mb=bucket_mb, overlap=overlap, blocks=blocks, runner=runner,
+                     grad_dtype=grad_dtype)
         weights = [b.flat for b in sync.buckets]  # the gathered units: see ParallelModel.register_weights
     elif layout.zero:  # ZeRO-1/2: parallel/zero.py
         from paratrain.parallel.zero import ZeroDataParallel
 
         tied = [stage.tied_param] if stage is not None and stage.tied_param is not None else []
         chunks = [c.parameters() for c in stage.chunks] if stage is not None else None
-        sync = ZeroDataParallel(model, mesh.dp, layout.zero, bucket_mb, overlap, parts=chunks, alone=tied)
+        sync = ZeroDataParallel(model, mesh.dp, layout.zero, bucket_mb, overlap, parts=chunks, alone=tied,
+                                grad_dtype=grad_dtype)
     elif dp_impl == "naive":
         sync = NaiveDataParallel(model, mesh.dp)
     else:
-        sync = DataParallel(model, mesh.dp, bucket_mb=bucket_mb, overlap=overlap)
+        sync = DataParallel(model, mesh.dp, bucket_mb=bucket_mb, overlap=overlap, grad_dtype=grad_dtype)
+    if master_weights:  # fp32 masters: the tensors the norm, the clip and the optimizer see
+        from paratrain.parallel.mixed import MixedPrecision
+
+        sync = MixedPrecision(sync, offload=offload_optimizer)
     from paratrain.parallel.marks import has_partial_grad
 
     partial = [p for p in sync.grad_params if has_partial_grad(p)]
@@ -91,6 +123,20 @@ def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, bucket_mb: floa
 
         pm = PipelineModel(stage, mesh, layout, sync, norm_groups, autocast_dtype)
     else:
-        pm = ParallelModel(model, mesh, layout, sync, norm_groups, autocast_dtype)
+        pm = ParallelModel(model, mesh, layout, sync, norm_groups, autocast_dtype, runner)
     pm.register_weights(weights)
     return pm
+
+
+def _check_given(model: nn.Module, layout: Layout, gpt: bool, tp_plan: TPPlan | None,
+                 stages: Stages | None) -> None:
+    """What a model other than the built-in GPT must come with for this layout."""
+    name = type(model).__name__
+    if layout.tp > 1 and tp_plan is None and not gpt:
+        raise ValueError(f"tp={layout.tp} needs a tensor-parallel plan for {name}: "
+                         "parallelize(..., tp_plan={'pattern': 'column' | 'row' | ...}); see paratrain.models.plans")
+    if layout.pp > 1 and stages is None:
+        raise ValueError(f"pp={layout.pp} needs the stage spec of {name}: parallelize(..., stages=Stages(blocks="
+                         "'name of its nn.ModuleList', before=..., after=...)); see paratrain.models.plans")
+    if layout.recompute != "none" and not gpt:
+        raise ValueError(f"recompute={layout.recompute!r} is implemented for the built-in GPT only, not {name}")

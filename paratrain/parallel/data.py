@@ -62,6 +62,11 @@ class Replicated:
     def grad_params(self) -> list[torch.Tensor]:
         return list(self.params)
 
+    def grads(self) -> list[torch.Tensor | None]:
+        """The reduced gradient of each of ``grad_params`` (after ``finish``), for
+        ``parallel/mixed.py``."""
+        return [p.grad for p in self.params]
+
     def shard_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         return optimizer
 
@@ -104,12 +109,15 @@ class _Bucket:
     The buffer has ``padded`` elements: the parameters' ``numel`` rounded up to a multiple of
     ``multiple`` (1 for all-reduce; the dp size for ZeRO's reduce-scatter, whose shards must
     be equal), the tail zero. ``allocate=False`` leaves it to :meth:`allocate` (ZeRO-2/3
-    allocate it for each backward and release it once reduced)."""
+    allocate it for each backward and release it once reduced). ``dtype``: the gradients'
+    (default the parameters'; fp32 under bf16 parameters with ``--grad-dtype fp32``: autograd's
+    bf16 gradient is then added into the buffer, and accumulation and reduction run in fp32)."""
 
     def __init__(self, index: int, params: list[nn.Parameter], multiple: int = 1,
-                 allocate: bool = True) -> None:
+                 allocate: bool = True, dtype: torch.dtype | None = None) -> None:
         self.index = index
         self.params = params
+        self.dtype = dtype or params[0].dtype
         self.numel = sum(p.numel() for p in params)
         self.padded = -(-self.numel // multiple) * multiple
         self.offsets: dict[nn.Parameter, int] = {}
@@ -129,9 +137,9 @@ class _Bucket:
         view into it."""
         p0 = self.params[0]
         if zero:
-            self.buffer = torch.zeros(self.padded, dtype=p0.dtype, device=p0.device)
+            self.buffer = torch.zeros(self.padded, dtype=self.dtype, device=p0.device)
         else:
-            self.buffer = torch.empty(self.padded, dtype=p0.dtype, device=p0.device)
+            self.buffer = torch.empty(self.padded, dtype=self.dtype, device=p0.device)
             self.buffer[self.numel:].zero_()
         self.views = {p: self.buffer[o:o + p.numel()].view_as(p) for p, o in self.offsets.items()}
         return self.buffer
@@ -158,9 +166,10 @@ class DataParallel(Replicated):
     """
 
     def __init__(self, module: nn.Module, group: Group, bucket_mb: float = 25.0,
-                 overlap: bool = True) -> None:
+                 overlap: bool = True, grad_dtype: torch.dtype | None = None) -> None:
         self.module = module
         self.group = group
+        self.grad_dtype = grad_dtype
         self.grad_scale = 1.0 / group.size
         self.overlap = overlap
         self.params = _unique_params(module)
@@ -169,14 +178,18 @@ class DataParallel(Replicated):
         for b in self.buckets:
             for p in b.params:
                 self._bucket_of[p] = b
-                if b.buffer is not None:
+                if b.buffer is not None and b.dtype == p.dtype:
                     p.grad = b.views[p]
         self._sync = True
         self._next = 0  # index of the next bucket to launch
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in self.params]
 
     def _make_buckets(self, cap_bytes: int) -> list[_Bucket]:
-        return [_Bucket(i, ps) for i, ps in enumerate(group_by_bytes(reversed(self.params), cap_bytes))]
+        return [_Bucket(i, ps, dtype=self.grad_dtype)
+                for i, ps in enumerate(group_by_bytes(reversed(self.params), cap_bytes))]
+
+    def grads(self) -> list[torch.Tensor | None]:
+        return [self._bucket_of[p].views[p] for p in self.params]
 
     @property
     def bucket_sizes(self) -> list[int]:
@@ -203,6 +216,10 @@ class DataParallel(Replicated):
         """Make sure ``p``'s new gradient is in the bucket (it already is, as a view, unless
         autograd re-created ``p.grad``)."""
         view = bucket.views[p]
+        if view.dtype != p.dtype:  # an fp32 buffer under bf16 weights: accumulate in fp32
+            view.add_(p.grad)
+            p.grad = None
+            return
         if p.grad is not view:
             if p.grad.data_ptr() != view.data_ptr():
                 view.copy_(p.grad)
@@ -231,14 +248,19 @@ class DataParallel(Replicated):
             if b.handle is not None:
                 b.handle.wait()
                 b.handle = None
-        for p in self.params:  # grads must be the reduced bucket views
-            p.grad = self._bucket_of[p].views[p]
+        self._attach_grads()
 
     def zero_grad(self) -> None:
         for b in self.buckets:
             b.buffer.zero_()
+        self._attach_grads()
+
+    def _attach_grads(self) -> None:
+        """Every ``p.grad`` is its bucket view (an fp32 view of a bf16 parameter cannot be: there
+        the bucket is the gradient, :meth:`grads`)."""
         for p in self.params:
-            p.grad = self._bucket_of[p].views[p]
+            view = self._bucket_of[p].views[p]
+            p.grad = view if view.dtype == p.dtype else None
 
     def remove_hooks(self) -> None:
         for h in self._hooks:

@@ -37,6 +37,7 @@ def grad_norm(params: Sequence[nn.Parameter], groups: Sequence[Group]) -> torch.
     else:
         device = params[0].device if params else "cpu"
         sq = torch.zeros((), device=device)
+    sq = sq.to(collective_device(sq))
     for g in groups:
         comm.all_reduce(sq, g, tag="grad_norm")
     return sq.sqrt()
@@ -51,5 +52,16 @@ def clip_grad_norm_(params: Sequence[nn.Parameter], max_norm: float,
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         grads = [p.grad for p in params if p.grad is not None]
         if grads:
-            torch._foreach_mul_(grads, coef)
+            torch._foreach_mul_(grads, coef.to(grads[0].device))
     return norm
+
+
+def collective_device(t: torch.Tensor) -> torch.device:
+    """Where a collective on ``t`` can run: NCCL reduces CUDA tensors only, and the fp32 masters of
+    ``--offload-optimizer`` (their gradients, hence their norm) live in host memory."""
+    import torch.distributed as dist
+
+    if (t.device.type == "cpu" and torch.cuda.is_available() and dist.is_available() and dist.is_initialized()
+            and dist.get_backend() == "nccl"):
+        return torch.device("cuda", torch.cuda.current_device())
+    return t.device

@@ -91,6 +91,12 @@ def mark_piece(piece: torch.Tensor, param: torch.Tensor, axis: str = "dp") -> No
                                      partial_grad=m.partial_grad, piece_of=param))
 
 
+def mark_master(master: torch.Tensor, low: torch.Tensor) -> None:
+    """``master`` is the fp32 master copy of ``low`` (a parameter or a ZeRO piece; see
+    ``parallel/mixed.py``): the same marks, and it is part of ``low``'s parameter."""
+    setattr(master, _ATTR, replace(marks(low), piece_of=param_of(low)))
+
+
 def is_sharded(t: torch.Tensor, axis: str) -> bool:
     return axis in marks(t).sharded
 

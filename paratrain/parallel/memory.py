@@ -114,7 +114,10 @@ class ActivationMeter:
 def model_state_bytes(module: nn.Module, optimizer: torch.optim.Optimizer) -> ModelState:
     """Bytes of ``module``'s parameters and gradients and of ``optimizer``'s parameters (ZeRO's
     shards), their gradients and its state (AdamW: two moments and a step count per tensor), as
-    exact integers in the planner's record (``plan/formulas.model_state_bytes`` predicts it)."""
+    exact integers in the planner's record (``plan/formulas.model_state_bytes`` predicts it).
+    Under mixed precision (``parallel/mixed.py``) the optimizer steps fp32 masters: they count
+    as optimizer state, the bf16 weights (or shards) they stand for as parameters, and an fp32
+    gradient buffer attached to the masters as gradients."""
     seen: set[tuple[torch.device, int]] = set()
 
     def count(tensors: Iterable[torch.Tensor | None]) -> int:
@@ -130,8 +133,12 @@ def model_state_bytes(module: nn.Module, optimizer: torch.optim.Optimizer) -> Mo
             total += storage.nbytes()
         return total
 
-    tensors = [*module.parameters(), *(p for g in optimizer.param_groups for p in g["params"])]
+    stepped = [p for g in optimizer.param_groups for p in g["params"]]
+    low_of = getattr(optimizer, "low_of", {})  # mixed precision: the optimizer steps fp32 masters
+    masters = [p for p in stepped if id(p) in low_of]
+    tensors = [*module.parameters(), *(low_of.get(id(p), p) for p in stepped)]
     params = count(tensors)
-    grads = count(t.grad for t in tensors)
-    state = count(v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
+    grads = count(t.grad for t in [*tensors, *masters])
+    # the fp32 master weights are optimizer state ([R20]'s K = 12: master 4 + m 4 + v 4)
+    state = count([*masters, *(v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))])
     return ModelState(params, grads, state)

@@ -41,11 +41,15 @@ class GradSync(Protocol):
 class ParallelModel:
     """``module`` is this rank's (possibly sharded) model; ``grad_sync`` reduces gradients over
     the dp group; ``norm_groups`` are the groups whose ranks hold *different* parameters, over
-    which the gradient norm is summed."""
+    which the gradient norm is summed; ``runner`` computes ``runner(inputs, targets)`` -> mean
+    loss (default ``module`` itself; a model without such a forward: a
+    :class:`~paratrain.models.plans.StagedForward`)."""
 
     def __init__(self, module: nn.Module, mesh: Mesh, layout: Layout, grad_sync: GradSync,
-                 norm_groups: list[Group], autocast_dtype: torch.dtype | None = None) -> None:
+                 norm_groups: list[Group], autocast_dtype: torch.dtype | None = None,
+                 runner: nn.Module | None = None) -> None:
         self.module = module
+        self.runner = module if runner is None else runner
         self.mesh = mesh
         self.layout = layout
         self.grad_sync = grad_sync
@@ -85,7 +89,7 @@ class ParallelModel:
         for i, (x, y) in enumerate(zip(inputs.chunk(m), targets.chunk(m))):
             self.grad_sync.set_sync(i == m - 1)
             with self._autocast(x):
-                loss = self.module(x, y)
+                loss = self.runner(x, y)
             (loss * scale).backward()
             total += loss.detach().float()
         self.grad_sync.finish()
@@ -96,7 +100,7 @@ class ParallelModel:
         was_training = self.module.training
         self.module.eval()
         with self._autocast(inputs):
-            loss = self.module(inputs, targets).float()
+            loss = self.runner(inputs, targets).float()
         self.module.train(was_training)
         return loss
 

@@ -35,10 +35,10 @@ from torch import nn
 from paratrain import comm
 from paratrain.comm import Group
 from paratrain.parallel import marks
+from paratrain.parallel.grad import collective_device
 from paratrain.parallel.rng import ShardedRNG
 from paratrain.parallel.shard import mark_partial_grad, shard_parameter
 from paratrain.parallel.tp_ops import enter_tp, leave_tp
-from paratrain.parallel.vocab import VocabParallelCrossEntropy, VocabParallelEmbedding
 
 if TYPE_CHECKING:
     from paratrain.models.gpt import GPT
@@ -50,30 +50,39 @@ class ColumnParallelLinear(nn.Module):
 
     Input (B, T, in), replicated — or (B, T/n, in) under sequence parallelism, all-gathered
     first. Output (B, T, out/n): this rank's columns of Y. Forward: f (or all-gather);
-    backward: all-reduce of dL/dX (or reduce-scatter).
+    backward: all-reduce of dL/dX (or reduce-scatter). ``enter=False``: the input is already
+    inside the tp region (an enclosing ``tp_input`` module entered it), so neither happens here.
+    ``transposed``: the weight is stored (in, out/n), as Hugging Face's ``Conv1D`` stores it.
     """
 
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, group: Group,
-                 sequence_parallel: bool = False) -> None:
+                 sequence_parallel: bool = False, enter: bool = True, transposed: bool = False) -> None:
         super().__init__()
-        self.weight = weight  # (out/n, in)
+        self.weight = weight  # (out/n, in), or (in, out/n) transposed
         self.bias = bias      # (out/n,) or None
         self.group = group
         self.sequence_parallel = sequence_parallel
+        self.enter = enter
+        self.transposed = transposed
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group: Group, sequence_parallel: bool = False,
-                    chunks: int = 1) -> ColumnParallelLinear:
-        """Slice a reference linear; ``chunks`` = 3 for the fused [q; k; v] rows."""
+    def from_linear(cls, linear: nn.Module, group: Group, sequence_parallel: bool = False,
+                    chunks: int = 1, enter: bool = True) -> ColumnParallelLinear:
+        """Slice a reference linear (``nn.Linear`` or a transposed ``Conv1D``); ``chunks`` = 3
+        for the fused [q; k; v] outputs."""
+        transposed = is_conv1d(linear)
         bias = None if linear.bias is None else shard_parameter(linear.bias, group, 0, chunks)
-        return cls(shard_parameter(linear.weight, group, 0, chunks), bias, group, sequence_parallel)
+        weight = shard_parameter(linear.weight, group, 1 if transposed else 0, chunks)
+        return cls(weight, bias, group, sequence_parallel, enter, transposed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(enter_tp(x, self.group, self.sequence_parallel), self.weight, self.bias)
+        if self.enter:
+            x = enter_tp(x, self.group, self.sequence_parallel)
+        return F.linear(x, self.weight.t() if self.transposed else self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in={self.weight.shape[1]}, out_local={self.weight.shape[0]}, tp={self.group.size}, " \
-               f"sp={self.sequence_parallel}"
+        out, inp = self.weight.shape[::-1] if self.transposed else self.weight.shape
+        return f"in={inp}, out_local={out}, tp={self.group.size}, sp={self.sequence_parallel}"
 
 
 class RowParallelLinear(nn.Module):
@@ -82,31 +91,40 @@ class RowParallelLinear(nn.Module):
     Input (B, T, in/n): this rank's slice, as a column-parallel layer produces it. Output
     (B, T, out) replicated — or (B, T/n, out) under sequence parallelism. Forward: g, an
     all-reduce of the partial products (or reduce-scatter); backward: identity (or all-gather).
-    The bias is added once, after the sum.
+    The bias is added once, after the sum. ``transposed``: see :class:`ColumnParallelLinear`.
     """
 
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, group: Group,
-                 sequence_parallel: bool = False) -> None:
+                 sequence_parallel: bool = False, transposed: bool = False) -> None:
         super().__init__()
-        self.weight = weight  # (out, in/n)
+        self.weight = weight  # (out, in/n), or (in/n, out) transposed
         self.bias = bias      # (out,), replicated
         self.group = group
         self.sequence_parallel = sequence_parallel
+        self.transposed = transposed
         if bias is not None and sequence_parallel:
             marks.mark_partial_grad(bias)  # added to this rank's tokens only
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group: Group, sequence_parallel: bool = False) -> RowParallelLinear:
+    def from_linear(cls, linear: nn.Module, group: Group, sequence_parallel: bool = False) -> RowParallelLinear:
+        transposed = is_conv1d(linear)
         bias = None if linear.bias is None else linear.bias  # replicated: the reference parameter
-        return cls(shard_parameter(linear.weight, group, dim=1), bias, group, sequence_parallel)
+        return cls(shard_parameter(linear.weight, group, dim=0 if transposed else 1), bias, group,
+                   sequence_parallel, transposed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = leave_tp(F.linear(x, self.weight), self.group, self.sequence_parallel)
+        z = leave_tp(F.linear(x, self.weight.t() if self.transposed else self.weight), self.group,
+                     self.sequence_parallel)
         return z if self.bias is None else z + self.bias
 
     def extra_repr(self) -> str:
-        return f"in_local={self.weight.shape[1]}, out={self.weight.shape[0]}, tp={self.group.size}, " \
-               f"sp={self.sequence_parallel}"
+        out, inp = self.weight.shape[::-1] if self.transposed else self.weight.shape
+        return f"in_local={inp}, out={out}, tp={self.group.size}, sp={self.sequence_parallel}"
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2): a linear whose weight is stored (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
 class SequenceParallelPositions(nn.Module):
@@ -129,7 +147,9 @@ def _on_sharded_stream(dropout: nn.Dropout, rng: ShardedRNG) -> None:
 
 
 def tensor_parallel(model: GPT, group: Group, rng: ShardedRNG, sequence_parallel: bool = False) -> GPT:
-    """Shard the reference ``model`` over ``group`` in place and return it.
+    """Shard the reference ``model`` over ``group`` in place and return it: the GPT's plan
+    (``models/plans.gpt_tp_plan``) applied by :func:`paratrain.parallel.tp_plan.apply_tp_plan`,
+    plus the GPT's dropout streams.
 
     Every parallel weight is sliced from the reference (never re-initialised); replicated ones
     (LayerNorms, row-parallel biases, positions) are the reference's own parameters. Dropout in
@@ -141,30 +161,19 @@ def tensor_parallel(model: GPT, group: Group, rng: ShardedRNG, sequence_parallel
     ``config.padded_vocab_size`` (embedding and head alike; masked out of the loss, see
     ``parallel/vocab.py``).
     """
+    from paratrain.models.plans import gpt_tp_plan
+    from paratrain.parallel.tp_plan import apply_tp_plan
+
     sp = sequence_parallel
+    apply_tp_plan(model, gpt_tp_plan(model.cfg), group, sp)
     for block in model.blocks:
         attn, mlp = block.attn, block.mlp
-        attn.qkv = ColumnParallelLinear.from_linear(attn.qkv, group, sp, chunks=3)
-        attn.proj = RowParallelLinear.from_linear(attn.proj, group, sp)
         attn.attend = rng.wrap(attn.attend, attn, "attn_dropout")  # this rank's heads
-        mlp.fc1 = ColumnParallelLinear.from_linear(mlp.fc1, group, sp)
-        mlp.fc2 = RowParallelLinear.from_linear(mlp.fc2, group, sp)
         if sp:
             _on_sharded_stream(attn.resid_drop, rng)
             _on_sharded_stream(mlp.drop, rng)
-            mark_partial_grad(block.ln1)
-            mark_partial_grad(block.ln2)
-    tied = model.lm_head.weight is model.wte.weight
-    wte = model.wte = VocabParallelEmbedding.from_embedding(model.wte, group, sp)
-    # untied: the head's rows padded like the embedding's, so both split the same V' columns
-    head = wte.weight if tied else shard_parameter(model.lm_head.weight, group, dim=0,
-                                                   padded_size=wte.weight.shape[0] * group.size)
-    model.lm_head = ColumnParallelLinear(head, None, group, sp)
-    model.criterion = VocabParallelCrossEntropy(group, wte.vocab_start, wte.vocab_size)
     if sp:
         _on_sharded_stream(model.drop, rng)
-        model.wpe = SequenceParallelPositions(model.wpe, group)
-        mark_partial_grad(model.ln_f)
     return model
 
 
@@ -205,6 +214,7 @@ class SequenceParallelGradSync:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = flat.to(collective_device(flat))  # offloaded masters' gradients: reduced on the device
         comm.all_reduce(flat, self.group)
         offset = 0
         for p, g in zip(self.params, grads):

@@ -83,8 +83,9 @@ class ShardedBucket(_Bucket):
     parameter to its piece of ``shard``, whose ``.grad`` is the matching piece of ``grad_shard``.
     """
 
-    def __init__(self, index: int, params: list[nn.Parameter], group: Group, stage: int) -> None:
-        super().__init__(index, params, group.size, allocate=stage == 1)
+    def __init__(self, index: int, params: list[nn.Parameter], group: Group, stage: int,
+                 grad_dtype: torch.dtype | None = None) -> None:
+        super().__init__(index, params, group.size, allocate=stage == 1, dtype=grad_dtype)
         sizes = [p.numel() for p in params]  # before stage 3 empties the parameters
         self.group = group
         k = self.padded // group.size
@@ -109,7 +110,7 @@ class ShardedBucket(_Bucket):
             assert self.buffer is not None
             self.grad_shard = self.buffer[self.lo:self.hi]
         else:
-            self.grad_shard = torch.zeros_like(self.shard)
+            self.grad_shard = torch.zeros_like(self.shard, dtype=self.dtype)
         self.filled: set[nn.Parameter] = set()  # stages 2/3: gradients copied in this backward
         self.launched = False  # stages 2/3: its reduction was started and not yet accumulated
         self.fresh = True  # no reduction landed in grad_shard since zero_grad
@@ -119,7 +120,9 @@ class ShardedBucket(_Bucket):
         for i, _, length, at in owned_pieces(sizes, group.size, group.rank):
             p = params[i]
             piece = self.shard[at:at + length]
-            piece.grad = self.piece_grads[p] = self.grad_shard[at:at + length]
+            self.piece_grads[p] = self.grad_shard[at:at + length]
+            if self.dtype == piece.dtype:  # (an fp32 gradient of a bf16 piece: parallel/mixed.py)
+                piece.grad = self.piece_grads[p]
             mark_piece(piece, p, "dp")
             self.pieces[p] = piece
 
@@ -175,14 +178,14 @@ class ZeroDataParallel(DataParallel):
     def __init__(self, module: nn.Module, group: Group, stage: int, bucket_mb: float = 25.0,
                  overlap: bool = True, units: list[list[nn.Parameter]] | None = None,
                  parts: Sequence[Sequence[nn.Parameter]] | None = None,
-                 alone: Sequence[nn.Parameter] = ()) -> None:
+                 alone: Sequence[nn.Parameter] = (), grad_dtype: torch.dtype | None = None) -> None:
         if stage not in (1, 2, 3):
             raise ValueError(f"ZeRO stage must be 1, 2 or 3, got {stage!r}")
         self.stage = stage
         self._units = units
         self._parts = parts
         self._alone = list(alone)
-        super().__init__(module, group, bucket_mb, overlap)
+        super().__init__(module, group, bucket_mb, overlap, grad_dtype)
         self.pieces = [piece for b in self.buckets for piece in b.pieces.values()]
 
     def _make_buckets(self, cap_bytes: int) -> list[_Bucket]:
@@ -191,7 +194,7 @@ class ZeroDataParallel(DataParallel):
             parts = self._parts or [self.params]
             groups = [g for part in reversed(parts) for g in group_by_bytes(reversed(part), cap_bytes, self._alone)]
         assert sorted(id(p) for g in groups for p in g) == sorted(id(p) for p in self.params)
-        return [ShardedBucket(i, ps, self.group, self.stage) for i, ps in enumerate(groups)]
+        return [ShardedBucket(i, ps, self.group, self.stage, self.grad_dtype) for i, ps in enumerate(groups)]
 
     # ---- what ParallelModel asks of a GradSync ------------------------------------------
 
@@ -199,6 +202,14 @@ class ZeroDataParallel(DataParallel):
     def grad_params(self) -> list[torch.Tensor]:
         """This rank's pieces: after :meth:`finish` their ``.grad`` is the reduced gradient."""
         return list(self.pieces)
+
+    def grads(self) -> list[torch.Tensor | None]:
+        return [b.piece_grads[p] for b in self.buckets for p in b.pieces]
+
+    def after_step(self) -> None:
+        """Stages 1/2: every rank's updated shard to every rank (stage 3 gathers at the next use)."""
+        if self.stage < 3:
+            self.gather_params()
 
     def shard_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """The same optimizer class with the same param groups (hyperparameters, weight decay),
@@ -208,8 +219,7 @@ class ZeroDataParallel(DataParallel):
         groups = [dict(g, params=[b for p in g["params"] if (b := self._bucket_of[p].pieces.get(p)) is not None])
                   for g in optimizer.param_groups]
         sharded = type(optimizer)(groups)
-        if self.stage < 3:
-            sharded.register_step_post_hook(lambda *_: self.gather_params())
+        sharded.register_step_post_hook(lambda *_: self.after_step())
         return sharded
 
     @contextlib.contextmanager
@@ -307,7 +317,8 @@ class ZeroDataParallel(DataParallel):
             self._flush()
         for b in self.buckets:  # robust to an optimizer.zero_grad(set_to_none=True)
             for p, piece in b.pieces.items():
-                piece.grad = b.piece_grads[p]
+                if piece.dtype == b.dtype:
+                    piece.grad = b.piece_grads[p]
 
     def zero_grad(self) -> None:
         if self.stage == 1:

@@ -100,14 +100,17 @@ class UnitGathering:
 
 
 def zero3(model: nn.Module, group: Group, bucket_mb: float = 25.0, overlap: bool = True,
-          prefetch: bool = True) -> ZeroDataParallel:
-    """Shard ``model``'s parameters (a GPT: ``model.blocks`` and the root) over ``group`` in
-    place and install the gathering hooks; returns the gradient side (the GradSync)."""
-    blocks = list(model.blocks)  # type: ignore[arg-type]
+          prefetch: bool = True, blocks: list[nn.Module] | None = None,
+          runner: nn.Module | None = None, grad_dtype: torch.dtype | None = None) -> ZeroDataParallel:
+    """Shard ``model``'s parameters (``blocks``, default a GPT's ``model.blocks``, and the root)
+    over ``group`` in place and install the gathering hooks; returns the gradient side (the
+    GradSync). ``runner``: the module whose forward is the whole step's (default ``model``),
+    around which the root is gathered."""
+    blocks = list(model.blocks if blocks is None else blocks)  # type: ignore[arg-type]
     in_blocks = {id(p) for b in blocks for p in b.parameters()}
     root = [p for p in model.parameters() if p.requires_grad and id(p) not in in_blocks]
     units = [[p for p in b.parameters() if p.requires_grad] for b in reversed(blocks)] + [root]
-    sync = ZeroDataParallel(model, group, 3, bucket_mb, overlap, units=units)
+    sync = ZeroDataParallel(model, group, 3, bucket_mb, overlap, units=units, grad_dtype=grad_dtype)
     order = [sync.buckets[-1], *reversed(sync.buckets[:-1])]  # forward order
-    sync.gathering = UnitGathering(model, blocks, order, prefetch)
+    sync.gathering = UnitGathering(model if runner is None else runner, blocks, order, prefetch)
     return sync

@@ -153,6 +153,7 @@ class _Layout(LayoutMemory):
     def __init__(self, model: ModelConfig, layout: Layout, hw: Hardware, global_batch: int, seq_len: int,
                  precision: str, options: CostOptions) -> None:
         super().__init__(model, layout, global_batch, seq_len, precision, options)
+        self.offload = options.offload_optimizer and hw.host_link_bw > 0  # a CPU is its own host
         L, p, t, b, s, h = layout, self.p, self.t, self.b, self.s, self.h
         F, V = model.ffn_hidden, self.V
         self.hw = hw
@@ -162,8 +163,9 @@ class _Layout(LayoutMemory):
         if self.share < 1 and hw.shared_latency_s:  # processes outnumber cores: peers answer later
             hw = hw.replace(intra_node_latency_s=hw.shared_latency_s)
         self.link_hw = hw
-        self.layer_fwd = f.layer_forward_flops(b, s, h, F) / t
-        self.layer_rec = f.recompute_forward_flops(L.recompute, b, s, h, F) / t
+        shape = f.shape_args(model)
+        self.layer_fwd = f.layer_forward_flops(b, s, h, F, **shape) / t
+        self.layer_rec = f.recompute_forward_flops(L.recompute, b, s, h, F, **shape) / t
         self.head_fwd = f.head_forward_flops(b, s, h, V) / t
         # memory-bound seconds of one layer's / the head's forward + backward on an unshared device
         self.ew_layer = hw.elementwise_s_per_byte * self.full_layer
@@ -204,8 +206,9 @@ class _Layout(LayoutMemory):
         return traffic.dp_parts(self.layout.zero, self.m, self.n, self.G_b, self.P_b)
 
     def tp_seconds(self, layers: int, first: bool, last: bool) -> dict[str, float]:
+        # the sequence-parallel sum acts on the optimizer's gradients: fp32 (the masters' under bf16)
         return _tp_seconds(self.model, self.t, self.sp, self.b, self.s, layers, first, last, self.layout.recompute,
-                           self.e, self.G_b, self.tp_link)
+                           self.e, 4, self.tp_link)
 
     def chunk(self, k: int, speed: float) -> ChunkCost:
         """Stage ``k`` (chunk ``k // p`` of rank ``k % p``) per micro-batch."""
@@ -236,7 +239,7 @@ class _Layout(LayoutMemory):
             bw, lat = self.pp_link.bw, self.pp_link.latency
             pp_s = collective_seconds("all_reduce", p, 4, bw, lat) + ring.ring_steps("all_gather", p) * lat
             if self.model.tie_embeddings and (first or last):
-                tied = traffic.tied_embedding_bytes(self.model, t, self.G_b)
+                tied = traffic.tied_embedding_bytes(self.model, t, 4)  # the optimizer's (fp32) gradients
                 pp_b = ring.wire_bytes("all_reduce", 2, tied)
                 pp_s += collective_seconds("all_reduce", 2, tied, bw, lat)
         return tp_s, tp_b, pp_s, pp_b
@@ -273,7 +276,7 @@ class _Layout(LayoutMemory):
             # while one computes: the reduction's overlap model mirrored in time) and again
             # before its backward, after which its gradient is reduce-scattered.
             size = params / units  # parameters per unit (on average)
-            gather = collective_seconds("all_gather", n, self.e * size, *self.dp_link)
+            gather = collective_seconds("all_gather", n, self.P_b * size, *self.dp_link)
             scatter = collective_seconds("reduce_scatter", n, self.G_b * size, *self.dp_link)
             other += m * (exposed_reduction(Buckets(units, gather, gather), fwd_s, overlap)
                           + exposed_reduction(Buckets(units, gather + scatter, gather + scatter), bwd_s,
@@ -293,6 +296,10 @@ class _Layout(LayoutMemory):
         owned = params / (self.n if self.layout.zero >= 1 else 1)
         bw = self.hw.memory_bw * self.share * self.speeds[i]
         opt_s = OPTIMIZER_BYTES_PER_PARAM * owned / bw if bw else 0.0
+        if self.offload:  # ZeRO-Offload: the step runs in host memory, gradients and weights cross the link
+            host_bw = (self.hw.host_memory_bw or self.hw.memory_bw) * self.speeds[i]
+            opt_s = OPTIMIZER_BYTES_PER_PARAM * owned / host_bw if host_bw else 0.0
+            opt_s += f.offload_copy_seconds(owned, self.G_b, self.P_b, self.hw.host_link_bw)
         return StageCost(
             i, count, n_layers, params, state, self.buffers, acts, self.rebuilt,
             sum(c.forward_s for c in chunks), sum(c.backward_s for c in chunks),
@@ -384,13 +391,20 @@ def make_estimate(model: ModelConfig, layout: Layout, hw: Hardware, global_batch
                                         pp=max(c.pp_bytes for c in stages)),
         time=time, tokens_per_s=tokens / step, mfu=flops / (step * n_dev * peak),
         hfu=hw_flops / (step * n_dev * peak), efficiency=options.efficiency or hw.compute_efficiency,
-        notes=_notes(model, hw, precision, layout),
+        notes=_notes(model, hw, precision, layout, options),
+        grad_bytes=options.grad_bytes or f.STATE_BYTES[precision][1],
+        host_bytes_per_device=f.host_state_bytes(heavy.params, layout.zero, layout.dp, precision,
+                                                 options.offload_optimizer and hw.host_link_bw > 0),
     )
 
 
-def _notes(model: ModelConfig, hw: Hardware, precision: str, layout: Layout) -> tuple[str, ...]:
+def _notes(model: ModelConfig, hw: Hardware, precision: str, layout: Layout,
+           options: CostOptions = DEFAULT_OPTIONS) -> tuple[str, ...]:
     notes = []
-    if precision == "bf16" and not hw.peak_bf16_flops:
+    if options.offload_optimizer and not hw.host_link_bw:
+        notes.append(f"{hw.name} is its own host (no host link): with --offload-optimizer the optimizer state "
+                     f"stays in the same memory and nothing is copied.")
+    if precision != "fp32" and not hw.peak_bf16_flops:
         notes.append(f"{hw.name} has no bf16 units: estimated as fp16 mixed precision (same bytes, fp16 peak).")
     if not hw.memory_bw:
         notes.append("memory bandwidth unknown: the optimizer step's time is left out.")

@@ -71,14 +71,16 @@ class LayoutMemory:
         self.b = b = (options.local_batch if options.local_batch is not None else global_batch / n) / m
         self.e = e = f.ELEM_BYTES[precision]
         self.P_b, self.G_b, _ = f.STATE_BYTES[precision]
+        self.G_b = options.grad_bytes or self.G_b
+        self.offload = options.offload_optimizer
         self.sp = sp = L.sequence_parallel
         self.shape = pipeline_shape(model, seq_len, p, self.v, options.stage_layers or L.stage_layers,
                                     L.stage_speeds, options.rank_speeds)
-        self.block = f.block_params_per_device(h, F, t)
+        self.block = f.block_params_per_device(h, F, t, **f.shape_args(model))
         self.embed = V * h / t
         self.head_copy = (not model.tie_embeddings) or p > 1  # the last stage keeps a copy of W_e
         act = dict(t=t, sp=sp, elem_bytes=e, dropout=options.dropout, store_scores=options.store_scores,
-                   sp_saves_gathered=options.sp_saves_gathered)
+                   sp_saves_gathered=options.sp_saves_gathered, **f.shape_args(model))
         self.act_layer = f.layer_activation_bytes(s, b, h, a, F, recompute=L.recompute, **act)
         self.emb_act = f.embedding_activation_bytes(s, b, h, t, sp, options.dropout)
         self.head_act = f.output_activation_bytes(s, b, h, V, t, sp, e, options.sp_saves_gathered)
@@ -95,8 +97,9 @@ class LayoutMemory:
     def chunk_params(self, k: int) -> float:
         """Parameters of stage ``k`` (chunk ``k // p`` of rank ``k % p``) on one device."""
         layers, first, last = self.shape.chunks[k], k == 0, k == self.p * self.v - 1
-        return layers * self.block + (self.embed + self.model.max_seq_len * self.h if first else 0) \
-            + (2 * self.h + (self.embed if self.head_copy else 0) if last else 0)
+        gpt = self.model.family == "gpt"  # learned positions and a LayerNorm bias; Llama: rotary, RMSNorm
+        return layers * self.block + (self.embed + (self.model.max_seq_len * self.h if gpt else 0) if first else 0) \
+            + ((2 if gpt else 1) * self.h + (self.embed if self.head_copy else 0) if last else 0)
 
     def _rank_parts(self, i: int) -> tuple[float, float]:
         """(parameters, stashed activation bytes) of rank ``i``: the same for every ZeRO stage."""
@@ -118,7 +121,7 @@ class LayoutMemory:
         return params, acts
 
     def _memory(self, params: float, acts: float, zero: int) -> RankMemory:
-        state = _model_state_bytes(params, zero, self.n, self.precision)
+        state = _model_state_bytes(params, zero, self.n, self.precision, self.G_b, self.offload)
         return RankMemory(params, state, self._buffers(zero), acts, self.rebuilt)
 
     def rank_memory(self, i: int) -> RankMemory:
@@ -138,7 +141,8 @@ class LayoutMemory:
         screens the four stages of a layout from one context)."""
         zero = self.layout.zero if zero is None else zero
         buffers, rebuilt, n, precision = self._buffers(zero), self.rebuilt, self.n, self.precision
-        return max(_model_state_bytes(params, zero, n, precision).total + buffers + acts + rebuilt
+        G_b, offload = self.G_b, self.offload
+        return max(_model_state_bytes(params, zero, n, precision, G_b, offload).total + buffers + acts + rebuilt
                    for params, acts in self.group_parts())
 
 
@@ -146,13 +150,14 @@ class LayoutMemory:
         """:meth:`peak_bytes` at each ZeRO stage of ``zeros``, in one call (the search screens
         every stage of a layout from one context)."""
         parts, rebuilt, n, precision = self.group_parts(), self.rebuilt, self.n, self.precision
-        return {zero: max(_state_total(params, zero, n, precision) + self._buffers(zero) + acts + rebuilt
-                          for params, acts in parts) for zero in zeros}
+        G_b, offload = self.G_b, self.offload
+        return {zero: max(_state_total(params, zero, n, precision, G_b, offload) + self._buffers(zero) + acts
+                          + rebuilt for params, acts in parts) for zero in zeros}
 
 
 @lru_cache(maxsize=16384)
-def _state_total(psi: float, zero: int, dp: int, precision: str) -> float:
-    return _model_state_bytes(psi, zero, dp, precision).total
+def _state_total(psi: float, zero: int, dp: int, precision: str, grad_bytes: int, offload: bool) -> float:
+    return _model_state_bytes(psi, zero, dp, precision, grad_bytes, offload).total
 
 
 # A rank's parameters do not depend on the micro-batches, recomputation or sequence parallelism:

@@ -10,6 +10,9 @@ ring collectives' wire bytes and steps (:mod:`paratrain.core.ring`), what each s
     h hidden size   F MLP width (4h in the papers)   a attention heads   V vocabulary
     t tensor-parallel degree   p pipeline stages   m micro-batches   v virtual stages (chunks)
     psi parameters on one device
+    k key/value width (grouped-query attention: kv heads x head dim; h without GQA)
+    gated: a SwiGLU MLP (Llama: down(silu(gate(x)) * up(x)), three h x F matrices) instead of
+    GPT-2's two; :func:`shape_args` reads both from a ModelConfig
 
 References:
   [N21] Narayanan et al., "Efficient Large-Scale Language Model Training on GPU Clusters Using
@@ -19,6 +22,8 @@ References:
   [R20] Rajbhandari et al., "ZeRO: Memory Optimizations Toward Training Trillion Parameter
         Models", SC20 (arXiv:1910.02054).
   [K20] Kaplan et al., "Scaling Laws for Neural Language Models", 2020 (C = 6 N D).
+  [R21] Ren et al., "ZeRO-Offload: Democratizing Billion-Scale Model Training", USENIX ATC 2021
+        (arXiv:2101.06840).
 """
 
 from __future__ import annotations
@@ -29,6 +34,11 @@ from paratrain.models.configs import ModelConfig
 # ---------------------------------------------------------------------------------- parameters
 
 
+def shape_args(model: ModelConfig) -> dict[str, int | bool]:
+    """The keywords (``kv``, ``gated``) the block formulas below take for ``model``'s family."""
+    return {"kv": model.num_kv_heads * model.head_dim, "gated": model.family == "llama"}
+
+
 def narayanan_param_count(l: int, h: int, V: int, s: int) -> float:
     """[N21] eq. (2): P = 12 l h^2 (1 + 13/(12h) + (V + s)/(12 l h)).
 
@@ -37,26 +47,38 @@ def narayanan_param_count(l: int, h: int, V: int, s: int) -> float:
     return 12 * l * h * h * (1 + 13 / (12 * h) + (V + s) / (12 * l * h))
 
 
-def block_params_per_device(h: int, F: int, t: int) -> float:
+def block_params_per_device(h: int, F: int, t: int, kv: int | None = None, gated: bool = False) -> float:
     """Parameters of one transformer block on one tensor-parallel rank (Megatron sharding).
 
     Column-parallel qkv (3h^2 + 3h) and fc1 (hF + F) and the row-parallel weights proj (h^2)
     and fc2 (Fh) are split t ways; the row-parallel biases (2h) and both LayerNorms (4h) are
     replicated:  (4h^2 + 2hF + 3h + F) / t + 6h.  At t = 1: 4h^2 + 2hF + 9h + F (= 12h^2 + 13h
-    for F = 4h, [N21] eq. 2)."""
+    for F = 4h, [N21] eq. 2).
+
+    ``gated`` (Llama, no biases): q and o (h^2 each), k and v (h k each), gate, up and down
+    (hF each) split t ways, the two RMSNorm weights (2h) replicated:
+    (2h^2 + 2hk + 3hF) / t + 2h."""
+    if gated:
+        k = h if kv is None else kv
+        return (2 * h * h + 2 * h * k + 3 * h * F) / t + 2 * h
     return (4 * h * h + 2 * h * F + 3 * h + F) / t + 6 * h
 
 
 # ---------------------------------------------------------------------------------- FLOPs
 
 
-def layer_forward_flops(b: int, s: int, h: int, F: int) -> float:
+def layer_forward_flops(b: int, s: int, h: int, F: int, kv: int | None = None, gated: bool = False) -> float:
     """Forward FLOPs of one block for b sequences ([N21] sec. 5.1, generalised to any F).
 
     Matmuls cost 2 FLOPs per multiply-add: qkv 2bs*3h^2, scores QK^T 2bs^2h, attention over V
     2bs^2h, proj 2bs*h^2, MLP 2 * 2bs*hF:   2bs(4h^2 + 2hF) + 4bs^2h.
-    With F = 4h: 24bsh^2 + 4bs^2h = 24bsh^2 (1 + s/(6h))."""
-    return 2 * b * s * (4 * h * h + 2 * h * F) + 4 * b * s * s * h
+    With F = 4h: 24bsh^2 + 4bs^2h = 24bsh^2 (1 + s/(6h)).
+
+    Grouped-query attention: k and v project to the k-wide kv heads (2bs*2hk instead of 2bs*2h^2;
+    the scores still cover all a query heads); SwiGLU (``gated``): three MLP matmuls, 2bs*3hF:
+    2bs(2h^2 + 2hk + 3hF) + 4bs^2h."""
+    k = h if kv is None else kv
+    return 2 * b * s * (2 * h * h + 2 * h * k + (3 if gated else 2) * h * F) + 4 * b * s * s * h
 
 
 def attention_core_forward_flops(b: int, s: int, h: int) -> float:
@@ -69,13 +91,14 @@ def head_forward_flops(b: int, s: int, h: int, V: int) -> float:
     return 2 * b * s * h * V
 
 
-def recompute_forward_flops(recompute: str, b: int, s: int, h: int, F: int) -> float:
+def recompute_forward_flops(recompute: str, b: int, s: int, h: int, F: int, kv: int | None = None,
+                            gated: bool = False) -> float:
     """Extra forward FLOPs per block that recomputation adds to the backward pass.
 
     none: 0; selective: the attention core, 4bs^2h ([K22] sec. 5); full: the whole forward of the
     block ([N21] sec. 5.1: "an extra forward pass")."""
     if recompute == "full":
-        return layer_forward_flops(b, s, h, F)
+        return layer_forward_flops(b, s, h, F, kv, gated)
     if recompute == "selective":
         return attention_core_forward_flops(b, s, h)
     return 0.0
@@ -86,7 +109,8 @@ def step_flops(model: ModelConfig, batch: int, seq_len: int, recompute: str = "n
     forward, [N21] sec. 5.1) of every block and of the LM head, plus recomputation. The head is
     never recomputed. For F = 4h this is [N21] eq. (3), see :func:`megatron_step_flops`."""
     b, s, h, F, l = batch, seq_len, model.hidden, model.ffn_hidden, model.num_layers
-    per_layer = 3 * layer_forward_flops(b, s, h, F) + recompute_forward_flops(recompute, b, s, h, F)
+    shape = shape_args(model)
+    per_layer = 3 * layer_forward_flops(b, s, h, F, **shape) + recompute_forward_flops(recompute, b, s, h, F, **shape)
     return l * per_layer + 3 * head_forward_flops(b, s, h, model.vocab_size)
 
 
@@ -110,12 +134,15 @@ def six_p_tokens(num_params: float, tokens: float) -> float:
 
 # Bytes per parameter (working copy, gradient, optimizer state) before any sharding:
 # bf16 = mixed precision [R20] sec. 3.1: fp16/bf16 parameters 2 + gradients 2 + K = 12 for Adam
-# (fp32 master copy 4, momentum 4, variance 4); fp32: parameters 4 + gradients 4 + Adam m, v 8.
-STATE_BYTES: dict[str, tuple[int, int, int]] = {"bf16": (2, 2, 12), "fp32": (4, 4, 8)}
-ELEM_BYTES: dict[str, int] = {"bf16": 2, "fp32": 4}
+# (fp32 master copy 4, momentum 4, variance 4); fp32: parameters 4 + gradients 4 + Adam m, v 8;
+# bf16-autocast (`train --precision bf16-autocast`): fp32 weights as fp32's, bf16 matmuls and
+# activations. `--grad-dtype fp32` makes G = 4 under bf16 (2 + 4 + 12): ``grad_bytes``.
+STATE_BYTES: dict[str, tuple[int, int, int]] = {"bf16": (2, 2, 12), "fp32": (4, 4, 8), "bf16-autocast": (4, 4, 8)}
+ELEM_BYTES: dict[str, int] = {"bf16": 2, "fp32": 4, "bf16-autocast": 2}
 
 
-def model_state_bytes(psi: float, zero: int, dp: int, precision: str) -> ModelState:
+def model_state_bytes(psi: float, zero: int, dp: int, precision: str, grad_bytes: int | None = None,
+                      offload: bool = False) -> ModelState:
     """Model states of ``psi`` parameters on one device under ZeRO stage ``zero`` over ``dp``
     ranks, predicted into the record the runtime measures (``core/state.py``) ([R20] sec. 5.1,
     Fig. 1; P, G, K = bytes per parameter of each part, N_d = dp):
@@ -125,18 +152,34 @@ def model_state_bytes(psi: float, zero: int, dp: int, precision: str) -> ModelSt
         stage 2 (P_os+g):     P psi + (G + K) psi / N_d
         stage 3 (P_os+g+p):   (P + G + K) psi / N_d
 
-    [R20]'s example: psi = 7.5e9, N_d = 64, mixed precision: 120, 31.4, 16.6, 1.88 GB."""
+    [R20]'s example: psi = 7.5e9, N_d = 64, mixed precision: 120, 31.4, 16.6, 1.88 GB.
+    ``grad_bytes`` replaces G (``--grad-dtype fp32``: 4); ``offload`` (ZeRO-Offload, [R21]): the
+    K bytes live in host memory (:func:`host_state_bytes`), the device holds none of them."""
     P, G, K = STATE_BYTES[precision]
+    G = grad_bytes or G
     return ModelState(
         params=P * psi / (dp if zero >= 3 else 1),
         grads=G * psi / (dp if zero >= 2 else 1),
-        optimizer=K * psi / (dp if zero >= 1 else 1),
+        optimizer=0.0 if offload else K * psi / (dp if zero >= 1 else 1),
     )
+
+
+def offload_copy_seconds(owned: float, grad_bytes: float, param_bytes: float, host_link_bw: float) -> float:
+    """ZeRO-Offload's copies per step for the ``owned`` parameters a device steps ([R21] sec. 4):
+    their reduced gradients device -> host and the updated 16-bit weights host -> device, one
+    after the other over the host link (``host_link_bw`` 0: the device is the host, no copy)."""
+    return (grad_bytes + param_bytes) * owned / host_link_bw if host_link_bw else 0.0
+
+
+def host_state_bytes(psi: float, zero: int, dp: int, precision: str, offload: bool) -> float:
+    """Host memory of the optimizer's state under ``offload`` (K psi, / N_d from ZeRO-1 on)."""
+    return STATE_BYTES[precision][2] * psi / (dp if zero >= 1 else 1) if offload else 0.0
 
 
 def layer_activation_bytes(s: int, b: float, h: int, a: int, F: int, t: int = 1, sp: bool = False,
                            recompute: str = "none", elem_bytes: int = 2, dropout: bool = True,
-                           store_scores: bool = True, sp_saves_gathered: bool = False) -> float:
+                           store_scores: bool = True, sp_saves_gathered: bool = False,
+                           kv: int | None = None, gated: bool = False) -> float:
     """Activations one block stores for its backward pass, per micro-batch, on one device.
 
     [K22] sec. 4.1, Table 2, for 16-bit activations (e = 2) with dropout masks of 1 byte:
@@ -164,14 +207,20 @@ def layer_activation_bytes(s: int, b: float, h: int, a: int, F: int, t: int = 1,
     all-gathered (b, s, h) input, as paratrain's runtime does, instead of the (b, s/t, h) shard
     that Megatron re-gathers in backward ([K22] sec. 4.2.2 counts the shard): those 2sbh
     elements are then not divided by t.
+
+    Grouped-query attention (``kv`` = k): K and V are (b, s, k), so Q, K, V and the proj input
+    are 2sbh + 2sbk elements. SwiGLU (``gated``): the gate output (SiLU's input), SiLU's output
+    and the up output (the product's inputs) and the product (down's input): 4sbF instead of
+    GELU's 2sbF.
     """
+    k = h if kv is None else kv
     if recompute == "full":
         return elem_bytes * s * b * h / (t if sp else 1)
     mask = 1 if dropout else 0
     e = elem_bytes
     replicated = e * 2 * s * b * h + mask * 2 * s * b * h  # LayerNorm inputs, residual dropout masks
     linear_inputs = e * 2 * s * b * h  # qkv and fc1 inputs
-    split = e * (4 * s * b * h + 2 * s * b * F)
+    split = e * (2 * s * b * h + 2 * s * b * k + (4 if gated else 2) * s * b * F)
     if recompute != "selective":
         if store_scores:
             split += (2 * e + mask) * a * s * s * b

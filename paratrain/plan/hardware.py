@@ -57,6 +57,10 @@ class Hardware:
     ``reduce_scatter_slowdown`` / ``all_gather_slowdown``: how many times the ring model's
     bandwidth time the backend's reduce-scatter / all-gather take (1: a ring, as NCCL's; gloo's
     reduce-scatter on this project's machine takes ~3x). Measured by ``paratrain calibrate``.
+    ``host_link_bw``: bytes/s one device moves to or from host memory (per direction; a GPU's
+    PCIe link), which ``--offload-optimizer`` (ZeRO-Offload) crosses every step; 0 = the device
+    is the host (a CPU process): nothing to copy. ``host_memory_bw``: the host memory bandwidth
+    one device's share of the host has, for the offloaded optimizer step; 0 = ``memory_bw``.
     """
 
     name: str
@@ -76,6 +80,8 @@ class Hardware:
     shared_latency_s: float = 0.0
     reduce_scatter_slowdown: float = 1.0
     all_gather_slowdown: float = 1.0
+    host_link_bw: float = 0.0
+    host_memory_bw: float = 0.0
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -88,7 +94,7 @@ class Hardware:
             if not isinstance(value, (int, float)) or not value > 0:
                 raise ConfigError(f"hardware {self.name!r}: {field} must be a positive number, got {value!r}.")
         for field in ("peak_bf16_flops", "memory_bw", "intra_node_latency_s", "inter_node_latency_s",
-                      "elementwise_s_per_byte", "shared_latency_s"):
+                      "elementwise_s_per_byte", "shared_latency_s", "host_link_bw", "host_memory_bw"):
             value = getattr(self, field)
             if not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"hardware {self.name!r}: {field} must be >= 0, got {value!r}.")
@@ -114,9 +120,9 @@ class Hardware:
         ``torch.backends.cuda.matmul.allow_tf32`` is False since PyTorch 1.12)."""
         if precision == "fp32":
             return self.peak_fp32_flops
-        if precision == "bf16":
+        if precision in ("bf16", "bf16-autocast"):
             return self.peak_bf16_flops or self.peak_fp16_flops
-        raise ConfigError(f"precision must be one of fp32, bf16, got {precision!r}.")
+        raise ConfigError(f"precision must be one of fp32, bf16, bf16-autocast, got {precision!r}.")
 
     def replace(self, **changes: Any) -> Hardware:
         return dataclasses.replace(self, **changes)
@@ -161,6 +167,9 @@ def _catalog() -> dict[str, Hardware]:
             # NVIDIA DGX H100 datasheet: 8 GPUs, 8x single-port ConnectX-7 400 Gb/s InfiniBand for
             # the compute fabric -> one 400 Gb/s = 50 GB/s NIC per GPU.
             inter_node_bw=50 * GB, devices_per_node=8, compute_efficiency=_A100_EFFICIENCY,
+            # host: PCIe Gen5 x16, 128 GB/s both directions -> 64 GB/s each (H100 datasheet);
+            # DGX H100: 2 Xeon 8480C, 8 DDR5-4800 channels each (8 x 38.4 = 307 GB/s) per 4 GPUs
+            host_link_bw=64 * GB, host_memory_bw=307 * GB / 4,
             source="NVIDIA H100 datasheet (SXM5); DGX H100 datasheet (8x ConnectX-7 400 Gb/s)",
         ),
         Hardware(
@@ -173,6 +182,9 @@ def _catalog() -> dict[str, Hardware]:
             # NVIDIA DGX A100 datasheet: 8 GPUs, 8x single-port ConnectX-6 200 Gb/s HDR InfiniBand
             # (the cluster of Narayanan et al. 2021) -> 200 Gb/s = 25 GB/s per GPU.
             inter_node_bw=25 * GB, devices_per_node=8, compute_efficiency=_A100_EFFICIENCY,
+            # host: PCIe Gen4 x16, 64 GB/s both directions -> 32 GB/s each (A100 datasheet);
+            # DGX A100: 2 EPYC 7742, 8 DDR4-3200 channels each (204.8 GB/s) per 4 GPUs
+            host_link_bw=32 * GB, host_memory_bw=204.8 * GB / 4,
             source="NVIDIA A100 datasheet (SXM4 80GB); DGX A100 datasheet (8x ConnectX-6 200 Gb/s)",
         ),
         Hardware(
@@ -181,6 +193,7 @@ def _catalog() -> dict[str, Hardware]:
             peak_bf16_flops=312 * TFLOPS, peak_fp16_flops=312 * TFLOPS, peak_fp32_flops=19.5 * TFLOPS,
             memory_bytes=40 * GiB, memory_bw=1.555e12, intra_node_bw=300 * GB,
             inter_node_bw=25 * GB, devices_per_node=8, compute_efficiency=_A100_EFFICIENCY,
+            host_link_bw=32 * GB, host_memory_bw=204.8 * GB / 4,  # as the A100-80GB's
             source="NVIDIA A100 datasheet (SXM4 40GB); DGX A100 datasheet (8x ConnectX-6 200 Gb/s)",
         ),
         Hardware(
@@ -194,6 +207,9 @@ def _catalog() -> dict[str, Hardware]:
             # NVIDIA DGX-1 (V100) datasheet: 8 GPUs, 4x 100 Gb/s EDR InfiniBand ->
             # 400 Gb/s = 50 GB/s per node = 6.25 GB/s per GPU.
             inter_node_bw=6.25 * GB, devices_per_node=8, compute_efficiency=_A100_EFFICIENCY,
+            # host: PCIe Gen3 x16, 32 GB/s both directions -> 16 GB/s each (V100 datasheet);
+            # DGX-1: 2 Xeon E5-2698 v4, 4 DDR4-2400 channels each (76.8 GB/s) per 4 GPUs
+            host_link_bw=16 * GB, host_memory_bw=76.8 * GB / 4,
             source="NVIDIA Tesla V100 datasheet (SXM2); DGX-1 datasheet (4x EDR 100 Gb/s)",
         ),
         _CPU,

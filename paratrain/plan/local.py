@@ -39,7 +39,9 @@ def runtime_options(cfg: TrainConfig) -> CostOptions:
     dropout > 0; PyTorch's fused attention; SP saving all-gathered inputs; its bucket size and
     overlap setting."""
     return CostOptions(dropout=cfg.dropout > 0, store_scores=False, sp_saves_gathered=True,
-                       bucket_bytes=cfg.bucket_mb * 2**20, overlap_dp=cfg.overlap)
+                       bucket_bytes=cfg.bucket_mb * 2**20, overlap_dp=cfg.overlap,
+                       grad_bytes=4 if cfg.grad_dtype == "fp32" else None,
+                       offload_optimizer=cfg.offload_optimizer)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,11 @@ class CostOptions:
         None = all 1). Scales compute and the optimizer step, not communication.
     local_batch: sequences this data-parallel replica trains per step (None = global batch / dp);
         may be fractional: a speed-proportional share (planner-side prediction only).
+    grad_bytes: bytes per gradient element (None = the precision's: 2 for bf16, 4 for fp32);
+        4 under bf16 is ``--grad-dtype fp32`` (2 + 4 + 12 bytes per parameter).
+    offload_optimizer: ZeRO-Offload (``--offload-optimizer``): the fp32 master weights and AdamW's
+        state are in host memory, not the device's; each step copies the gradients the rank steps
+        to the host and the updated 16-bit weights back over ``Hardware.host_link_bw``.
     """
 
     efficiency: float | None = None
@@ -42,6 +47,8 @@ class CostOptions:
     bucket_bytes: float = 25 * 2**20
     rank_speeds: tuple[float, ...] | None = None
     local_batch: float | None = None
+    grad_bytes: int | None = None
+    offload_optimizer: bool = False
 
 
 DEFAULT_OPTIONS = CostOptions()

@@ -72,6 +72,8 @@ class Estimate:
     hfu: float
     efficiency: float  # fraction of peak assumed for compute
     notes: tuple[str, ...] = ()  # what the user should know about this estimate's assumptions
+    grad_bytes: int = 4  # per gradient element (2 under bf16, 4 with --grad-dtype fp32 or fp32)
+    host_bytes_per_device: float = 0.0  # --offload-optimizer: the optimizer state in host memory
 
     @property
     def model_state_bytes_per_device(self) -> float:
@@ -109,6 +111,7 @@ class Estimate:
             "six_p_tokens_flops": self.six_p_tokens_flops, "hfu": self.hfu, "efficiency": self.efficiency,
             "memory_bytes": {**self.state.as_dict(), "buffers": self.buffer_bytes,
                              "activations": self.activation_bytes_per_device},
+            "grad_bytes": self.grad_bytes, "host_bytes_per_device": self.host_bytes_per_device,
             "most_loaded_stage": self.most_loaded_stage,
             "notes": list(self.notes),
             "step_time_breakdown_s": {"compute": t.compute, "tp_comm": t.tp_comm, "pp_comm": t.pp_comm,

@@ -42,22 +42,30 @@ def fmt_flops(x: float) -> str:
 
 
 def _header(e: Estimate, hw: Hardware) -> str:
-    prec = "bf16 mixed precision" if e.precision == "bf16" else "fp32"
+    prec = {"bf16": "bf16 mixed precision" + (" (fp32 gradients)" if e.grad_bytes == 4 else ""),
+            "bf16-autocast": "bf16 autocast over fp32 weights"}.get(e.precision, "fp32")
+    if e.host_bytes_per_device:
+        prec += ", optimizer offloaded to host memory"
     return (f"{e.model}: {e.params:,} parameters on {e.num_devices} x {hw.name}\n"
             f"layout [{e.layout}], global batch {e.global_batch} x {e.seq_len} tokens, {prec}")
 
 
 def estimate_report(e: Estimate, hw: Hardware) -> str:
     """The breakdown printed by ``paratrain estimate``."""
-    P, G, K = f.STATE_BYTES[e.precision]
+    P, _, K = f.STATE_BYTES[e.precision]
+    G = e.grad_bytes
     flight = in_flight_microbatches(e.layout.schedule, e.layout.pp, e.layout.microbatches,
                                     e.layout.virtual_stages, e.most_loaded_stage)
     zero = f", ZeRO-{e.layout.zero} over dp={e.layout.dp}" if e.layout.zero else ""
     mem_rows = [
         [f"parameters ({P} B/param{zero if e.layout.zero >= 3 else ''})", fmt_bytes(e.state.params)],
         [f"gradients ({G} B/param{zero if e.layout.zero >= 2 else ''})", fmt_bytes(e.state.grads)],
-        [f"optimizer state ({K} B/param{zero if e.layout.zero >= 1 else ''})", fmt_bytes(e.state.optimizer)],
+        [f"optimizer state ({K} B/param{zero if e.layout.zero >= 1 else ''}"
+         f"{', in host memory' if e.host_bytes_per_device else ''})", fmt_bytes(e.state.optimizer)],
     ]
+    if e.host_bytes_per_device:
+        mem_rows.append(["host memory: offloaded optimizer state (not on the device)",
+                         fmt_bytes(e.host_bytes_per_device)])
     if e.buffer_bytes:
         mem_rows.append(["ZeRO-3 gather buffers", fmt_bytes(e.buffer_bytes)])
     mem_rows += [

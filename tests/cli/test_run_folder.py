@@ -17,6 +17,7 @@ QUICK = ["--nproc", "1", "--steps", "3", "--global-batch", "4", "--seq-len", "32
 def test_a_finished_run_is_never_mixed_with_a_new_one(tmp_path):
     first = paratrain("train", *QUICK, "--out", "r", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
+    assert "warm-up (20 steps) is as long as the run" in first.stderr  # a short run is told why lr stays low
     run = tmp_path / "r"
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     again = paratrain("train", *QUICK, "--seed", "2", "--out", "r", cwd=tmp_path, env={"PARATRAIN_FAULT": "0:2"})

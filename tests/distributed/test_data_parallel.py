@@ -66,7 +66,7 @@ def test_dp_bf16_autocast_tracks_fp32_reference():
     # bf16 autocast keeps fp32 weights and optimizer state; matmuls round to 8 mantissa bits
     # (relative error ~4e-3 per op), so over 5 steps losses stay within 2e-2 of the fp32
     # reference, while a broken autocast path (e.g. gradients lost) would diverge at once.
-    cfg = with_layout(BASE, dp=2).replace(precision="bf16")
+    cfg = with_layout(BASE, dp=2).replace(precision="bf16-autocast")  # --precision bf16: test_precision.py
     ref = reference(BASE)
     for res in run_ranks(2, train_ranks_fn, cfg):
         assert res["losses"] == pytest.approx(ref.losses, rel=2e-2)

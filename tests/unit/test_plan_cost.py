@@ -78,7 +78,9 @@ def test_tp_bytes_per_layer() -> None:
     expected = (4 * l + 1 + 1) * ar * S + ar * 3 * 4 * b * s + ar * 4
     assert est.comm_bytes_per_device.tp == pytest.approx(expected)
     sp = estimate(MODEL, Layout(tp=t, sequence_parallel=True), H100, b, s)
-    partial = 2 * (l * 6 * h + 2048 * h + 2 * h)  # LayerNorms, row-parallel biases, positions, ln_f
+    # LayerNorms, row-parallel biases, positions, ln_f: summed as the optimizer's fp32 gradients
+    # (under bf16 the fp32 masters': parallel/mixed.py)
+    partial = 4 * (l * 6 * h + 2048 * h + 2 * h)
     assert sp.comm_bytes_per_device.tp == pytest.approx(expected + ar * partial)
     full = estimate(MODEL, Layout(tp=t, recompute="full"), H100, b, s)
     assert full.comm_bytes_per_device.tp == pytest.approx(expected + l * ar * S)
@@ -106,7 +108,8 @@ def test_pp_bytes() -> None:
     costs = stage_costs(MODEL, Layout(pp=p, microbatches=m), H100, m * b, s, "bf16")
     S = 2 * b * s * h
     assert costs[1].pp_bytes == pytest.approx(2 * m * S)
-    tied = wire_bytes("all_reduce", 2, 2 * 51200 * h)  # W_e's gradient between first and last stage
+    # W_e's gradient between first and last stage, as the optimizer's fp32 (master) gradient
+    tied = wire_bytes("all_reduce", 2, 4 * 51200 * h)
     assert costs[0].pp_bytes == pytest.approx(m * S + tied)
 
 

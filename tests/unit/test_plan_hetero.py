@@ -66,6 +66,8 @@ def test_cli_prints_the_gain(command: str, capsys: pytest.CaptureFixture[str]) -
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "pipeline stages sized to speed" in out and "with an even split" in out
+    if command == "estimate":  # not "4 x H100-80GB": two of them are A100s
+        assert "on 4 devices of speeds 1, 1, 0.315, 0.315 relative to H100-80GB" in out
     assert main([*argv, "--json"]) == 0
     d = json.loads(capsys.readouterr().out)["device_speeds"]
     assert d["gain"] > 1 and d["stage_layers"][0] > d["stage_layers"][1]

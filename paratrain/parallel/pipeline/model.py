@@ -21,6 +21,7 @@ from paratrain.core.check import check
 from paratrain.core.schedules import Schedule, build_schedule
 from paratrain.core.timeline import Timeline, from_times
 from paratrain.mesh import Mesh
+from paratrain.parallel.grad import collective_device
 from paratrain.parallel.marks import param_of
 from paratrain.parallel.model import GradSync, ParallelModel
 from paratrain.parallel.pipeline.runtime import PipelineRuntime
@@ -74,7 +75,7 @@ class PipelineModel(ParallelModel):
         m = schedule.num_microbatches
         xs, ys = inputs.chunk(m), targets.chunk(m)
         seq = xs[0].shape[1] // (self.mesh.tp.size if self.layout.sequence_parallel else 1)
-        shape = (xs[0].shape[0], seq, self.module.cfg.hidden)  # (B/m, T, H); T/tp between SP blocks
+        shape = (xs[0].shape[0], seq, self.stage.hidden)  # (B/m, T, H); T/tp between SP blocks
         on_backward = self.grad_sync.set_sync if loss_scale is not None else None
         dtype = next(self.module.parameters()).dtype  # the residual stream's (autocast or not)
         losses, times = self.runtime.run(schedule.ranks[self.mesh.coords.pp], xs, ys, shape,
@@ -94,8 +95,11 @@ class PipelineModel(ParallelModel):
             # dL/dW = (embedding's part) + (head's part); both are already averaged over dp.
             # Under ZeRO the reduced gradient is this rank's shard of W (the same on both stages)
             for t in self.grad_sync.grad_params:
-                if param_of(t) is self.stage.tied_param:
-                    comm.all_reduce(t.grad, self.stage.tied_group)
+                if param_of(t) is self.stage.tied_param:  # (an offloaded master's: via the device)
+                    g = t.grad.to(collective_device(t.grad))
+                    comm.all_reduce(g, self.stage.tied_group)
+                    if g is not t.grad:
+                        t.grad.copy_(g)
         return loss
 
     @torch.no_grad()

@@ -1,15 +1,17 @@
 """This pipeline rank's share of the model: its chunks, cut out of the reference model.
 
-:func:`build_stage` keeps, on every rank, the reference ``GPT`` object itself and removes what
-the rank does not run (blocks become ``nn.Identity``, the embedding or the head are deleted), so
-the parameters it keeps are the reference's own tensors (never re-initialised) under their
-reference names. A :class:`Chunk` runs one stage's units: ``embed`` on the first stage, its
-blocks, ``head`` (with the loss) on the last. Because a chunk only calls the model's public
+:func:`build_stage` keeps, on every rank, the reference model object itself and removes what
+the rank does not run (blocks become ``nn.Identity``, the modules before or after the blocks
+are deleted), so the parameters it keeps are the reference's own tensors (never
+re-initialised) under their reference names. A :class:`Chunk` runs one stage's units by the model's stage spec
+(:class:`~paratrain.models.plans.Stages`: any model that names its list of blocks and what runs
+before and after them): ``embed`` on the first stage, its blocks, ``head`` (with the loss) on
+the last. Because a chunk only calls the model's public
 pieces, a tensor-parallel model (whose submodules were already swapped) pipelines the same way.
 
-Tied embeddings. With ``tie_embeddings`` the LM head reuses the token embedding ``W`` (V x H).
-The first stage holds ``W`` for the embedding, the last stage a copy for the head; the reference
-gradient is ``dL/dW = g_embed + g_head``, so after backward the two copies' gradients are summed
+Tied embeddings. When the LM head reuses the token embedding ``W`` (V x H), the first stage
+holds ``W`` for the embedding, the last stage a copy for the head; the reference gradient
+is ``dL/dW = g_embed + g_head``, so after backward the two copies' gradients are summed
 by an all-reduce over the group {first stage, last stage} of each (dp, tp) coordinate, and both
 copies take the same optimizer step. For the global gradient norm (summed over the pp group)
 every kept parameter is marked sharded along ``pp``, and the last stage's copy of ``W``
@@ -26,61 +28,56 @@ from torch import nn
 
 from paratrain.comm import Group
 from paratrain.config import Layout
-from paratrain.core.partition import stage_sizes, stage_units
+from paratrain.core.partition import partition, stage_sizes, stage_units
 from paratrain.mesh import Mesh
-from paratrain.models.gpt import GPT
+from paratrain.models.plans import Stages
 from paratrain.parallel.marks import mark_duplicate, mark_sharded
 from paratrain.parallel.shard import full_shape
 
 
-def unit_of_key(key: str, num_layers: int) -> int:
-    """The unit (0 = embedding, 1..L = blocks, L + 1 = head) a state-dict entry belongs to."""
-    if key.startswith(("wte.", "wpe.")):
-        return 0
-    if key.startswith("blocks."):
-        return int(key.split(".")[1]) + 1
-    if key.startswith(("ln_f.", "lm_head.")):
-        return num_layers + 1
-    raise ValueError(f"state-dict entry {key!r} belongs to no pipeline unit")
-
-
 class Chunk:
-    """Runs the units ``units`` of ``model``: ``(B, T)`` token ids or ``(B, T, H)`` activations
-    in; ``(B, T, H)`` activations or, on the last stage, the mean loss out."""
+    """Runs the units ``units`` of ``model`` by its stage spec: ``(B, T)`` token ids or
+    ``(B, T, H)`` activations in; ``(B, T, H)`` activations or, on the last stage, the mean loss
+    out."""
 
-    def __init__(self, model: GPT, units: range) -> None:
+    def __init__(self, model: nn.Module, stages: Stages, units: range) -> None:
         self.model = model
-        num_layers = len(model.blocks)
+        self.stages = stages
+        blocks = stages.block_list(model)
+        num_layers = len(blocks)
         self.embeds = 0 in units
         self.has_head = num_layers + 1 in units
-        self.blocks = [model.blocks[u - 1] for u in units if 1 <= u <= num_layers]
+        self.blocks = [blocks[u - 1] for u in units if 1 <= u <= num_layers]
 
     def parameters(self) -> list[nn.Parameter]:
         """The parameters this chunk's forward uses (a pipeline rank's chunks share none)."""
-        m = self.model
-        modules = ([m.wte, m.wpe] if self.embeds else []) + self.blocks + ([m.ln_f, m.lm_head] if self.has_head else [])
+        names = (self.stages.before if self.embeds else ()) + (self.stages.after if self.has_head else ())
+        modules = [self.model.get_submodule(n) for n in names] + self.blocks
         return list(dict.fromkeys(p for mod in modules for p in mod.parameters()))
 
     def __call__(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        st = self.stages
         if self.embeds:
-            x = self.model.embed(x)
+            x = st.embed(self.model, x)
         for block in self.blocks:
-            x = block(x)
-        return self.model.head(x, targets) if self.has_head else x
+            x = st.run_block(self.model, block, x)
+        return st.head(self.model, x, targets) if self.has_head else x
 
 
 @dataclass
 class Stage:
     """What :func:`build_stage` returns: the pruned model, this rank's chunks (chunk ``c`` is
     stage ``c * pp + rank``), the layers per stage, the state-dict entries (name, full reference
-    shape) each pipeline rank holds, and the tied-embedding group (None when nothing is tied)."""
+    shape) each pipeline rank holds, the tied-embedding group (None when nothing is tied), and
+    the width of the activations sent between stages."""
 
-    module: GPT
+    module: nn.Module
     chunks: list[Chunk]
     sizes: tuple[int, ...]
     keys_by_rank: list[list[tuple[str, torch.Size]]]
     tied_group: Group | None
     tied_param: nn.Parameter | None
+    hidden: int = 0
 
 
 def _tied_group(mesh: Mesh) -> Group | None:
@@ -91,38 +88,68 @@ def _tied_group(mesh: Mesh) -> Group | None:
     return mesh.build_groups("embed", members)
 
 
-def build_stage(model: GPT, mesh: Mesh, layout: Layout, seq_len: int) -> Stage:
+def _sizes(stages: Stages, num_layers: int, layout: Layout, seq_len: int) -> tuple[int, ...]:
+    p, v = layout.pp, layout.virtual_stages
+    if stages.config is not None or layout.stage_layers is not None:
+        return stage_sizes(stages.config, p, v, seq_len, layout.stage_layers, layout.stage_speeds)  # type: ignore[arg-type]
+    if num_layers < p * v:
+        raise ValueError(f"{p * v} pipeline stages need at least as many blocks; {stages.blocks!r} has {num_layers}")
+    speeds = [float(layout.stage_speeds[s % p]) for s in range(p * v)] if layout.stage_speeds else None
+    return partition([1.0] * num_layers, p * v, speeds)  # no shape to price: blocks alike
+
+
+def _drop(model: nn.Module, name: str) -> None:
+    """Remove submodule ``name`` from this rank's model (it runs on another stage)."""
+    parent, _, leaf = name.rpartition(".")
+    delattr(model.get_submodule(parent) if parent else model, leaf)
+
+
+def _params(model: nn.Module, names: Sequence[str]) -> set[int]:
+    return {id(p) for n in names for p in model.get_submodule(n).parameters()}
+
+
+def build_stage(model: nn.Module, mesh: Mesh, layout: Layout, seq_len: int, stages: Stages | None = None) -> Stage:
     """Cut ``model`` (the full reference, identical on every rank) down to this pipeline rank's
-    chunks. Collective (it creates the tied-embedding groups): every rank calls it."""
-    cfg = model.cfg
+    chunks, by its stage spec (default: the built-in GPT's). Collective (it creates the
+    tied-embedding groups): every rank calls it. A weight held both before and after the blocks
+    (a tied embedding) is the tied parameter."""
+    if stages is None:
+        from paratrain.models.plans import gpt_stages
+
+        stages = gpt_stages(model.cfg)  # type: ignore[arg-type]
     p, v, rank = layout.pp, layout.virtual_stages, mesh.coords.pp
-    sizes = stage_sizes(cfg, p, v, seq_len, layout.stage_layers, layout.stage_speeds)
+    blocks = stages.block_list(model)
+    num_layers = len(blocks)
+    sizes = _sizes(stages, num_layers, layout, seq_len)
     units = stage_units(sizes)
     owner = {u: s % p for s, run in enumerate(units) for u in run}  # unit -> pipeline rank
     keys_by_rank: list[list[tuple[str, torch.Size]]] = [[] for _ in range(p)]
     for key, value in model.state_dict(keep_vars=True).items():  # tp shards: their reference shape
-        keys_by_rank[owner[unit_of_key(key, cfg.num_layers)]].append((key, full_shape(value, mesh.tp.size)))
+        keys_by_rank[owner[stages.unit_of_key(key, num_layers)]].append((key, full_shape(value, mesh.tp.size)))
+    tied_ids = sorted(_params(model, stages.before) & _params(model, stages.after))
 
     mine = {u for u, r in owner.items() if r == rank}
-    for i in range(cfg.num_layers):
+    for i in range(num_layers):
         if i + 1 not in mine:
-            model.blocks[i] = nn.Identity()
+            blocks[i] = nn.Identity()
     if 0 not in mine:
-        del model.wte, model.wpe
-    if cfg.num_layers + 1 not in mine:
-        del model.ln_f, model.lm_head
+        for name in stages.before:
+            _drop(model, name)
+    if num_layers + 1 not in mine:
+        for name in stages.after:
+            _drop(model, name)
     for param in model.parameters():  # each pipeline rank holds different parameters
         mark_sharded(param, "pp")
     tied_group, tied_param = None, None
-    if cfg.tie_embeddings:
+    if tied_ids:
+        assert len(tied_ids) == 1, "one tied weight (the embedding) is supported"
         tied_group = _tied_group(mesh)
-        if rank == 0:
-            tied_param = model.wte.weight
-        elif rank == p - 1:
-            tied_param = model.lm_head.weight
-            mark_duplicate(tied_param)  # counted once, on the first stage
-    chunks = [Chunk(model, units[c * p + rank]) for c in range(v)]
-    return Stage(model, chunks, sizes, keys_by_rank, tied_group, tied_param)
+        if rank in (0, p - 1):
+            tied_param = next(q for q in model.parameters() if id(q) == tied_ids[0])
+            if rank == p - 1:
+                mark_duplicate(tied_param)  # counted once, on the first stage
+    chunks = [Chunk(model, stages, units[c * p + rank]) for c in range(v)]
+    return Stage(model, chunks, sizes, keys_by_rank, tied_group, tied_param, stages.hidden)
 
 
 def flatten(state: dict[str, torch.Tensor], keys: Sequence[tuple[str, torch.Size]]) -> torch.Tensor:

@@ -1,0 +1,49 @@
+"""`paratrain train --hf gpt2|llama --hf-config ...`, as a user runs it: a Llama trains at tp 2
+with the HF model's losses and a checkpoint under HF's names; bad configs are exit-2 errors
+before any process starts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.cli.test_train_cli import losses, paratrain
+from tests.common import LOSS_RTOL
+
+pytest.importorskip("transformers")
+
+LLAMA = json.dumps({"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2,
+                    "intermediate_size": 64, "vocab_size": 256, "max_position_embeddings": 32})
+
+
+def test_llama_tp2_from_the_cli_is_the_hf_model(tmp_path):
+    from paratrain.checkpoint.convert import model_state
+    from paratrain.config import TrainConfig
+    from paratrain.reference import reference_train
+
+    cfg_file = tmp_path / "llama.json"
+    cfg_file.write_text(LLAMA)
+    r = paratrain("train", "--hf", "llama", "--hf-config", str(cfg_file), "--tp", "2", "--steps", "3",
+                  "--global-batch", "4", "--seq-len", "32", "--eval-every", "0", "--out", "o", "--quiet",
+                  "--no-async-checkpoint", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "paratrain train: hf-llama (" in r.stdout and "dp=1 pp=1 tp=2 on 2 process(es)" in r.stdout
+    ref = reference_train(TrainConfig(hf="llama", hf_config=LLAMA, steps=3, global_batch=4, seq_len=32))
+    assert losses(tmp_path / "o") == pytest.approx(ref.losses, rel=LOSS_RTOL)
+    state, _ = model_state(tmp_path / "o")  # gathered back to the HF model's names and shapes
+    assert {k: tuple(v.shape) for k, v in state.items()} == {k: tuple(v.shape) for k, v in ref.state.items()}
+
+
+@pytest.mark.parametrize("config,flags,message", [
+    ('{"n_layer": 2, "n_embd": 32, "n_head": 4, "foo": 1}', ["--hf", "gpt2"],
+     "--hf-config: foo is not a field of the gpt2 config; valid fields:"),
+    ('{"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 1}',
+     ["--hf", "llama", "--tp", "2"], "tp=2 does not divide the model's key/value heads"),
+    ('{"n_layer": 2, "n_embd": 32, "n_head": 4, "vocab_size": 100}', ["--hf", "gpt2"],
+     "vocab_size 100 is smaller than the 256 byte tokens"),
+])
+def test_bad_hf_configs_are_exit_2_before_launch(tmp_path, config, flags, message):
+    r = paratrain("train", *flags, "--hf-config", config, "--steps", "1", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert message in " ".join(r.stderr.split())
