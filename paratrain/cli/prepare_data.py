@@ -74,7 +74,8 @@ def data_vocab(cfg: Any) -> Any:
     if have < need:
         raise ConfigError(f"the data's tokenizer has a vocabulary of {need:,} tokens, more than the model's "
                           f"embedding of {have:,} rows (--vocab-size, the model's own or --hf-config's "
-                          f"vocab_size), so token ids up to {need - 1} would index past it. Drop --vocab-size (with a prepared --data the "
+                          f"vocab_size), so token ids up to {need - 1} would index past it. Drop --vocab-size "
+                          f"(with a prepared --data the "
                           f"embedding follows its tokenizer) or give at least --vocab-size {need}.")
     return cfg
 
