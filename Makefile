@@ -35,7 +35,7 @@ validate: setup
 	$(BIN)/python benchmarks/validate_planner.py
 
 lint: setup
-	$(BIN)/python -m ruff check paratrain tests benchmarks
+	$(BIN)/python -m ruff check paratrain tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

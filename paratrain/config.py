@@ -92,6 +92,7 @@ FIELD_RANGES: dict[str, Range] = {
     "keep_checkpoints": Range(int, 0),  # 0: keep every checkpoint
     "max_bad_steps": Range(int, 0),  # 0: stop at the first non-finite step
     "max_restarts": Range(int, 0, high=1000),
+    "vocab_size": Range(int, 0, high=2**31 - 1),  # 0: the model's own (a prepared --data sets its tokenizer's)
 }
 
 
@@ -412,6 +413,10 @@ class TrainConfig:
     # fields as a JSON object (random weights from `seed`; nothing is downloaded)
     hf: str | None = None
     hf_config: str | None = None
+    # real data (docs/data.md): the embedding's rows; 0 keeps the model's own, a prepared --data
+    # folder sets its tokenizer's vocabulary, --tensorboard also writes TensorBoard events
+    vocab_size: int = 0
+    tensorboard: bool = False
 
     @property
     def world_size(self) -> int:
@@ -429,6 +434,8 @@ class TrainConfig:
         overrides: dict[str, Any] = {"dropout": self.dropout}
         if self.untie_embeddings:
             overrides["tie_embeddings"] = False
+        if self.vocab_size:
+            overrides["vocab_size"] = self.vocab_size
         return get_model_config(self.model, **overrides)
 
     def replace(self, **changes: Any) -> TrainConfig:

@@ -19,6 +19,7 @@ import sysconfig
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -35,17 +36,29 @@ _TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst", ".json", ".toml", ".yaml", ".yml
 
 @dataclass(frozen=True)
 class Corpus:
-    """Token streams (uint8 arrays) for training and validation, and where they came from."""
+    """Token streams for training and validation, and where they came from: uint8 arrays of
+    bytes, or the memory-mapped shards of a prepared folder (:mod:`paratrain.shards`), which
+    bring their ``tokenizer``, ``vocab_size`` and ``fingerprint`` (a CRC of their index)."""
 
     train: np.ndarray
     val: np.ndarray
     source: str
     num_files: int
     warnings: tuple[str, ...] = ()
+    tokenizer: Any = None  # None: bytes
+    fingerprint: int | None = None
+    vocab_size: int | None = None  # None: bytes, the model's own vocabulary
 
     def describe(self) -> str:
+        kind = "bytes" if self.tokenizer is None else f"{self.tokenizer.name}, vocabulary {self.vocab_size:,}"
         return (f"{self.source}: {self.num_files} files, {len(self.train):,} train / "
-                f"{len(self.val):,} validation tokens (bytes)")
+                f"{len(self.val):,} validation tokens ({kind})")
+
+    def decode(self, tokens: list[int]) -> str:
+        return decode(tokens) if self.tokenizer is None else self.tokenizer.decode(tokens)
+
+    def encode(self, text: str) -> list[int]:
+        return encode(text) if self.tokenizer is None else self.tokenizer.encode(text)
 
 
 @dataclass(frozen=True)
@@ -61,6 +74,8 @@ class CorpusCheck:
 
     @classmethod
     def of(cls, corpus: Corpus) -> CorpusCheck:
+        if corpus.fingerprint is not None:  # prepared shards: their index (never read them all)
+            return cls(corpus.source, corpus.num_files, len(corpus.train), len(corpus.val), corpus.fingerprint)
         crc = zlib.crc32(corpus.val.data, zlib.crc32(corpus.train.data))
         return cls(corpus.source, corpus.num_files, len(corpus.train), len(corpus.val), crc)
 
@@ -97,8 +112,14 @@ def _split(root: Path, files: list[Path], source: str) -> Corpus:
     return Corpus(t, v, source, len(files), warnings)
 
 
-def load_corpus(path: str | None = None) -> Corpus:
-    """The standard library's sources (``path=None``), or a user's text file / folder of files."""
+def load_corpus(path: str | None = None, verify: bool = False) -> Corpus:
+    """The standard library's sources (``path=None``), a user's text file / folder of files, or a
+    folder prepared by ``paratrain prepare-data`` (told by its ``index.json``; ``verify``: check
+    its shards' SHA-256)."""
+    if path is not None and (Path(path).expanduser() / "index.json").is_file():
+        from paratrain.shards import load_prepared
+
+        return load_prepared(Path(path).expanduser(), verify)
     if path is None:
         root = stdlib_root()
         return _split(root, _walk(root, {".py"}), f"Python {sysconfig.get_python_version()} stdlib")
@@ -110,7 +131,8 @@ def load_corpus(path: str | None = None) -> Corpus:
     files = [p] if p.is_file() else _walk(p, _TEXT_SUFFIXES)
     if not files:
         raise ConfigError(f"data folder {path!r} holds no text files with a suffix among "
-                          f"{', '.join(sorted(_TEXT_SUFFIXES))}.")
+                          f"{', '.join(sorted(_TEXT_SUFFIXES))}, and no index.json of a prepared corpus; give "
+                          f"a folder of text or one written by paratrain prepare-data.")
     return _split(p if p.is_dir() else p.parent, files, str(p))
 
 

@@ -247,6 +247,10 @@ def _train(cfg: TrainConfig, env: RankEnv, device: torch.device,
     checkpoints = RunCheckpoints(s, out, dataclasses.asdict(cfg))
     first = checkpoints.restore()  # 1, or the step after the checkpoint resumed from
     writer = MetricsWriter(out / "metrics.jsonl", append=first > 1) if lead and out else None
+    if writer and cfg.tensorboard:  # the same records as TensorBoard events, in OUT/tensorboard
+        from paratrain.tboard import FOLDER, TensorBoardMetrics
+
+        writer = TensorBoardMetrics(writer, out / FOLDER)
     progress = Progress(cfg.steps, f"train {cfg.model} [{cfg.layout}]", enabled=lead and cfg.progress,
                         initial=first - 1)
     records: list[dict[str, Any]] = []
@@ -328,7 +332,7 @@ def _train(cfg: TrainConfig, env: RankEnv, device: torch.device,
         summary["resumed_from"] = {"folder": cfg.resume_from, "step": first - 1,
                                    "bytes_read_rank0": checkpoints.bytes_read}
     if cfg.sample_tokens and state is not None and cfg.hf is None:
-        summary["sample"] = sample_text(model_cfg, state, cfg.sample_tokens, cfg.seed)
+        summary["sample"] = sample_text(model_cfg, state, cfg.sample_tokens, cfg.seed, corpus=s.corpus)
     return summary
 
 
@@ -405,11 +409,12 @@ def _summary(cfg: TrainConfig, records: list[dict[str, Any]], val_loss: float | 
 
 
 def sample_text(model_cfg: Any, state: dict[str, torch.Tensor], num_tokens: int, seed: int,
-                prompt: str = SAMPLE_PROMPT) -> str:
-    """Generate ``num_tokens`` bytes after ``prompt`` with the trained weights (on the CPU)."""
+                prompt: str = SAMPLE_PROMPT, corpus: Corpus | None = None) -> str:
+    """Generate ``num_tokens`` tokens after ``prompt`` with the trained weights (on the CPU),
+    encoded and decoded by the corpus's tokenizer (bytes by default)."""
     model = build_reference(model_cfg, seed)
     model.load_state_dict(state)
-    idx = torch.tensor([encode(prompt)], dtype=torch.long)
+    idx = torch.tensor([corpus.encode(prompt) if corpus else encode(prompt)], dtype=torch.long)
     g = torch.Generator().manual_seed(seed)
     out = model.generate(idx, num_tokens, temperature=0.8, top_k=40, generator=g)
-    return decode(out[0].tolist())
+    return corpus.decode(out[0].tolist()) if corpus else decode(out[0].tolist())

@@ -36,8 +36,20 @@ def save(saver: CheckpointSaver, session: Any, step: int, config: dict[str, Any]
     """Save ``session`` (a :class:`paratrain.train.Session`) after ``step``; returns the record of a
     previous asynchronous save that completed meanwhile (see :class:`CheckpointSaver`)."""
     hs = hd.holdings(session.pm, session.opt)
+    config = dict(config, data_position=data_position(session, step))
     meta = {"layout": layout_json(session.cfg.layout), "config": config}
     return saver.save(step, hd.shards(hs, session.opt, session.mesh.rank), rng_state(session.device), meta)
+
+
+def data_position(session: Any, step: int) -> dict[str, Any]:
+    """Where the data stands after ``step``: the next step draws the global batch of ``(seed, step + 1)``
+    from the corpus named by ``fingerprint`` (its index's CRC for a prepared folder); a resume checks it."""
+    from paratrain.data import CorpusCheck
+
+    cfg = session.cfg
+    check = CorpusCheck.of(session.corpus)
+    return {"source": check.source, "fingerprint": check.crc32, "next_step": step + 1,
+            "tokens_seen": step * cfg.global_batch * cfg.seq_len}
 
 
 def load(session: Any, folder: Path, m: Manifest) -> int:

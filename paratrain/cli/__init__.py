@@ -15,7 +15,8 @@ import textwrap
 
 from paratrain.errors import ConfigError, Interrupted
 
-COMMANDS = ("train", "bench", "estimate", "plan", "simulate", "calibrate", "schedule", "convert")
+COMMANDS = ("train", "bench", "estimate", "plan", "simulate", "calibrate", "schedule", "convert", "prepare-data",
+            "explain")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -32,7 +33,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"paratrain {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in ([only] if only in COMMANDS else COMMANDS):
-        importlib.import_module(f"paratrain.cli.{name}").register(sub)
+        importlib.import_module(f"paratrain.cli.{name.replace('-', '_')}").register(sub)
     return parser
 
 

@@ -108,8 +108,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and data")
     g.add_argument("--model", help=f"named model: {', '.join(model_names())} "
                    f"(default: {default('model')})")
-    g.add_argument("--data", metavar="PATH", help="text file or folder of text files (default: "
-                   "the Python standard library's sources, byte-level)")
+    g.add_argument("--data", metavar="PATH", help="text file or folder of text files, or a "
+                   "folder written by paratrain prepare-data (default: the Python standard library's sources, "
+                   "byte-level)")
     g.add_argument("--seq-len", type=int, metavar="L", help=f"tokens per sequence (default: {default('seq_len')})")
     g.add_argument("--global-batch", type=int, metavar="B", help=f"sequences per optimizer step over all ranks "
                    f"(default: {default('global_batch')})")
@@ -157,7 +158,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-batches", type=int, metavar="N",
                    help=f"global batches per validation (default: {default('eval_batches')})")
     g.add_argument("--sample-tokens", type=int, metavar="N",
-                   help=f"bytes of text to sample at the end, 0 = none (default: {default('sample_tokens')})")
+                   help=f"tokens of text to sample at the end, 0 = none (default: {default('sample_tokens')})")
     g.add_argument("--quiet", dest="progress", action="store_false", default=None,
                    help="no progress display")
     g = p.add_argument_group("checkpoints (OUT/checkpoints/step-N: each rank's shards + manifest.json)")
@@ -190,6 +191,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="measure each rank's parameter, gradient and optimizer-state bytes and the peak "
                    "bytes of activations saved for backward during the last step (summary.json: "
                    "memory_per_rank); the figures the planner predicts")
+    g = p.add_argument_group("real data and metrics (docs/data.md)")
+    g.add_argument("--vocab-size", type=int, metavar="V", help="rows of the token embedding (default: the "
+                   "model's own; with --data a folder from paratrain prepare-data, its tokenizer's)")
+    g.add_argument("--tensorboard", action="store_true", default=None, help="also write the per-step metrics "
+                   "of metrics.jsonl as TensorBoard events into OUT/tensorboard (pip install 'paratrain[data]')")
 
 
 # Config-file keys are the option names (either spelling: ``warmup-steps`` or ``warmup_steps``);

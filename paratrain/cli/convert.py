@@ -59,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
 
             cfg = m.config
             model = get_model_config(cfg.get("model", "tiny"), dropout=cfg.get("dropout", 0.0),
-                                     **({"tie_embeddings": False} if cfg.get("untie_embeddings") else {}))
+                                     **({"tie_embeddings": False} if cfg.get("untie_embeddings") else {}),
+                                     **({"vocab_size": cfg["vocab_size"]} if cfg.get("vocab_size") else {}))
             out = convert.to_hf(src, target, model)
     except CheckpointError as e:
         raise ConfigError(str(e)) from None

@@ -182,8 +182,15 @@ def preflight(cfg: TrainConfig) -> Any:
         parse_hf_config(cfg.hf, cfg.hf_config)
     from paratrain.data import check_corpus, load_corpus
 
-    corpus = load_corpus(cfg.data)
+    corpus = load_corpus(cfg.data, verify=True)  # a prepared folder: every shard's SHA-256, once
     check_corpus(corpus, cfg.seq_len)
+    from paratrain.cli.prepare_data import check_resume_data
+
+    check_resume_data(cfg, corpus)
+    if cfg.tensorboard:
+        from paratrain.tboard import check_available
+
+        check_available()
     if cfg.device == "cuda":
         import torch
 
@@ -209,6 +216,9 @@ def run(args: argparse.Namespace) -> int:
         cfg, auto = plan_auto(args)
     else:
         cfg = build_train_config(args)
+    from paratrain.cli.prepare_data import data_vocab
+
+    cfg = data_vocab(cfg)  # a prepared --data folder: the embedding follows its tokenizer
     if cfg.init_from:
         check_init_from(cfg)
     model_cfg, corpus = preflight(cfg)

@@ -48,6 +48,7 @@ TRAIN = {
     "--eval-every": ({"0", "huge"}, [], int),
     "--eval-batches": ({"huge"}, [], int),
     "--sample-tokens": ({"0", "huge"}, [], int),
+    "--vocab-size": ({"0"}, [], int),  # 0: the model's own vocabulary (a prepared --data: its tokenizer's)
 }
 BENCH = {
     "--global-batch": (set(), int),

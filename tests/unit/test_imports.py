@@ -14,7 +14,7 @@ planning commands the way a user does and looks at what Python loaded. The rules
   ``parallel``, ``comm``, ``mesh``, ``launch``, ``train``, ``torch.distributed``.
 * What core and plan import when they load (module-level imports, followed through every
   paratrain module they reach, package ``__init__`` files included) never reaches torch.
-* ``paratrain estimate | plan | simulate | schedule`` never import torch (nor numpy).
+* ``paratrain estimate | plan | simulate | schedule | explain`` never import torch (nor numpy).
 
 Imports inside functions count for the first three rules (they run when the function does);
 ``if TYPE_CHECKING:`` imports count too (a type from a layer above is still a dependency).
@@ -191,7 +191,7 @@ def test_core_and_planner_load_without_torch() -> None:
 
 
 def test_planning_commands_never_import_torch() -> None:
-    """The four planning commands, one after the other in a fresh interpreter, as a user runs
+    """The five planning commands, one after the other in a fresh interpreter, as a user runs
     them; then no torch (nor numpy) in ``sys.modules``. ``schedule`` without ``--out``: drawing
     the PNG loads matplotlib, and with it numpy."""
     commands = [
@@ -200,6 +200,7 @@ def test_planning_commands_never_import_torch() -> None:
         ["plan", "--model", "gpt2-1.3b", "--devices", "8", "--global-batch", "64", "--top", "3"],
         ["simulate", "--model", "gpt2-350m", "--dp", "2", "--pp", "2", "--microbatches", "4", "--global-batch", "16"],
         ["schedule", "--pp", "4", "--microbatches", "8", "--schedule", "interleaved", "--virtual-stages", "2"],
+        ["explain", "--dp", "2", "--tp", "2", "--pp", "2", "--model", "tiny"],
     ]
     code = (
         "import contextlib, io, sys\n"

@@ -1,0 +1,62 @@
+"""``paratrain explain``: print (and with ``--out`` draw) which rank holds which layers and which
+slice of each weight, the process groups, and what each rank sends per step. No processes, no torch."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from paratrain.errors import ConfigError
+
+DESCRIPTION = """\
+Show one layout as a learner needs to see it: each rank's (dp, pp, tp) coordinates, the layers
+it runs, the slice of every weight it holds, the process groups, and the bytes it sends per step
+on each group, from the formulas the planner uses (paratrain/core/traffic.py, core/ring.py).
+Nothing is started and torch is not imported.
+
+example:  paratrain explain --dp 2 --tp 2 --pp 2 --model tiny --out layout.png"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from paratrain.config import TrainConfig
+
+    d = TrainConfig()
+    p = sub.add_parser("explain", help="who holds what and sends what, for one layout (no processes)",
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for axis in ("dp", "pp", "tp"):
+        p.add_argument(f"--{axis}", type=int, default=1, metavar="N", help=f"{axis} degree (default: 1)")
+    p.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3), help="ZeRO stage (default: 0)")
+    p.add_argument("--microbatches", type=int, default=1, metavar="M", help="micro-batches per step (default: 1)")
+    p.add_argument("--virtual-stages", type=int, default=1, metavar="V", help="chunks per pipeline rank (default: 1)")
+    p.add_argument("--schedule", default="1f1b", choices=("gpipe", "1f1b", "interleaved"),
+                   help="pipeline schedule (default: 1f1b)")
+    p.add_argument("--sequence-parallel", action="store_true", help="sequence parallelism over tp")
+    p.add_argument("--model", default=d.model, help=f"named model (default: {d.model})")
+    p.add_argument("--global-batch", type=int, default=d.global_batch, metavar="B",
+                   help=f"sequences per step (default: {d.global_batch})")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, metavar="L", help=f"tokens per sequence "
+                   f"(default: {d.seq_len})")
+    p.add_argument("--out", metavar="PNG", help="also draw the layout into this PNG")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from paratrain.config import Layout
+    from paratrain.models.configs import get_model_config
+    from paratrain.plan.explain import explain_text
+
+    model = get_model_config(args.model)
+    layout = Layout(dp=args.dp, pp=args.pp, tp=args.tp, zero=args.zero, microbatches=args.microbatches,
+                    schedule=args.schedule, virtual_stages=args.virtual_stages,
+                    sequence_parallel=args.sequence_parallel)
+    layout.check_degrees()
+    layout.validate(model, args.global_batch, args.seq_len)  # the one layout rule (paratrain/config.py)
+    print(explain_text(model, layout, args.global_batch, args.seq_len))
+    if args.out:
+        if not args.out.endswith(".png"):
+            raise ConfigError(f"--out {args.out}: give a file name ending in .png.")
+        from paratrain.viz.explain import draw_layout
+
+        draw_layout(model, layout, args.global_batch, args.seq_len, Path(args.out))
+        print(f"\nwrote {args.out}")
+    return 0
