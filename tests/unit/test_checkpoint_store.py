@@ -75,7 +75,7 @@ def _save(root: Path, step: int, layout_boxes: list[list[boxes.Box]], tensors: d
     for rank, parts in enumerate(layout_boxes):
         shards = [s for name, t in tensors.items()
                   for s in _shards(t, name, parts if t.dim() else [()] if rank == 0 else [])]
-        write_rank(folder, rank, stage(shards), {"rng": torch.tensor([rank], dtype=torch.uint8)})
+        write_rank(folder, rank, stage(shards, {"rng": torch.tensor([rank], dtype=torch.uint8)}))
     return commit(root, step, len(layout_boxes), {"layout": {"dp": len(layout_boxes)}}, keep, 5.0)
 
 
@@ -107,7 +107,7 @@ def test_save_then_read_under_another_split(tmp_path):
 def test_missing_elements_are_an_error_not_zeros(tmp_path):
     folder = begin(tmp_path, 1, 0, lambda: None)
     w = torch.randn(4, 6)
-    write_rank(folder, 0, stage(_shards(w, "w", [((0, 2), (0, 6))])), {})  # half of it
+    write_rank(folder, 0, stage(_shards(w, "w", [((0, 2), (0, 6))])))  # half of it
     with pytest.raises(CheckpointError, match=r"tensor 'w' has 12 of its 24 elements"):
         commit(tmp_path, 1, 1, {}, 0, 5.0)
     assert not (tmp_path / LATEST).exists()
@@ -117,7 +117,7 @@ def test_a_crash_mid_save_keeps_the_previous_checkpoint_selected(tmp_path):
     w = torch.randn(8, 6)
     _save(tmp_path, 2, _rows(8, 2), {"w": w})
     folder = begin(tmp_path, 4, 0, lambda: None)  # step 4: rank 0 wrote, rank 1 died
-    write_rank(folder, 0, stage(_shards(w + 1, "w", _rows(8, 2)[0])), {})
+    write_rank(folder, 0, stage(_shards(w + 1, "w", _rows(8, 2)[0])))
     with pytest.raises(CheckpointError, match="did not finish"):
         commit(tmp_path, 4, 2, {}, 0, 0.2)
     found, m, _ = find_valid(tmp_path)
