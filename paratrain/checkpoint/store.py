@@ -57,15 +57,27 @@ def _rank_file(rank: int) -> str:
     return f"rank{rank:05d}.safetensors"
 
 
-def begin(root: Path, step: int, rank: int, barrier: Callable[[], None]) -> Path:
-    """Every rank calls it at the same step; returns the folder the save writes into."""
+def begin(root: Path, step: int, rank: int, barrier: Callable[[], None], first: bool = True) -> Path:
+    """Every rank calls it at the same step; returns the folder the save writes into.
+
+    The ``first`` save of a saver clears every partial folder (what a crashed attempt left: a
+    stale fragment of this step must not pass for a fresh one) and waits for all ranks. A later
+    save needs no barrier, so training does not wait for the slowest rank to arrive: each rank
+    creates the folder if it is not there, and rank 0 removes only other steps' partial folders,
+    which no rank writes to any more (rank 0 waited for the previous commit, and that commit
+    waited for every rank's last file)."""
     folder = _partial_dir(root, step)
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(".step-*.partial"):
-            shutil.rmtree(stale, ignore_errors=True)
-        folder.mkdir()
-    barrier()
+            if first or stale.name != folder.name:
+                shutil.rmtree(stale, ignore_errors=True)
+    if first:
+        if rank == 0:
+            folder.mkdir()
+        barrier()
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
     return folder
 
 
@@ -142,6 +154,7 @@ class CheckpointSaver:
         self._error: BaseException | None = None
         self._pending: dict[str, Any] | None = None
         self._buffer = HostBuffer()  # reused by every save: at most one is in flight
+        self._last_step: int | None = None
         self.last_blocked_s = 0.0
 
     def save(self, step: int, shards: Iterable[Shard], local: dict[str, torch.Tensor],
@@ -149,8 +162,11 @@ class CheckpointSaver:
         """Start (or, synchronously, do) the save of ``step``; returns the previous save's record
         if it completed just now."""
         done = self.wait()
+        if step == self._last_step:  # e.g. a preemption right after the periodic save: nothing new
+            return done
         t0 = time.perf_counter()
-        folder = begin(self.root, step, self.rank, self.barrier)
+        folder = begin(self.root, step, self.rank, self.barrier, first=self._last_step is None)
+        self._last_step = step
         staged = stage(shards, local, self._buffer)
         blocked = self.last_blocked_s = time.perf_counter() - t0
         self._pending = {"step": step, "blocked_s": blocked, "t0": t0}
@@ -160,8 +176,7 @@ class CheckpointSaver:
             self._thread.start()
         else:
             write_rank(folder, self.rank, staged)
-            self.barrier()
-            if self.rank == 0:
+            if self.rank == 0:  # waits for every rank's fragment
                 commit(self.root, step, self.world_size, meta, self.keep, self.timeout_s)
             self.barrier()
             return self._finish() if done is None else done

@@ -228,3 +228,36 @@ def test_a_failed_background_write_is_raised_at_the_next_save(tmp_path, monkeypa
     with pytest.raises(CheckpointError, match="No space left"):
         saver.save(2, [], {}, {})
     assert not os.path.exists(tmp_path / LATEST)
+
+
+def test_later_saves_need_no_barrier_and_a_crashed_attempts_partial_is_cleared(tmp_path):
+    """Two ranks' savers in one process. The first save clears a stale partial folder (with a
+    fragment a crashed attempt left); a later one runs without a barrier even when rank 1 starts
+    it before rank 0; saving a step already saved writes nothing."""
+    w = torch.randn(8, 6)
+    stale = tmp_path / ".step-2.partial"
+    stale.mkdir(parents=True)
+    (stale / "rank00001.json").write_text("{}")  # would pass for rank 1's "done" mark
+
+    def no_barrier():
+        raise AssertionError("a barrier in a later save")
+
+    savers = [CheckpointSaver(tmp_path, r, 2, lambda: None, asynchronous=True, timeout_s=10) for r in range(2)]
+    for r, s in enumerate(savers):
+        s.save(1, _shards(w, "w", _rows(8, 2)[r]), {}, {})
+    assert not stale.exists()
+    for s in savers:
+        s.wait()
+        s.barrier = no_barrier
+    w.add_(1.0)
+    for r in (1, 0):  # rank 1 is ahead: it creates the folder, rank 0 must not clear it
+        savers[r].save(2, _shards(w, "w", _rows(8, 2)[r]), {}, {})
+    for s in savers:
+        s.wait()
+    found, m, _ = find_valid(tmp_path)
+    out = torch.empty(8, 6)
+    CheckpointReader(found, m).fill("w", boxes.full_box((8, 6)), out)
+    assert found.name == "step-2" and torch.equal(out, w)
+    before = (found / "manifest.json").stat().st_mtime_ns
+    assert savers[0].save(2, _shards(w, "w", _rows(8, 2)[0]), {}, {}) is None
+    assert (found / "manifest.json").stat().st_mtime_ns == before and not list(tmp_path.glob(".step-*"))
