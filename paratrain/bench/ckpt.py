@@ -192,6 +192,7 @@ def _save_dtensors(folder: Path, m: Any, path: Path, world: int) -> None:
 
 def _reshard(a: _Args, rank: int, world: int) -> dict[str, Any]:
     import torch
+    import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
     from paratrain.checkpoint import session as ck
@@ -206,6 +207,6 @@ def _reshard(a: _Args, rank: int, world: int) -> dict[str, Any]:
         ck.load(s, folder, m)
         out["ours_load"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        dcp.load(state, checkpoint_id=str(Path(a.root) / "dcp-dtensor"))
+        dcp.load(state, checkpoint_id=str(Path(a.root) / "dcp-dtensor"), no_dist=not dist.is_initialized())
         out["dcp_load"].append(time.perf_counter() - t0)
     return out
