@@ -78,7 +78,8 @@ class Manifest:
     def write(self, folder: Path) -> None:
         from paratrain.checkpoint.atomic import atomic_write_bytes
 
-        atomic_write_bytes(folder / MANIFEST, json.dumps(self.to_json(), indent=1, allow_nan=False).encode())
+        text = json.dumps(self.to_json(), separators=(",", ":"), allow_nan=False)  # C encoder: no indent
+        atomic_write_bytes(folder / MANIFEST, text.encode())
 
 
 def safe_file_name(name: object, where: str) -> str:

@@ -3,11 +3,13 @@
 Saving step ``N`` into ``ROOT`` (``OUT/checkpoints``)::
 
     begin       rank 0 clears stale ``.step-*.partial`` folders, creates ``.step-N.partial``; barrier
-    stage       every rank copies its boxes to host memory          <- the only time training waits
-    write       every rank writes ``rankRRRRR.safetensors`` (temporary name, fsync, rename), then
-                its fragment ``rankRRRRR.json`` (what the file holds, its SHA-256): its "done" mark
-    commit      rank 0 waits for every fragment, merges them into ``manifest.json``, renames the
-                folder to ``step-N`` and only then points ``latest`` at it; keeps the newest K
+    stage       every rank copies its boxes into its reused host buffer  <- the only time training waits
+    write       every rank writes ``rankRRRRR.safetensors`` straight from that buffer (temporary
+                name, fsync, rename; SHA-256 computed alongside, :mod:`.writer`), then its fragment
+                ``rankRRRRR.json`` (what the file holds, its SHA-256): its "done" mark
+    commit      rank 0 waits for every fragment, merges them into ``manifest.json`` (fsynced, then
+                one fsync of the folder makes every rank's rename durable), renames the folder to
+                ``step-N``, fsyncs the parent and only then points ``latest`` at it; keeps the newest K
 
 A crash at any moment leaves either the previous ``latest`` (and its folder) untouched or the new
 one complete. ``write`` and ``commit`` need no collective, so they run on a background thread
@@ -21,11 +23,11 @@ with the saved pieces.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,21 +37,12 @@ from paratrain.checkpoint import manifest as mf
 from paratrain.checkpoint.atomic import atomic_write_bytes, fsync_dir, sha256_file
 from paratrain.checkpoint.boxes import Box, intersect, lengths, numel, relative
 from paratrain.checkpoint.manifest import CheckpointError, Manifest, Piece, TensorEntry
+from paratrain.checkpoint.writer import HostBuffer, Shard, Staged, write_file
+
+__all__ = ["LATEST", "CheckpointReader", "CheckpointSaver", "Shard", "begin", "commit", "find_valid", "stage",
+           "step_dir", "verify", "write_rank"]
 
 LATEST = "latest"
-_DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
-           torch.bfloat16: "bfloat16", torch.int64: "int64", torch.int32: "int32", torch.uint8: "uint8",
-           torch.bool: "bool"}
-
-
-@dataclass
-class Shard:
-    """One box of one global tensor, as this rank holds it."""
-
-    name: str
-    shape: tuple[int, ...]
-    box: Box
-    data: torch.Tensor  # shaped like the box; a view into the live tensor until staged
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -64,43 +57,46 @@ def _rank_file(rank: int) -> str:
     return f"rank{rank:05d}.safetensors"
 
 
-def _key(name: str, box: Box) -> str:
-    return name + "@" + ",".join(f"{o}+{n}" for o, n in box)
+def begin(root: Path, step: int, rank: int, barrier: Callable[[], None], first: bool = True) -> Path:
+    """Every rank calls it at the same step; returns the folder the save writes into.
 
-
-def begin(root: Path, step: int, rank: int, barrier: Callable[[], None]) -> Path:
-    """Every rank calls it at the same step; returns the folder the save writes into."""
+    The ``first`` save of a saver clears every partial folder (what a crashed attempt left: a
+    stale fragment of this step must not pass for a fresh one) and waits for all ranks. A later
+    save needs no barrier, so training does not wait for the slowest rank to arrive: each rank
+    creates the folder if it is not there, and rank 0 removes only other steps' partial folders,
+    which no rank writes to any more (rank 0 waited for the previous commit, and that commit
+    waited for every rank's last file)."""
     folder = _partial_dir(root, step)
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(".step-*.partial"):
-            shutil.rmtree(stale, ignore_errors=True)
-        folder.mkdir()
-    barrier()
+            if first or stale.name != folder.name:
+                shutil.rmtree(stale, ignore_errors=True)
+    if first:
+        if rank == 0:
+            folder.mkdir()
+        barrier()
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
     return folder
 
 
-def stage(shards: Iterable[Shard]) -> list[Shard]:
-    """Copies on the host of every shard's data, detached from training."""
-    return [Shard(s.name, s.shape, s.box, s.data.detach().to("cpu", copy=True).contiguous()) for s in shards]
+def stage(shards: Iterable[Shard], local: dict[str, torch.Tensor] | None = None,
+          buffer: HostBuffer | None = None) -> Staged:
+    """Host copies of every shard and of the rank-local tensors (RNG states), detached from
+    training, in ``buffer`` (a fresh one by default; a saver passes its own, reused)."""
+    return (buffer or HostBuffer()).stage(list(shards), dict(local or {}))
 
 
-def write_rank(folder: Path, rank: int, shards: list[Shard], local: dict[str, torch.Tensor]) -> None:
-    """This rank's file and its fragment (written last: its presence means the file is whole).
-    ``local``: rank-local tensors (RNG states), restored only into the same rank of the same layout."""
-    from safetensors.torch import save
-
-    tensors = {_key(s.name, s.box): s.data for s in shards}
-    tensors.update({f"rank/{k}": v.detach().cpu().contiguous() for k, v in local.items()})
+def write_rank(folder: Path, rank: int, staged: Staged) -> None:
+    """This rank's file, then its fragment (written last: its presence means the file is whole
+    and fsynced). The rank-local tensors are restored only into the same rank of the same layout."""
     file = _rank_file(rank)
-    data = save(tensors)
-    digest = atomic_write_bytes(folder / file, data)
-    fragment = {
-        "file": file, "sha256": digest, "bytes": len(data), "local": sorted(local),
-        "tensors": [{"name": s.name, "shape": list(s.shape), "dtype": _DTYPES[s.data.dtype],
-                     "key": _key(s.name, s.box), "box": [list(d) for d in s.box]} for s in shards],
-    }
-    atomic_write_bytes(folder / f"rank{rank:05d}.json", json.dumps(fragment).encode())
+    digest, size = write_file(folder / file, staged)
+    fragment = {"file": file, "sha256": digest, "bytes": size, "local": staged.local, "tensors": staged.tensors}
+    tmp = folder / f".rank{rank:05d}.json.tmp"  # rank 0 must never read half a fragment
+    tmp.write_text(json.dumps(fragment, separators=(",", ":")))
+    os.replace(tmp, folder / f"rank{rank:05d}.json")
 
 
 def commit(root: Path, step: int, world_size: int, meta: dict[str, Any], keep: int,
@@ -114,7 +110,7 @@ def commit(root: Path, step: int, world_size: int, meta: dict[str, Any], keep: i
             missing = [p.name for p in names if not p.exists()]
             raise CheckpointError(f"checkpoint of step {step}: ranks did not finish writing within "
                                   f"{timeout_s:.0f} s (missing {', '.join(missing[:4])}).")
-        time.sleep(0.01)
+        time.sleep(0.002)
     m = Manifest(step, meta.get("layout", {}), meta.get("config", {}), world_size)
     for rank, path in enumerate(names):
         frag = json.loads(path.read_text())
@@ -157,6 +153,8 @@ class CheckpointSaver:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._pending: dict[str, Any] | None = None
+        self._buffer = HostBuffer()  # reused by every save: at most one is in flight
+        self._last_step: int | None = None
         self.last_blocked_s = 0.0
 
     def save(self, step: int, shards: Iterable[Shard], local: dict[str, torch.Tensor],
@@ -164,29 +162,29 @@ class CheckpointSaver:
         """Start (or, synchronously, do) the save of ``step``; returns the previous save's record
         if it completed just now."""
         done = self.wait()
+        if step == self._last_step:  # e.g. a preemption right after the periodic save: nothing new
+            return done
         t0 = time.perf_counter()
-        folder = begin(self.root, step, self.rank, self.barrier)
-        staged = stage(shards)
-        local = {k: v.detach().to("cpu", copy=True) for k, v in local.items()}
+        folder = begin(self.root, step, self.rank, self.barrier, first=self._last_step is None)
+        self._last_step = step
+        staged = stage(shards, local, self._buffer)
         blocked = self.last_blocked_s = time.perf_counter() - t0
         self._pending = {"step": step, "blocked_s": blocked, "t0": t0}
         if self.asynchronous:
-            self._thread = threading.Thread(target=self._run, args=(folder, step, staged, local, meta),
+            self._thread = threading.Thread(target=self._run, args=(folder, step, staged, meta),
                                             name=f"checkpoint-step-{step}", daemon=True)
             self._thread.start()
         else:
-            write_rank(folder, self.rank, staged, local)
-            self.barrier()
-            if self.rank == 0:
+            write_rank(folder, self.rank, staged)
+            if self.rank == 0:  # waits for every rank's fragment
                 commit(self.root, step, self.world_size, meta, self.keep, self.timeout_s)
             self.barrier()
             return self._finish() if done is None else done
         return done
 
-    def _run(self, folder: Path, step: int, staged: list[Shard], local: dict[str, torch.Tensor],
-             meta: dict[str, Any]) -> None:
+    def _run(self, folder: Path, step: int, staged: Staged, meta: dict[str, Any]) -> None:
         try:
-            write_rank(folder, self.rank, staged, local)
+            write_rank(folder, self.rank, staged)
             if self.rank == 0:
                 commit(self.root, step, self.world_size, meta, self.keep, self.timeout_s)
         except BaseException as e:  # noqa: BLE001 - re-raised on the training thread

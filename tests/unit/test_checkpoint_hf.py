@@ -22,7 +22,7 @@ def _save_reference(root, model) -> None:
         if id(t) not in seen:
             seen.add(id(t))
             shards.append(Shard(name, tuple(t.shape), full_box(t.shape), t.detach()))
-    write_rank(folder, 0, stage(shards), {})
+    write_rank(folder, 0, stage(shards))
     commit(root, 3, 1, {"config": {"model": model.cfg.name}}, 0, 5.0)
 
 

@@ -75,7 +75,7 @@ def _save(root: Path, step: int, layout_boxes: list[list[boxes.Box]], tensors: d
     for rank, parts in enumerate(layout_boxes):
         shards = [s for name, t in tensors.items()
                   for s in _shards(t, name, parts if t.dim() else [()] if rank == 0 else [])]
-        write_rank(folder, rank, stage(shards), {"rng": torch.tensor([rank], dtype=torch.uint8)})
+        write_rank(folder, rank, stage(shards, {"rng": torch.tensor([rank], dtype=torch.uint8)}))
     return commit(root, step, len(layout_boxes), {"layout": {"dp": len(layout_boxes)}}, keep, 5.0)
 
 
@@ -107,7 +107,7 @@ def test_save_then_read_under_another_split(tmp_path):
 def test_missing_elements_are_an_error_not_zeros(tmp_path):
     folder = begin(tmp_path, 1, 0, lambda: None)
     w = torch.randn(4, 6)
-    write_rank(folder, 0, stage(_shards(w, "w", [((0, 2), (0, 6))])), {})  # half of it
+    write_rank(folder, 0, stage(_shards(w, "w", [((0, 2), (0, 6))])))  # half of it
     with pytest.raises(CheckpointError, match=r"tensor 'w' has 12 of its 24 elements"):
         commit(tmp_path, 1, 1, {}, 0, 5.0)
     assert not (tmp_path / LATEST).exists()
@@ -117,7 +117,7 @@ def test_a_crash_mid_save_keeps_the_previous_checkpoint_selected(tmp_path):
     w = torch.randn(8, 6)
     _save(tmp_path, 2, _rows(8, 2), {"w": w})
     folder = begin(tmp_path, 4, 0, lambda: None)  # step 4: rank 0 wrote, rank 1 died
-    write_rank(folder, 0, stage(_shards(w + 1, "w", _rows(8, 2)[0])), {})
+    write_rank(folder, 0, stage(_shards(w + 1, "w", _rows(8, 2)[0])))
     with pytest.raises(CheckpointError, match="did not finish"):
         commit(tmp_path, 4, 2, {}, 0, 0.2)
     found, m, _ = find_valid(tmp_path)
@@ -228,3 +228,36 @@ def test_a_failed_background_write_is_raised_at_the_next_save(tmp_path, monkeypa
     with pytest.raises(CheckpointError, match="No space left"):
         saver.save(2, [], {}, {})
     assert not os.path.exists(tmp_path / LATEST)
+
+
+def test_later_saves_need_no_barrier_and_a_crashed_attempts_partial_is_cleared(tmp_path):
+    """Two ranks' savers in one process. The first save clears a stale partial folder (with a
+    fragment a crashed attempt left); a later one runs without a barrier even when rank 1 starts
+    it before rank 0; saving a step already saved writes nothing."""
+    w = torch.randn(8, 6)
+    stale = tmp_path / ".step-2.partial"
+    stale.mkdir(parents=True)
+    (stale / "rank00001.json").write_text("{}")  # would pass for rank 1's "done" mark
+
+    def no_barrier():
+        raise AssertionError("a barrier in a later save")
+
+    savers = [CheckpointSaver(tmp_path, r, 2, lambda: None, asynchronous=True, timeout_s=10) for r in range(2)]
+    for r, s in enumerate(savers):
+        s.save(1, _shards(w, "w", _rows(8, 2)[r]), {}, {})
+    assert not stale.exists()
+    for s in savers:
+        s.wait()
+        s.barrier = no_barrier
+    w.add_(1.0)
+    for r in (1, 0):  # rank 1 is ahead: it creates the folder, rank 0 must not clear it
+        savers[r].save(2, _shards(w, "w", _rows(8, 2)[r]), {}, {})
+    for s in savers:
+        s.wait()
+    found, m, _ = find_valid(tmp_path)
+    out = torch.empty(8, 6)
+    CheckpointReader(found, m).fill("w", boxes.full_box((8, 6)), out)
+    assert found.name == "step-2" and torch.equal(out, w)
+    before = (found / "manifest.json").stat().st_mtime_ns
+    assert savers[0].save(2, _shards(w, "w", _rows(8, 2)[0]), {}, {}) is None
+    assert (found / "manifest.json").stat().st_mtime_ns == before and not list(tmp_path.glob(".step-*"))
