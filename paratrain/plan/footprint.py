@@ -124,9 +124,10 @@ class LayoutMemory:
         first, last = 0 in stages, p * v - 1 in stages
         # = sum(self.chunk_params(k) for k in stages), in one product: parameter counts are
         # integers (tp divides the widths, the vocabulary is padded), so no order rounds differently
+        gpt = self.model.family == "gpt"  # as chunk_params: learned positions and a LayerNorm bias
         params = sum(self.shape.chunks[k] for k in stages) * self.block \
-            + (self.embed + self.model.max_seq_len * self.h if first else 0) \
-            + (2 * self.h + (self.embed if self.head_copy else 0) if last else 0)
+            + (self.embed + (self.model.max_seq_len * self.h if gpt else 0) if first else 0) \
+            + ((2 if gpt else 1) * self.h + (self.embed if self.head_copy else 0) if last else 0)
         if v == 1:
             past_i = deferred_w(schedule, p, m, i)  # ZB-H1: held past their I, for W only
             flight = in_flight_microbatches(schedule, p, m, v, i) - past_i

@@ -73,3 +73,16 @@ def test_estimate_and_plan_read_a_hf_config_file(tmp_path):
     assert r.stdout.startswith("hf-llama: 8,030,261,248 parameters on 64 x H100-80GB")
     r = subprocess.run([*env_cmd[:6], "--model", "tiny"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "give either --model or --hf-config" in r.stderr
+
+
+@pytest.mark.parametrize("pp", [1, 4])
+def test_the_memory_model_counts_every_llama_parameter_once(pp):
+    """The planner's per-rank parameters (footprint) add up to the published count (Llama has no
+    learned positions and RMSNorm without bias: a GPT-shaped formula would add them)."""
+    from paratrain.config import Layout
+    from paratrain.plan.footprint import LayoutMemory
+    from paratrain.plan.options import CostOptions
+
+    model = get_model_config("llama-3-8b")
+    memory = LayoutMemory(model, Layout(pp=pp, microbatches=4), 8, 2048, "bf16", CostOptions())
+    assert sum(memory._rank_parts(i)[0] for i in range(pp)) == param_count(model) == 8_030_261_248
