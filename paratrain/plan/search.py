@@ -117,13 +117,22 @@ def enumerate_layouts(model: ModelConfig, num_devices: int, global_batch: int, s
                     shared = dict(dp=dp, pp=pp, tp=tp, cp=cp, microbatches=m, schedule=schedule, virtual_stages=v,
                                   stage_layers=stage_layers, stage_speeds=stage_speeds)
                     # validity depends on the recomputation too (zero-bubble schedules refuse full)
-                    valid = {r: [sp for sp in sps if _valid(Layout(**shared, zero=zeros[0], recompute=r,
-                                                                   sequence_parallel=sp), model, global_batch, seq_len)]
-                             for r in recomputes}
+                    candidates = {r: [Layout(**shared, zero=zeros[0], recompute=r, sequence_parallel=sp)
+                                      for sp in sps] for r in recomputes}
+                    valid = {r: [c for c in cs if _valid(c, model, global_batch, seq_len)]
+                             for r, cs in candidates.items()}
                     for zero in zeros:
                         for recompute in recomputes:
-                            for sp in valid[recompute]:
-                                yield Layout(**shared, zero=zero, recompute=recompute, sequence_parallel=sp)
+                            for candidate in valid[recompute]:
+                                yield candidate if zero == zeros[0] else _with_zero(candidate, zero)
+
+
+def _with_zero(layout: Layout, zero: int) -> Layout:
+    """``dataclasses.replace(layout, zero=zero)`` without running ``__init__`` again: the search
+    builds tens of thousands of these from validated candidates (fields already normalised)."""
+    clone = object.__new__(Layout)
+    clone.__dict__.update(layout.__dict__, zero=zero)
+    return clone
 
 
 @dataclass(frozen=True)
