@@ -71,6 +71,10 @@ def data_vocab(cfg: Any) -> Any:
         return cfg.replace(vocab_size=need)
     have = cfg.model_config().vocab_size if hf else (cfg.vocab_size or cfg.model_config().vocab_size)
     need = need or BYTES_VOCAB
+    if have < need and hf is not None:
+        raise ConfigError(f"--hf-config: vocab_size {have:,} is smaller than the data's vocabulary of {need:,} tokens "
+                          f"({'the 256 byte tokens' if need == BYTES_VOCAB else 'its tokenizer'}), so token ids up "
+                          f"to {need - 1} would index past the embedding. Give vocab_size >= {need} in --hf-config.")
     if have < need:
         raise ConfigError(f"the data's tokenizer has a vocabulary of {need:,} tokens, more than the model's "
                           f"embedding of {have:,} rows (--vocab-size, the model's own or --hf-config's "

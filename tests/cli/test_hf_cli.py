@@ -41,7 +41,7 @@ def test_llama_tp2_from_the_cli_is_the_hf_model(tmp_path):
     ('{"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 1}',
      ["--hf", "llama", "--tp", "2"], "tp=2 does not divide the model's key/value heads"),
     ('{"n_layer": 2, "n_embd": 32, "n_head": 4, "vocab_size": 100}', ["--hf", "gpt2"],
-     "vocab_size 100 is smaller than the 256 byte tokens"),
+     "vocab_size 100 is smaller than the data's vocabulary of 256 tokens (the 256 byte tokens)"),
     ('{"n_layer": 2, "n_embd": 32, "n_head": 4}', ["--hf", "gpt2", "--cp", "2", "--seq-len", "32"],
      "a Hugging Face model (--hf gpt2) keeps its own attention"),
 ])
