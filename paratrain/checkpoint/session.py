@@ -36,7 +36,8 @@ def save(saver: CheckpointSaver, session: Any, step: int, config: dict[str, Any]
     """Save ``session`` (a :class:`paratrain.train.Session`) after ``step``; returns the record of a
     previous asynchronous save that completed meanwhile (see :class:`CheckpointSaver`)."""
     hs = hd.holdings(session.pm, session.opt)
-    config = dict(config, data_position=data_position(session, step))
+    if getattr(session, "corpus", None) is not None:  # the library API saves a model without our loader
+        config = dict(config, data_position=data_position(session, step))
     meta = {"layout": layout_json(session.cfg.layout), "config": config}
     return saver.save(step, hd.shards(hs, session.opt, session.mesh.rank), rng_state(session.device), meta)
 
