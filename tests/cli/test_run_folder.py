@@ -48,3 +48,21 @@ def test_an_unusable_out_is_refused_before_anything_starts(tmp_path, case):
     assert message in " ".join(r.stderr.split()) and "Traceback" not in r.stderr
     assert (tmp_path / "f").read_text() == "x"
     assert time.monotonic() - t0 < 30
+
+
+def test_without_out_the_run_gets_a_fresh_folder_under_runs(tmp_path, monkeypatch):
+    """`make train` gives no --out: the run folder is runs/<time>-<model>-dp..pp..tp..(cp..), and a
+    second one in the same second gets a suffix instead of mixing with the first."""
+    from paratrain.cli.train import _default_out
+    from paratrain.config import Layout, TrainConfig
+
+    r = paratrain("train", *QUICK, "--no-checkpoint", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    made = list((tmp_path / "runs").iterdir())
+    assert len(made) == 1 and made[0].name.endswith("-tiny-dp1pp1tp1") and (made[0] / "summary.json").exists()
+    monkeypatch.chdir(tmp_path)
+    first = _default_out(TrainConfig(layout=Layout(cp=2)))
+    assert first.parent.name == "runs" and first.name.endswith("-tiny-dp1pp1tp1cp2")
+    first.mkdir(parents=True)
+    second = _default_out(TrainConfig(layout=Layout(cp=2)))
+    assert second != first and not second.exists()  # "-2" within the same second, else a later time
