@@ -37,7 +37,7 @@ from paratrain.data import (
 from paratrain.errors import ConfigError
 from paratrain.launch import RankEnv, init_distributed, set_threads, shutdown_distributed
 from paratrain.mesh import Mesh, MeshShape
-from paratrain.metrics import MetricsWriter, Progress
+from paratrain.metrics import MetricsWriter, Progress, read_metrics
 from paratrain.models.configs import param_count
 from paratrain.models.gpt import build_reference
 from paratrain.optim import lr_at, make_optimizer, set_lr
@@ -145,6 +145,8 @@ def _after_restart(cfg: TrainConfig, env: RankEnv) -> TrainConfig:
     if env.rank == 0:
         truncate_metrics(Path(cfg.out), step)
         where = f"from {folder} (step {step})" if folder else "from step 1 (no checkpoint yet)"
+        if step >= cfg.steps:  # a rank died after the final checkpoint was committed
+            where = f"from {folder}: the run had already finished (step {step} of {cfg.steps}); nothing to train again"
         of = f" of {cfg.max_restarts}" if cfg.max_restarts else ""  # torchrun's own --max-restarts: not ours to know
         print(f"paratrain train: restart {os.environ['TORCHELASTIC_RESTART_COUNT']}{of}: continuing {where}",
               file=sys.stderr, flush=True)
@@ -300,8 +302,10 @@ def _train(cfg: TrainConfig, env: RankEnv, device: torch.device,
         progress.close()
         if writer:
             writer.close()
-    # the final checkpoint, sharded like the others; none after a divergence (the last good one stays)
-    last_save = checkpoints.close(cfg.steps, final=not diverged)
+    # the final checkpoint, sharded like the others; none after a divergence (the last good one stays),
+    # nor when a restart found it committed already (a rank died after it): nothing was trained again
+    finished_before = first > cfg.steps
+    last_save = checkpoints.close(cfg.steps, final=not diverged and not finished_before)
     wall = time.perf_counter() - t_start
     if diverged:
         return _diverged_summary(cfg, records, wall, device, s.mesh) if lead else None
@@ -315,6 +319,9 @@ def _train(cfg: TrainConfig, env: RankEnv, device: torch.device,
     if not lead:
         return None if memory is None else {"memory": memory}
     model_cfg = cfg.model_config()
+    if finished_before and out:  # the summary of the steps the earlier attempt trained and recorded
+        records = [r for r in read_metrics(out / "metrics.jsonl") if r.get("step", 0) <= cfg.steps]
+        val_loss = next((r["val_loss"] for r in reversed(records) if "val_loss" in r), None)
     summary = _summary(cfg, records, val_loss, wall, device, param_count(model_cfg), s.mesh)
     if memory is not None:
         summary["memory"] = memory  # rank 0's; `paratrain train` adds every rank's (memory_per_rank)

@@ -5,6 +5,7 @@ the rank that died, leaving no process behind."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -88,3 +89,25 @@ def test_under_an_outside_torchrun_a_restart_continues_the_run(tmp_path):
     assert proc.returncode == 0, err[-3000:]
     assert "restart 1: continuing from" in err
     assert losses(tmp_path / "tr") == losses(tmp_path / "full")
+
+
+def test_a_restart_after_the_final_checkpoint_ends_with_the_finished_runs_summary(tmp_path):
+    """A rank killed after the last step's checkpoint was committed (in the final barrier, say): the
+    restarted attempt has nothing left to train. It used to crash building a summary of zero steps
+    (a fresh-clone CI run hit it when the kill above came late); now it ends 0 with the first
+    attempt's figures and leaves the checkpoint as it was."""
+    run = [*RUN[1:], "--nproc", "1", "--out", "done"]
+    first = paratrain("train", *run, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    before = json.loads((tmp_path / "done" / "summary.json").read_text())
+    manifest = (tmp_path / "done" / "checkpoints" / "step-10" / "manifest.json").read_bytes()
+    env = dict(os.environ, PYTHONPATH=str(REPO), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT="29999", TORCHELASTIC_RESTART_COUNT="1")
+    again = subprocess.run([sys.executable, "-m", "paratrain", *RUN, "--out", "done"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert "the run had already finished (step 10 of 10)" in again.stderr
+    after = json.loads((tmp_path / "done" / "summary.json").read_text())
+    assert (after["steps"], after["first_loss"], after["final_loss"]) == \
+        (before["steps"], before["first_loss"], before["final_loss"])
+    assert (tmp_path / "done" / "checkpoints" / "step-10" / "manifest.json").read_bytes() == manifest
