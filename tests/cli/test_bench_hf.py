@@ -35,6 +35,7 @@ def test_bench_hf_without_transformers_is_exit_2(tmp_path, monkeypatch):
     from paratrain.errors import ConfigError
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "transformers" else real(name, *a))
     with pytest.raises(ConfigError, match=r"pip install 'paratrain\[hf\]'"):
         bench._check_hf()
