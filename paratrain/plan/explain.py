@@ -140,12 +140,11 @@ def weight_slices(model: ModelConfig, tp: int, tp_index: int) -> list[tuple[str,
     tied = ", tied to the head" if model.tie_embeddings else ""
     if model.family == "llama":
         kv, d = model.num_kv_heads, model.head_dim
+        kv_rows = f"rows {part(kv * d)} ({heads(kv, 'key/value ')}) of ({kv * d}, {h}): column-parallel"
         out = [("self_attn.q_proj.weight", f"rows {part(a * d)} ({heads(a)}) of ({a * d}, {h}): column-parallel"),
-               ("self_attn.k_proj.weight", f"rows {part(kv * d)} ({heads(kv, 'key/value ')}) of ({kv * d}, {h}): "
-                                 "column-parallel"),
-               ("self_attn.v_proj.weight", f"rows {part(kv * d)} ({heads(kv, 'key/value ')}) of ({kv * d}, {h}): "
-                                 "column-parallel"),
-               ("self_attn.o_proj.weight", f"columns {part(a * d)} of ({h}, {a * d}): row-parallel, output all-reduced"),
+               ("self_attn.k_proj.weight", kv_rows), ("self_attn.v_proj.weight", kv_rows),
+               ("self_attn.o_proj.weight", f"columns {part(a * d)} of ({h}, {a * d}): row-parallel, output "
+                                           "all-reduced"),
                ("mlp.gate_proj.weight", f"rows {part(F)} of ({F}, {h}): column-parallel"),
                ("mlp.up_proj.weight", f"rows {part(F)} of ({F}, {h}): column-parallel"),
                ("mlp.down_proj.weight", f"columns {part(F)} of ({h}, {F}): row-parallel, output all-reduced"),

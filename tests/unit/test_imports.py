@@ -191,9 +191,9 @@ def test_core_and_planner_load_without_torch() -> None:
 
 
 def test_planning_commands_never_import_torch() -> None:
-    """The five planning commands (explain also with a Hugging Face config), one after the other in a fresh interpreter, as a user runs
-    them; then no torch (nor numpy) in ``sys.modules``. ``schedule`` without ``--out``: drawing
-    the PNG loads matplotlib, and with it numpy."""
+    """The five planning commands (explain also with a Hugging Face config), one after the other
+    in a fresh interpreter, as a user runs them; then no torch (nor numpy) in ``sys.modules``.
+    ``schedule`` without ``--out``: drawing the PNG loads matplotlib, and with it numpy."""
     commands = [
         ["estimate", "--model", "gpt2-350m", "--dp", "2", "--pp", "2", "--tp", "2", "--microbatches", "4",
          "--global-batch", "16"],
