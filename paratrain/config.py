@@ -15,7 +15,7 @@ from typing import Any
 
 from paratrain.core.vocab import padded_vocab_size
 from paratrain.errors import ConfigError
-from paratrain.models.configs import ModelConfig, get_model_config, hf_shape
+from paratrain.models.configs import HF_DROPOUT_KEYS, HF_FIELDS, ModelConfig, get_model_config, hf_dropout, hf_shape
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-v")
 RECOMPUTE = ("none", "selective", "full")
@@ -430,7 +430,7 @@ class TrainConfig:
                 raise ConfigError(f"hf_config is not valid JSON ({e.msg}): {self.hf_config!r}") from None
             if not isinstance(fields, dict):
                 raise ConfigError(f"hf_config must be a JSON object of config fields, got {self.hf_config!r}")
-            return hf_shape(self.hf, fields)
+            return hf_shape(self.hf, fields, dropout=hf_dropout(self.hf, fields) if self.hf in HF_FIELDS else 0.0)
         overrides: dict[str, Any] = {"dropout": self.dropout}
         if self.untie_embeddings:
             overrides["tie_embeddings"] = False
@@ -466,6 +466,27 @@ class TrainConfig:
         self._check_implemented()
         return model
 
+    def _check_hf(self) -> None:
+        """What a Hugging Face model (``--hf``, models/hf.py) does not do: the built-in GPT's
+        ``--dropout``, selective recomputation, and dropout in more than one process."""
+        layout, keys = self.layout, ", ".join(HF_DROPOUT_KEYS.get(self.hf or "", ()))
+        if self.dropout > 0:
+            raise ConfigError(
+                f"--dropout {self.dropout} sets the built-in GPT's dropout; a Hugging Face model's dropout is "
+                f"its config's fields ({keys} in --hf-config). Leave --dropout out with --hf.")
+        if layout.recompute == "selective":
+            raise ConfigError(
+                "--recompute selective replays the built-in GPT's attention core; a Hugging Face model "
+                f"(--hf {self.hf}) keeps its own attention. Valid with --hf: --recompute full (every block "
+                "replayed in backward) or none.")
+        dropout = self.model_config().dropout
+        if dropout > 0 and layout.world_size > 1:
+            raise ConfigError(
+                f"--hf-config gives dropout {dropout} ({keys}): a Hugging Face model draws its dropout masks "
+                f"from torch's default generator, so a {layout.world_size}-process layout ({layout}) could not "
+                f"reproduce the single-process model's masks. Valid: dropout 0 (leave {keys} out) in any "
+                f"layout, or dropout in one process (--nproc 1).")
+
     def _check_implemented(self) -> None:
         """What the runtime does not implement (the planner may still rank it): the layouts
         :func:`runtime_implements` refuses, and ZeRO over the naive data parallelism."""
@@ -489,6 +510,8 @@ class TrainConfig:
                 f"attention; a Hugging Face model (--hf {self.hf}) keeps its own attention. Use --cp 1 with "
                 f"--hf, or the built-in --model with --cp."
             )
+        if self.hf is not None:
+            self._check_hf()
         if not runtime_implements(layout):  # zero 3 with a pipeline: the one layout left
             raise ConfigError(
                 f"ZeRO-3 with pipeline parallelism (pp={layout.pp}) is not implemented: ZeRO-3 "

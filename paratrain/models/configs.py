@@ -103,6 +103,15 @@ HF_FIELDS: dict[str, dict[str, tuple[str, object]]] = {
 }
 
 
+# The dropout fields of each family's config (models/hf.py sets them to 0 unless given).
+HF_DROPOUT_KEYS = {"gpt2": ("resid_pdrop", "embd_pdrop", "attn_pdrop"), "llama": ("attention_dropout",)}
+
+
+def hf_dropout(kind: str, fields: dict[str, object]) -> float:
+    """The largest dropout probability the config's fields give (0 when none is given)."""
+    return max(float(fields.get(k, 0.0) or 0.0) for k in HF_DROPOUT_KEYS.get(kind, ()))  # type: ignore[arg-type]
+
+
 def hf_shape(kind: str, fields: dict[str, object], dropout: float = 0.0) -> ModelConfig:
     """The shape of a Hugging Face GPT-2 or Llama config (its fields as a dict, defaults filled
     in as transformers does) in paratrain's terms."""

@@ -87,6 +87,10 @@ def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, tp_plan: TPPlan
         model = context_parallel(model, mesh.cp)
     if gpt:
         apply_recompute(model, layout.recompute)
+    elif layout.recompute == "full":  # any model with a stage spec: each of its blocks replayed
+        from paratrain.parallel.recompute import recompute_blocks
+
+        recompute_blocks(stages.block_list(model))  # type: ignore[union-attr]
     stage = None
     if layout.pp > 1:  # pipeline parallelism: parallel/pipeline/ (prunes the model in place)
         from paratrain.parallel.pipeline.stage import build_stage
@@ -156,5 +160,9 @@ def _check_given(model: nn.Module, layout: Layout, gpt: bool, tp_plan: TPPlan | 
     if layout.pp > 1 and stages is None:
         raise ValueError(f"pp={layout.pp} needs the stage spec of {name}: parallelize(..., stages=Stages(blocks="
                          "'name of its nn.ModuleList', before=..., after=...)); see paratrain.models.plans")
-    if layout.recompute != "none" and not gpt:
-        raise ValueError(f"recompute={layout.recompute!r} is implemented for the built-in GPT only, not {name}")
+    if layout.recompute == "full" and stages is None and not gpt:
+        raise ValueError(f"recompute='full' replays each block of {name} in backward: it needs the stage spec "
+                         "naming the blocks, parallelize(..., stages=Stages(blocks=...)); see paratrain.models.plans")
+    if layout.recompute not in ("none", "full") and not gpt:
+        raise ValueError(f"recompute={layout.recompute!r} replays the built-in GPT's attention core only; for "
+                         f"{name} valid: 'full' (with a stage spec) or 'none'")
