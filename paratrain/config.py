@@ -15,6 +15,7 @@ from typing import Any
 
 from paratrain.core.vocab import padded_vocab_size
 from paratrain.errors import ConfigError
+from paratrain.expert_rules import check_experts
 from paratrain.models.configs import ModelConfig, get_model_config, hf_shape
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-v")
@@ -126,6 +127,7 @@ class Layout:
     stage_layers: tuple[int, ...] | None = None
     stage_speeds: tuple[float, ...] | None = None
     cp: int = 1
+    ep: int = 1  # expert parallelism: sub-divides dp (paratrain/expert_rules.py, docs/expert.md)
 
     def __post_init__(self) -> None:
         # lists from config files become tuples: a Layout is frozen and hashable
@@ -142,6 +144,7 @@ class Layout:
 
     def __str__(self) -> str:
         parts = [f"dp={self.dp}", f"pp={self.pp}", f"tp={self.tp}"] + ([f"cp={self.cp}"] if self.cp > 1 else [])
+        parts += [f"ep={self.ep}"] if self.ep > 1 else []
         if self.zero:
             parts.append(f"zero={self.zero}")
         if self.microbatches > 1:
@@ -160,7 +163,7 @@ class Layout:
 
     def check_degrees(self) -> None:
         """Checks that need no model: types and ranges of every field."""
-        for name in ("dp", "pp", "tp", "cp", "microbatches", "virtual_stages"):
+        for name in ("dp", "pp", "tp", "cp", "ep", "microbatches", "virtual_stages"):
             _positive_int(name, getattr(self, name))
         if self.zero not in (0, 1, 2, 3):
             raise ConfigError(f"zero must be one of 0, 1, 2, 3 (ZeRO stage), got {self.zero!r}.")
@@ -251,6 +254,7 @@ class Layout:
                 f"Use a tp > 1 that divides seq_len, or drop --sequence-parallel."
             )
         self._check_context(model, seq_len)
+        check_experts(self, model)
         chunks = self.pp * self.virtual_stages
         if chunks > model.num_layers:
             what = (f"pp={self.pp}" if self.virtual_stages == 1
@@ -417,6 +421,11 @@ class TrainConfig:
     # folder sets its tokenizer's vocabulary, --tensorboard also writes TensorBoard events
     vocab_size: int = 0
     tensorboard: bool = False
+    # mixture of experts (models/moe.py, docs/expert.md): None keeps the model's own top_k,
+    # capacity_factor (0: dropless) and aux_loss_coef
+    top_k: int | None = None
+    capacity_factor: float | None = None
+    aux_loss_coef: float | None = None
 
     @property
     def world_size(self) -> int:
@@ -436,6 +445,9 @@ class TrainConfig:
             overrides["tie_embeddings"] = False
         if self.vocab_size:
             overrides["vocab_size"] = self.vocab_size
+        for name in ("top_k", "capacity_factor", "aux_loss_coef"):
+            if getattr(self, name) is not None:
+                overrides[name] = getattr(self, name)
         return get_model_config(self.model, **overrides)
 
     def replace(self, **changes: Any) -> TrainConfig:
@@ -483,6 +495,9 @@ class TrainConfig:
                 f"Use --zero 0 with --cp {layout.cp} (plain data parallelism over the dp x cp ranks), "
                 f"or --cp 1 with --zero."
             )
+        if layout.ep > 1 and self.dp_impl != "bucketed":
+            raise ConfigError(f"expert parallelism (ep={layout.ep}) reduces the experts' gradients apart from the "
+                              f"rest, in the bucketed data parallelism; use --dp-impl bucketed (the default) with --ep.")
         if self.hf is not None and layout.cp > 1:
             raise ConfigError(
                 f"context parallelism (cp={layout.cp}) replaces the built-in GPT's attention with ring "

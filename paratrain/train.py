@@ -188,7 +188,7 @@ def setup(cfg: TrainConfig, env: RankEnv, device: torch.device, corpus: Corpus |
     if env.world_size != layout.world_size:
         raise RuntimeError(f"{env.world_size} processes were started for a layout of "
                            f"{layout.world_size} ({layout})")
-    mesh = Mesh.build(MeshShape(layout.dp, layout.pp, layout.tp, layout.cp), env.rank, cfg.timeout_s)
+    mesh = Mesh.build(MeshShape(layout.dp, layout.pp, layout.tp, layout.cp, layout.ep), env.rank, cfg.timeout_s)
     if corpus is None:
         corpus = load_corpus(cfg.data)
     if checked is None:
@@ -371,6 +371,9 @@ def train_step(s: Session, step: int) -> dict[str, Any]:
     x, y = get_batch(s.corpus.train, cfg.seq_len, cfg.global_batch, cfg.seed, step, s.rows)
     lr = lr_at(step, cfg)
     set_lr(s.opt, lr)
+    moe = _moe_layers(pm)
+    for m in moe:
+        m.take_stats()  # forget the evaluation's forwards
     local_loss = pm.forward_backward(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
     norm = float(pm.clip_grad_norm_(cfg.grad_clip))  # the global norm: the same on every rank
     loss = pm.global_mean(local_loss).item()  # likewise; also a sync point for CUDA
@@ -389,7 +392,24 @@ def train_step(s: Session, step: int) -> dict[str, Any]:
         "step_time_s": dt,
         "comm_wait_s": comm_s,
         "comm_bytes": {g.name: g.stats.bytes - bytes0[g.name] for g in groups if g.size > 1},
+        **({"router": _router_record(moe, pm.mesh)} if moe else {}),
     }
+
+
+def _moe_layers(pm: ParallelModel) -> list[Any]:
+    from paratrain.models.moe import moe_layers
+
+    return moe_layers(pm.module)
+
+
+def _router_record(moe: list[Any], mesh: Mesh) -> dict[str, Any]:
+    """The step's router statistics over the global batch (``models/moe.py``): every dp rank's
+    sums added (tp ranks route the same tokens; cp is refused with experts)."""
+    from paratrain.models.moe import router_stats
+
+    totals = torch.stack([m.take_stats() for m in moe]).sum(0)
+    comm.all_reduce(totals, mesh.dpcp, tag="metrics")
+    return router_stats(totals, moe[0].num_experts, len(moe))
 
 
 def _summary(cfg: TrainConfig, records: list[dict[str, Any]], val_loss: float | None, wall: float,

@@ -1,0 +1,110 @@
+"""Expert parallelism (experts sharded over the ep ranks, tokens exchanged by all-to-all,
+``parallel/expert.py``) against the single-process mixture-of-experts reference."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from paratrain.config import Layout
+from paratrain.reference import reference_train
+from tests.common import BASE, LOSS_RTOL, assert_matches_reference, with_layout
+from tests.harness import run_ranks
+
+# Tolerances: tests/common.py. An ep rank routes its own sequences exactly as the reference does
+# (routing groups are whole sequences), and each row's expert MLP is the reference's: only the
+# rows' grouping into matrix products, the dp sum of the non-expert gradients and the edp sum of
+# the experts' differ, i.e. float reordering. The routing itself is discrete (top-k, capacity):
+# the counts below are compared exactly, which holds as long as no router probability of these
+# 5 steps sits within rounding of a tie (it does not at this seed; a flip would move a token to
+# another expert and fail the loss comparison by >> LOSS_RTOL, not pass silently).
+MOE = BASE.replace(model="tiny-moe")  # top-2, capacity factor 1.25 (drops tokens)
+DROPLESS_TOP1 = MOE.replace(top_k=1, capacity_factor=0.0)
+CASES = {  # world size -> layouts run one after another in the same ranks (one launch per size)
+    2: {"dp2": (MOE, dict(dp=2)), "ep2": (MOE, dict(dp=2, ep=2)),
+        "ep2-top1-dropless": (DROPLESS_TOP1, dict(dp=2, ep=2)), "ep2-mb2": (MOE, dict(dp=2, ep=2, microbatches=2))},
+    4: {"ep4": (MOE, dict(dp=4, ep=4)), "dp2-ep2": (MOE, dict(dp=4, ep=2)), "ep2-tp2": (MOE, dict(dp=2, ep=2, tp=2))},
+}
+
+
+def _train_layouts(cfgs: dict) -> dict:
+    """Runs on every rank: each layout's 5 steps; the records' router statistics, the parameters
+    gathered to full shape on rank 0, the ep group's counters of every step."""
+    from paratrain.launch import RankEnv
+    from paratrain.train import setup, train_step
+
+    out = {}
+    for name, cfg in cfgs.items():
+        s = setup(cfg, RankEnv.from_env(), torch.device("cpu"))
+        records, ep_ops = [], []
+        for step in range(1, cfg.steps + 1):
+            s.mesh.ep.stats.reset()
+            records.append(train_step(s, step))
+            ep_ops.append({op: (st.calls, st.bytes, st.wire_bytes) for op, st in s.mesh.ep.stats.ops.items()})
+        out[name] = {"losses": [r["loss"] for r in records], "grad_norms": [r["grad_norm"] for r in records],
+                     "router": [r["router"] for r in records], "full_state": s.pm.full_state_dict(),
+                     "ep_ops": ep_ops, "experts_held": sum(1 for n, _ in s.pm.module.named_parameters()
+                                                           if n.endswith("fc1.weight") and ".experts." in n)}
+    return out
+
+
+@functools.cache
+def _run(world: int) -> tuple[dict, dict]:
+    cfgs = {name: with_layout(base, **layout) for name, (base, layout) in CASES[world].items()}
+    return cfgs, run_ranks(world, _train_layouts, cfgs, timeout=300)
+
+
+@functools.cache
+def _reference(cfg):
+    return reference_train(cfg.replace(layout=Layout()))
+
+
+def _assert_router_matches(got: list[dict], ref: list[dict], who: str) -> None:
+    for step, (g, r) in enumerate(zip(got, ref, strict=True), 1):
+        assert g["tokens_per_expert"] == r["tokens_per_expert"] and g["dropped"] == r["dropped"], (who, step, g, r)
+        # aux: a mean of per-sequence sums of products of probabilities: rounding only, like the loss
+        assert abs(g["aux_loss"] - r["aux_loss"]) <= LOSS_RTOL * r["aux_loss"], (who, step, g, r)
+
+
+@pytest.mark.equivalence
+@pytest.mark.parametrize("world", sorted(CASES))
+def test_expert_parallel_matches_reference(world):
+    cfgs, results = _run(world)
+    for name, cfg in cfgs.items():
+        res, ref = results[0][name], _reference(cfg)
+        assert_matches_reference(res, ref, cfg, state="full_state", who=name)
+        _assert_router_matches(res["router"], ref.router, name)
+        assert sum(r["tokens_per_expert"][0] for r in ref.router) > 0 and any(r["dropped"] for r in ref.router) \
+            == (cfg.model_config().capacity_factor > 0), name  # the capacity drops tokens, dropless none
+        for rank, r in enumerate(results):  # every rank reports the same global loss, norm and routing
+            assert r[name]["losses"] == res["losses"] and r[name]["grad_norms"] == res["grad_norms"], (name, rank)
+            assert r[name]["router"] == res["router"], (name, rank)
+
+
+@pytest.mark.parametrize("world", sorted(CASES))
+def test_expert_parallel_traffic(world):
+    """Each rank holds E / ep experts; over all ranks, the dispatch all-to-all carries exactly the
+    kept assignments' rows (H fp32 each, once per tp rank), and so do the combine and the two
+    backward exchanges; the wire bytes leave out each rank's rows for its own experts."""
+    cfgs, results = _run(world)
+    for name, cfg in cfgs.items():
+        lay, model = cfg.layout, cfg.model_config()
+        if lay.ep == 1:
+            assert all(r[name]["ep_ops"] == [{}] * cfg.steps for r in results), name  # no exchange at ep 1
+            continue
+        assert all(r[name]["experts_held"] == model.num_moe_blocks * model.num_experts // lay.ep for r in results)
+        ref = _reference(cfg).router
+        for step in range(cfg.steps):
+            kept = sum(ref[step]["tokens_per_expert"]) - ref[step]["dropped"]
+            row = model.hidden * 4
+            for op in ("ep_dispatch", "ep_combine", "ep_dispatch_grad", "ep_combine_grad"):
+                calls = sum(r[name]["ep_ops"][step][op][0] for r in results)
+                payload = sum(r[name]["ep_ops"][step][op][1] for r in results)
+                wire = sum(r[name]["ep_ops"][step][op][2] for r in results)
+                assert calls == lay.world_size * model.num_moe_blocks * lay.microbatches, (name, op, calls)
+                assert payload == lay.tp * kept * row, (name, step, op, payload, kept)
+                assert 0 < wire < payload, (name, step, op, wire, payload)
+            counts = [r[name]["ep_ops"][step]["ep_counts"] for r in results]
+            assert all(c[1] == model.num_moe_blocks * lay.microbatches * model.num_experts * 8 for c in counts), counts
