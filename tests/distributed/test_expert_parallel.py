@@ -24,7 +24,7 @@ MOE = BASE.replace(model="tiny-moe")  # top-2, capacity factor 1.25 (drops token
 DROPLESS_TOP1 = MOE.replace(top_k=1, capacity_factor=0.0)
 CASES = {  # world size -> layouts run one after another in the same ranks (one launch per size)
     2: {"dp2": (MOE, dict(dp=2)), "ep2": (MOE, dict(dp=2, ep=2)),
-        "ep2-top1-dropless": (DROPLESS_TOP1, dict(dp=2, ep=2)), "ep2-mb2": (MOE, dict(dp=2, ep=2, microbatches=2))},
+        "ep2-top1-dropless-mb2": (DROPLESS_TOP1, dict(dp=2, ep=2, microbatches=2))},
     4: {"ep4": (MOE, dict(dp=4, ep=4)), "dp2-ep2": (MOE, dict(dp=4, ep=2)), "ep2-tp2": (MOE, dict(dp=2, ep=2, tp=2))},
 }
 
