@@ -108,3 +108,32 @@ def test_expert_parallel_traffic(world):
                 assert 0 < wire < payload, (name, step, op, wire, payload)
             counts = [r[name]["ep_ops"][step]["ep_counts"] for r in results]
             assert all(c[1] == model.num_moe_blocks * lay.microbatches * model.num_experts * 8 for c in counts), counts
+
+
+def _resume_both(cfgs: list, root: str) -> list[dict]:
+    """On every rank: resume each of ``cfgs`` (same world size) from ``root`` in turn."""
+    from tests.distributed.test_checkpoint_resume import _run
+
+    return [_run(cfg, None, root)["losses"] for cfg in cfgs]
+
+
+def test_checkpoint_resumes_and_reshards_out_of_ep(tmp_path):
+    """An ep2 run saves after step 2 (each expert written once, by the rank holding it) and goes
+    on; resumed in ep2 it continues bit for bit, resumed in dp2 (every rank reads all experts)
+    within RESHARD_RTOL of the ep2 run (tests/distributed/test_checkpoint_resume.py)."""
+    import json
+
+    from tests.distributed.test_checkpoint_resume import CFG, RESHARD_RTOL, SAVE_AT, _run
+
+    root = str(tmp_path / "checkpoints")
+    cfg = CFG.replace(model="tiny-moe")
+    saved = run_ranks(2, _run, with_layout(cfg, dp=2, ep=2), root, None)[0]["losses"]
+    manifest = json.loads(next((tmp_path / "checkpoints").glob("step-*/manifest.json")).read_text())
+    assert manifest["layout"]["ep"] == 2
+    experts = {k for k in manifest["tensors"] if ".experts." in k and not k.startswith("optim.")}
+    assert len(experts) == 2 * 4 * 4, sorted(experts)  # 2 blocks x 4 experts x fc1/fc2 weight and bias
+    same, other = run_ranks(2, _resume_both, [with_layout(cfg, dp=2, ep=2), with_layout(cfg, dp=2)], root)[0]
+    assert same == {k: v for k, v in saved.items() if k > SAVE_AT}  # float equality: bit for bit
+    assert sorted(other) == [3, 4]
+    for step, loss in other.items():
+        assert loss == pytest.approx(saved[step], rel=RESHARD_RTOL), step
