@@ -359,6 +359,9 @@ def _resolve_degrees(values: dict[str, Any], layout: dict[str, Any]) -> None:
             layout["dp"] = nproc // others
         else:
             layout["dp"] = DEFAULT_NPROC if others == 1 else 1
+            ep = layout.get("ep", 1)
+            if isinstance(ep, int) and ep > 1 and layout["dp"] % ep:  # --ep alone: its ep ranks are the dp ranks
+                layout["dp"] = ep
     if world:
         values["nproc"] = world
 
