@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-GROUPS = ("dp", "tp", "pp", "zero", "ckpt", "cp")
-DEFAULT_GROUPS = GROUPS[:-1]  # cp only when asked for: it needs seq_len divisible by 2 x nproc
+GROUPS = ("dp", "tp", "pp", "zero", "ckpt", "cp", "ep")
+DEFAULT_GROUPS = GROUPS[:-2]  # cp only when asked for: it needs seq_len divisible by 2 x nproc; ep likewise
 
 
 @dataclass

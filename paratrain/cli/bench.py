@@ -16,7 +16,8 @@ from paratrain.metrics import format_grid
 DESCRIPTION = """\
 Measure our parallel implementations against PyTorch's own (DDP for dp, DTensor tensor
 parallelism for tp, torch.distributed.pipelining for pp, FSDP2 and DDP + ZeroRedundancyOptimizer
-for zero, torch.distributed.checkpoint for ckpt) on the same model,
+for zero, torch.distributed.checkpoint for ckpt; cp and ep against one process and plain data
+parallelism of the same model) on the same model,
 global batch and threads per rank, in one run: A/B alternating repeats in the same processes,
 medians reported. Prints a table, or one JSON object per row with --json."""
 
@@ -25,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d = BenchOptions()
     p = sub.add_parser("bench", help="benchmark ours against PyTorch's implementations",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", help=f"comma-separated groups among {', '.join(GROUPS)} (default: all but cp)")
+    p.add_argument("--only", help=f"comma-separated groups among {', '.join(GROUPS)} (default: all but cp and ep)")
     p.add_argument("--json", action="store_true", help="one JSON object per row")
     p.add_argument("--model", default=d.model, help=f"named model (default: {d.model})")
     p.add_argument("--global-batch", type=int, default=d.global_batch,
@@ -80,8 +81,13 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], BenchOptions]:
     for n in opts.nprocs:
         for group in (g for g in groups if g != "ckpt"):  # ckpt runs its own two layouts
             layout = (Layout(tp=n, sequence_parallel=True) if group == "tp" else Layout(cp=n) if group == "cp"
-                      else Layout(dp=n))
-            TrainConfig(model=opts.model, global_batch=opts.global_batch, seq_len=opts.seq_len,
+                      else Layout(dp=n, ep=n) if group == "ep" else Layout(dp=n))
+            model = opts.model
+            if group == "ep":  # a mixture of experts: --model if it has experts, else small-moe
+                from paratrain.bench.ep import bench_model
+
+                model = bench_model(opts)
+            TrainConfig(model=model, global_batch=opts.global_batch, seq_len=opts.seq_len,
                         layout=layout).validate()
     return groups, opts
 
@@ -138,6 +144,12 @@ def _speed_cells(r: Row) -> list[str]:
         note = (f"vs ONE process; activations/rank {e['activations_per_rank'] / 2**20:.1f} MiB vs "
                 f"{e['single_activations'] / 2**20:.1f} MiB; ring sent {e['cp_bytes_per_step'] / 2**20:.2f} MiB/step "
                 f"(formula {e['cp_bytes_formula'] / 2**20:.2f}), {e['threads_per_rank']} thr/rank")
+    elif "a2a_bytes_ours" in r.extra:  # the reference side is our own dp-only MoE, not PyTorch
+        e, mib = r.extra, 2**20
+        note = (f"vs dp only; {e['model']}; params/rank {e['params_ours'] / mib:.1f} vs {e['params_dp'] / mib:.1f} MiB, "
+                f"activations/rank {e['activations_ours'] / mib:.1f} vs {e['activations_dp'] / mib:.1f} MiB, "
+                f"moved {e['bytes_ours'] / mib:.2f} (all-to-all {e['a2a_bytes_ours'] / mib:.2f}) vs "
+                f"{e['bytes_dp'] / mib:.2f} MiB/step, {e['threads_per_rank']} thr/rank")
     elif "note" in r.extra:
         note = str(r.extra["note"])
     return [r.name, f"{r.ours_tokens_per_s:,.0f}", f"{r.ref_tokens_per_s:,.0f}", f"{r.ratio:.3f}", note]

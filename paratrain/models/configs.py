@@ -223,6 +223,10 @@ _register(ModelConfig("llama-3-70b", num_layers=80, hidden=8192, num_heads=64, v
 # 128 with top-2 routing and a capacity factor of 1.25 (tokens beyond it are dropped).
 _register(ModelConfig("tiny-moe", num_layers=2, hidden=64, num_heads=4, vocab_size=256, max_seq_len=256,
           ffn_hidden=128, num_experts=4, top_k=2, capacity_factor=1.25))
+# small-moe: the ep benchmark's model (paratrain bench --only ep): 4 blocks of width 256, each MLP 8
+# experts of width 512, top-2, capacity factor 1.25; 9.6M parameters, 3.3M of them active per token.
+_register(ModelConfig("small-moe", num_layers=4, hidden=256, num_heads=8, vocab_size=256, max_seq_len=256,
+          ffn_hidden=512, num_experts=8, top_k=2, capacity_factor=1.25))
 # Mixtral 8x7B (Jiang et al. 2024; transformers' MixtralConfig defaults): the Llama layout with 8
 # SwiGLU experts of width 14336 in every block, top-2, router aux coefficient 0.001, 32k vocabulary,
 # 4096 x 32 positions. 46,702,792,704 parameters, 12,879,925,248 active per token: the published
