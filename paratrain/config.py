@@ -15,7 +15,7 @@ from typing import Any
 
 from paratrain.core.vocab import padded_vocab_size
 from paratrain.errors import ConfigError
-from paratrain.expert_rules import check_experts
+from paratrain.expert_rules import check_experts, expert_refusal
 from paratrain.models.configs import ModelConfig, get_model_config, hf_shape
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-v")
@@ -349,12 +349,14 @@ def check_precision(precision: str, grad_dtype: str | None, offload: bool, dp_im
         )
 
 
-def runtime_implements(layout: Layout) -> bool:
+def runtime_implements(layout: Layout, model: ModelConfig | None = None) -> bool:
     """Whether ``paratrain train`` runs ``layout``, valid by :meth:`Layout.validate`: the one
     function ``TrainConfig.validate`` (which explains a refusal) and ``train --plan auto``'s
     search use. The planner prices every valid layout; ZeRO-3 with a pipeline and ZeRO with
-    context parallelism are the ones the runtime does not implement."""
-    return not (layout.zero == 3 and layout.pp > 1) and not (layout.zero and layout.cp > 1)
+    context parallelism are the ones the runtime does not implement; with ``model``, also what a
+    mixture of experts does not compose with (``expert_rules.expert_refusal``)."""
+    return (not (layout.zero == 3 and layout.pp > 1) and not (layout.zero and layout.cp > 1)
+            and (model is None or expert_refusal(layout, model) is None))
 
 
 def valid_tp(model: ModelConfig) -> list[int]:
@@ -476,6 +478,9 @@ class TrainConfig:
         layout.validate(model, self.global_batch, self.seq_len)
         check_precision(self.precision, self.grad_dtype, self.offload_optimizer, self.dp_impl)
         self._check_implemented()
+        refusal = expert_refusal(layout, model, self.dp_impl)
+        if refusal:
+            raise ConfigError(refusal)
         return model
 
     def _check_implemented(self) -> None:
@@ -495,9 +500,6 @@ class TrainConfig:
                 f"Use --zero 0 with --cp {layout.cp} (plain data parallelism over the dp x cp ranks), "
                 f"or --cp 1 with --zero."
             )
-        if layout.ep > 1 and self.dp_impl != "bucketed":
-            raise ConfigError(f"expert parallelism (ep={layout.ep}) reduces the experts' gradients apart from the "
-                              f"rest, in the bucketed data parallelism; use --dp-impl bucketed (the default) with --ep.")
         if self.hf is not None and layout.cp > 1:
             raise ConfigError(
                 f"context parallelism (cp={layout.cp}) replaces the built-in GPT's attention with ring "

@@ -31,8 +31,14 @@ def check_experts(layout: Any, model: ModelConfig) -> None:
         valid = ", ".join(str(e) for e in range(1, experts + 1) if experts % e == 0)
         raise ConfigError(f"ep={ep} must divide the model's {experts} experts (every ep rank holds E / ep of "
                           f"them); valid ep for {model.name!r}: {valid}.")
-    if not experts:
-        return
+
+
+def expert_refusal(layout: Any, model: ModelConfig, dp_impl: str = "bucketed") -> str | None:
+    """Why the runtime does not train the mixture-of-experts ``model`` in ``layout`` (valid by
+    :func:`check_experts`; the planner still prices it), or None when it does (and for a dense model)."""
+    ep = layout.ep
+    if not model.num_experts:
+        return None
     refused = [(layout.pp > 1, f"pipeline parallelism (pp={layout.pp})",
                 "the load-balancing losses of every stage's routers would have to reach the last stage's loss"),
                (layout.cp > 1, f"context parallelism (cp={layout.cp})",
@@ -44,8 +50,11 @@ def check_experts(layout: Any, model: ModelConfig) -> None:
                (ep > 1 and layout.zero > 0, f"ZeRO (zero={layout.zero}) with ep={ep}",
                 "ZeRO shards over the whole dp group, while the experts are reduced over dp / ep ranks"),
                (ep > 1 and model.dropout > 0, f"dropout ({model.dropout}) with ep={ep}",
-                "an expert's dropout would draw on the rank holding it, not the token's")]
+                "an expert's dropout would draw on the rank holding it, not the token's"),
+               (ep > 1 and dp_impl != "bucketed", f"--dp-impl {dp_impl} with ep={ep}",
+                "the experts' gradients are reduced apart from the rest, by the bucketed data parallelism")]
     for bad, what, why in refused:
         if bad:
-            raise ConfigError(f"the mixture-of-experts model {model.name!r} does not implement {what} yet: {why}. "
-                              f"Expert parallelism composes with dp and tp (--dp, --ep, --tp); drop that option.")
+            return (f"the mixture-of-experts model {model.name!r} does not implement {what} yet: {why}. "
+                    f"Expert parallelism composes with dp and tp (--dp, --ep, --tp); drop that option.")
+    return None
