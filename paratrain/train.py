@@ -40,8 +40,10 @@ from paratrain.mesh import Mesh, MeshShape
 from paratrain.metrics import MetricsWriter, Progress, read_metrics
 from paratrain.models.configs import param_count
 from paratrain.models.gpt import build_reference
+from paratrain.models.moe import moe_layers
 from paratrain.optim import lr_at, make_optimizer, set_lr
 from paratrain.parallel import ParallelModel, parallelize
+from paratrain.parallel.expert import router_record
 from paratrain.parallel.rng import seed_default_generator
 
 SAMPLE_PROMPT = "def "
@@ -371,7 +373,7 @@ def train_step(s: Session, step: int) -> dict[str, Any]:
     x, y = get_batch(s.corpus.train, cfg.seq_len, cfg.global_batch, cfg.seed, step, s.rows)
     lr = lr_at(step, cfg)
     set_lr(s.opt, lr)
-    moe = _moe_layers(pm)
+    moe = moe_layers(pm.module)
     for m in moe:
         m.take_stats()  # forget the evaluation's forwards
     local_loss = pm.forward_backward(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
@@ -392,24 +394,8 @@ def train_step(s: Session, step: int) -> dict[str, Any]:
         "step_time_s": dt,
         "comm_wait_s": comm_s,
         "comm_bytes": {g.name: g.stats.bytes - bytes0[g.name] for g in groups if g.size > 1},
-        **({"router": _router_record(moe, pm.mesh)} if moe else {}),
+        **({"router": router_record(moe, pm.mesh.dpcp)} if moe else {}),  # parallel/expert.py
     }
-
-
-def _moe_layers(pm: ParallelModel) -> list[Any]:
-    from paratrain.models.moe import moe_layers
-
-    return moe_layers(pm.module)
-
-
-def _router_record(moe: list[Any], mesh: Mesh) -> dict[str, Any]:
-    """The step's router statistics over the global batch (``models/moe.py``): every dp rank's
-    sums added (tp ranks route the same tokens; cp is refused with experts)."""
-    from paratrain.models.moe import router_stats
-
-    totals = torch.stack([m.take_stats() for m in moe]).sum(0)
-    comm.all_reduce(totals, mesh.dpcp, tag="metrics")
-    return router_stats(totals, moe[0].num_experts, len(moe))
 
 
 def _summary(cfg: TrainConfig, records: list[dict[str, Any]], val_loss: float | None, wall: float,

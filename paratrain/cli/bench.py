@@ -146,7 +146,8 @@ def _speed_cells(r: Row) -> list[str]:
                 f"(formula {e['cp_bytes_formula'] / 2**20:.2f}), {e['threads_per_rank']} thr/rank")
     elif "a2a_bytes_ours" in r.extra:  # the reference side is our own dp-only MoE, not PyTorch
         e, mib = r.extra, 2**20
-        note = (f"vs dp only; {e['model']}; params/rank {e['params_ours'] / mib:.1f} vs {e['params_dp'] / mib:.1f} MiB, "
+        note = (f"vs dp only; {e['model']}; params/rank {e['params_ours'] / mib:.1f} vs "
+                f"{e['params_dp'] / mib:.1f} MiB, "
                 f"activations/rank {e['activations_ours'] / mib:.1f} vs {e['activations_dp'] / mib:.1f} MiB, "
                 f"moved {e['bytes_ours'] / mib:.2f} (all-to-all {e['a2a_bytes_ours'] / mib:.2f}) vs "
                 f"{e['bytes_dp'] / mib:.2f} MiB/step, {e['threads_per_rank']} thr/rank")

@@ -1,8 +1,8 @@
 """``parallelize`` applies a layout to the reference model, as transforms in a fixed order:
 tensor parallelism (shard each layer), then context parallelism (ring attention, global
-positions), then expert parallelism (this rank's experts), then pipeline parallelism (keep this stage's layers), then data parallelism / ZeRO
-(reduce gradients over the dp group -- over dp x cp under context parallelism). Each transform
-receives only the group it uses.
+positions), then expert parallelism (this rank's experts), then pipeline parallelism (keep this
+stage's layers), then data parallelism / ZeRO (reduce gradients over the dp group -- over dp x cp
+under context parallelism; the experts' over edp). Each transform receives only the group it uses.
 
 Importing this package does not import torch; the classes load on first use. The torch-free
 parts it shares with the planner (schedules, checker, partition, traffic formulas) live in

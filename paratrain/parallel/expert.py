@@ -31,7 +31,7 @@ from torch import nn
 
 from paratrain import comm
 from paratrain.comm import Group
-from paratrain.models.moe import MoE, moe_layers
+from paratrain.models.moe import MoE, moe_layers, router_stats
 from paratrain.parallel.data import DataParallel
 from paratrain.parallel.marks import mark_sharded
 from paratrain.parallel.model import GradSync
@@ -166,3 +166,12 @@ def expert_sync(module: nn.Module, inner_cls: Any, dp: Group, edp: Group, expert
     rest = [p for p in module.parameters() if p.requires_grad and id(p) not in skip]
     inner = inner_cls(module, dp, params=rest, **kwargs)
     return ExpertGradSync(inner, inner_cls(module, edp, params=experts, **kwargs))
+
+
+def router_record(layers: list[MoE], dp: Group) -> dict[str, Any]:
+    """The step's router statistics over the global batch (``models/moe.router_stats``): every dp
+    rank's sums added (the tp ranks of a dp rank route the same tokens; cp is refused with experts).
+    Collective over ``dp`` (filed under "metrics")."""
+    totals = torch.stack([m.take_stats() for m in layers]).sum(0)
+    comm.all_reduce(totals, dp, tag="metrics")
+    return router_stats(totals, layers[0].num_experts, len(layers))
