@@ -53,3 +53,12 @@ def test_ep_traffic_formula():
     assert t["ep_counts"] == (4, 4 * 4 * 8)
     assert ep_comm_per_step(m, 1, 4, 32) == {} == ep_comm_per_step(get_model_config("tiny"), 2, 4, 32)
     assert wire_bytes("all_to_all", 4, 1000) == 750
+
+
+def test_search_keeps_a_given_ep():
+    """ep is not searched yet: a given --ep is pinned on every candidate (and dp must be a multiple)."""
+    from paratrain.plan.search import enumerate_layouts
+
+    layouts = list(enumerate_layouts(get_model_config("tiny-moe"), 8, 16, 32, 8, {"ep": 2}))
+    assert layouts and all(lay.ep == 2 and lay.dp % 2 == 0 for lay in layouts)
+    assert all(lay.ep == 1 for lay in enumerate_layouts(get_model_config("tiny-moe"), 4, 16, 32, 8, {}))
