@@ -15,6 +15,7 @@ from typing import Any
 
 from paratrain.core.vocab import padded_vocab_size
 from paratrain.errors import ConfigError
+from paratrain.expert_rules import check_experts, expert_refusal
 from paratrain.models.configs import HF_DROPOUT_KEYS, HF_FIELDS, ModelConfig, get_model_config, hf_dropout, hf_shape
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-v")
@@ -126,6 +127,7 @@ class Layout:
     stage_layers: tuple[int, ...] | None = None
     stage_speeds: tuple[float, ...] | None = None
     cp: int = 1
+    ep: int = 1  # expert parallelism: sub-divides dp (paratrain/expert_rules.py, docs/expert.md)
 
     def __post_init__(self) -> None:
         # lists from config files become tuples: a Layout is frozen and hashable
@@ -142,6 +144,7 @@ class Layout:
 
     def __str__(self) -> str:
         parts = [f"dp={self.dp}", f"pp={self.pp}", f"tp={self.tp}"] + ([f"cp={self.cp}"] if self.cp > 1 else [])
+        parts += [f"ep={self.ep}"] if self.ep > 1 else []
         if self.zero:
             parts.append(f"zero={self.zero}")
         if self.microbatches > 1:
@@ -160,7 +163,7 @@ class Layout:
 
     def check_degrees(self) -> None:
         """Checks that need no model: types and ranges of every field."""
-        for name in ("dp", "pp", "tp", "cp", "microbatches", "virtual_stages"):
+        for name in ("dp", "pp", "tp", "cp", "ep", "microbatches", "virtual_stages"):
             _positive_int(name, getattr(self, name))
         if self.zero not in (0, 1, 2, 3):
             raise ConfigError(f"zero must be one of 0, 1, 2, 3 (ZeRO stage), got {self.zero!r}.")
@@ -251,6 +254,7 @@ class Layout:
                 f"Use a tp > 1 that divides seq_len, or drop --sequence-parallel."
             )
         self._check_context(model, seq_len)
+        check_experts(self, model)
         chunks = self.pp * self.virtual_stages
         if chunks > model.num_layers:
             what = (f"pp={self.pp}" if self.virtual_stages == 1
@@ -345,12 +349,14 @@ def check_precision(precision: str, grad_dtype: str | None, offload: bool, dp_im
         )
 
 
-def runtime_implements(layout: Layout) -> bool:
+def runtime_implements(layout: Layout, model: ModelConfig | None = None) -> bool:
     """Whether ``paratrain train`` runs ``layout``, valid by :meth:`Layout.validate`: the one
     function ``TrainConfig.validate`` (which explains a refusal) and ``train --plan auto``'s
     search use. The planner prices every valid layout; ZeRO-3 with a pipeline and ZeRO with
-    context parallelism are the ones the runtime does not implement."""
-    return not (layout.zero == 3 and layout.pp > 1) and not (layout.zero and layout.cp > 1)
+    context parallelism are the ones the runtime does not implement; with ``model``, also what a
+    mixture of experts does not compose with (``expert_rules.expert_refusal``)."""
+    return (not (layout.zero == 3 and layout.pp > 1) and not (layout.zero and layout.cp > 1)
+            and (model is None or expert_refusal(layout, model) is None))
 
 
 def valid_tp(model: ModelConfig) -> list[int]:
@@ -417,6 +423,11 @@ class TrainConfig:
     # folder sets its tokenizer's vocabulary, --tensorboard also writes TensorBoard events
     vocab_size: int = 0
     tensorboard: bool = False
+    # mixture of experts (models/moe.py, docs/expert.md): None keeps the model's own top_k,
+    # capacity_factor (0: dropless) and aux_loss_coef
+    top_k: int | None = None
+    capacity_factor: float | None = None
+    aux_loss_coef: float | None = None
 
     @property
     def world_size(self) -> int:
@@ -436,6 +447,9 @@ class TrainConfig:
             overrides["tie_embeddings"] = False
         if self.vocab_size:
             overrides["vocab_size"] = self.vocab_size
+        for name in ("top_k", "capacity_factor", "aux_loss_coef"):
+            if getattr(self, name) is not None:
+                overrides[name] = getattr(self, name)
         return get_model_config(self.model, **overrides)
 
     def replace(self, **changes: Any) -> TrainConfig:
@@ -464,6 +478,9 @@ class TrainConfig:
         layout.validate(model, self.global_batch, self.seq_len)
         check_precision(self.precision, self.grad_dtype, self.offload_optimizer, self.dp_impl)
         self._check_implemented()
+        refusal = expert_refusal(layout, model, self.dp_impl)
+        if refusal:
+            raise ConfigError(refusal)
         return model
 
     def _check_hf(self) -> None:

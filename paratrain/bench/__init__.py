@@ -14,8 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-GROUPS = ("dp", "tp", "pp", "zero", "ckpt", "cp", "hf")
-# cp only when asked for: it needs seq_len divisible by 2 x nproc; hf: it needs transformers
+GROUPS = ("dp", "tp", "pp", "zero", "ckpt", "cp", "hf", "ep")
+# cp, hf and ep only when asked for: cp needs seq_len divisible by 2 x nproc, hf needs transformers,
+# ep a mixture-of-experts model
 DEFAULT_GROUPS = GROUPS[:5]
 
 

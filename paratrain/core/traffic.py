@@ -265,3 +265,26 @@ def cp_comm_per_step(model: ModelConfig, cp: int, tp: int, local_batch: int, seq
         c, b = out.get(op, (0, 0))
         out[op] = (c + microbatches * calls, b + microbatches * nbytes)
     return out
+
+
+EP_EXCHANGES = ("ep_dispatch", "ep_combine", "ep_dispatch_grad", "ep_combine_grad")
+
+
+def ep_comm_per_step(model: ModelConfig, ep: int, local_batch: int, seq_len: int, microbatches: int = 1,
+                     kept: int | None = None, elem_bytes: int = 4) -> dict[str, tuple[int, int]]:
+    """Expert parallelism (``parallel/expert.py``, docs/expert.md): op -> (calls, payload bytes) of
+    one rank's all-to-alls in one step, over all its mixture-of-experts blocks and micro-batches.
+
+    Per block and micro-batch: the expert counts (E int64), then the kept rows (H each) dispatched,
+    combined back, and the same two exchanges of their gradients in backward. ``kept``: the rows
+    this rank keeps over the step (all blocks); default dropless, ``top_k x local_batch x seq_len``
+    per block (a capacity factor keeps at most that). Wire: :func:`paratrain.core.ring.wire_bytes`
+    ``("all_to_all", ep, ...)`` when the exchange is balanced, exact in ``comm``'s counters."""
+    if ep == 1 or not model.num_experts:
+        return {}
+    blocks = model.num_moe_blocks
+    calls = blocks * microbatches
+    rows = model.top_k * local_batch * seq_len * blocks if kept is None else kept
+    out = {op: (calls, rows * model.hidden * elem_bytes) for op in EP_EXCHANGES}
+    out["ep_counts"] = (calls, calls * model.num_experts * 8)
+    return out

@@ -1,8 +1,8 @@
 """``parallelize`` applies a layout to the reference model, as transforms in a fixed order:
 tensor parallelism (shard each layer), then context parallelism (ring attention, global
-positions), then pipeline parallelism (keep this stage's layers), then data parallelism / ZeRO
-(reduce gradients over the dp group -- over dp x cp under context parallelism). Each transform
-receives only the group it uses.
+positions), then expert parallelism (this rank's experts), then pipeline parallelism (keep this
+stage's layers), then data parallelism / ZeRO (reduce gradients over the dp group -- over dp x cp
+under context parallelism; the experts' over edp). Each transform receives only the group it uses.
 
 Importing this package does not import torch; the classes load on first use. The torch-free
 parts it shares with the planner (schedules, checker, partition, traffic formulas) live in
@@ -85,6 +85,11 @@ def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, tp_plan: TPPlan
         from paratrain.parallel.context import context_parallel
 
         model = context_parallel(model, mesh.cp)
+    experts: list[torch.Tensor] = []
+    if layout.ep > 1:  # expert parallelism: parallel/expert.py (this rank's experts, all-to-all)
+        from paratrain.parallel.expert import expert_parallel
+
+        experts = expert_parallel(model, mesh.ep)
     if gpt:
         apply_recompute(model, layout.recompute)
     elif layout.recompute == "full":  # any model with a stage spec: each of its blocks replayed
@@ -113,6 +118,11 @@ def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, tp_plan: TPPlan
         chunks = _distinct_parts([c.parameters() for c in stage.chunks]) if stage is not None else None
         sync = ZeroDataParallel(model, mesh.dp, layout.zero, bucket_mb, overlap, parts=chunks, alone=tied,
                                 grad_dtype=grad_dtype)
+    elif experts:  # the experts' gradients over the dp / ep ranks holding them, the rest over dp
+        from paratrain.parallel.expert import expert_sync
+
+        sync = expert_sync(model, DataParallel, mesh.dp, mesh.edp, experts, bucket_mb=bucket_mb, overlap=overlap,
+                           grad_dtype=grad_dtype)
     elif dp_impl == "naive":
         sync = NaiveDataParallel(model, mesh.dpcp)
     else:  # dpcp: the dp group itself when cp = 1
@@ -127,7 +137,7 @@ def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, tp_plan: TPPlan
     if partial:  # sequence parallelism: summed over tp, after dp
         sync = SequenceParallelGradSync(sync, partial, mesh.tp)
     # ranks of these groups hold different parameters (ZeRO: different shards over dp)
-    norm_groups = [mesh.tp, mesh.pp] + ([mesh.dp] if layout.zero else [])
+    norm_groups = [mesh.tp, mesh.pp, mesh.ep] + ([mesh.dp] if layout.zero else [])
     pm: ParallelModel
     if stage is not None:
         from paratrain.parallel.pipeline.model import PipelineModel

@@ -26,7 +26,7 @@ from paratrain.config import PRECISIONS, Layout, vocab_padding_note
 from paratrain.core import bubble, ring, traffic
 from paratrain.core.state import ModelState
 from paratrain.errors import ConfigError
-from paratrain.models.configs import ModelConfig, param_count
+from paratrain.models.configs import ModelConfig, active_param_count, param_count
 from paratrain.plan import formulas as f
 from paratrain.plan.collectives import (
     NO_BUCKETS,
@@ -403,7 +403,7 @@ def make_estimate(model: ModelConfig, layout: Layout, hw: Hardware, global_batch
         global_batch=global_batch, seq_len=seq_len, precision=precision,
         params=nparams, params_per_device=heavy.params,
         flops_per_step=flops, hardware_flops_per_step=hw_flops,
-        six_p_tokens_flops=f.six_p_tokens(nparams, tokens),
+        six_p_tokens_flops=f.six_p_tokens(active_param_count(model), tokens),  # a mixture of experts: active
         state=heavy.state, buffer_bytes=heavy.buffer_bytes + heavy.rebuilt_bytes,
         activation_bytes_per_device=heavy.activation_bytes,
         peak_bytes_per_device=heavy.peak_bytes,

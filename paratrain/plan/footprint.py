@@ -88,7 +88,7 @@ class LayoutMemory:
         self.sp = sp = L.sequence_parallel
         self.shape = pipeline_shape(model, seq_len, p, self.v, options.stage_layers or L.stage_layers,
                                     L.stage_speeds, options.rank_speeds, placement_of(L.schedule) if p > 1 else LOOP)
-        self.block = f.block_params_per_device(h, F, t, **f.shape_args(model))
+        self.block = f.block_params_per_device(h, F, t, ep=L.ep, **f.shape_args(model))
         self.embed = V * h / t
         # the last stage keeps a copy of W_e, but not in ZB-V's V (rank 0 holds both ends)
         self.head_copy = (not model.tie_embeddings) or (p > 1 and L.schedule != "zb-v")

@@ -98,7 +98,7 @@ def auto_layout(cfg: TrainConfig, nproc: int, hw: Hardware, source: str, fixed: 
 
     model = cfg.model_config()
     result = search(model, nproc, hw, cfg.global_batch, cfg.seq_len, cfg.precision, runtime_options(cfg),
-                    fixed=fixed, keep=runtime_implements, top=shortlist)
+                    fixed=fixed, keep=lambda lay: runtime_implements(lay, model), top=shortlist)
     if not result.ranked:
         from paratrain.errors import ConfigError
 
