@@ -137,7 +137,8 @@ def stage_costs(model: ModelConfig, layout: Layout, hw: Hardware, global_batch: 
 
 @lru_cache(maxsize=65536)
 def _tp_seconds(model: ModelConfig, t: int, sp: bool, b: float, s: int, layers: int, first: bool, last: bool,
-                recompute: str, e: int, grad_bytes: int, tp_link: Link, split_backward: bool = False) -> dict[str, float]:
+                recompute: str, e: int, grad_bytes: int, tp_link: Link,
+                split_backward: bool = False) -> dict[str, float]:
     """Seconds per phase (forward / backward per micro-batch; step once) of one chunk's tp
     collectives, and their ``wire_*`` bytes, from the runtime's traffic formula."""
     out = {traffic.FORWARD: 0.0, traffic.BACKWARD: 0.0, traffic.STEP: 0.0}
