@@ -70,7 +70,8 @@ def test_tp_bytes_per_layer() -> None:
     """4 all-reduces of b s h activations per layer (2 forward, 2 backward), plus the embedding's
     and LM head's, the cross-entropy's 2 (3 fp32 values per token) and the gradient norm's;
     sequence parallelism moves the same bytes as all-gathers and reduce-scatters, plus the
-    partial gradients and the backward's regathers of the saved input slices; full recomputation (no dropout) replays 1 all-reduce per layer."""
+    partial gradients and the backward's regathers of the saved input slices; full recomputation
+    (no dropout) replays 1 all-reduce per layer."""
     t, b, s, h, l = 4, 2, 2048, 2048, 24
     est = estimate(MODEL, Layout(tp=t), H100, b, s)
     S = 2 * b * s * h
