@@ -79,6 +79,12 @@ def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, tp_plan: TPPlan
             from paratrain.parallel.tp_plan import apply_tp_plan
 
             apply_tp_plan(model, tp_plan, mesh.tp, layout.sequence_parallel)  # type: ignore[arg-type]
+        if layout.sequence_parallel and not sp_regathers(layout):
+            from paratrain.parallel.tensor import ColumnParallelLinear
+
+            for m in model.modules():
+                if isinstance(m, ColumnParallelLinear):
+                    m.regather = False
     if layout.cp > 1:  # context parallelism: parallel/context.py (splits no parameter)
         if not gpt:
             raise ValueError("context parallelism (cp > 1) is implemented for the built-in GPT only")
@@ -147,6 +153,14 @@ def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, tp_plan: TPPlan
         pm = ParallelModel(model, mesh, layout, sync, norm_groups, autocast_dtype, runner)
     pm.register_weights(weights)
     return pm
+
+
+def sp_regathers(layout: Layout) -> bool:
+    """Whether sequence-parallel column linears keep only their input's slice for backward and
+    all-gather it again there (``tp_ops.GatheredLinearSP``). Not under full recomputation (the
+    block's forward, gathers included, is replayed anyway) nor zero-bubble schedules (their
+    deferred W keeps each linear's whole input until it runs)."""
+    return layout.recompute != "full" and not (layout.pp > 1 and layout.schedule in ("zb-h1", "zb-v"))
 
 
 def _distinct_parts(parts: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:

@@ -92,12 +92,15 @@ class LayoutMemory:
         self.embed = V * h / t
         # the last stage keeps a copy of W_e, but not in ZB-V's V (rank 0 holds both ends)
         self.head_copy = (not model.tie_embeddings) or (p > 1 and L.schedule != "zb-v")
+        gathered = options.sp_saves_gathered
+        if gathered is None:  # as the runtime does: parallel.sp_regathers, core/traffic.py
+            gathered = model.family != "gpt" or (p > 1 and L.schedule in ("zb-h1", "zb-v"))
         act = dict(t=t, sp=sp, elem_bytes=e, dropout=options.dropout,
-                   store_scores=options.store_scores and L.cp == 1, sp_saves_gathered=options.sp_saves_gathered,
+                   store_scores=options.store_scores and L.cp == 1, sp_saves_gathered=gathered,
                    **f.shape_args(model))
         self.act_layer = f.layer_activation_bytes(s_act, b, h, a, F, recompute=L.recompute, **act)
         self.emb_act = f.embedding_activation_bytes(s_act, b, h, t, sp, options.dropout)
-        self.head_act = f.output_activation_bytes(s_act, b, h, V, t, sp, e, options.sp_saves_gathered)
+        self.head_act = f.output_activation_bytes(s_act, b, h, V, t, sp, e, gathered)
         self.out_act = (m if (L.schedule == "gpipe" and p > 1) else 1) * self.head_act
         self.full_layer = f.layer_activation_bytes(s_act, b, h, a, F, recompute="none", **act)
         self.w_layer = f.w_deferred_layer_bytes(s_act, b, h, F, t, e)  # zero-bubble: kept from I to W

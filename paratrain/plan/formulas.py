@@ -241,9 +241,10 @@ def layer_activation_bytes(s: int, b: float, h: int, a: int, F: int, t: int = 1,
     ways; selective recomputation replays the kernel, so that is not kept then.
 
     ``sp_saves_gathered``: under sequence parallelism the qkv and fc1 linears save their
-    all-gathered (b, s, h) input, as paratrain's runtime does, instead of the (b, s/t, h) shard
-    that Megatron re-gathers in backward ([K22] sec. 4.2.2 counts the shard): those 2sbh
-    elements are then not divided by t.
+    all-gathered (b, s, h) input instead of the (b, s/t, h) shard that Megatron (and paratrain's
+    runtime, ``tp_ops.GatheredLinearSP``) re-gathers in backward ([K22] sec. 4.2.2 counts the
+    shard): those 2sbh elements are then not divided by t. The runtime does so under zero-bubble
+    schedules and in ``tp_input`` regions (see ``CostOptions.sp_saves_gathered``).
 
     Grouped-query attention (``kv`` = k): K and V are (b, s, k), so Q, K, V and the proj input
     are 2sbh + 2sbk elements. SwiGLU (``gated``): the gate output (SiLU's input), SiLU's output
