@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     layout.check_degrees()
     if args.seq_len is None:
         args.seq_len = min(TrainConfig().seq_len, model.max_seq_len)
-    layout.validate(model, args.global_batch, args.seq_len)  # the one layout rule (paratrain/config.py)
+    layout.validate(model, args.global_batch, args.seq_len)  # the one layout rule (paratrain/layout.py)
     print(explain_text(model, layout, args.global_batch, args.seq_len))
     if args.out:
         if not args.out.endswith(".png"):

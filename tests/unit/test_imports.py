@@ -35,7 +35,7 @@ PACKAGE = ROOT / "paratrain"
 STDLIB = sys.stdlib_module_names
 
 CORE_MAY_IMPORT = ("paratrain.core", "paratrain.errors", "paratrain.models.configs")
-PLAN_MAY_IMPORT = ("paratrain.plan", "paratrain.core", "paratrain.config", "paratrain.errors",
+PLAN_MAY_IMPORT = ("paratrain.plan", "paratrain.core", "paratrain.config", "paratrain.layout", "paratrain.errors",
                    "paratrain.models.configs", "paratrain.mesh", "paratrain.text")
 MODELS_MAY_NOT_IMPORT = ("paratrain.parallel", "paratrain.comm", "paratrain.mesh", "paratrain.launch",
                          "paratrain.train", "torch.distributed")
