@@ -156,6 +156,7 @@ class CheckpointSaver:
         self._buffer = HostBuffer()  # reused by every save: at most one is in flight
         self._last_step: int | None = None
         self.last_blocked_s = 0.0
+        self.memo: dict[str, Any] = {}  # what the caller computes once per run (session.py: the holdings walk)
 
     def save(self, step: int, shards: Iterable[Shard], local: dict[str, torch.Tensor],
              meta: dict[str, Any]) -> dict[str, Any] | None:
