@@ -21,6 +21,7 @@ tensors (safetensors allows none).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -54,6 +55,17 @@ class Shard:
     shape: tuple[int, ...]
     box: Box
     data: torch.Tensor  # shaped like the box; a view into the live tensor
+
+    @functools.cached_property
+    def key(self) -> str:
+        """Its key in the file (cached: a run saves the same shards every time)."""
+        return key(self.name, self.box)
+
+    @functools.cached_property
+    def entry(self) -> dict[str, Any]:
+        """What the manifest records of it."""
+        return {"name": self.name, "shape": list(self.shape), "dtype": NAMES[self.data.dtype], "key": self.key,
+                "box": [list(d) for d in self.box]}
 
 
 def key(name: str, box: Box) -> str:
@@ -101,7 +113,7 @@ class HostBuffer:
 
     def stage(self, shards: list[Shard], local: dict[str, torch.Tensor]) -> Staged:
         """Copy ``shards`` and ``local`` into the buffer (the part of a save training waits for)."""
-        items = [(key(s.name, s.box), s.data) for s in shards] + [(f"rank/{k}", v) for k, v in local.items()]
+        items = [(s.key, s.data) for s in shards] + [(f"rank/{k}", v) for k, v in local.items()]
         signature = tuple((k, t.dtype, tuple(t.shape)) for k, t in items)
         on_gpu = any(t.is_cuda for _, t in items)
         if signature != self._signature:
@@ -112,9 +124,7 @@ class HostBuffer:
                 slot.copy_(items[i][1], non_blocking=on_gpu)
         if on_gpu:
             torch.cuda.synchronize()
-        entries = [{"name": s.name, "shape": list(s.shape), "dtype": NAMES[s.data.dtype], "key": key(s.name, s.box),
-                    "box": [list(d) for d in s.box]} for s in shards]
-        return Staged(self._header, self._buffer, entries, sorted(local))
+        return Staged(self._header, self._buffer, [s.entry for s in shards], sorted(local))
 
 
 def _write_all(fd: int, data: memoryview) -> None:
