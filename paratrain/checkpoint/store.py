@@ -170,11 +170,14 @@ class CheckpointSaver:
         if step == self._last_step:  # e.g. a preemption right after the periodic save: nothing new
             return done
         t0 = time.perf_counter()
-        folder = begin(self.root, step, self.rank, self.barrier, first=self._last_step is None)
-        self._last_step = step
+        # the first save's folder needs the barrier; later ones need none, so an asynchronous save
+        # leaves creating it to the writer thread: no file-system call while training waits
+        first, self._last_step = self._last_step is None, step
+        later = not first and self.asynchronous
+        folder = _partial_dir(self.root, step) if later else begin(self.root, step, self.rank, self.barrier, first)
         staged = stage(shards, local, self._buffer)
         if self.asynchronous:
-            self._submit(folder, step, staged, meta)
+            self._submit(folder, step, staged, meta, later)
         blocked = self.last_blocked_s = time.perf_counter() - t0
         self._pending = {"step": step, "blocked_s": blocked, "t0": t0}
         if not self.asynchronous:
@@ -200,8 +203,10 @@ class CheckpointSaver:
             self._run(*self._jobs.get())
             self._idle.set()
 
-    def _run(self, folder: Path, step: int, staged: Staged, meta: dict[str, Any]) -> None:
+    def _run(self, folder: Path, step: int, staged: Staged, meta: dict[str, Any], create: bool) -> None:
         try:
+            if create:  # a later save's folder (no barrier: see :func:`begin`)
+                begin(self.root, step, self.rank, self.barrier, first=False)
             write_rank(folder, self.rank, staged)
             if self.rank == 0:
                 commit(self.root, step, self.world_size, meta, self.keep, self.timeout_s)
