@@ -3,6 +3,8 @@
 Saving step ``N`` into ``ROOT`` (``OUT/checkpoints``)::
 
     begin       rank 0 clears stale ``.step-*.partial`` folders, creates ``.step-N.partial``; barrier
+                (a saver's first save; later ones: each rank creates it, asynchronously off the
+                training thread)
     stage       every rank copies its boxes into its reused host buffer  <- the only time training waits
     write       every rank writes ``rankRRRRR.safetensors`` straight from that buffer (temporary
                 name, fsync, rename; SHA-256 computed alongside, :mod:`.writer`), then its fragment
@@ -12,8 +14,8 @@ Saving step ``N`` into ``ROOT`` (``OUT/checkpoints``)::
                 ``step-N``, fsyncs the parent and only then points ``latest`` at it; keeps the newest K
 
 A crash at any moment leaves either the previous ``latest`` (and its folder) untouched or the new
-one complete. ``write`` and ``commit`` need no collective, so they run on a background thread
-(:class:`CheckpointSaver`, at most one save in flight) while training goes on.
+one complete. ``write`` and ``commit`` need no collective, so they run on the saver's writer
+thread (:class:`CheckpointSaver`, at most one save in flight) while training goes on.
 
 Loading never unpickles anything: tensors come through safetensors, metadata through JSON. A
 rank asks :class:`CheckpointReader` for the boxes it needs and reads only their intersections
