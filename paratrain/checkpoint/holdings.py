@@ -104,13 +104,16 @@ def _zero_sync(pm: object) -> object | None:
 
 
 def _owns(t: torch.Tensor, groups: list) -> tuple[bool, bool]:
-    """Whether this rank is ``t``'s writer along every axis but dp, and whether ``t`` is
-    replicated over dp (then one dp replica of it writes it: :func:`_spread` chooses which)."""
+    """Whether this rank writes ``t`` (``groups``: dp, then the owner axes tp, pp, ep, edp, cp),
+    and whether ``t`` is replicated over the whole dp group: then this rank is only a candidate
+    (the writer along tp, pp and cp) and :func:`_spread` picks one dp replica. An expert (sharded
+    over ep) keeps the owner rule: edp index 0 of each ep index writes it."""
     from paratrain.parallel.grad import owns
 
-    dp, others = groups[0], [g for g in groups[1:] if g.size > 1]
-    replicated = dp.size > 1 and not marks.is_sharded(t, "dp")
-    return owns(t, others), replicated
+    dp, axes = groups[0], [g for g in groups[1:] if g.size > 1]
+    if dp.size > 1 and not marks.is_sharded(t, "dp") and not marks.is_sharded(t, "ep"):
+        return owns(t, [g for g in axes if g.name not in ("dp", "ep", "edp")]), True
+    return owns(t, axes), False
 
 
 def _holding(name: str, shape: tuple[int, ...], t: torch.Tensor, segments: list[Segment], groups: list,
@@ -136,7 +139,9 @@ def holdings(pm: object, opt: torch.optim.Optimizer) -> list[Holding]:
     """Every tensor of this rank's training state (model, then optimizer) with its boxes."""
     module: nn.Module = pm.module  # type: ignore[attr-defined]
     mesh = pm.mesh  # type: ignore[attr-defined]
-    groups = [mesh.dp, mesh.tp, mesh.pp, mesh.cp]  # cp ranks hold the same tensors: cp index 0 writes
+    # cp ranks hold the same tensors: cp index 0 writes; the dp ranks are the ep x edp ranks (ep = 1:
+    # edp is dp): an expert (sharded over ep) is written by edp index 0 of each ep index
+    groups = [mesh.dp, mesh.tp, mesh.pp, mesh.ep, mesh.edp, mesh.cp]
     zero = _zero_sync(pm)
     tied = bool(getattr(getattr(module, "cfg", None), "tie_embeddings", False))
     out: list[Holding] = []

@@ -88,16 +88,19 @@ class LayoutMemory:
         self.sp = sp = L.sequence_parallel
         self.shape = pipeline_shape(model, seq_len, p, self.v, options.stage_layers or L.stage_layers,
                                     L.stage_speeds, options.rank_speeds, placement_of(L.schedule) if p > 1 else LOOP)
-        self.block = f.block_params_per_device(h, F, t, **f.shape_args(model))
+        self.block = f.block_params_per_device(h, F, t, ep=L.ep, **f.shape_args(model))
         self.embed = V * h / t
         # the last stage keeps a copy of W_e, but not in ZB-V's V (rank 0 holds both ends)
         self.head_copy = (not model.tie_embeddings) or (p > 1 and L.schedule != "zb-v")
+        gathered = options.sp_saves_gathered
+        if gathered is None:  # as the runtime does: parallel.sp_regathers, core/traffic.py
+            gathered = model.family != "gpt" or (p > 1 and L.schedule in ("zb-h1", "zb-v"))
         act = dict(t=t, sp=sp, elem_bytes=e, dropout=options.dropout,
-                   store_scores=options.store_scores and L.cp == 1, sp_saves_gathered=options.sp_saves_gathered,
+                   store_scores=options.store_scores and L.cp == 1, sp_saves_gathered=gathered,
                    **f.shape_args(model))
         self.act_layer = f.layer_activation_bytes(s_act, b, h, a, F, recompute=L.recompute, **act)
         self.emb_act = f.embedding_activation_bytes(s_act, b, h, t, sp, options.dropout)
-        self.head_act = f.output_activation_bytes(s_act, b, h, V, t, sp, e, options.sp_saves_gathered)
+        self.head_act = f.output_activation_bytes(s_act, b, h, V, t, sp, e, gathered)
         self.out_act = (m if (L.schedule == "gpipe" and p > 1) else 1) * self.head_act
         self.full_layer = f.layer_activation_bytes(s_act, b, h, a, F, recompute="none", **act)
         self.w_layer = f.w_deferred_layer_bytes(s_act, b, h, F, t, e)  # zero-bubble: kept from I to W

@@ -115,7 +115,8 @@ def enumerate_layouts(model: ModelConfig, num_devices: int, global_batch: int, s
             for m in pick("microbatches", divisors(global_batch // dp)):
                 for schedule, v in schedules:
                     shared = dict(dp=dp, pp=pp, tp=tp, cp=cp, microbatches=m, schedule=schedule, virtual_stages=v,
-                                  stage_layers=stage_layers, stage_speeds=stage_speeds)
+                                  stage_layers=stage_layers, stage_speeds=stage_speeds,
+                                  ep=fixed.get("ep", 1))  # not searched yet: given or 1 (docs/expert.md)
                     # validity depends on the recomputation too (zero-bubble schedules refuse full)
                     candidates = {r: [Layout(**shared, zero=zeros[0], recompute=r, sequence_parallel=sp)
                                       for sp in sps] for r in recomputes}
