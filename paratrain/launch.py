@@ -26,6 +26,7 @@ import shutil
 import signal
 import socket
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -71,26 +72,73 @@ def set_threads(threads: int, local_world_size: int) -> int:
     return n
 
 
-def init_distributed(env: RankEnv, device_type: str, timeout_s: float) -> None:
-    """Join the default process group (gloo on CPU, NCCL on CUDA) when there are several ranks."""
+def init_distributed(env: RankEnv, device_type: str, timeout_s: float) -> int:
+    """Join the default process group (gloo on CPU, NCCL on CUDA) when there are several ranks.
+    Returns the attempt number every rank agrees on (0 for a first start; see :func:`attempt_store`)."""
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if env.world_size == 1:
-        return
+        return attempt
     import torch
     import torch.distributed as dist
 
     kwargs: dict[str, Any] = {"timeout": datetime.timedelta(seconds=timeout_s)}
     if device_type == "cuda":
         kwargs["device_id"] = torch.device("cuda", env.local_rank)
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    if attempt and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        # A restarted attempt under torchrun's agent store: the store still holds the failed
-        # attempt's keys (its ranks' gloo addresses) and torch adds no per-attempt prefix, so a
-        # new rank could read a dead peer's address. Give every attempt its own namespace.
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # Under torchrun's agent store, which outlives an attempt: it still holds a failed
+        # attempt's keys (its ranks' gloo addresses), and torch adds no per-attempt prefix, so a
+        # new rank could read a dead peer's address. Every attempt gets its own namespace.
+        join = datetime.timedelta(seconds=max(timeout_s, JOIN_TIMEOUT_S))
         client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size,
-                               is_master=False, timeout=kwargs["timeout"])
-        kwargs.update(store=dist.PrefixStore(f"paratrain/attempt-{attempt}", client), rank=env.rank,
-                      world_size=env.world_size)
+                               is_master=False, timeout=join)
+        store, attempt = attempt_store(client, env.rank, env.world_size, join, attempt)
+        kwargs.update(store=store, rank=env.rank, world_size=env.world_size)
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo", **kwargs)
+    return attempt
+
+
+JOIN_TIMEOUT_S = 60.0  # how long the ranks of an attempt wait for each other before joining
+
+
+def attempt_store(client: Any, rank: int, world_size: int, timeout: datetime.timedelta, count: int
+                  ) -> tuple[Any, int]:
+    """A namespace of ``client`` that every rank of this attempt shares and no earlier attempt used,
+    and the attempt number: the largest of the ranks' restart counts ``count``.
+
+    Not ``TORCHELASTIC_RESTART_COUNT``: an agent counts a restart only when its own ranks failed,
+    and restarts them uncounted when another host's agent opened a new rendezvous round first
+    ("membership change"), so two hosts' ranks can meet with different counts (seen in the
+    two-host test: counts 1 and 0, and the count-0 ranks read the failed attempt's addresses).
+    Instead rank 0 draws a fresh token and hands it to each rank under a key named by that rank's
+    own fresh nonce, which no earlier attempt can have written; the ranks then meet under the
+    token (earlier attempts' ranks are all gone: an agent stops its ranks before a new round).
+    The agreed number makes every rank resume from the checkpoint when any of them restarted."""
+    import torch.distributed as dist
+
+    deadline = time.monotonic() + timeout.total_seconds()
+    if rank == 0:
+        token = uuid.uuid4().hex
+        arrived = [f"paratrain/{token}/arrived/{r}" for r in range(1, world_size)]
+        answered: dict[int, bytes] = {}
+        while not client.check(arrived):
+            for r in range(1, world_size):
+                ask = f"paratrain/join/{r}"
+                if client.check([ask]) and answered.get(r) != (nonce := client.get(ask)):
+                    client.set(f"paratrain/join-answer/{nonce.decode()}", token)  # a stale nonce: harmless
+                    answered[r] = nonce
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"rank 0: not every rank joined within {timeout.total_seconds():.0f} s.")
+            time.sleep(0.005)
+        counts = [count] + [int(client.get(key)) for key in arrived]
+        client.set(f"paratrain/{token}/all", str(max(counts)))
+    else:
+        nonce = uuid.uuid4().hex
+        client.set(f"paratrain/join/{rank}", nonce)
+        client.wait([f"paratrain/join-answer/{nonce}"], timeout)
+        token = client.get(f"paratrain/join-answer/{nonce}").decode()
+        client.set(f"paratrain/{token}/arrived/{rank}", str(count))
+        client.wait([f"paratrain/{token}/all"], timeout)
+    return dist.PrefixStore(f"paratrain/{token}", client), int(client.get(f"paratrain/{token}/all"))
 
 
 def shutdown_distributed(ok: bool) -> None:

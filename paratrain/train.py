@@ -109,16 +109,16 @@ def train_worker(cfg: TrainConfig, checked: CorpusCheck | None = None,
     only asserts that its corpus is the one checked. ``on_step`` runs as each step starts
     (``paratrain train`` passes the :class:`Fault` of ``PARATRAIN_FAULT``)."""
     env = RankEnv.from_env()
-    cfg = _after_restart(cfg, env)
     set_threads(cfg.threads, env.local_world_size)
     device = resolve_device(cfg.device, env.local_rank)
     from paratrain.preempt import StopRequest
 
     stop = StopRequest()
     undo = stop.install()  # a signal now ends the run after the step in flight and a checkpoint
-    init_distributed(env, device.type, cfg.timeout_s)
+    attempt = init_distributed(env, device.type, cfg.timeout_s)
     ok = False
     try:
+        cfg = _after_restart(cfg, env, attempt)
         result = _train(cfg, env, device, checked, on_step, stop)
         ok = True
         return result
@@ -127,12 +127,14 @@ def train_worker(cfg: TrainConfig, checked: CorpusCheck | None = None,
         undo()
 
 
-def _after_restart(cfg: TrainConfig, env: RankEnv) -> TrainConfig:
+def _after_restart(cfg: TrainConfig, env: RankEnv, attempt: int) -> TrainConfig:
     """A rank started again by the elastic agent (``--max-restarts``) continues from the run's
     latest checkpoint (or from step 1 if none was committed), as ``--resume`` would; rank 0 drops
     the metrics lines of the steps it will train again. The checkpoint was committed atomically
-    (``latest`` is written after every file is fsynced), so it is read without re-hashing."""
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0 or not cfg.out:
+    (``latest`` is written after every file is fsynced), so it is read without re-hashing.
+    ``attempt``: the number all ranks agreed on (:func:`paratrain.launch.attempt_store`), not this
+    host's restart count, which can lag another host's."""
+    if attempt == 0 or not cfg.out:
         return cfg
     from paratrain.checkpoint import manifest as mf
     from paratrain.checkpoint.store import LATEST
@@ -150,7 +152,7 @@ def _after_restart(cfg: TrainConfig, env: RankEnv) -> TrainConfig:
         if step >= cfg.steps:  # a rank died after the final checkpoint was committed
             where = f"from {folder}: the run had already finished (step {step} of {cfg.steps}); nothing to train again"
         of = f" of {cfg.max_restarts}" if cfg.max_restarts else ""  # torchrun's own --max-restarts: not ours to know
-        print(f"paratrain train: restart {os.environ['TORCHELASTIC_RESTART_COUNT']}{of}: continuing {where}",
+        print(f"paratrain train: restart {attempt}{of}: continuing {where}",
               file=sys.stderr, flush=True)
     return cfg.replace(resume_from=str(folder) if folder else None)
 

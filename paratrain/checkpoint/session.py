@@ -35,11 +35,12 @@ def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
 def save(saver: CheckpointSaver, session: Any, step: int, config: dict[str, Any]) -> dict[str, Any] | None:
     """Save ``session`` (a :class:`paratrain.train.Session`) after ``step``; returns the record of a
     previous asynchronous save that completed meanwhile (see :class:`CheckpointSaver`)."""
-    hs = hd.holdings(session.pm, session.opt)
+    writes = saver.memo.setdefault("writes", hd.WriteSet())  # the holdings walk, once per run
     if getattr(session, "corpus", None) is not None:  # the library API saves a model without our loader
         config = dict(config, data_position=data_position(session, step))
     meta = {"layout": layout_json(session.cfg.layout), "config": config}
-    return saver.save(step, hd.shards(hs, session.opt, session.mesh.rank), rng_state(session.device), meta)
+    shards = writes.shards(session.pm, session.opt, session.mesh.rank)
+    return saver.save(step, shards, rng_state(session.device), meta)
 
 
 def data_position(session: Any, step: int) -> dict[str, Any]:

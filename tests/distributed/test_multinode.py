@@ -132,9 +132,9 @@ def test_two_hosts_train_like_one_process_and_with_restarts_resume_once_a_cut_li
     ref = reference_train(TrainConfig(model="tiny", steps=STEPS, global_batch=8, seq_len=32))
     with two_hosts() as (a, b, va):
         run = ["--steps", str(STEPS), "--timeout", TIMEOUT, "--checkpoint-every", "3", "--out", "back"]
-        # two restarts: the first attempt after the link is back can still fail to initialise its process
-        # group while the restored link settles (seen once in a fresh-clone run); the second then meets
-        nodes = [_node(ns, i, 29613, tmp_path, run, ["--max-restarts", "2"]) for i, ns in enumerate((a, b))]
+        # one restart: the first attempt after the link is back must meet, even when one host's agent
+        # restarted its ranks uncounted (a "membership change": see launch.attempt_store)
+        nodes = [_node(ns, i, 29613, tmp_path, run, ["--max-restarts", "1"]) for i, ns in enumerate((a, b))]
         try:
             metrics = tmp_path / "back" / "metrics.jsonl"
             _wait_lines(metrics, 7, nodes)  # step 6 was checkpointed (its save may still be writing)
