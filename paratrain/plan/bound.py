@@ -1,16 +1,22 @@
-"""A lower bound on a layout's step time, in a few operations: what lets the search
+"""Lower bounds on a layout's step time, in a few operations: what lets the search
 (:func:`paratrain.plan.search.search` with ``top``) price in full only the layouts that can reach
-its top. Pure Python (no torch); tested never to exceed :func:`cost.estimate_layout`'s figure."""
+its top. Pure Python (no torch); tested never to exceed :func:`cost.estimate_layout`'s figure,
+for one layout (:func:`step_time_lower_bound`) and for a family of layouts that differ only in
+micro-batches, sequence parallelism, recomputation and ZeRO stage (:func:`family_lower_bound`)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 from paratrain.config import Layout
 from paratrain.core import bubble, ring, traffic
 from paratrain.models.configs import ModelConfig
-from paratrain.plan.collectives import collective_seconds
+from paratrain.plan.collectives import buckets, collective_seconds
 from paratrain.plan.cost import OPTIMIZER_BYTES_PER_PARAM, _Layout
 from paratrain.plan.hardware import Hardware
 from paratrain.plan.options import CostOptions
+
+MARGIN = 1 - 1e-9  # the estimate sums the same terms in another order (and m C(b / m) >= C(b) in floats)
 
 
 def layout_context(model: ModelConfig, layout: Layout, hw: Hardware, global_batch: int, seq_len: int,
@@ -18,6 +24,25 @@ def layout_context(model: ModelConfig, layout: Layout, hw: Hardware, global_batc
     """The per-layout context (``layout`` valid): its ``peak_bytes()`` is the estimate's peak
     memory, :func:`step_time_lower_bound` bounds its step time, :func:`estimate_layout` prices it."""
     return _Layout(model, layout, hw, global_batch, seq_len, precision, options)
+
+
+def _per_microbatch(ctx: _Layout) -> tuple[float, float]:
+    """(C, once) of :func:`step_time_lower_bound`: what the p ranks spend on one micro-batch at
+    least, summed over the ranks, and what every rank pays once per step."""
+    L = ctx.model.num_layers
+    replay = ctx.layer_rec / (3 * ctx.layer_fwd) if ctx.layer_fwd else 0.0
+    C = (3 * (L * ctx.layer_fwd + ctx.head_fwd) + L * ctx.layer_rec) / ctx.rate \
+        + (L * ctx.ew_layer * (1 + replay) + ctx.ew_head) / ctx.share
+    once = collective_seconds("all_reduce", ctx.r, 4, *ctx.dp_link)
+    if ctx.t > 1:
+        tp = ctx.tp_seconds(1, False, False)
+        C += L * (tp[traffic.FORWARD] + tp[traffic.BACKWARD])
+        once += collective_seconds("all_reduce", ctx.t, 4, *ctx.tp_link)
+    if ctx.p > 1:
+        C += sum(ctx.shape.sends) * ctx.message_s
+        bw, lat = ctx.pp_link.bw, ctx.pp_link.latency
+        once += collective_seconds("all_reduce", ctx.p, 4, bw, lat) + ring.ring_steps("all_gather", ctx.p) * lat
+    return C, once
 
 
 def step_time_lower_bound(ctx: _Layout, zero: int | None = None) -> float:
@@ -32,44 +57,92 @@ def step_time_lower_bound(ctx: _Layout, zero: int | None = None) -> float:
     the head's); tp_1, one block's tensor-parallel collectives, is linear too (the embedding's and
     the head's are extra); S, every rank's sends (with a given bubble fraction b, T_pipe = m t_max
     / (1 - b)). The step adds what every rank pays once (the loss's all-reduce over dp, the
-    pipeline's and tensor-parallel norm syncs: their maximum over ranks is at least that), the
-    optimizer (exact) and terms >= 0. ``zero``: at that ZeRO stage instead of the layout's (the
-    rest does not depend on it). 0 (no bound) with rank speeds or a batch share (heterogeneous
-    devices)."""
+    pipeline's and tensor-parallel norm syncs: their maximum over ranks is at least that), and for
+    the rank holding the most parameters its optimizer step (exact) and the data-parallel
+    seconds nothing can hide (:func:`_dp_floor`). ``zero``: at that ZeRO stage instead of the
+    layout's (the rest does not depend on it). 0 (no bound) with rank speeds or a batch share
+    (heterogeneous devices)."""
     o = ctx.options
     if o.rank_speeds is not None or o.local_batch is not None:
         return 0.0
     if ctx.pipe_bound is None:  # the same for every ZeRO stage
-        L, p, t, m, v = ctx.model.num_layers, ctx.p, ctx.t, ctx.m, ctx.v
-        replay = ctx.layer_rec / (3 * ctx.layer_fwd) if ctx.layer_fwd else 0.0
-        C = (3 * (L * ctx.layer_fwd + ctx.head_fwd) + L * ctx.layer_rec) / ctx.rate \
-            + (L * ctx.ew_layer * (1 + replay) + ctx.ew_head) / ctx.share
-        once = collective_seconds("all_reduce", ctx.r, 4, *ctx.dp_link)
-        if t > 1:
-            tp = ctx.tp_seconds(1, False, False)
-            C += L * (tp[traffic.FORWARD] + tp[traffic.BACKWARD])
-            once += collective_seconds("all_reduce", t, 4, *ctx.tp_link)
-        if p > 1:
-            C += sum(ctx.shape.sends) * ctx.message_s
-            bw, lat = ctx.pp_link.bw, ctx.pp_link.latency
-            once += collective_seconds("all_reduce", p, 4, bw, lat) + ring.ring_steps("all_gather", p) * lat
+        p, m, v = ctx.p, ctx.m, ctx.v
+        C, once = _per_microbatch(ctx)
         pipe = C * m / p / (1 - o.bubble_fraction) if o.bubble_fraction is not None else \
             C * (m + (p - 1) / v * bubble.fill_share(ctx.layout.schedule)) / p
         ctx.pipe_bound = pipe + once
         ctx.max_params = max(params for params, _ in ctx.group_parts())
-    return _with_optimizer(ctx, ctx.layout.zero if zero is None else zero)
+    return _with_optimizer(ctx, ctx.layout.zero if zero is None else zero, ctx.m)
 
 
 def step_time_lower_bounds(ctx: _Layout, zeros: tuple[int, ...]) -> dict[int, float]:
     """:func:`step_time_lower_bound` at each ZeRO stage of ``zeros``, in one call."""
     if step_time_lower_bound(ctx, zeros[0]) == 0.0:
         return dict.fromkeys(zeros, 0.0)
-    return {zero: _with_optimizer(ctx, zero) for zero in zeros}
+    return {zero: _with_optimizer(ctx, zero, ctx.m) for zero in zeros}
 
 
-def _with_optimizer(ctx: _Layout, zero: int) -> float:
-    """The pipeline part of the bound (computed) plus the optimizer's step at ZeRO stage ``zero``."""
+def family_lower_bound(model: ModelConfig, layout: Layout, hw: Hardware, global_batch: int, seq_len: int,
+                       precision: str, options: CostOptions, sps: tuple[bool, ...], zeros: tuple[int, ...]) -> float:
+    """A lower bound on the step time of every layout that differs from ``layout`` only in its
+    micro-batches, recomputation, ZeRO stage (one of ``zeros``) and sequence parallelism (one of
+    ``sps``): what lets the search skip whole families without a context per layout.
+
+    Every term of C (:func:`step_time_lower_bound`) is a b + c with a, c >= 0 in the micro-batch
+    size b = B / m (FLOPs and bytes per sequence, latencies per collective), so the m micro-batches
+    cost m C(B / m) = a B + m c >= C(B): T_pipe >= m C(B / m) / p >= C(B) / p, C taken at one
+    micro-batch and without recomputation (which only adds work: replayed FLOPs, bytes and
+    collectives). ZeRO-3's gathers, m per step, are counted once. 0 where
+    :func:`step_time_lower_bound` is."""
+    if options.rank_speeds is not None or options.local_batch is not None:
+        return 0.0
+    best = float("inf")
+    for sp in sps:
+        whole = dataclasses.replace(layout, microbatches=1, recompute="none", sequence_parallel=sp, zero=zeros[0])
+        ctx = _Layout(model, whole, hw, global_batch, seq_len, precision, options)
+        C, once = _per_microbatch(ctx)
+        ctx.pipe_bound = C / ctx.p + once
+        ctx.max_params = max(params for params, _ in ctx.group_parts())
+        best = min(best, min(_with_optimizer(ctx, zero, 1) for zero in zeros))
+    return best
+
+
+def _with_optimizer(ctx: _Layout, zero: int, m: int) -> float:
+    """The pipeline part of the bound (computed) plus, on the rank with the most parameters, the
+    optimizer's step and the exposed data-parallel floor at ZeRO stage ``zero``, ``m``
+    micro-batches."""
     bw = ctx.hw.memory_bw * ctx.share
+    if ctx.offload:  # the step runs in host memory (at least as long as at the faster of the two)
+        bw = max(bw, ctx.hw.host_memory_bw or ctx.hw.memory_bw)
     owned = ctx.max_params / (ctx.r if zero >= 1 else 1)
     optimizer = OPTIMIZER_BYTES_PER_PARAM * owned / bw if bw else 0.0
-    return (ctx.pipe_bound + optimizer) * (1 - 1e-9)  # the margin: the estimate sums the terms in another order
+    return (ctx.pipe_bound + optimizer + _dp_floor(ctx, zero, m)) * MARGIN
+
+
+def _dp_floor(ctx: _Layout, zero: int, m: int) -> float:
+    """Seconds of the data-parallel traffic of the rank holding the most parameters that
+    :meth:`_Layout.data_parallel` never hides: the last bucket of the gradients' reduction (it
+    starts when the last gradient is ready), the all-gather after ZeRO-1/2's optimizer step, and
+    under ZeRO-3 per micro-batch the last unit's gather before forward and its gather and
+    reduce-scatter in backward (the loss's all-reduce is in ``once``)."""
+    n = ctx.r
+    if n == 1:
+        return 0.0
+    key = (zero, m)
+    if key in ctx.dp_floors:
+        return ctx.dp_floors[key]
+    params = ctx.max_params
+    total = 0.0
+    if zero == 3:
+        i = next(i for (i, _), (x, _) in zip(ctx.shape.groups, ctx.group_parts()) if x == params)
+        units = ctx.shape.layers[i] + (1 if ctx.shape.holds(i, 0) or ctx.shape.holds(i, ctx.p * ctx.v - 1) else 0)
+        size = params / units
+        gather = collective_seconds("all_gather", n, ctx.P_b * size, *ctx.dp_link)
+        scatter = collective_seconds("reduce_scatter", n, ctx.G_b * size, *ctx.dp_link)
+        total = m * (gather + gather + scatter)
+    else:
+        for op, per_param, phase, _ in traffic.dp_parts(zero, m, n, ctx.G_b, ctx.P_b):
+            b = buckets(op, n, per_param * params, ctx.options.bucket_bytes, *ctx.dp_link)
+            total += b.total_s if phase == "step" else b.last_s
+    ctx.dp_floors[key] = total
+    return total

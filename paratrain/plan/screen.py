@@ -1,0 +1,239 @@
+"""The bounded search (``search(top=k)``, what ``paratrain plan`` runs): the ``k`` fastest layouts
+without pricing most of the others. Pure Python (no torch).
+
+1. **Memory, every layout, exact.** A layout's peak (:class:`~paratrain.plan.footprint.LayoutMemory`'s
+   figure, the estimate's own) is assembled from pieces memoized on the factors they depend on:
+   per (tp, pp, chunks, schedule) the ranks' parameters; per (that, dp x cp) their model states
+   and ZeRO-3 buffers at every ZeRO stage; per (micro-batch size, cp, tp, sp, recomputation) one
+   micro-batch's activations (:func:`~paratrain.plan.footprint.activation_pieces`); per layout only
+   the stash sum of each run of alike ranks (:func:`~paratrain.plan.footprint.rank_activations`).
+   So the count that fit, the least memory-hungry misfit and the pure data-parallel layouts are
+   the exhaustive search's, without a context per layout.
+2. **Time, best first.** The layouts that fit are grouped in families (dp, pp, tp, cp, schedule,
+   virtual stages: they differ in micro-batches, sp, recomputation, ZeRO stage), each with one
+   lower bound on its members' step time (:func:`~paratrain.plan.bound.family_lower_bound`).
+   A heap holds families and layouts by bound: a family popped is replaced by its layouts, each
+   with its own bound (:func:`~paratrain.plan.bound.step_time_lower_bound`); a layout popped is
+   priced in full. It stops when the next bound exceeds the ``k``-th step time found: every
+   layout left, in a family or alone, takes longer. Ties keep the enumeration order, as the
+   exhaustive stable sort does. The best pure data-parallel layout is found the same way (top 1
+   of the families with pp = tp = 1).
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+from paratrain.config import Layout
+from paratrain.core.schedules import LOOP, placement_of
+from paratrain.core.vocab import padded_vocab_size
+from paratrain.models.configs import ModelConfig
+from paratrain.plan import formulas as f
+from paratrain.plan.bound import family_lower_bound, layout_context, step_time_lower_bounds
+from paratrain.plan.cost import CostOptions, Estimate, _estimate
+from paratrain.plan.footprint import _state_total, activation_pieces, chunks_per_rank, rank_activations, rank_params
+from paratrain.plan.hardware import Hardware
+from paratrain.plan.topology import PipelineShape, pipeline_shape
+
+# (valid candidates at the block's first ZeRO stage, the ZeRO stages): the enumeration's unit,
+# whose layouts are each candidate at each stage, stage by stage (search.enumerate_layouts' order)
+Block = tuple[tuple[Layout, ...], tuple[int, ...]]
+Key = tuple[float, float, float]
+
+
+def rank_key(e: Estimate) -> Key:
+    """Fastest first; at the same step time (e.g. data-parallel traffic hidden behind backward
+    under ZeRO-1 and ZeRO-3 alike) the layout that moves fewer bytes, then the one using less
+    memory: the model cannot see every cost of traffic (contention, jitter), and memory that
+    fits is worth nothing more."""
+    c = e.comm_bytes_per_device
+    return (e.step_time_s, c.dp + c.tp + c.pp + c.cp, e.peak_bytes_per_device)
+
+
+class Bounded(NamedTuple):
+    """What :func:`bounded` finds: the ``top`` fastest, the least memory-hungry misfit, the best
+    pure data-parallel layout (or its least memory-hungry misfit), the count that fit."""
+
+    ranked: tuple[Estimate, ...]
+    smallest_unfit: Estimate | None
+    best_pure_dp: Estimate | None
+    num_fitting: int
+    priced: int  # layouts priced in full
+
+
+class _Statics(NamedTuple):
+    shape: PipelineShape
+    params: tuple[float, ...]  # of the first rank of each run of alike ranks (shape.groups)
+    unit: float  # the largest ZeRO-3 unit: a block or the embedding
+
+
+class MemoryScreen:
+    """Exact peak memory of layouts from memoized pieces (module docstring, step 1): at each
+    ZeRO stage of ``zeros`` what ``LayoutMemory.peak_bytes`` gives, summed in the same order."""
+
+    def __init__(self, model: ModelConfig, hw: Hardware, global_batch: int, seq_len: int, precision: str,
+                 options: CostOptions, zeros: tuple[int, ...]) -> None:
+        self.model, self.global_batch, self.seq_len, self.precision, self.options = \
+            model, global_batch, seq_len, precision, options
+        self.zeros = zeros
+        self.e = f.ELEM_BYTES[precision]
+        P_b, G_b, _ = f.STATE_BYTES[precision]
+        self.G_b = options.grad_bytes or G_b
+        self.unit_bytes = P_b + self.G_b  # a ZeRO-3 unit gathered and its gradient
+        self.offload = options.offload_optimizer and hw.host_link_bw > 0  # as cost._Layout's
+        self._statics: dict[tuple, _Statics] = {}
+        self._states: dict[tuple, tuple[tuple[float, ...], ...]] = {}
+        self._pieces: dict[tuple, tuple[float, ...]] = {}
+
+    def _static(self, key: tuple, layout: Layout, v: int) -> _Statics:
+        model, p, t = self.model, layout.pp, layout.tp
+        shape = pipeline_shape(model, self.seq_len, p, v, self.options.stage_layers or layout.stage_layers,
+                               layout.stage_speeds, self.options.rank_speeds,
+                               placement_of(layout.schedule) if p > 1 else LOOP)
+        block = f.block_params_per_device(model.hidden, model.ffn_hidden, t, **f.shape_args(model))
+        embed = padded_vocab_size(model.vocab_size, t) * model.hidden / t
+        head_copy = (not model.tie_embeddings) or (p > 1 and layout.schedule != "zb-v")  # as LayoutMemory's
+        params = tuple(rank_params(model, shape, i, block, embed, head_copy) for i, _ in shape.groups)
+        static = self._statics[key] = _Statics(shape, params, max(block, embed))
+        return static
+
+    def peaks(self, layout: Layout) -> tuple[float, ...]:
+        """The peak bytes of ``layout``'s most loaded device at each of ``zeros``."""
+        p, t, schedule, m = layout.pp, layout.tp, layout.schedule, layout.microbatches
+        v = chunks_per_rank(layout)
+        key = (t, p, v, schedule if p > 1 else "", layout.stage_layers, layout.stage_speeds)
+        static = self._statics.get(key) or self._static(key, layout, v)
+        r = layout.dp * layout.cp  # ZeRO shards over the dp x cp ranks
+        states = self._states.get((key, r))
+        if states is None:
+            states = self._states[key, r] = tuple(
+                tuple(_state_total(x, zero, r, self.precision, self.G_b, self.offload)
+                      + (self.unit_bytes * static.unit if (zero == 3 and r > 1) else 0.0) for zero in self.zeros)
+                for x in static.params)
+        o = self.options
+        b = (o.local_batch if o.local_batch is not None else self.global_batch / layout.dp) / m
+        pkey = (layout.cp, b, t, layout.sequence_parallel, layout.recompute)
+        pieces = self._pieces.get(pkey)
+        if pieces is None:
+            pieces = self._pieces[pkey] = activation_pieces(self.model, self.seq_len, layout.cp, b, t,
+                                                            layout.sequence_parallel, layout.recompute, self.e, o)
+        act, emb, head, full, w_layer, w_head = pieces
+        out = (m if (schedule == "gpipe" and p > 1) else 1) * head
+        rebuilt = full if layout.recompute == "full" else 0.0
+        shape = static.shape
+        if len(states) == 1:
+            a = rank_activations(shape, schedule, m, 0, act, emb, out, w_layer, w_head)
+            return tuple(x + a + rebuilt for x in states[0])
+        acts = [rank_activations(shape, schedule, m, i, act, emb, out, w_layer, w_head) for i, _ in shape.groups]
+        # max_g (s_g + a_g) + rebuilt = max_g (s_g + a_g + rebuilt): adding a constant is monotone in floats
+        return tuple(max(s[k] + a for s, a in zip(states, acts)) + rebuilt for k in range(len(self.zeros)))
+
+
+class _Family:
+    """Layouts that fit and differ only in micro-batches, sp, recomputation and ZeRO stage."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self.sps: set[bool] = set()
+        self.zeros: set[int] = set()
+        self.items: list[tuple[int, Layout, int, tuple[int, ...]]] = []  # (index, candidate, zero, block zeros)
+        self.pure = layout.pp == 1 and layout.tp == 1
+        self.bound: float | None = None
+
+
+def bounded(blocks: Sequence[Block], model: ModelConfig, hw: Hardware, global_batch: int, seq_len: int,
+            precision: str, options: CostOptions, top: int) -> Bounded:
+    """The search of the module docstring over the layouts of ``blocks``; ``top`` >= 1."""
+    capacity = hw.memory_bytes * (1 - options.memory_headroom)
+    zeros = tuple(sorted({z for _, zs in blocks for z in zs}))
+    where = {z: k for k, z in enumerate(zeros)}
+    screen = MemoryScreen(model, hw, global_batch, seq_len, precision, options, zeros)
+    families: dict[tuple, _Family] = {}
+    misfit: tuple[float, int, Layout, int] | None = None
+    pure_misfit: tuple[float, int, Layout, int] | None = None
+    fitting = index = 0
+    for valid, block_zeros in blocks:
+        first = valid[0]  # a block's candidates share the family's fields (search._blocks)
+        fam_key = (first.dp, first.pp, first.tp, first.cp, first.schedule, first.virtual_stages)
+        family = families.get(fam_key) or families.setdefault(fam_key, _Family(first))
+        family.zeros.update(block_zeros)
+        family.sps.update(c.sequence_parallel for c in valid)
+        rows = [screen.peaks(c) for c in valid]
+        items = family.items
+        for zero in block_zeros:
+            k = where[zero]
+            for c, row in zip(valid, rows):
+                peak = row[k]
+                if peak <= capacity:
+                    items.append((index, c, zero, block_zeros))
+                    fitting += 1
+                else:
+                    if misfit is None or (peak, index) < misfit[:2]:
+                        misfit = (peak, index, c, zero)
+                    if family.pure and (pure_misfit is None or (peak, index) < pure_misfit[:2]):
+                        pure_misfit = (peak, index, c, zero)
+                index += 1
+    priced: dict[int, Estimate] = {}
+
+    def price(index: int, layout: Layout, zero: int) -> Estimate:
+        if index not in priced:
+            exact = layout if layout.zero == zero else _with_zero(layout, zero)
+            priced[index] = _estimate(model, exact, hw, global_batch, seq_len, precision, options)
+        return priced[index]
+
+    args = (model, hw, global_batch, seq_len, precision, options)
+    fams = [fam for fam in families.values() if fam.items]
+    best = _best_first(fams, top, args, price)
+    pure = _best_first([fam for fam in fams if fam.pure], 1, args, price)
+    if pure:
+        pure_est: Estimate | None = pure[0]
+    else:
+        pure_est = price(*pure_misfit[1:]) if pure_misfit else None
+    return Bounded(tuple(best), price(*misfit[1:]) if misfit else None, pure_est, fitting, len(priced))
+
+
+def _best_first(families: list[_Family], top: int, args: tuple,
+                price: Callable[[int, Layout, int], Estimate]) -> list[Estimate]:
+    """The ``top`` fastest layouts of ``families`` by :func:`rank_key`, then enumeration index
+    (module docstring, step 2)."""
+    heap: list[tuple[float, int, int]] = []  # (bound, 0 = family / 1 = layout, family number / item)
+    for n, fam in enumerate(families):
+        if fam.bound is None:
+            fam.bound = family_lower_bound(*args[:1], fam.layout, *args[1:], tuple(sorted(fam.sps)),
+                                           tuple(sorted(fam.zeros)))
+        heap.append((fam.bound, 0, n))
+    heapq.heapify(heap)
+    items: list[tuple[int, Layout, int, tuple[int, ...]]] = []
+    best: list[tuple[Key, int]] = []  # (key, index), sorted, at most top
+    estimates: dict[int, Estimate] = {}
+    contexts: dict[int, dict[int, float]] = {}  # id(candidate) -> bound by ZeRO stage
+    while heap:
+        bound, kind, n = heapq.heappop(heap)
+        if len(best) == top and bound > best[-1][0][0]:
+            break  # every layout left takes longer than the top-th
+        if kind == 0:
+            for item in families[n].items:
+                index, layout, zero, block_zeros = item
+                bounds = contexts.get(id(layout))
+                if bounds is None:
+                    ctx = layout_context(args[0], layout, *args[1:])
+                    bounds = contexts[id(layout)] = step_time_lower_bounds(ctx, block_zeros)
+                heapq.heappush(heap, (bounds[zero], 1, len(items)))
+                items.append(item)
+        else:
+            index, layout, zero, _ = items[n]
+            est = estimates[index] = price(index, layout, zero)
+            bisect.insort(best, (rank_key(est), index))
+            del best[top:]
+    return [estimates[i] for _, i in best]
+
+
+def _with_zero(layout: Layout, zero: int) -> Layout:
+    """``dataclasses.replace(layout, zero=zero)`` without running ``__init__`` again: the search
+    builds tens of thousands of these from validated candidates (fields already normalised)."""
+    clone = object.__new__(Layout)
+    clone.__dict__.update(layout.__dict__, zero=zero)
+    return clone
