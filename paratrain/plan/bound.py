@@ -7,12 +7,13 @@ micro-batches, sequence parallelism, recomputation and ZeRO stage (:func:`family
 from __future__ import annotations
 
 import dataclasses
+from functools import lru_cache
 
 from paratrain.config import Layout
 from paratrain.core import bubble, ring, traffic
 from paratrain.models.configs import ModelConfig
-from paratrain.plan.collectives import buckets, collective_seconds
-from paratrain.plan.cost import OPTIMIZER_BYTES_PER_PARAM, _Layout
+from paratrain.plan.collectives import Link, buckets, collective_seconds
+from paratrain.plan.cost import OPTIMIZER_BYTES_PER_PARAM, _Layout, overlaps_dp
 from paratrain.plan.hardware import Hardware
 from paratrain.plan.options import CostOptions
 
@@ -83,27 +84,33 @@ def step_time_lower_bounds(ctx: _Layout, zeros: tuple[int, ...]) -> dict[int, fl
 
 
 def family_lower_bound(model: ModelConfig, layout: Layout, hw: Hardware, global_batch: int, seq_len: int,
-                       precision: str, options: CostOptions, sps: tuple[bool, ...], zeros: tuple[int, ...]) -> float:
+                       precision: str, options: CostOptions, sps: tuple[bool, ...], zeros: tuple[int, ...],
+                       microbatches: int | None = None) -> float:
     """A lower bound on the step time of every layout that differs from ``layout`` only in its
-    micro-batches, recomputation, ZeRO stage (one of ``zeros``) and sequence parallelism (one of
-    ``sps``): what lets the search skip whole families without a context per layout.
+    recomputation, ZeRO stage (one of ``zeros``), sequence parallelism (one of ``sps``) and, with
+    ``microbatches`` None, micro-batches: what lets the search skip whole families of layouts
+    without a context for each.
 
-    Every term of C (:func:`step_time_lower_bound`) is a b + c with a, c >= 0 in the micro-batch
-    size b = B / m (FLOPs and bytes per sequence, latencies per collective), so the m micro-batches
-    cost m C(B / m) = a B + m c >= C(B): T_pipe >= m C(B / m) / p >= C(B) / p, C taken at one
-    micro-batch and without recomputation (which only adds work: replayed FLOPs, bytes and
-    collectives). ZeRO-3's gathers, m per step, are counted once. 0 where
-    :func:`step_time_lower_bound` is."""
+    Recomputation only adds work (replayed FLOPs, bytes and collectives), so every term is taken
+    without it, at the least of the ZeRO stages and sp settings. Any micro-batch count: every term
+    of C (:func:`step_time_lower_bound`) is a b + c with a, c >= 0 in the micro-batch size b = B / m
+    (FLOPs and bytes per sequence, latencies per collective), so m micro-batches cost m C(B / m) =
+    a B + m c >= C(B), and T_pipe >= m C(B / m) / p >= C(B) / p: C taken at one micro-batch, no
+    bubble, ZeRO-3's m gathers per step counted once. 0 where :func:`step_time_lower_bound` is."""
     if options.rank_speeds is not None or options.local_batch is not None:
         return 0.0
     best = float("inf")
     for sp in sps:
-        whole = dataclasses.replace(layout, microbatches=1, recompute="none", sequence_parallel=sp, zero=zeros[0])
+        whole = dataclasses.replace(layout, microbatches=microbatches or 1, recompute="none", sequence_parallel=sp,
+                                    zero=zeros[0])
         ctx = _Layout(model, whole, hw, global_batch, seq_len, precision, options)
-        C, once = _per_microbatch(ctx)
-        ctx.pipe_bound = C / ctx.p + once
-        ctx.max_params = max(params for params, _ in ctx.group_parts())
-        best = min(best, min(_with_optimizer(ctx, zero, 1) for zero in zeros))
+        if microbatches is None:
+            C, once = _per_microbatch(ctx)
+            ctx.pipe_bound = C / ctx.p + once
+            ctx.max_params = max(params for params, _ in ctx.group_parts())
+            best = min(best, min(_with_optimizer(ctx, zero, 1) for zero in zeros))
+        else:
+            best = min(best, min(step_time_lower_bounds(ctx, zeros).values()))
     return best
 
 
@@ -122,27 +129,35 @@ def _with_optimizer(ctx: _Layout, zero: int, m: int) -> float:
 def _dp_floor(ctx: _Layout, zero: int, m: int) -> float:
     """Seconds of the data-parallel traffic of the rank holding the most parameters that
     :meth:`_Layout.data_parallel` never hides: the last bucket of the gradients' reduction (it
-    starts when the last gradient is ready), the all-gather after ZeRO-1/2's optimizer step, and
-    under ZeRO-3 per micro-batch the last unit's gather before forward and its gather and
-    reduce-scatter in backward (the loss's all-reduce is in ``once``)."""
-    n = ctx.r
-    if n == 1:
+    starts when the last gradient is ready; every bucket with several chunks per rank or without
+    overlap: there is no window), the all-gather after ZeRO-1/2's optimizer step, ZeRO-2's earlier
+    reductions without overlap, and under ZeRO-3 per micro-batch the last unit's gather before
+    forward and its gather and reduce-scatter in backward (the loss's all-reduce is in ``once``)."""
+    if ctx.r == 1:
         return 0.0
-    key = (zero, m)
-    if key in ctx.dp_floors:
-        return ctx.dp_floors[key]
-    params = ctx.max_params
-    total = 0.0
+    i = next(i for (i, _), (x, _) in zip(ctx.shape.groups, ctx.group_parts()) if x == ctx.max_params)
+    units = ctx.shape.layers[i] + (1 if ctx.shape.holds(i, 0) or ctx.shape.holds(i, ctx.p * ctx.v - 1) else 0)
+    overlap = overlaps_dp(ctx.hw, ctx.layout.world_size, ctx.options)
+    return _dp_floor_s(zero, m, ctx.r, ctx.max_params, units, ctx.G_b, ctx.P_b, ctx.options.bucket_bytes,
+                       ctx.dp_link, overlap, ctx.v > 1)
+
+
+@lru_cache(maxsize=65536)
+def _dp_floor_s(zero: int, m: int, n: int, params: float, units: int, grad_b: float, param_b: float,
+                bucket_bytes: float, link: Link, overlap: bool, no_window: bool) -> float:
+    """:func:`_dp_floor` of a rank of ``params`` parameters in ``units`` ZeRO-3 units (the same
+    for many layouts of a search: memoized)."""
     if zero == 3:
-        i = next(i for (i, _), (x, _) in zip(ctx.shape.groups, ctx.group_parts()) if x == params)
-        units = ctx.shape.layers[i] + (1 if ctx.shape.holds(i, 0) or ctx.shape.holds(i, ctx.p * ctx.v - 1) else 0)
-        size = params / units
-        gather = collective_seconds("all_gather", n, ctx.P_b * size, *ctx.dp_link)
-        scatter = collective_seconds("reduce_scatter", n, ctx.G_b * size, *ctx.dp_link)
-        total = m * (gather + gather + scatter)
-    else:
-        for op, per_param, phase, _ in traffic.dp_parts(zero, m, n, ctx.G_b, ctx.P_b):
-            b = buckets(op, n, per_param * params, ctx.options.bucket_bytes, *ctx.dp_link)
-            total += b.total_s if phase == "step" else b.last_s
-    ctx.dp_floors[key] = total
+        gather = collective_seconds("all_gather", n, param_b * params / units, *link)
+        scatter = collective_seconds("reduce_scatter", n, grad_b * params / units, *link)
+        return m * (gather + gather + scatter) if overlap else m * units * (gather + gather + scatter)
+    total = 0.0
+    for op, per_param, phase, times in traffic.dp_parts(zero, m, n, grad_b, param_b):
+        b = buckets(op, n, per_param * params, bucket_bytes, *link)
+        if phase == "step" or no_window or not overlap:
+            total += b.total_s
+        else:
+            total += b.last_s
+        if times > 1 and not overlap:
+            total += (times - 1) * b.total_s
     return total

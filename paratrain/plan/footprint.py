@@ -192,25 +192,49 @@ def rank_params(model: ModelConfig, shape: PipelineShape, i: int, block: float, 
         + ((2 if gpt else 1) * model.hidden + (embed if head_copy else 0) if last else 0)
 
 
-def rank_activations(shape: PipelineShape, schedule: str, m: int, i: int, act_layer: float, emb_act: float,
-                     out_act: float, w_layer: float, w_head: float) -> float:
-    """Activation bytes pipeline rank ``i`` stashes at its peak (the module docstring), from one
-    micro-batch's :class:`Pieces` (``out_act``: the head's, times m under GPipe)."""
+class Stash(NamedTuple):
+    """What rank ``i`` stashes at its peak, in integers that serve every micro-batch size,
+    recomputation and ZeRO stage: with one chunk per rank ``flight`` whole micro-batches and
+    ``past`` (ZB-H1) kept only for their W, of its ``layers`` (+ the embedding if ``first``, the
+    head if ``last``); with several, ``terms`` (:func:`_stash_terms`)."""
+
+    flight: float
+    past: float
+    layers: int
+    first: bool
+    last: bool
+    terms: tuple[tuple[int, int, int], ...] = ()
+
+
+def stash_of(shape: PipelineShape, schedule: str, m: int, i: int) -> Stash:
+    """Rank ``i``'s :class:`Stash` (the module docstring's counts)."""
     p, v = len(shape.layers), len(shape.rank_stages[i])
     stages = shape.rank_stages[i]
     first, last = 0 in stages, p * v - 1 in stages
     if v == 1:
         past_i = deferred_w(schedule, p, m, i)  # ZB-H1: held past their I, for W only
-        flight = in_flight_microbatches(schedule, p, m, v, i) - past_i
-        return flight * (shape.layers[i] * act_layer + (emb_act if first else 0)) + (out_act if last else 0) \
-            + past_i * (shape.layers[i] * w_layer + (w_head if last else 0))
+        return Stash(in_flight_microbatches(schedule, p, m, v, i) - past_i, past_i, shape.layers[i], first, last)
     # chunks of different sizes: which of them are in flight matters (topology.stash_states);
     # past the warm-up and one period (topology.stash_states) more micro-batches repeat the states
     steady = -(-(2 * (p - i - 1) + (v - 1) * p + p * v) // v)
     layers = tuple(shape.chunks[k] for k in stages)
     ends = (stages.index(0) if first else -1, stages.index(p * v - 1) if last else -1)
-    terms = _stash_terms(schedule, p, min(m, steady), v, i, layers, ends)
-    return max(n * act_layer + first * emb_act + last * out_act for n, first, last in terms)
+    return Stash(0.0, 0.0, shape.layers[i], first, last, _stash_terms(schedule, p, min(m, steady), v, i, layers, ends))
+
+
+def stash_bytes(st: Stash, act_layer: float, emb_act: float, out_act: float, w_layer: float, w_head: float) -> float:
+    """The bytes of a :class:`Stash`, from one micro-batch's :class:`Pieces` (``out_act``: the
+    head's, times m under GPipe)."""
+    if st.terms:
+        return max(n * act_layer + first * emb_act + last * out_act for n, first, last in st.terms)
+    return st.flight * (st.layers * act_layer + (emb_act if st.first else 0)) + (out_act if st.last else 0) \
+        + st.past * (st.layers * w_layer + (w_head if st.last else 0))
+
+
+def rank_activations(shape: PipelineShape, schedule: str, m: int, i: int, act_layer: float, emb_act: float,
+                     out_act: float, w_layer: float, w_head: float) -> float:
+    """Activation bytes pipeline rank ``i`` stashes at its peak (the module docstring)."""
+    return stash_bytes(stash_of(shape, schedule, m, i), act_layer, emb_act, out_act, w_layer, w_head)
 
 
 @lru_cache(maxsize=16384)

@@ -34,7 +34,15 @@ from paratrain.models.configs import ModelConfig
 from paratrain.plan import formulas as f
 from paratrain.plan.bound import family_lower_bound, layout_context, step_time_lower_bounds
 from paratrain.plan.cost import CostOptions, Estimate, _estimate
-from paratrain.plan.footprint import _state_total, activation_pieces, chunks_per_rank, rank_activations, rank_params
+from paratrain.plan.footprint import (
+    Stash,
+    _state_total,
+    activation_pieces,
+    chunks_per_rank,
+    rank_params,
+    stash_bytes,
+    stash_of,
+)
 from paratrain.plan.hardware import Hardware
 from paratrain.plan.topology import PipelineShape, pipeline_shape
 
@@ -87,6 +95,7 @@ class MemoryScreen:
         self._statics: dict[tuple, _Statics] = {}
         self._states: dict[tuple, tuple[tuple[float, ...], ...]] = {}
         self._pieces: dict[tuple, tuple[float, ...]] = {}
+        self._stashes: dict[tuple, tuple[Stash, ...]] = {}
 
     def _static(self, key: tuple, layout: Layout, v: int) -> _Statics:
         model, p, t = self.model, layout.pp, layout.tp
@@ -100,8 +109,10 @@ class MemoryScreen:
         static = self._statics[key] = _Statics(shape, params, max(block, embed))
         return static
 
-    def peaks(self, layout: Layout) -> tuple[float, ...]:
-        """The peak bytes of ``layout``'s most loaded device at each of ``zeros``."""
+    def peaks(self, block: tuple[Layout, ...]) -> list[tuple[float, ...]]:
+        """The peak bytes of the most loaded device of each layout of ``block`` (candidates that
+        differ only in sp and recomputation) at each of ``zeros``."""
+        layout = block[0]
         p, t, schedule, m = layout.pp, layout.tp, layout.schedule, layout.microbatches
         v = chunks_per_rank(layout)
         key = (t, p, v, schedule if p > 1 else "", layout.stage_layers, layout.stage_speeds)
@@ -113,23 +124,31 @@ class MemoryScreen:
                 tuple(_state_total(x, zero, r, self.precision, self.G_b, self.offload)
                       + (self.unit_bytes * static.unit if (zero == 3 and r > 1) else 0.0) for zero in self.zeros)
                 for x in static.params)
+        stashes = self._stashes.get((key, m))
+        if stashes is None:
+            stashes = self._stashes[key, m] = tuple(stash_of(static.shape, schedule, m, i)
+                                                    for i, _ in static.shape.groups)
         o = self.options
         b = (o.local_batch if o.local_batch is not None else self.global_batch / layout.dp) / m
-        pkey = (layout.cp, b, t, layout.sequence_parallel, layout.recompute)
-        pieces = self._pieces.get(pkey)
-        if pieces is None:
-            pieces = self._pieces[pkey] = activation_pieces(self.model, self.seq_len, layout.cp, b, t,
-                                                            layout.sequence_parallel, layout.recompute, self.e, o)
-        act, emb, head, full, w_layer, w_head = pieces
-        out = (m if (schedule == "gpipe" and p > 1) else 1) * head
-        rebuilt = full if layout.recompute == "full" else 0.0
-        shape = static.shape
-        if len(states) == 1:
-            a = rank_activations(shape, schedule, m, 0, act, emb, out, w_layer, w_head)
-            return tuple(x + a + rebuilt for x in states[0])
-        acts = [rank_activations(shape, schedule, m, i, act, emb, out, w_layer, w_head) for i, _ in shape.groups]
-        # max_g (s_g + a_g) + rebuilt = max_g (s_g + a_g + rebuilt): adding a constant is monotone in floats
-        return tuple(max(s[k] + a for s, a in zip(states, acts)) + rebuilt for k in range(len(self.zeros)))
+        gpipe = m if (schedule == "gpipe" and p > 1) else 1
+        out = []
+        for c in block:
+            pkey = (c.cp, b, t, c.sequence_parallel, c.recompute)
+            pieces = self._pieces.get(pkey)
+            if pieces is None:
+                pieces = self._pieces[pkey] = activation_pieces(self.model, self.seq_len, c.cp, b, t,
+                                                                c.sequence_parallel, c.recompute, self.e, o)
+            act, emb, head, full, w_layer, w_head = pieces
+            rebuilt = full if c.recompute == "full" else 0.0
+            if len(states) == 1:
+                a = stash_bytes(stashes[0], act, emb, gpipe * head, w_layer, w_head)
+                out.append(tuple(x + a + rebuilt for x in states[0]))
+            else:
+                acts = [stash_bytes(st, act, emb, gpipe * head, w_layer, w_head) for st in stashes]
+                # max_g (s_g + a_g) + rebuilt = max_g (s_g + a_g + rebuilt): adding is monotone in floats
+                out.append(tuple(max(s[k] + a for s, a in zip(states, acts)) + rebuilt
+                                 for k in range(len(self.zeros))))
+        return out
 
 
 class _Family:
@@ -139,9 +158,11 @@ class _Family:
         self.layout = layout
         self.sps: set[bool] = set()
         self.zeros: set[int] = set()
-        self.items: list[tuple[int, Layout, int, tuple[int, ...]]] = []  # (index, candidate, zero, block zeros)
+        # by micro-batches: (index, candidate, ZeRO stage, the block's stages) of each layout that fits
+        self.items: dict[int, list[tuple[int, Layout, int, tuple[int, ...]]]] = {}
         self.pure = layout.pp == 1 and layout.tp == 1
         self.bound: float | None = None
+        self.bounds: dict[int, float] = {}  # by micro-batches
 
 
 def bounded(blocks: Sequence[Block], model: ModelConfig, hw: Hardware, global_batch: int, seq_len: int,
@@ -161,13 +182,15 @@ def bounded(blocks: Sequence[Block], model: ModelConfig, hw: Hardware, global_ba
         family = families.get(fam_key) or families.setdefault(fam_key, _Family(first))
         family.zeros.update(block_zeros)
         family.sps.update(c.sequence_parallel for c in valid)
-        rows = [screen.peaks(c) for c in valid]
-        items = family.items
+        rows = screen.peaks(valid)
+        items: list | None = None
         for zero in block_zeros:
             k = where[zero]
             for c, row in zip(valid, rows):
                 peak = row[k]
                 if peak <= capacity:
+                    if items is None:
+                        items = family.items.setdefault(first.microbatches, [])
                     items.append((index, c, zero, block_zeros))
                     fitting += 1
                 else:
@@ -186,8 +209,9 @@ def bounded(blocks: Sequence[Block], model: ModelConfig, hw: Hardware, global_ba
 
     args = (model, hw, global_batch, seq_len, precision, options)
     fams = [fam for fam in families.values() if fam.items]
-    best = _best_first(fams, top, args, price)
-    pure = _best_first([fam for fam in fams if fam.pure], 1, args, price)
+    contexts: dict[int, dict[int, float]] = {}
+    best = _best_first(fams, top, args, price, contexts)
+    pure = _best_first([fam for fam in fams if fam.pure], 1, args, price, contexts)
     if pure:
         pure_est: Estimate | None = pure[0]
     else:
@@ -195,33 +219,48 @@ def bounded(blocks: Sequence[Block], model: ModelConfig, hw: Hardware, global_ba
     return Bounded(tuple(best), price(*misfit[1:]) if misfit else None, pure_est, fitting, len(priced))
 
 
-def _best_first(families: list[_Family], top: int, args: tuple,
-                price: Callable[[int, Layout, int], Estimate]) -> list[Estimate]:
+def _best_first(families: list[_Family], top: int, args: tuple, price: Callable[[int, Layout, int], Estimate],
+                contexts: dict[int, dict[int, float]]) -> list[Estimate]:
     """The ``top`` fastest layouts of ``families`` by :func:`rank_key`, then enumeration index
-    (module docstring, step 2)."""
-    heap: list[tuple[float, int, int]] = []  # (bound, 0 = family / 1 = layout, family number / item)
+    (module docstring, step 2): a family popped gives its micro-batch counts, each with the
+    bound at that count (the bubble now known); one of those popped gives its layouts, each with
+    its own bound (``contexts``: by candidate, at each ZeRO stage); a layout popped is priced."""
+    model, rest = args[0], args[1:]
+
+    def bound(fam: _Family, m: int | None) -> float:
+        zeros = tuple(sorted(fam.zeros))
+        return family_lower_bound(model, fam.layout, *rest, tuple(sorted(fam.sps)), zeros, m)
+
+    heap: list[tuple[float, int, int]] = []  # (bound, kind: 0 family / 1 micro-batch count / 2 layout, which)
     for n, fam in enumerate(families):
         if fam.bound is None:
-            fam.bound = family_lower_bound(*args[:1], fam.layout, *args[1:], tuple(sorted(fam.sps)),
-                                           tuple(sorted(fam.zeros)))
+            fam.bound = bound(fam, None)
         heap.append((fam.bound, 0, n))
     heapq.heapify(heap)
+    counts: list[tuple[_Family, int]] = []
     items: list[tuple[int, Layout, int, tuple[int, ...]]] = []
     best: list[tuple[Key, int]] = []  # (key, index), sorted, at most top
     estimates: dict[int, Estimate] = {}
-    contexts: dict[int, dict[int, float]] = {}  # id(candidate) -> bound by ZeRO stage
     while heap:
-        bound, kind, n = heapq.heappop(heap)
-        if len(best) == top and bound > best[-1][0][0]:
+        low, kind, n = heapq.heappop(heap)
+        if len(best) == top and low > best[-1][0][0]:
             break  # every layout left takes longer than the top-th
         if kind == 0:
-            for item in families[n].items:
+            fam = families[n]
+            for m in fam.items:
+                if m not in fam.bounds:
+                    fam.bounds[m] = bound(fam, m)
+                heapq.heappush(heap, (fam.bounds[m], 1, len(counts)))
+                counts.append((fam, m))
+        elif kind == 1:
+            fam, m = counts[n]
+            for item in fam.items[m]:
                 index, layout, zero, block_zeros = item
                 bounds = contexts.get(id(layout))
                 if bounds is None:
-                    ctx = layout_context(args[0], layout, *args[1:])
-                    bounds = contexts[id(layout)] = step_time_lower_bounds(ctx, block_zeros)
-                heapq.heappush(heap, (bounds[zero], 1, len(items)))
+                    bounds = contexts[id(layout)] = step_time_lower_bounds(layout_context(model, layout, *rest),
+                                                                           block_zeros)
+                heapq.heappush(heap, (bounds[zero], 2, len(items)))
                 items.append(item)
         else:
             index, layout, zero, _ = items[n]
