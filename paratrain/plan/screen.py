@@ -25,7 +25,7 @@ from __future__ import annotations
 import bisect
 import heapq
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from paratrain.config import Layout
 from paratrain.core.schedules import LOOP, placement_of
@@ -139,15 +139,14 @@ class MemoryScreen:
                 pieces = self._pieces[pkey] = activation_pieces(self.model, self.seq_len, c.cp, b, t,
                                                                 c.sequence_parallel, c.recompute, self.e, o)
             act, emb, head, full, w_layer, w_head = pieces
-            rebuilt = full if c.recompute == "full" else 0.0
-            if len(states) == 1:
-                a = stash_bytes(stashes[0], act, emb, gpipe * head, w_layer, w_head)
-                out.append(tuple(x + a + rebuilt for x in states[0]))
-            else:
-                acts = [stash_bytes(st, act, emb, gpipe * head, w_layer, w_head) for st in stashes]
-                # max_g (s_g + a_g) + rebuilt = max_g (s_g + a_g + rebuilt): adding is monotone in floats
-                out.append(tuple(max(s[k] + a for s, a in zip(states, acts)) + rebuilt
-                                 for k in range(len(self.zeros))))
+            out_act = gpipe * head
+            if len(stashes) == 1:
+                a = stash_bytes(stashes[0], act, emb, out_act, w_layer, w_head)
+                row = tuple(map(a.__add__, states[0]))  # (states + buffers) + activations, as LayoutMemory sums
+            else:  # max_g (s_g + a_g) + rebuilt = max_g (s_g + a_g + rebuilt): adding is monotone in floats
+                row = tuple(map(max, *(map(stash_bytes(st, act, emb, out_act, w_layer, w_head).__add__, s)
+                                       for st, s in zip(stashes, states))))
+            out.append(tuple(x + full for x in row) if c.recompute == "full" else row)
         return out
 
 
@@ -271,8 +270,14 @@ def _best_first(families: list[_Family], top: int, args: tuple, price: Callable[
 
 
 def _with_zero(layout: Layout, zero: int) -> Layout:
-    """``dataclasses.replace(layout, zero=zero)`` without running ``__init__`` again: the search
-    builds tens of thousands of these from validated candidates (fields already normalised)."""
+    """``dataclasses.replace(layout, zero=zero)``: :func:`_variant`."""
+    return _variant(layout, zero=zero)
+
+
+def _variant(layout: Layout, **fields: Any) -> Layout:
+    """``dataclasses.replace(layout, **fields)`` for fields that ``Layout.__post_init__`` does not
+    normalise (zero, recompute, sequence_parallel), without running ``__init__`` again: the search
+    builds tens of thousands of these from candidates it built."""
     clone = object.__new__(Layout)
-    clone.__dict__.update(layout.__dict__, zero=zero)
+    clone.__dict__.update(layout.__dict__, **fields)
     return clone

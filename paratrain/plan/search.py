@@ -41,7 +41,7 @@ from paratrain.models.configs import ModelConfig
 from paratrain.plan.cost import CostOptions, Estimate, _estimate, estimate
 from paratrain.plan.hardware import GiB, Hardware
 from paratrain.plan.hetero import SpeedPlan, with_speeds
-from paratrain.plan.screen import Block, _with_zero, bounded, rank_key
+from paratrain.plan.screen import Block, _variant, _with_zero, bounded, rank_key
 
 MAX_LAYOUTS = 200_000  # a search of this many takes seconds; beyond, the user pins part of the layout
 
@@ -127,9 +127,10 @@ def _blocks(model: ModelConfig, num_devices: int, global_batch: int, seq_len: in
                 for schedule, v in schedules:
                     shared = dict(dp=dp, pp=pp, tp=tp, cp=cp, microbatches=m, schedule=schedule, virtual_stages=v,
                                   stage_layers=stage_layers, stage_speeds=stage_speeds)
+                    one = Layout(**shared, zero=zeros[0], recompute=recomputes[0], sequence_parallel=sps[0])
                     valid = tuple(c for r in recomputes for sp in sps
-                                  if _valid(c := Layout(**shared, zero=zeros[0], recompute=r, sequence_parallel=sp),
-                                            model, global_batch, seq_len))
+                                  if _valid(c := _variant(one, recompute=r, sequence_parallel=sp), model, global_batch,
+                                            seq_len))
                     if valid:
                         yield valid, tuple(zeros)
 
