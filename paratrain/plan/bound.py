@@ -12,6 +12,7 @@ from functools import lru_cache
 from paratrain.config import Layout
 from paratrain.core import bubble, ring, traffic
 from paratrain.models.configs import ModelConfig
+from paratrain.plan import formulas as f
 from paratrain.plan.collectives import Link, buckets, collective_seconds
 from paratrain.plan.cost import OPTIMIZER_BYTES_PER_PARAM, _Layout, overlaps_dp
 from paratrain.plan.hardware import Hardware
@@ -59,10 +60,10 @@ def step_time_lower_bound(ctx: _Layout, zero: int | None = None) -> float:
     the head's are extra); S, every rank's sends (with a given bubble fraction b, T_pipe = m t_max
     / (1 - b)). The step adds what every rank pays once (the loss's all-reduce over dp, the
     pipeline's and tensor-parallel norm syncs: their maximum over ranks is at least that), and for
-    the rank holding the most parameters its optimizer step (exact) and the data-parallel
-    seconds nothing can hide (:func:`_dp_floor`). ``zero``: at that ZeRO stage instead of the
-    layout's (the rest does not depend on it). 0 (no bound) with rank speeds or a batch share
-    (heterogeneous devices)."""
+    the rank holding the most parameters its optimizer step (exact, ZeRO-Offload's host copies
+    included) and the data-parallel seconds nothing can hide (:func:`_dp_floor`). ``zero``: at
+    that ZeRO stage instead of the layout's (the rest does not depend on it). 0 (no bound) with
+    rank speeds or a batch share (heterogeneous devices)."""
     o = ctx.options
     if o.rank_speeds is not None or o.local_batch is not None:
         return 0.0
@@ -118,11 +119,14 @@ def _with_optimizer(ctx: _Layout, zero: int, m: int) -> float:
     """The pipeline part of the bound (computed) plus, on the rank with the most parameters, the
     optimizer's step and the exposed data-parallel floor at ZeRO stage ``zero``, ``m``
     micro-batches."""
-    bw = ctx.hw.memory_bw * ctx.share
-    if ctx.offload:  # the step runs in host memory (at least as long as at the faster of the two)
-        bw = max(bw, ctx.hw.host_memory_bw or ctx.hw.memory_bw)
-    owned = ctx.max_params / (ctx.r if zero >= 1 else 1)
-    optimizer = OPTIMIZER_BYTES_PER_PARAM * owned / bw if bw else 0.0
+    hw, owned = ctx.hw, ctx.max_params / (ctx.r if zero >= 1 else 1)
+    if ctx.offload:  # as _Layout.rank: the step in host memory, gradients and weights over the host link
+        bw = hw.host_memory_bw or hw.memory_bw
+        optimizer = (OPTIMIZER_BYTES_PER_PARAM * owned / bw if bw else 0.0) \
+            + f.offload_copy_seconds(owned, ctx.G_b, ctx.P_b, hw.host_link_bw)
+    else:
+        bw = hw.memory_bw * ctx.share
+        optimizer = OPTIMIZER_BYTES_PER_PARAM * owned / bw if bw else 0.0
     return (ctx.pipe_bound + optimizer + _dp_floor(ctx, zero, m)) * MARGIN
 
 
