@@ -6,8 +6,8 @@ micro-batches, sequence parallelism, recomputation and ZeRO stage (:func:`family
 
 from __future__ import annotations
 
-import dataclasses
 from functools import lru_cache
+from typing import Any
 
 from paratrain.config import Layout
 from paratrain.core import bubble, ring, traffic
@@ -19,6 +19,15 @@ from paratrain.plan.hardware import Hardware
 from paratrain.plan.options import CostOptions
 
 MARGIN = 1 - 1e-9  # the estimate sums the same terms in another order (and m C(b / m) >= C(b) in floats)
+
+
+def variant(layout: Layout, **fields: Any) -> Layout:
+    """``dataclasses.replace(layout, **fields)`` for fields that ``Layout.__post_init__`` does not
+    normalise (zero, micro-batches, recompute, sequence_parallel), without running ``__init__``
+    again: the search builds tens of thousands of these from candidates it built."""
+    clone = object.__new__(Layout)
+    clone.__dict__.update(layout.__dict__, **fields)
+    return clone
 
 
 def layout_context(model: ModelConfig, layout: Layout, hw: Hardware, global_batch: int, seq_len: int,
@@ -73,7 +82,7 @@ def step_time_lower_bound(ctx: _Layout, zero: int | None = None) -> float:
         pipe = C * m / p / (1 - o.bubble_fraction) if o.bubble_fraction is not None else \
             C * (m + (p - 1) / v * bubble.fill_share(ctx.layout.schedule)) / p
         ctx.pipe_bound = pipe + once
-        ctx.max_params = max(params for params, _ in ctx.group_parts())
+        _most_parameters(ctx)
     return _with_optimizer(ctx, ctx.layout.zero if zero is None else zero, ctx.m)
 
 
@@ -102,17 +111,24 @@ def family_lower_bound(model: ModelConfig, layout: Layout, hw: Hardware, global_
         return 0.0
     best = float("inf")
     for sp in sps:
-        whole = dataclasses.replace(layout, microbatches=microbatches or 1, recompute="none", sequence_parallel=sp,
-                                    zero=zeros[0])
+        whole = variant(layout, microbatches=microbatches or 1, recompute="none", sequence_parallel=sp, zero=zeros[0])
         ctx = _Layout(model, whole, hw, global_batch, seq_len, precision, options)
         if microbatches is None:
             C, once = _per_microbatch(ctx)
             ctx.pipe_bound = C / ctx.p + once
-            ctx.max_params = max(params for params, _ in ctx.group_parts())
+            _most_parameters(ctx)
             best = min(best, min(_with_optimizer(ctx, zero, 1) for zero in zeros))
         else:
             best = min(best, min(step_time_lower_bounds(ctx, zeros).values()))
     return best
+
+
+def _most_parameters(ctx: _Layout) -> None:
+    """Note on ``ctx`` the rank holding the most parameters: its parameters and ZeRO-3 units."""
+    params = ctx.group_params()
+    ctx.max_params = max(params)
+    i = ctx.shape.groups[params.index(ctx.max_params)][0]
+    ctx.max_units = ctx.shape.layers[i] + (1 if ctx.shape.holds(i, 0) or ctx.shape.holds(i, ctx.p * ctx.v - 1) else 0)
 
 
 def _with_optimizer(ctx: _Layout, zero: int, m: int) -> float:
@@ -139,10 +155,8 @@ def _dp_floor(ctx: _Layout, zero: int, m: int) -> float:
     forward and its gather and reduce-scatter in backward (the loss's all-reduce is in ``once``)."""
     if ctx.r == 1:
         return 0.0
-    i = next(i for (i, _), (x, _) in zip(ctx.shape.groups, ctx.group_parts()) if x == ctx.max_params)
-    units = ctx.shape.layers[i] + (1 if ctx.shape.holds(i, 0) or ctx.shape.holds(i, ctx.p * ctx.v - 1) else 0)
     overlap = overlaps_dp(ctx.hw, ctx.layout.world_size, ctx.options)
-    return _dp_floor_s(zero, m, ctx.r, ctx.max_params, units, ctx.G_b, ctx.P_b, ctx.options.bucket_bytes,
+    return _dp_floor_s(zero, m, ctx.r, ctx.max_params, ctx.max_units, ctx.G_b, ctx.P_b, ctx.options.bucket_bytes,
                        ctx.dp_link, overlap, ctx.v > 1)
 
 

@@ -180,6 +180,7 @@ class _Layout(LayoutMemory):
         self.ew_head = hw.elementwise_s_per_byte * self.head_act
         self.pipe_bound: float | None = None  # step_time_lower_bound's pipeline part
         self.max_params = 0.0  # and the largest rank's parameters
+        self.max_units = 0  # and ZeRO-3 units
 
     # The links and payloads below are computed when first asked: the search bounds most layouts
     # without them (step_time_lower_bound needs only tp_link, and only with tp > 1).

@@ -123,6 +123,13 @@ class LayoutMemory:
         """What one device of pipeline rank ``i`` holds at its peak."""
         return self._memory(*self._rank_parts(i), self.layout.zero)
 
+    def group_params(self) -> tuple[float, ...]:
+        """The parameters of :meth:`group_parts` alone (no activations: what the time's bounds need)."""
+        if self._parts is not None:
+            return tuple(params for params, _ in self._parts)
+        return tuple(rank_params(self.model, self.shape, i, self.block, self.embed, self.head_copy)
+                     for i, _ in self.shape.groups)
+
     def group_parts(self) -> tuple[tuple[float, float], ...]:
         """(parameters, activation bytes) of the first rank of each run of alike ranks, which
         holds its run's most (:class:`topology.PipelineShape`); the same at every ZeRO stage."""

@@ -25,14 +25,14 @@ from __future__ import annotations
 import bisect
 import heapq
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from paratrain.config import Layout
 from paratrain.core.schedules import LOOP, placement_of
 from paratrain.core.vocab import padded_vocab_size
 from paratrain.models.configs import ModelConfig
 from paratrain.plan import formulas as f
-from paratrain.plan.bound import family_lower_bound, layout_context, step_time_lower_bounds
+from paratrain.plan.bound import family_lower_bound, layout_context, step_time_lower_bounds, variant
 from paratrain.plan.cost import CostOptions, Estimate, _estimate
 from paratrain.plan.footprint import (
     Stash,
@@ -270,14 +270,5 @@ def _best_first(families: list[_Family], top: int, args: tuple, price: Callable[
 
 
 def _with_zero(layout: Layout, zero: int) -> Layout:
-    """``dataclasses.replace(layout, zero=zero)``: :func:`_variant`."""
-    return _variant(layout, zero=zero)
-
-
-def _variant(layout: Layout, **fields: Any) -> Layout:
-    """``dataclasses.replace(layout, **fields)`` for fields that ``Layout.__post_init__`` does not
-    normalise (zero, recompute, sequence_parallel), without running ``__init__`` again: the search
-    builds tens of thousands of these from candidates it built."""
-    clone = object.__new__(Layout)
-    clone.__dict__.update(layout.__dict__, **fields)
-    return clone
+    """``dataclasses.replace(layout, zero=zero)`` (:func:`~paratrain.plan.bound.variant`)."""
+    return variant(layout, zero=zero)

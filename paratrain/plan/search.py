@@ -38,10 +38,11 @@ from typing import Any
 from paratrain.config import RECOMPUTE, Layout, valid_tp
 from paratrain.errors import ConfigError
 from paratrain.models.configs import ModelConfig
+from paratrain.plan.bound import variant
 from paratrain.plan.cost import CostOptions, Estimate, _estimate, estimate
 from paratrain.plan.hardware import GiB, Hardware
 from paratrain.plan.hetero import SpeedPlan, with_speeds
-from paratrain.plan.screen import Block, _variant, _with_zero, bounded, rank_key
+from paratrain.plan.screen import Block, _with_zero, bounded, rank_key
 
 MAX_LAYOUTS = 200_000  # a search of this many takes seconds; beyond, the user pins part of the layout
 
@@ -129,7 +130,7 @@ def _blocks(model: ModelConfig, num_devices: int, global_batch: int, seq_len: in
                                   stage_layers=stage_layers, stage_speeds=stage_speeds)
                     one = Layout(**shared, zero=zeros[0], recompute=recomputes[0], sequence_parallel=sps[0])
                     valid = tuple(c for r in recomputes for sp in sps
-                                  if _valid(c := _variant(one, recompute=r, sequence_parallel=sp), model, global_batch,
+                                  if _valid(c := variant(one, recompute=r, sequence_parallel=sp), model, global_batch,
                                             seq_len))
                     if valid:
                         yield valid, tuple(zeros)
