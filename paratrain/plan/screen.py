@@ -109,10 +109,9 @@ class MemoryScreen:
         static = self._statics[key] = _Statics(shape, params, max(block, embed))
         return static
 
-    def peaks(self, block: tuple[Layout, ...]) -> list[tuple[float, ...]]:
-        """The peak bytes of the most loaded device of each layout of ``block`` (candidates that
-        differ only in sp and recomputation) at each of ``zeros``."""
-        layout = block[0]
+    def _setup(self, layout: Layout) -> tuple[tuple[tuple[float, ...], ...], tuple[Stash, ...], float, int]:
+        """What a block's layouts share: model states + buffers by group and ZeRO stage, the
+        groups' stash counts, the micro-batch size, GPipe's factor on the head's activations."""
         p, t, schedule, m = layout.pp, layout.tp, layout.schedule, layout.microbatches
         v = chunks_per_rank(layout)
         key = (t, p, v, schedule if p > 1 else "", layout.stage_layers, layout.stage_speeds)
@@ -130,25 +129,46 @@ class MemoryScreen:
                                                     for i, _ in static.shape.groups)
         o = self.options
         b = (o.local_batch if o.local_batch is not None else self.global_batch / layout.dp) / m
-        gpipe = m if (schedule == "gpipe" and p > 1) else 1
+        return states, stashes, b, (m if (schedule == "gpipe" and p > 1) else 1)
+
+    def _pieces_of(self, c: Layout, b: float) -> tuple[float, ...]:
+        key = (c.cp, b, c.tp, c.sequence_parallel, c.recompute)
+        pieces = self._pieces.get(key)
+        if pieces is None:
+            pieces = self._pieces[key] = activation_pieces(self.model, self.seq_len, c.cp, b, c.tp,
+                                                           c.sequence_parallel, c.recompute, self.e, self.options)
+        return pieces
+
+    def upper(self, block: tuple[Layout, ...]) -> tuple[float, ...]:
+        """At each of ``zeros``, a bound no layout of ``block`` exceeds: the peak with every
+        activation piece at its largest over the block (the sums and products of non-negative
+        pieces are monotone, in floats too). A block under the capacity fits whole."""
+        states, stashes, b, gpipe = self._setup(block[0])
+        act, emb, head, full, w_layer, w_head = map(max, *(self._pieces_of(c, b) for c in block)) \
+            if len(block) > 1 else self._pieces_of(block[0], b)
+        rebuilt = full if any(c.recompute == "full" for c in block) else 0.0
+        return self._row(states, stashes, act, emb, gpipe * head, w_layer, w_head, rebuilt)
+
+    def _row(self, states: tuple[tuple[float, ...], ...], stashes: tuple[Stash, ...], act: float, emb: float,
+             out_act: float, w_layer: float, w_head: float, rebuilt: float) -> tuple[float, ...]:
+        if len(stashes) == 1:
+            a = stash_bytes(stashes[0], act, emb, out_act, w_layer, w_head)
+            row = tuple(map(a.__add__, states[0]))  # (states + buffers) + activations, as LayoutMemory sums
+        else:  # max_g (s_g + a_g) + rebuilt = max_g (s_g + a_g + rebuilt): adding is monotone in floats
+            row = tuple(map(max, *(map(stash_bytes(st, act, emb, out_act, w_layer, w_head).__add__, s)
+                                   for st, s in zip(stashes, states))))
+        return tuple(x + rebuilt for x in row) if rebuilt else row
+
+    def peaks(self, block: tuple[Layout, ...]) -> list[tuple[float, ...]]:
+        """The peak bytes of the most loaded device of each layout of ``block`` (candidates that
+        differ only in sp and recomputation) at each of ``zeros``."""
+        states, stashes, b, gpipe = self._setup(block[0])
         out = []
         for c in block:
-            pkey = (c.cp, b, t, c.sequence_parallel, c.recompute)
-            pieces = self._pieces.get(pkey)
-            if pieces is None:
-                pieces = self._pieces[pkey] = activation_pieces(self.model, self.seq_len, c.cp, b, t,
-                                                                c.sequence_parallel, c.recompute, self.e, o)
-            act, emb, head, full, w_layer, w_head = pieces
-            out_act = gpipe * head
-            if len(stashes) == 1:
-                a = stash_bytes(stashes[0], act, emb, out_act, w_layer, w_head)
-                row = tuple(map(a.__add__, states[0]))  # (states + buffers) + activations, as LayoutMemory sums
-            else:  # max_g (s_g + a_g) + rebuilt = max_g (s_g + a_g + rebuilt): adding is monotone in floats
-                row = tuple(map(max, *(map(stash_bytes(st, act, emb, out_act, w_layer, w_head).__add__, s)
-                                       for st, s in zip(stashes, states))))
-            out.append(tuple(x + full for x in row) if c.recompute == "full" else row)
+            act, emb, head, full, w_layer, w_head = self._pieces_of(c, b)
+            out.append(self._row(states, stashes, act, emb, gpipe * head, w_layer, w_head,
+                                 full if c.recompute == "full" else 0.0))
         return out
-
 
 class _Family:
     """Layouts that fit and differ only in micro-batches, sp, recomputation and ZeRO stage."""
@@ -181,10 +201,19 @@ def bounded(blocks: Sequence[Block], model: ModelConfig, hw: Hardware, global_ba
         family = families.get(fam_key) or families.setdefault(fam_key, _Family(first))
         family.zeros.update(block_zeros)
         family.sps.update(c.sequence_parallel for c in valid)
-        rows = screen.peaks(valid)
-        items: list | None = None
+        upper = screen.upper(valid)
+        rows = None
+        items = family.items.get(first.microbatches)
         for zero in block_zeros:
             k = where[zero]
+            if upper[k] <= capacity:  # every candidate fits at this stage
+                if items is None:
+                    items = family.items.setdefault(first.microbatches, [])
+                items.extend((index + j, c, zero, block_zeros) for j, c in enumerate(valid))
+                fitting += len(valid)
+                index += len(valid)
+                continue
+            rows = rows or screen.peaks(valid)
             for c, row in zip(valid, rows):
                 peak = row[k]
                 if peak <= capacity:

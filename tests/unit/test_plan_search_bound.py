@@ -14,7 +14,7 @@ from paratrain.plan.bound import family_lower_bound, layout_context, step_time_l
 from paratrain.plan.cost import CostOptions, _estimate
 from paratrain.plan.hardware import get_hardware
 from paratrain.plan.screen import MemoryScreen
-from paratrain.plan.search import enumerate_layouts, search
+from paratrain.plan.search import _blocks, enumerate_layouts, search
 
 H100, A100, CPU = get_hardware("H100-80GB"), get_hardware("A100-80GB"), get_hardware("cpu").replace(cores_per_node=2)
 M13 = ModelConfig("m13", num_layers=40, hidden=5120, num_heads=40, vocab_size=51200, max_seq_len=2048)
@@ -77,6 +77,10 @@ def test_peak_memory_is_the_estimates_and_the_bound_holds(name: str) -> None:
                                         (layout.sequence_parallel,), (layout.zero,), m)
             assert 0 < family <= est.step_time_s, (layout, m)
     assert tight  # a bound that prunes: within 10% of the estimate for some layouts
+    for valid, _ in _blocks(model, n, batch, seq_len, hw.devices_per_node, kw.get("fixed"), False):
+        # a block's bound (its largest activation pieces) holds every candidate's peak: a block under
+        # the capacity is counted as fitting whole
+        assert all(u >= max(col) for u, col in zip(screen.upper(valid), zip(*screen.peaks(valid)))), valid[0]
 
 
 def test_interleaved_stash_terms_are_the_stash_peak() -> None:
