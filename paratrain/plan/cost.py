@@ -50,8 +50,6 @@ from paratrain.plan.topology import axis_spans_nodes, pipeline_shape  # noqa: F4
 OPTIMIZER_BYTES_PER_PARAM = 28
 
 
-
-
 class ChunkCost(NamedTuple):
     """One model chunk (a pipeline stage) per micro-batch: compute and tensor-parallel seconds of
     its forward and backward, and its parameters on one device."""

@@ -1,21 +1,24 @@
 """The bounded search (``search(top=k)``, what ``paratrain plan`` runs): the ``k`` fastest layouts
 without pricing most of the others. Pure Python (no torch).
 
-1. **Memory, every layout, exact.** A layout's peak (:class:`~paratrain.plan.footprint.LayoutMemory`'s
+1. **Memory, every layout.** A layout's exact peak (:class:`~paratrain.plan.footprint.LayoutMemory`'s
    figure, the estimate's own) is assembled from pieces memoized on the factors they depend on:
    per (tp, pp, chunks, schedule) the ranks' parameters; per (that, dp x cp) their model states
    and ZeRO-3 buffers at every ZeRO stage; per (micro-batch size, cp, tp, sp, recomputation) one
    micro-batch's activations (:func:`~paratrain.plan.footprint.activation_pieces`); per layout only
-   the stash sum of each run of alike ranks (:func:`~paratrain.plan.footprint.rank_activations`).
-   So the count that fit, the least memory-hungry misfit and the pure data-parallel layouts are
-   the exhaustive search's, without a context per layout.
+   the stash sum of each run of alike ranks (:func:`~paratrain.plan.footprint.stash_bytes`). A
+   block of candidates is first bounded with its largest activation pieces (:meth:`MemoryScreen.upper`):
+   a block under the capacity fits whole; only the others are summed layout by layout. So the
+   count that fit, the least memory-hungry misfit and the pure data-parallel layouts are the
+   exhaustive search's, without a context per layout.
 2. **Time, best first.** The layouts that fit are grouped in families (dp, pp, tp, cp, schedule,
    virtual stages: they differ in micro-batches, sp, recomputation, ZeRO stage), each with one
    lower bound on its members' step time (:func:`~paratrain.plan.bound.family_lower_bound`).
-   A heap holds families and layouts by bound: a family popped is replaced by its layouts, each
-   with its own bound (:func:`~paratrain.plan.bound.step_time_lower_bound`); a layout popped is
-   priced in full. It stops when the next bound exceeds the ``k``-th step time found: every
-   layout left, in a family or alone, takes longer. Ties keep the enumeration order, as the
+   A heap holds families, a family's micro-batch counts and layouts, each by a lower bound on its
+   step time: a family popped is replaced by its counts (their bound has the bubble), a count by
+   its layouts, each with its own bound (:func:`~paratrain.plan.bound.step_time_lower_bound`), and
+   a layout popped is priced in full. It stops when the next bound exceeds the ``k``-th step time
+   found: every layout left, in a family or alone, takes longer. Ties keep the enumeration order, as the
    exhaustive stable sort does. The best pure data-parallel layout is found the same way (top 1
    of the families with pp = tp = 1).
 """

@@ -40,13 +40,6 @@ CASES = {  # name: the plan command's arguments (each one's --json output is rec
                                    "--memory-gib 3 --no-overlap",
     "gpt2-1.3b pinned pp 4, fp32 grads": "--model gpt2-1.3b --devices 32 --global-batch 256 --pp 4 --grad-dtype fp32",
 }
-FAST = [  # the cases the test runs (the others are recorded for a reader's comparison; ~0.1 s each)
-    "gpt2-1.3b on 64 H100", "gpt2-1.3b on 512 H100", "gpt-13b on 32 x 16 GiB", "tiny on 4 cpu",
-    "small on 8 cpu fp32", "llama-3-8b on 32 H100, 4k", "hf llama on 16 A100-40GB", "gpt2-350m tight, no overlap",
-    "gpt2-1.3b pinned pp 4, fp32 grads",
-]
-
-
 def _argv(name: str) -> list[str]:
     words = CASES[name].split(" ")
     return ["plan", *words, "--json"]
@@ -82,7 +75,7 @@ def _close(got: object, want: object, where: str) -> None:
         assert got == want, f"{where}: {got!r} != {want!r}"
 
 
-@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("name", list(CASES))
 def test_plan_answers_as_recorded(name: str) -> None:
     want = json.loads(DATA.read_text())[name]
     _close(answer(name), want, name)
