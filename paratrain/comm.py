@@ -13,6 +13,8 @@ counted with :func:`paratrain.core.ring.wire_bytes`, the function the planner pr
     all_gather      S (output)   wire (n-1)/n * S
     broadcast       S            wire S on the root, 0 elsewhere (lower bound)
     send / recv     S            wire S on the sender, 0 on the receiver
+    all_to_all      S (input)    wire S minus this rank's own split (its part to itself stays);
+                                 (n-1)/n * S when the splits are equal
 """
 
 from __future__ import annotations
@@ -211,6 +213,23 @@ def broadcast(tensor: torch.Tensor, src_index: int, group: Group, async_op: bool
     wire = wire_bytes("broadcast", group.size, s) if group.rank == src_index else 0.0
     return _run(group, tag or "broadcast", s, wire,
                 lambda a: dist.broadcast(tensor, src=src, group=group.pg, async_op=a), async_op)
+
+
+def all_to_all(output: torch.Tensor, input: torch.Tensor, group: Group,
+               output_splits: list[int] | None = None, input_splits: list[int] | None = None,
+               tag: str | None = None) -> None:
+    """Rows ``input_splits[j]`` of ``input`` (dim 0, in group order) go to member j; ``output``
+    receives ``output_splits[i]`` rows from each member i, in group order (None: equal splits).
+    At size 1 ``output`` is a copy of ``input``."""
+    if group.size == 1:
+        output.copy_(input)
+        return
+    s = _nbytes(input)
+    row = s // max(input.shape[0], 1) if input.dim() else s
+    own = (input_splits[group.rank] * row) if input_splits is not None else s // group.size
+    _run(group, tag or "all_to_all", s, float(s - own),
+         lambda a: dist.all_to_all_single(output, input, output_splits, input_splits, group=group.pg, async_op=a),
+         False)
 
 
 def barrier(group: Group) -> None:

@@ -15,7 +15,8 @@ from typing import Any
 
 from paratrain.core.vocab import padded_vocab_size
 from paratrain.errors import ConfigError
-from paratrain.models.configs import ModelConfig, get_model_config, hf_shape
+from paratrain.expert_rules import check_experts, expert_refusal
+from paratrain.models.configs import HF_DROPOUT_KEYS, HF_FIELDS, ModelConfig, get_model_config, hf_dropout, hf_shape
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-v")
 RECOMPUTE = ("none", "selective", "full")
@@ -126,6 +127,7 @@ class Layout:
     stage_layers: tuple[int, ...] | None = None
     stage_speeds: tuple[float, ...] | None = None
     cp: int = 1
+    ep: int = 1  # expert parallelism: sub-divides dp (paratrain/expert_rules.py, docs/expert.md)
 
     def __post_init__(self) -> None:
         # lists from config files become tuples: a Layout is frozen and hashable
@@ -142,6 +144,7 @@ class Layout:
 
     def __str__(self) -> str:
         parts = [f"dp={self.dp}", f"pp={self.pp}", f"tp={self.tp}"] + ([f"cp={self.cp}"] if self.cp > 1 else [])
+        parts += [f"ep={self.ep}"] if self.ep > 1 else []
         if self.zero:
             parts.append(f"zero={self.zero}")
         if self.microbatches > 1:
@@ -160,10 +163,10 @@ class Layout:
 
     def check_degrees(self) -> None:
         """Checks that need no model: types and ranges of every field."""
-        dp, pp, tp, cp, m, v = self.dp, self.pp, self.tp, self.cp, self.microbatches, self.virtual_stages
-        if not (type(dp) is type(pp) is type(tp) is type(cp) is type(m) is type(v) is int  # the planner checks
-                and min(dp, pp, tp, cp, m, v) >= 1):  # ~10^4 layouts: the common case in one test
-            for name in ("dp", "pp", "tp", "cp", "microbatches", "virtual_stages"):
+        dp, pp, tp, cp, ep, m, v = self.dp, self.pp, self.tp, self.cp, self.ep, self.microbatches, self.virtual_stages
+        if not (type(dp) is type(pp) is type(tp) is type(cp) is type(ep) is type(m) is type(v) is int  # the planner
+                and min(dp, pp, tp, cp, ep, m, v) >= 1):  # checks ~10^4 layouts: the common case in one test
+            for name in ("dp", "pp", "tp", "cp", "ep", "microbatches", "virtual_stages"):
                 _positive_int(name, getattr(self, name))
         if self.zero not in (0, 1, 2, 3):
             raise ConfigError(f"zero must be one of 0, 1, 2, 3 (ZeRO stage), got {self.zero!r}.")
@@ -254,6 +257,7 @@ class Layout:
                 f"Use a tp > 1 that divides seq_len, or drop --sequence-parallel."
             )
         self._check_context(model, seq_len)
+        check_experts(self, model)
         chunks = self.pp * self.virtual_stages
         if chunks > model.num_layers:
             what = (f"pp={self.pp}" if self.virtual_stages == 1
@@ -348,12 +352,14 @@ def check_precision(precision: str, grad_dtype: str | None, offload: bool, dp_im
         )
 
 
-def runtime_implements(layout: Layout) -> bool:
+def runtime_implements(layout: Layout, model: ModelConfig | None = None) -> bool:
     """Whether ``paratrain train`` runs ``layout``, valid by :meth:`Layout.validate`: the one
     function ``TrainConfig.validate`` (which explains a refusal) and ``train --plan auto``'s
     search use. The planner prices every valid layout; ZeRO-3 with a pipeline and ZeRO with
-    context parallelism are the ones the runtime does not implement."""
-    return not (layout.zero == 3 and layout.pp > 1) and not (layout.zero and layout.cp > 1)
+    context parallelism are the ones the runtime does not implement; with ``model``, also what a
+    mixture of experts does not compose with (``expert_rules.expert_refusal``)."""
+    return (not (layout.zero == 3 and layout.pp > 1) and not (layout.zero and layout.cp > 1)
+            and (model is None or expert_refusal(layout, model) is None))
 
 
 def valid_tp(model: ModelConfig) -> list[int]:
@@ -420,6 +426,11 @@ class TrainConfig:
     # folder sets its tokenizer's vocabulary, --tensorboard also writes TensorBoard events
     vocab_size: int = 0
     tensorboard: bool = False
+    # mixture of experts (models/moe.py, docs/expert.md): None keeps the model's own top_k,
+    # capacity_factor (0: dropless) and aux_loss_coef
+    top_k: int | None = None
+    capacity_factor: float | None = None
+    aux_loss_coef: float | None = None
 
     @property
     def world_size(self) -> int:
@@ -433,12 +444,15 @@ class TrainConfig:
                 raise ConfigError(f"hf_config is not valid JSON ({e.msg}): {self.hf_config!r}") from None
             if not isinstance(fields, dict):
                 raise ConfigError(f"hf_config must be a JSON object of config fields, got {self.hf_config!r}")
-            return hf_shape(self.hf, fields)
+            return hf_shape(self.hf, fields, dropout=hf_dropout(self.hf, fields) if self.hf in HF_FIELDS else 0.0)
         overrides: dict[str, Any] = {"dropout": self.dropout}
         if self.untie_embeddings:
             overrides["tie_embeddings"] = False
         if self.vocab_size:
             overrides["vocab_size"] = self.vocab_size
+        for name in ("top_k", "capacity_factor", "aux_loss_coef"):
+            if getattr(self, name) is not None:
+                overrides[name] = getattr(self, name)
         return get_model_config(self.model, **overrides)
 
     def replace(self, **changes: Any) -> TrainConfig:
@@ -467,7 +481,31 @@ class TrainConfig:
         layout.validate(model, self.global_batch, self.seq_len)
         check_precision(self.precision, self.grad_dtype, self.offload_optimizer, self.dp_impl)
         self._check_implemented()
+        refusal = expert_refusal(layout, model, self.dp_impl)
+        if refusal:
+            raise ConfigError(refusal)
         return model
+
+    def _check_hf(self) -> None:
+        """What a Hugging Face model (``--hf``, models/hf.py) does not do: the built-in GPT's
+        ``--dropout``, selective recomputation, and dropout in more than one process."""
+        layout, keys = self.layout, ", ".join(HF_DROPOUT_KEYS.get(self.hf or "", ()))
+        if self.dropout > 0:
+            raise ConfigError(
+                f"--dropout {self.dropout} sets the built-in GPT's dropout; a Hugging Face model's dropout is "
+                f"its config's fields ({keys} in --hf-config). Leave --dropout out with --hf.")
+        if layout.recompute == "selective":
+            raise ConfigError(
+                "--recompute selective replays the built-in GPT's attention core; a Hugging Face model "
+                f"(--hf {self.hf}) keeps its own attention. Valid with --hf: --recompute full (every block "
+                "replayed in backward) or none.")
+        dropout = self.model_config().dropout
+        if dropout > 0 and layout.world_size > 1:
+            raise ConfigError(
+                f"--hf-config gives dropout {dropout} ({keys}): a Hugging Face model draws its dropout masks "
+                f"from torch's default generator, so a {layout.world_size}-process layout ({layout}) could not "
+                f"reproduce the single-process model's masks. Valid: dropout 0 (leave {keys} out) in any "
+                f"layout, or dropout in one process (--nproc 1).")
 
     def _check_implemented(self) -> None:
         """What the runtime does not implement (the planner may still rank it): the layouts
@@ -492,6 +530,8 @@ class TrainConfig:
                 f"attention; a Hugging Face model (--hf {self.hf}) keeps its own attention. Use --cp 1 with "
                 f"--hf, or the built-in --model with --cp."
             )
+        if self.hf is not None:
+            self._check_hf()
         if not runtime_implements(layout):  # zero 3 with a pipeline: the one layout left
             raise ConfigError(
                 f"ZeRO-3 with pipeline parallelism (pp={layout.pp}) is not implemented: ZeRO-3 "

@@ -11,6 +11,12 @@ At ``cp = 1`` this is the ``dp x pp x tp`` numbering of before. Gradients of rep
 parameters are averaged over the ``dp x cp`` ranks of a (pp, tp) coordinate (every one of them
 saw different tokens): the ``dpcp`` group, which *is* the dp group when ``cp = 1``.
 
+Expert parallelism sub-divides dp (docs/expert.md): dp index ``d = edp_index * ep + ep_index``,
+so the ``ep`` group (the ranks that exchange tokens by all-to-all, each holding E / ep experts)
+is ``ep`` consecutive dp indices, and the ``edp`` group (the dp / ep ranks holding the same
+experts, which average their gradients) the dp indices ``ep`` apart. At ``ep = 1`` the ep group
+is this rank alone and ``edp`` is the dp group.
+
 :class:`MeshShape` is pure arithmetic (no torch.distributed, unit-tested on its own);
 :class:`Mesh` adds this rank's three process groups and is passed explicitly to whatever needs it.
 """
@@ -41,11 +47,14 @@ class MeshShape:
     pp: int = 1
     tp: int = 1
     cp: int = 1
+    ep: int = 1  # divides dp; not an axis of its own (see the module docstring)
 
     def __post_init__(self) -> None:
         for axis in AXES:
             if getattr(self, axis) < 1:
                 raise ValueError(f"mesh degree {axis} must be >= 1, got {getattr(self, axis)}")
+        if self.ep < 1 or self.dp % self.ep:
+            raise ValueError(f"ep={self.ep} must be >= 1 and divide dp={self.dp}")
 
     @property
     def world_size(self) -> int:
@@ -82,6 +91,17 @@ class MeshShape:
         inner = {"tp": (), "cp": ("tp",), "dp": ("tp", "cp"), "pp": ("tp", "cp", "dp")}[axis]
         return math.prod(self.size(a) for a in inner)
 
+    def expert_groups(self, kind: str) -> list[list[int]]:
+        """Every ``"ep"`` group (ep consecutive dp indices) or ``"edp"`` group (the dp indices ep
+        apart) of the mesh, in a fixed order: each a subset of a dp group."""
+        out = []
+        for dp_group in self.all_groups("dp"):  # in dp-index order
+            if kind == "ep":
+                out += [dp_group[s:s + self.ep] for s in range(0, self.dp, self.ep)]
+            else:
+                out += [dp_group[j::self.ep] for j in range(self.ep)]
+        return out
+
     def all_groups(self, axis: str | tuple[str, ...]) -> list[list[int]]:
         """Every group along ``axis`` (a partition of all ranks), in a fixed order."""
         seen: dict[tuple[int, ...], None] = {}
@@ -105,16 +125,24 @@ class Mesh:
         self.tp = groups["tp"]
         self.cp = groups["cp"]
         self.dpcp = groups.get("dpcp", self.dp)
+        if "ep" not in groups:  # no expert parallelism: this rank alone
+            from paratrain import comm
+
+            groups["ep"] = comm.single_group("ep", rank)
+        self.ep = groups["ep"]
+        self.edp = groups.get("edp", self.dp)
         self.world = groups["world"]
 
     def __repr__(self) -> str:
         c, s = self.coords, self.shape
         cp = f", cp={c.cp}/{s.cp}" if s.cp > 1 else ""
-        return f"Mesh(rank={self.rank}, dp={c.dp}/{s.dp}, pp={c.pp}/{s.pp}{cp}, tp={c.tp}/{s.tp})"
+        ep = f", ep={self.ep.rank}/{s.ep}" if s.ep > 1 else ""
+        return f"Mesh(rank={self.rank}, dp={c.dp}/{s.dp}{ep}, pp={c.pp}/{s.pp}{cp}, tp={c.tp}/{s.tp})"
 
     @property
     def groups(self) -> list[Group]:
         extra = [self.dpcp] if self.dpcp is not self.dp else []
+        extra += [self.ep, self.edp] if self.ep.size > 1 else []
         return [self.dp, self.pp, self.tp, self.cp, *extra, self.world]
 
     @property
@@ -142,8 +170,9 @@ class Mesh:
         named: list[tuple[str, str | tuple[str, ...]]] = [(a, a) for a in AXES]
         if shape.cp > 1:
             named.append(("dpcp", DPCP))
-        for name, axes in named:
-            for members in shape.all_groups(axes):
+        experts = [(kind, shape.expert_groups(kind)) for kind in ("ep", "edp")] if shape.ep > 1 else []
+        for name, all_members in [(n, shape.all_groups(axes)) for n, axes in named] + experts:
+            for members in all_members:
                 g = comm.new_group(name, members, rank, timeout_s)
                 if g is not None:
                     groups[name] = g

@@ -6,13 +6,14 @@ the optimizer settings and the batches."""
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from paratrain.config import TrainConfig
 from paratrain.data import Corpus, get_batch, load_corpus
 from paratrain.models.gpt import build_reference
+from paratrain.models.moe import moe_layers, router_stats
 from paratrain.optim import lr_at, make_optimizer, set_lr
 
 
@@ -21,6 +22,7 @@ class ReferenceRun:
     losses: list[float]
     grad_norms: list[float]
     state: dict[str, torch.Tensor]
+    router: list[dict] = field(default_factory=list)  # a mixture of experts: models/moe.router_stats per step
 
 
 def reference_train(cfg: TrainConfig, corpus: Corpus | None = None, device: str = "cpu") -> ReferenceRun:
@@ -45,13 +47,16 @@ def reference_train(cfg: TrainConfig, corpus: Corpus | None = None, device: str 
     opt = make_optimizer(((n, master_of[id(p)]) for n, p in model.named_parameters() if id(p) in master_of), cfg)
     autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
                               enabled=cfg.precision == "bf16-autocast")
-    losses, norms = [], []
+    losses, norms, router = [], [], []
+    moe = moe_layers(model)
     for step in range(1, cfg.steps + 1):
         x, y = get_batch(corpus.train, cfg.seq_len, cfg.global_batch, cfg.seed, step)
         set_lr(opt, lr_at(step, cfg))
         with autocast:
             loss = forward(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
         loss.backward()
+        if moe:
+            router.append(router_stats(torch.stack([m.take_stats() for m in moe]).sum(0), moe[0].num_experts, len(moe)))
         if mixed:
             for p, m in zip(params, masters):
                 m.grad = p.grad.float()
@@ -66,4 +71,4 @@ def reference_train(cfg: TrainConfig, corpus: Corpus | None = None, device: str 
                     p.copy_(m)
         losses.append(loss.item())
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    return ReferenceRun(losses, norms, state)
+    return ReferenceRun(losses, norms, state, router)

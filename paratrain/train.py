@@ -40,8 +40,10 @@ from paratrain.mesh import Mesh, MeshShape
 from paratrain.metrics import MetricsWriter, Progress, read_metrics
 from paratrain.models.configs import param_count
 from paratrain.models.gpt import build_reference
+from paratrain.models.moe import moe_layers
 from paratrain.optim import lr_at, make_optimizer, set_lr
 from paratrain.parallel import ParallelModel, parallelize
+from paratrain.parallel.expert import router_record
 from paratrain.parallel.rng import seed_default_generator
 
 SAMPLE_PROMPT = "def "
@@ -188,7 +190,7 @@ def setup(cfg: TrainConfig, env: RankEnv, device: torch.device, corpus: Corpus |
     if env.world_size != layout.world_size:
         raise RuntimeError(f"{env.world_size} processes were started for a layout of "
                            f"{layout.world_size} ({layout})")
-    mesh = Mesh.build(MeshShape(layout.dp, layout.pp, layout.tp, layout.cp), env.rank, cfg.timeout_s)
+    mesh = Mesh.build(MeshShape(layout.dp, layout.pp, layout.tp, layout.cp, layout.ep), env.rank, cfg.timeout_s)
     if corpus is None:
         corpus = load_corpus(cfg.data)
     if checked is None:
@@ -371,6 +373,9 @@ def train_step(s: Session, step: int) -> dict[str, Any]:
     x, y = get_batch(s.corpus.train, cfg.seq_len, cfg.global_batch, cfg.seed, step, s.rows)
     lr = lr_at(step, cfg)
     set_lr(s.opt, lr)
+    moe = moe_layers(pm.module)
+    for m in moe:
+        m.take_stats()  # forget the evaluation's forwards
     local_loss = pm.forward_backward(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
     norm = float(pm.clip_grad_norm_(cfg.grad_clip))  # the global norm: the same on every rank
     loss = pm.global_mean(local_loss).item()  # likewise; also a sync point for CUDA
@@ -389,6 +394,7 @@ def train_step(s: Session, step: int) -> dict[str, Any]:
         "step_time_s": dt,
         "comm_wait_s": comm_s,
         "comm_bytes": {g.name: g.stats.bytes - bytes0[g.name] for g in groups if g.size > 1},
+        **({"router": router_record(moe, pm.mesh.dpcp)} if moe else {}),  # parallel/expert.py
     }
 
 

@@ -180,7 +180,8 @@ def bf16_param_excess(state: dict[str, torch.Tensor], ref: dict[str, torch.Tenso
                       atol: float = 0.0) -> tuple[float, str]:
     """Largest over tensors of the fraction of elements with ``|p - p_ref| > ulp(p_ref) + atol``
     (and which tensor); ``atol`` 0 and the largest excess instead when ``atol`` is None. The key
-    bias (the middle third of ``attn.qkv.bias``: its gradient is mathematically zero) is left out."""
+    bias (the middle third of ``attn.qkv.bias``, or Hugging Face GPT-2's ``attn.c_attn.bias``: its
+    gradient is mathematically zero) is left out."""
     worst, name = 0.0, ""
     for k, v in ref.items():
         a, b = state[k].double(), v.double()
@@ -188,7 +189,7 @@ def bf16_param_excess(state: dict[str, torch.Tensor], ref: dict[str, torch.Tenso
         if not v.numel():
             continue
         excess = ((a - b).abs() - bf16_ulp(b)).clamp_min(0)
-        if k.endswith("attn.qkv.bias"):
+        if k.endswith(("attn.qkv.bias", "attn.c_attn.bias")):  # ours; Hugging Face GPT-2's fused [q; k; v]
             n = excess.numel() // 3
             excess = torch.cat([excess[:n], excess[2 * n:]])
         d = excess.max().item() if atol is None else (excess > atol).double().mean().item()

@@ -1,6 +1,6 @@
 """``paratrain bench``: our implementations against PyTorch's own, side by side, in one run.
 
-Each group (``dp``, ``tp``, ``pp``, ``zero``) is a module here with ``run(opts) -> list[Row]``. A row
+Each group (``dp``, ``tp``, ``pp``, ``zero``, ``hf``, ...) is a module here with ``run(opts) -> list[Row]``. A row
 compares tokens/s of ours and of the PyTorch reference on the same model, the same global batch
 and the same threads per rank, measured in the same processes with alternating A/B repeats; the
 reported figure is the median over repeats.
@@ -14,8 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-GROUPS = ("dp", "tp", "pp", "zero", "ckpt", "cp")
-DEFAULT_GROUPS = GROUPS[:-1]  # cp only when asked for: it needs seq_len divisible by 2 x nproc
+GROUPS = ("dp", "tp", "pp", "zero", "ckpt", "cp", "hf", "ep")
+# cp, hf and ep only when asked for: cp needs seq_len divisible by 2 x nproc, hf needs transformers,
+# ep a mixture-of-experts model
+DEFAULT_GROUPS = GROUPS[:5]
 
 
 @dataclass

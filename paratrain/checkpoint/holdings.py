@@ -108,7 +108,9 @@ def holdings(pm: object, opt: torch.optim.Optimizer) -> list[Holding]:
     """Every tensor of this rank's training state (model, then optimizer) with its boxes."""
     module: nn.Module = pm.module  # type: ignore[attr-defined]
     mesh = pm.mesh  # type: ignore[attr-defined]
-    groups = [mesh.tp, mesh.pp, mesh.dp, mesh.cp]  # cp ranks hold the same tensors: cp index 0 writes
+    # cp ranks hold the same tensors: cp index 0 writes; the dp ranks are the ep x edp ranks (ep = 1:
+    # edp is dp): an expert (sharded over ep) is written by edp index 0 of each ep index
+    groups = [mesh.tp, mesh.pp, mesh.ep, mesh.edp, mesh.cp]
     zero = _zero_sync(pm)
     tied = bool(getattr(getattr(module, "cfg", None), "tie_embeddings", False))
     out: list[Holding] = []

@@ -16,7 +16,8 @@ from paratrain.metrics import format_grid
 DESCRIPTION = """\
 Measure our parallel implementations against PyTorch's own (DDP for dp, DTensor tensor
 parallelism for tp, torch.distributed.pipelining for pp, FSDP2 and DDP + ZeroRedundancyOptimizer
-for zero, torch.distributed.checkpoint for ckpt) on the same model,
+for zero, torch.distributed.checkpoint for ckpt; DDP and DTensor around a Hugging Face GPT-2
+for hf; cp and ep against one process and plain data parallelism of the same model) on the same model,
 global batch and threads per rank, in one run: A/B alternating repeats in the same processes,
 medians reported. Prints a table, or one JSON object per row with --json."""
 
@@ -25,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d = BenchOptions()
     p = sub.add_parser("bench", help="benchmark ours against PyTorch's implementations",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", help=f"comma-separated groups among {', '.join(GROUPS)} (default: all but cp)")
+    p.add_argument("--only", help=f"comma-separated groups among {', '.join(GROUPS)} (default: all but cp, hf and ep)")
     p.add_argument("--json", action="store_true", help="one JSON object per row")
     p.add_argument("--model", default=d.model, help=f"named model (default: {d.model})")
     p.add_argument("--global-batch", type=int, default=d.global_batch,
@@ -77,13 +78,27 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], BenchOptions]:
                         threads=args.threads, bucket_mb=args.bucket_mb)
     from paratrain.config import Layout, TrainConfig
 
+    if "hf" in groups:
+        _check_hf()
     for n in opts.nprocs:
         for group in (g for g in groups if g != "ckpt"):  # ckpt runs its own two layouts
-            layout = (Layout(tp=n, sequence_parallel=True) if group == "tp" else Layout(cp=n) if group == "cp"
-                      else Layout(dp=n))
-            TrainConfig(model=opts.model, global_batch=opts.global_batch, seq_len=opts.seq_len,
+            layout = (Layout(tp=n, sequence_parallel=True) if group in ("tp", "hf") else Layout(cp=n) if group == "cp"
+                      else Layout(dp=n, ep=n) if group == "ep" else Layout(dp=n))
+            model = opts.model
+            if group == "ep":  # a mixture of experts: --model if it has experts, else small-moe
+                from paratrain.bench.ep import bench_model
+
+                model = bench_model(opts)
+            TrainConfig(model=model, global_batch=opts.global_batch, seq_len=opts.seq_len,
                         layout=layout).validate()
     return groups, opts
+
+
+def _check_hf() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        raise ConfigError("bench --only hf needs the transformers package: pip install 'paratrain[hf]'.")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -138,6 +153,13 @@ def _speed_cells(r: Row) -> list[str]:
         note = (f"vs ONE process; activations/rank {e['activations_per_rank'] / 2**20:.1f} MiB vs "
                 f"{e['single_activations'] / 2**20:.1f} MiB; ring sent {e['cp_bytes_per_step'] / 2**20:.2f} MiB/step "
                 f"(formula {e['cp_bytes_formula'] / 2**20:.2f}), {e['threads_per_rank']} thr/rank")
+    elif "a2a_bytes_ours" in r.extra:  # the reference side is our own dp-only MoE, not PyTorch
+        e, mib = r.extra, 2**20
+        note = (f"vs dp only; {e['model']}; params/rank {e['params_ours'] / mib:.1f} vs "
+                f"{e['params_dp'] / mib:.1f} MiB, "
+                f"activations/rank {e['activations_ours'] / mib:.1f} vs {e['activations_dp'] / mib:.1f} MiB, "
+                f"moved {e['bytes_ours'] / mib:.2f} (all-to-all {e['a2a_bytes_ours'] / mib:.2f}) vs "
+                f"{e['bytes_dp'] / mib:.2f} MiB/step, {e['threads_per_rank']} thr/rank")
     elif "note" in r.extra:
         note = str(r.extra["note"])
     return [r.name, f"{r.ours_tokens_per_s:,.0f}", f"{r.ref_tokens_per_s:,.0f}", f"{r.ratio:.3f}", note]

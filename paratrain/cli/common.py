@@ -35,7 +35,8 @@ FLAGS = {"timeout_s": "--timeout"}  # fields whose flag is not --field-name (see
 # finished TrainConfig): an explicit nproc is a count of processes, 0 is not one.
 GIVEN_RANGES: dict[str, Range] = dict(
     FIELD_RANGES, nproc=Range(int, 1, high=MAX_LOCAL_PROCS),
-    **{name: Range(int, 1) for name in ("dp", "pp", "tp", "cp", "microbatches", "virtual_stages")})
+    **{name: Range(int, 1) for name in ("dp", "pp", "tp", "cp", "ep", "microbatches", "virtual_stages")},
+    top_k=Range(int, 1, high=2), capacity_factor=Range(float, 0), aux_loss_coef=Range(float, 0))
 # The type each config-file key wants, from the dataclass fields ("int", "str | None", ...).
 _FIELD_TYPES = {f.name: str(f.type) for f in (*dataclasses.fields(TrainConfig), *dataclasses.fields(Layout))}
 _WANTED = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
@@ -77,6 +78,9 @@ def add_layout_args(p: argparse.ArgumentParser, dp_default: str = "the processes
     g.add_argument("--cp", type=int, metavar="N", help="context-parallel degree: each rank holds seq_len/N "
                    "tokens of every sequence, attention is ring attention over the N ranks; seq_len must be "
                    "divisible by 2N (default: 1)")
+    g.add_argument("--ep", type=int, metavar="N", help="expert-parallel degree of a mixture-of-experts model: "
+                   "the experts sharded over N of the dp ranks (N divides dp and the number of experts), tokens "
+                   "exchanged by all-to-all (default: 1; docs/expert.md)")
     g.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO stage over the dp group: 1 shards the "
                    "optimizer state, 2 also the gradients, 3 also the parameters (default: 0, plain data "
                    "parallelism)")
@@ -117,6 +121,13 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dropout", type=float, metavar="P", help=f"dropout probability (default: {default('dropout')})")
     g.add_argument("--untie-embeddings", action="store_true", default=None,
                    help="give the LM head its own weight instead of the token embedding's")
+    g.add_argument("--top-k", type=int, metavar="K", help="mixture of experts: experts per token, 1 or 2 "
+                   "(default: the model's; tiny-moe 2)")
+    g.add_argument("--capacity-factor", type=float, metavar="C", help="mixture of experts: each expert takes at "
+                   "most ceil(C x seq_len x top-k / experts) tokens of a sequence, the rest are dropped; 0 = "
+                   "dropless (default: the model's; tiny-moe 1.25)")
+    g.add_argument("--aux-loss-coef", type=float, metavar="A", help="mixture of experts: weight of the "
+                   "load-balancing loss added to the loss (default: the model's; tiny-moe 0.01)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, metavar="N", help=f"optimizer steps (default: {default('steps')})")
     g.add_argument("--seed", type=int, metavar="S", help=f"seed for weights and batches (default: {default('seed')})")
@@ -231,7 +242,8 @@ def coerce_value(key: str, value: Any, where: str) -> Any:
         return None
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     ok = {"int": isinstance(value, int) and not isinstance(value, bool), "float": number,
-          "bool": isinstance(value, bool), "str": isinstance(value, str), "str | None": isinstance(value, str)}
+          "bool": isinstance(value, bool), "str": isinstance(value, str), "str | None": isinstance(value, str),
+          "int | None": isinstance(value, int) and not isinstance(value, bool), "float | None": number}
     if kind.startswith("tuple["):
         item = int if kind.startswith("tuple[int") else float
         good = isinstance(value, list) and all(
@@ -347,6 +359,9 @@ def _resolve_degrees(values: dict[str, Any], layout: dict[str, Any]) -> None:
             layout["dp"] = nproc // others
         else:
             layout["dp"] = DEFAULT_NPROC if others == 1 else 1
+            ep = layout.get("ep", 1)
+            if isinstance(ep, int) and ep > 1 and layout["dp"] % ep:  # --ep alone: its ep ranks are the dp ranks
+                layout["dp"] = ep
     if world:
         values["nproc"] = world
 

@@ -14,7 +14,8 @@ it runs, the slice of every weight it holds, the process groups, and the bytes i
 on each group, from the formulas the planner uses (paratrain/core/traffic.py, core/ring.py).
 Nothing is started and torch is not imported.
 
-example:  paratrain explain --dp 2 --tp 2 --pp 2 --model tiny --out layout.png"""
+example:  paratrain explain --dp 2 --tp 2 --pp 2 --model tiny --out layout.png
+          paratrain explain --tp 2 --hf llama --hf-config llama.json   # a Hugging Face config"""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,25 +32,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--schedule", default="1f1b", choices=("gpipe", "1f1b", "interleaved"),
                    help="pipeline schedule (default: 1f1b)")
     p.add_argument("--sequence-parallel", action="store_true", help="sequence parallelism over tp")
-    p.add_argument("--model", default=d.model, help=f"named model (default: {d.model})")
+    p.add_argument("--model", help=f"named model (default: {d.model})")
+    p.add_argument("--hf", choices=("gpt2", "llama"), help="a Hugging Face GPT-2 or Llama, as `train --hf` takes "
+                   "it (default with --hf-config: the family its fields show)")
+    p.add_argument("--hf-config", metavar="JSON|FILE", help="the Hugging Face model's config fields, as JSON text or "
+                   "a config.json file (missing fields at transformers' defaults)")
     p.add_argument("--global-batch", type=int, default=d.global_batch, metavar="B",
                    help=f"sequences per step (default: {d.global_batch})")
-    p.add_argument("--seq-len", type=int, default=d.seq_len, metavar="L", help=f"tokens per sequence "
-                   f"(default: {d.seq_len})")
+    p.add_argument("--seq-len", type=int, metavar="L", help=f"tokens per sequence "
+                   f"(default: {d.seq_len}, or the model's maximum if smaller)")
     p.add_argument("--out", metavar="PNG", help="also draw the layout into this PNG")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from paratrain.config import Layout
+    from paratrain.config import Layout, TrainConfig
     from paratrain.models.configs import get_model_config
     from paratrain.plan.explain import explain_text
 
-    model = get_model_config(args.model)
+    model = _model(args) if args.hf or args.hf_config else get_model_config(args.model or TrainConfig().model)
     layout = Layout(dp=args.dp, pp=args.pp, tp=args.tp, zero=args.zero, microbatches=args.microbatches,
                     schedule=args.schedule, virtual_stages=args.virtual_stages,
                     sequence_parallel=args.sequence_parallel)
     layout.check_degrees()
+    if args.seq_len is None:
+        args.seq_len = min(TrainConfig().seq_len, model.max_seq_len)
     layout.validate(model, args.global_batch, args.seq_len)  # the one layout rule (paratrain/config.py)
     print(explain_text(model, layout, args.global_batch, args.seq_len))
     if args.out:
@@ -60,3 +67,36 @@ def run(args: argparse.Namespace) -> int:
         draw_layout(model, layout, args.global_batch, args.seq_len, Path(args.out))
         print(f"\nwrote {args.out}")
     return 0
+
+
+def _model(args: argparse.Namespace) -> object:
+    """The shape of ``--hf`` / ``--hf-config`` (read as JSON, without transformers or torch)."""
+    from paratrain.cli.plan_args import hf_config_model
+    from paratrain.models.configs import hf_shape
+
+    if args.model:
+        raise ConfigError("give either --model or --hf/--hf-config, not both.")
+    if args.hf_config is None:
+        raise ConfigError(f"--hf {args.hf} needs --hf-config: the model's config fields (JSON text or a file), "
+                          "for example --hf-config '{\"n_layer\": 4, \"n_embd\": 128, \"n_head\": 4}'.")
+    if args.hf is None:  # the family from the config's model_type or its field names
+        return hf_config_model(args.hf_config)
+    fields = _read_fields(args.hf_config)
+    if fields.get("model_type", args.hf) != args.hf:
+        raise ConfigError(f"--hf {args.hf} but --hf-config says model_type {fields['model_type']!r}; give the "
+                          f"matching --hf, or leave --hf out.")
+    return hf_shape(args.hf, fields)
+
+
+def _read_fields(spec: str) -> dict:
+    import json
+
+    try:
+        fields = json.loads(spec if spec.lstrip().startswith("{") else Path(spec).read_text())
+    except OSError as e:
+        raise ConfigError(f"--hf-config {spec!r}: cannot read it ({e.strerror}).") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--hf-config {spec!r}: not valid JSON ({e.msg} at character {e.pos}).") from None
+    if not isinstance(fields, dict):
+        raise ConfigError(f"--hf-config {spec!r}: expected a JSON object of config fields.")
+    return fields

@@ -46,6 +46,10 @@ def resume_config(args: argparse.Namespace) -> tuple[TrainConfig, list[str]]:
                               f"as {key} = {getattr(cfg, key)!r}. Drop that flag, or start a new run from its "
                               f"weights with: paratrain convert {out} --to-single m.safetensors, then "
                               f"paratrain train --init-from m.safetensors ...")
+    for key in ("hf", "hf_config"):  # a Hugging Face model: its checkpoint holds that config's tensors
+        if getattr(cfg, key) != base.get(key):
+            raise ConfigError(f"--resume {out}: the run trained {key} = {base.get(key)!r}; its checkpoint cannot "
+                              f"continue as {key} = {getattr(cfg, key)!r}. Drop that flag to continue the run.")
     if cfg.steps != base.get("steps", cfg.steps):
         import sys
 

@@ -127,7 +127,8 @@ def _default_out(cfg: TrainConfig) -> Path:
     run_id = os.environ.get("TORCHELASTIC_RUN_ID") if "RANK" in os.environ else None
     stamp = run_id or time.strftime("%Y%m%d-%H%M%S")
     l = cfg.layout
-    base = Path("runs") / (f"{stamp}-{cfg.model}-dp{l.dp}pp{l.pp}tp{l.tp}" + (f"cp{l.cp}" if l.cp > 1 else ""))
+    model = f"hf-{cfg.hf}" if cfg.hf else cfg.model  # not the unused --model default
+    base = Path("runs") / (f"{stamp}-{model}-dp{l.dp}pp{l.pp}tp{l.tp}" + (f"cp{l.cp}" if l.cp > 1 else ""))
     out, n = base, 1
     while out.exists() and not run_id:
         n += 1

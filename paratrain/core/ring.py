@@ -12,6 +12,7 @@ input; all-gather: its output; a send or broadcast: its tensor), ``n`` the group
     all_gather      (n - 1)/n S               n - 1
     send            S                         1
     broadcast       S on the root             -            a lower bound; the others send 0
+    all_to_all      (n - 1)/n S               n - 1        equal splits; each keeps its own 1/n
 
 [P17] Patarasuk & Yuan, "Bandwidth optimal all-reduce algorithms for clusters of workstations",
 JPDC 2009.
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 # Multiples of (n - 1)/n S one device sends; None: the whole payload, whatever n.
 _RING_FACTOR: dict[str, int | None] = {"all_reduce": 2, "reduce_scatter": 1, "all_gather": 1, "send": None,
-                                       "broadcast": None}
+                                       "broadcast": None, "all_to_all": 1}
 
 
 def wire_bytes(op: str, n: int, payload: float) -> float:
@@ -40,4 +41,5 @@ def ring_steps(op: str, n: int) -> int:
     all-gather n - 1, send 1 ([P17]). 0 on a group of one."""
     if n <= 1:
         return 0
-    return {"all_reduce": 2 * (n - 1), "reduce_scatter": n - 1, "all_gather": n - 1, "send": 1}[op]
+    return {"all_reduce": 2 * (n - 1), "reduce_scatter": n - 1, "all_gather": n - 1, "send": 1,
+            "all_to_all": n - 1}[op]

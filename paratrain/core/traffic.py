@@ -21,7 +21,14 @@ embedding and the head), as ``parallel/tensor.py`` and ``parallel/vocab.py`` run
                       reduce_scatter 2L + L_emb             (after proj, fc2, the embedding) of A
                       all_reduce  the cross-entropy's 2 calls, as without SP
             backward  all_gather  2L + L_emb                (conjugates of the reduce-scatters)
+                                  + 2L + L_head             (the saved input slices regathered)
                       reduce_scatter 2L + L_head            (conjugates of the all-gathers)
+
+Under SP the qkv, fc1 and LM-head linears keep only their input's sequence slice and all-gather
+it again in backward (Korthikanti et al. 2022, sec. 4.2.2; ``tp_ops.GatheredLinearSP``): the
+second backward all-gather term. Not under full recomputation (the replayed forward gathers),
+zero-bubble schedules (``split_backward``: W keeps the whole input) or a Llama-family model
+(its ``tp_input`` modules gather once for several linears and keep the gathered input).
 
 (``L_emb``, ``L_head`` = 1 when the rank holds the embedding / head, else 0.) Full recomputation
 replays each block's forward in backward up to its last collective whose result backward needs
@@ -82,12 +89,14 @@ def _add(out: Traffic, phase: str, op: str, calls: int, nbytes: int) -> None:
 
 def tp_traffic(model: ModelConfig, tp: int, sequence_parallel: bool, microbatch: int, seq_len: int,
                num_layers: int | None = None, embedding: bool = True, head: bool = True,
-               recompute: str = "none", elem_bytes: int = 4, grad_bytes: int = 4) -> Traffic:
+               recompute: str = "none", elem_bytes: int = 4, grad_bytes: int = 4,
+               split_backward: bool = False) -> Traffic:
     """Tensor-parallel traffic of one tp rank: per micro-batch of ``microbatch`` sequences
     (phases ``forward`` and ``backward``) and once per step (phase ``step``: the SP partial
     gradients; the gradient norm is left to the caller, it is per group). ``num_layers`` (default
     all) blocks, the embedding and/or the head, as a pipeline stage holds them. See the module
-    docstring for every term. A group of one moves nothing."""
+    docstring for every term. ``split_backward``: a zero-bubble schedule's I/W split (no SP
+    regather). A group of one moves nothing."""
     out: Traffic = {}
     if tp == 1:
         return out
@@ -99,7 +108,8 @@ def tp_traffic(model: ModelConfig, tp: int, sequence_parallel: bool, microbatch:
     if sequence_parallel:
         _add(out, FORWARD, "all_gather", 2 * L + hd, (2 * L + hd) * A)
         _add(out, FORWARD, "reduce_scatter", 2 * L + emb, (2 * L + emb) * A)
-        gathers = 2 * L + emb + (2 * L if full else 0)
+        regather = not full and not split_backward and model.family == "gpt"
+        gathers = 2 * L + emb + (2 * L if full else 0) + ((2 * L + hd) if regather else 0)
         scatters = 2 * L + hd + ((1 + last) * L if full else 0)
         _add(out, BACKWARD, "all_gather", gathers, gathers * A)
         _add(out, BACKWARD, "reduce_scatter", scatters, scatters * A)
@@ -264,4 +274,27 @@ def cp_comm_per_step(model: ModelConfig, cp: int, tp: int, local_batch: int, seq
     for (_, op), (calls, nbytes) in per.items():
         c, b = out.get(op, (0, 0))
         out[op] = (c + microbatches * calls, b + microbatches * nbytes)
+    return out
+
+
+EP_EXCHANGES = ("ep_dispatch", "ep_combine", "ep_dispatch_grad", "ep_combine_grad")
+
+
+def ep_comm_per_step(model: ModelConfig, ep: int, local_batch: int, seq_len: int, microbatches: int = 1,
+                     kept: int | None = None, elem_bytes: int = 4) -> dict[str, tuple[int, int]]:
+    """Expert parallelism (``parallel/expert.py``, docs/expert.md): op -> (calls, payload bytes) of
+    one rank's all-to-alls in one step, over all its mixture-of-experts blocks and micro-batches.
+
+    Per block and micro-batch: the expert counts (E int64), then the kept rows (H each) dispatched,
+    combined back, and the same two exchanges of their gradients in backward. ``kept``: the rows
+    this rank keeps over the step (all blocks); default dropless, ``top_k x local_batch x seq_len``
+    per block (a capacity factor keeps at most that). Wire: :func:`paratrain.core.ring.wire_bytes`
+    ``("all_to_all", ep, ...)`` when the exchange is balanced, exact in ``comm``'s counters."""
+    if ep == 1 or not model.num_experts:
+        return {}
+    blocks = model.num_moe_blocks
+    calls = blocks * microbatches
+    rows = model.top_k * local_batch * seq_len * blocks if kept is None else kept
+    out = {op: (calls, rows * model.hidden * elem_bytes) for op in EP_EXCHANGES}
+    out["ep_counts"] = (calls, calls * model.num_experts * 8)
     return out

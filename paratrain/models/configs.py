@@ -22,6 +22,13 @@ class ModelConfig:
     ``family = "llama"``: the Llama layout instead (RMSNorm without bias, rotary positions, no
     biases, SwiGLU MLP of three ``H x F`` matrices, grouped-query attention with ``num_kv_heads``
     key/value heads; 0 means ``num_heads``).
+
+    Mixture of experts (``num_experts`` > 0, ``models/moe.py``; docs/expert.md): the MLP of every
+    ``moe_every``-th block (blocks ``moe_every - 1``, ``2 moe_every - 1``, ...) becomes
+    ``num_experts`` MLPs of width ``ffn_hidden`` and a learned router sending each token to its
+    ``top_k`` (1 or 2) best experts; ``capacity_factor`` > 0 caps each expert at
+    ``ceil(capacity_factor * T * top_k / E)`` tokens of each sequence (the rest are dropped), 0 is
+    dropless; ``aux_loss_coef`` weighs the load-balancing loss added to the training loss.
     """
 
     name: str
@@ -36,6 +43,11 @@ class ModelConfig:
     planning_only: bool = False
     family: str = "gpt"
     num_kv_heads: int = 0
+    num_experts: int = 0
+    top_k: int = 1
+    moe_every: int = 1
+    capacity_factor: float = 0.0
+    aux_loss_coef: float = 0.01
 
     def __post_init__(self) -> None:
         if self.ffn_hidden == 0:
@@ -56,6 +68,32 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model {self.name!r}: dropout must be in [0, 1), got {self.dropout}.")
+        self._check_moe()
+
+    def _check_moe(self) -> None:
+        if self.capacity_factor is None:  # None and 0 both mean dropless
+            object.__setattr__(self, "capacity_factor", 0.0)
+        ints = [(f, getattr(self, f)) for f in ("num_experts", "top_k", "moe_every")]
+        if any(not isinstance(v, int) or isinstance(v, bool) or v < (0 if f == "num_experts" else 1)
+               for f, v in ints):
+            raise ConfigError(f"model {self.name!r}: num_experts must be an integer >= 0 and top_k, moe_every "
+                              f"positive integers; got {dict(ints)}.")
+        if self.num_experts and not 1 <= self.top_k <= min(2, self.num_experts):
+            raise ConfigError(f"model {self.name!r}: top_k (experts per token) must be 1 or 2 and at most "
+                              f"num_experts={self.num_experts}; got {self.top_k}.")
+        for f in ("capacity_factor", "aux_loss_coef"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
+                raise ConfigError(f"model {self.name!r}: {f} must be a finite number >= 0 (capacity_factor "
+                                  f"0: dropless routing), got {v!r}.")
+
+    def is_moe_block(self, index: int) -> bool:
+        """Whether block ``index`` (0-based) holds a mixture of experts instead of one MLP."""
+        return self.num_experts > 0 and (index + 1) % self.moe_every == 0
+
+    @property
+    def num_moe_blocks(self) -> int:
+        return sum(self.is_moe_block(i) for i in range(self.num_layers))
 
     @property
     def head_dim(self) -> int:
@@ -77,6 +115,19 @@ def block_param_count(cfg: ModelConfig) -> int:
     return 4 * h * h + 2 * h * f + 9 * h + f
 
 
+def mlp_param_count(cfg: ModelConfig) -> int:
+    """One MLP (one expert): GPT fc1 + fc2 with biases (2HF + F + H); Llama gate, up, down (3HF)."""
+    h, f = cfg.hidden, cfg.ffn_hidden
+    return 3 * h * f if cfg.family == "llama" else 2 * h * f + f + h
+
+
+def moe_block_extra(cfg: ModelConfig, experts: int) -> int:
+    """What a mixture-of-experts block holds beyond a dense one when ``experts`` of its MLPs are
+    counted (all E: the total; top_k: the parameters one token uses): ``experts - 1`` more MLPs
+    and the router (H x E, no bias)."""
+    return (experts - 1) * mlp_param_count(cfg) + cfg.hidden * cfg.num_experts
+
+
 def param_count(cfg: ModelConfig) -> int:
     """Exact number of parameters of ``GPT(cfg)``; a tied LM head is counted once.
 
@@ -87,7 +138,16 @@ def param_count(cfg: ModelConfig) -> int:
     emb = cfg.vocab_size * cfg.hidden + positions
     head = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.hidden
     final_norm = 2 * cfg.hidden if cfg.family == "gpt" else cfg.hidden
-    return emb + cfg.num_layers * block_param_count(cfg) + final_norm + head
+    moe = cfg.num_moe_blocks * moe_block_extra(cfg, cfg.num_experts) if cfg.num_experts else 0
+    return emb + cfg.num_layers * block_param_count(cfg) + final_norm + head + moe
+
+
+def active_param_count(cfg: ModelConfig) -> int:
+    """Parameters one token's forward uses: :func:`param_count` with only ``top_k`` experts per
+    mixture-of-experts block (the router counted); ``param_count`` for a dense model."""
+    if not cfg.num_experts:
+        return param_count(cfg)
+    return param_count(cfg) - cfg.num_moe_blocks * (cfg.num_experts - cfg.top_k) * mlp_param_count(cfg)
 
 
 # The defaults of transformers' GPT2Config and LlamaConfig, by paratrain field: what a
@@ -101,6 +161,15 @@ HF_FIELDS: dict[str, dict[str, tuple[str, object]]] = {
               "vocab_size": ("vocab_size", 32000), "max_seq_len": ("max_position_embeddings", 2048),
               "ffn_hidden": ("intermediate_size", 11008), "tie_embeddings": ("tie_word_embeddings", False)},
 }
+
+
+# The dropout fields of each family's config (models/hf.py sets them to 0 unless given).
+HF_DROPOUT_KEYS = {"gpt2": ("resid_pdrop", "embd_pdrop", "attn_pdrop"), "llama": ("attention_dropout",)}
+
+
+def hf_dropout(kind: str, fields: dict[str, object]) -> float:
+    """The largest dropout probability the config's fields give (0 when none is given)."""
+    return max(float(fields.get(k, 0.0) or 0.0) for k in HF_DROPOUT_KEYS.get(kind, ()))  # type: ignore[arg-type]
 
 
 def hf_shape(kind: str, fields: dict[str, object], dropout: float = 0.0) -> ModelConfig:
@@ -158,6 +227,22 @@ _register(ModelConfig("llama-3-8b", num_layers=32, hidden=4096, num_heads=32, vo
 _register(ModelConfig("llama-3-70b", num_layers=80, hidden=8192, num_heads=64, vocab_size=LLAMA3_VOCAB,
           max_seq_len=8192, ffn_hidden=28672, tie_embeddings=False, planning_only=True, family="llama",
           num_kv_heads=8))
+
+# Mixtures of experts (models/moe.py). tiny-moe: 2 blocks of width 64, each MLP 4 experts of width
+# 128 with top-2 routing and a capacity factor of 1.25 (tokens beyond it are dropped).
+_register(ModelConfig("tiny-moe", num_layers=2, hidden=64, num_heads=4, vocab_size=256, max_seq_len=256,
+          ffn_hidden=128, num_experts=4, top_k=2, capacity_factor=1.25))
+# small-moe: the ep benchmark's model (paratrain bench --only ep): 4 blocks of width 256, each MLP 8
+# experts of width 512, top-2, capacity factor 1.25; 9.6M parameters, 3.3M of them active per token.
+_register(ModelConfig("small-moe", num_layers=4, hidden=256, num_heads=8, vocab_size=256, max_seq_len=256,
+          ffn_hidden=512, num_experts=8, top_k=2, capacity_factor=1.25))
+# Mixtral 8x7B (Jiang et al. 2024; transformers' MixtralConfig defaults): the Llama layout with 8
+# SwiGLU experts of width 14336 in every block, top-2, router aux coefficient 0.001, 32k vocabulary,
+# 4096 x 32 positions. 46,702,792,704 parameters, 12,879,925,248 active per token: the published
+# 46.7B / 12.9B (tested).
+_register(ModelConfig("mixtral-8x7b", num_layers=32, hidden=4096, num_heads=32, vocab_size=32000,
+          max_seq_len=4096 * 32, ffn_hidden=14336, tie_embeddings=False, planning_only=True, family="llama",
+          num_kv_heads=8, num_experts=8, top_k=2, aux_loss_coef=0.001))
 
 
 def model_names() -> list[str]:

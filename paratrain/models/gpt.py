@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from paratrain.models.configs import ModelConfig
+from paratrain.models.moe import MoE, aux_loss, moe_layers
 
 
 class CausalSelfAttention(nn.Module):
@@ -62,12 +63,12 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LN transformer block: x + attn(ln1(x)), then + mlp(ln2(x))."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, moe: bool = False) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.hidden)
         self.attn = CausalSelfAttention(cfg)
         self.ln2 = nn.LayerNorm(cfg.hidden)
-        self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg, MLP) if moe else MLP(cfg)  # a mixture of experts: models/moe.py
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
@@ -92,12 +93,13 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.hidden)
         self.wpe = nn.Embedding(cfg.max_seq_len, cfg.hidden)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(Block(cfg, cfg.is_moe_block(i)) for i in range(cfg.num_layers))
         self.ln_f = nn.LayerNorm(cfg.hidden)
         self.lm_head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         self.criterion = CrossEntropy()
+        self.moe = moe_layers(self)
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids -> (B, T, H)."""
@@ -110,10 +112,13 @@ class GPT(nn.Module):
         return logits if targets is None else self.criterion(logits, targets)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """The mean loss against ``targets`` -- plus, for a mixture of experts, the weighted
+        load-balancing losses of its routers (``models/moe.py``) -- or logits without targets."""
         x = self.embed(idx)
         for block in self.blocks:
             x = block(x)
-        return self.head(x, targets)
+        out = self.head(x, targets)
+        return out if targets is None or not self.moe else out + aux_loss(self, self.moe)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.8,
@@ -137,7 +142,8 @@ class GPT(nn.Module):
 def init_weights(model: GPT, seed: int) -> None:
     """Deterministic GPT-2 initialisation from ``seed``, independent of device and layout.
 
-    Weights ~ N(0, 0.02); the residual projections (``attn.proj``, ``mlp.fc2``) ~ N(0, 0.02/sqrt(2L))
+    Weights ~ N(0, 0.02); the residual projections (``attn.proj``, every ``fc2``: the MLP's or
+    each expert's) ~ N(0, 0.02/sqrt(2L))
     so the residual stream's variance does not grow with depth (GPT-2 paper, section 2.3);
     biases 0; LayerNorm weight 1. Parameters are drawn in ``named_parameters()`` order.
     """
@@ -151,7 +157,7 @@ def init_weights(model: GPT, seed: int) -> None:
             elif leaf == "bias":
                 p.zero_()
             else:
-                std = resid_std if name.endswith(("attn.proj.weight", "mlp.fc2.weight")) else 0.02
+                std = resid_std if name.endswith(("attn.proj.weight", ".fc2.weight")) else 0.02
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
 

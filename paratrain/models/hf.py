@@ -28,12 +28,12 @@ import torch
 from torch import nn
 
 from paratrain.errors import ConfigError
-from paratrain.models.configs import ModelConfig, hf_shape
+from paratrain.models.configs import HF_DROPOUT_KEYS, ModelConfig, hf_shape
 from paratrain.models.gpt import CrossEntropy
 from paratrain.models.plans import Stages, TPStyle
 
 KINDS = ("gpt2", "llama")
-_DROPOUT_KEYS = {"gpt2": ("resid_pdrop", "embd_pdrop", "attn_pdrop"), "llama": ("attention_dropout",)}
+_DROPOUT_KEYS = HF_DROPOUT_KEYS
 
 
 def _config_class(kind: str) -> Any:

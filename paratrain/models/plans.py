@@ -153,10 +153,12 @@ class StagedForward(nn.Module):
 # returns, so no attribute needs adjusting after the split.
 def gpt_tp_plan(cfg: ModelConfig) -> dict[str, str | TPStyle]:
     heads = TPStyle("column", chunks=3, unit=cfg.head_dim, what="attention heads")
+    # a mixture of experts keeps its router and experts whole on every tp rank (docs/expert.md)
+    dense = cfg.num_moe_blocks < cfg.num_layers
     return {
         "wte": "vocab_embedding", "wpe": "sp_positions", "lm_head": "vocab_head", "criterion": "vocab_loss",
         "blocks.*.attn.qkv": heads, "blocks.*.attn.proj": TPStyle("row", unit=cfg.head_dim, what="attention heads"),
-        "blocks.*.mlp.fc1": "column", "blocks.*.mlp.fc2": "row",
+        **({"blocks.*.mlp.fc1": "column", "blocks.*.mlp.fc2": "row"} if dense else {}),
         "blocks.*.ln1": "sp_norm", "blocks.*.ln2": "sp_norm", "ln_f": "sp_norm",
     }
 

@@ -1,8 +1,8 @@
 """``parallelize`` applies a layout to the reference model, as transforms in a fixed order:
 tensor parallelism (shard each layer), then context parallelism (ring attention, global
-positions), then pipeline parallelism (keep this stage's layers), then data parallelism / ZeRO
-(reduce gradients over the dp group -- over dp x cp under context parallelism). Each transform
-receives only the group it uses.
+positions), then expert parallelism (this rank's experts), then pipeline parallelism (keep this
+stage's layers), then data parallelism / ZeRO (reduce gradients over the dp group -- over dp x cp
+under context parallelism; the experts' over edp). Each transform receives only the group it uses.
 
 Importing this package does not import torch; the classes load on first use. The torch-free
 parts it shares with the planner (schedules, checker, partition, traffic formulas) live in
@@ -79,14 +79,29 @@ def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, tp_plan: TPPlan
             from paratrain.parallel.tp_plan import apply_tp_plan
 
             apply_tp_plan(model, tp_plan, mesh.tp, layout.sequence_parallel)  # type: ignore[arg-type]
+        if layout.sequence_parallel and not sp_regathers(layout):
+            from paratrain.parallel.tensor import ColumnParallelLinear
+
+            for m in model.modules():
+                if isinstance(m, ColumnParallelLinear):
+                    m.regather = False
     if layout.cp > 1:  # context parallelism: parallel/context.py (splits no parameter)
         if not gpt:
             raise ValueError("context parallelism (cp > 1) is implemented for the built-in GPT only")
         from paratrain.parallel.context import context_parallel
 
         model = context_parallel(model, mesh.cp)
+    experts: list[torch.Tensor] = []
+    if layout.ep > 1:  # expert parallelism: parallel/expert.py (this rank's experts, all-to-all)
+        from paratrain.parallel.expert import expert_parallel
+
+        experts = expert_parallel(model, mesh.ep)
     if gpt:
         apply_recompute(model, layout.recompute)
+    elif layout.recompute == "full":  # any model with a stage spec: each of its blocks replayed
+        from paratrain.parallel.recompute import recompute_blocks
+
+        recompute_blocks(stages.block_list(model))  # type: ignore[union-attr]
     stage = None
     if layout.pp > 1:  # pipeline parallelism: parallel/pipeline/ (prunes the model in place)
         from paratrain.parallel.pipeline.stage import build_stage
@@ -109,6 +124,11 @@ def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, tp_plan: TPPlan
         chunks = _distinct_parts([c.parameters() for c in stage.chunks]) if stage is not None else None
         sync = ZeroDataParallel(model, mesh.dp, layout.zero, bucket_mb, overlap, parts=chunks, alone=tied,
                                 grad_dtype=grad_dtype)
+    elif experts:  # the experts' gradients over the dp / ep ranks holding them, the rest over dp
+        from paratrain.parallel.expert import expert_sync
+
+        sync = expert_sync(model, DataParallel, mesh.dp, mesh.edp, experts, bucket_mb=bucket_mb, overlap=overlap,
+                           grad_dtype=grad_dtype)
     elif dp_impl == "naive":
         sync = NaiveDataParallel(model, mesh.dpcp)
     else:  # dpcp: the dp group itself when cp = 1
@@ -123,7 +143,7 @@ def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, tp_plan: TPPlan
     if partial:  # sequence parallelism: summed over tp, after dp
         sync = SequenceParallelGradSync(sync, partial, mesh.tp)
     # ranks of these groups hold different parameters (ZeRO: different shards over dp)
-    norm_groups = [mesh.tp, mesh.pp] + ([mesh.dp] if layout.zero else [])
+    norm_groups = [mesh.tp, mesh.pp, mesh.ep] + ([mesh.dp] if layout.zero else [])
     pm: ParallelModel
     if stage is not None:
         from paratrain.parallel.pipeline.model import PipelineModel
@@ -133,6 +153,14 @@ def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, tp_plan: TPPlan
         pm = ParallelModel(model, mesh, layout, sync, norm_groups, autocast_dtype, runner)
     pm.register_weights(weights)
     return pm
+
+
+def sp_regathers(layout: Layout) -> bool:
+    """Whether sequence-parallel column linears keep only their input's slice for backward and
+    all-gather it again there (``tp_ops.GatheredLinearSP``). Not under full recomputation (the
+    block's forward, gathers included, is replayed anyway) nor zero-bubble schedules (their
+    deferred W keeps each linear's whole input until it runs)."""
+    return layout.recompute != "full" and not (layout.pp > 1 and layout.schedule in ("zb-h1", "zb-v"))
 
 
 def _distinct_parts(parts: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
@@ -156,5 +184,9 @@ def _check_given(model: nn.Module, layout: Layout, gpt: bool, tp_plan: TPPlan | 
     if layout.pp > 1 and stages is None:
         raise ValueError(f"pp={layout.pp} needs the stage spec of {name}: parallelize(..., stages=Stages(blocks="
                          "'name of its nn.ModuleList', before=..., after=...)); see paratrain.models.plans")
-    if layout.recompute != "none" and not gpt:
-        raise ValueError(f"recompute={layout.recompute!r} is implemented for the built-in GPT only, not {name}")
+    if layout.recompute == "full" and stages is None and not gpt:
+        raise ValueError(f"recompute='full' replays each block of {name} in backward: it needs the stage spec "
+                         "naming the blocks, parallelize(..., stages=Stages(blocks=...)); see paratrain.models.plans")
+    if layout.recompute not in ("none", "full") and not gpt:
+        raise ValueError(f"recompute={layout.recompute!r} replays the built-in GPT's attention core only; for "
+                         f"{name} valid: 'full' (with a stage spec) or 'none'")

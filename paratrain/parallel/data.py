@@ -166,13 +166,14 @@ class DataParallel(Replicated):
     """
 
     def __init__(self, module: nn.Module, group: Group, bucket_mb: float = 25.0,
-                 overlap: bool = True, grad_dtype: torch.dtype | None = None) -> None:
+                 overlap: bool = True, grad_dtype: torch.dtype | None = None,
+                 params: list[nn.Parameter] | None = None) -> None:
         self.module = module
         self.group = group
         self.grad_dtype = grad_dtype
         self.grad_scale = 1.0 / group.size
         self.overlap = overlap
-        self.params = _unique_params(module)
+        self.params = _unique_params(module) if params is None else params  # a subset: parallel/expert.py
         self.buckets = self._make_buckets(int(bucket_mb * 2**20))
         self._bucket_of: dict[nn.Parameter, _Bucket] = {}
         for b in self.buckets:

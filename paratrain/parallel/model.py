@@ -132,9 +132,13 @@ class ParallelModel:
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The reference model's state dict (full shapes) on global rank 0, None elsewhere.
         Collective: every rank calls it (the tp shards are gathered on each tp group)."""
+        from paratrain.parallel.expert import gather_experts
+
         with self.grad_sync.full_params():  # ZeRO-3: copied before they are freed again
+            experts = gather_experts(self.module, self.mesh.ep)  # every expert; {} at ep = 1
             lead = self.mesh.coords.dp == 0 and self.mesh.coords.cp == 0
             state = gather_full_state(self.module, self.mesh.tp) if lead else None
             if self.mesh.rank != 0 or state is None:
                 return None
+            state.update(experts)  # this rank's experts are among them, under the same names
             return {k: v.detach().cpu().clone() for k, v in state.items()}

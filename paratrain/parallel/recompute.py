@@ -22,10 +22,18 @@ from torch.utils.checkpoint import checkpoint
 
 def _checkpointed(fn: Any) -> Any:
     @functools.wraps(fn)
-    def wrapper(*args: Any) -> Any:
-        return checkpoint(fn, *args, use_reentrant=False)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return checkpoint(fn, *args, use_reentrant=False, **kwargs)
 
     return wrapper
+
+
+def recompute_blocks(blocks: nn.ModuleList) -> int:
+    """``full`` for any model: each block of its stage spec keeps only its input, and its forward
+    is replayed in backward (a Hugging Face model's blocks: models/hf.py)."""
+    for block in blocks:
+        block.forward = _checkpointed(block.forward)
+    return len(blocks)
 
 
 def apply_recompute(model: nn.Module, mode: str) -> int:

@@ -38,7 +38,7 @@ from paratrain.parallel import marks
 from paratrain.parallel.grad import collective_device
 from paratrain.parallel.rng import ShardedRNG
 from paratrain.parallel.shard import mark_partial_grad, shard_parameter
-from paratrain.parallel.tp_ops import enter_tp, leave_tp
+from paratrain.parallel.tp_ops import enter_tp, gathered_linear_sp, leave_tp
 
 if TYPE_CHECKING:
     from paratrain.models.gpt import GPT
@@ -75,7 +75,14 @@ class ColumnParallelLinear(nn.Module):
         weight = shard_parameter(linear.weight, group, 1 if transposed else 0, chunks)
         return cls(weight, bias, group, sequence_parallel, enter, transposed)
 
+    #: under sequence parallelism, save the input's sequence slice and all-gather it again in
+    #: backward (``tp_ops.GatheredLinearSP``); off where the gathered input is kept anyway (full
+    #: recomputation replays the gather; a zero-bubble W needs the whole input later)
+    regather: bool = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.enter and self.sequence_parallel and self.regather and torch.is_grad_enabled():
+            return gathered_linear_sp(x, self.weight, self.bias, self.group, self.transposed)
         if self.enter:
             x = enter_tp(x, self.group, self.sequence_parallel)
         return F.linear(x, self.weight.t() if self.transposed else self.weight, self.bias)

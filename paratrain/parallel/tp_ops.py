@@ -145,3 +145,61 @@ def leave_tp(x: torch.Tensor, group: Group, sequence_parallel: bool) -> torch.Te
     """Out of a tensor-parallel region (partial sums from a row-parallel layer or the
     vocab-parallel embedding): g, or the reduce-scatter along the sequence."""
     return reduce_scatter_to_sp(x, group) if sequence_parallel else reduce_from_tp(x, group)
+
+
+class GatheredLinearSP(torch.autograd.Function):
+    """A column-parallel linear under sequence parallelism that keeps only this rank's slice of
+    its input for backward, as Megatron does (Korthikanti et al. 2022, sec. 4.2.2).
+
+    Forward: ``x`` (B, T/n, in) is all-gathered to (B, T, in) and ``y = x W^T + b`` computed;
+    only the slice ``x`` is saved, so the layer stores (s b h / n) instead of (s b h) elements.
+    Backward: the all-gather runs again (asynchronously, while ``dL/dx = dy W`` is computed: the
+    two overlap), then ``dL/dW = dy^T x`` with the regathered input, and ``dL/dx`` is
+    reduce-scattered along the sequence, exactly :class:`GatherFromSP`'s backward. One more
+    all-gather per layer and step buys ``(n - 1)/n`` of that input's memory. ``transposed``: the
+    weight is stored (in, out/n) (Hugging Face's ``Conv1D``). Under autocast the matmuls run in
+    the autocast dtype, as ``F.linear`` would, and the saved slice is in that dtype."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group: Group,
+                transposed: bool) -> torch.Tensor:
+        device = x.device.type
+        full = gather_seq(x, group)  # in x's dtype, as GatherFromSP: the same bytes on the wire
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        # a cast is elementwise: the cast slice is the slice of the cast gathered input
+        x_c, full, w_c = x.to(dtype), full.to(dtype), weight.to(dtype)
+        b_c = None if bias is None else bias.to(dtype)
+        with torch.autocast(device, enabled=False):
+            y = torch.nn.functional.linear(full, w_c.t() if transposed else w_c, b_c)
+        ctx.save_for_backward(x_c.contiguous(), w_c)
+        ctx.group, ctx.transposed, ctx.has_bias = group, transposed, bias is not None
+        ctx.dtypes = (x.dtype, weight.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, w = ctx.saved_tensors
+        group, n = ctx.group, ctx.group.size
+        b, t, rest = x.shape[0], x.shape[1], x.shape[2:]
+        gathered = x.new_empty((n * b, t, *rest))
+        handle = comm.all_gather(gathered, x, group, async_op=True)  # overlaps dL/dx's matmul
+        dy = dy.contiguous()
+        dx_full = dy.matmul(w.t() if ctx.transposed else w) if ctx.needs_input_grad[0] else None
+        if handle is not None:
+            handle.wait()
+        full = gathered.view(n, b, t, *rest).transpose(0, 1).reshape(b, n * t, *rest)
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dy2, x2 = dy.reshape(-1, dy.shape[-1]), full.reshape(-1, full.shape[-1])
+            dw = (x2.t().matmul(dy2) if ctx.transposed else dy2.t().matmul(x2)).to(ctx.dtypes[1])
+        db = None
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy.reshape(-1, dy.shape[-1]).sum(0).to(ctx.dtypes[1])
+        # the input's gradient summed over tp in its own dtype, as GatherFromSP's backward sums it
+        dx = reduce_scatter_seq(dx_full.to(ctx.dtypes[0]), group) if dx_full is not None else None
+        return dx, dw, db, None, None
+
+
+def gathered_linear_sp(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group: Group,
+                       transposed: bool = False) -> torch.Tensor:
+    return GatheredLinearSP.apply(x, weight, bias, group, transposed)

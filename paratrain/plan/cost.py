@@ -26,7 +26,7 @@ from paratrain.config import PRECISIONS, Layout, vocab_padding_note
 from paratrain.core import bubble, ring, traffic
 from paratrain.core.state import ModelState
 from paratrain.errors import ConfigError
-from paratrain.models.configs import ModelConfig, param_count
+from paratrain.models.configs import ModelConfig, active_param_count, param_count
 from paratrain.plan import formulas as f
 from paratrain.plan.collectives import (
     NO_BUCKETS,
@@ -135,14 +135,15 @@ def stage_costs(model: ModelConfig, layout: Layout, hw: Hardware, global_batch: 
 
 @lru_cache(maxsize=65536)
 def _tp_seconds(model: ModelConfig, t: int, sp: bool, b: float, s: int, layers: int, first: bool, last: bool,
-                recompute: str, e: int, grad_bytes: int, tp_link: Link) -> dict[str, float]:
+                recompute: str, e: int, grad_bytes: int, tp_link: Link,
+                split_backward: bool = False) -> dict[str, float]:
     """Seconds per phase (forward / backward per micro-batch; step once) of one chunk's tp
     collectives, and their ``wire_*`` bytes, from the runtime's traffic formula."""
     out = {traffic.FORWARD: 0.0, traffic.BACKWARD: 0.0, traffic.STEP: 0.0}
     for phase in list(out):
         out["wire_" + phase] = 0.0
     for (phase, op), (calls, nbytes) in traffic.tp_traffic(model, t, sp, b, s, layers, first, last, recompute, e,
-                                                          grad_bytes).items():
+                                                          grad_bytes, split_backward).items():
         out[phase] += collective_seconds(op, t, nbytes, *tp_link, calls=calls)
         out["wire_" + phase] += ring.wire_bytes(op, t, nbytes)
     return out
@@ -224,8 +225,9 @@ class _Layout(LayoutMemory):
 
     def tp_seconds(self, layers: int, first: bool, last: bool) -> dict[str, float]:
         # the sequence-parallel sum acts on the optimizer's gradients: fp32 (the masters' under bf16)
+        split = self.p > 1 and self.layout.schedule in ("zb-h1", "zb-v")  # no SP regather: W keeps the input
         return _tp_seconds(self.model, self.t, self.sp, self.b, self.s, layers, first, last, self.layout.recompute,
-                           self.e, 4, self.tp_link)
+                           self.e, 4, self.tp_link, split)
 
     def chunk(self, k: int, speed: float) -> ChunkCost:
         """Stage ``k`` (chunk ``k // p`` of rank ``k % p``) per micro-batch."""
@@ -402,7 +404,7 @@ def make_estimate(model: ModelConfig, layout: Layout, hw: Hardware, global_batch
         global_batch=global_batch, seq_len=seq_len, precision=precision,
         params=nparams, params_per_device=heavy.params,
         flops_per_step=flops, hardware_flops_per_step=hw_flops,
-        six_p_tokens_flops=f.six_p_tokens(nparams, tokens),
+        six_p_tokens_flops=f.six_p_tokens(active_param_count(model), tokens),  # a mixture of experts: active
         state=heavy.state, buffer_bytes=heavy.buffer_bytes + heavy.rebuilt_bytes,
         activation_bytes_per_device=heavy.activation_bytes,
         peak_bytes_per_device=heavy.peak_bytes,

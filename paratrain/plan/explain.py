@@ -18,7 +18,7 @@ from paratrain.core.ring import wire_bytes
 from paratrain.core.vocab import padded_vocab_size
 from paratrain.mesh import AXES, MeshShape
 from paratrain.models.configs import ModelConfig
-from paratrain.plan.formulas import block_params_per_device
+from paratrain.plan.formulas import block_params_per_device, shape_args
 from paratrain.plan.topology import pipeline_shape
 from paratrain.text import format_grid
 
@@ -61,7 +61,7 @@ def _units(model: ModelConfig, layout: Layout, seq_len: int, pp_index: int) -> t
         blocks.append(len(layers))
         names.append(f"blocks {layers[0]}-{layers[-1]}" if len(layers) > 1 else f"block {layers[0]}")
         if model.num_layers + 1 in units:
-            names.append("final LayerNorm + head")
+            names.append(f"final {'RMSNorm' if model.family == 'llama' else 'LayerNorm'} + head")
     return tuple(names), blocks
 
 
@@ -70,8 +70,11 @@ def _params(model: ModelConfig, layout: Layout, first: bool, last: bool, num_blo
     t, h = layout.tp, model.hidden
     embed = padded_vocab_size(model.vocab_size, t) * h // t
     head_copy = (not model.tie_embeddings) or layout.pp > 1  # the last stage keeps its own W_e
-    own = (embed + model.max_seq_len * h if first else 0) + ((2 * h + (embed if head_copy else 0)) if last else 0)
-    return int(num_blocks * block_params_per_device(h, model.ffn_hidden, t) + own)
+    gpt = model.family == "gpt"  # Llama: rotary positions (no weights), an RMSNorm without bias
+    positions = model.max_seq_len * h if gpt else 0
+    final_norm = 2 * h if gpt else h
+    own = (embed + positions if first else 0) + ((final_norm + (embed if head_copy else 0)) if last else 0)
+    return int(num_blocks * block_params_per_device(h, model.ffn_hidden, t, **shape_args(model)) + own)
 
 
 def _tp_sends(model: ModelConfig, layout: Layout, b: int, s: int, blocks: int, first: bool, last: bool) -> list[Send]:
@@ -119,23 +122,53 @@ def rank_views(model: ModelConfig, layout: Layout, global_batch: int, seq_len: i
 
 
 def weight_slices(model: ModelConfig, tp: int, tp_index: int) -> list[tuple[str, str]]:
-    """Which slice of each weight tensor-parallel rank ``tp_index`` holds (the reference's
-    shapes, out x in as nn.Linear stores them)."""
+    """Which slice of each weight tensor-parallel rank ``tp_index`` holds, under the model's own
+    names and shapes: the built-in GPT's and Llama's ``nn.Linear`` (out x in), Hugging Face
+    GPT-2's ``Conv1D`` (in x out, so its column-parallel split takes columns)."""
     h, F, a, V = model.hidden, model.ffn_hidden, model.num_heads, padded_vocab_size(model.vocab_size, tp)
 
     def part(n: int) -> str:
         w = n // tp
         return f"[{tp_index * w}:{(tp_index + 1) * w}]"
 
-    heads = f"heads {tp_index * a // tp}-{(tp_index + 1) * a // tp - 1} of {a}"
+    def heads(n: int, of: str = "") -> str:
+        lo, hi = tp_index * n // tp, (tp_index + 1) * n // tp - 1
+        return f"{of}head {lo} of {n}" if lo == hi else f"{of}heads {lo}-{hi} of {n}"
+
+    vocab = (f"rows {part(V)} of ({V}, {h})" + (f" (vocabulary {model.vocab_size} padded)" if V != model.vocab_size
+                                                else ""))
+    tied = ", tied to the head" if model.tie_embeddings else ""
+    if model.family == "llama":
+        kv, d = model.num_kv_heads, model.head_dim
+        kv_rows = f"rows {part(kv * d)} ({heads(kv, 'key/value ')}) of ({kv * d}, {h}): column-parallel"
+        out = [("self_attn.q_proj.weight", f"rows {part(a * d)} ({heads(a)}) of ({a * d}, {h}): column-parallel"),
+               ("self_attn.k_proj.weight", kv_rows), ("self_attn.v_proj.weight", kv_rows),
+               ("self_attn.o_proj.weight", f"columns {part(a * d)} of ({h}, {a * d}): row-parallel, output "
+                                           "all-reduced"),
+               ("mlp.gate_proj.weight", f"rows {part(F)} of ({F}, {h}): column-parallel"),
+               ("mlp.up_proj.weight", f"rows {part(F)} of ({F}, {h}): column-parallel"),
+               ("mlp.down_proj.weight", f"columns {part(F)} of ({h}, {F}): row-parallel, output all-reduced"),
+               ("embed_tokens.weight", vocab + tied)]
+        if not model.tie_embeddings:
+            out.append(("lm_head.weight", vocab + ": column-parallel over the vocabulary"))
+        return out + [("replicated", "the RMSNorms (input_layernorm, post_attention_layernorm, norm); "
+                                     "rotary positions have no weights")]
+    if model.name == "hf-gpt2":  # transformers' GPT2LMHeadModel: Conv1D weights are (in, out)
+        return [
+            ("attn.c_attn.weight", f"columns {part(h)} of each of q, k, v ({heads(a)}) of ({h}, {3 * h}): "
+                                   "column-parallel"),
+            ("attn.c_proj.weight", f"rows {part(h)} of ({h}, {h}): row-parallel, output all-reduced"),
+            ("mlp.c_fc.weight", f"columns {part(F)} of ({h}, {F}): column-parallel"),
+            ("mlp.c_proj.weight", f"rows {part(F)} of ({F}, {h}): row-parallel, output all-reduced"),
+            ("wte.weight", vocab + tied),
+            ("replicated", "ln_1, ln_2, ln_f, row-parallel biases, wpe (positions)"),
+        ]
     return [
-        ("attn.qkv.weight", f"rows {part(h)} of each of q, k, v ({heads}) of ({3 * h}, {h}): column-parallel"),
+        ("attn.qkv.weight", f"rows {part(h)} of each of q, k, v ({heads(a)}) of ({3 * h}, {h}): column-parallel"),
         ("attn.proj.weight", f"columns {part(h)} of ({h}, {h}): row-parallel, output all-reduced"),
         ("mlp.fc1.weight", f"rows {part(F)} of ({F}, {h}): column-parallel"),
         ("mlp.fc2.weight", f"columns {part(F)} of ({h}, {F}): row-parallel, output all-reduced"),
-        ("wte.weight", f"rows {part(V)} of ({V}, {h})" + (f" (vocabulary {model.vocab_size} padded)"
-                                                          if V != model.vocab_size else "")
-         + (", tied to the head" if model.tie_embeddings else "")),
+        ("wte.weight", vocab + tied),
         ("replicated", "LayerNorms, row-parallel biases, wpe (positions)"),
     ]
 
@@ -167,7 +200,9 @@ def explain_text(model: ModelConfig, layout: Layout, global_batch: int, seq_len:
     lines += ["", f"weight slices of every block, per tp rank (tp = {layout.tp}):"]
     for t in range(layout.tp):
         lines.append(f"  tp rank {t}:")
-        lines += [f"    {name:<17} {what}" for name, what in weight_slices(model, layout.tp, t)]
+        slices = weight_slices(model, layout.tp, t)
+        width = max(len(name) for name, _ in slices) + 1
+        lines += [f"    {name:<{width}} {what}" for name, what in slices]
     lines += ["", "sends per step of rank 0 (payload as counted by paratrain.comm; wire: what this rank sends, "
               "ring algorithms):"]
     lines.append(format_grid(["group", "op", "calls", "payload", "wire"],

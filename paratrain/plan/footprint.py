@@ -87,11 +87,11 @@ class LayoutMemory:
         self.sp = sp = L.sequence_parallel
         self.shape = pipeline_shape(model, seq_len, p, self.v, options.stage_layers or L.stage_layers,
                                     L.stage_speeds, options.rank_speeds, placement_of(L.schedule) if p > 1 else LOOP)
-        self.block = f.block_params_per_device(h, F, t, **f.shape_args(model))
+        self.block = f.block_params_per_device(h, F, t, ep=L.ep, **f.shape_args(model))
         self.embed = V * h / t
         # the last stage keeps a copy of W_e, but not in ZB-V's V (rank 0 holds both ends)
         self.head_copy = (not model.tie_embeddings) or (p > 1 and L.schedule != "zb-v")
-        pieces = activation_pieces(model, s, L.cp, b, t, sp, L.recompute, e, options)
+        pieces = activation_pieces(model, s, L.cp, b, t, sp, L.recompute, e, options, saves_gathered(model, L, options))
         self.act_layer, self.emb_act, self.head_act, self.full_layer, self.w_layer, self.w_head = pieces
         self.out_act = (m if (L.schedule == "gpipe" and p > 1) else 1) * self.head_act
         self.rebuilt = self.full_layer if L.recompute == "full" else 0.0
@@ -169,19 +169,27 @@ class Pieces(NamedTuple):
     w_head: float
 
 
+def saves_gathered(model: ModelConfig, layout: Layout, options: CostOptions) -> bool:
+    """Whether sequence parallelism's linears keep their all-gathered input (``options``'s, else
+    as the runtime does: parallel.sp_regathers, core/traffic.py)."""
+    if options.sp_saves_gathered is not None:
+        return options.sp_saves_gathered
+    return model.family != "gpt" or (layout.pp > 1 and layout.schedule in ("zb-h1", "zb-v"))
+
+
 @lru_cache(maxsize=16384)
 def activation_pieces(model: ModelConfig, seq_len: int, cp: int, b: float, t: int, sp: bool, recompute: str,
-                      elem_bytes: int, options: CostOptions) -> Pieces:
+                      elem_bytes: int, options: CostOptions, gathered: bool) -> Pieces:
     """The :class:`Pieces` of a layout: they depend on these factors only (the search asks for
-    each many times)."""
+    each many times); ``gathered``: :func:`saves_gathered`."""
     h, F, a, e = model.hidden, model.ffn_hidden, model.num_heads, elem_bytes
     s_act, V = seq_len // cp, padded_vocab_size(model.vocab_size, t)  # the tokens a rank holds
     act = dict(t=t, sp=sp, elem_bytes=e, dropout=options.dropout,
-               store_scores=options.store_scores and cp == 1, sp_saves_gathered=options.sp_saves_gathered,
+               store_scores=options.store_scores and cp == 1, sp_saves_gathered=gathered,
                **f.shape_args(model))
     return Pieces(f.layer_activation_bytes(s_act, b, h, a, F, recompute=recompute, **act),
                   f.embedding_activation_bytes(s_act, b, h, t, sp, options.dropout),
-                  f.output_activation_bytes(s_act, b, h, V, t, sp, e, options.sp_saves_gathered),
+                  f.output_activation_bytes(s_act, b, h, V, t, sp, e, gathered),
                   f.layer_activation_bytes(s_act, b, h, a, F, recompute="none", **act),
                   f.w_deferred_layer_bytes(s_act, b, h, F, t, e), f.w_deferred_head_bytes(s_act, b, h, V, t, e))
 

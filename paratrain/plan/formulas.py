@@ -28,15 +28,39 @@ References:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from paratrain.core.state import ModelState
 from paratrain.models.configs import ModelConfig
 
 # ---------------------------------------------------------------------------------- parameters
 
 
-def shape_args(model: ModelConfig) -> dict[str, int | bool]:
-    """The keywords (``kv``, ``gated``) the block formulas below take for ``model``'s family."""
-    return {"kv": model.num_kv_heads * model.head_dim, "gated": model.family == "llama"}
+@dataclass(frozen=True)
+class MoEShape:
+    """A mixture of experts in the block formulas (docs/expert.md), averaged over the blocks: a
+    fraction ``share`` of them hold ``experts`` MLPs and a router (h x E), a token runs ``top_k``.
+    The formulas price the experts' matmuls split over tp like the dense MLP's (Megatron's expert
+    tensor parallelism; paratrain's runtime keeps experts whole on every tp rank instead)."""
+
+    experts: int
+    top_k: int
+    share: float
+
+    def active(self) -> float:
+        """MLPs one token runs per block, on average over the blocks."""
+        return 1 + self.share * (self.top_k - 1)
+
+    def held(self, ep: int) -> float:
+        """MLPs one device holds per block, on average, with the experts sharded ``ep`` ways."""
+        return 1 + self.share * (self.experts / ep - 1)
+
+
+def shape_args(model: ModelConfig) -> dict[str, int | bool | MoEShape | None]:
+    """The keywords (``kv``, ``gated``, ``moe``) the block formulas below take for ``model``."""
+    moe = MoEShape(model.num_experts, model.top_k, model.num_moe_blocks / model.num_layers) \
+        if model.num_experts else None
+    return {"kv": model.num_kv_heads * model.head_dim, "gated": model.family == "llama", "moe": moe}
 
 
 def narayanan_param_count(l: int, h: int, V: int, s: int) -> float:
@@ -47,7 +71,8 @@ def narayanan_param_count(l: int, h: int, V: int, s: int) -> float:
     return 12 * l * h * h * (1 + 13 / (12 * h) + (V + s) / (12 * l * h))
 
 
-def block_params_per_device(h: int, F: int, t: int, kv: int | None = None, gated: bool = False) -> float:
+def block_params_per_device(h: int, F: int, t: int, kv: int | None = None, gated: bool = False,
+                            moe: MoEShape | None = None, ep: int = 1) -> float:
     """Parameters of one transformer block on one tensor-parallel rank (Megatron sharding).
 
     Column-parallel qkv (3h^2 + 3h) and fc1 (hF + F) and the row-parallel weights proj (h^2)
@@ -57,17 +82,25 @@ def block_params_per_device(h: int, F: int, t: int, kv: int | None = None, gated
 
     ``gated`` (Llama, no biases): q and o (h^2 each), k and v (h k each), gate, up and down
     (hF each) split t ways, the two RMSNorm weights (2h) replicated:
-    (2h^2 + 2hk + 3hF) / t + 2h."""
+    (2h^2 + 2hk + 3hF) / t + 2h.
+
+    ``moe``: the MLP's share ((2hF + F) / t + h, or 3hF / t) times the MLPs a device holds
+    (``moe.held(ep)``), plus the router (h E per MoE block, replicated over tp)."""
     if gated:
         k = h if kv is None else kv
-        return (2 * h * h + 2 * h * k + 3 * h * F) / t + 2 * h
-    return (4 * h * h + 2 * h * F + 3 * h + F) / t + 6 * h
+        rest, mlp = (2 * h * h + 2 * h * k) / t + 2 * h, 3 * h * F / t
+    else:
+        rest, mlp = (4 * h * h + 3 * h) / t + 5 * h, (2 * h * F + F) / t + h
+    if moe is None:
+        return rest + mlp
+    return rest + mlp * moe.held(ep) + moe.share * h * moe.experts
 
 
 # ---------------------------------------------------------------------------------- FLOPs
 
 
-def layer_forward_flops(b: int, s: int, h: int, F: int, kv: int | None = None, gated: bool = False) -> float:
+def layer_forward_flops(b: int, s: int, h: int, F: int, kv: int | None = None, gated: bool = False,
+                        moe: MoEShape | None = None) -> float:
     """Forward FLOPs of one block for b sequences ([N21] sec. 5.1, generalised to any F).
 
     Matmuls cost 2 FLOPs per multiply-add: qkv 2bs*3h^2, scores QK^T 2bs^2h, attention over V
@@ -76,9 +109,13 @@ def layer_forward_flops(b: int, s: int, h: int, F: int, kv: int | None = None, g
 
     Grouped-query attention: k and v project to the k-wide kv heads (2bs*2hk instead of 2bs*2h^2;
     the scores still cover all a query heads); SwiGLU (``gated``): three MLP matmuls, 2bs*3hF:
-    2bs(2h^2 + 2hk + 3hF) + 4bs^2h."""
+    2bs(2h^2 + 2hk + 3hF) + 4bs^2h.
+
+    ``moe``: the MLP term times the MLPs a token runs (``moe.active()``), plus the router's 2bs hE
+    per MoE block (the routing itself, a softmax and a sort of E values per token, is left out)."""
     k = h if kv is None else kv
-    return 2 * b * s * (2 * h * h + 2 * h * k + (3 if gated else 2) * h * F) + 4 * b * s * s * h
+    mlps, router = (1.0, 0.0) if moe is None else (moe.active(), moe.share * h * moe.experts)
+    return 2 * b * s * (2 * h * h + 2 * h * k + (3 if gated else 2) * h * F * mlps + router) + 4 * b * s * s * h
 
 
 def attention_core_forward_flops(b: int, s: int, h: int) -> float:
@@ -92,13 +129,13 @@ def head_forward_flops(b: int, s: int, h: int, V: int) -> float:
 
 
 def recompute_forward_flops(recompute: str, b: int, s: int, h: int, F: int, kv: int | None = None,
-                            gated: bool = False) -> float:
+                            gated: bool = False, moe: MoEShape | None = None) -> float:
     """Extra forward FLOPs per block that recomputation adds to the backward pass.
 
     none: 0; selective: the attention core, 4bs^2h ([K22] sec. 5); full: the whole forward of the
     block ([N21] sec. 5.1: "an extra forward pass")."""
     if recompute == "full":
-        return layer_forward_flops(b, s, h, F, kv, gated)
+        return layer_forward_flops(b, s, h, F, kv, gated, moe)
     if recompute == "selective":
         return attention_core_forward_flops(b, s, h)
     return 0.0
@@ -179,7 +216,7 @@ def host_state_bytes(psi: float, zero: int, dp: int, precision: str, offload: bo
 def layer_activation_bytes(s: int, b: float, h: int, a: int, F: int, t: int = 1, sp: bool = False,
                            recompute: str = "none", elem_bytes: int = 2, dropout: bool = True,
                            store_scores: bool = True, sp_saves_gathered: bool = False,
-                           kv: int | None = None, gated: bool = False) -> float:
+                           kv: int | None = None, gated: bool = False, moe: MoEShape | None = None) -> float:
     """Activations one block stores for its backward pass, per micro-batch, on one device.
 
     [K22] sec. 4.1, Table 2, for 16-bit activations (e = 2) with dropout masks of 1 byte:
@@ -204,23 +241,29 @@ def layer_activation_bytes(s: int, b: float, h: int, a: int, F: int, t: int = 1,
     ways; selective recomputation replays the kernel, so that is not kept then.
 
     ``sp_saves_gathered``: under sequence parallelism the qkv and fc1 linears save their
-    all-gathered (b, s, h) input, as paratrain's runtime does, instead of the (b, s/t, h) shard
-    that Megatron re-gathers in backward ([K22] sec. 4.2.2 counts the shard): those 2sbh
-    elements are then not divided by t.
+    all-gathered (b, s, h) input instead of the (b, s/t, h) shard that Megatron (and paratrain's
+    runtime, ``tp_ops.GatheredLinearSP``) re-gathers in backward ([K22] sec. 4.2.2 counts the
+    shard): those 2sbh elements are then not divided by t. The runtime does so under zero-bubble
+    schedules and in ``tp_input`` regions (see ``CostOptions.sp_saves_gathered``).
 
     Grouped-query attention (``kv`` = k): K and V are (b, s, k), so Q, K, V and the proj input
     are 2sbh + 2sbk elements. SwiGLU (``gated``): the gate output (SiLU's input), SiLU's output
     and the up output (the product's inputs) and the product (down's input): 4sbF instead of
     GELU's 2sbF.
+
+    A mixture of experts (``moe``): each token's row enters ``moe.active()`` MLPs per block on
+    average, so the fc1 input and the MLP's inner activations count that many times (the router's
+    (b, s, E) probabilities are left out: E << h).
     """
     k = h if kv is None else kv
     if recompute == "full":
         return elem_bytes * s * b * h / (t if sp else 1)
+    mlps = 1.0 if moe is None else moe.active()
     mask = 1 if dropout else 0
     e = elem_bytes
     replicated = e * 2 * s * b * h + mask * 2 * s * b * h  # LayerNorm inputs, residual dropout masks
-    linear_inputs = e * 2 * s * b * h  # qkv and fc1 inputs
-    split = e * (2 * s * b * h + 2 * s * b * k + (4 if gated else 2) * s * b * F)
+    linear_inputs = e * (1 + mlps) * s * b * h  # qkv and fc1 inputs
+    split = e * (2 * s * b * h + 2 * s * b * k + (4 if gated else 2) * s * b * F * mlps)
     if recompute != "selective":
         if store_scores:
             split += (2 * e + mask) * a * s * s * b

@@ -36,9 +36,9 @@ def local_hardware(nproc: int, profile: str | Path | None = None) -> tuple[Hardw
 
 def runtime_options(cfg: TrainConfig) -> CostOptions:
     """Cost options that describe how ``paratrain train`` runs ``cfg``: dropout masks only when
-    dropout > 0; PyTorch's fused attention; SP saving all-gathered inputs; its bucket size and
-    overlap setting."""
-    return CostOptions(dropout=cfg.dropout > 0, store_scores=False, sp_saves_gathered=True,
+    dropout > 0; PyTorch's fused attention; SP saving input slices (re-gathered in backward); its
+    bucket size and overlap setting."""
+    return CostOptions(dropout=cfg.dropout > 0, store_scores=False, sp_saves_gathered=None,
                        bucket_bytes=cfg.bucket_mb * 2**20, overlap_dp=cfg.overlap,
                        grad_bytes=4 if cfg.grad_dtype == "fp32" else None,
                        offload_optimizer=cfg.offload_optimizer)
@@ -98,7 +98,7 @@ def auto_layout(cfg: TrainConfig, nproc: int, hw: Hardware, source: str, fixed: 
 
     model = cfg.model_config()
     result = search(model, nproc, hw, cfg.global_batch, cfg.seq_len, cfg.precision, runtime_options(cfg),
-                    fixed=fixed, keep=runtime_implements, top=shortlist)
+                    fixed=fixed, keep=lambda lay: runtime_implements(lay, model), top=shortlist)
     if not result.ranked:
         from paratrain.errors import ConfigError
 

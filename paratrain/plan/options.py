@@ -19,7 +19,10 @@ class CostOptions:
     store_scores: the attention stores its s x s scores (eager attention, [K22]); False (the
         default): a fused kernel, as PyTorch's scaled_dot_product_attention that paratrain runs.
     sp_saves_gathered: under sequence parallelism the qkv/fc1/head linears save their all-gathered
-        input (paratrain's runtime); False: the shard, re-gathered in backward (Megatron, [K22]).
+        input (True) or only the shard, re-gathered in backward (False: Megatron, [K22]). None (the
+        default): as paratrain's runtime does, the shard, except under zero-bubble schedules (W
+        keeps the whole input) and for Llama-family models (their ``tp_input`` regions gather once
+        for several linears and keep it).
     stage_layers: layers per pipeline chunk (pp * virtual_stages entries); None = the layout's, or
         the runtime's cost-balanced partition.
     bubble_fraction: idle fraction of the pipeline taken from a simulated schedule, None = analytic.
@@ -41,7 +44,7 @@ class CostOptions:
     memory_headroom: float = 0.10
     dropout: bool = True
     store_scores: bool = False
-    sp_saves_gathered: bool = True
+    sp_saves_gathered: bool | None = None
     stage_layers: tuple[int, ...] | None = None
     bubble_fraction: float | None = None
     bucket_bytes: float = 25 * 2**20

@@ -43,6 +43,7 @@ from paratrain.plan.footprint import (
     activation_pieces,
     chunks_per_rank,
     rank_params,
+    saves_gathered,
     stash_bytes,
     stash_of,
 )
@@ -105,19 +106,20 @@ class MemoryScreen:
         shape = pipeline_shape(model, self.seq_len, p, v, self.options.stage_layers or layout.stage_layers,
                                layout.stage_speeds, self.options.rank_speeds,
                                placement_of(layout.schedule) if p > 1 else LOOP)
-        block = f.block_params_per_device(model.hidden, model.ffn_hidden, t, **f.shape_args(model))
+        block = f.block_params_per_device(model.hidden, model.ffn_hidden, t, ep=layout.ep, **f.shape_args(model))
         embed = padded_vocab_size(model.vocab_size, t) * model.hidden / t
         head_copy = (not model.tie_embeddings) or (p > 1 and layout.schedule != "zb-v")  # as LayoutMemory's
         params = tuple(rank_params(model, shape, i, block, embed, head_copy) for i, _ in shape.groups)
         static = self._statics[key] = _Statics(shape, params, max(block, embed))
         return static
 
-    def _setup(self, layout: Layout) -> tuple[tuple[tuple[float, ...], ...], tuple[Stash, ...], float, int]:
+    def _setup(self, layout: Layout) -> tuple[tuple[tuple[float, ...], ...], tuple[Stash, ...], float, int, bool]:
         """What a block's layouts share: model states + buffers by group and ZeRO stage, the
-        groups' stash counts, the micro-batch size, GPipe's factor on the head's activations."""
+        groups' stash counts, the micro-batch size, GPipe's factor on the head's activations,
+        whether sequence parallelism keeps the gathered inputs."""
         p, t, schedule, m = layout.pp, layout.tp, layout.schedule, layout.microbatches
         v = chunks_per_rank(layout)
-        key = (t, p, v, schedule if p > 1 else "", layout.stage_layers, layout.stage_speeds)
+        key = (t, p, v, schedule if p > 1 else "", layout.stage_layers, layout.stage_speeds, layout.ep)
         static = self._statics.get(key) or self._static(key, layout, v)
         r = layout.dp * layout.cp  # ZeRO shards over the dp x cp ranks
         states = self._states.get((key, r))
@@ -132,23 +134,25 @@ class MemoryScreen:
                                                     for i, _ in static.shape.groups)
         o = self.options
         b = (o.local_batch if o.local_batch is not None else self.global_batch / layout.dp) / m
-        return states, stashes, b, (m if (schedule == "gpipe" and p > 1) else 1)
+        return states, stashes, b, (m if (schedule == "gpipe" and p > 1) else 1), \
+            saves_gathered(self.model, layout, self.options)
 
-    def _pieces_of(self, c: Layout, b: float) -> tuple[float, ...]:
-        key = (c.cp, b, c.tp, c.sequence_parallel, c.recompute)
+    def _pieces_of(self, c: Layout, b: float, gathered: bool) -> tuple[float, ...]:
+        key = (c.cp, b, c.tp, c.sequence_parallel, c.recompute, gathered)
         pieces = self._pieces.get(key)
         if pieces is None:
             pieces = self._pieces[key] = activation_pieces(self.model, self.seq_len, c.cp, b, c.tp,
-                                                           c.sequence_parallel, c.recompute, self.e, self.options)
+                                                           c.sequence_parallel, c.recompute, self.e, self.options,
+                                                           gathered)
         return pieces
 
     def upper(self, block: tuple[Layout, ...]) -> tuple[float, ...]:
         """At each of ``zeros``, a bound no layout of ``block`` exceeds: the peak with every
         activation piece at its largest over the block (the sums and products of non-negative
         pieces are monotone, in floats too). A block under the capacity fits whole."""
-        states, stashes, b, gpipe = self._setup(block[0])
-        act, emb, head, full, w_layer, w_head = map(max, *(self._pieces_of(c, b) for c in block)) \
-            if len(block) > 1 else self._pieces_of(block[0], b)
+        states, stashes, b, gpipe, gathered = self._setup(block[0])
+        act, emb, head, full, w_layer, w_head = map(max, *(self._pieces_of(c, b, gathered) for c in block)) \
+            if len(block) > 1 else self._pieces_of(block[0], b, gathered)
         rebuilt = full if any(c.recompute == "full" for c in block) else 0.0
         return self._row(states, stashes, act, emb, gpipe * head, w_layer, w_head, rebuilt)
 
@@ -165,10 +169,10 @@ class MemoryScreen:
     def peaks(self, block: tuple[Layout, ...]) -> list[tuple[float, ...]]:
         """The peak bytes of the most loaded device of each layout of ``block`` (candidates that
         differ only in sp and recomputation) at each of ``zeros``."""
-        states, stashes, b, gpipe = self._setup(block[0])
+        states, stashes, b, gpipe, gathered = self._setup(block[0])
         out = []
         for c in block:
-            act, emb, head, full, w_layer, w_head = self._pieces_of(c, b)
+            act, emb, head, full, w_layer, w_head = self._pieces_of(c, b, gathered)
             out.append(self._row(states, stashes, act, emb, gpipe * head, w_layer, w_head,
                                  full if c.recompute == "full" else 0.0))
         return out
@@ -200,7 +204,7 @@ def bounded(blocks: Sequence[Block], model: ModelConfig, hw: Hardware, global_ba
     fitting = index = 0
     for valid, block_zeros in blocks:
         first = valid[0]  # a block's candidates share the family's fields (search._blocks)
-        fam_key = (first.dp, first.pp, first.tp, first.cp, first.schedule, first.virtual_stages)
+        fam_key = (first.dp, first.pp, first.tp, first.cp, first.ep, first.schedule, first.virtual_stages)
         family = families.get(fam_key) or families.setdefault(fam_key, _Family(first))
         family.zeros.update(block_zeros)
         family.sps.update(c.sequence_parallel for c in valid)

@@ -127,7 +127,8 @@ def _blocks(model: ModelConfig, num_devices: int, global_batch: int, seq_len: in
             for m in pick("microbatches", divisors(global_batch // dp)):
                 for schedule, v in schedules:
                     shared = dict(dp=dp, pp=pp, tp=tp, cp=cp, microbatches=m, schedule=schedule, virtual_stages=v,
-                                  stage_layers=stage_layers, stage_speeds=stage_speeds)
+                                  stage_layers=stage_layers, stage_speeds=stage_speeds,
+                                  ep=fixed.get("ep", 1))  # not searched yet: given or 1 (docs/expert.md)
                     one = Layout(**shared, zero=zeros[0], recompute=recomputes[0], sequence_parallel=sps[0])
                     valid = tuple(c for r in recomputes for sp in sps
                                   if _valid(c := variant(one, recompute=r, sequence_parallel=sp), model, global_batch,

@@ -66,3 +66,5 @@ def test_without_out_the_run_gets_a_fresh_folder_under_runs(tmp_path, monkeypatc
     first.mkdir(parents=True)
     second = _default_out(TrainConfig(layout=Layout(cp=2)))
     assert second != first and not second.exists()  # "-2" within the same second, else a later time
+    # a Hugging Face run is named after its model, not after the --model default it does not use
+    assert _default_out(TrainConfig(hf="llama", layout=Layout(tp=2))).name.endswith("-hf-llama-dp1pp1tp2")

@@ -24,7 +24,7 @@ pytest.importorskip("transformers")
 
 from paratrain.config import Layout, TrainConfig  # noqa: E402
 from paratrain.reference import reference_train  # noqa: E402
-from tests.common import BASE, assert_matches_reference  # noqa: E402
+from tests.common import BASE, assert_matches_reference, bf16_failures  # noqa: E402
 from tests.harness import run_ranks  # noqa: E402
 
 # 4 blocks (the interleaved schedule needs pp x 2 of them), width 32, seq 16, byte tokens. GPT-2's vocabulary
@@ -44,7 +44,9 @@ LAYOUTS: dict[int, list[tuple[str, Layout]]] = {
         ("dp4-zero3-accum2", Layout(dp=4, zero=3, microbatches=2)),
         ("pp2-dp2-gpipe", Layout(pp=2, dp=2, schedule="gpipe", **PP)),
         ("pp2-tp2-sp-1f1b", Layout(pp=2, tp=2, schedule="1f1b", sequence_parallel=True, **PP)),
-        ("pp2-dp2-interleaved-zero2", Layout(pp=2, dp=2, schedule="interleaved", virtual_stages=2, zero=2, **PP))],
+        ("pp2-dp2-interleaved-zero2", Layout(pp=2, dp=2, schedule="interleaved", virtual_stages=2, zero=2, **PP)),
+        # full recomputation: every block replayed in backward, its tp collectives and ZeRO-3 gathers too
+        ("dp2-tp2-sp-zero3-recompute", Layout(dp=2, tp=2, sequence_parallel=True, zero=3, recompute="full"))],
     8: [("dp2-pp2-tp2-sp", Layout(dp=2, pp=2, tp=2, sequence_parallel=True, **PP))],
 }
 
@@ -68,9 +70,30 @@ def reference(kind: str):
     return reference_train(CFG[kind])
 
 
+# --precision bf16 (bf16 weights, fp32 masters): in the same launch, compared with the bf16
+# reference (tests/common.py's BF16_* tolerances, measured on our GPT; the same arithmetic). Width
+# 128 as our `tiny`: the parameter check counts the *fraction* of a tensor's elements off by more
+# than a bf16 ulp + 0.5 lr (2%); at width 32 one noisy element of a bias is already 3.1%.
+BF16_SHAPES = {"gpt2": {"n_layer": 2, "n_embd": 128}, "llama": {"num_hidden_layers": 2, "hidden_size": 128,
+                                                                "intermediate_size": 256}}
+BF16 = {4: [("bf16-dp2-tp2-sp-zero1", Layout(dp=2, tp=2, sequence_parallel=True, zero=1)),
+            ("bf16-pp2-dp2-1f1b-fp32grad", Layout(pp=2, dp=2, schedule="1f1b", **PP))]}
+BF16_CHANGES = {"bf16-pp2-dp2-1f1b-fp32grad": dict(grad_dtype="fp32")}
+
+
+def bf16_base(kind: str) -> TrainConfig:
+    cfg = CFG[kind]
+    return cfg.replace(precision="bf16", hf_config=json.dumps({**json.loads(cfg.hf_config), **BF16_SHAPES[kind]}))
+
+
+def bf16_cfg(kind: str, name: str, layout: Layout) -> TrainConfig:
+    return bf16_base(kind).replace(layout=layout, **BF16_CHANGES.get(name, {}))
+
+
 @functools.cache
 def run(world: int) -> list[list[dict]]:
     cfgs = [CFG[kind].replace(layout=layout) for kind in CFG for _, layout in LAYOUTS[world]]
+    cfgs += [bf16_cfg(kind, name, layout) for kind in CFG for name, layout in BF16.get(world, [])]
     return run_ranks(world, layouts_fn, cfgs, timeout=240)
 
 
@@ -86,3 +109,23 @@ def test_hf_layouts_match_the_hf_model(world):
         for rank, per_rank in enumerate(results):
             assert_matches_reference(per_rank[i], ref, cfg, state=None, who=f"{who} rank {rank}")
         assert_matches_reference(results[0][i], ref, cfg, state="full_state", who=f"{who} gathered state")
+
+
+@functools.cache
+def bf16_reference(kind: str):
+    return reference_train(bf16_base(kind))
+
+
+# Not marked `equivalence` (the bf16 reference is bit-identical under both kernel sets: see
+# tests/distributed/test_precision.py); it reads the results of the same launch as the test above.
+def test_hf_bf16_matches_the_bf16_hf_model():
+    results = run(4)
+    first = sum(len(LAYOUTS[4]) for _ in CFG)
+    names = [(kind, name, layout) for kind in CFG for name, layout in BF16[4]]
+    failures = []
+    for i, (kind, name, layout) in enumerate(names):
+        res = results[0][first + i]
+        assert {v.dtype for v in res["full_state"].values()} == {torch.bfloat16}, name
+        cfg = bf16_cfg(kind, name, layout)
+        failures += [f"{kind} {name}: {f}" for f in bf16_failures(res, bf16_reference(kind), cfg)]
+    assert not failures, "; ".join(failures)

@@ -64,3 +64,44 @@ def test_draws_a_png_and_rejects_a_bad_layout(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "tp" in err and "Traceback" not in err
     assert "rank = (pp * dp + dp_index)" in explain_text(TINY, Layout(), 8, 32)
+
+
+LLAMA = ('{"num_hidden_layers": 4, "hidden_size": 64, "num_attention_heads": 8, "num_key_value_heads": 2, '
+         '"intermediate_size": 128, "vocab_size": 256, "max_position_embeddings": 64}')
+GPT2 = '{"n_layer": 4, "n_embd": 128, "n_head": 4, "vocab_size": 256, "n_positions": 256}'
+
+
+def test_hf_configs_are_explained_with_their_own_names_and_counts(tmp_path, capsys):
+    from paratrain.models.configs import hf_shape
+
+    cfg = tmp_path / "llama.json"
+    cfg.write_text(LLAMA)
+    assert main(["explain", "--tp", "2", "--pp", "2", "--hf", "llama", "--hf-config", str(cfg),
+                 "--global-batch", "8", "--seq-len", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "hf-llama [dp=1 pp=2 tp=2" in out and "blocks 2-3, final RMSNorm + head" in out
+    # grouped-query attention: 8 query heads and 2 kv heads, each split over tp = 2
+    assert "self_attn.q_proj.weight  rows [32:64] (heads 4-7 of 8) of (64, 64)" in out
+    assert "self_attn.k_proj.weight  rows [8:16] (key/value head 1 of 2) of (16, 64)" in out
+    assert "mlp.gate_proj.weight     rows [64:128] of (128, 64)" in out  # SwiGLU: gate and up column,
+    assert "mlp.down_proj.weight     columns [64:128] of (64, 128): row-parallel" in out  # down row
+    llama = hf_shape("llama", __import__("json").loads(LLAMA))
+    assert rank_views(llama, Layout(), 8, 64)[0].params == param_count(llama)  # one rank: the whole model
+    # GPT-2 (family from its fields): Conv1D weights are (in, out), so the column split takes columns
+    assert main(["explain", "--tp", "2", "--hf-config", GPT2]) == 0
+    out = capsys.readouterr().out
+    assert "attn.c_attn.weight  columns [64:128] of each of q, k, v (heads 2-3 of 4) of (128, 384)" in out
+    gpt2 = hf_shape("gpt2", __import__("json").loads(GPT2))
+    assert rank_views(gpt2, Layout(), 8, 64)[0].params == param_count(gpt2) == param_count(TINY)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--tp", "4", "--hf", "llama", "--hf-config", LLAMA], "key/value heads"),
+    (["--hf", "llama"], "--hf llama needs --hf-config"),
+    (["--hf", "gpt2", "--hf-config", LLAMA.replace("{", '{"model_type": "llama", ')], "model_type 'llama'"),
+    (["--model", "tiny", "--hf-config", GPT2], "either --model or --hf"),
+])
+def test_bad_hf_explain_is_exit_2(argv, message, capsys):
+    assert main(["explain", *argv]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert message in err and "Traceback" not in err

@@ -191,9 +191,9 @@ def test_core_and_planner_load_without_torch() -> None:
 
 
 def test_planning_commands_never_import_torch() -> None:
-    """The five planning commands, one after the other in a fresh interpreter, as a user runs
-    them; then no torch (nor numpy) in ``sys.modules``. ``schedule`` without ``--out``: drawing
-    the PNG loads matplotlib, and with it numpy."""
+    """The five planning commands (explain also with a Hugging Face config), one after the other
+    in a fresh interpreter, as a user runs them; then no torch (nor numpy) in ``sys.modules``.
+    ``schedule`` without ``--out``: drawing the PNG loads matplotlib, and with it numpy."""
     commands = [
         ["estimate", "--model", "gpt2-350m", "--dp", "2", "--pp", "2", "--tp", "2", "--microbatches", "4",
          "--global-batch", "16"],
@@ -201,6 +201,8 @@ def test_planning_commands_never_import_torch() -> None:
         ["simulate", "--model", "gpt2-350m", "--dp", "2", "--pp", "2", "--microbatches", "4", "--global-batch", "16"],
         ["schedule", "--pp", "4", "--microbatches", "8", "--schedule", "interleaved", "--virtual-stages", "2"],
         ["explain", "--dp", "2", "--tp", "2", "--pp", "2", "--model", "tiny"],
+        ["explain", "--tp", "2", "--hf", "llama", "--hf-config", '{"num_hidden_layers": 2, "hidden_size": 64, '
+         '"num_attention_heads": 8, "num_key_value_heads": 2, "intermediate_size": 128}'],
     ]
     code = (
         "import contextlib, io, sys\n"

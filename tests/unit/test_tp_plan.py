@@ -68,8 +68,11 @@ def test_gpt2_fused_qkv_splits_by_heads():
 
 def test_parallelize_asks_for_the_plans_a_layout_needs():
     mesh = Mesh.build(MeshShape(1, 1, 1), 0)
-    with pytest.raises(ValueError, match="recompute='full' is implemented for the built-in GPT only, not Tiny"):
+    with pytest.raises(ValueError, match=r"recompute='full' replays each block of Tiny in backward: it needs the "
+                                         r"stage spec"):
         parallelize(Tiny(), mesh, Layout(recompute="full"))
+    with pytest.raises(ValueError, match="replays the built-in GPT's attention core only; for Tiny valid: 'full'"):
+        parallelize(Tiny(), mesh, Layout(recompute="selective"))
 
 
 @pytest.mark.parametrize("kind,fields", [("gpt2", GPT2), ("llama", LLAMA)])

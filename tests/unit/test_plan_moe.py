@@ -1,0 +1,64 @@
+"""The planner's mixture-of-experts shapes (plan/formulas.py MoEShape, core/traffic.ep_comm_per_step):
+pure, no torch."""
+
+from __future__ import annotations
+
+import pytest
+
+from paratrain.config import Layout
+from paratrain.core.ring import wire_bytes
+from paratrain.core.traffic import ep_comm_per_step
+from paratrain.models.configs import active_param_count, get_model_config, mlp_param_count, param_count
+from paratrain.plan import formulas as f
+
+
+@pytest.mark.parametrize("name", ["tiny-moe", "small-moe", "mixtral-8x7b"])
+def test_block_formula_counts_every_expert_and_the_router(name):
+    m = get_model_config(name)
+    block = f.block_params_per_device(m.hidden, m.ffn_hidden, 1, **f.shape_args(m))
+    dense = param_count(m.replace(num_experts=0))
+    assert dense + m.num_layers * (block - f.block_params_per_device(m.hidden, m.ffn_hidden, 1, **f.shape_args(
+        m.replace(num_experts=0)))) == param_count(m)
+    # ep shards the experts: each device holds E / ep of them, the router and the rest whole
+    sharded = f.block_params_per_device(m.hidden, m.ffn_hidden, 1, ep=m.num_experts, **f.shape_args(m))
+    assert block - sharded == pytest.approx((m.num_experts - 1) * mlp_param_count(m))
+
+
+def test_mixtral_flops_follow_the_active_parameters():
+    """Mixtral's model FLOPs per step are about 6 x active parameters x tokens (12.9B, not 46.7B),
+    the rest the attention scores (4bs^2h per block) and the 2x MLP of top-2."""
+    m = get_model_config("mixtral-8x7b")
+    tokens = 8 * 4096
+    ratio = f.step_flops(m, 8, 4096) / f.six_p_tokens(active_param_count(m), tokens)
+    assert 1.0 < ratio < 1.2, ratio
+    dense_one_mlp = f.step_flops(m.replace(num_experts=0), 8, 4096)
+    assert f.step_flops(m, 8, 4096) > 1.5 * dense_one_mlp
+
+
+def test_estimate_params_per_device_fall_with_ep():
+    from paratrain.plan.cost import estimate
+    from paratrain.plan.hardware import get_hardware
+
+    m, hw = get_model_config("mixtral-8x7b"), get_hardware("H100-80GB")
+    peaks = [estimate(m, Layout(dp=8, tp=8, pp=4, ep=ep), hw, 64, 4096, "bf16").params_per_device
+             for ep in (1, 2, 8)]
+    assert peaks[0] > peaks[1] > peaks[2] and peaks[2] < peaks[0] / 5, peaks
+
+
+def test_ep_traffic_formula():
+    m = get_model_config("tiny-moe")
+    t = ep_comm_per_step(m, 2, 4, 32, microbatches=2)
+    rows = 2 * 4 * 32 * 2  # top-2, 4 sequences of 32 tokens, 2 MoE blocks: dropless
+    assert t["ep_dispatch"] == (4, rows * 64 * 4) == t["ep_combine_grad"]
+    assert t["ep_counts"] == (4, 4 * 4 * 8)
+    assert ep_comm_per_step(m, 1, 4, 32) == {} == ep_comm_per_step(get_model_config("tiny"), 2, 4, 32)
+    assert wire_bytes("all_to_all", 4, 1000) == 750
+
+
+def test_search_keeps_a_given_ep():
+    """ep is not searched yet: a given --ep is pinned on every candidate (and dp must be a multiple)."""
+    from paratrain.plan.search import enumerate_layouts
+
+    layouts = list(enumerate_layouts(get_model_config("tiny-moe"), 8, 16, 32, 8, {"ep": 2}))
+    assert layouts and all(lay.ep == 2 and lay.dp % 2 == 0 for lay in layouts)
+    assert all(lay.ep == 1 for lay in enumerate_layouts(get_model_config("tiny-moe"), 4, 16, 32, 8, {}))
