@@ -50,8 +50,6 @@ from paratrain.plan.topology import axis_spans_nodes, pipeline_shape  # noqa: F4
 OPTIMIZER_BYTES_PER_PARAM = 28
 
 
-
-
 class ChunkCost(NamedTuple):
     """One model chunk (a pipeline stage) per micro-batch: compute and tensor-parallel seconds of
     its forward and backward, and its parameters on one device."""
@@ -181,6 +179,7 @@ class _Layout(LayoutMemory):
         self.ew_head = hw.elementwise_s_per_byte * self.head_act
         self.pipe_bound: float | None = None  # step_time_lower_bound's pipeline part
         self.max_params = 0.0  # and the largest rank's parameters
+        self.max_units = 0  # and ZeRO-3 units
 
     # The links and payloads below are computed when first asked: the search bounds most layouts
     # without them (step_time_lower_bound needs only tp_link, and only with tp > 1).

@@ -38,7 +38,7 @@ from paratrain.core.state import ModelState
 from paratrain.core.vocab import padded_vocab_size
 from paratrain.models.configs import ModelConfig
 from paratrain.plan import formulas as f
-from paratrain.plan.topology import pipeline_shape, stash_states
+from paratrain.plan.topology import PipelineShape, pipeline_shape, stash_states
 
 if TYPE_CHECKING:
     from paratrain.plan.cost import CostOptions
@@ -76,8 +76,7 @@ class LayoutMemory:
         self.cp = L.cp
         self.r = n * L.cp  # ranks that average (ZeRO: shard) the gradients: dp x cp
         self.v = chunks_per_rank(L)
-        s, h, F, a = seq_len, model.hidden, model.ffn_hidden, model.num_heads
-        s_act = s // L.cp  # the tokens a rank holds
+        s, h, F = seq_len, model.hidden, model.ffn_hidden
         self.s, self.h = s, h
         self.V = V = padded_vocab_size(model.vocab_size, t)  # rows of the embedding / LM head over all tp ranks
         self.b = b = (options.local_batch if options.local_batch is not None else global_batch / n) / m
@@ -92,19 +91,9 @@ class LayoutMemory:
         self.embed = V * h / t
         # the last stage keeps a copy of W_e, but not in ZB-V's V (rank 0 holds both ends)
         self.head_copy = (not model.tie_embeddings) or (p > 1 and L.schedule != "zb-v")
-        gathered = options.sp_saves_gathered
-        if gathered is None:  # as the runtime does: parallel.sp_regathers, core/traffic.py
-            gathered = model.family != "gpt" or (p > 1 and L.schedule in ("zb-h1", "zb-v"))
-        act = dict(t=t, sp=sp, elem_bytes=e, dropout=options.dropout,
-                   store_scores=options.store_scores and L.cp == 1, sp_saves_gathered=gathered,
-                   **f.shape_args(model))
-        self.act_layer = f.layer_activation_bytes(s_act, b, h, a, F, recompute=L.recompute, **act)
-        self.emb_act = f.embedding_activation_bytes(s_act, b, h, t, sp, options.dropout)
-        self.head_act = f.output_activation_bytes(s_act, b, h, V, t, sp, e, gathered)
+        pieces = activation_pieces(model, s, L.cp, b, t, sp, L.recompute, e, options, saves_gathered(model, L, options))
+        self.act_layer, self.emb_act, self.head_act, self.full_layer, self.w_layer, self.w_head = pieces
         self.out_act = (m if (L.schedule == "gpipe" and p > 1) else 1) * self.head_act
-        self.full_layer = f.layer_activation_bytes(s_act, b, h, a, F, recompute="none", **act)
-        self.w_layer = f.w_deferred_layer_bytes(s_act, b, h, F, t, e)  # zero-bubble: kept from I to W
-        self.w_head = f.w_deferred_head_bytes(s_act, b, h, V, t, e)
         self.rebuilt = self.full_layer if L.recompute == "full" else 0.0
         self.buffers = self._buffers(L.zero)
         self._parts: tuple[tuple[float, float], ...] | None = None
@@ -122,29 +111,9 @@ class LayoutMemory:
 
     def _rank_parts(self, i: int) -> tuple[float, float]:
         """(parameters, stashed activation bytes) of rank ``i``: the same for every ZeRO stage."""
-        p, v, m, schedule = self.p, self.v, self.m, self.layout.schedule
-        stages = self.shape.rank_stages[i]
-        first, last = 0 in stages, p * v - 1 in stages
-        # = sum(self.chunk_params(k) for k in stages), in one product: parameter counts are
-        # integers (tp divides the widths, the vocabulary is padded), so no order rounds differently
-        gpt = self.model.family == "gpt"  # as chunk_params: learned positions and a LayerNorm bias
-        params = sum(self.shape.chunks[k] for k in stages) * self.block \
-            + (self.embed + (self.model.max_seq_len * self.h if gpt else 0) if first else 0) \
-            + ((2 if gpt else 1) * self.h + (self.embed if self.head_copy else 0) if last else 0)
-        if v == 1:
-            past_i = deferred_w(schedule, p, m, i)  # ZB-H1: held past their I, for W only
-            flight = in_flight_microbatches(schedule, p, m, v, i) - past_i
-            acts = flight * (self.shape.layers[i] * self.act_layer + (self.emb_act if first else 0)) \
-                + (self.out_act if last else 0) \
-                + past_i * (self.shape.layers[i] * self.w_layer + (self.w_head if last else 0))
-        else:  # chunks of different sizes: which of them are in flight matters (topology.stash_states)
-            # past the warm-up and one period (topology.stash_states) more micro-batches repeat the states
-            steady = -(-(2 * (p - i - 1) + (v - 1) * p + p * v) // v)
-            layers = tuple(self.shape.chunks[k] for k in stages)
-            ends = (stages.index(0) if first else -1, stages.index(p * v - 1) if last else -1)
-            terms = _stash_terms(schedule, p, min(m, steady), v, i, layers, ends)
-            acts = max(n * self.act_layer + first * self.emb_act + last * self.out_act for n, first, last in terms)
-        return params, acts
+        return (rank_params(self.model, self.shape, i, self.block, self.embed, self.head_copy),
+                rank_activations(self.shape, self.layout.schedule, self.m, i, self.act_layer, self.emb_act,
+                                 self.out_act, self.w_layer, self.w_head))
 
     def _memory(self, params: float, acts: float, zero: int) -> RankMemory:
         state = _model_state_bytes(params, zero, self.r, self.precision, self.G_b, self.offload)
@@ -153,6 +122,13 @@ class LayoutMemory:
     def rank_memory(self, i: int) -> RankMemory:
         """What one device of pipeline rank ``i`` holds at its peak."""
         return self._memory(*self._rank_parts(i), self.layout.zero)
+
+    def group_params(self) -> tuple[float, ...]:
+        """The parameters of :meth:`group_parts` alone (no activations: what the time's bounds need)."""
+        if self._parts is not None:
+            return tuple(params for params, _ in self._parts)
+        return tuple(rank_params(self.model, self.shape, i, self.block, self.embed, self.head_copy)
+                     for i, _ in self.shape.groups)
 
     def group_parts(self) -> tuple[tuple[float, float], ...]:
         """(parameters, activation bytes) of the first rank of each run of alike ranks, which
@@ -178,6 +154,102 @@ class LayoutMemory:
         G_b, offload = self.G_b, self.offload
         return {zero: max(_state_total(params, zero, n, precision, G_b, offload) + self._buffers(zero) + acts
                           + rebuilt for params, acts in parts) for zero in zeros}
+
+
+class Pieces(NamedTuple):
+    """One micro-batch's activation bytes on one device (``b`` sequences of ``s / cp`` tokens):
+    a block as its recomputation stores it, the embedding, the head, a block stored whole, and
+    what a zero-bubble W keeps of a block and of the head past their I."""
+
+    layer: float
+    embedding: float
+    head: float
+    full_layer: float
+    w_layer: float
+    w_head: float
+
+
+def saves_gathered(model: ModelConfig, layout: Layout, options: CostOptions) -> bool:
+    """Whether sequence parallelism's linears keep their all-gathered input (``options``'s, else
+    as the runtime does: parallel.sp_regathers, core/traffic.py)."""
+    if options.sp_saves_gathered is not None:
+        return options.sp_saves_gathered
+    return model.family != "gpt" or (layout.pp > 1 and layout.schedule in ("zb-h1", "zb-v"))
+
+
+@lru_cache(maxsize=16384)
+def activation_pieces(model: ModelConfig, seq_len: int, cp: int, b: float, t: int, sp: bool, recompute: str,
+                      elem_bytes: int, options: CostOptions, gathered: bool) -> Pieces:
+    """The :class:`Pieces` of a layout: they depend on these factors only (the search asks for
+    each many times); ``gathered``: :func:`saves_gathered`."""
+    h, F, a, e = model.hidden, model.ffn_hidden, model.num_heads, elem_bytes
+    s_act, V = seq_len // cp, padded_vocab_size(model.vocab_size, t)  # the tokens a rank holds
+    act = dict(t=t, sp=sp, elem_bytes=e, dropout=options.dropout,
+               store_scores=options.store_scores and cp == 1, sp_saves_gathered=gathered,
+               **f.shape_args(model))
+    return Pieces(f.layer_activation_bytes(s_act, b, h, a, F, recompute=recompute, **act),
+                  f.embedding_activation_bytes(s_act, b, h, t, sp, options.dropout),
+                  f.output_activation_bytes(s_act, b, h, V, t, sp, e, gathered),
+                  f.layer_activation_bytes(s_act, b, h, a, F, recompute="none", **act),
+                  f.w_deferred_layer_bytes(s_act, b, h, F, t, e), f.w_deferred_head_bytes(s_act, b, h, V, t, e))
+
+
+def rank_params(model: ModelConfig, shape: PipelineShape, i: int, block: float, embed: float,
+                head_copy: bool) -> float:
+    """Parameters of pipeline rank ``i`` on one device (the module docstring's params_i), in one
+    product: parameter counts are integers (tp divides the widths, the vocabulary is padded), so
+    no order of the sum over its chunks rounds differently."""
+    stages = shape.rank_stages[i]
+    first, last = 0 in stages, len(shape.chunks) - 1 in stages
+    gpt = model.family == "gpt"  # learned positions and a LayerNorm bias; Llama: rotary, RMSNorm
+    return sum(shape.chunks[k] for k in stages) * block \
+        + (embed + (model.max_seq_len * model.hidden if gpt else 0) if first else 0) \
+        + ((2 if gpt else 1) * model.hidden + (embed if head_copy else 0) if last else 0)
+
+
+class Stash(NamedTuple):
+    """What rank ``i`` stashes at its peak, in integers that serve every micro-batch size,
+    recomputation and ZeRO stage: with one chunk per rank ``flight`` whole micro-batches and
+    ``past`` (ZB-H1) kept only for their W, of its ``layers`` (+ the embedding if ``first``, the
+    head if ``last``); with several, ``terms`` (:func:`_stash_terms`)."""
+
+    flight: float
+    past: float
+    layers: int
+    first: bool
+    last: bool
+    terms: tuple[tuple[int, int, int], ...] = ()
+
+
+def stash_of(shape: PipelineShape, schedule: str, m: int, i: int) -> Stash:
+    """Rank ``i``'s :class:`Stash` (the module docstring's counts)."""
+    p, v = len(shape.layers), len(shape.rank_stages[i])
+    stages = shape.rank_stages[i]
+    first, last = 0 in stages, p * v - 1 in stages
+    if v == 1:
+        past_i = deferred_w(schedule, p, m, i)  # ZB-H1: held past their I, for W only
+        return Stash(in_flight_microbatches(schedule, p, m, v, i) - past_i, past_i, shape.layers[i], first, last)
+    # chunks of different sizes: which of them are in flight matters (topology.stash_states);
+    # past the warm-up and one period (topology.stash_states) more micro-batches repeat the states
+    steady = -(-(2 * (p - i - 1) + (v - 1) * p + p * v) // v)
+    layers = tuple(shape.chunks[k] for k in stages)
+    ends = (stages.index(0) if first else -1, stages.index(p * v - 1) if last else -1)
+    return Stash(0.0, 0.0, shape.layers[i], first, last, _stash_terms(schedule, p, min(m, steady), v, i, layers, ends))
+
+
+def stash_bytes(st: Stash, act_layer: float, emb_act: float, out_act: float, w_layer: float, w_head: float) -> float:
+    """The bytes of a :class:`Stash`, from one micro-batch's :class:`Pieces` (``out_act``: the
+    head's, times m under GPipe)."""
+    if st.terms:
+        return max(n * act_layer + first * emb_act + last * out_act for n, first, last in st.terms)
+    return st.flight * (st.layers * act_layer + (emb_act if st.first else 0)) + (out_act if st.last else 0) \
+        + st.past * (st.layers * w_layer + (w_head if st.last else 0))
+
+
+def rank_activations(shape: PipelineShape, schedule: str, m: int, i: int, act_layer: float, emb_act: float,
+                     out_act: float, w_layer: float, w_head: float) -> float:
+    """Activation bytes pipeline rank ``i`` stashes at its peak (the module docstring)."""
+    return stash_bytes(stash_of(shape, schedule, m, i), act_layer, emb_act, out_act, w_layer, w_head)
 
 
 @lru_cache(maxsize=16384)

@@ -20,14 +20,16 @@ and predict the gain over an even split. Pure Python (no torch).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from paratrain.config import Layout
 from paratrain.errors import ConfigError
 from paratrain.models.configs import ModelConfig
 from paratrain.plan.cost import CostOptions, Estimate, chunks_per_rank, estimate, pipeline_shape
 from paratrain.plan.hardware import Hardware
-from paratrain.plan.simulate import Simulation, simulate_step
+
+if TYPE_CHECKING:  # the event simulation is imported where it runs: plan and estimate start without it
+    from paratrain.plan.simulate import Simulation
 
 SHARE_ROUNDS = 2
 
@@ -95,6 +97,8 @@ def with_speeds(model: ModelConfig, layout: Layout, hw: Hardware, global_batch: 
     def run(lay: Layout, rank_speeds: tuple[float, ...], batch: float) -> Estimate | Simulation:
         opts = replace(options, rank_speeds=rank_speeds, local_batch=batch)
         if simulate:
+            from paratrain.plan.simulate import simulate_step
+
             return simulate_step(model, lay, hw, global_batch, seq_len, precision, opts)
         return estimate(model, lay, hw, global_batch, seq_len, precision, opts)
 

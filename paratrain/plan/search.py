@@ -30,7 +30,6 @@ space; a pinned value is always tried and kept if valid.
 
 from __future__ import annotations
 
-import bisect
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -39,10 +38,11 @@ from typing import Any
 from paratrain.config import RECOMPUTE, Layout, valid_tp
 from paratrain.errors import ConfigError
 from paratrain.models.configs import ModelConfig
-from paratrain.plan.bound import layout_context, step_time_lower_bounds
+from paratrain.plan.bound import variant
 from paratrain.plan.cost import CostOptions, Estimate, _estimate, estimate
 from paratrain.plan.hardware import GiB, Hardware
 from paratrain.plan.hetero import SpeedPlan, with_speeds
+from paratrain.plan.screen import Block, _with_zero, bounded, rank_key
 
 MAX_LAYOUTS = 200_000  # a search of this many takes seconds; beyond, the user pins part of the layout
 
@@ -84,9 +84,21 @@ def enumerate_layouts(model: ModelConfig, num_devices: int, global_batch: int, s
     """Every layout of the space described in the module docstring, honouring ``fixed``: the
     candidates are built, and those :meth:`Layout.validate` accepts are kept (the one rule).
 
-    Validity never depends on the ZeRO stage or the recomputation beyond their ranges, so one
-    candidate per combination of the other fields is validated and its zero x recompute
-    variants share the verdict (a test checks this against validating each one)."""
+    Validity never depends on the ZeRO stage beyond its range, so one candidate per combination
+    of the other fields is validated and its ZeRO variants share the verdict (a test checks this
+    against validating each one)."""
+    for valid, zeros in _blocks(model, num_devices, global_batch, seq_len, devices_per_node, fixed,
+                                allow_cross_node_tp):
+        for zero in zeros:
+            for candidate in valid:
+                yield candidate if zero == zeros[0] else _with_zero(candidate, zero)
+
+
+def _blocks(model: ModelConfig, num_devices: int, global_batch: int, seq_len: int, devices_per_node: int,
+            fixed: dict[str, Any] | None, allow_cross_node_tp: bool) -> Iterator[Block]:
+    """:func:`enumerate_layouts` by blocks: per (dp, pp, tp, cp, micro-batches, schedule) the valid
+    candidates (by recomputation, then sequence parallelism) at the first ZeRO stage of the block's
+    stages, each of which gives one layout per stage."""
     fixed = dict(fixed or {})
     unknown = set(fixed) - set(Layout.__dataclass_fields__)
     if unknown:
@@ -117,23 +129,12 @@ def enumerate_layouts(model: ModelConfig, num_devices: int, global_batch: int, s
                     shared = dict(dp=dp, pp=pp, tp=tp, cp=cp, microbatches=m, schedule=schedule, virtual_stages=v,
                                   stage_layers=stage_layers, stage_speeds=stage_speeds,
                                   ep=fixed.get("ep", 1))  # not searched yet: given or 1 (docs/expert.md)
-                    # validity depends on the recomputation too (zero-bubble schedules refuse full)
-                    candidates = {r: [Layout(**shared, zero=zeros[0], recompute=r, sequence_parallel=sp)
-                                      for sp in sps] for r in recomputes}
-                    valid = {r: [c for c in cs if _valid(c, model, global_batch, seq_len)]
-                             for r, cs in candidates.items()}
-                    for zero in zeros:
-                        for recompute in recomputes:
-                            for candidate in valid[recompute]:
-                                yield candidate if zero == zeros[0] else _with_zero(candidate, zero)
-
-
-def _with_zero(layout: Layout, zero: int) -> Layout:
-    """``dataclasses.replace(layout, zero=zero)`` without running ``__init__`` again: the search
-    builds tens of thousands of these from validated candidates (fields already normalised)."""
-    clone = object.__new__(Layout)
-    clone.__dict__.update(layout.__dict__, zero=zero)
-    return clone
+                    one = Layout(**shared, zero=zeros[0], recompute=recomputes[0], sequence_parallel=sps[0])
+                    valid = tuple(c for r in recomputes for sp in sps
+                                  if _valid(c := variant(one, recompute=r, sequence_parallel=sp), model, global_batch,
+                                            seq_len))
+                    if valid:
+                        yield valid, tuple(zeros)
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,7 @@ def search(model: ModelConfig, num_devices: int, hardware: Hardware, global_batc
     speed (:func:`paratrain.plan.hetero.with_speeds`; its slowest replica). ``keep``: only layouts
     it accepts (e.g. what the training runtime implements). ``top`` > 0: rank only the ``top``
     fastest (at least 2: the explanation compares the winner with the next), found by branch and
-    bound (:func:`_bounded`): the same ones, in the same order, as ranking every layout (tested),
+    bound (:func:`paratrain.plan.screen.bounded`): the same ones, in the same order, as ranking every layout (tested),
     and the same count of fitting layouts, the least memory-hungry misfit and the best pure
     data-parallel layout."""
     if not isinstance(num_devices, int) or isinstance(num_devices, bool) or num_devices < 1:
@@ -180,34 +181,42 @@ def search(model: ModelConfig, num_devices: int, hardware: Hardware, global_batc
     options = options or CostOptions()
     # Validates precision, options, batch and sequence length once, on the simplest layout.
     estimate(model, Layout(dp=1), hardware, global_batch, seq_len, precision, options)
-    layouts = enumerate_layouts(model, num_devices, global_batch, seq_len, hardware.devices_per_node, fixed,
-                                allow_cross_node_tp)
-    kept: list[Layout] = []
-    rejected = 0
-    for layout in layouts:
-        if keep is None or keep(layout):
-            kept.append(layout)
-        else:
-            rejected += 1
-        if len(kept) > MAX_LAYOUTS:
+    blocks: list[Block] = []
+    considered = rejected = 0
+    for valid, zeros in _blocks(model, num_devices, global_batch, seq_len, hardware.devices_per_node, fixed,
+                                allow_cross_node_tp):
+        if keep is None:
+            blocks.append((valid, zeros))
+            considered += len(valid) * len(zeros)
+        else:  # one block per layout kept
+            for layout in (c if zero == zeros[0] else _with_zero(c, zero) for zero in zeros for c in valid):
+                if keep(layout):
+                    blocks.append(((layout,), (layout.zero,)))
+                    considered += 1
+                else:
+                    rejected += 1
+        if considered > MAX_LAYOUTS:
             raise ConfigError(f"more than {MAX_LAYOUTS:,} layouts of {num_devices} devices to search for model "
                               f"{model.name!r} with global batch {global_batch} (every divisor of the local batch "
                               f"is a micro-batch count): pin part of the layout (e.g. --microbatches, --pp, "
                               f"--tp), or use a global batch with fewer divisors.")
-    if not kept and rejected:
+    if not considered and rejected:
         raise ConfigError(f"none of the {rejected} valid layouts of {num_devices} devices with the constraints "
                           f"{_flags(fixed)} is one the training runtime implements (ZeRO-3 with a pipeline, "
                           f"for one, is not); drop the constraint that asks for it.")
-    if not kept:
+    if not considered:
         raise ConfigError(f"no valid layout of {num_devices} devices for model {model.name!r} with global "
                           f"batch {global_batch} and the given constraints {_flags(fixed)}: dp must divide the "
                           f"batch, tp must divide the heads (valid tp: {valid_tp(model)}), pp <= "
                           f"{model.num_layers} layers, pp x virtual_stages <= {model.num_layers}, micro-batches "
                           f"divide the local batch (a multiple of pp when interleaved).")
-    args = (model, hardware, global_batch, seq_len, precision, options)
     if top and device_speeds is None:
-        return _bounded(kept, args, max(top, 2))
-    return _exhaustive(kept, args, device_speeds)
+        found = bounded(blocks, model, hardware, global_batch, seq_len, precision, options, max(top, 2))
+        return PlanResult(found.ranked, considered, found.smallest_unfit, found.best_pure_dp,
+                          num_fitting=found.num_fitting)
+    layouts = [c if zero == zeros[0] else _with_zero(c, zero)
+               for valid, zeros in blocks for zero in zeros for c in valid]
+    return _exhaustive(layouts, (model, hardware, global_batch, seq_len, precision, options), device_speeds)
 
 
 def _flags(fixed: dict[str, Any] | None) -> str:
@@ -250,68 +259,7 @@ def _exhaustive(layouts: list[Layout], args: _Args, device_speeds: tuple[float, 
     return PlanResult(tuple(fits), len(layouts), smallest, pure_fit or pure_unfit, best_plan)
 
 
-def _bounded(layouts: list[Layout], args: _Args, top: int) -> PlanResult:
-    """The ``top`` fastest layouts without pricing most of the others. Every layout's peak memory
-    is computed (exact: the estimate's own, :class:`~paratrain.plan.footprint.LayoutMemory`),
-    so the count that fit, the least memory-hungry misfit and the pure data-parallel ones are the
-    exhaustive search's; each fitting one gets a lower bound on its step time
-    (:func:`~paratrain.plan.bound.step_time_lower_bound`), and in increasing bound order they are
-    priced in full until the next bound exceeds the ``top``-th step time found: no layout left
-    can then enter the top. Ties keep the enumeration order, as the exhaustive stable sort does."""
-    model, hardware, global_batch, seq_len, precision, options = args
-    capacity = hardware.memory_bytes * (1 - options.memory_headroom)
-    bounds: list[tuple[float, int]] = []
-    misfit: tuple[float, int] | None = None
-    pure_misfit: tuple[float, int] | None = None
-    pure_fitting: list[int] = []
-    zeros = tuple(sorted({layout.zero for layout in layouts}))
-    # one context per layout but its ZeRO stage, screened at every stage at once: (peaks, bounds)
-    screens: dict[tuple, tuple[dict[int, float], dict[int, float]]] = {}
-    for index, layout in enumerate(layouts):
-        # stage_layers / stage_speeds: the same for all
-        base = (layout.dp, layout.pp, layout.tp, layout.cp, layout.microbatches, layout.schedule,
-                layout.virtual_stages, layout.sequence_parallel, layout.recompute)
-        screen = screens.get(base)
-        if screen is None:
-            ctx = layout_context(model, layout, hardware, global_batch, seq_len, precision, options)
-            screen = screens[base] = (ctx.peaks(zeros), step_time_lower_bounds(ctx, zeros))
-        zero = layout.zero
-        peak = screen[0][zero]
-        pure = layout.tp == 1 and layout.pp == 1
-        if peak <= capacity:
-            bounds.append((screen[1][zero], index))
-            if pure:
-                pure_fitting.append(index)
-        else:
-            misfit = min(misfit or (peak, index), (peak, index))
-            if pure:
-                pure_misfit = min(pure_misfit or (peak, index), (peak, index))
-    priced: dict[int, Estimate] = {}
-
-    def price(index: int) -> Estimate:
-        if index not in priced:
-            priced[index] = _estimate(model, layouts[index], hardware, global_batch, seq_len, precision, options)
-        return priced[index]
-
-    best: list[tuple[tuple[float, float, float], int]] = []  # (key, index), sorted, at most top
-    for bound, index in sorted(bounds):
-        if len(best) == top and bound > best[-1][0][0]:
-            break  # every layout left takes longer than the top-th
-        bisect.insort(best, (_key(price(index)), index))
-        del best[top:]
-    pure = min(((_key(price(i)), i) for i in pure_fitting), default=None)
-    pure_index = pure[1] if pure else (pure_misfit[1] if pure_misfit else None)
-    return PlanResult(tuple(price(i) for _, i in best), len(layouts), price(misfit[1]) if misfit else None,
-                      price(pure_index) if pure_index is not None else None, num_fitting=len(bounds))
-
-
-def _key(e: Estimate) -> tuple[float, float, float]:
-    """Fastest first; at the same step time (e.g. data-parallel traffic hidden behind backward
-    under ZeRO-1 and ZeRO-3 alike) the layout that moves fewer bytes, then the one using less
-    memory: the model cannot see every cost of traffic (contention, jitter), and memory that
-    fits is worth nothing more."""
-    c = e.comm_bytes_per_device
-    return (e.step_time_s, c.dp + c.tp + c.pp + c.cp, e.peak_bytes_per_device)
+_key = rank_key
 
 
 _PARTS = {"compute": "compute (recomputation included)", "tp_comm": "tensor-parallel communication",

@@ -124,7 +124,7 @@ def stash_states(schedule: str, pp: int, microbatches: int, virtual_stages: int,
     if v == 1 or p == 1:
         return ((int(f_in_flight(schedule, p, m, 1, rank)),),)
     if schedule == "zb-v":  # from the schedule itself: chunks between their F and their W
-        return _scanned_states(build_schedule("zb-v", p, min(m, 2 * p)).compute_order(rank), v)
+        return _zb_v_states(p, min(m, 2 * p), v)[rank]
     total = v * m
     w = min(total, 2 * (p - rank - 1) + (v - 1) * p)
     states = set()
@@ -133,6 +133,13 @@ def stash_states(schedule: str, pp: int, microbatches: int, virtual_stages: int,
         states.add(tuple(_visits(done_f, c, p, v) - _visits(done_b, v - 1 - c, p, v) for c in range(v)))
     maximal = [s for s in states if not any(o != s and all(a >= b for a, b in zip(o, s)) for o in states)]
     return tuple(sorted(maximal))
+
+
+@lru_cache(maxsize=256)
+def _zb_v_states(pp: int, microbatches: int, virtual_stages: int) -> tuple[tuple[tuple[int, ...], ...], ...]:
+    """:func:`stash_states` of every rank of a ZB-V schedule, from one build of it."""
+    schedule = build_schedule("zb-v", pp, microbatches)
+    return tuple(_scanned_states(schedule.compute_order(rank), virtual_stages) for rank in range(pp))
 
 
 def _scanned_states(order: list, v: int) -> tuple[tuple[int, ...], ...]:

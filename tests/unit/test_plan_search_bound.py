@@ -10,10 +10,11 @@ import pytest
 
 from paratrain.config import runtime_implements
 from paratrain.models.configs import ModelConfig, get_model_config
-from paratrain.plan.bound import layout_context, step_time_lower_bound
+from paratrain.plan.bound import family_lower_bound, layout_context, step_time_lower_bound
 from paratrain.plan.cost import CostOptions, _estimate
 from paratrain.plan.hardware import get_hardware
-from paratrain.plan.search import enumerate_layouts, search
+from paratrain.plan.screen import MemoryScreen
+from paratrain.plan.search import _blocks, enumerate_layouts, search
 
 H100, A100, CPU = get_hardware("H100-80GB"), get_hardware("A100-80GB"), get_hardware("cpu").replace(cores_per_node=2)
 M13 = ModelConfig("m13", num_layers=40, hidden=5120, num_heads=40, vocab_size=51200, max_seq_len=2048)
@@ -27,6 +28,8 @@ CASES = {  # name: (model, devices, hardware, batch, seq_len, search keywords)
     "no overlap, fixed bubble": (get_model_config("gpt2-350m"), 16, A100, 64, 1024,
                                  {"options": CostOptions(overlap_dp=False, bubble_fraction=0.2)}),
     "nothing fits": (get_model_config("gpt2-1.3b"), 4, H100.replace(memory_bytes=4 * 2**30), 8, 1024, {}),
+    "offload, fp32 gradients": (get_model_config("gpt2-350m"), 4, A100, 16, 1024,
+                                {"options": CostOptions(offload_optimizer=True, grad_bytes=4)}),
 }
 
 
@@ -49,15 +52,19 @@ def test_bounded_search_ranks_as_the_exhaustive_one(name: str, top: int) -> None
 
 @pytest.mark.parametrize("name", [c for c in CASES if c != "gpt2-1.3b on 64 H100"])  # the others cover it faster
 def test_peak_memory_is_the_estimates_and_the_bound_holds(name: str) -> None:
-    """For every layout of the space: the screening context's peak is exactly the estimate's
-    (the count of fitting layouts depends on it), and the step-time bound is never above the
-    estimate (else the bounded search could drop a winner). Also for the ZeRO stages screened
-    from one context (at zero 0), as the search does."""
+    """For every layout of the space: the screening context's peak and the memory screen's (from
+    memoized pieces, every ZeRO stage at once) are exactly the estimate's (the count of fitting
+    layouts depends on it), and the step-time bounds are never above the estimate (else the
+    bounded search could drop a winner): the layout's own, from one context per ZeRO stages
+    (at zero 0) as the search does, and its family's (any micro-batch count, and at its count),
+    taken over the layout's own sp and ZeRO stage: the family's is the least of those."""
     model, n, hw, batch, seq_len, kw = CASES[name]
     options = kw.get("options", CostOptions())
+    screen = MemoryScreen(model, hw, batch, seq_len, "bf16", options, (0, 1, 2, 3))
     tight = 0
     for layout in enumerate_layouts(model, n, batch, seq_len, hw.devices_per_node, kw.get("fixed")):
         est = _estimate(model, layout, hw, batch, seq_len, "bf16", options)
+        assert screen.peaks((layout,))[0][layout.zero] == est.peak_bytes_per_device, layout
         base = layout_context(model, dataclasses.replace(layout, zero=0), hw, batch, seq_len, "bf16", options)
         for ctx, zero in ((layout_context(model, layout, hw, batch, seq_len, "bf16", options), None),
                           (base, layout.zero)):
@@ -65,7 +72,15 @@ def test_peak_memory_is_the_estimates_and_the_bound_holds(name: str) -> None:
             bound = step_time_lower_bound(ctx, zero)
             assert 0 < bound <= est.step_time_s, layout
         tight += bound > 0.9 * est.step_time_s
+        for m in (None, layout.microbatches):
+            family = family_lower_bound(model, layout, hw, batch, seq_len, "bf16", options,
+                                        (layout.sequence_parallel,), (layout.zero,), m)
+            assert 0 < family <= est.step_time_s, (layout, m)
     assert tight  # a bound that prunes: within 10% of the estimate for some layouts
+    for valid, _ in _blocks(model, n, batch, seq_len, hw.devices_per_node, kw.get("fixed"), False):
+        # a block's bound (its largest activation pieces) holds every candidate's peak: a block under
+        # the capacity is counted as fitting whole
+        assert all(u >= max(col) for u, col in zip(screen.upper(valid), zip(*screen.peaks(valid)))), valid[0]
 
 
 def test_interleaved_stash_terms_are_the_stash_peak() -> None:
