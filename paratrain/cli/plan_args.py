@@ -244,8 +244,8 @@ def build_options(args: argparse.Namespace) -> CostOptions:
                        offload_optimizer=args.offload_optimizer)
 
 
-_LAYOUT_COUNTS = {"dp": MAX_DEVICES, "pp": MAX_DEVICES, "tp": MAX_DEVICES, "cp": MAX_DEVICES, "microbatches": MAX_BATCH,
-                  "virtual_stages": 2**16}
+_LAYOUT_COUNTS = {"dp": MAX_DEVICES, "pp": MAX_DEVICES, "tp": MAX_DEVICES, "cp": MAX_DEVICES, "ep": MAX_DEVICES,
+                  "microbatches": MAX_BATCH, "virtual_stages": 2**16}
 
 
 def given_layout_fields(args: argparse.Namespace) -> dict[str, Any]:

@@ -294,9 +294,13 @@ def explain(result: PlanResult) -> str:
     text = [f"[{best.layout}] wins at {_s(best.step_time_s)} per step (MFU {best.mfu:.1%})."]
     runner = next((e for e in result.ranked[1:] if e.step_time_s > best.step_time_s), None)
     if len(result.ranked) > 1 and result.ranked[1].step_time_s == best.step_time_s:
-        twin = result.ranked[1]
-        text.append(f"[{twin.layout}] is as fast but needs more memory "
-                    f"({_mem(twin.peak_bytes_per_device)} vs {_mem(best.peak_bytes_per_device)}).")
+        twin = result.ranked[1]  # ranked by bytes moved, then memory (screen.rank_key)
+        moved = [rank_key(e)[1] for e in (twin, best)]
+        if moved[0] > moved[1]:
+            why = f"moves more bytes per step ({_mem(moved[0])} vs {_mem(moved[1])} per device)"
+        else:
+            why = f"needs more memory ({_mem(twin.peak_bytes_per_device)} vs {_mem(best.peak_bytes_per_device)})"
+        text.append(f"[{twin.layout}] is as fast but {why}.")
     elif runner is not None:
         gain = runner.step_time_s / best.step_time_s - 1
         text.append(f"The runner-up [{runner.layout}] is {_pct(gain)} slower ({_why_slower(best, runner)}).")

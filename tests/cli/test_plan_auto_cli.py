@@ -43,7 +43,7 @@ def test_auto_layout_respects_runtime_support(monkeypatch):
         local.auto_layout(cfg, 4, CPU, "test", fixed={"zero": 3, "pp": 2})
     assert local.auto_layout(cfg, 4, CPU, "test", fixed={"zero": 3}).layout.pp == 1
     assert local.auto_layout(cfg, 4, CPU, "test", fixed={"zero": 2}).layout.zero == 2
-    monkeypatch.setattr(local, "runtime_implements", lambda layout: layout.zero == 0 and layout.pp == 1)
+    monkeypatch.setattr(local, "runtime_implements", lambda layout, model=None: layout.zero == 0 and layout.pp == 1)
     plan = local.auto_layout(cfg, 4, CPU, "test")
     assert plan.layout.zero == 0 and all(lay.zero == 0 and lay.pp == 1 for lay, _ in plan.candidates)
 
