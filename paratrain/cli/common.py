@@ -322,7 +322,8 @@ def check_given(values: dict[str, Any], labels: dict[str, str]) -> None:
     config key as the user wrote it, not the field behind it. (--stage-speeds and --stage-layers are
     checked with the layout, which names them.)"""
     for name, value in values.items():
-        if name in GIVEN_RANGES:
+        # None: unset (a resumed run's config.json keeps the fields it left to the model, as top_k)
+        if name in GIVEN_RANGES and value is not None:
             check_range(labels[name], value, GIVEN_RANGES[name])
 
 
