@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _model(args: argparse.Namespace) -> object:
     """The shape of ``--hf`` / ``--hf-config`` (read as JSON, without transformers or torch)."""
-    from paratrain.cli.plan_args import hf_config_model
+    from paratrain.cli.plan_args import hf_config_model, read_hf_fields
     from paratrain.models.configs import hf_shape
 
     if args.model:
@@ -81,22 +81,8 @@ def _model(args: argparse.Namespace) -> object:
                           "for example --hf-config '{\"n_layer\": 4, \"n_embd\": 128, \"n_head\": 4}'.")
     if args.hf is None:  # the family from the config's model_type or its field names
         return hf_config_model(args.hf_config)
-    fields = _read_fields(args.hf_config)
+    fields = read_hf_fields(args.hf_config)
     if fields.get("model_type", args.hf) != args.hf:
         raise ConfigError(f"--hf {args.hf} but --hf-config says model_type {fields['model_type']!r}; give the "
                           f"matching --hf, or leave --hf out.")
     return hf_shape(args.hf, fields)
-
-
-def _read_fields(spec: str) -> dict:
-    import json
-
-    try:
-        fields = json.loads(spec if spec.lstrip().startswith("{") else Path(spec).read_text())
-    except OSError as e:
-        raise ConfigError(f"--hf-config {spec!r}: cannot read it ({e.strerror}).") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--hf-config {spec!r}: not valid JSON ({e.msg} at character {e.pos}).") from None
-    if not isinstance(fields, dict):
-        raise ConfigError(f"--hf-config {spec!r}: expected a JSON object of config fields.")
-    return fields

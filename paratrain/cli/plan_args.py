@@ -100,20 +100,25 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    "fields at transformers' defaults")
 
 
-def hf_config_model(spec: str) -> ModelConfig:
-    """The shape of a Hugging Face config file or JSON text (``estimate|plan --hf-config``)."""
+def read_hf_fields(spec: str) -> dict[str, Any]:
+    """The fields of ``--hf-config``: a config.json file, or the JSON text of its fields."""
     import json
     from pathlib import Path
 
     try:
-        text = spec if spec.lstrip().startswith("{") else Path(spec).read_text()
-        fields = json.loads(text)
+        fields = json.loads(spec if spec.lstrip().startswith("{") else Path(spec).read_text())
     except OSError as e:
         raise ConfigError(f"--hf-config {spec!r}: cannot read it ({e.strerror}).") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"--hf-config {spec!r}: not valid JSON ({e.msg} at character {e.pos}).") from None
     if not isinstance(fields, dict):
         raise ConfigError(f"--hf-config {spec!r}: expected a JSON object of config fields.")
+    return fields
+
+
+def hf_config_model(spec: str) -> ModelConfig:
+    """The shape of a Hugging Face config file or JSON text (``estimate|plan --hf-config``)."""
+    fields = read_hf_fields(spec)
     kind = fields.get("model_type") or ("gpt2" if "n_layer" in fields else
                                         "llama" if "num_hidden_layers" in fields else None)
     if kind not in HF_FIELDS:
