@@ -24,7 +24,7 @@ train: setup
 	$(BIN)/paratrain train
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 	@echo "make test: the equivalence tests again, under $(KERNELS2)"
 	env $(KERNELS2) $(BIN)/python -m pytest -q -m equivalence
 
