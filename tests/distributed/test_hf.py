@@ -46,7 +46,10 @@ LAYOUTS: dict[int, list[tuple[str, Layout]]] = {
         ("pp2-tp2-sp-1f1b", Layout(pp=2, tp=2, schedule="1f1b", sequence_parallel=True, **PP)),
         ("pp2-dp2-interleaved-zero2", Layout(pp=2, dp=2, schedule="interleaved", virtual_stages=2, zero=2, **PP)),
         # full recomputation: every block replayed in backward, its tp collectives and ZeRO-3 gathers too
-        ("dp2-tp2-sp-zero3-recompute", Layout(dp=2, tp=2, sequence_parallel=True, zero=3, recompute="full"))],
+        ("dp2-tp2-sp-zero3-recompute", Layout(dp=2, tp=2, sequence_parallel=True, zero=3, recompute="full")),
+        # zero-bubble: Llama's nn.Linear weight gradients deferred to W; GPT-2's Conv1D (addmm, not
+        # F.linear) is not split, so its W is computed in I: still the same gradients
+        ("pp2-dp2-zb-h1", Layout(pp=2, dp=2, schedule="zb-h1", **PP))],
     8: [("dp2-pp2-tp2-sp", Layout(dp=2, pp=2, tp=2, sequence_parallel=True, **PP))],
 }
 
