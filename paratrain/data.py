@@ -32,6 +32,9 @@ FILE_SPLIT_MIN = 2 * VAL_EVERY  # fewer files: hold out the text's last tenth (t
 VAL_FRACTION = 0.1
 _SNIFF_BYTES = 8192  # how much of each file is looked at for NUL bytes (binary data)
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
+# The default corpus, read once per process (0.3 s: 1,790 files): the standard library does not
+# change under a running process, and its arrays are read-only. A user's --data is read each time.
+_STDLIB: Corpus | None = None
 _TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst", ".json", ".toml", ".yaml", ".yml", ".csv", ".c", ".h"}
 
 
@@ -128,8 +131,11 @@ def load_corpus(path: str | None = None, verify: bool = False) -> Corpus:
 
         return load_prepared(Path(path).expanduser(), verify)
     if path is None:
-        root = stdlib_root()
-        return _split(root, _walk(root, {".py"}), f"Python {sysconfig.get_python_version()} stdlib")
+        global _STDLIB
+        if _STDLIB is None:
+            root = stdlib_root()
+            _STDLIB = _split(root, _walk(root, {".py"}), f"Python {sysconfig.get_python_version()} stdlib")
+        return _STDLIB
     p = Path(path).expanduser()
     if not p.exists():
         raise ConfigError(f"data path {path!r} does not exist; give a text file or a folder of "

@@ -25,6 +25,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import time
 import uuid
@@ -155,14 +156,15 @@ def shutdown_distributed(ok: bool) -> None:
 
 
 class LaunchError(RuntimeError):
-    """A rank failed. ``rank``/``exitcode`` of the first failure, its ``message`` and the
+    """A rank failed. ``rank``/``exitcode`` (None: not seen) of the first failure, its ``message`` and the
     Python ``traceback`` from inside the rank (empty if it died from a signal)."""
 
-    def __init__(self, rank: int, exitcode: int, message: str, traceback: str = "",
+    def __init__(self, rank: int, exitcode: int | None, message: str, traceback: str = "",
                  others: dict[int, int] | None = None) -> None:
         self.rank, self.exitcode, self.message, self.traceback = rank, exitcode, message, traceback
         self.others = others or {}
-        super().__init__(f"rank {rank} failed (exit code {exitcode}): {message}")
+        code = "exit code not seen" if exitcode is None else f"exit code {exitcode}"
+        super().__init__(f"rank {rank} failed ({code}): {message}")
 
 
 @contextlib.contextmanager
@@ -233,8 +235,9 @@ def launch(fn: Callable[..., Any], args: tuple[Any, ...], nproc: int, max_restar
     fails, torch's elastic agent restarts all of them up to ``max_restarts`` times (``fn`` sees
     ``TORCHELASTIC_RESTART_COUNT``); then the first failure is raised.
 
-    ``fn`` must be a module-level function and ``args`` picklable: each rank is a process running
-    ``python -m paratrain.rank`` (see there for why). Under an outside torchrun, runs ``fn`` here as
+    ``fn`` must be a module-level function and ``args`` picklable: each rank is a process of its
+    own that ends without interpreter finalisation (``paratrain.rank``, see there for why), forked
+    from a server that has already imported torch (:func:`start_method`). Under an outside torchrun, runs ``fn`` here as
     this process's rank; the caller should then end with :func:`paratrain.rank.end_process`."""
     if under_torchrun():
         return {int(os.environ["RANK"]): fn(*args)}
@@ -242,12 +245,12 @@ def launch(fn: Callable[..., Any], args: tuple[Any, ...], nproc: int, max_restar
         with interruptible():
             return {0: fn(*args)}
     import pickle
-    import sys
 
     from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    forked = start_method() == "forkserver" and prestart((fn.__module__,))
     _register_loopback_rendezvous()
     work_dir = Path(tempfile.mkdtemp(prefix="paratrain-launch-"))
     args_file = work_dir / "args.pkl"
@@ -257,13 +260,20 @@ def launch(fn: Callable[..., Any], args: tuple[Any, ...], nproc: int, max_restar
         min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex,
         rdzv_backend=_RDZV_BACKEND, rdzv_endpoint=f"{LOOPBACK}:{listener.getsockname()[1]}",
         rdzv_configs={"listen_fd": listener.fileno()}, local_addr=LOOPBACK, max_restarts=max_restarts,
-        monitor_interval=0.1, start_method="spawn", logs_specs=DefaultLogsSpecs(log_dir=str(work_dir / "logs")),
+        monitor_interval=0.1, start_method="forkserver" if forked else "spawn",
+        logs_specs=DefaultLogsSpecs(log_dir=str(work_dir / "logs")),
     )
     target = f"{fn.__module__}:{fn.__qualname__}"
-    rank_args = ("-m", "paratrain.rank", target, str(args_file), str(work_dir), str(os.getpid()))
+    rank_args = (target, str(args_file), str(work_dir), str(os.getpid()))
+    if forked:
+        from paratrain.rank import forked_main
+
+        entrypoint: Any = forked_main
+    else:  # a fresh interpreter per rank
+        entrypoint, rank_args = sys.executable, ("-m", "paratrain.rank", *rank_args)
     try:
         with _quiet_launcher_logs(), interruptible():
-            elastic_launch(config, sys.executable)(*rank_args)
+            elastic_launch(config, entrypoint)(*rank_args)
         results = {}
         for r in range(nproc):
             with open(work_dir / f"rank-{r}.pkl", "rb") as f:
@@ -272,7 +282,7 @@ def launch(fn: Callable[..., Any], args: tuple[Any, ...], nproc: int, max_restar
     except SignalException as e:  # the launcher already stopped the ranks
         raise Interrupted(e.sigval) from None
     except ChildFailedError as e:
-        cause = _root_cause(e, work_dir)
+        cause = _root_cause(e, work_dir, nproc)
         if cause.message.startswith("KeyboardInterrupt"):  # Ctrl-C reached the ranks first
             raise Interrupted(signal.SIGINT) from None
         if cause.message.startswith("Preempted"):  # a signal reached the ranks only: they saved, then stopped
@@ -281,6 +291,51 @@ def launch(fn: Callable[..., Any], args: tuple[Any, ...], nproc: int, max_restar
     finally:
         listener.close()
         shutil.rmtree(work_dir, ignore_errors=True)
+
+
+START_METHOD_ENV = "PARATRAIN_START_METHOD"
+_START_METHODS = ("forkserver", "spawn")
+
+
+def start_method() -> str:
+    """How :func:`launch` starts ranks. ``forkserver`` (the default on Linux): each rank is forked
+    from one server process that imported torch and the rank function's module once, so a rank
+    starts in milliseconds instead of spending ~2 s of CPU importing torch (on a 2-core machine a
+    2-rank launch's imports take as long as a short run). The server is a fresh interpreter (not a
+    fork of this launcher: no open files, locks or threads of ours are inherited), never touches a
+    GPU, and is started early by :func:`prestart`. ``spawn``: ``python -m paratrain.rank`` per
+    rank, a fresh interpreter each; set ``PARATRAIN_START_METHOD=spawn`` to get it."""
+    method = os.environ.get(START_METHOD_ENV) or ("forkserver" if sys.platform.startswith("linux") else "spawn")
+    if method not in _START_METHODS:
+        from paratrain.errors import ConfigError
+
+        raise ConfigError(f"{START_METHOD_ENV}={method!r} is not a way to start ranks: expected "
+                          f"{' or '.join(_START_METHODS)} (forkserver is the default on Linux), or unset it.")
+    return method
+
+
+def prestart(modules: tuple[str, ...] = ("paratrain.train",)) -> bool:
+    """Start the server ranks are forked from (if that is :func:`start_method`), so it imports
+    torch and ``modules`` on another core while this process goes on (reading the corpus,
+    importing torch itself). Idempotent; a no-op under an outside torchrun, where ranks are
+    torchrun's. ``paratrain.rank_server`` comes first: it makes the server itself immune to the
+    signals meant for the job (a Ctrl-C or SIGTERM to the process group stops the ranks, not the
+    process that reports their exit codes). True if the server runs; False if it is not the start
+    method or could not start (its socket's path under ``$TMPDIR`` is over the 107 bytes a Unix
+    socket's may have, say): :func:`launch` then spawns."""
+    if under_torchrun() or start_method() != "forkserver":
+        return False
+    import multiprocessing
+    import multiprocessing.forkserver
+
+    # torch._dynamo: the first torch.optim optimizer imports it (2.3 s of CPU here, more than torch)
+    preload = ["paratrain.rank_server", "torch", "torch.distributed", "torch._dynamo", "paratrain.rank", *modules]
+    multiprocessing.get_context("forkserver").set_forkserver_preload(list(dict.fromkeys(preload)))
+    try:
+        multiprocessing.forkserver.ensure_running()
+    except OSError:
+        return False
+    return True
 
 
 def _signal_of(message: str) -> int:
@@ -329,13 +384,41 @@ def _loopback_rendezvous(params: Any) -> Any:
     return LoopbackRendezvous(host, int(port), 0, 1, params.run_id, 600)
 
 
-def _root_cause(e: Any, work_dir: Path) -> LaunchError:
-    """The earliest error a rank recorded (see ``paratrain.rank``); a rank killed by a signal
-    before any rank recorded an error is reported from the launcher's own information."""
+# What a rank's collective raises when a peer process is gone (gloo; NCCL's bootstrap): an error
+# caused by another rank's death, never the first failure when a rank without an error of its own died.
+_PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "remote process exited")
+
+
+def _root_cause(e: Any, work_dir: Path, nproc: int | None = None) -> LaunchError:
+    """The rank whose failure came first.
+
+    A rank killed by a signal (SIGKILL from the OOM killer or a user) records no error; its peers
+    then record "Connection reset by peer", perhaps before the launcher learns of the kill, and
+    the launcher may only report one failed rank (forked ranks: the first exit it saw). So: a rank
+    the launcher saw killed by a signal without an error file is it; else, if every recorded error
+    is such a lost-peer error, the first rank that ended with neither an error nor a result (it
+    died without a word); else the earliest error a rank recorded (see ``paratrain.rank``); else
+    the launcher's own information."""
     import json
 
     codes = {r: f.exitcode for r, f in e.failures.items()}
     errors = [json.loads(p.read_text()) for p in work_dir.glob("error-*.json")]
+    rank: int | None = None
+    killed = [r for r, c in sorted(codes.items()) if c < 0 and not (work_dir / f"error-{r}.json").exists()]
+    if killed:
+        rank = killed[0]
+    elif nproc and errors and all(any(m in x["message"] for m in _PEER_LOST) for x in errors):
+        silent = [r for r in range(nproc) if not (work_dir / f"error-{r}.json").exists()
+                  and not (work_dir / f"rank-{r}.pkl").exists()]
+        rank = silent[0] if silent else None
+    if rank is not None:
+        others = {r: c for r, c in codes.items() if r != rank}
+        if rank in codes:
+            message, tb = _failure_details(e.failures[rank])
+            return LaunchError(rank, codes[rank], message, tb, others)
+        return LaunchError(rank, None, "the process ended without raising a Python error, and its peers then lost "
+                           "their connection to it: it was killed (by a signal such as SIGKILL, which the "
+                           "kernel's out-of-memory killer sends) or crashed in native code", "", others)
     if errors:
         first = min(errors, key=lambda x: x["time_ns"])
         rank = first["rank"]

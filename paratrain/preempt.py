@@ -32,11 +32,16 @@ class StopRequest:
     """The signal this process got (0: none), recorded by :meth:`install`'s handlers while
     :attr:`armed` (inside the training loop, where the next step boundary is near). Unarmed (set-up,
     shutdown), or at a second signal, the process ends at once with ``128 + signum``: a rank the
-    launcher stops because a peer died must not linger until torch-elastic's grace period ends."""
+    launcher stops because a peer died must not linger until torch-elastic's grace period ends.
+    Armed, the step boundary must come within ``deadline_s`` of the signal (the run's collective
+    ``--timeout``: a step that takes longer is stuck, e.g. on a peer that hangs); if it does not, the
+    process ends then too, instead of when the launcher's grace period ends."""
 
-    def __init__(self) -> None:
+    def __init__(self, deadline_s: float | None = None) -> None:
         self.signum = 0
         self.armed = False
+        self.deadline_s = deadline_s
+        self._deadline: threading.Timer | None = None
 
     def install(self) -> Callable[[], None]:
         """Record SIGTERM/SIGINT/SIGHUP instead of dying of them; returns the undo. Outside the
@@ -52,6 +57,10 @@ class StopRequest:
 
                 end_process(128 + signum)
             self.signum = signum
+            if self.deadline_s is not None:
+                self._deadline = threading.Timer(self.deadline_s, self._overdue, (signum,))
+                self._deadline.daemon = True
+                self._deadline.start()
 
         for s in sigs:
             signal.signal(s, record)
@@ -70,4 +79,17 @@ class StopRequest:
 
         flag = torch.tensor([self.signum], dtype=torch.int32)
         comm.all_reduce(flag, mesh.world, op="max", tag="control")
+        if self._deadline is not None:  # the step boundary came in time: the save has no deadline
+            self._deadline.cancel()
         return int(flag.item())
+
+    def _overdue(self, signum: int) -> None:
+        import os
+        import sys
+
+        from paratrain.rank import end_process
+
+        print(f"paratrain rank {os.environ.get('RANK', '?')}: {signal.Signals(signum).name} came "
+              f"{self.deadline_s:g} s ago and the step in flight has not ended (--timeout); stopping now.",
+              file=sys.stderr)
+        end_process(128 + signum)

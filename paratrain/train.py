@@ -113,7 +113,7 @@ def train_worker(cfg: TrainConfig, checked: CorpusCheck | None = None,
     device = resolve_device(cfg.device, env.local_rank)
     from paratrain.preempt import StopRequest
 
-    stop = StopRequest()
+    stop = StopRequest(deadline_s=cfg.timeout_s)
     undo = stop.install()  # a signal now ends the run after the step in flight and a checkpoint
     attempt = init_distributed(env, device.type, cfg.timeout_s)
     ok = False

@@ -223,7 +223,11 @@ def run(args: argparse.Namespace) -> int:
     if cfg.init_from:
         check_init_from(cfg)
     model_cfg, corpus = preflight(cfg)
-    from paratrain.launch import RankEnv
+    from paratrain.launch import RankEnv, prestart, start_method
+
+    start_method()  # PARATRAIN_START_METHOD, if set, names one (ConfigError: exit 2)
+    if cfg.world_size > 1:
+        prestart()  # every check passed: the ranks' server imports torch while this process goes on
     from paratrain.train import Fault
 
     fault = Fault.from_env()  # PARATRAIN_FAULT, parsed once, before any rank starts
@@ -367,7 +371,8 @@ def _user_frames(tb: str) -> str:
 
 
 def format_failure(e: Any) -> str:
-    lines = [f"paratrain: error: rank {e.rank} failed (exit code {e.exitcode}): {e.message}"]
+    code = "exit code not seen" if e.exitcode is None else f"exit code {e.exitcode}"
+    lines = [f"paratrain: error: rank {e.rank} failed ({code}): {e.message}"]
     if e.traceback:
         lines += ["", f"--- traceback from rank {e.rank} ---", _user_frames(e.traceback)]
     if "Timed out" in e.message or "timed out" in e.message:

@@ -15,23 +15,11 @@ from pathlib import Path
 
 import torch
 
-from tests.cli.test_launcher_robust import REPO, alive, children, wait_for_steps
+from tests.cli.test_launcher_robust import REPO, alive, children, rank_pids, wait_for_steps
 from tests.cli.test_train_cli import losses, paratrain
 
 RUN = ["train", "--model", "tiny", "--steps", "10", "--global-batch", "4", "--seq-len", "32", "--eval-every", "0",
        "--sample-tokens", "0", "--checkpoint-every", "2", "--timeout", "30", "--quiet"]
-
-
-def _rank_pids(launcher: int) -> list[int]:
-    out = []
-    for pid in sorted(children(launcher)):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"paratrain.rank" in cmd:
-            out.append(pid)
-    return out
 
 
 def _start_and_kill_a_rank(tmp_path: Path, out: Path, *extra: str) -> tuple[subprocess.Popen, str, float]:
@@ -39,7 +27,7 @@ def _start_and_kill_a_rank(tmp_path: Path, out: Path, *extra: str) -> tuple[subp
     proc = subprocess.Popen([sys.executable, "-m", "paratrain", *RUN, *extra, "--out", str(out)], cwd=tmp_path,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_steps(proc, out, steps=5)
-    ranks = _rank_pids(proc.pid)
+    ranks = rank_pids(proc.pid)
     assert len(ranks) == 2, ranks
     os.kill(ranks[1], signal.SIGKILL)
     t0 = time.monotonic()
@@ -65,7 +53,9 @@ def test_without_restarts_a_killed_worker_ends_the_job_naming_it(tmp_path):
     proc, err, elapsed = _start_and_kill_a_rank(tmp_path, tmp_path / "k", "--steps", "100000")
     assert proc.returncode == 1, err
     assert "rank " in err and "The run did not finish" in err and "Traceback" not in err.split("---")[0]
-    assert "signal 9" in err or "SIGKILL" in err or "-9" in err, err
+    headline = err.splitlines()[0]  # the killed rank, not the peer that lost its connection to it
+    assert "signal SIGKILL" in headline or "ended without raising a Python error" in headline, err
+    assert not any(m in headline for m in ("Connection reset", "Connection closed")), err
     assert elapsed < 30, f"the job took {elapsed:.0f} s to end"
     time.sleep(1)
     assert not [p for p in children(proc.pid) if alive(p)]

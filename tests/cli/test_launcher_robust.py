@@ -3,11 +3,14 @@ listens on, what happens when it is killed outright, and how a signal ends a run
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,7 +22,14 @@ LONG = ["train", "--model", "tiny", "--steps", "100000", "--global-batch", "4", 
 
 
 def start(out: Path, *extra: str, **kw) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    """The run of ``out``; its temporary launch folder is made in ``out``'s sibling ``tmp`` (a link
+    to a short path: the ranks' fork server puts a Unix socket there, whose path may have 107 bytes)."""
+    tmp = out.parent / "tmp"
+    if not tmp.exists():
+        short = Path(tempfile.mkdtemp(prefix="pt-"))
+        atexit.register(shutil.rmtree, short, True)
+        tmp.symlink_to(short)
+    env = dict(os.environ, PYTHONPATH=str(REPO), TMPDIR=str(tmp.resolve()))
     return subprocess.Popen([sys.executable, "-m", "paratrain", *LONG, *extra, "--out", str(out)], cwd=out.parent,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
@@ -49,6 +59,28 @@ def children(pid: int) -> set[int]:
         frontier = {p for p, pp in parent.items() if pp in frontier} - found
         found |= frontier
     return found
+
+
+def rank_pids(launcher: int) -> list[int]:
+    """The launcher's ranks: ``python -m paratrain.rank`` processes (start method ``spawn``) or the
+    processes forked from its fork server (``forkserver``, the default)."""
+    def cmdline(pid: int) -> list[bytes]:
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return []
+
+    def parent(pid: int) -> int:
+        try:
+            return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            return -1
+
+    def server(pid: int) -> bool:
+        return any(b"multiprocessing.forkserver import main" in arg for arg in cmdline(pid))
+
+    return sorted(p for p in children(launcher) if b"paratrain.rank" in cmdline(p)
+                  or (parent(p) != launcher and server(parent(p))))
 
 
 def alive(pid: int) -> bool:
@@ -116,10 +148,10 @@ def test_killed_launcher_ends_its_ranks_and_launch_folder(tmp_path):
     ranks: set[int] = set()
     try:
         wait_for_steps(proc, tmp_path / "r")
-        ranks = children(proc.pid)
-        cmdlines = [Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0") for p in ranks]
-        work_dirs = {Path(c[c.index(b"paratrain.rank") + 3].decode()) for c in cmdlines if b"paratrain.rank" in c}
-        assert len(work_dirs) == 1 and all(d.is_dir() for d in work_dirs), cmdlines
+        ranks = children(proc.pid)  # the two ranks and the server they were forked from
+        assert len(ranks) >= 2, ranks
+        work_dirs = set((tmp_path / "tmp").glob("paratrain-launch-*"))
+        assert len(work_dirs) == 1 and all(d.is_dir() for d in work_dirs), work_dirs
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         deadline = time.monotonic() + 10
@@ -132,21 +164,25 @@ def test_killed_launcher_ends_its_ranks_and_launch_folder(tmp_path):
         stop(proc, ranks)
 
 
-@pytest.mark.parametrize("sig, code, nproc", [(signal.SIGINT, 130, "2"), (signal.SIGTERM, 143, "2"),
-                                             (signal.SIGTERM, 143, "1")])  # 1: the run is in this process
-def test_signal_ends_the_run_with_one_line(tmp_path, sig, code, nproc):
+@pytest.mark.parametrize("sig, code, nproc, group", [
+    (signal.SIGINT, 130, "2", True),  # Ctrl-C: the terminal signals the whole foreground group
+    (signal.SIGTERM, 143, "2", False),  # `kill` or a job scheduler signals the launcher alone ...
+    (signal.SIGTERM, 143, "2", True),  # ... or every process of the job (the ranks' fork server too)
+    (signal.SIGTERM, 143, "1", False)])  # 1: the run is in this process
+def test_signal_ends_the_run_with_one_line(tmp_path, sig, code, nproc, group):
     out = tmp_path / "r"
     proc = start(out, "--nproc", nproc, start_new_session=True)
     wait_for_steps(proc, out)
-    ranks = children(proc.pid)
-    if sig == signal.SIGINT:
-        os.killpg(proc.pid, sig)  # Ctrl-C: the terminal signals the whole foreground group
+    ranks, helpers = set(rank_pids(proc.pid)), children(proc.pid)  # helpers: the fork server, resource tracker
+    assert len(ranks) == (2 if nproc == "2" else 0), ranks
+    if group:
+        os.killpg(proc.pid, sig)
     else:
-        proc.send_signal(sig)  # a job scheduler or `kill` signals the launcher alone
+        proc.send_signal(sig)
     try:
         stdout, stderr = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
-        stop(proc, ranks)
+        stop(proc, helpers)
         pytest.fail("the run did not end after the signal")
     assert proc.returncode == code, stderr
     lines = [ln for ln in stderr.splitlines() if ln.strip() and not ln.startswith("step ")
@@ -158,3 +194,7 @@ def test_signal_ends_the_run_with_one_line(tmp_path, sig, code, nproc):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, len(records) + 1)) and len(records) >= 2
     assert not [p for p in ranks if alive(p)], "ranks outlived the interrupted run"
+    deadline = time.monotonic() + 10  # the server ends once its last rank has (its pipe closes)
+    while [p for p in helpers if alive(p)] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in helpers if alive(p)], "the launcher's helper processes outlived the run by 10 s"

@@ -73,6 +73,11 @@ def test_one_process_equals_two_data_parallel(tmp_path):
     assert two.returncode == 0, two.stderr
     # two runs that each round differently from the reference: the floor counts twice
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=2 * LOSS_RTOL)
+    # ranks forked from the fork server (the default) or each a fresh interpreter: the same run
+    spawned = paratrain("train", "--nproc", "2", "--dp", "2", "--steps", "5", "--out", "spawned", *FAST,
+                        cwd=tmp_path, env={"PARATRAIN_START_METHOD": "spawn"})
+    assert spawned.returncode == 0, spawned.stderr
+    assert losses(tmp_path / "spawned") == losses(tmp_path / "two")
 
 
 def test_config_file_with_flag_override(tmp_path):
