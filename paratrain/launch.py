@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from paratrain.errors import Interrupted  # noqa: F401 - defined there, raised here; import it from either
+from paratrain.failures import LaunchError, root_cause  # noqa: F401 - LaunchError: import it from either
 
 LOOPBACK = "127.0.0.1"
 _RDZV_BACKEND = "paratrain-loopback"
@@ -155,18 +156,6 @@ def shutdown_distributed(ok: bool) -> None:
         dist.destroy_process_group()
 
 
-class LaunchError(RuntimeError):
-    """A rank failed. ``rank``/``exitcode`` (None: not seen) of the first failure, its ``message`` and the
-    Python ``traceback`` from inside the rank (empty if it died from a signal)."""
-
-    def __init__(self, rank: int, exitcode: int | None, message: str, traceback: str = "",
-                 others: dict[int, int] | None = None) -> None:
-        self.rank, self.exitcode, self.message, self.traceback = rank, exitcode, message, traceback
-        self.others = others or {}
-        code = "exit code not seen" if exitcode is None else f"exit code {exitcode}"
-        super().__init__(f"rank {rank} failed ({code}): {message}")
-
-
 @contextlib.contextmanager
 def interruptible() -> Iterator[None]:
     """Within this block SIGTERM/SIGHUP/SIGQUIT raise :class:`Interrupted` and Ctrl-C becomes one
@@ -193,22 +182,6 @@ def interruptible() -> Iterator[None]:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-
-
-def _failure_details(failure: Any) -> tuple[str, str]:
-    data = getattr(failure, "error_file_data", None) or {}
-    msg = data.get("message", "") if isinstance(data, dict) else ""
-    if isinstance(msg, dict):
-        tb = msg.get("extraInfo", {}).get("py_callstack", "")
-        text = msg.get("message", "")
-        return text.strip(), tb
-    if failure.exitcode < 0:
-        try:
-            sig = failure.signal_name()
-        except Exception:  # noqa: BLE001 - a name is only a nicety
-            sig = str(-failure.exitcode)
-        return f"the process was killed by signal {sig} without raising a Python error", ""
-    return str(getattr(failure, "message", "") or f"exit code {failure.exitcode}"), ""
 
 
 @contextlib.contextmanager
@@ -282,7 +255,7 @@ def launch(fn: Callable[..., Any], args: tuple[Any, ...], nproc: int, max_restar
     except SignalException as e:  # the launcher already stopped the ranks
         raise Interrupted(e.sigval) from None
     except ChildFailedError as e:
-        cause = _root_cause(e, work_dir, nproc)
+        cause = root_cause(e, work_dir, nproc)
         if cause.message.startswith("KeyboardInterrupt"):  # Ctrl-C reached the ranks first
             raise Interrupted(signal.SIGINT) from None
         if cause.message.startswith("Preempted"):  # a signal reached the ranks only: they saved, then stopped
@@ -382,48 +355,3 @@ def _loopback_rendezvous(params: Any) -> Any:
 
     host, _, port = params.endpoint.rpartition(":")
     return LoopbackRendezvous(host, int(port), 0, 1, params.run_id, 600)
-
-
-# What a rank's collective raises when a peer process is gone (gloo; NCCL's bootstrap): an error
-# caused by another rank's death, never the first failure when a rank without an error of its own died.
-_PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "remote process exited")
-
-
-def _root_cause(e: Any, work_dir: Path, nproc: int | None = None) -> LaunchError:
-    """The rank whose failure came first.
-
-    A rank killed by a signal (SIGKILL from the OOM killer or a user) records no error; its peers
-    then record "Connection reset by peer", perhaps before the launcher learns of the kill, and
-    the launcher may only report one failed rank (forked ranks: the first exit it saw). So: a rank
-    the launcher saw killed by a signal without an error file is it; else, if every recorded error
-    is such a lost-peer error, the first rank that ended with neither an error nor a result (it
-    died without a word); else the earliest error a rank recorded (see ``paratrain.rank``); else
-    the launcher's own information."""
-    import json
-
-    codes = {r: f.exitcode for r, f in e.failures.items()}
-    errors = [json.loads(p.read_text()) for p in work_dir.glob("error-*.json")]
-    rank: int | None = None
-    killed = [r for r, c in sorted(codes.items()) if c < 0 and not (work_dir / f"error-{r}.json").exists()]
-    if killed:
-        rank = killed[0]
-    elif nproc and errors and all(any(m in x["message"] for m in _PEER_LOST) for x in errors):
-        silent = [r for r in range(nproc) if not (work_dir / f"error-{r}.json").exists()
-                  and not (work_dir / f"rank-{r}.pkl").exists()]
-        rank = silent[0] if silent else None
-    if rank is not None:
-        others = {r: c for r, c in codes.items() if r != rank}
-        if rank in codes:
-            message, tb = _failure_details(e.failures[rank])
-            return LaunchError(rank, codes[rank], message, tb, others)
-        return LaunchError(rank, None, "the process ended without raising a Python error, and its peers then lost "
-                           "their connection to it: it was killed (by a signal such as SIGKILL, which the "
-                           "kernel's out-of-memory killer sends) or crashed in native code", "", others)
-    if errors:
-        first = min(errors, key=lambda x: x["time_ns"])
-        rank = first["rank"]
-        others = {r: c for r, c in codes.items() if r != rank}
-        return LaunchError(rank, codes.get(rank, 1), first["message"], first["traceback"], others)
-    rank, failure = e.get_first_failure()
-    message, tb = _failure_details(failure)
-    return LaunchError(rank, failure.exitcode, message, tb, {r: c for r, c in codes.items() if r != rank})

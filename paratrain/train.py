@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +32,7 @@ from paratrain.data import (
     get_batch,
     load_corpus,
 )
-from paratrain.errors import ConfigError
+from paratrain.faults import FAULT_ENV, Fault, StepHook  # noqa: F401 - defined there; importable from here too
 from paratrain.launch import RankEnv, init_distributed, set_threads, shutdown_distributed
 from paratrain.mesh import Mesh, MeshShape
 from paratrain.metrics import MetricsWriter, Progress, read_metrics
@@ -47,41 +45,6 @@ from paratrain.parallel.expert import router_record
 from paratrain.parallel.rng import seed_default_generator
 
 SAMPLE_PROMPT = "def "
-FAULT_ENV = "PARATRAIN_FAULT"
-
-
-StepHook = Callable[[int, int], None]  # (global rank, step), called as each step starts
-
-
-@dataclass(frozen=True)
-class Fault:
-    """Testing aid, a :data:`StepHook`: rank ``rank`` raises (``hang``: sleeps forever) at the
-    start of step ``step``, to check that a failure ends the whole job promptly. From outside:
-    ``PARATRAIN_FAULT=RANK:STEP[:hang]``, parsed once by ``paratrain train`` before it starts the
-    ranks (:meth:`from_env`) and handed to each one's :func:`train_worker`."""
-
-    rank: int
-    step: int
-    hang: bool = False
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Fault | None:
-        spec = environ.get(FAULT_ENV)
-        if not spec:
-            return None
-        parts = spec.split(":")
-        if len(parts) not in (2, 3) or not all(p.isdigit() for p in parts[:2]) or parts[2:] not in ([], ["hang"]):
-            raise ConfigError(f"{FAULT_ENV}={spec!r} is not a fault: expected RANK:STEP or RANK:STEP:hang "
-                              "(a global rank and a step, non-negative integers; e.g. 1:3), or unset it.")
-        return cls(int(parts[0]), int(parts[1]), len(parts) == 3)
-
-    def __call__(self, rank: int, step: int) -> None:
-        if (rank, step) != (self.rank, self.step):
-            return
-        while self.hang:
-            time.sleep(3600)
-        raise RuntimeError(f"injected fault on rank {rank} at step {step} ({FAULT_ENV}="
-                           f"{self.rank}:{self.step}{':hang' if self.hang else ''})")
 
 
 def resolve_device(name: str, local_rank: int) -> torch.device:

@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             rows += module.run(opts)
         except LaunchError as e:
-            from paratrain.cli.train import format_failure
+            from paratrain.cli.train_report import format_failure
 
             print(format_failure(e), file=sys.stderr)
             return 1

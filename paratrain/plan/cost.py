@@ -20,11 +20,9 @@ real schedule.
 from __future__ import annotations
 
 from functools import cached_property, lru_cache
-from typing import NamedTuple
 
 from paratrain.config import PRECISIONS, Layout, vocab_padding_note
 from paratrain.core import bubble, ring, traffic
-from paratrain.core.state import ModelState
 from paratrain.errors import ConfigError
 from paratrain.models.configs import ModelConfig, active_param_count, param_count
 from paratrain.plan import formulas as f
@@ -37,73 +35,18 @@ from paratrain.plan.collectives import (
     exposed_reduction,
     link,
 )
-from paratrain.plan.context import NO_RING, Ring, ring_cost, score_fraction
+from paratrain.plan.context import Ring, ring_cost, score_fraction
 from paratrain.plan.footprint import LayoutMemory, chunks_per_rank
 from paratrain.plan.hardware import Hardware
 from paratrain.plan.options import DEFAULT_OPTIONS, CostOptions
 from paratrain.plan.prediction import CommBytes, Estimate, StepTime
+from paratrain.plan.stagecost import ChunkCost, StageCost
 from paratrain.plan.topology import axis_spans_nodes, pipeline_shape  # noqa: F401 - pipeline_shape: hetero.py
 
 # Adam's update reads the fp32 parameter, the gradient, m and v and writes the parameter, m, v and
 # (mixed precision) the 16-bit working copy: 4+2+4+4 + 4+4+4+2 = 28 bytes per parameter it owns
 # (fp32: 4+4+4+4 + 4+4+4 = 28). It is memory-bound, so it takes 28 psi / memory bandwidth.
 OPTIMIZER_BYTES_PER_PARAM = 28
-
-
-class ChunkCost(NamedTuple):
-    """One model chunk (a pipeline stage) per micro-batch: compute and tensor-parallel seconds of
-    its forward and backward, and its parameters on one device."""
-
-    layers: int
-    first: bool
-    last: bool
-    params: float
-    forward_s: float
-    backward_s: float  # includes recomputation
-    tp_forward_s: float
-    tp_backward_s: float
-    tp_bytes: float  # wire bytes per micro-batch
-    ring: Ring = NO_RING  # context parallelism: the chunk's exposed ring seconds and bytes (plan/context.py)
-
-
-class StageCost(NamedTuple):
-    """One pipeline rank (any of its dp x tp devices: they are alike): per micro-batch seconds,
-    per step bytes, and the memory it holds at its peak. (An immutable tuple rather than a frozen
-    dataclass: the search builds tens of thousands, and a tuple is several times cheaper to make.)"""
-
-    stage: int
-    count: int  # pipeline ranks this entry stands for (1 unless grouped; see PipelineShape)
-    num_layers: int
-    params: float
-    state: ModelState  # predicted: f.model_state_bytes (the runtime measures the same record)
-    buffer_bytes: float
-    activation_bytes: float  # stored by forwards, at the schedule's peak
-    rebuilt_bytes: float  # full recomputation: one block rebuilt during its backward
-    forward_s: float
-    backward_s: float  # includes recomputation
-    tp_s: float
-    p2p_s: float
-    tp_bytes: float  # per step
-    pp_bytes: float  # per step
-    dp_bytes: float  # per step
-    dp_exposed_s: float
-    tp_sync_s: float  # per step, after the schedule: SP-partial and grad-norm all-reduces over tp
-    pp_sync_s: float  # per step: tied-embedding and grad-norm all-reduces, loss broadcast over pp
-    optimizer_s: float
-    chunks: tuple[ChunkCost, ...] = ()
-    dp_buckets: Buckets = NO_BUCKETS  # ZeRO-0 gradient buckets (what the simulator replays)
-    dp_other_s: float = 0.0  # the part of dp_exposed_s that is not those buckets
-    p2p_message_s: float = 0.0  # one pipeline message
-    cp_s: float = 0.0  # per micro-batch: the ring attention's exposed transfers
-    cp_bytes: float = 0.0  # per step
-
-    @property
-    def peak_bytes(self) -> float:
-        return self.state.total + self.buffer_bytes + self.activation_bytes + self.rebuilt_bytes
-
-    @property
-    def microbatch_s(self) -> float:
-        return self.forward_s + self.backward_s + self.tp_s + self.p2p_s + self.cp_s
 
 
 def compute_share(hw: Hardware, world_size: int) -> float:

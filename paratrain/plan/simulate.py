@@ -47,7 +47,6 @@ from paratrain.plan.cost import (
     DEFAULT_OPTIONS,
     CostOptions,
     Estimate,
-    StageCost,
     chunks_per_rank,
     estimate,
     make_estimate,
@@ -56,6 +55,7 @@ from paratrain.plan.cost import (
 )
 from paratrain.plan.hardware import Hardware
 from paratrain.plan.prediction import StepTime
+from paratrain.plan.stagecost import StageCost
 
 SHARING_ROUNDS = 8
 

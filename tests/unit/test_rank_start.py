@@ -16,7 +16,8 @@ from types import SimpleNamespace
 import pytest
 
 from paratrain.errors import ConfigError
-from paratrain.launch import _root_cause, start_method
+from paratrain.failures import root_cause
+from paratrain.launch import start_method
 from paratrain.rank import process_alive
 from tests.cli.test_train_cli import FAST, REPO, paratrain
 
@@ -80,15 +81,15 @@ def test_a_rank_killed_by_a_signal_is_the_root_cause_not_the_peer_that_lost_it(t
     killed rank (no error of its own, a negative exit code) is still the one to name."""
     _error(tmp_path, 0, "RuntimeError: Connection reset by peer", time.time_ns())
     e = SimpleNamespace(failures={0: _failure(1), 1: _failure(-9)})
-    cause = _root_cause(e, tmp_path)
+    cause = root_cause(e, tmp_path)
     assert (cause.rank, cause.exitcode) == (1, -9) and "signal SIGKILL" in cause.message
     assert cause.others == {0: 1}
 
 
-def test_otherwise_the_earliest_recorded_error_is_the_root_cause(tmp_path):
+def test_otherwise_the_earliest_recorded_error_is_theroot_cause(tmp_path):
     _error(tmp_path, 1, "RuntimeError: injected fault", 100)
     _error(tmp_path, 0, "RuntimeError: Connection closed by peer", 200)
-    cause = _root_cause(SimpleNamespace(failures={0: _failure(1), 1: _failure(1)}), tmp_path)
+    cause = root_cause(SimpleNamespace(failures={0: _failure(1), 1: _failure(1)}), tmp_path)
     assert (cause.rank, cause.message) == (1, "RuntimeError: injected fault")
 
 
