@@ -25,7 +25,7 @@ train: setup
 
 # Two pytest workers (pytest-xdist), each test file on one of them: a test's ranks alone leave
 # the cores idle a third of the time (process start-up, the launcher's waits, timeouts). Measured
-# on this 2-core machine: the suite in 13 min 30 s with one worker, 8 min 20 s with two.
+# on this 2-core machine: the suite in 13 min 30 s with one worker, 7 min 52 s with two.
 PYTEST_PAR := -n 2 --dist loadfile
 
 test: setup
