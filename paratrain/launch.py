@@ -210,8 +210,9 @@ def launch(fn: Callable[..., Any], args: tuple[Any, ...], nproc: int, max_restar
 
     ``fn`` must be a module-level function and ``args`` picklable: each rank is a process of its
     own that ends without interpreter finalisation (``paratrain.rank``, see there for why), forked
-    from a server that has already imported torch (:func:`start_method`). Under an outside torchrun, runs ``fn`` here as
-    this process's rank; the caller should then end with :func:`paratrain.rank.end_process`."""
+    from a server that has already imported torch (:func:`start_method`). Under an outside
+    torchrun, runs ``fn`` here as this process's rank; the caller should then end with
+    :func:`paratrain.rank.end_process`."""
     if under_torchrun():
         return {int(os.environ["RANK"]): fn(*args)}
     if nproc == 1:
@@ -293,7 +294,9 @@ def prestart(modules: tuple[str, ...] = ("paratrain.train",)) -> bool:
     importing torch itself). Idempotent; a no-op under an outside torchrun, where ranks are
     torchrun's. ``paratrain.rank_server`` comes first: it makes the server itself immune to the
     signals meant for the job (a Ctrl-C or SIGTERM to the process group stops the ranks, not the
-    process that reports their exit codes). True if the server runs; False if it is not the start
+    process that reports their exit codes). The server is multiprocessing's, one per process: if
+    this process also starts forkserver children of its own, they come from it too (with those
+    signals ignored). True if the server runs; False if it is not the start
     method or could not start (its socket's path under ``$TMPDIR`` is over the 107 bytes a Unix
     socket's may have, say): :func:`launch` then spawns."""
     if under_torchrun() or start_method() != "forkserver":
