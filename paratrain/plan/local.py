@@ -113,12 +113,11 @@ def auto_layout(cfg: TrainConfig, nproc: int, hw: Hardware, source: str, fixed: 
     pred = min(ties, key=lambda p: _complexity(p.simulation.estimate.layout))
     layout = pred.simulation.estimate.layout
     why = result.explain()
-    if layout != result.best.layout:  # one winner in the text: the estimate's first is not the choice
+    if layout != result.best.layout:  # the choice first; the estimate's own first only as its ranking
         best = f"[{result.best.layout}] wins at"
-        why = why.replace(best, f"By the estimate alone {best}", 1)
-        why += (f" Simulated on the real schedule, the {len(sims)} fastest estimates give [{layout}] "
-                f"{pred.step_time_s * 1e3:.1f} ms" + (f", the simplest of the {len(ties)} within {TIE:.0%} of the "
-                                                     f"fastest" if len(ties) > 1 else ", the fastest") + ".")
+        how = f"the simplest of the {len(ties)} within {TIE:.0%} of the fastest" if len(ties) > 1 else "the fastest"
+        why = (f"Chosen [{layout}]: simulated on the real schedule, the {len(sims)} fastest estimates give it "
+               f"{pred.step_time_s * 1e3:.1f} ms, {how}. " + why.replace(best, f"By the estimate alone {best}", 1))
     ranked = sorted(sims, key=lambda p: p.step_time_s)
     return AutoPlan(layout, pred, result.considered, why,
                     tuple((p.simulation.estimate.layout, p.step_time_s) for p in ranked))

@@ -167,7 +167,7 @@ def test_equal_step_times_prefer_less_traffic() -> None:
 def test_plan_auto_names_one_winner():
     """--plan auto simulates the estimate's shortlist and may choose another layout than the
     estimate's first: the explanation then says the estimate's first would win by the estimate
-    alone, and names the chosen layout as what the simulation gives, never two "winners"."""
+    alone, and names the chosen layout first, as what the simulation gives, never two "winners"."""
     from paratrain.config import TrainConfig
     from paratrain.plan.local import auto_layout, local_hardware
 
@@ -175,5 +175,6 @@ def test_plan_auto_names_one_winner():
     auto = auto_layout(TrainConfig(), 2, hw, source)
     assert auto.explanation.count(" wins at") == 1
     first = auto.explanation.split(" wins at")[0]
-    assert first.endswith(f"[{auto.layout}]") or (first.startswith("By the estimate alone")
-                                                  and f"give [{auto.layout}]" in auto.explanation)
+    assert first.endswith(f"[{auto.layout}]") or (
+        auto.explanation.startswith(f"Chosen [{auto.layout}]: simulated") and first.endswith("]")
+        and "By the estimate alone [" in first)
