@@ -104,8 +104,9 @@ def add_layout_args(p: argparse.ArgumentParser, dp_default: str = "the processes
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="TOML, YAML or JSON file (a run's config.json too) with "
-                   "any of the options below (keys as the flags: warmup_steps or warmup-steps; layout "
-                   "keys at top level or in a [layout] table); flags override it")
+                   "any of the options below (keys as the flags: warmup_steps or warmup-steps, timeout, "
+                   "quiet = true, no-checkpoint = true; layout keys at top level or in a [layout] table); "
+                   "flags override it")
     p.add_argument("--nproc", type=int, metavar="N", help=f"local processes to start (default: dp*pp*cp*tp, "
                    f"{DEFAULT_NPROC} when no degree is given; ignored under torchrun)")
     add_layout_args(p)
@@ -212,6 +213,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 # Config-file keys are the option names (either spelling: ``warmup-steps`` or ``warmup_steps``);
 # where a flag's name differs from its field, both are accepted.
 _KEY_ALIASES = {"timeout": "timeout_s"}
+# Config keys spelled like a flag that switches something off: ``quiet = true`` is progress = false.
+_NEGATED = {"quiet": "progress", "no_checkpoint": "checkpoint", "no_overlap": "overlap",
+            "no_async_checkpoint": "async_checkpoint"}
 
 
 def _normalise(key: str) -> str:
@@ -232,6 +236,13 @@ def _yaml_load(text: str) -> Any:
 
     Loader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML_FLOAT, list("-+0123456789"))
     return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def coerce_bool(key: str, value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(f"{where}: {key} = {value!r} ({type(value).__name__}) is not true or false; write {key} as "
+                      f"true or false.")
 
 
 def coerce_value(key: str, value: Any, where: str) -> Any:
@@ -291,6 +302,9 @@ def load_config_file(path: str) -> dict[str, Any]:
     for key, value in raw.items():
         if _normalise(key) == "layout" and isinstance(value, dict):
             flat.update({_normalise(k): v for k, v in value.items()})
+        elif _normalise(key) in _NEGATED:  # a flag's spelling (--quiet): the field it switches off
+            name = _normalise(key)
+            flat[_NEGATED[name]] = not coerce_bool(name, value, f"config file {path!r}")
         else:
             flat[_normalise(key)] = value
     unknown = sorted(set(flat) - set(LAYOUT_FIELDS) - set(TRAIN_FIELDS))

@@ -65,3 +65,15 @@ def test_a_runs_own_config_json_is_a_config_file(tmp_path):
     assert config(tmp_path, "config.json", (tmp_path / "config.json").read_text()) == ran
     with pytest.raises(ConfigError, match="must hold a table"):
         config(tmp_path, "list.json", "[1, 2]")
+
+
+def test_keys_may_be_spelled_like_their_flags(tmp_path):
+    """A key may be written as its flag is (``timeout`` for --timeout, ``no-checkpoint`` for
+    --no-checkpoint, ``quiet`` for --quiet): the negative ones switch their field off."""
+    cfg = config(tmp_path, "c.toml", 'timeout = 7\nno-checkpoint = true\nquiet = true\nno_overlap = false\n')
+    assert (cfg.timeout_s, cfg.checkpoint, cfg.progress, cfg.overlap) == (7.0, False, False, True)
+    cfg = config(tmp_path, "d.yaml", "checkpoint: false\nprogress: true\n")  # the field names too
+    assert (cfg.checkpoint, cfg.progress) == (False, True)
+    (tmp_path / "e.yaml").write_text("quiet: 1\n")
+    with pytest.raises(ConfigError, match="quiet = 1 .* is not true or false"):
+        load_config_file(str(tmp_path / "e.yaml"))
