@@ -161,6 +161,11 @@ class Layout:
 
     def check_degrees(self) -> None:
         """Checks that need no model: types and ranges of every field."""
+        self._shared_degrees()
+        self._check_recompute()
+
+    def _shared_degrees(self) -> None:
+        """:meth:`check_degrees` without what reads the recomputation."""
         dp, pp, tp, cp, ep, m, v = self.dp, self.pp, self.tp, self.cp, self.ep, self.microbatches, self.virtual_stages
         if not (type(dp) is type(pp) is type(tp) is type(cp) is type(ep) is type(m) is type(v) is int  # the planner
                 and min(dp, pp, tp, cp, ep, m, v) >= 1):  # checks ~10^4 layouts: the common case in one test
@@ -170,22 +175,29 @@ class Layout:
             raise ConfigError(f"zero must be one of 0, 1, 2, 3 (ZeRO stage), got {self.zero!r}.")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}.")
+        self._pipeline_shared()
+
+    def _check_recompute(self) -> None:
+        """The checks of :meth:`check_degrees` that read the recomputation."""
         if self.recompute not in RECOMPUTE:
             raise ConfigError(f"recompute must be one of {', '.join(RECOMPUTE)}, got {self.recompute!r}.")
-        self.check_pipeline()
-
-    def check_pipeline(self) -> None:
-        """Pipeline checks that need no model (``paratrain schedule`` runs only these)."""
-        if self.schedule == "zb-v" and self.pp > 1 and self.virtual_stages != 2:
-            raise ConfigError(
-                f"the zb-v schedule runs exactly two chunks per pipeline rank (V placement); got "
-                f"virtual_stages={self.virtual_stages} (--virtual-stages). Leave it out or give 2."
-            )
         if self.schedule in ("zb-h1", "zb-v") and self.pp > 1 and self.recompute == "full":
             raise ConfigError(
                 f"the {self.schedule} schedule defers the weight gradients of each block's linears "
                 f"from the forward it records, which full recomputation replays differently; use "
                 f"--recompute selective or none with it, or --schedule 1f1b with --recompute full."
+            )
+
+    def check_pipeline(self) -> None:
+        """Pipeline checks that need no model."""
+        self._pipeline_shared()
+        self._check_recompute()
+
+    def _pipeline_shared(self) -> None:
+        if self.schedule == "zb-v" and self.pp > 1 and self.virtual_stages != 2:
+            raise ConfigError(
+                f"the zb-v schedule runs exactly two chunks per pipeline rank (V placement); got "
+                f"virtual_stages={self.virtual_stages} (--virtual-stages). Leave it out or give 2."
             )
         if self.virtual_stages > 1 and self.schedule not in ("interleaved", "zb-v"):
             raise ConfigError(
@@ -218,8 +230,34 @@ class Layout:
                 )
 
     def validate(self, model: ModelConfig, global_batch: int, seq_len: int) -> None:
-        """Raise ConfigError if this layout cannot train ``model`` on the given batch shape."""
-        self.check_degrees()
+        """Raise ConfigError if this layout cannot train ``model`` on the given batch shape: the
+        checks of every field but recomputation and sequence parallelism (:meth:`check_shared`),
+        then those of these two (:meth:`check_variant`). The planner's search checks the first
+        once for all the variants of a layout that differ only in those two (tested: it never
+        reads them)."""
+        self.check_shared(model, global_batch, seq_len)
+        self.check_variant(seq_len)
+
+    def check_variant(self, seq_len: int) -> None:
+        """The checks of :meth:`validate` that read recomputation or sequence parallelism."""
+        self._check_recompute()
+        if self.sequence_parallel and (self.tp == 1 or seq_len % self.tp):
+            raise ConfigError(
+                f"sequence parallelism needs tp > 1 and seq_len divisible by tp "
+                f"(got tp={self.tp}, seq_len={seq_len}): it splits each sequence over the tp ranks. "
+                f"Use a tp > 1 that divides seq_len, or drop --sequence-parallel."
+            )
+        if self.sequence_parallel and self.cp > 1 and (seq_len // self.cp) % self.tp:
+            raise ConfigError(
+                f"sequence parallelism with context parallelism splits each rank's seq_len / cp = "
+                f"{seq_len // self.cp} tokens over tp={self.tp}, which must divide it. Use a seq_len "
+                f"divisible by cp x tp = {self.cp * self.tp}, or drop --sequence-parallel."
+            )
+
+    def check_shared(self, model: ModelConfig, global_batch: int, seq_len: int) -> None:
+        """:meth:`validate` without :meth:`check_variant`: reads neither ``recompute`` nor
+        ``sequence_parallel``."""
+        self._shared_degrees()
         _positive_int("global_batch", global_batch)
         _positive_int("seq_len", seq_len)
         if seq_len > model.max_seq_len:
@@ -248,12 +286,6 @@ class Layout:
                         f"parallelism splits it evenly. Valid tp values for {model.name!r}: "
                         f"{valid_tp(model)}."
                     )
-        if self.sequence_parallel and (self.tp == 1 or seq_len % self.tp):
-            raise ConfigError(
-                f"sequence parallelism needs tp > 1 and seq_len divisible by tp "
-                f"(got tp={self.tp}, seq_len={seq_len}): it splits each sequence over the tp ranks. "
-                f"Use a tp > 1 that divides seq_len, or drop --sequence-parallel."
-            )
         self._check_context(model, seq_len)
         check_experts(self, model)
         chunks = self.pp * self.virtual_stages
@@ -270,8 +302,8 @@ class Layout:
 
     def _check_context(self, model: ModelConfig, seq_len: int) -> None:
         """Context parallelism cuts every sequence into 2 cp chunks (rank i holds chunks i and
-        2 cp - 1 - i, which balances the causal mask); under sequence parallelism each rank's
-        seq_len / cp tokens are split again over tp."""
+        2 cp - 1 - i, which balances the causal mask; under sequence parallelism each rank's
+        seq_len / cp tokens are split again over tp: :meth:`check_variant`)."""
         if self.cp == 1:
             return
         if seq_len % (2 * self.cp):
@@ -282,12 +314,6 @@ class Layout:
                 f"(rank i holds chunks i and {n - 1}-i, balancing the causal mask), so seq_len must be "
                 f"divisible by {n}; got seq_len={seq_len}. Use a multiple of {n} as --seq-len, or a cp "
                 f"dividing seq_len / 2 (valid cp > 1 for seq_len {seq_len}: {valid})."
-            )
-        if self.sequence_parallel and (seq_len // self.cp) % self.tp:
-            raise ConfigError(
-                f"sequence parallelism with context parallelism splits each rank's seq_len / cp = "
-                f"{seq_len // self.cp} tokens over tp={self.tp}, which must divide it. Use a seq_len "
-                f"divisible by cp x tp = {self.cp * self.tp}, or drop --sequence-parallel."
             )
         if model.dropout > 0:
             raise ConfigError(

@@ -131,7 +131,12 @@ def zb_h1(p: int, m: int) -> Schedule:
     return lower("zb-h1", p, m, 1, orders, [min(p, m)] * p)
 
 
+def zb_v_orders(p: int, m: int) -> list[Order]:
+    """ZB-V's per-rank compute orders (:func:`zb_v` without the transfers; the planner counts
+    stashed chunks from them)."""
+    return list_schedule(p, m, 2, VEE, [min(2 * p, 2 * m)] * p)
+
+
 def zb_v(p: int, m: int) -> Schedule:
     """ZB-V: two chunks per rank in the V placement, 1F1B's peak memory (``2p`` chunks)."""
-    bounds = [min(2 * p, 2 * m)] * p
-    return lower("zb-v", p, m, 2, list_schedule(p, m, 2, VEE, bounds), bounds, placement=VEE)
+    return lower("zb-v", p, m, 2, zb_v_orders(p, m), [min(2 * p, 2 * m)] * p, placement=VEE)

@@ -53,9 +53,19 @@ def divisors(n: int) -> list[int]:
     return small + [n // d for d in reversed(small) if d * d != n]
 
 
-def _valid(layout: Layout, model: ModelConfig, global_batch: int, seq_len: int) -> bool:
+def _shared_valid(layout: Layout, model: ModelConfig, global_batch: int, seq_len: int) -> bool:
+    """``layout`` passes :meth:`Layout.check_shared`: the part of validate that every variant of it
+    in recomputation and sequence parallelism shares."""
     try:
-        layout.validate(model, global_batch, seq_len)
+        layout.check_shared(model, global_batch, seq_len)
+    except ConfigError:
+        return False
+    return True
+
+
+def _variant_valid(layout: Layout, seq_len: int) -> bool:
+    try:
+        layout.check_variant(seq_len)
     except ConfigError:
         return False
     return True
@@ -86,7 +96,8 @@ def enumerate_layouts(model: ModelConfig, num_devices: int, global_batch: int, s
 
     Validity never depends on the ZeRO stage beyond its range, so one candidate per combination
     of the other fields is validated and its ZeRO variants share the verdict (a test checks this
-    against validating each one)."""
+    against validating each one); its variants in recomputation and sequence parallelism share
+    :meth:`Layout.check_shared`'s, and each is checked by :meth:`Layout.check_variant`."""
     for valid, zeros in _blocks(model, num_devices, global_batch, seq_len, devices_per_node, fixed,
                                 allow_cross_node_tp):
         for zero in zeros:
@@ -130,9 +141,10 @@ def _blocks(model: ModelConfig, num_devices: int, global_batch: int, seq_len: in
                                   stage_layers=stage_layers, stage_speeds=stage_speeds,
                                   ep=fixed.get("ep", 1))  # not searched yet: given or 1 (docs/expert.md)
                     one = Layout(**shared, zero=zeros[0], recompute=recomputes[0], sequence_parallel=sps[0])
+                    if not _shared_valid(one, model, global_batch, seq_len):  # validate's common part, once
+                        continue
                     valid = tuple(c for r in recomputes for sp in sps
-                                  if _valid(c := variant(one, recompute=r, sequence_parallel=sp), model, global_batch,
-                                            seq_len))
+                                  if _variant_valid(c := variant(one, recompute=r, sequence_parallel=sp), seq_len))
                     if valid:
                         yield valid, tuple(zeros)
 

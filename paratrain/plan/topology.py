@@ -18,7 +18,8 @@ from functools import lru_cache
 from paratrain.core import traffic
 from paratrain.core.bubble import in_flight_microbatches as f_in_flight
 from paratrain.core.partition import stage_sizes
-from paratrain.core.schedules import build_schedule, stage_of
+from paratrain.core.schedules import stage_of
+from paratrain.core.zero_bubble import zb_v_orders
 from paratrain.errors import ConfigError
 from paratrain.mesh import MeshShape
 from paratrain.models.configs import ModelConfig
@@ -137,20 +138,22 @@ def stash_states(schedule: str, pp: int, microbatches: int, virtual_stages: int,
 
 @lru_cache(maxsize=256)
 def _zb_v_states(pp: int, microbatches: int, virtual_stages: int) -> tuple[tuple[tuple[int, ...], ...], ...]:
-    """:func:`stash_states` of every rank of a ZB-V schedule, from one build of it."""
-    schedule = build_schedule("zb-v", pp, microbatches)
-    return tuple(_scanned_states(schedule.compute_order(rank), virtual_stages) for rank in range(pp))
+    """:func:`stash_states` of every rank of a ZB-V schedule, from its list scheduler's compute
+    orders (those of ``build_schedule("zb-v", ...)`` without the transfers ``lower`` adds: tested)."""
+    orders = zb_v_orders(pp, microbatches)
+    return tuple(_scanned_states(orders[rank], virtual_stages) for rank in range(pp))
 
 
 def _scanned_states(order: list, v: int) -> tuple[tuple[int, ...], ...]:
-    """The maximal per-chunk stash states along a compute order (F stashes, B or W frees)."""
+    """The maximal per-chunk stash states along a compute order of (kind, micro-batch, chunk)
+    (F stashes, B or W frees)."""
     live, states = [0] * v, set()
-    for a in order:
-        if a.kind == "F":
-            live[a.chunk] += 1
+    for kind, _, chunk in order:
+        if kind == "F":
+            live[chunk] += 1
             states.add(tuple(live))
-        elif a.kind in ("B", "W"):
-            live[a.chunk] -= 1
+        elif kind in ("B", "W"):
+            live[chunk] -= 1
     maximal = [s for s in states if not any(o != s and all(x >= y for x, y in zip(o, s)) for o in states)]
     return tuple(sorted(maximal))
 

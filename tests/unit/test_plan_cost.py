@@ -356,3 +356,26 @@ def test_stash_states_are_the_generated_schedules(p: int, k: int, v: int) -> Non
                 seen.add(tuple(counts))
         maximal = {x for x in seen if not any(o != x and all(i >= j for i, j in zip(o, x)) for o in seen)}
         assert set(stash_states("interleaved", p, m, v, r)) == maximal
+
+
+def test_zb_v_stash_states_are_the_lowered_schedules() -> None:
+    """The planner counts ZB-V's stash from the list scheduler's orders (no transfers lowered):
+    the same compute orders, and so the same states, as the schedule training runs, including
+    micro-batch counts under the rank count where the bound is 2m."""
+    from paratrain.core.schedules import build_schedule
+    from paratrain.core.zero_bubble import zb_v_orders
+    from paratrain.plan.topology import stash_states
+
+    for p in range(2, 7):
+        for m in range(1, 2 * p + 1):
+            lowered, orders = build_schedule("zb-v", p, m), zb_v_orders(p, m)
+            for r in range(p):
+                assert orders[r] == [(a.kind, a.microbatch, a.chunk) for a in lowered.compute_order(r)]
+                counts, seen = [0, 0], set()
+                for a in lowered.compute_order(r):
+                    if a.kind in ("F", "W"):
+                        counts[a.chunk] += 1 if a.kind == "F" else -1
+                    if a.kind == "F":
+                        seen.add(tuple(counts))
+                maximal = {x for x in seen if not any(o != x and all(i >= j for i, j in zip(o, x)) for o in seen)}
+                assert set(stash_states("zb-v", p, m, 2, r)) == maximal

@@ -178,3 +178,46 @@ def test_plan_auto_names_one_winner():
     assert first.endswith(f"[{auto.layout}]") or (
         auto.explanation.startswith(f"Chosen [{auto.layout}]: simulated") and first.endswith("]")
         and "By the estimate alone [" in first)
+
+
+class _Blind:
+    """A layout whose recomputation and sequence parallelism cannot be read."""
+
+    def __init__(self, layout: Layout) -> None:
+        self._layout = layout
+
+    def __getattr__(self, name: str):
+        if name in ("recompute", "sequence_parallel"):
+            raise AssertionError(f"check_shared read {name}")
+        value = getattr(self._layout, name)
+        return value.__get__(self) if hasattr(value, "__func__") else value
+
+
+@pytest.mark.parametrize("fields", [
+    dict(dp=2, tp=2, pp=2, microbatches=4, schedule="interleaved", virtual_stages=2),
+    dict(tp=2, cp=2, dp=2, microbatches=2), dict(pp=3, schedule="zb-v", microbatches=6),
+    dict(dp=3, microbatches=5), dict(tp=5, pp=7), dict(pp=2, stage_layers=(1, 5), schedule="zb-h1"),
+])
+def test_the_search_checks_once_what_variants_share(fields: dict) -> None:
+    """search._blocks checks Layout.check_shared once per candidate and check_variant per variant
+    in recomputation and sequence parallelism: that is validate only if check_shared never reads
+    those two fields (run on valid and invalid layouts: a read fails the test either way), and
+    validate is exactly the two."""
+    for recompute, sp in itertools.product(RECOMPUTE, (False, True)):
+        layout = Layout(**fields, recompute=recompute, sequence_parallel=sp)
+        try:
+            Layout.check_shared(_Blind(layout), SMALL, 12, 60)
+            shared = None
+        except ConfigError as e:
+            shared = str(e)
+        try:
+            layout.check_variant(60)
+            variant = None
+        except ConfigError as e:
+            variant = str(e)
+        try:
+            layout.validate(SMALL, 12, 60)
+            whole = None
+        except ConfigError as e:
+            whole = str(e)
+        assert whole == (shared or variant)
