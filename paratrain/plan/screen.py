@@ -97,15 +97,18 @@ class MemoryScreen:
         self.unit_bytes = P_b + self.G_b  # a ZeRO-3 unit gathered and its gradient
         self.offload = options.offload_optimizer and hw.host_link_bw > 0  # as cost._Layout's
         self._statics: dict[tuple, _Statics] = {}
+        self._shapes: dict[tuple, PipelineShape] = {}
         self._states: dict[tuple, tuple[tuple[float, ...], ...]] = {}
         self._pieces: dict[tuple, tuple[float, ...]] = {}
         self._stashes: dict[tuple, tuple[Stash, ...]] = {}
 
     def _static(self, key: tuple, layout: Layout, v: int) -> _Statics:
         model, p, t = self.model, layout.pp, layout.tp
-        shape = pipeline_shape(model, self.seq_len, p, v, self.options.stage_layers or layout.stage_layers,
-                               layout.stage_speeds, self.options.rank_speeds,
-                               placement_of(layout.schedule) if p > 1 else LOOP)
+        shape = self._shapes.get(key[1:6])  # the pipeline's shape does not depend on tp or ep
+        if shape is None:
+            shape = self._shapes[key[1:6]] = pipeline_shape(
+                model, self.seq_len, p, v, self.options.stage_layers or layout.stage_layers, layout.stage_speeds,
+                self.options.rank_speeds, placement_of(layout.schedule) if p > 1 else LOOP)
         block = f.block_params_per_device(model.hidden, model.ffn_hidden, t, ep=layout.ep, **f.shape_args(model))
         embed = padded_vocab_size(model.vocab_size, t) * model.hidden / t
         head_copy = (not model.tie_embeddings) or (p > 1 and layout.schedule != "zb-v")  # as LayoutMemory's
@@ -128,10 +131,10 @@ class MemoryScreen:
                 tuple(_state_total(x, zero, r, self.precision, self.G_b, self.offload)
                       + (self.unit_bytes * static.unit if (zero == 3 and r > 1) else 0.0) for zero in self.zeros)
                 for x in static.params)
-        stashes = self._stashes.get((key, m))
+        stashes = self._stashes.get((key[1:6], m))  # nor the stashed micro-batches
         if stashes is None:
-            stashes = self._stashes[key, m] = tuple(stash_of(static.shape, schedule, m, i)
-                                                    for i, _ in static.shape.groups)
+            stashes = self._stashes[key[1:6], m] = tuple(stash_of(static.shape, schedule, m, i)
+                                                         for i, _ in static.shape.groups)
         o = self.options
         b = (o.local_batch if o.local_batch is not None else self.global_batch / layout.dp) / m
         return states, stashes, b, (m if (schedule == "gpipe" and p > 1) else 1), \
@@ -184,8 +187,9 @@ class _Family:
         self.layout = layout
         self.sps: set[bool] = set()
         self.zeros: set[int] = set()
-        # by micro-batches: (index, candidate, ZeRO stage, the block's stages) of each layout that fits
-        self.items: dict[int, list[tuple[int, Layout, int, tuple[int, ...]]]] = {}
+        # by micro-batches: the layouts that fit, as runs (index of the first, candidates, ZeRO stage,
+        # the block's stages): layout index + j is candidate j at that stage
+        self.items: dict[int, list[tuple[int, tuple[Layout, ...], int, tuple[int, ...]]]] = {}
         self.pure = layout.pp == 1 and layout.tp == 1
         self.bound: float | None = None
         self.bounds: dict[int, float] = {}  # by micro-batches
@@ -216,7 +220,7 @@ def bounded(blocks: Sequence[Block], model: ModelConfig, hw: Hardware, global_ba
             if upper[k] <= capacity:  # every candidate fits at this stage
                 if items is None:
                     items = family.items.setdefault(first.microbatches, [])
-                items.extend((index + j, c, zero, block_zeros) for j, c in enumerate(valid))
+                items.append((index, valid, zero, block_zeros))
                 fitting += len(valid)
                 index += len(valid)
                 continue
@@ -226,7 +230,7 @@ def bounded(blocks: Sequence[Block], model: ModelConfig, hw: Hardware, global_ba
                 if peak <= capacity:
                     if items is None:
                         items = family.items.setdefault(first.microbatches, [])
-                    items.append((index, c, zero, block_zeros))
+                    items.append((index, (c,), zero, block_zeros))
                     fitting += 1
                 else:
                     if misfit is None or (peak, index) < misfit[:2]:
@@ -273,7 +277,7 @@ def _best_first(families: list[_Family], top: int, args: tuple, price: Callable[
         heap.append((fam.bound, 0, n))
     heapq.heapify(heap)
     counts: list[tuple[_Family, int]] = []
-    items: list[tuple[int, Layout, int, tuple[int, ...]]] = []
+    items: list[tuple[int, Layout, int]] = []
     best: list[tuple[Key, int]] = []  # (key, index), sorted, at most top
     estimates: dict[int, Estimate] = {}
     while heap:
@@ -289,16 +293,16 @@ def _best_first(families: list[_Family], top: int, args: tuple, price: Callable[
                 counts.append((fam, m))
         elif kind == 1:
             fam, m = counts[n]
-            for item in fam.items[m]:
-                index, layout, zero, block_zeros = item
-                bounds = contexts.get(id(layout))
-                if bounds is None:
-                    bounds = contexts[id(layout)] = step_time_lower_bounds(layout_context(model, layout, *rest),
-                                                                           block_zeros)
-                heapq.heappush(heap, (bounds[zero], 2, len(items)))
-                items.append(item)
+            for first, run, zero, block_zeros in fam.items[m]:
+                for j, layout in enumerate(run):
+                    bounds = contexts.get(id(layout))
+                    if bounds is None:
+                        bounds = contexts[id(layout)] = step_time_lower_bounds(layout_context(model, layout, *rest),
+                                                                               block_zeros)
+                    heapq.heappush(heap, (bounds[zero], 2, len(items)))
+                    items.append((first + j, layout, zero))
         else:
-            index, layout, zero, _ = items[n]
+            index, layout, zero = items[n]
             est = estimates[index] = price(index, layout, zero)
             bisect.insort(best, (rank_key(est), index))
             del best[top:]
