@@ -269,8 +269,11 @@ def layer_activation_bytes(s: int, b: float, h: int, a: int, F: int, t: int = 1,
 
     A mixture of experts (``moe``): each token's row enters ``moe.active()`` MLPs per block on
     average, so the fc1 input and the MLP's inner activations count that many times, the experts'
-    not split over tp (unless ``moe.tp_split``); the router's (b, s, E) probabilities are left
-    out (E << h).
+    not split over tp (unless ``moe.tp_split``). A MoE block also keeps (``models/moe.py``, counted
+    with ``ActivationMeter``) the router's input (sbh), each row's expert output and its gated copy
+    (2k sbh, which the combine's multiply and index_add keep), and the routing's fp32 / int64
+    tensors: per token the probabilities, the sort's indices and values (16 E bytes), the gates'
+    sum (4), and per row the kept mask, two index vectors and the gate (21 bytes).
     """
     k = h if kv is None else kv
     if recompute == "full":
@@ -281,6 +284,9 @@ def layer_activation_bytes(s: int, b: float, h: int, a: int, F: int, t: int = 1,
     e = elem_bytes
     replicated = e * 2 * s * b * h + mask * 2 * s * b * h  # LayerNorm inputs, residual dropout masks
     replicated += e * (4 if gated else 2) * s * b * F * whole  # the whole experts' inner activations
+    if moe is not None:  # the router's input, the experts' outputs and their gated copy, the routing's tensors
+        E, top = moe.experts, moe.top_k
+        replicated += moe.share * (e * (1 + 2 * top) * s * b * h + (16 * E + 4 + 21 * top) * s * b)
     linear_inputs = e * (1 + mlps) * s * b * h  # qkv and fc1 inputs
     split = e * (2 * s * b * h + 2 * s * b * k + (4 if gated else 2) * s * b * F * (mlps - whole))
     if recompute != "selective":

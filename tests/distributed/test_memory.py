@@ -56,6 +56,13 @@ def test_measured_memory_is_the_planners(name):
         pad = 4 * (cfg.layout.dp - 1) * (cfg.model_config().num_layers + 1) if cfg.layout.zero else 0
         assert 0 <= gap.params <= pad and 0 <= gap.grads <= pad, f"rank {rank}: {got} {state}"
         assert got.optimizer == pytest.approx(state.optimizer, rel=1e-3), f"rank {rank}"
-        if name.endswith("-moe"):  # measured MoE activations are 1.23-1.33x the planner's (dp2, ep2,
-            continue  # tp2, ep2 x tp2 alike; the router's input, the experts' outputs kept for the gate)
+        if name.endswith("-moe"):  # below: the rows an ep rank receives depend on the routing
+            continue
         assert acts == pytest.approx(want["activations"], rel=0.01), f"rank {rank}: {acts} {want}"
+    if name.endswith("-moe"):
+        # An ep rank's experts keep the rows routed to them: +-4% of a balanced share on these 2
+        # steps (measured); over the ep group the rows are every token's k, whatever the routing,
+        # so the mean is the planner's (balanced) figure, to the LayerNorm statistics as above.
+        mean = sum(acts for _, acts in measured) / len(measured)
+        assert mean == pytest.approx(predicted[0]["activations"], rel=0.01), (mean, predicted[0])
+        assert all(abs(acts / predicted[0]["activations"] - 1) < 0.1 for _, acts in measured), measured
