@@ -39,9 +39,7 @@ def expert_refusal(layout: Any, model: ModelConfig, dp_impl: str = "bucketed") -
     ep = layout.ep
     if not model.num_experts:
         return None
-    refused = [(layout.pp > 1, f"pipeline parallelism (pp={layout.pp})",
-                "the load-balancing losses of every stage's routers would have to reach the last stage's loss"),
-               (layout.cp > 1, f"context parallelism (cp={layout.cp})",
+    refused = [(layout.cp > 1, f"context parallelism (cp={layout.cp})",
                 "the routing groups are whole sequences (per-sequence capacity and balancing loss)"),
                (layout.sequence_parallel, "sequence parallelism",
                 "the routing groups are whole sequences, which it splits over tp"),
@@ -56,5 +54,5 @@ def expert_refusal(layout: Any, model: ModelConfig, dp_impl: str = "bucketed") -
     for bad, what, why in refused:
         if bad:
             return (f"the mixture-of-experts model {model.name!r} does not implement {what} yet: {why}. "
-                    f"Expert parallelism composes with dp and tp (--dp, --ep, --tp); drop that option.")
+                    f"Expert parallelism composes with dp, tp and pp (--dp, --ep, --tp, --pp); drop that option.")
     return None

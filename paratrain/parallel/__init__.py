@@ -1,7 +1,7 @@
 """``parallelize`` applies a layout to the reference model, as transforms in a fixed order:
 tensor parallelism (shard each layer), then context parallelism (ring attention, global
-positions), then expert parallelism (this rank's experts), then pipeline parallelism (keep this
-stage's layers), then data parallelism / ZeRO (reduce gradients over the dp group -- over dp x cp
+positions), then pipeline parallelism (keep this stage's layers), then expert parallelism (this
+rank's experts of them), then data parallelism / ZeRO (reduce gradients over the dp group -- over dp x cp
 under context parallelism; the experts' over edp). Each transform receives only the group it uses.
 
 Importing this package does not import torch; the classes load on first use. The torch-free
@@ -91,11 +91,6 @@ def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, tp_plan: TPPlan
         from paratrain.parallel.context import context_parallel
 
         model = context_parallel(model, mesh.cp)
-    experts: list[torch.Tensor] = []
-    if layout.ep > 1:  # expert parallelism: parallel/expert.py (this rank's experts, all-to-all)
-        from paratrain.parallel.expert import expert_parallel
-
-        experts = expert_parallel(model, mesh.ep)
     if gpt:
         apply_recompute(model, layout.recompute)
     elif layout.recompute == "full":  # any model with a stage spec: each of its blocks replayed
@@ -108,6 +103,12 @@ def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, tp_plan: TPPlan
 
         assert stages is not None
         stage = build_stage(model, mesh, layout, seq_len or getattr(stages.config, "max_seq_len", 0), stages)
+    experts: list[torch.Tensor] = []
+    if layout.ep > 1:  # expert parallelism: parallel/expert.py (this rank's experts, all-to-all; after
+        # the pipeline cut, so the stage's state-dict entries name every expert of its blocks)
+        from paratrain.parallel.expert import expert_parallel
+
+        experts = expert_parallel(model, mesh.ep)
     sync: GradSync
     weights: list[torch.Tensor] = []
     if layout.zero == 3:  # ZeRO-3: parameters sharded too, gathered per block (parallel/zero3.py)

@@ -31,6 +31,7 @@ from torch import nn
 
 from paratrain import comm
 from paratrain.comm import Group
+from paratrain.models.configs import ModelConfig
 from paratrain.models.moe import MoE, moe_layers, router_stats
 from paratrain.parallel.data import DataParallel
 from paratrain.parallel.marks import mark_sharded
@@ -168,10 +169,13 @@ def expert_sync(module: nn.Module, inner_cls: Any, dp: Group, edp: Group, expert
     return ExpertGradSync(inner, inner_cls(module, edp, params=experts, **kwargs))
 
 
-def router_record(layers: list[MoE], dp: Group) -> dict[str, Any]:
-    """The step's router statistics over the global batch (``models/moe.router_stats``): every dp
-    rank's sums added (the tp ranks of a dp rank route the same tokens; cp is refused with experts).
-    Collective over ``dp`` (filed under "metrics")."""
-    totals = torch.stack([m.take_stats() for m in layers]).sum(0)
-    comm.all_reduce(totals, dp, tag="metrics")
-    return router_stats(totals, layers[0].num_experts, len(layers))
+def router_record(layers: list[MoE], model: ModelConfig, groups: list[Group]) -> dict[str, Any]:
+    """The step's router statistics over the global batch (``models/moe.router_stats``): every
+    rank's sums over its ``layers`` added over ``groups`` -- dp, and pp where each pipeline stage
+    holds other blocks (the tp ranks of a dp rank route the same tokens; cp is refused with
+    experts). A rank without MoE blocks adds zeros. Collective over ``groups`` (under "metrics")."""
+    totals = (torch.stack([m.take_stats() for m in layers]).sum(0) if layers
+              else torch.zeros(model.num_experts + 3))
+    for group in groups:
+        comm.all_reduce(totals, group, tag="metrics")
+    return router_stats(totals, model.num_experts, model.num_moe_blocks)

@@ -23,10 +23,17 @@ from tests.harness import run_ranks
 # another expert and fail the loss comparison by >> LOSS_RTOL, not pass silently).
 MOE = BASE.replace(model="tiny-moe")  # top-2, capacity factor 1.25 (drops tokens)
 DROPLESS_TOP1 = MOE.replace(top_k=1, capacity_factor=0.0)
+# 4 blocks, routers in blocks 1 and 3 only: in 4 stages (interleaved, V) some ranks hold none
+DEEP = BASE.replace(model="tiny-moe-deep")
 CASES = {  # world size -> layouts run one after another in the same ranks (one launch per size)
     2: {"dp2": (MOE, dict(dp=2)), "ep2": (MOE, dict(dp=2, ep=2)),
-        "ep2-top1-dropless-mb2": (DROPLESS_TOP1, dict(dp=2, ep=2, microbatches=2))},
-    4: {"ep4": (MOE, dict(dp=4, ep=4)), "dp2-ep2": (MOE, dict(dp=4, ep=2)), "ep2-tp2": (MOE, dict(dp=2, ep=2, tp=2))},
+        "ep2-top1-dropless-mb2": (DROPLESS_TOP1, dict(dp=2, ep=2, microbatches=2)),
+        # pipeline: every stage backpropagates its own routers' aux losses (pipeline/stage.py)
+        "pp2-1f1b": (MOE, dict(pp=2, microbatches=2)),
+        "pp2-interleaved": (DEEP, dict(pp=2, microbatches=2, virtual_stages=2, schedule="interleaved")),
+        "pp2-zb-v": (DEEP, dict(pp=2, microbatches=2, virtual_stages=2, schedule="zb-v"))},
+    4: {"ep4": (MOE, dict(dp=4, ep=4)), "dp2-ep2": (MOE, dict(dp=4, ep=2)), "ep2-tp2": (MOE, dict(dp=2, ep=2, tp=2)),
+        "dp2-ep2-pp2": (MOE, dict(dp=2, ep=2, pp=2, microbatches=2))},
 }
 
 
@@ -96,7 +103,9 @@ def test_expert_parallel_traffic(world):
         if lay.ep == 1:
             assert all(r[name]["ep_ops"] == [{}] * cfg.steps for r in results), name  # no exchange at ep 1
             continue
-        assert all(r[name]["experts_held"] == model.num_moe_blocks * model.num_experts // lay.ep for r in results)
+        held = sum(r[name]["experts_held"] for r in results)  # every expert once per edp and tp index
+        assert held == model.num_moe_blocks * model.num_experts * lay.world_size // (lay.ep * lay.pp), name
+        assert all(r[name]["experts_held"] == held // len(results) for r in results), name
         ref = _reference(cfg).router
         for step in range(cfg.steps):
             kept = sum(ref[step]["tokens_per_expert"]) - ref[step]["dropped"]  # over the global batch
@@ -107,11 +116,17 @@ def test_expert_parallel_traffic(world):
             want = ep_comm_per_step(model, lay.ep, cfg.global_batch // lay.dp, cfg.seq_len, lay.microbatches,
                                     kept=lay.tp * kept)
             for op, (calls, payload) in want.items():
-                got = [r[name]["ep_ops"][step][op] for r in results]
-                if op == "ep_counts":  # per rank, not a sum of rows
+                got = [r[name]["ep_ops"][step][op] for r in results if op in r[name]["ep_ops"][step]]
+                if lay.pp > 1:  # each stage's ranks exchange for its own blocks: the calls add up over pp
+                    assert sum(g[0] for g in got) == calls * lay.world_size // lay.pp, (name, step, op, got)
+                    if op == "ep_counts":
+                        assert sum(g[1] for g in got) == payload * lay.world_size // lay.pp, (name, step, got)
+                        continue
+                elif op == "ep_counts":  # per rank, not a sum of rows
                     assert all(g[:2] == (calls, payload) for g in got), (name, step, op, got, want[op])
                     continue
-                assert all(g[0] == calls for g in got), (name, step, op, got, calls)
+                else:
+                    assert all(g[0] == calls for g in got), (name, step, op, got, calls)
                 assert sum(g[1] for g in got) == payload, (name, step, op, got, payload)
                 assert 0 < sum(g[2] for g in got) < payload, (name, step, op, got)  # wire: less its own rows
 
