@@ -123,8 +123,14 @@ def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, tp_plan: TPPlan
 
         tied = [stage.tied_param] if stage is not None and stage.tied_param is not None else []
         chunks = _distinct_parts([c.parameters() for c in stage.chunks]) if stage is not None else None
-        sync = ZeroDataParallel(model, mesh.dp, layout.zero, bucket_mb, overlap, parts=chunks, alone=tied,
-                                grad_dtype=grad_dtype)
+        if experts:  # the experts' sharded over the dp / ep ranks holding them (parallel/expert.py)
+            from paratrain.parallel.expert import expert_sync
+
+            sync = expert_sync(model, ZeroDataParallel, mesh.dp, mesh.edp, experts, stage=layout.zero,
+                               bucket_mb=bucket_mb, overlap=overlap, parts=chunks, alone=tied, grad_dtype=grad_dtype)
+        else:
+            sync = ZeroDataParallel(model, mesh.dp, layout.zero, bucket_mb, overlap, parts=chunks, alone=tied,
+                                    grad_dtype=grad_dtype)
     elif experts:  # the experts' gradients over the dp / ep ranks holding them, the rest over dp
         from paratrain.parallel.expert import expert_sync
 
@@ -144,7 +150,8 @@ def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, tp_plan: TPPlan
     if partial:  # sequence parallelism: summed over tp, after dp
         sync = SequenceParallelGradSync(sync, partial, mesh.tp)
     # ranks of these groups hold different parameters (ZeRO: different shards over dp)
-    norm_groups = [mesh.tp, mesh.pp, mesh.ep] + ([mesh.dp] if layout.zero else [])
+    # (ZeRO: every dp rank owns its pieces, the experts' included, so dp replaces its sub-group ep)
+    norm_groups = [mesh.tp, mesh.pp] + ([mesh.dp] if layout.zero else [mesh.ep])
     pm: ParallelModel
     if stage is not None:
         from paratrain.parallel.pipeline.model import PipelineModel

@@ -100,7 +100,9 @@ class ExpertGradSync:
     """A :class:`~paratrain.parallel.model.GradSync`: ``inner`` (data parallelism over dp)
     reduces every parameter but the experts; ``experts`` (bucketed, over ``edp``) sums the
     expert gradients -- already scaled by ``inner``'s 1/dp -- over the ranks holding the same
-    experts. Both overlap backward."""
+    experts. Both overlap backward. Under ZeRO 1/2 both are ``ZeroDataParallel``: the rest
+    sharded over dp as without experts, the experts over edp (the ranks that replicate them), and
+    the optimizer steps the pieces of both."""
 
     def __init__(self, inner: GradSync, experts: DataParallel) -> None:
         self.inner = inner
@@ -115,6 +117,10 @@ class ExpertGradSync:
         return self.inner.grad_params + self.experts.grad_params
 
     def shard_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        from paratrain.parallel.zero import ZeroDataParallel, sharded_optimizer
+
+        if isinstance(self.inner, ZeroDataParallel):  # ZeRO: the pieces of both, gathered after the step
+            return sharded_optimizer(optimizer, [self.inner, self.experts])  # type: ignore[list-item]
         return self.inner.shard_optimizer(optimizer)
 
     def full_params(self) -> contextlib.AbstractContextManager[None]:
@@ -162,9 +168,12 @@ def gather_experts(module: nn.Module, group: Group) -> dict[str, torch.Tensor]:
 
 def expert_sync(module: nn.Module, inner_cls: Any, dp: Group, edp: Group, experts: list[nn.Parameter],
                 **kwargs: Any) -> ExpertGradSync:
-    """Data parallelism over ``dp`` for all parameters but ``experts``, and over ``edp`` for those."""
+    """Data parallelism (``inner_cls``: bucketed, or ZeRO with ``stage=`` in ``kwargs``) over ``dp``
+    for all parameters but ``experts``, and over ``edp`` for those."""
     skip = {id(p) for p in experts}
     rest = [p for p in module.parameters() if p.requires_grad and id(p) not in skip]
+    if "stage" in kwargs:  # ZeRO: every dp rank holds its own piece of both (parallel/zero.py)
+        kwargs["axes"] = ("dp", "ep", "edp")
     inner = inner_cls(module, dp, params=rest, **kwargs)
     return ExpertGradSync(inner, inner_cls(module, edp, params=experts, **kwargs))
 

@@ -10,6 +10,7 @@ import torch
 
 from paratrain.config import Layout
 from paratrain.core.traffic import ep_comm_per_step
+from paratrain.models.configs import param_count
 from paratrain.reference import reference_train
 from tests.common import BASE, LOSS_RTOL, assert_matches_reference, with_layout
 from tests.harness import run_ranks
@@ -33,7 +34,11 @@ CASES = {  # world size -> layouts run one after another in the same ranks (one 
         "pp2-interleaved": (DEEP, dict(pp=2, microbatches=2, virtual_stages=2, schedule="interleaved")),
         "pp2-zb-v": (DEEP, dict(pp=2, microbatches=2, virtual_stages=2, schedule="zb-v"))},
     4: {"ep4": (MOE, dict(dp=4, ep=4)), "dp2-ep2": (MOE, dict(dp=4, ep=2)), "ep2-tp2": (MOE, dict(dp=2, ep=2, tp=2)),
-        "dp2-ep2-pp2": (MOE, dict(dp=2, ep=2, pp=2, microbatches=2))},
+        "dp2-ep2-pp2": (MOE, dict(dp=2, ep=2, pp=2, microbatches=2)),
+        # ZeRO: the experts sharded over edp (the 2 ranks holding them), the rest over dp 4
+        "dp4-ep2-zero1": (MOE, dict(dp=4, ep=2, zero=1)),
+        "dp4-ep2-zero2-mb2": (MOE, dict(dp=4, ep=2, zero=2, microbatches=2)),
+        "dp2-ep2-pp2-zero1": (MOE, dict(dp=2, ep=2, pp=2, zero=1, microbatches=2))},
 }
 
 
@@ -53,7 +58,8 @@ def _train_layouts(cfgs: dict) -> dict:
             ep_ops.append({op: (st.calls, st.bytes, st.wire_bytes) for op, st in s.mesh.ep.stats.ops.items()})
         out[name] = {"losses": [r["loss"] for r in records], "grad_norms": [r["grad_norm"] for r in records],
                      "router": [r["router"] for r in records], "full_state": s.pm.full_state_dict(),
-                     "ep_ops": ep_ops, "experts_held": sum(1 for n, _ in s.pm.module.named_parameters()
+                     "ep_ops": ep_ops, "optimizer_elements": sum(st["exp_avg"].numel() for st in s.opt.state.values()),
+                     "experts_held": sum(1 for n, _ in s.pm.module.named_parameters()
                                                            if n.endswith("fc1.weight") and ".experts." in n)}
     return out
 
@@ -103,6 +109,10 @@ def test_expert_parallel_traffic(world):
         if lay.ep == 1:
             assert all(r[name]["ep_ops"] == [{}] * cfg.steps for r in results), name  # no exchange at ep 1
             continue
+        if lay.zero:  # the AdamW state of every parameter exists once over all ranks (+ the tied copy)
+            tied = lay.pp > 1 and model.tie_embeddings
+            want = param_count(model) + (model.vocab_size * model.hidden if tied else 0)
+            assert sum(r[name]["optimizer_elements"] for r in results) == want, name
         held = sum(r[name]["experts_held"] for r in results)  # every expert once per edp and tp index
         assert held == model.num_moe_blocks * model.num_experts * lay.world_size // (lay.ep * lay.pp), name
         assert all(r[name]["experts_held"] == held // len(results) for r in results), name
@@ -154,6 +164,24 @@ def test_checkpoint_resumes_and_reshards_out_of_ep(tmp_path):
     experts = {k for k in manifest["tensors"] if ".experts." in k and not k.startswith("optim.")}
     assert len(experts) == 2 * 4 * 4, sorted(experts)  # 2 blocks x 4 experts x fc1/fc2 weight and bias
     same, other = run_ranks(2, _resume_both, [with_layout(cfg, dp=2, ep=2), with_layout(cfg, dp=2)], root)[0]
+    assert same == {k: v for k, v in saved.items() if k > SAVE_AT}  # float equality: bit for bit
+    assert sorted(other) == [3, 4]
+    for step, loss in other.items():
+        assert loss == pytest.approx(saved[step], rel=RESHARD_RTOL), step
+
+
+def test_checkpoint_of_zero_with_ep_resumes_bit_exact(tmp_path):
+    """dp4 x ep2 under ZeRO-2 saves after step 2: every rank writes its own pieces (the experts'
+    over edp, the rest over dp) and the whole experts once per ep index. Resumed in the same layout
+    it continues bit for bit; resumed in plain dp4 (every rank reads whole tensors, experts
+    included, from those pieces) within RESHARD_RTOL of the uninterrupted run."""
+    from tests.distributed.test_checkpoint_resume import CFG, RESHARD_RTOL, SAVE_AT, _run
+
+    root = str(tmp_path / "checkpoints")
+    cfg = CFG.replace(model="tiny-moe")
+    zero = with_layout(cfg, dp=4, ep=2, zero=2)
+    saved = run_ranks(4, _run, zero, root, None)[0]["losses"]
+    same, other = run_ranks(4, _resume_both, [zero, with_layout(cfg, dp=4)], root)[0]
     assert same == {k: v for k, v in saved.items() if k > SAVE_AT}  # float equality: bit for bit
     assert sorted(other) == [3, 4]
     for step, loss in other.items():
