@@ -19,6 +19,11 @@ Gradients: a rank's expert gradient is the sum, over the ep group's tokens that 
 their share of the local losses (each already scaled by 1/dp); :class:`ExpertGradSync` adds
 those over the ``edp`` group (the dp / ep ranks holding the same experts) -- sum, no division --
 which makes the global mean gradient. Everything else is data-parallel as before, over dp.
+Under ZeRO 1/2 the experts' gradients and optimizer state shard over edp, the rest over dp.
+
+Dropout: the experts' output dropout is drawn on the token's rank after the combine, expert by
+expert (:meth:`ExpertParallelMoE.dropout_rows`): the draws a rank makes when it runs every expert
+itself, so a run's masks do not depend on ep.
 """
 
 from __future__ import annotations
@@ -70,6 +75,15 @@ class ExpertParallelMoE:
         self.experts = list(mine.values())
         for p in moe.experts.parameters():
             mark_sharded(p, "ep")
+        # Dropout: drawn on the token's rank, after the combine (see dropout_rows); the experts
+        # here compute other ranks' rows without it. A child of the MoE: train() / eval() reach it.
+        p_drop = max((m.p for e in self.experts for m in e.modules() if isinstance(m, nn.Dropout)), default=0.0)
+        for e in self.experts:
+            for name, m in list(e.named_children()):
+                if isinstance(m, nn.Dropout):
+                    setattr(e, name, nn.Identity())
+        moe.expert_drop = nn.Dropout(p_drop)
+        self.drop = moe.expert_drop
 
     def __call__(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         n, L = self.group.size, self.local
@@ -83,7 +97,16 @@ class ExpertParallelMoE:
         outs = [expert(torch.cat([pieces[s * L + i] for s in range(n)])) for i, expert in enumerate(self.experts)]
         per_source = [o.split([got[s][i] for s in range(n)]) for i, o in enumerate(outs)]
         back = torch.cat([per_source[i][s] for s in range(n) for i in range(L)])
-        return AllToAll.apply(back, send, recv, self.group, "ep_combine")
+        return self.dropout_rows(AllToAll.apply(back, send, recv, self.group, "ep_combine"), counts)
+
+    def dropout_rows(self, out: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The experts' output dropout, on the rank of the rows' tokens: ``out`` (N, H) is sorted
+        by expert, ``counts[e]`` rows each, and each expert's rows are dropped in expert order --
+        the very draws (same generator, shapes, order) the experts' own dropouts make when this
+        rank runs every expert itself (ep = 1), so the masks do not depend on ep."""
+        if not self.drop.training or self.drop.p == 0:
+            return out
+        return torch.cat([self.drop(piece) for piece in out.split(counts.tolist())])
 
 
 def expert_parallel(model: nn.Module, group: Group) -> list[nn.Parameter]:

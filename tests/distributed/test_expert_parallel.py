@@ -11,7 +11,7 @@ import torch
 from paratrain.config import Layout
 from paratrain.core.traffic import ep_comm_per_step
 from paratrain.models.configs import param_count
-from paratrain.reference import reference_train
+from paratrain.reference import ReferenceRun, reference_train
 from tests.common import BASE, LOSS_RTOL, assert_matches_reference, with_layout
 from tests.harness import run_ranks
 
@@ -40,6 +40,11 @@ CASES = {  # world size -> layouts run one after another in the same ranks (one 
         "dp4-ep2-zero2-mb2": (MOE, dict(dp=4, ep=2, zero=2, microbatches=2)),
         "dp2-ep2-pp2-zero1": (MOE, dict(dp=2, ep=2, pp=2, zero=1, microbatches=2))},
 }
+# Dropout: at dp > 1 every dp rank draws its own masks (parallel/rng.py), so a run with dropout
+# matches the same dp without experts sharded, not the single process: layout -> its oracle's name
+DROPOUT = MOE.replace(dropout=0.1)
+DROPOUT_CASES = {2: {"dp2-dropout": (DROPOUT, dict(dp=2)), "ep2-dropout": (DROPOUT, dict(dp=2, ep=2))}}
+DROPOUT_ORACLE = {"ep2-dropout": "dp2-dropout"}
 
 
 def _train_layouts(cfgs: dict) -> dict:
@@ -66,7 +71,8 @@ def _train_layouts(cfgs: dict) -> dict:
 
 @functools.cache
 def _run(world: int) -> tuple[dict, dict]:
-    cfgs = {name: with_layout(base, **layout) for name, (base, layout) in CASES[world].items()}
+    cases = {**CASES[world], **DROPOUT_CASES.get(world, {})}
+    cfgs = {name: with_layout(base, **layout) for name, (base, layout) in cases.items()}
     return cfgs, run_ranks(world, _train_layouts, cfgs, timeout=300)
 
 
@@ -87,6 +93,8 @@ def _assert_router_matches(got: list[dict], ref: list[dict], who: str) -> None:
 def test_expert_parallel_matches_reference(world):
     cfgs, results = _run(world)
     for name, cfg in cfgs.items():
+        if name in DROPOUT_CASES.get(world, {}):
+            continue
         res, ref = results[0][name], _reference(cfg)
         assert_matches_reference(res, ref, cfg, state="full_state", who=name)
         _assert_router_matches(res["router"], ref.router, name)
@@ -95,6 +103,23 @@ def test_expert_parallel_matches_reference(world):
         for rank, r in enumerate(results):  # every rank reports the same global loss, norm and routing
             assert r[name]["losses"] == res["losses"] and r[name]["grad_norms"] == res["grad_norms"], (name, rank)
             assert r[name]["router"] == res["router"], (name, rank)
+
+
+@pytest.mark.equivalence
+def test_expert_dropout_draws_the_tokens_masks():
+    """--dropout 0.1 at ep 2: each expert's output dropout is drawn on the token's rank after the
+    combine, in expert order (parallel/expert.py: dropout_rows), so the run has exactly the masks
+    of dp 2 without ep, whose ranks run every expert themselves; it matches that run within the
+    equivalence tolerances (the masks are the same bits, the rest is float reordering), while
+    without dropout_rows the experts would drop nothing and the losses differ by ~1e-3."""
+    cfgs, results = _run(2)
+    for name, oracle in DROPOUT_ORACLE.items():
+        res, want = results[0][name], results[0][oracle]
+        ref = ReferenceRun(want["losses"], want["grad_norms"], want["full_state"], want["router"])
+        assert_matches_reference(res, ref, cfgs[name], state="full_state", who=name)
+        _assert_router_matches(res["router"], ref.router, name)
+        assert res["losses"][-1] != _reference(cfgs[name].replace(dropout=0.0)).losses[-1], name  # it drops
+        assert all(r[name]["losses"] == res["losses"] for r in results), name
 
 
 @pytest.mark.parametrize("world", sorted(CASES))
@@ -108,6 +133,8 @@ def test_expert_parallel_traffic(world):
         lay, model = cfg.layout, cfg.model_config()
         if lay.ep == 1:
             assert all(r[name]["ep_ops"] == [{}] * cfg.steps for r in results), name  # no exchange at ep 1
+            continue
+        if name in DROPOUT_CASES.get(world, {}):  # routed unlike the single process (dropout)
             continue
         if lay.zero:  # the AdamW state of every parameter exists once over all ranks (+ the tied copy)
             tied = lay.pp > 1 and model.tie_embeddings
