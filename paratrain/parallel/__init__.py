@@ -115,8 +115,8 @@ def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, tp_plan: TPPlan
         from paratrain.parallel.zero3 import zero3
 
         blocks = list(stages.block_list(model)) if stages is not None else []
-        sync = zero3(model, mesh.dp, bucket_mb=bucket_mb, overlap=overlap, blocks=blocks, runner=runner,
-                     grad_dtype=grad_dtype)
+        sync = zero3(model, mesh.dpcp, bucket_mb=bucket_mb, overlap=overlap, blocks=blocks, runner=runner,
+                     grad_dtype=grad_dtype, axes=_zero_axes(layout))
         weights = [b.flat for b in sync.buckets]  # the gathered units: see ParallelModel.register_weights
     elif layout.zero:  # ZeRO-1/2: parallel/zero.py
         from paratrain.parallel.zero import ZeroDataParallel
@@ -128,9 +128,9 @@ def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, tp_plan: TPPlan
 
             sync = expert_sync(model, ZeroDataParallel, mesh.dp, mesh.edp, experts, stage=layout.zero,
                                bucket_mb=bucket_mb, overlap=overlap, parts=chunks, alone=tied, grad_dtype=grad_dtype)
-        else:
-            sync = ZeroDataParallel(model, mesh.dp, layout.zero, bucket_mb, overlap, parts=chunks, alone=tied,
-                                    grad_dtype=grad_dtype)
+        else:  # over dp x cp: the cp ranks replicate the parameters too (the dp group when cp = 1)
+            sync = ZeroDataParallel(model, mesh.dpcp, layout.zero, bucket_mb, overlap, parts=chunks, alone=tied,
+                                    grad_dtype=grad_dtype, axes=_zero_axes(layout))
     elif experts:  # the experts' gradients over the dp / ep ranks holding them, the rest over dp
         from paratrain.parallel.expert import expert_sync
 
@@ -150,8 +150,8 @@ def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, tp_plan: TPPlan
     if partial:  # sequence parallelism: summed over tp, after dp
         sync = SequenceParallelGradSync(sync, partial, mesh.tp)
     # ranks of these groups hold different parameters (ZeRO: different shards over dp)
-    # (ZeRO: every dp rank owns its pieces, the experts' included, so dp replaces its sub-group ep)
-    norm_groups = [mesh.tp, mesh.pp] + ([mesh.dp] if layout.zero else [mesh.ep])
+    # (ZeRO: every dp x cp rank owns its pieces, the experts' included, so dpcp replaces ep)
+    norm_groups = [mesh.tp, mesh.pp] + ([mesh.dpcp] if layout.zero else [mesh.ep])
     pm: ParallelModel
     if stage is not None:
         from paratrain.parallel.pipeline.model import PipelineModel
@@ -161,6 +161,12 @@ def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, tp_plan: TPPlan
         pm = ParallelModel(model, mesh, layout, sync, norm_groups, autocast_dtype, runner)
     pm.register_weights(weights)
     return pm
+
+
+def _zero_axes(layout: Layout) -> tuple[str, ...]:
+    """The mesh axes along which ZeRO's pieces differ: dp, and under context parallelism cp and
+    their product group dpcp (ZeRO shards over dp x cp, the ranks that replicate the parameters)."""
+    return ("dp", "cp", "dpcp") if layout.cp > 1 else ("dp",)
 
 
 def sp_regathers(layout: Layout) -> bool:

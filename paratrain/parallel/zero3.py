@@ -101,7 +101,8 @@ class UnitGathering:
 
 def zero3(model: nn.Module, group: Group, bucket_mb: float = 25.0, overlap: bool = True,
           prefetch: bool = True, blocks: list[nn.Module] | None = None,
-          runner: nn.Module | None = None, grad_dtype: torch.dtype | None = None) -> ZeroDataParallel:
+          runner: nn.Module | None = None, grad_dtype: torch.dtype | None = None,
+          axes: tuple[str, ...] = ("dp",)) -> ZeroDataParallel:
     """Shard ``model``'s parameters (``blocks``, default a GPT's ``model.blocks``, and the root)
     over ``group`` in place and install the gathering hooks; returns the gradient side (the
     GradSync). ``runner``: the module whose forward is the whole step's (default ``model``),
@@ -110,7 +111,7 @@ def zero3(model: nn.Module, group: Group, bucket_mb: float = 25.0, overlap: bool
     in_blocks = {id(p) for b in blocks for p in b.parameters()}
     root = [p for p in model.parameters() if p.requires_grad and id(p) not in in_blocks]
     units = [[p for p in b.parameters() if p.requires_grad] for b in reversed(blocks)] + [root]
-    sync = ZeroDataParallel(model, group, 3, bucket_mb, overlap, units=units, grad_dtype=grad_dtype)
+    sync = ZeroDataParallel(model, group, 3, bucket_mb, overlap, units=units, grad_dtype=grad_dtype, axes=axes)
     order = [sync.buckets[-1], *reversed(sync.buckets[:-1])]  # forward order
     sync.gathering = UnitGathering(model if runner is None else runner, blocks, order, prefetch)
     return sync
