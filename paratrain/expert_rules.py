@@ -45,9 +45,6 @@ def expert_refusal(layout: Any, model: ModelConfig, dp_impl: str = "bucketed") -
                 "the routing groups are whole sequences, which it splits over tp"),
                (layout.recompute == "full", "full recomputation",
                 "replaying a block would route (and count) its tokens twice; --recompute selective works"),
-               (ep > 1 and layout.zero == 3, f"ZeRO-3 (zero=3) with ep={ep}",
-                "ZeRO-3 gathers each block's parameters over the whole dp group, and a block's experts differ "
-                "between the ep ranks; --zero 1 and --zero 2 work"),
                (ep > 1 and dp_impl != "bucketed", f"--dp-impl {dp_impl} with ep={ep}",
                 "the experts' gradients are reduced apart from the rest, by the bucketed data parallelism")]
     for bad, what, why in refused:

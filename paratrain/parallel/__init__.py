@@ -115,9 +115,17 @@ def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, tp_plan: TPPlan
         from paratrain.parallel.zero3 import zero3
 
         blocks = list(stages.block_list(model)) if stages is not None else []
+        axes = ("dp", "ep", "edp") if experts else _zero_axes(layout)
         sync = zero3(model, mesh.dpcp, bucket_mb=bucket_mb, overlap=overlap, blocks=blocks, runner=runner,
-                     grad_dtype=grad_dtype, axes=_zero_axes(layout))
+                     grad_dtype=grad_dtype, axes=axes, skip=experts)
         weights = [b.flat for b in sync.buckets]  # the gathered units: see ParallelModel.register_weights
+        if experts:  # each local expert its own unit, sharded over the dp / ep ranks holding it
+            from paratrain.parallel.expert import ExpertGradSync, local_experts
+            from paratrain.parallel.zero3 import unit_per_module
+
+            inner = unit_per_module(model, local_experts(model), mesh.edp, bucket_mb, overlap, grad_dtype, axes)
+            sync = ExpertGradSync(sync, inner)  # type: ignore[arg-type]
+            weights += [b.flat for b in inner.buckets]
     elif layout.zero:  # ZeRO-1/2: parallel/zero.py
         from paratrain.parallel.zero import ZeroDataParallel
 

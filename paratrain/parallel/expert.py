@@ -119,13 +119,19 @@ def expert_parallel(model: nn.Module, group: Group) -> list[nn.Parameter]:
     return params
 
 
+def local_experts(model: nn.Module) -> list[nn.Module]:
+    """This rank's experts of every MoE block of ``model``, in forward order."""
+    return [e for moe in moe_layers(model) for e in moe.experts.values()]
+
+
 class ExpertGradSync:
     """A :class:`~paratrain.parallel.model.GradSync`: ``inner`` (data parallelism over dp)
     reduces every parameter but the experts; ``experts`` (bucketed, over ``edp``) sums the
     expert gradients -- already scaled by ``inner``'s 1/dp -- over the ranks holding the same
-    experts. Both overlap backward. Under ZeRO 1/2 both are ``ZeroDataParallel``: the rest
-    sharded over dp as without experts, the experts over edp (the ranks that replicate them), and
-    the optimizer steps the pieces of both."""
+    experts. Both overlap backward. Under ZeRO both are ``ZeroDataParallel``: the rest
+    sharded over dp as without experts, the experts over edp (the ranks that replicate them; at
+    stage 3 each local expert is a unit of its own, gathered around its forward and backward),
+    and the optimizer steps the pieces of both."""
 
     def __init__(self, inner: GradSync, experts: DataParallel) -> None:
         self.inner = inner
@@ -147,7 +153,10 @@ class ExpertGradSync:
         return self.inner.shard_optimizer(optimizer)
 
     def full_params(self) -> contextlib.AbstractContextManager[None]:
-        return self.inner.full_params()
+        stack = contextlib.ExitStack()  # ZeRO-3: both gathered (collective over dp, then edp)
+        stack.enter_context(self.inner.full_params())
+        stack.enter_context(self.experts.full_params())
+        return stack
 
     def set_sync(self, sync: bool) -> None:
         self.inner.set_sync(sync)

@@ -38,6 +38,7 @@ CASES = {  # world size -> layouts run one after another in the same ranks (one 
         # ZeRO: the experts sharded over edp (the 2 ranks holding them), the rest over dp 4
         "dp4-ep2-zero1": (MOE, dict(dp=4, ep=2, zero=1)),
         "dp4-ep2-zero2-mb2": (MOE, dict(dp=4, ep=2, zero=2, microbatches=2)),
+        "dp4-ep2-zero3-mb2": (MOE, dict(dp=4, ep=2, zero=3, microbatches=2)),  # each local expert a unit
         "dp2-ep2-pp2-zero1": (MOE, dict(dp=2, ep=2, pp=2, zero=1, microbatches=2))},
 }
 # Dropout: at dp > 1 every dp rank draws its own masks (parallel/rng.py), so a run with dropout
@@ -198,15 +199,16 @@ def test_checkpoint_resumes_and_reshards_out_of_ep(tmp_path):
 
 
 def test_checkpoint_of_zero_with_ep_resumes_bit_exact(tmp_path):
-    """dp4 x ep2 under ZeRO-2 saves after step 2: every rank writes its own pieces (the experts'
-    over edp, the rest over dp) and the whole experts once per ep index. Resumed in the same layout
-    it continues bit for bit; resumed in plain dp4 (every rank reads whole tensors, experts
-    included, from those pieces) within RESHARD_RTOL of the uninterrupted run."""
+    """dp4 x ep2 under ZeRO-3 saves after step 2: every rank writes its own pieces of the
+    parameters and AdamW state (the experts' sharded over edp, the rest over dp; ZeRO-2 writes the
+    same pieces of the state). Resumed in the same layout it continues bit for bit; resumed in
+    plain dp4 (every rank reads whole tensors, experts included, from those pieces) within
+    RESHARD_RTOL of the uninterrupted run."""
     from tests.distributed.test_checkpoint_resume import CFG, RESHARD_RTOL, SAVE_AT, _run
 
     root = str(tmp_path / "checkpoints")
     cfg = CFG.replace(model="tiny-moe")
-    zero = with_layout(cfg, dp=4, ep=2, zero=2)
+    zero = with_layout(cfg, dp=4, ep=2, zero=3)
     saved = run_ranks(4, _run, zero, root, None)[0]["losses"]
     same, other = run_ranks(4, _resume_both, [zero, with_layout(cfg, dp=4)], root)[0]
     assert same == {k: v for k, v in saved.items() if k > SAVE_AT}  # float equality: bit for bit
