@@ -25,23 +25,25 @@ from paratrain.checkpoint.writer import HostBuffer
 def _like_a_rank() -> tuple[list[Shard], torch.Tensor, torch.Tensor]:
     """Shards as a rank holds them: a flat ZeRO range of a (6, 5) parameter as 3 boxes (neighbours
     in one storage), the 3 row blocks of a fused (12, 4) qkv, a column box (not contiguous), an
-    empty box, a bf16 tensor between them."""
+    empty box, two boxes of the range's storage with gaps, a bf16 tensor between them."""
     g = torch.Generator().manual_seed(0)
     flat = torch.randn(40, generator=g)
     qkv = torch.randn(12, 4, generator=g)
     wide = torch.randn(4, 9, generator=g)
     out = []
-    for at, box in flat_range_boxes((6, 5), 3, 27):  # elements 3..26 of flat[5:35], read as (6, 5)
+    for _, box in flat_range_boxes((6, 5), 3, 27):  # elements 3..26 of flat[5:35], read as (6, 5)
         view = flat[5:35].view(6, 5)[tuple(slice(o, o + n) for o, n in box)]
         out.append(Shard("p", (6, 5), box, view))
     out += [Shard("qkv", (12, 4), ((4 * b, 4), (0, 4)), qkv[4 * b:4 * b + 4]) for b in range(3)]
+    # the same storage, not adjacent to the range nor to each other: copied on their own
+    out += [Shard("edge", (6,), ((0, 2),), flat[0:2]), Shard("edge", (6,), ((2, 4),), flat[36:40])]
     out += [Shard("half", (3,), ((0, 3),), torch.randn(3, generator=g).to(torch.bfloat16)),
             Shard("col", (4, 9), ((0, 4), (2, 3)), wide[:, 2:5]),
             Shard("none", (0,), ((0, 0),), flat[:0])]
     return out, flat, qkv
 
 
-def _staged_values(buffer: HostBuffer, staged, shards: list[Shard], tmp_path, name: str) -> dict:
+def _written(staged, tmp_path, name: str) -> dict:
     path = tmp_path / name
     store.write_file(path, staged)
     return load_file(str(path))
@@ -51,8 +53,8 @@ def test_merged_copies_stage_every_shard_and_follow_the_live_values(tmp_path):
     shards, flat, qkv = _like_a_rank()
     buffer = HostBuffer()
     staged = buffer.stage(shards, {"cpu_rng": torch.arange(7, dtype=torch.uint8)})
-    assert len(buffer._dst) == 4  # 9 shards: the flat range's 3 boxes one copy, the qkv blocks one, col, half
-    got = _staged_values(buffer, staged, shards, tmp_path, "a.safetensors")
+    assert len(buffer._dst) == 6  # 11 shards: the flat range's 3 boxes one copy, the qkv blocks one, 2 edges, col, half
+    got = _written(staged, tmp_path, "a.safetensors")
     for s in shards:
         assert torch.equal(got[s.key], s.data), s.key
     assert got["rank/cpu_rng"].tolist() == list(range(7))
@@ -61,7 +63,7 @@ def test_merged_copies_stage_every_shard_and_follow_the_live_values(tmp_path):
     qkv.add_(1.0)
     again = buffer.stage(shards, {"cpu_rng": torch.full((7,), 9, dtype=torch.uint8)})
     assert again.data.data_ptr() == ptr and buffer._dst is copies  # nothing planned or allocated again
-    got = _staged_values(buffer, again, shards, tmp_path, "b.safetensors")
+    got = _written(again, tmp_path, "b.safetensors")
     for s in shards:
         assert torch.equal(got[s.key], s.data), s.key
     assert got["rank/cpu_rng"].tolist() == [9] * 7
@@ -76,7 +78,7 @@ def test_a_view_of_other_memory_is_copied_from_there(tmp_path):
     moved = torch.arange(40, dtype=torch.float32)
     shards[0].data.set_(moved.untyped_storage(), 5, shards[0].data.shape, shards[0].data.stride())
     staged = buffer.stage(shards, {})
-    got = _staged_values(buffer, staged, shards, tmp_path, "c.safetensors")
+    got = _written(staged, tmp_path, "c.safetensors")
     assert torch.equal(got[shards[0].key], shards[0].data) and got[shards[0].key][0, 0].item() == 5.0
 
 
