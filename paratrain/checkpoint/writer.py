@@ -16,7 +16,10 @@ The buffer is kept for the next save of the same shapes (a training run saves th
 every time), so staging allocates nothing and touches no fresh pages; it is pinned when the
 state lives on a GPU, so the device-to-host copies are asynchronous DMA. Slots are ordered by
 element size (largest first), so every slot is aligned for its dtype with no padding between
-tensors (safetensors allows none).
+tensors (safetensors allows none), then by where their sources lie in memory, so that shards
+that are neighbours there (the boxes of one flat ZeRO range) are copied as one byte range. The
+copies themselves are planned once too: a later save of the same shards is one
+``torch._foreach_copy_`` call, checked only for the same objects at the same addresses.
 """
 
 from __future__ import annotations
