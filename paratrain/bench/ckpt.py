@@ -9,7 +9,9 @@ Rows (``ratio`` = DCP seconds / ours, higher is better):
 
 * ``save``: a synchronous save, start to files on disk (ours: ``--no-async-checkpoint``);
 * ``blocked``: how long training waits for an asynchronous save (ours: the copy to host
-  memory; DCP: ``async_save`` until it returns its future);
+  memory; DCP: ``async_save`` until it returns its future); with the CPU seconds of our
+  training thread in it (``ours_blocked_cpu_s``, rank 0: what a loaded machine does not
+  inflate) and every rank's medians (``blocked_s_by_rank``, ``blocked_cpu_s_by_rank``);
 * ``load``: reading it back into the same layout;
 * ``load-resharded``: into one process (dp 1, no sharding) from the sharded save. Ours reads
   every box from the files that hold it. DCP reshards only state it saved as DTensors, so its

@@ -213,28 +213,27 @@ def _live(pm: object, opt: torch.optim.Optimizer) -> tuple[list, list[int]]:
     """What a walk reads, as objects, and the address of every tensor among them: equal (the
     same objects, :func:`operator.is_`, and the same addresses) means a new walk would find the
     same tensors at the same memory. A ``p.data = ...`` swap changes an address; a parameter,
-    buffer, submodule or optimizer state put in another's place changes an object. It covers
-    every module's own parameters, buffers and submodules (names included), so more than
-    ``state_dict`` reads, without building it: about a third of its cost."""
+    buffer, submodule or optimizer state put in another's place, added or removed, changes an
+    object or the count. It covers every module's own parameters, buffers and submodules (more
+    than ``state_dict`` reads) without building the state dict: 0.27 against 0.38 ms for
+    ``small`` in one process, 0.61 against 0.72 ms with the caches cold, as after a step."""
     objects: list = []
     tensors: list = []
+    counts: list[int] = []  # each module's number of submodules: the tree's shape
     stack = [pm.module]  # type: ignore[attr-defined]
     while stack:
         m = stack.pop()
         objects.append(m)
-        for d in (m._parameters, m._buffers):
-            objects += d  # the names
-            tensors += d.values()
-        objects += m._modules
+        tensors += m._parameters.values()
+        tensors += m._buffers.values()
         children = [c for c in m._modules.values() if c is not None]
-        objects += children
+        counts.append(len(children))
         stack += children
     for q, st in opt.state.items():
         tensors.append(q)
-        objects += st  # the names of its states
         tensors += st.values()
     objects += tensors
-    return objects, [t.data_ptr() if isinstance(t, torch.Tensor) else 0 for t in tensors]
+    return objects, counts + [t.data_ptr() if isinstance(t, torch.Tensor) else 0 for t in tensors]
 
 
 def _same(a: tuple[list, list[int]], b: tuple[list, list[int]] | None) -> bool:
