@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 from paratrain.launch import Interrupted
 
 SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")
+# Ctrl-C in a terminal signals every process of the foreground group, the ranks included, and torch's
+# launcher then passes the signal it got on to the ranks: the same request arrives twice, within
+# milliseconds. A repeat of the same signal this soon is that echo, not a second, impatient Ctrl-C.
+ECHO_S = 2.0
 
 
 class Preempted(Interrupted):
@@ -31,7 +36,8 @@ class Preempted(Interrupted):
 class StopRequest:
     """The signal this process got (0: none), recorded by :meth:`install`'s handlers while
     :attr:`armed` (inside the training loop, where the next step boundary is near). Unarmed (set-up,
-    shutdown), or at a second signal, the process ends at once with ``128 + signum``: a rank the
+    shutdown), or at a second signal (not the same one echoed within ``ECHO_S``), the process
+    ends at once with ``128 + signum``: a rank the
     launcher stops because a peer died must not linger until torch-elastic's grace period ends.
     Armed, the step boundary must come within ``deadline_s`` of the signal (the run's collective
     ``--timeout``: a step that takes longer is stuck, e.g. on a peer that hangs); if it does not, the
@@ -42,6 +48,7 @@ class StopRequest:
         self.armed = False
         self.deadline_s = deadline_s
         self._deadline: threading.Timer | None = None
+        self._at = 0.0  # when the signal came (time.monotonic)
 
     def install(self) -> Callable[[], None]:
         """Record SIGTERM/SIGINT/SIGHUP instead of dying of them; returns the undo. Outside the
@@ -52,11 +59,14 @@ class StopRequest:
         old = {s: signal.getsignal(s) for s in sigs}
 
         def record(signum: int, frame: Any) -> None:
+            now = time.monotonic()
+            if self.armed and signum == self.signum and now - self._at < ECHO_S:
+                return  # the launcher's echo of the terminal's signal (ECHO_S)
             if not self.armed or self.signum:
                 from paratrain.rank import end_process
 
                 end_process(128 + signum)
-            self.signum = signum
+            self.signum, self._at = signum, now
             if self.deadline_s is not None:
                 self._deadline = threading.Timer(self.deadline_s, self._overdue, (signum,))
                 self._deadline.daemon = True

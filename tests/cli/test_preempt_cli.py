@@ -19,15 +19,22 @@ RUN = ["train", "--model", "tiny", "--steps", "100000", "--global-batch", "4", "
        "--eval-every", "0", "--sample-tokens", "0", "--timeout", "30", "--quiet"]
 
 
-@pytest.mark.parametrize("nproc,sig", [(2, signal.SIGTERM), (1, signal.SIGINT)], ids=["2-ranks-TERM", "1-rank-INT"])
-def test_a_signal_saves_the_step_in_flight_and_says_how_to_resume(tmp_path, nproc, sig):
+@pytest.mark.parametrize("nproc,sig,group", [(2, signal.SIGTERM, False), (1, signal.SIGINT, False),
+                                             (2, signal.SIGINT, True)],
+                         ids=["2-ranks-TERM", "1-rank-INT", "2-ranks-Ctrl-C"])
+def test_a_signal_saves_the_step_in_flight_and_says_how_to_resume(tmp_path, nproc, sig, group):
+    """``group``: Ctrl-C in a terminal, which signals the launcher and every rank at once; torch's
+    launcher then passes the signal on to the ranks again (one request, not a second Ctrl-C)."""
     out = tmp_path / "p"
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, "-m", "paratrain", *RUN, "--nproc", str(nproc), "--dp", str(nproc),
                              "--out", str(out)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=group)
     wait_for_steps(proc, out, steps=3)
-    proc.send_signal(sig)
+    if group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + sig, err
     assert "Traceback" not in err

@@ -116,3 +116,34 @@ def test_a_signalled_rank_that_cannot_reach_the_step_boundary_ends_after_the_dea
     assert r.stdout.strip() == f"recorded {int(signal.SIGTERM)}"  # it was recorded, not fatal at once
     assert "the step in flight has not ended" in r.stderr
     assert deadline <= elapsed < 20
+
+
+ECHOED = """
+import os, signal, sys, time
+sys.path.insert(0, {repo!r})
+from paratrain.preempt import StopRequest
+stop = StopRequest()
+stop.install()
+stop.armed = True
+os.kill(os.getpid(), signal.SIGINT)  # the terminal's Ctrl-C ...
+os.kill(os.getpid(), signal.SIGINT)  # ... and the launcher passing it on: one request
+print("recorded", stop.signum, flush=True)
+{then}
+print("still running", flush=True)
+"""
+
+
+@pytest.mark.parametrize("then, ends", [("", False), ("time.sleep(2.5); os.kill(os.getpid(), signal.SIGINT)", True),
+                                        ("os.kill(os.getpid(), signal.SIGTERM)", True)],
+                         ids=["echo", "second-ctrl-c", "other-signal"])
+def test_the_same_signal_echoed_at_once_is_one_request_a_later_or_other_one_ends_the_rank(then, ends):
+    """Ctrl-C reaches a rank twice within milliseconds (the terminal's and torch's launcher's): it
+    must still finish its step and save; a second Ctrl-C seconds later, or another signal, ends it."""
+    r = subprocess.run([sys.executable, "-c", ECHOED.format(repo=str(REPO), then=then)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.stdout.splitlines()[0] == f"recorded {int(signal.SIGINT)}", (r.stdout, r.stderr)
+    if ends:
+        assert r.returncode == 128 + (signal.SIGTERM if "SIGTERM" in then else signal.SIGINT), r.stderr
+        assert "still running" not in r.stdout
+    else:
+        assert r.returncode == 0 and "still running" in r.stdout, r.stderr
