@@ -203,13 +203,3 @@ class TrainConfig:
             )
         if self.hf is not None:
             self._check_hf()
-        if not runtime_implements(layout):  # zero 3 with a pipeline: the one layout left
-            raise ConfigError(
-                f"ZeRO-3 with pipeline parallelism (pp={layout.pp}) is not implemented: ZeRO-3 "
-                f"gathers each block's parameters around its forward and backward, and the rest "
-                f"(embeddings, head) around the model's whole forward, which a pipeline stage never "
-                f"runs as one call (its schedule runs chunks, micro-batch by micro-batch). Valid: "
-                f"--zero 1 or --zero 2 with "
-                f"--pp {layout.pp} (optimizer state and gradients sharded over each stage's dp "
-                f"group), or --zero 3 with --pp 1."
-            )

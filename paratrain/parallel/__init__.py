@@ -110,7 +110,14 @@ def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, tp_plan: TPPlan
         stage = build_stage(model, mesh, layout, seq_len or getattr(stages.config, "max_seq_len", 0), stages)
     sync: GradSync
     weights: list[torch.Tensor] = []
-    if layout.zero == 3:  # ZeRO-3: parameters sharded too, gathered per block (parallel/zero3.py)
+    if layout.zero == 3 and stage is not None:  # ZeRO-3 in a pipeline: gathered per step (zero3_pipeline.py)
+        from paratrain.parallel.zero3_pipeline import PipelineZero3
+
+        tied = [stage.tied_param] if stage.tied_param is not None else []
+        sync = PipelineZero3(model, mesh.dp, bucket_mb, overlap, parts=_distinct_parts([c.parameters() for c in
+                             stage.chunks]), alone=tied, grad_dtype=grad_dtype)
+        weights = [b.flat for b in sync.buckets]
+    elif layout.zero == 3:  # ZeRO-3: parameters sharded too, gathered per block (parallel/zero3.py)
         from paratrain.parallel.zero3 import zero3
 
         blocks = list(stages.block_list(model)) if stages is not None else []
