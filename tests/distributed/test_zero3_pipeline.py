@@ -20,7 +20,7 @@ from paratrain.core.traffic import zero_comm_per_step
 from paratrain.plan.hardware import get_hardware
 from paratrain.plan.local import predict_run
 from paratrain.reference import reference_train
-from tests.common import BASE, assert_matches_reference, with_layout
+from tests.common import BASE, LOSS_RTOL, assert_matches_reference, with_layout
 from tests.harness import run_ranks
 
 LAYOUTS = {
@@ -34,7 +34,7 @@ CFGS = [with_layout(BASE, **layout) for layout in LAYOUTS.values()]
 def _ranks_fn(cfgs):
     from paratrain.launch import RankEnv
     from paratrain.parallel.memory import model_state_bytes
-    from paratrain.train import setup, train_step
+    from paratrain.train import evaluate, setup, train_step
 
     out = []
     for cfg in cfgs:
@@ -49,6 +49,7 @@ def _ranks_fn(cfgs):
             "memory": model_state_bytes(s.pm.module, s.opt),
             "pieces": len(sync.grad_params),
             "full_state": s.pm.full_state_dict(),
+            "val_loss": evaluate(s.pm, s.corpus, cfg, s.rows, s.device),  # the eval schedule gathers too
         })
     return out
 
@@ -63,6 +64,23 @@ def reference():
     return reference_train(BASE)
 
 
+@functools.cache
+def reference_val_loss() -> float:
+    """The reference model after its steps, on the validation batches ``train.evaluate`` uses."""
+    from paratrain.data import VAL, get_batch, load_corpus
+    from paratrain.models.gpt import build_reference
+
+    model = build_reference(BASE.model_config(), BASE.seed, "cpu")
+    model.load_state_dict(reference().state)
+    model.eval()
+    val = load_corpus(BASE.data).val
+    with torch.no_grad():
+        losses = [model(*(torch.from_numpy(a) for a in get_batch(val, BASE.seq_len, BASE.global_batch, BASE.seed,
+                                                                  i, slice(None), split=VAL))).item()
+                  for i in range(BASE.eval_batches)]
+    return sum(losses) / len(losses)
+
+
 @pytest.mark.equivalence
 @pytest.mark.parametrize("i", range(len(CFGS)), ids=list(LAYOUTS))
 def test_zero3_pipeline_matches_reference(i):
@@ -73,14 +91,17 @@ def test_zero3_pipeline_matches_reference(i):
         assert_matches_reference(res, ref, cfg, state=None, who=f"{cfg.layout}, rank {rank}")
     assert_matches_reference(ranks[0], ref, cfg, state="full_state", who=f"{cfg.layout}, gathered")
     assert all(r["full_state"] is None for r in ranks[1:])
+    for res in ranks:
+        assert res["val_loss"] == pytest.approx(reference_val_loss(), rel=LOSS_RTOL)
 
 
 @pytest.mark.parametrize("i", range(len(CFGS)), ids=list(LAYOUTS))
 def test_zero3_pipeline_traffic_and_states(i):
     """Per step: one all-gather and one reduce-scatter of every bucket (zero_comm_per_step with
     pp > 1), whatever the schedule and the micro-batches; after the step the model states are the
-    planner's ZeRO-3 states (plan/local.predict_run), plus AdamW's 4-byte step count per piece,
-    the 4-byte placeholder per bucket and at most dp - 1 fp32 of padding per bucket."""
+    planner's ZeRO-3 states (plan/local.predict_run; what ``train --measure-memory`` records is
+    this ``model_state_bytes``), plus AdamW's 4-byte step count per piece, the 4-byte
+    placeholder per bucket and at most dp - 1 fp32 of padding per bucket."""
     cfg = CFGS[i]
     L = cfg.layout
     predicted = predict_run(cfg, get_hardware("cpu")).memory_per_rank
