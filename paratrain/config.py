@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from paratrain.core.traffic import ZERO3_GATHERS
 from paratrain.core.vocab import padded_vocab_size
 from paratrain.errors import ConfigError
 from paratrain.expert_rules import expert_refusal
@@ -102,6 +103,10 @@ class TrainConfig:
     top_k: int | None = None
     capacity_factor: float | None = None
     aux_loss_coef: float | None = None
+    # ZeRO-3 inside a pipeline (docs/zero.md): each unit gathered around every micro-batch's forward
+    # and backward ("microbatch": ZeRO-3's memory, 3 m psi of dp traffic) or once per step ("step":
+    # ZeRO-1's 2 psi; the stage's whole parameters and gradients held through the step)
+    zero3_gather: str = "microbatch"
 
     @property
     def world_size(self) -> int:
@@ -146,6 +151,7 @@ class TrainConfig:
             ("precision", self.precision, PRECISIONS),
             ("dp_impl", self.dp_impl, DP_IMPLS),
             ("device", self.device, DEVICES),
+            ("zero3_gather", self.zero3_gather, ZERO3_GATHERS),
         ):
             if value not in valid:
                 raise ConfigError(f"{name} must be one of {', '.join(valid)}, got {value!r}.")

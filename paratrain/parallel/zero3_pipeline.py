@@ -32,6 +32,7 @@ gradient norm and the optimizer see exactly what they see under ZeRO-3 without a
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -99,3 +100,108 @@ class PipelineZero3(ZeroDataParallel):
     def zero_grad(self) -> None:
         for b in self.buckets:
             b.grad_shard.zero_()  # (overwritten by the next reduce-scatter anyway)
+
+
+class _AfterBackward(torch.autograd.Function):
+    """Identity on ``x``; its backward runs ``fn`` once the gradient of ``x`` is complete, that
+    is, after the backward of the module ``x`` is the input of (here: free that module's unit)."""
+
+    @staticmethod
+    def forward(ctx: Any, fn: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.fn = fn
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor]:
+        ctx.fn()
+        return None, grad
+
+
+class ModuleGathering:
+    """Per micro-batch gathering inside a pipeline (``--zero3-gather microbatch``): each unit is
+    all-gathered by a forward pre-hook on the module that uses it and freed by its forward hook;
+    gathered again just before that module's backward (``zero3._BeforeBackward`` on its output)
+    and freed right after it (:class:`_AfterBackward` on its input; a module whose input needs
+    no gradient, the embedding, is freed when its gradients are reduced). So each use of a unit
+    gathers it twice per micro-batch whatever the schedule -- also a zero-bubble ``I``, after
+    which the unit is not needed: ``W`` multiplies saved activations only. ``ZeroDataParallel``
+    reduce-scatters a unit's gradient after every backward that produced some of it (``I`` and
+    ``W`` each, for a block). ``uses``: (module, unit) pairs."""
+
+    def __init__(self, uses: Sequence[tuple[nn.Module, ShardedBucket]]) -> None:
+        self.uses = list(uses)
+        self._hooks = []
+        for module, unit in uses:
+            self._hooks.append(module.register_forward_pre_hook(self._before(unit)))
+            self._hooks.append(module.register_forward_hook(self._after(unit)))
+
+    @staticmethod
+    def _before(unit: ShardedBucket) -> Any:
+        def hook(module: nn.Module, args: Any) -> Any:
+            unit.gather()
+            if args and isinstance(args[0], torch.Tensor) and args[0].requires_grad and torch.is_grad_enabled():
+                return (_AfterBackward.apply(unit.free, args[0]), *args[1:])
+            return None
+        return hook
+
+    @staticmethod
+    def _after(unit: ShardedBucket) -> Any:
+        from paratrain.parallel.zero3 import _BeforeBackward
+
+        def hook(module: nn.Module, args: Any, out: Any) -> Any:
+            unit.free()
+            if isinstance(out, torch.Tensor) and out.requires_grad and torch.is_grad_enabled():
+                return _BeforeBackward.apply(unit.gather, out)
+            return out
+        return hook
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+
+def pipeline_units(model: nn.Module, stage: Any, stages: Any) -> list[tuple[nn.Module, list[nn.Parameter]]]:
+    """The units of a pipeline rank for per-micro-batch gathering, in backward order (the last
+    chunk first; in a chunk the head's modules, the blocks, the embedding's, each reversed): each
+    of its blocks, and each module of ``stages.before`` / ``stages.after`` it holds (the tied
+    embedding is one module's only parameter, so its shards coincide on the first and last
+    stage). A module whose parameters another unit already holds (ZB-V's rank 0 runs both the
+    embedding and the head, which share the tied weight) uses that unit: returned with ``[]``."""
+    out: list[tuple[nn.Module, list[nn.Parameter]]] = []
+    seen: set[int] = set()
+
+    def add(module: nn.Module) -> None:
+        params = [p for p in module.parameters() if p.requires_grad]
+        fresh = [p for p in params if id(p) not in seen]
+        assert len(fresh) in (0, len(params)), "a module shares only some of its parameters with another"
+        seen.update(id(p) for p in fresh)
+        if params:
+            out.append((module, fresh))
+
+    for chunk in reversed(stage.chunks):
+        if chunk.has_head:
+            for name in reversed(stages.after):
+                add(model.get_submodule(name))
+        for block in reversed(chunk.blocks):
+            add(block)
+        if chunk.embeds:
+            for name in reversed(stages.before):
+                add(model.get_submodule(name))
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
+    assert not missing, f"parameters outside the stage spec's modules: {missing}"
+    return out
+
+
+def zero3_per_microbatch(model: nn.Module, group: Group, stage: Any, stages: Any, bucket_mb: float = 25.0,
+                         overlap: bool = True, grad_dtype: torch.dtype | None = None) -> ZeroDataParallel:
+    """ZeRO-3 of one pipeline rank, gathered around every micro-batch's forward and backward
+    (:class:`ModuleGathering`); gradients reduce-scattered after every backward, as ZeRO-3
+    without a pipeline does (``zero.py``, stage 3)."""
+    pairs = pipeline_units(model, stage, stages)
+    units = [params for _, params in pairs if params]
+    sync = ZeroDataParallel(model, group, 3, bucket_mb, overlap, units=units, grad_dtype=grad_dtype)
+    unit_of = {id(p): b for b in sync.buckets for p in b.params}
+    uses = [(module, unit_of[id(next(p for p in module.parameters() if p.requires_grad))]) for module, _ in pairs]
+    sync.gathering = ModuleGathering(uses)
+    return sync

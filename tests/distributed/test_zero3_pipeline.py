@@ -23,12 +23,16 @@ from paratrain.reference import reference_train
 from tests.common import BASE, LOSS_RTOL, assert_matches_reference, with_layout
 from tests.harness import run_ranks
 
-LAYOUTS = {
-    "1f1b": dict(dp=2, pp=2, zero=3, microbatches=2, schedule="1f1b"),
-    "interleaved": dict(dp=2, pp=2, zero=3, microbatches=2, schedule="interleaved", virtual_stages=2),
-    "zb-h1": dict(dp=2, pp=2, zero=3, microbatches=2, schedule="zb-h1"),
+Z3PP = dict(dp=2, pp=2, zero=3, microbatches=2)
+SCHEDULES = {"1f1b": dict(schedule="1f1b"), "interleaved": dict(schedule="interleaved", virtual_stages=2),
+             "zb-h1": dict(schedule="zb-h1")}
+CASES = {  # name: (--zero3-gather, layout)
+    **{f"step-{k}": ("step", dict(Z3PP, **v)) for k, v in SCHEDULES.items()},
+    **{f"microbatch-{k}": ("microbatch", dict(Z3PP, **v)) for k, v in SCHEDULES.items()},
+    # ZB-V: rank 0 runs the embedding and the head, one unit (the tied weight) used by two chunks
+    "microbatch-zb-v": ("microbatch", dict(Z3PP, schedule="zb-v")),
 }
-CFGS = [with_layout(BASE, **layout) for layout in LAYOUTS.values()]
+CFGS = [with_layout(BASE, **layout).replace(zero3_gather=gather) for gather, layout in CASES.values()]
 
 
 def _ranks_fn(cfgs):
@@ -40,12 +44,17 @@ def _ranks_fn(cfgs):
     for cfg in cfgs:
         s = setup(cfg, RankEnv.from_env(), torch.device("cpu"))
         records = [train_step(s, step) for step in range(1, cfg.steps + 1)]
-        sync = s.pm._zero3()
+        sync = s.pm.grad_sync
         out.append({
             "losses": [r["loss"] for r in records],
             "grad_norms": [r["grad_norm"] for r in records],
             "dp_ops": {op: (o.calls, o.bytes) for op, o in s.mesh.dp.stats.ops.items()},
             "bucket_bytes": [b.padded * 4 for b in sync.buckets],
+            # a block's unit: its linear weights' gradients come in a zero-bubble W, the rest in I
+            "block_bytes": [b.padded * 4 for b in sync.buckets if len(b.params) > 2],
+            # ZB-V's tied weight on rank 0: one unit, used by the embedding and by the head
+            "shared_bytes": [u.padded * 4 for u in sync.buckets
+                             if sync.gathering is not None and sum(v is u for _, v in sync.gathering.uses) == 2],
             "memory": model_state_bytes(s.pm.module, s.opt),
             "pieces": len(sync.grad_params),
             "full_state": s.pm.full_state_dict(),
@@ -82,7 +91,7 @@ def reference_val_loss() -> float:
 
 
 @pytest.mark.equivalence
-@pytest.mark.parametrize("i", range(len(CFGS)), ids=list(LAYOUTS))
+@pytest.mark.parametrize("i", range(len(CFGS)), ids=list(CASES))
 def test_zero3_pipeline_matches_reference(i):
     cfg, ref = CFGS[i], reference()
     assert max(ref.grad_norms) > cfg.grad_clip  # clipping was active
@@ -95,18 +104,28 @@ def test_zero3_pipeline_matches_reference(i):
         assert res["val_loss"] == pytest.approx(reference_val_loss(), rel=LOSS_RTOL)
 
 
-@pytest.mark.parametrize("i", range(len(CFGS)), ids=list(LAYOUTS))
+@pytest.mark.parametrize("i", range(len(CFGS)), ids=list(CASES))
 def test_zero3_pipeline_traffic_and_states(i):
-    """Per step: one all-gather and one reduce-scatter of every bucket (zero_comm_per_step with
-    pp > 1), whatever the schedule and the micro-batches; after the step the model states are the
-    planner's ZeRO-3 states (plan/local.predict_run; what ``train --measure-memory`` records is
-    this ``model_state_bytes``), plus AdamW's 4-byte step count per piece, the 4-byte
-    placeholder per bucket and at most dp - 1 fp32 of padding per bucket."""
+    """dp traffic per step (zero_comm_per_step): gathered once per step, one all-gather and one
+    reduce-scatter of every bucket whatever the schedule; per micro-batch, every unit gathered
+    for its forward and again for its backward and reduce-scattered after its backward -- twice
+    under a zero-bubble split for a block (after I, after W). After the step the model states are
+    the planner's ZeRO-3 states (plan/local.predict_run; what ``train --measure-memory`` records
+    is this ``model_state_bytes``), plus AdamW's 4-byte step count per piece, the 4-byte
+    placeholder per unit and at most dp - 1 fp32 of padding per unit."""
     cfg = CFGS[i]
     L = cfg.layout
     predicted = predict_run(cfg, get_hardware("cpu")).memory_per_rank
     for rank, res in enumerate(r[i] for r in results()):
-        want = zero_comm_per_step(3, res["bucket_bytes"], L.microbatches, pp=L.pp)
+        want = zero_comm_per_step(3, res["bucket_bytes"], L.microbatches, pp=L.pp, gather=cfg.zero3_gather)
+        if cfg.zero3_gather == "microbatch" and L.schedule.startswith("zb"):
+            calls, nbytes = want["reduce_scatter"]
+            want["reduce_scatter"] = (calls + L.microbatches * len(res["block_bytes"]),
+                                      nbytes + L.microbatches * sum(res["block_bytes"]))
+        for op, times in (("all_gather", 2), ("reduce_scatter", 1)):  # each use: gathered twice, reduced once
+            calls, nbytes = want[op]
+            want[op] = (calls + times * L.microbatches * len(res["shared_bytes"]),
+                        nbytes + times * L.microbatches * sum(res["shared_bytes"]))
         got = {op: v for op, v in res["dp_ops"].items() if op not in ("metrics", "checkpoint", "eval")}
         assert got == {op: (c * cfg.steps, b * cfg.steps) for op, (c, b) in want.items()}, f"rank {rank}"
         gap = res["memory"] - ModelState.from_dict(predicted[rank])
