@@ -1,13 +1,18 @@
-"""ZeRO-3 inside a pipeline: each stage's parameters sharded over its dp group, gathered once per
-step.
+"""ZeRO-3 inside a pipeline: each stage's parameters sharded over its dp group, gathered per
+micro-batch (``--zero3-gather microbatch``, the default) or once per step (``step``).
 
 A pipeline stage never runs its model as one call: its schedule runs chunks micro-batch by
 micro-batch (``F``, ``B``, or ``I`` and ``W`` of zero-bubble schedules), interleaved with the
-other micro-batches' passes. So instead of gathering a unit around each forward and backward
-(:mod:`.zero3`, which would all-gather every unit ``2 m`` times per step), a pipeline rank
-gathers all its units **once per step**, before its first action, keeps them whole for every
-micro-batch, and reduce-scatters each bucket's gradient **once per step**, after the stage's last
-backward (its last ``W`` under a zero-bubble schedule)::
+other micro-batches' passes, so :mod:`.zero3`'s "the root around the model's forward" has no
+place here. Two ways instead (docs/zero3_pipeline.md has the measured trade-off):
+
+* **per micro-batch** (:func:`zero3_per_microbatch`, :class:`ModuleGathering`): a unit is each
+  block and each module of the stage spec's ``before`` / ``after`` the rank holds; hooks on that
+  module gather it around its forward and again around its backward, for every micro-batch;
+  each backward reduce-scatters the gradients it produced (stage 3 of ``zero.py``). Traffic per
+  step ``3 m S`` (``S`` the stage's parameter bytes); held: ZeRO-3's ``16 psi / n`` plus the
+  unit in use and the backward's gradient buckets.
+* **once per step** (:class:`PipelineZero3`)::
 
     before the schedule   all-gather every bucket (S)      allocate whole gradient buckets
     F / B / I / W         the parameters are whole; gradients accumulate in the buckets
@@ -17,16 +22,16 @@ backward (its last ``W`` under a zero-bubble schedule)::
                           units freed (0 bytes, placeholders)
     optimizer             AdamW on the pieces of the shard, as ZeRO-3 (nothing gathered after it)
 
-Traffic per step: all-gather ``S``, reduce-scatter ``S`` -- ZeRO-1's, ``2 (n - 1)/n S`` on the
-wire, where re-gathering per micro-batch would send ``3 m (n - 1)/n S``. Memory: between steps
-``16 psi / n`` (ZeRO-3's model states); during the step the stage's whole parameters and
-gradients too, ``(P + G) psi`` (ZeRO-1's peak). Why this and not per micro-batch: docs/zero.md,
-"ZeRO-3 inside a pipeline".
+  Traffic per step: all-gather ``S``, reduce-scatter ``S`` -- ZeRO-1's, ``2 (n - 1)/n S`` on
+  the wire. Memory: between steps ``16 psi / n``; during the step the stage's whole parameters
+  and gradients too, ``(P + G) psi`` (ZeRO-1's peak, plus the shards).
 
-Buckets are ZeRO-1/2's under a pipeline (``bucket_mb`` runs that never mix a rank's chunks; the
-tied embedding alone, so its shards coincide on the first and last stage and are summed shard by
-shard), each a :class:`~paratrain.parallel.zero.ShardedBucket` of stage 3: checkpoints, the
-gradient norm and the optimizer see exactly what they see under ZeRO-3 without a pipeline.
+Buckets of the per-step mode are ZeRO-1/2's under a pipeline (``bucket_mb`` runs that never mix
+a rank's chunks; the tied embedding alone, so its shards coincide on the first and last stage and
+are summed shard by shard); the per-micro-batch units keep the tied embedding alone too (it is
+its module's only parameter). Both are :class:`~paratrain.parallel.zero.ShardedBucket` of stage
+3: checkpoints, the gradient norm and the optimizer see exactly what they see under ZeRO-3
+without a pipeline.
 """
 
 from __future__ import annotations
