@@ -68,3 +68,18 @@ def test_estimate_takes_the_flag(tmp_path):
     out = {g: json.loads(paratrain(*args, "--zero3-gather", g, cwd=tmp_path).stdout) for g in ("step", "microbatch")}
     assert out["step"]["comm_bytes_per_device"]["dp"] < out["microbatch"]["comm_bytes_per_device"]["dp"]
     assert out["step"]["comm_bytes_per_device"]["dp"] == _estimate(Z3PP, "step").comm_bytes_per_device.dp
+
+
+def test_train_flag_and_config_key(tmp_path):
+    """`train --zero3-gather step` and a config file's ``zero3_gather`` / ``zero3-gather`` reach the
+    TrainConfig; the default is microbatch."""
+    import argparse
+
+    from paratrain.cli.common import add_train_args, build_train_config, load_config_file
+
+    p = argparse.ArgumentParser()
+    add_train_args(p)
+    assert build_train_config(p.parse_args([])).zero3_gather == "microbatch"
+    assert build_train_config(p.parse_args(["--zero3-gather", "step"])).zero3_gather == "step"
+    (tmp_path / "c.json").write_text('{"zero3-gather": "step"}')
+    assert build_train_config(p.parse_args([]), load_config_file(str(tmp_path / "c.json"))).zero3_gather == "step"
