@@ -131,32 +131,48 @@ class ModuleGathering:
     gathers it twice per micro-batch whatever the schedule -- also a zero-bubble ``I``, after
     which the unit is not needed: ``W`` multiplies saved activations only. ``ZeroDataParallel``
     reduce-scatters a unit's gradient after every backward that produced some of it (``I`` and
-    ``W`` each, for a block). ``uses``: (module, unit) pairs."""
+    ``W`` each, for a block). ``uses``: (module, unit) pairs in backward order, ``chunks`` the
+    chunk of each. With ``prefetch`` the unit the chunk uses next is all-gathered while this one
+    computes (forward: the next module's; backward: the previous one's), so at most two units of
+    a chunk are whole at a time."""
 
-    def __init__(self, uses: Sequence[tuple[nn.Module, ShardedBucket]]) -> None:
+    def __init__(self, uses: Sequence[tuple[nn.Module, ShardedBucket]], chunks: Sequence[int] | None = None,
+                 prefetch: bool = True) -> None:
         self.uses = list(uses)
+        chunks = list(chunks) if chunks is not None else [0] * len(uses)
         self._hooks = []
-        for module, unit in uses:
-            self._hooks.append(module.register_forward_pre_hook(self._before(unit)))
-            self._hooks.append(module.register_forward_hook(self._after(unit)))
+        def neighbour(i: int, j: int) -> ShardedBucket | None:  # use j, if it prefetches for use i
+            ok = prefetch and 0 <= j < len(uses) and chunks[j] == chunks[i] and uses[j][1] is not uses[i][1]
+            return uses[j][1] if ok else None
+
+        for i, (module, unit) in enumerate(uses):
+            self._hooks.append(module.register_forward_pre_hook(self._before(unit, neighbour(i, i - 1))))
+            self._hooks.append(module.register_forward_hook(self._after(unit, neighbour(i, i + 1))))
 
     @staticmethod
-    def _before(unit: ShardedBucket) -> Any:
+    def _use(unit: ShardedBucket, nxt: ShardedBucket | None) -> None:
+        unit.gather()
+        unit.wait_gathered()
+        if nxt is not None:
+            nxt.gather(async_op=True)
+
+    @staticmethod
+    def _before(unit: ShardedBucket, nxt: ShardedBucket | None) -> Any:
         def hook(module: nn.Module, args: Any) -> Any:
-            unit.gather()
+            ModuleGathering._use(unit, nxt)
             if args and isinstance(args[0], torch.Tensor) and args[0].requires_grad and torch.is_grad_enabled():
                 return (_AfterBackward.apply(unit.free, args[0]), *args[1:])
             return None
         return hook
 
     @staticmethod
-    def _after(unit: ShardedBucket) -> Any:
+    def _after(unit: ShardedBucket, nxt: ShardedBucket | None) -> Any:
         from paratrain.parallel.zero3 import _BeforeBackward
 
         def hook(module: nn.Module, args: Any, out: Any) -> Any:
             unit.free()
             if isinstance(out, torch.Tensor) and out.requires_grad and torch.is_grad_enabled():
-                return _BeforeBackward.apply(unit.gather, out)
+                return _BeforeBackward.apply(lambda: ModuleGathering._use(unit, nxt), out)
             return out
         return hook
 
@@ -166,47 +182,50 @@ class ModuleGathering:
         self._hooks.clear()
 
 
-def pipeline_units(model: nn.Module, stage: Any, stages: Any) -> list[tuple[nn.Module, list[nn.Parameter]]]:
+def pipeline_units(model: nn.Module, stage: Any, stages: Any) -> list[tuple[nn.Module, list[nn.Parameter], int]]:
     """The units of a pipeline rank for per-micro-batch gathering, in backward order (the last
     chunk first; in a chunk the head's modules, the blocks, the embedding's, each reversed): each
     of its blocks, and each module of ``stages.before`` / ``stages.after`` it holds (the tied
     embedding is one module's only parameter, so its shards coincide on the first and last
     stage). A module whose parameters another unit already holds (ZB-V's rank 0 runs both the
-    embedding and the head, which share the tied weight) uses that unit: returned with ``[]``."""
-    out: list[tuple[nn.Module, list[nn.Parameter]]] = []
+    embedding and the head, which share the tied weight) uses that unit: returned with ``[]``.
+    Each with the index of the rank's chunk that runs it."""
+    out: list[tuple[nn.Module, list[nn.Parameter], int]] = []
     seen: set[int] = set()
 
-    def add(module: nn.Module) -> None:
+    def add(module: nn.Module, chunk: int) -> None:
         params = [p for p in module.parameters() if p.requires_grad]
         fresh = [p for p in params if id(p) not in seen]
         assert len(fresh) in (0, len(params)), "a module shares only some of its parameters with another"
         seen.update(id(p) for p in fresh)
         if params:
-            out.append((module, fresh))
+            out.append((module, fresh, chunk))
 
-    for chunk in reversed(stage.chunks):
+    for c in reversed(range(len(stage.chunks))):
+        chunk = stage.chunks[c]
         if chunk.has_head:
             for name in reversed(stages.after):
-                add(model.get_submodule(name))
+                add(model.get_submodule(name), c)
         for block in reversed(chunk.blocks):
-            add(block)
+            add(block, c)
         if chunk.embeds:
             for name in reversed(stages.before):
-                add(model.get_submodule(name))
+                add(model.get_submodule(name), c)
     missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
     assert not missing, f"parameters outside the stage spec's modules: {missing}"
     return out
 
 
 def zero3_per_microbatch(model: nn.Module, group: Group, stage: Any, stages: Any, bucket_mb: float = 25.0,
-                         overlap: bool = True, grad_dtype: torch.dtype | None = None) -> ZeroDataParallel:
+                         overlap: bool = True, grad_dtype: torch.dtype | None = None,
+                         prefetch: bool = True) -> ZeroDataParallel:
     """ZeRO-3 of one pipeline rank, gathered around every micro-batch's forward and backward
     (:class:`ModuleGathering`); gradients reduce-scattered after every backward, as ZeRO-3
     without a pipeline does (``zero.py``, stage 3)."""
     pairs = pipeline_units(model, stage, stages)
-    units = [params for _, params in pairs if params]
+    units = [params for _, params, _ in pairs if params]
     sync = ZeroDataParallel(model, group, 3, bucket_mb, overlap, units=units, grad_dtype=grad_dtype)
     unit_of = {id(p): b for b in sync.buckets for p in b.params}
-    uses = [(module, unit_of[id(next(p for p in module.parameters() if p.requires_grad))]) for module, _ in pairs]
-    sync.gathering = ModuleGathering(uses)
+    uses = [(module, unit_of[id(next(p for p in module.parameters() if p.requires_grad))]) for module, _, _ in pairs]
+    sync.gathering = ModuleGathering(uses, [c for _, _, c in pairs], prefetch)
     return sync
