@@ -216,6 +216,32 @@ def pipeline_units(model: nn.Module, stage: Any, stages: Any) -> list[tuple[nn.M
     return out
 
 
+class MicrobatchZero3(ZeroDataParallel):
+    """ZeRO-3's reduction (stage 3 of :class:`ZeroDataParallel`: every backward's gradients
+    reduce-scattered into the accumulating shards) with at most one bucket's reduction in
+    flight: launching a bucket first waits for the one before and releases its buffer, so a
+    backward holds one or two units' gradients, not all of its stage's until the next backward
+    starts (``_flush``)."""
+
+    def _launch(self, bucket: _Bucket) -> None:
+        for b in self.buckets:
+            if b.launched and b is not bucket:
+                self._settle(b)
+        super()._launch(bucket)
+
+    def _settle(self, b: ShardedBucket) -> None:
+        """``_flush``'s work for one launched bucket: wait, accumulate, release."""
+        if b.handle is not None:
+            b.handle.wait()
+            b.handle = None
+        b.launched = False
+        if b.accumulate:
+            assert b.buffer is not None
+            b.grad_shard.add_(b.buffer[b.lo:b.hi])
+        b.fresh = False
+        b.release()
+
+
 def zero3_per_microbatch(model: nn.Module, group: Group, stage: Any, stages: Any, bucket_mb: float = 25.0,
                          overlap: bool = True, grad_dtype: torch.dtype | None = None,
                          prefetch: bool = True) -> ZeroDataParallel:
@@ -224,7 +250,7 @@ def zero3_per_microbatch(model: nn.Module, group: Group, stage: Any, stages: Any
     without a pipeline does (``zero.py``, stage 3)."""
     pairs = pipeline_units(model, stage, stages)
     units = [params for _, params, _ in pairs if params]
-    sync = ZeroDataParallel(model, group, 3, bucket_mb, overlap, units=units, grad_dtype=grad_dtype)
+    sync = MicrobatchZero3(model, group, 3, bucket_mb, overlap, units=units, grad_dtype=grad_dtype)
     unit_of = {id(p): b for b in sync.buckets for p in b.params}
     uses = [(module, unit_of[id(next(p for p in module.parameters() if p.requires_grad))]) for module, _, _ in pairs]
     sync.gathering = ModuleGathering(uses, [c for _, _, c in pairs], prefetch)
