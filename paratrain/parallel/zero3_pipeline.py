@@ -9,9 +9,10 @@ place here. Two ways instead (docs/zero3_pipeline.md has the measured trade-off)
 * **per micro-batch** (:func:`zero3_per_microbatch`, :class:`ModuleGathering`): a unit is each
   block and each module of the stage spec's ``before`` / ``after`` the rank holds; hooks on that
   module gather it around its forward and again around its backward, for every micro-batch;
-  each backward reduce-scatters the gradients it produced (stage 3 of ``zero.py``). Traffic per
-  step ``3 m S`` (``S`` the stage's parameter bytes); held: ZeRO-3's ``16 psi / n`` plus the
-  unit in use and the backward's gradient buckets.
+  each backward reduce-scatters the gradients it produced (stage 3 of ``zero.py``, one bucket's
+  reduction in flight: :class:`MicrobatchZero3`). Traffic per step ``3 m S`` (``S`` the stage's
+  parameter bytes); held: ZeRO-3's ``16 psi / n`` plus two units (the one in use, the next one
+  prefetched) and one or two units' gradient buckets.
 * **once per step** (:class:`PipelineZero3`)::
 
     before the schedule   all-gather every bucket (S)      allocate whole gradient buckets
