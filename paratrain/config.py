@@ -194,13 +194,6 @@ class TrainConfig:
                 f"{self.dp_impl!r} is the teaching version without buckets. Use --dp-impl bucketed "
                 f"(the default) with --zero, or --zero 0 with --dp-impl naive."
             )
-        if layout.zero and layout.cp > 1:
-            raise ConfigError(
-                f"ZeRO (zero={layout.zero}) with context parallelism (cp={layout.cp}) is not implemented "
-                f"yet: ZeRO shards over the dp group, while cp ranks average their gradients over dp x cp. "
-                f"Use --zero 0 with --cp {layout.cp} (plain data parallelism over the dp x cp ranks), "
-                f"or --cp 1 with --zero."
-            )
         if self.hf is not None and layout.cp > 1:
             raise ConfigError(
                 f"context parallelism (cp={layout.cp}) replaces the built-in GPT's attention with ring "

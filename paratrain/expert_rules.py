@@ -39,22 +39,19 @@ def expert_refusal(layout: Any, model: ModelConfig, dp_impl: str = "bucketed") -
     ep = layout.ep
     if not model.num_experts:
         return None
-    refused = [(layout.pp > 1, f"pipeline parallelism (pp={layout.pp})",
-                "the load-balancing losses of every stage's routers would have to reach the last stage's loss"),
-               (layout.cp > 1, f"context parallelism (cp={layout.cp})",
+    refused = [(layout.cp > 1, f"context parallelism (cp={layout.cp})",
                 "the routing groups are whole sequences (per-sequence capacity and balancing loss)"),
                (layout.sequence_parallel, "sequence parallelism",
                 "the routing groups are whole sequences, which it splits over tp"),
                (layout.recompute == "full", "full recomputation",
                 "replaying a block would route (and count) its tokens twice; --recompute selective works"),
-               (ep > 1 and layout.zero > 0, f"ZeRO (zero={layout.zero}) with ep={ep}",
-                "ZeRO shards over the whole dp group, while the experts are reduced over dp / ep ranks"),
-               (ep > 1 and model.dropout > 0, f"dropout ({model.dropout}) with ep={ep}",
-                "an expert's dropout would draw on the rank holding it, not the token's"),
+               (layout.zero == 3 and layout.pp > 1, "ZeRO-3 with pipeline parallelism",
+                "a stage's units are its modules, and the experts' own units over the ep ranks are not "
+                "wired into them; --zero 1 or 2 with --pp, or --zero 3 with --pp 1, work"),
                (ep > 1 and dp_impl != "bucketed", f"--dp-impl {dp_impl} with ep={ep}",
                 "the experts' gradients are reduced apart from the rest, by the bucketed data parallelism")]
     for bad, what, why in refused:
         if bad:
             return (f"the mixture-of-experts model {model.name!r} does not implement {what} yet: {why}. "
-                    f"Expert parallelism composes with dp and tp (--dp, --ep, --tp); drop that option.")
+                    f"Expert parallelism composes with dp, tp and pp (--dp, --ep, --tp, --pp); drop that option.")
     return None

@@ -338,7 +338,7 @@ def train_step(s: Session, step: int) -> dict[str, Any]:
     x, y = get_batch(s.corpus.train, cfg.seq_len, cfg.global_batch, cfg.seed, step, s.rows)
     lr = lr_at(step, cfg)
     set_lr(s.opt, lr)
-    moe = moe_layers(pm.module)
+    moe, model = moe_layers(pm.module), cfg.model_config()  # a pipeline stage: its MoE blocks only
     for m in moe:
         m.take_stats()  # forget the evaluation's forwards
     local_loss = pm.forward_backward(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
@@ -359,7 +359,8 @@ def train_step(s: Session, step: int) -> dict[str, Any]:
         "step_time_s": dt,
         "comm_wait_s": comm_s,
         "comm_bytes": {g.name: g.stats.bytes - bytes0[g.name] for g in groups if g.size > 1},
-        **({"router": router_record(moe, pm.mesh.dpcp)} if moe else {}),  # parallel/expert.py
+        **({"router": router_record(moe, model, [pm.mesh.dpcp, pm.mesh.pp])}  # parallel/expert.py
+           if model.num_experts else {}),
     }
 
 

@@ -96,11 +96,14 @@ def _segments(local_shape: tuple[int, ...], tp: list[tuple[Box, Box]], start: in
     return out
 
 
-def _zero_sync(pm: object) -> object | None:
-    sync = getattr(pm, "grad_sync", None)
+def _zero_syncs(pm: object) -> list:
+    """The ZeRO wrappers under ``pm``'s gradient sync (with experts two: the experts' over edp,
+    the rest over dp; none without ZeRO)."""
+    sync, found = getattr(pm, "grad_sync", None), []
     while sync is not None and not hasattr(sync, "_bucket_of"):
+        found += [e] if hasattr(e := getattr(sync, "experts", None), "stage") else []
         sync = getattr(sync, "inner", None)
-    return sync if sync is not None and hasattr(sync, "stage") else None
+    return found + ([sync] if sync is not None and hasattr(sync, "stage") else [])
 
 
 def _owns(t: torch.Tensor, groups: list) -> tuple[bool, bool]:
@@ -142,7 +145,7 @@ def holdings(pm: object, opt: torch.optim.Optimizer) -> list[Holding]:
     # cp ranks hold the same tensors: cp index 0 writes; the dp ranks are the ep x edp ranks (ep = 1:
     # edp is dp): an expert (sharded over ep) is written by edp index 0 of each ep index
     groups = [mesh.dp, mesh.tp, mesh.pp, mesh.ep, mesh.edp, mesh.cp]
-    zero = _zero_sync(pm)
+    zeros = _zero_syncs(pm)
     tied = bool(getattr(getattr(module, "cfg", None), "tie_embeddings", False))
     out: list[Holding] = []
     where: dict[int, tuple[str, tuple[int, ...], tuple[int, ...], list[tuple[Box, Box]]]] = {}
@@ -153,7 +156,8 @@ def holdings(pm: object, opt: torch.optim.Optimizer) -> list[Holding]:
             continue
         seen.add(id(p))
         gname = "wte.weight" if tied and name == "lm_head.weight" else name
-        bucket = zero._bucket_of.get(p) if zero is not None else None  # type: ignore[attr-defined]
+        zero = next((z for z in zeros if p in z._bucket_of), None)
+        bucket = zero._bucket_of[p] if zero is not None else None
         local_shape = tuple(bucket.param_views[p].shape) if bucket is not None and zero.stage == 3 else tuple(p.shape)
         shape, tp = _tp_segments(p, local_shape, mesh.tp.rank, mesh.tp.size)
         where[id(p)] = (gname, shape, local_shape, tp)

@@ -90,17 +90,21 @@ def _add(out: Traffic, phase: str, op: str, calls: int, nbytes: int) -> None:
 def tp_traffic(model: ModelConfig, tp: int, sequence_parallel: bool, microbatch: int, seq_len: int,
                num_layers: int | None = None, embedding: bool = True, head: bool = True,
                recompute: str = "none", elem_bytes: int = 4, grad_bytes: int = 4,
-               split_backward: bool = False) -> Traffic:
+               split_backward: bool = False, moe_blocks: int | None = None) -> Traffic:
     """Tensor-parallel traffic of one tp rank: per micro-batch of ``microbatch`` sequences
     (phases ``forward`` and ``backward``) and once per step (phase ``step``: the SP partial
     gradients; the gradient norm is left to the caller, it is per group). ``num_layers`` (default
     all) blocks, the embedding and/or the head, as a pipeline stage holds them. See the module
     docstring for every term. ``split_backward``: a zero-bubble schedule's I/W split (no SP
-    regather). A group of one moves nothing."""
+    regather). ``moe_blocks``: how many of the blocks hold a mixture of experts, whose MLP every
+    tp rank runs whole (``models/plans.py``): no MLP reduction there (default: the model's count
+    over all its blocks; over ``num_layers`` of them, that share rounded). A group of one moves nothing."""
     out: Traffic = {}
     if tp == 1:
         return out
     L = model.num_layers if num_layers is None else num_layers
+    M = moe_blocks if moe_blocks is not None else \
+        model.num_moe_blocks if num_layers is None else round(L * model.num_moe_blocks / model.num_layers)
     h, emb, hd = model.hidden, int(embedding), int(head)
     A = microbatch * seq_len * h * elem_bytes
     full = recompute == "full"
@@ -118,9 +122,9 @@ def tp_traffic(model: ModelConfig, tp: int, sequence_parallel: bool, microbatch:
         else:  # Llama: 2 RMSNorm weights, no biases, rotary positions; the final RMSNorm
             partial = L * 2 * h + hd * h
         _add(out, STEP, "all_reduce", 1, partial * grad_bytes)
-    else:
-        _add(out, FORWARD, "all_reduce", emb + 2 * L, (emb + 2 * L) * A)
-        reduces = 2 * L + hd + ((1 + last) * L if full else 0)
+    else:  # per block: attention's proj and the MLP's fc2 in forward, qkv's and fc1's inputs in backward
+        _add(out, FORWARD, "all_reduce", emb + 2 * L - M, (emb + 2 * L - M) * A)
+        reduces = 2 * L - M + hd + ((1 + last) * L if full else 0)
         _add(out, BACKWARD, "all_reduce", reduces, reduces * A)
     if head:  # vocab-parallel cross-entropy, fp32 whatever the activations' precision
         _add(out, FORWARD, "all_reduce", 2, 3 * microbatch * seq_len * 4)

@@ -232,6 +232,10 @@ _register(ModelConfig("llama-3-70b", num_layers=80, hidden=8192, num_heads=64, v
 # 128 with top-2 routing and a capacity factor of 1.25 (tokens beyond it are dropped).
 _register(ModelConfig("tiny-moe", num_layers=2, hidden=64, num_heads=4, vocab_size=256, max_seq_len=256,
           ffn_hidden=128, num_experts=4, top_k=2, capacity_factor=1.25))
+# tiny-moe-deep: 4 such blocks, every second one a mixture (blocks 1 and 3): room for 4 pipeline
+# stages (interleaved, zero-bubble V), some of them holding no router at all.
+_register(ModelConfig("tiny-moe-deep", num_layers=4, hidden=64, num_heads=4, vocab_size=256, max_seq_len=256,
+          ffn_hidden=128, num_experts=4, top_k=2, capacity_factor=1.25, moe_every=2))
 # small-moe: the ep benchmark's model (paratrain bench --only ep): 4 blocks of width 256, each MLP 8
 # experts of width 512, top-2, capacity factor 1.25; 9.6M parameters, 3.3M of them active per token.
 _register(ModelConfig("small-moe", num_layers=4, hidden=256, num_heads=8, vocab_size=256, max_seq_len=256,

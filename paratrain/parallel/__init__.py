@@ -1,7 +1,7 @@
 """``parallelize`` applies a layout to the reference model, as transforms in a fixed order:
 tensor parallelism (shard each layer), then context parallelism (ring attention, global
-positions), then expert parallelism (this rank's experts), then pipeline parallelism (keep this
-stage's layers), then data parallelism / ZeRO (reduce gradients over the dp group -- over dp x cp
+positions), then pipeline parallelism (keep this stage's layers), then expert parallelism (this
+rank's experts of them), then data parallelism / ZeRO (reduce gradients over the dp group -- over dp x cp
 under context parallelism; the experts' over edp). Each transform receives only the group it uses.
 
 Importing this package does not import torch; the classes load on first use. The torch-free
@@ -93,11 +93,6 @@ def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, tp_plan: TPPlan
         from paratrain.parallel.context import context_parallel
 
         model = context_parallel(model, mesh.cp)
-    experts: list[torch.Tensor] = []
-    if layout.ep > 1:  # expert parallelism: parallel/expert.py (this rank's experts, all-to-all)
-        from paratrain.parallel.expert import expert_parallel
-
-        experts = expert_parallel(model, mesh.ep)
     if gpt:
         apply_recompute(model, layout.recompute)
     elif layout.recompute == "full":  # any model with a stage spec: each of its blocks replayed
@@ -110,32 +105,54 @@ def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, tp_plan: TPPlan
 
         assert stages is not None
         stage = build_stage(model, mesh, layout, seq_len or getattr(stages.config, "max_seq_len", 0), stages)
+    experts: list[torch.Tensor] = []
+    if layout.ep > 1:  # expert parallelism: parallel/expert.py (this rank's experts, all-to-all; after
+        # the pipeline cut, so the stage's state-dict entries name every expert of its blocks)
+        from paratrain.parallel.expert import expert_parallel
+
+        experts = expert_parallel(model, mesh.ep)
     sync: GradSync
     weights: list[torch.Tensor] = []
     if layout.zero == 3 and stage is not None:  # ZeRO-3 in a pipeline: parallel/zero3_pipeline.py
         from paratrain.parallel.zero3_pipeline import PipelineZero3, zero3_per_microbatch
 
-        if zero3_gather == "step":
+        assert not experts, "expert_rules.expert_refusal refuses ZeRO-3 with a pipeline for a mixture of experts"
+        if zero3_gather == "step":  # over dp x cp: the cp ranks replicate the parameters too
             tied = [stage.tied_param] if stage.tied_param is not None else []
-            sync = PipelineZero3(model, mesh.dp, bucket_mb, overlap, parts=_distinct_parts([c.parameters() for c in
-                                 stage.chunks]), alone=tied, grad_dtype=grad_dtype)
+            sync = PipelineZero3(model, mesh.dpcp, bucket_mb, overlap, parts=_distinct_parts([c.parameters() for c in
+                                 stage.chunks]), alone=tied, grad_dtype=grad_dtype, axes=_zero_axes(layout))
         else:
-            sync = zero3_per_microbatch(model, mesh.dp, stage, stages, bucket_mb, overlap, grad_dtype)
+            sync = zero3_per_microbatch(model, mesh.dpcp, stage, stages, bucket_mb, overlap, grad_dtype,
+                                        axes=_zero_axes(layout))
         weights = [b.flat for b in sync.buckets]
     elif layout.zero == 3:  # ZeRO-3: parameters sharded too, gathered per block (parallel/zero3.py)
         from paratrain.parallel.zero3 import zero3
 
         blocks = list(stages.block_list(model)) if stages is not None else []
-        sync = zero3(model, mesh.dp, bucket_mb=bucket_mb, overlap=overlap, blocks=blocks, runner=runner,
-                     grad_dtype=grad_dtype)
+        axes = ("dp", "ep", "edp") if experts else _zero_axes(layout)
+        sync = zero3(model, mesh.dpcp, bucket_mb=bucket_mb, overlap=overlap, blocks=blocks, runner=runner,
+                     grad_dtype=grad_dtype, axes=axes, skip=experts)
         weights = [b.flat for b in sync.buckets]  # the gathered units: see ParallelModel.register_weights
+        if experts:  # each local expert its own unit, sharded over the dp / ep ranks holding it
+            from paratrain.parallel.expert import ExpertGradSync, local_experts
+            from paratrain.parallel.zero3 import unit_per_module
+
+            inner = unit_per_module(model, local_experts(model), mesh.edp, bucket_mb, overlap, grad_dtype, axes)
+            sync = ExpertGradSync(sync, inner)  # type: ignore[arg-type]
+            weights += [b.flat for b in inner.buckets]
     elif layout.zero:  # ZeRO-1/2: parallel/zero.py
         from paratrain.parallel.zero import ZeroDataParallel
 
         tied = [stage.tied_param] if stage is not None and stage.tied_param is not None else []
         chunks = _distinct_parts([c.parameters() for c in stage.chunks]) if stage is not None else None
-        sync = ZeroDataParallel(model, mesh.dp, layout.zero, bucket_mb, overlap, parts=chunks, alone=tied,
-                                grad_dtype=grad_dtype)
+        if experts:  # the experts' sharded over the dp / ep ranks holding them (parallel/expert.py)
+            from paratrain.parallel.expert import expert_sync
+
+            sync = expert_sync(model, ZeroDataParallel, mesh.dp, mesh.edp, experts, stage=layout.zero,
+                               bucket_mb=bucket_mb, overlap=overlap, parts=chunks, alone=tied, grad_dtype=grad_dtype)
+        else:  # over dp x cp: the cp ranks replicate the parameters too (the dp group when cp = 1)
+            sync = ZeroDataParallel(model, mesh.dpcp, layout.zero, bucket_mb, overlap, parts=chunks, alone=tied,
+                                    grad_dtype=grad_dtype, axes=_zero_axes(layout))
     elif experts:  # the experts' gradients over the dp / ep ranks holding them, the rest over dp
         from paratrain.parallel.expert import expert_sync
 
@@ -155,7 +172,8 @@ def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, tp_plan: TPPlan
     if partial:  # sequence parallelism: summed over tp, after dp
         sync = SequenceParallelGradSync(sync, partial, mesh.tp)
     # ranks of these groups hold different parameters (ZeRO: different shards over dp)
-    norm_groups = [mesh.tp, mesh.pp, mesh.ep] + ([mesh.dp] if layout.zero else [])
+    # (ZeRO: every dp x cp rank owns its pieces, the experts' included, so dpcp replaces ep)
+    norm_groups = [mesh.tp, mesh.pp] + ([mesh.dpcp] if layout.zero else [mesh.ep])
     pm: ParallelModel
     if stage is not None:
         from paratrain.parallel.pipeline.model import PipelineModel
@@ -165,6 +183,12 @@ def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, tp_plan: TPPlan
         pm = ParallelModel(model, mesh, layout, sync, norm_groups, autocast_dtype, runner)
     pm.register_weights(weights)
     return pm
+
+
+def _zero_axes(layout: Layout) -> tuple[str, ...]:
+    """The mesh axes along which ZeRO's pieces differ: dp, and under context parallelism cp and
+    their product group dpcp (ZeRO shards over dp x cp, the ranks that replicate the parameters)."""
+    return ("dp", "cp", "dpcp") if layout.cp > 1 else ("dp",)
 
 
 def sp_regathers(layout: Layout) -> bool:

@@ -19,6 +19,11 @@ Gradients: a rank's expert gradient is the sum, over the ep group's tokens that 
 their share of the local losses (each already scaled by 1/dp); :class:`ExpertGradSync` adds
 those over the ``edp`` group (the dp / ep ranks holding the same experts) -- sum, no division --
 which makes the global mean gradient. Everything else is data-parallel as before, over dp.
+Under ZeRO 1/2 the experts' gradients and optimizer state shard over edp, the rest over dp.
+
+Dropout: the experts' output dropout is drawn on the token's rank after the combine, expert by
+expert (:meth:`ExpertParallelMoE.dropout_rows`): the draws a rank makes when it runs every expert
+itself, so a run's masks do not depend on ep.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from torch import nn
 
 from paratrain import comm
 from paratrain.comm import Group
+from paratrain.models.configs import ModelConfig
 from paratrain.models.moe import MoE, moe_layers, router_stats
 from paratrain.parallel.data import DataParallel
 from paratrain.parallel.marks import mark_sharded
@@ -69,6 +75,15 @@ class ExpertParallelMoE:
         self.experts = list(mine.values())
         for p in moe.experts.parameters():
             mark_sharded(p, "ep")
+        # Dropout: drawn on the token's rank, after the combine (see dropout_rows); the experts
+        # here compute other ranks' rows without it. A child of the MoE: train() / eval() reach it.
+        p_drop = max((m.p for e in self.experts for m in e.modules() if isinstance(m, nn.Dropout)), default=0.0)
+        for e in self.experts:
+            for name, m in list(e.named_children()):
+                if isinstance(m, nn.Dropout):
+                    setattr(e, name, nn.Identity())
+        moe.expert_drop = nn.Dropout(p_drop)
+        self.drop = moe.expert_drop
 
     def __call__(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         n, L = self.group.size, self.local
@@ -82,7 +97,16 @@ class ExpertParallelMoE:
         outs = [expert(torch.cat([pieces[s * L + i] for s in range(n)])) for i, expert in enumerate(self.experts)]
         per_source = [o.split([got[s][i] for s in range(n)]) for i, o in enumerate(outs)]
         back = torch.cat([per_source[i][s] for s in range(n) for i in range(L)])
-        return AllToAll.apply(back, send, recv, self.group, "ep_combine")
+        return self.dropout_rows(AllToAll.apply(back, send, recv, self.group, "ep_combine"), counts)
+
+    def dropout_rows(self, out: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The experts' output dropout, on the rank of the rows' tokens: ``out`` (N, H) is sorted
+        by expert, ``counts[e]`` rows each, and each expert's rows are dropped in expert order --
+        the very draws (same generator, shapes, order) the experts' own dropouts make when this
+        rank runs every expert itself (ep = 1), so the masks do not depend on ep."""
+        if not self.drop.training or self.drop.p == 0:
+            return out
+        return torch.cat([self.drop(piece) for piece in out.split(counts.tolist())])
 
 
 def expert_parallel(model: nn.Module, group: Group) -> list[nn.Parameter]:
@@ -95,11 +119,19 @@ def expert_parallel(model: nn.Module, group: Group) -> list[nn.Parameter]:
     return params
 
 
+def local_experts(model: nn.Module) -> list[nn.Module]:
+    """This rank's experts of every MoE block of ``model``, in forward order."""
+    return [e for moe in moe_layers(model) for e in moe.experts.values()]
+
+
 class ExpertGradSync:
     """A :class:`~paratrain.parallel.model.GradSync`: ``inner`` (data parallelism over dp)
     reduces every parameter but the experts; ``experts`` (bucketed, over ``edp``) sums the
     expert gradients -- already scaled by ``inner``'s 1/dp -- over the ranks holding the same
-    experts. Both overlap backward."""
+    experts. Both overlap backward. Under ZeRO both are ``ZeroDataParallel``: the rest
+    sharded over dp as without experts, the experts over edp (the ranks that replicate them; at
+    stage 3 each local expert is a unit of its own, gathered around its forward and backward),
+    and the optimizer steps the pieces of both."""
 
     def __init__(self, inner: GradSync, experts: DataParallel) -> None:
         self.inner = inner
@@ -114,10 +146,17 @@ class ExpertGradSync:
         return self.inner.grad_params + self.experts.grad_params
 
     def shard_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        from paratrain.parallel.zero import ZeroDataParallel, sharded_optimizer
+
+        if isinstance(self.inner, ZeroDataParallel):  # ZeRO: the pieces of both, gathered after the step
+            return sharded_optimizer(optimizer, [self.inner, self.experts])  # type: ignore[list-item]
         return self.inner.shard_optimizer(optimizer)
 
     def full_params(self) -> contextlib.AbstractContextManager[None]:
-        return self.inner.full_params()
+        stack = contextlib.ExitStack()  # ZeRO-3: both gathered (collective over dp, then edp)
+        stack.enter_context(self.inner.full_params())
+        stack.enter_context(self.experts.full_params())
+        return stack
 
     def set_sync(self, sync: bool) -> None:
         self.inner.set_sync(sync)
@@ -161,17 +200,23 @@ def gather_experts(module: nn.Module, group: Group) -> dict[str, torch.Tensor]:
 
 def expert_sync(module: nn.Module, inner_cls: Any, dp: Group, edp: Group, experts: list[nn.Parameter],
                 **kwargs: Any) -> ExpertGradSync:
-    """Data parallelism over ``dp`` for all parameters but ``experts``, and over ``edp`` for those."""
+    """Data parallelism (``inner_cls``: bucketed, or ZeRO with ``stage=`` in ``kwargs``) over ``dp``
+    for all parameters but ``experts``, and over ``edp`` for those."""
     skip = {id(p) for p in experts}
     rest = [p for p in module.parameters() if p.requires_grad and id(p) not in skip]
+    if "stage" in kwargs:  # ZeRO: every dp rank holds its own piece of both (parallel/zero.py)
+        kwargs["axes"] = ("dp", "ep", "edp")
     inner = inner_cls(module, dp, params=rest, **kwargs)
     return ExpertGradSync(inner, inner_cls(module, edp, params=experts, **kwargs))
 
 
-def router_record(layers: list[MoE], dp: Group) -> dict[str, Any]:
-    """The step's router statistics over the global batch (``models/moe.router_stats``): every dp
-    rank's sums added (the tp ranks of a dp rank route the same tokens; cp is refused with experts).
-    Collective over ``dp`` (filed under "metrics")."""
-    totals = torch.stack([m.take_stats() for m in layers]).sum(0)
-    comm.all_reduce(totals, dp, tag="metrics")
-    return router_stats(totals, layers[0].num_experts, len(layers))
+def router_record(layers: list[MoE], model: ModelConfig, groups: list[Group]) -> dict[str, Any]:
+    """The step's router statistics over the global batch (``models/moe.router_stats``): every
+    rank's sums over its ``layers`` added over ``groups`` -- dp, and pp where each pipeline stage
+    holds other blocks (the tp ranks of a dp rank route the same tokens; cp is refused with
+    experts). A rank without MoE blocks adds zeros. Collective over ``groups`` (under "metrics")."""
+    totals = (torch.stack([m.take_stats() for m in layers]).sum(0) if layers
+              else torch.zeros(model.num_experts + 3))
+    for group in groups:
+        comm.all_reduce(totals, group, tag="metrics")
+    return router_stats(totals, model.num_experts, model.num_moe_blocks)

@@ -50,7 +50,7 @@ from torch import nn
 from paratrain import comm
 from paratrain.comm import Group, Handle
 from paratrain.parallel.data import DataParallel, _Bucket, group_by_bytes
-from paratrain.parallel.marks import mark_piece
+from paratrain.parallel.marks import mark_piece, mark_sharded
 
 
 def padded_numel(numel: int, n: int) -> int:
@@ -84,7 +84,7 @@ class ShardedBucket(_Bucket):
     """
 
     def __init__(self, index: int, params: list[nn.Parameter], group: Group, stage: int,
-                 grad_dtype: torch.dtype | None = None) -> None:
+                 grad_dtype: torch.dtype | None = None, axes: Sequence[str] = ("dp",)) -> None:
         super().__init__(index, params, group.size, allocate=stage == 1, dtype=grad_dtype)
         sizes = [p.numel() for p in params]  # before stage 3 empties the parameters
         self.group = group
@@ -124,6 +124,8 @@ class ShardedBucket(_Bucket):
             if self.dtype == piece.dtype:  # (an fp32 gradient of a bf16 piece: parallel/mixed.py)
                 piece.grad = self.piece_grads[p]
             mark_piece(piece, p, "dp")
+            for axis in axes:  # (with experts: the ep and edp sub-axes of dp too)
+                mark_sharded(piece, axis)
             self.pieces[p] = piece
 
     def gather(self, async_op: bool = False, tag: str | None = None) -> None:
@@ -170,6 +172,10 @@ class ZeroDataParallel(DataParallel):
     each chunk's buckets after its own backward). ``alone``: parameters that get a bucket of
     their own, so that their shard is the same on ranks whose other parameters differ (the tied
     embedding's two copies on the first and last pipeline stage, summed shard by shard).
+    ``params``: the parameters it reduces (default: all of ``module``'s; a subset under expert
+    parallelism, ``parallel/expert.py``); ``axes``: the mesh axes along which the ranks hold
+    different pieces (``"dp"``; under expert parallelism also its sub-axes ``"ep"`` and ``"edp"``,
+    whichever group this one shards over: every dp rank holds its own piece of everything).
     """
 
     buckets: list[ShardedBucket]
@@ -178,23 +184,27 @@ class ZeroDataParallel(DataParallel):
     def __init__(self, module: nn.Module, group: Group, stage: int, bucket_mb: float = 25.0,
                  overlap: bool = True, units: list[list[nn.Parameter]] | None = None,
                  parts: Sequence[Sequence[nn.Parameter]] | None = None,
-                 alone: Sequence[nn.Parameter] = (), grad_dtype: torch.dtype | None = None) -> None:
+                 alone: Sequence[nn.Parameter] = (), grad_dtype: torch.dtype | None = None,
+                 params: list[nn.Parameter] | None = None, axes: Sequence[str] = ("dp",)) -> None:
         if stage not in (1, 2, 3):
             raise ValueError(f"ZeRO stage must be 1, 2 or 3, got {stage!r}")
         self.stage = stage
         self._units = units
         self._parts = parts
         self._alone = list(alone)
-        super().__init__(module, group, bucket_mb, overlap, grad_dtype)
+        self._axes = tuple(axes)
+        super().__init__(module, group, bucket_mb, overlap, grad_dtype, params)
         self.pieces = [piece for b in self.buckets for piece in b.pieces.values()]
 
     def _make_buckets(self, cap_bytes: int) -> list[_Bucket]:
         groups = self._units
         if groups is None:
-            parts = self._parts or [self.params]
+            mine = {id(p) for p in self.params}
+            parts = [[p for p in part if id(p) in mine] for part in self._parts or [self.params]]
             groups = [g for part in reversed(parts) for g in group_by_bytes(reversed(part), cap_bytes, self._alone)]
         assert sorted(id(p) for g in groups for p in g) == sorted(id(p) for p in self.params)
-        return [ShardedBucket(i, ps, self.group, self.stage, self.grad_dtype) for i, ps in enumerate(groups)]
+        return [ShardedBucket(i, ps, self.group, self.stage, self.grad_dtype, self._axes)
+                for i, ps in enumerate(groups)]
 
     # ---- what ParallelModel asks of a GradSync ------------------------------------------
 
@@ -216,11 +226,12 @@ class ZeroDataParallel(DataParallel):
         over this rank's pieces of their parameters. Stages 1 and 2 all-gather the updated
         parameters after every step (a step post-hook). The optimizer must be elementwise
         (SGD, Adam, AdamW: each element's update depends only on that element)."""
-        groups = [dict(g, params=[b for p in g["params"] if (b := self._bucket_of[p].pieces.get(p)) is not None])
-                  for g in optimizer.param_groups]
-        sharded = type(optimizer)(groups)
-        sharded.register_step_post_hook(lambda *_: self.after_step())
-        return sharded
+        return sharded_optimizer(optimizer, [self])
+
+    def piece(self, p: nn.Parameter) -> torch.Tensor | None:
+        """This rank's piece of ``p`` (None: none of it in this rank's shard, or not reduced here)."""
+        bucket = self._bucket_of.get(p)
+        return None if bucket is None else bucket.pieces.get(p)
 
     @contextlib.contextmanager
     def full_params(self, tag: str = "checkpoint") -> Iterator[None]:
@@ -333,3 +344,17 @@ class ZeroDataParallel(DataParallel):
         place: this rank's shard is already where the all-gather puts it)."""
         handles = [comm.all_gather(b.flat, b.shard, self.group, async_op=True) for b in self.buckets]
         comm.wait_all(handles)
+
+
+def sharded_optimizer(optimizer: torch.optim.Optimizer, syncs: Sequence[ZeroDataParallel]) -> torch.optim.Optimizer:
+    """``optimizer``'s class and param groups over this rank's pieces, each parameter's from the
+    one of ``syncs`` that reduces it (expert parallelism: the experts' sharded over edp, the rest
+    over dp); after every step each of ``syncs`` all-gathers its updated shards (stages 1/2)."""
+    def piece(p: nn.Parameter) -> torch.Tensor | None:
+        assert any(p in s._bucket_of for s in syncs), "a parameter no ZeRO group reduces"
+        return next((q for s in syncs if (q := s.piece(p)) is not None), None)
+
+    groups = [dict(g, params=[q for p in g["params"] if (q := piece(p)) is not None]) for g in optimizer.param_groups]
+    sharded = type(optimizer)(groups)
+    sharded.register_step_post_hook(lambda *_: [s.after_step() for s in syncs])
+    return sharded

@@ -28,7 +28,7 @@ placeholder of its shape (see ``ShardedBucket.free``); use
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -101,16 +101,36 @@ class UnitGathering:
 
 def zero3(model: nn.Module, group: Group, bucket_mb: float = 25.0, overlap: bool = True,
           prefetch: bool = True, blocks: list[nn.Module] | None = None,
-          runner: nn.Module | None = None, grad_dtype: torch.dtype | None = None) -> ZeroDataParallel:
+          runner: nn.Module | None = None, grad_dtype: torch.dtype | None = None,
+          axes: tuple[str, ...] = ("dp",), skip: Sequence[nn.Parameter] = ()) -> ZeroDataParallel:
     """Shard ``model``'s parameters (``blocks``, default a GPT's ``model.blocks``, and the root)
     over ``group`` in place and install the gathering hooks; returns the gradient side (the
     GradSync). ``runner``: the module whose forward is the whole step's (default ``model``),
-    around which the root is gathered."""
+    around which the root is gathered. ``skip``: parameters sharded elsewhere (the experts, over
+    edp: :func:`unit_per_module`)."""
     blocks = list(model.blocks if blocks is None else blocks)  # type: ignore[arg-type]
+    skipped = {id(p) for p in skip}
     in_blocks = {id(p) for b in blocks for p in b.parameters()}
-    root = [p for p in model.parameters() if p.requires_grad and id(p) not in in_blocks]
-    units = [[p for p in b.parameters() if p.requires_grad] for b in reversed(blocks)] + [root]
-    sync = ZeroDataParallel(model, group, 3, bucket_mb, overlap, units=units, grad_dtype=grad_dtype)
+    root = [p for p in model.parameters() if p.requires_grad and id(p) not in in_blocks | skipped]
+    units = [[p for p in b.parameters() if p.requires_grad and id(p) not in skipped] for b in reversed(blocks)]
+    assert all(units), "a block with nothing but skipped parameters"
+    units += [root]
+    sync = ZeroDataParallel(model, group, 3, bucket_mb, overlap, units=units, grad_dtype=grad_dtype, axes=axes,
+                            params=[p for u in units for p in u])
     order = [sync.buckets[-1], *reversed(sync.buckets[:-1])]  # forward order
     sync.gathering = UnitGathering(model if runner is None else runner, blocks, order, prefetch)
+    return sync
+
+
+def unit_per_module(model: nn.Module, modules: list[nn.Module], group: Group, bucket_mb: float = 25.0,
+                    overlap: bool = True, grad_dtype: torch.dtype | None = None,
+                    axes: tuple[str, ...] = ("dp",)) -> ZeroDataParallel:
+    """ZeRO-3 over ``group`` for the parameters of ``modules`` (in forward order), one unit each,
+    gathered around each module's own forward and backward (no prefetch): the local experts of
+    every MoE block, sharded over the ranks that replicate them."""
+    units = [[p for p in m.parameters() if p.requires_grad] for m in reversed(modules)]
+    sync = ZeroDataParallel(model, group, 3, bucket_mb, overlap, units=units, grad_dtype=grad_dtype, axes=axes,
+                            params=[p for u in units for p in u])
+    # UnitGathering's position 0 is a root only for prefetching, which is off here
+    sync.gathering = UnitGathering(modules[0], modules[1:], list(reversed(sync.buckets)), prefetch=False)
     return sync

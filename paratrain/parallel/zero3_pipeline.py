@@ -55,8 +55,9 @@ class PipelineZero3(ZeroDataParallel):
 
     def __init__(self, module: nn.Module, group: Group, bucket_mb: float = 25.0, overlap: bool = True,
                  parts: Sequence[Sequence[nn.Parameter]] | None = None, alone: Sequence[nn.Parameter] = (),
-                 grad_dtype: torch.dtype | None = None) -> None:
-        super().__init__(module, group, 3, bucket_mb, overlap, parts=parts, alone=alone, grad_dtype=grad_dtype)
+                 grad_dtype: torch.dtype | None = None, axes: Sequence[str] = ("dp",)) -> None:
+        super().__init__(module, group, 3, bucket_mb, overlap, parts=parts, alone=alone, grad_dtype=grad_dtype,
+                         axes=axes)
         self.in_step = False
 
     def begin_step(self) -> None:
@@ -245,13 +246,13 @@ class MicrobatchZero3(ZeroDataParallel):
 
 def zero3_per_microbatch(model: nn.Module, group: Group, stage: Any, stages: Any, bucket_mb: float = 25.0,
                          overlap: bool = True, grad_dtype: torch.dtype | None = None,
-                         prefetch: bool = True) -> ZeroDataParallel:
+                         prefetch: bool = True, axes: Sequence[str] = ("dp",)) -> ZeroDataParallel:
     """ZeRO-3 of one pipeline rank, gathered around every micro-batch's forward and backward
     (:class:`ModuleGathering`); gradients reduce-scattered after every backward, as ZeRO-3
     without a pipeline does (``zero.py``, stage 3)."""
     pairs = pipeline_units(model, stage, stages)
     units = [params for _, params, _ in pairs if params]
-    sync = MicrobatchZero3(model, group, 3, bucket_mb, overlap, units=units, grad_dtype=grad_dtype)
+    sync = MicrobatchZero3(model, group, 3, bucket_mb, overlap, units=units, grad_dtype=grad_dtype, axes=axes)
     unit_of = {id(p): b for b in sync.buckets for p in b.params}
     uses = [(module, unit_of[id(next(p for p in module.parameters() if p.requires_grad))]) for module, _, _ in pairs]
     sync.gathering = ModuleGathering(uses, [c for _, _, c in pairs], prefetch)

@@ -31,6 +31,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from paratrain.core import traffic
+from paratrain.core.ring import wire_bytes
 from paratrain.models.configs import ModelConfig
 from paratrain.plan.collectives import Link, collective_seconds
 
@@ -71,3 +72,21 @@ def ring_cost(model: ModelConfig, cp: int, tp: int, b: float, s: int, elem_bytes
     sent = sum(nbytes for (_, op), (_, nbytes) in
                traffic.cp_traffic(model, cp, tp, b, s, 1, recompute, elem_bytes).items() if op.endswith("_send"))
     return Ring(fwd, bwd, sent)
+
+
+def experts_cost(model: ModelConfig, ep: int, b: float, s: int, e: int, link: Link) -> Ring:
+    """One block's all-to-alls per micro-batch of ``b`` sequences under expert parallelism,
+    averaged over the blocks (a share of them hold experts): the exchanges of
+    :func:`~paratrain.core.traffic.ep_comm_per_step`, dropless (a capacity factor keeps at most
+    as many rows), over the ep group's ``link``. Forward: the expert counts, the rows dispatched
+    and combined; backward: the two exchanges of their gradients. Nothing hides them: each expert
+    waits for its rows, each token for its outputs. NO_RING without experts or at ep 1."""
+    if ep == 1 or not model.num_experts:
+        return NO_RING
+    ops = traffic.ep_comm_per_step(model, ep, b, s, 1, elem_bytes=e)  # every MoE block of one micro-batch
+    per_block = 1 / model.num_layers
+    secs = {op: collective_seconds("all_to_all", ep, nbytes / calls, *link) * calls * per_block
+            for op, (calls, nbytes) in ops.items()}
+    forward = secs["ep_counts"] + secs["ep_dispatch"] + secs["ep_combine"]
+    return Ring(forward, sum(secs.values()) - forward,
+                sum(wire_bytes("all_to_all", ep, nbytes) for _, nbytes in ops.values()) * per_block)

@@ -35,7 +35,7 @@ from paratrain.plan.collectives import (
     exposed_reduction,
     link,
 )
-from paratrain.plan.context import Ring, ring_cost, score_fraction
+from paratrain.plan.context import Ring, experts_cost, ring_cost, score_fraction
 from paratrain.plan.footprint import LayoutMemory, chunks_per_rank
 from paratrain.plan.hardware import Hardware
 from paratrain.plan.options import DEFAULT_OPTIONS, CostOptions
@@ -113,7 +113,9 @@ class _Layout(LayoutMemory):
         shape = f.shape_args(model)
         cp, attn = L.cp, f.attention_core_forward_flops(b, s, h)
         self.attn_fwd = attn * score_fraction(cp) / t
-        self.layer_fwd = (f.layer_forward_flops(b, s, h, F, **shape) - attn) / (t * cp) + self.attn_fwd
+        whole = f.unsplit_forward_flops(b, s, h, F, **shape)  # a mixture's experts: whole on every tp rank
+        self.layer_fwd = (f.layer_forward_flops(b, s, h, F, **shape) - attn - whole) / (t * cp) + whole / cp \
+            + self.attn_fwd
         self.layer_rec = {"full": self.layer_fwd, "selective": self.attn_fwd}.get(L.recompute, 0.0)
         self.layer_rec = self.layer_rec if cp > 1 else f.recompute_forward_flops(L.recompute, b, s, h, F, **shape) / t
         self.head_fwd = f.head_forward_flops(b, s, h, V) / (t * cp)
@@ -147,6 +149,13 @@ class _Layout(LayoutMemory):
         L = self.layout
         return ring_cost(self.model, L.cp, self.t, self.b, self.s, self.e, self.rate, self._link("cp"),
                          L.recompute, overlaps_dp(self.hw, L.world_size, self.options))
+
+    @cached_property
+    def experts(self) -> Ring:
+        """One block's expert-parallel all-to-alls per micro-batch (plan/context.py)."""
+        L = self.layout
+        spans = axis_spans_nodes("dp", L.ep, L.pp, L.tp, self.link_hw.devices_per_node, L.cp)  # ep dp ranks
+        return experts_cost(self.model, L.ep, self.b, self.s, self.e, link(self.link_hw, spans))
 
     @cached_property
     def pp_link(self) -> Link:
@@ -184,11 +193,12 @@ class _Layout(LayoutMemory):
         # plus the replayed forward's share under recomputation (see Hardware.elementwise_s_per_byte)
         ew = (layers * self.ew_layer + (self.ew_head if last else 0)) / (self.share * speed)
         replay = layers * self.ew_layer * self.layer_rec / (3 * self.layer_fwd) / (self.share * speed)
-        rg = self.ring
+        rg, ex = self.ring, self.experts
         return ChunkCost(layers, first, last, params, fwd / rate + ew / 3,
                          (2 * fwd + layers * self.layer_rec) / rate + 2 * ew / 3 + replay,
                          tp[traffic.FORWARD], tp[traffic.BACKWARD], tp["wire_forward"] + tp["wire_backward"],
-                         Ring(layers * rg.forward_s, layers * rg.backward_s, layers * rg.wire_bytes))
+                         Ring(layers * rg.forward_s, layers * rg.backward_s, layers * rg.wire_bytes),
+                         Ring(layers * ex.forward_s, layers * ex.backward_s, layers * ex.wire_bytes))
 
     def syncs(self, i: int, n_layers: int) -> tuple[float, float, float, float]:
         """(tp seconds, tp wire bytes, pp seconds, pp wire bytes) once per step after the schedule:
@@ -273,7 +283,8 @@ class _Layout(LayoutMemory):
             sum(c.tp_forward_s + c.tp_backward_s for c in chunks), sends * self.message_s,
             m * sum(c.tp_bytes for c in chunks) + tp_step_b, m * sends * self.message + pp_step_b,
             dp_b, exposed, tp_sync, pp_sync, opt_s, tuple(chunks), grads, dp_other, self.message_s,
-            sum(c.ring.forward_s + c.ring.backward_s for c in chunks), m * sum(c.ring.wire_bytes for c in chunks))
+            sum(c.ring.forward_s + c.ring.backward_s for c in chunks), m * sum(c.ring.wire_bytes for c in chunks),
+            sum(c.ep.forward_s + c.ep.backward_s for c in chunks), m * sum(c.ep.wire_bytes for c in chunks))
 
 
 def _stages(model: ModelConfig, layout: Layout, hw: Hardware, global_batch: int, seq_len: int,
@@ -327,7 +338,7 @@ def estimate_layout(ctx: _Layout) -> Estimate:
         compute=m * (slow.forward_s + slow.backward_s), tp_comm=m * slow.tp_s + max(c.tp_sync_s for c in stages),
         pp_comm=m * slow.p2p_s + max(c.pp_sync_s for c in stages),
         bubble=pipe - m * t_max, dp_comm=max(c.dp_exposed_s for c in stages),
-        optimizer=max(c.optimizer_s for c in stages), cp_comm=m * slow.cp_s,
+        optimizer=max(c.optimizer_s for c in stages), cp_comm=m * slow.cp_s, ep_comm=m * slow.ep_s,
     )
     heavy = max(stages, key=lambda c: c.peak_bytes)
     return make_estimate(model, layout, hw, ctx.global_batch, ctx.s, ctx.precision, options, time, bubble_frac,
@@ -357,7 +368,8 @@ def make_estimate(model: ModelConfig, layout: Layout, hw: Hardware, global_batch
         capacity_bytes=hw.memory_bytes * (1 - options.memory_headroom), most_loaded_stage=heavy.stage,
         bubble_fraction=bubble_frac,
         comm_bytes_per_device=CommBytes(dp=max(c.dp_bytes for c in stages), tp=max(c.tp_bytes for c in stages),
-                                        pp=max(c.pp_bytes for c in stages), cp=max(c.cp_bytes for c in stages)),
+                                        pp=max(c.pp_bytes for c in stages), cp=max(c.cp_bytes for c in stages),
+                                        ep=max(c.ep_bytes for c in stages)),
         time=time, tokens_per_s=tokens / step, mfu=flops / (step * n_dev * peak),
         hfu=hw_flops / (step * n_dev * peak), efficiency=options.efficiency or hw.compute_efficiency,
         notes=_notes(model, hw, precision, layout, options),

@@ -40,20 +40,23 @@ from paratrain.models.configs import ModelConfig
 class MoEShape:
     """A mixture of experts in the block formulas (docs/expert.md), averaged over the blocks: a
     fraction ``share`` of them hold ``experts`` MLPs and a router (h x E), a token runs ``top_k``.
-    The formulas price the experts' matmuls split over tp like the dense MLP's (Megatron's expert
-    tensor parallelism; paratrain's runtime keeps experts whole on every tp rank instead)."""
+    Like paratrain's runtime (``models/plans.py``), tensor parallelism leaves the experts and the
+    router whole on every tp rank, which all run them on the same tokens (the dense blocks' MLPs
+    are split); ``tp_split``: the experts' inner width split over tp like a dense MLP instead
+    (Megatron's expert tensor parallelism), for comparison."""
 
     experts: int
     top_k: int
     share: float
+    tp_split: bool = False
+
+    def expert_tp(self, t: int) -> int:
+        """The ways an expert's MLP is split under ``t``-way tensor parallelism."""
+        return t if self.tp_split else 1
 
     def active(self) -> float:
         """MLPs one token runs per block, on average over the blocks."""
         return 1 + self.share * (self.top_k - 1)
-
-    def held(self, ep: int) -> float:
-        """MLPs one device holds per block, on average, with the experts sharded ``ep`` ways."""
-        return 1 + self.share * (self.experts / ep - 1)
 
 
 def shape_args(model: ModelConfig) -> dict[str, int | bool | MoEShape | None]:
@@ -84,8 +87,9 @@ def block_params_per_device(h: int, F: int, t: int, kv: int | None = None, gated
     (hF each) split t ways, the two RMSNorm weights (2h) replicated:
     (2h^2 + 2hk + 3hF) / t + 2h.
 
-    ``moe``: the MLP's share ((2hF + F) / t + h, or 3hF / t) times the MLPs a device holds
-    (``moe.held(ep)``), plus the router (h E per MoE block, replicated over tp)."""
+    ``moe``: the MLP's share ((2hF + F) / t + h, or 3hF / t) in the dense blocks, the whole
+    expert MLPs (``moe.expert_tp``: split t ways only with ``tp_split``) times the E / ep a device
+    holds in the mixture-of-experts ones, plus the router (h E per MoE block, replicated over tp)."""
     if gated:
         k = h if kv is None else kv
         rest, mlp = (2 * h * h + 2 * h * k) / t + 2 * h, 3 * h * F / t
@@ -93,7 +97,9 @@ def block_params_per_device(h: int, F: int, t: int, kv: int | None = None, gated
         rest, mlp = (4 * h * h + 3 * h) / t + 5 * h, (2 * h * F + F) / t + h
     if moe is None:
         return rest + mlp
-    return rest + mlp * moe.held(ep) + moe.share * h * moe.experts
+    u = moe.expert_tp(t)
+    expert = 3 * h * F / u if gated else (2 * h * F + F) / u + h
+    return rest + (1 - moe.share) * mlp + moe.share * (moe.experts / ep) * expert + moe.share * h * moe.experts
 
 
 # ---------------------------------------------------------------------------------- FLOPs
@@ -116,6 +122,16 @@ def layer_forward_flops(b: int, s: int, h: int, F: int, kv: int | None = None, g
     k = h if kv is None else kv
     mlps, router = (1.0, 0.0) if moe is None else (moe.active(), moe.share * h * moe.experts)
     return 2 * b * s * (2 * h * h + 2 * h * k + (3 if gated else 2) * h * F * mlps + router) + 4 * b * s * s * h
+
+
+def unsplit_forward_flops(b: float, s: int, h: int, F: int, gated: bool = False, moe: MoEShape | None = None,
+                          **_: object) -> float:
+    """The part of :func:`layer_forward_flops` that every tp rank runs whole (0 for a dense
+    block): the router's and, unless ``moe.tp_split``, the ``top_k`` experts' MLP matmuls."""
+    if moe is None:
+        return 0.0
+    experts = 0.0 if moe.tp_split else (3 if gated else 2) * h * F * moe.top_k
+    return 2 * b * s * moe.share * (experts + h * moe.experts)
 
 
 def attention_core_forward_flops(b: int, s: int, h: int) -> float:
@@ -252,18 +268,27 @@ def layer_activation_bytes(s: int, b: float, h: int, a: int, F: int, t: int = 1,
     GELU's 2sbF.
 
     A mixture of experts (``moe``): each token's row enters ``moe.active()`` MLPs per block on
-    average, so the fc1 input and the MLP's inner activations count that many times (the router's
-    (b, s, E) probabilities are left out: E << h).
+    average, so the fc1 input and the MLP's inner activations count that many times, the experts'
+    not split over tp (unless ``moe.tp_split``). A MoE block also keeps (``models/moe.py``, counted
+    with ``ActivationMeter``) the router's input (sbh), each row's expert output and its gated copy
+    (2k sbh, which the combine's multiply and index_add keep), and the routing's fp32 / int64
+    tensors: per token the probabilities, the sort's indices and values (16 E bytes), the gates'
+    sum (4), and per row the kept mask, two index vectors and the gate (21 bytes).
     """
     k = h if kv is None else kv
     if recompute == "full":
         return elem_bytes * s * b * h / (t if sp else 1)
     mlps = 1.0 if moe is None else moe.active()
+    whole = 0.0 if (moe is None or moe.tp_split) else moe.share * moe.top_k  # experts kept whole over tp
     mask = 1 if dropout else 0
     e = elem_bytes
     replicated = e * 2 * s * b * h + mask * 2 * s * b * h  # LayerNorm inputs, residual dropout masks
+    replicated += e * (4 if gated else 2) * s * b * F * whole  # the whole experts' inner activations
+    if moe is not None:  # the router's input, the experts' outputs and their gated copy, the routing's tensors
+        E, top = moe.experts, moe.top_k
+        replicated += moe.share * (e * (1 + 2 * top) * s * b * h + (16 * E + 4 + 21 * top) * s * b)
     linear_inputs = e * (1 + mlps) * s * b * h  # qkv and fc1 inputs
-    split = e * (2 * s * b * h + 2 * s * b * k + (4 if gated else 2) * s * b * F * mlps)
+    split = e * (2 * s * b * h + 2 * s * b * k + (4 if gated else 2) * s * b * F * (mlps - whole))
     if recompute != "selective":
         if store_scores:
             split += (2 * e + mask) * a * s * s * b

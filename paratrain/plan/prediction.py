@@ -23,11 +23,12 @@ class StepTime:
     dp_comm: float
     optimizer: float
     cp_comm: float = 0.0  # the ring attention's transfers that its blocks do not hide
+    ep_comm: float = 0.0  # expert parallelism's all-to-alls (blocking: the experts wait for their rows)
 
     @property
     def total(self) -> float:
         return (self.compute + self.tp_comm + self.pp_comm + self.bubble + self.dp_comm + self.optimizer
-                + self.cp_comm)
+                + self.cp_comm + self.ep_comm)
 
 
 @dataclass(frozen=True)
@@ -39,9 +40,11 @@ class CommBytes:
     tp: float
     pp: float
     cp: float = 0.0  # the ring attention's K/V and dK/dV sends
+    ep: float = 0.0  # expert parallelism's token exchanges (all-to-all)
 
     def as_dict(self) -> dict[str, float]:
-        return {"dp": self.dp, "tp": self.tp, "pp": self.pp, **({"cp": self.cp} if self.cp else {})}
+        return {"dp": self.dp, "tp": self.tp, "pp": self.pp, **({"cp": self.cp} if self.cp else {}),
+                **({"ep": self.ep} if self.ep else {})}
 
 
 @dataclass(frozen=True)
@@ -119,5 +122,6 @@ class Estimate:
             "notes": list(self.notes),
             "step_time_breakdown_s": {"compute": t.compute, "tp_comm": t.tp_comm, "pp_comm": t.pp_comm,
                                       "bubble": t.bubble, "dp_comm": t.dp_comm, "optimizer": t.optimizer,
-                                      **({"cp_comm": t.cp_comm} if t.cp_comm else {})},
+                                      **({"cp_comm": t.cp_comm} if t.cp_comm else {}),
+                                      **({"ep_comm": t.ep_comm} if t.ep_comm else {})},
         }

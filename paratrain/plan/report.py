@@ -80,6 +80,8 @@ def estimate_report(e: Estimate, hw: Hardware) -> str:
              ("exposed data-parallel communication", t.dp_comm), ("optimizer step", t.optimizer)]
     if e.layout.cp > 1:
         parts.insert(2, ("exposed ring-attention transfers (cp)", t.cp_comm))
+    if e.layout.ep > 1:
+        parts.insert(2, ("expert-parallel all-to-alls (ep)", t.ep_comm))
     time_rows = [[name, fmt_seconds(sec), f"{sec / t.total:.1%}"] for name, sec in parts]
     time_rows.append(["step", fmt_seconds(t.total), "100%"])
     verdict = "fits" if e.fits else (f"DOES NOT FIT: needs {fmt_bytes(e.peak_bytes_per_device - e.capacity_bytes)} "

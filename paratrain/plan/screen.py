@@ -63,7 +63,7 @@ def rank_key(e: Estimate) -> Key:
     memory: the model cannot see every cost of traffic (contention, jitter), and memory that
     fits is worth nothing more."""
     c = e.comm_bytes_per_device
-    return (e.step_time_s, c.dp + c.tp + c.pp + c.cp, e.peak_bytes_per_device)
+    return (e.step_time_s, c.dp + c.tp + c.pp + c.cp + c.ep, e.peak_bytes_per_device)
 
 
 class Bounded(NamedTuple):

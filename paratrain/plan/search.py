@@ -11,6 +11,7 @@ accepts (the one rule the runtime applies too), one of each set of equivalent on
           layer: like tp it needs the fast link) unless allowed; validate: 2 cp divides the
           sequence length (with sequence parallelism cp tp divides it too), no dropout
     dp    = N / (tp pp cp); validate: divides the global batch
+    ep    a mixture of experts only: every divisor of dp that divides the experts (1 for a dense model)
     microbatches  every divisor of the local batch B / dp (validate: a multiple of pp when interleaved)
     zero  0-3; at dp = 1 only 0 (ZeRO shards over dp: with one replica every stage is zero 0's
           layout, which the runtime accepts and runs as such) unless pinned
@@ -135,11 +136,11 @@ def _blocks(model: ModelConfig, num_devices: int, global_batch: int, seq_len: in
             zeros = pick("zero", [0, 1, 2, 3] if dp > 1 else [0])  # zero > 0 at dp = 1 equals zero 0
             schedules = _schedules(pp, model.num_layers, fixed)
             sps = pick("sequence_parallel", [False, True] if tp > 1 else [False])
-            for m in pick("microbatches", divisors(global_batch // dp)):
+            eps = pick("ep", [e for e in divisors(dp) if model.num_experts % e == 0] if model.num_experts else [1])
+            for ep, m in ((e, m) for e in eps for m in pick("microbatches", divisors(global_batch // dp))):
                 for schedule, v in schedules:
                     shared = dict(dp=dp, pp=pp, tp=tp, cp=cp, microbatches=m, schedule=schedule, virtual_stages=v,
-                                  stage_layers=stage_layers, stage_speeds=stage_speeds,
-                                  ep=fixed.get("ep", 1))  # not searched yet: given or 1 (docs/expert.md)
+                                  stage_layers=stage_layers, stage_speeds=stage_speeds, ep=ep)
                     one = Layout(**shared, zero=zeros[0], recompute=recomputes[0], sequence_parallel=sps[0])
                     if not _shared_valid(one, model, global_batch, seq_len):  # validate's common part, once
                         continue
@@ -214,8 +215,8 @@ def search(model: ModelConfig, num_devices: int, hardware: Hardware, global_batc
                               f"--tp), or use a global batch with fewer divisors.")
     if not considered and rejected:
         raise ConfigError(f"none of the {rejected} valid layouts of {num_devices} devices with the constraints "
-                          f"{_flags(fixed)} is one the training runtime implements (ZeRO with context "
-                          f"parallelism, for one, is not); drop the constraint that asks for it.")
+                          f"{_flags(fixed)} is one the training runtime implements (a mixture of experts "
+                          f"with some of them, for one, is not); drop the constraint that asks for it.")
     if not considered:
         raise ConfigError(f"no valid layout of {num_devices} devices for model {model.name!r} with global "
                           f"batch {global_batch} and the given constraints {_flags(fixed)}: dp must divide the "
@@ -276,7 +277,8 @@ _key = rank_key
 
 _PARTS = {"compute": "compute (recomputation included)", "tp_comm": "tensor-parallel communication",
           "pp_comm": "pipeline sends", "bubble": "pipeline bubble", "dp_comm": "exposed data-parallel communication",
-          "optimizer": "optimizer step", "cp_comm": "exposed ring-attention transfers"}
+          "optimizer": "optimizer step", "cp_comm": "exposed ring-attention transfers",
+          "ep_comm": "expert-parallel all-to-alls"}
 
 
 def _why_slower(best: Estimate, other: Estimate) -> str:

@@ -99,9 +99,9 @@ def _durations(schedule: Schedule, stages: tuple[StageCost, ...], scale: dict[tu
         st = stages[rank]
         if a.kind == "F":
             c = st.chunks[a.chunk]
-            return c.forward_s * scale.get((rank, id(a)), 1.0) + c.tp_forward_s + c.ring.forward_s
+            return c.forward_s * scale.get((rank, id(a)), 1.0) + c.tp_forward_s + c.ring.forward_s + c.ep.forward_s
         if a.kind in ("B", "I", "W"):
-            return _compute_part(st, a, scale, rank) + _tp_part(st, a) + _cp_part(st, a)
+            return _compute_part(st, a, scale, rank) + _tp_part(st, a) + _cp_part(st, a) + _ep_part(st, a)
         return st.p2p_message_s if a.kind in ("send_act", "send_grad") else 0.0
     return duration
 
@@ -199,13 +199,14 @@ def _compose(model: ModelConfig, layout: Layout, hw: Hardware, global_batch: int
     compute = sum(_compute_part(st, sp.action, scale, crit) for sp in timeline.ranks[crit])
     tp = sum(_tp_part(st, sp.action) for sp in timeline.ranks[crit])
     cp = sum(_cp_part(st, sp.action) for sp in timeline.ranks[crit])
+    ep = sum(_ep_part(st, sp.action) for sp in timeline.ranks[crit])
     span = max(sp.end for sp in timeline.ranks[crit]) - t0
-    idle = span - compute - tp - cp  # waiting in the schedule: the bubble and messages
+    idle = span - compute - tp - cp - ep  # waiting in the schedule: the bubble and messages
     assert idle >= -1e-9 * span, f"rank {crit} busy {compute + tp} s in a {span} s schedule"
     time = StepTime(
         compute=compute, tp_comm=tp + max(s.tp_sync_s for s in stages), pp_comm=max(s.pp_sync_s for s in stages),
         bubble=max(0.0, idle), dp_comm=exposed[crit], optimizer=max(s.optimizer_s for s in stages) * static,
-        cp_comm=cp)
+        cp_comm=cp, ep_comm=ep)
     heavy = max(stages, key=lambda c: c.peak_bytes)
     est = make_estimate(model, layout, hw, global_batch, seq_len, precision, options, time, timeline.bubble,
                         heavy, stages)
@@ -227,6 +228,13 @@ def _cp_part(st: StageCost, a: Action) -> float:
     if a.kind in ("F", "B", "I"):  # ring attention's backward yields input gradients: in I
         ring = st.chunks[a.chunk].ring
         return ring.forward_s if a.kind == "F" else ring.backward_s
+    return 0.0
+
+
+def _ep_part(st: StageCost, a: Action) -> float:
+    if a.kind in ("F", "B", "I"):  # the exchanges of the rows' gradients yield input gradients: in I
+        ex = st.chunks[a.chunk].ep
+        return ex.forward_s if a.kind == "F" else ex.backward_s
     return 0.0
 
 

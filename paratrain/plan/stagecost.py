@@ -24,6 +24,7 @@ class ChunkCost(NamedTuple):
     tp_backward_s: float
     tp_bytes: float  # wire bytes per micro-batch
     ring: Ring = NO_RING  # context parallelism: the chunk's exposed ring seconds and bytes (plan/context.py)
+    ep: Ring = NO_RING  # expert parallelism: the chunk's all-to-all seconds and wire bytes (forward, backward)
 
 
 class StageCost(NamedTuple):
@@ -56,6 +57,8 @@ class StageCost(NamedTuple):
     p2p_message_s: float = 0.0  # one pipeline message
     cp_s: float = 0.0  # per micro-batch: the ring attention's exposed transfers
     cp_bytes: float = 0.0  # per step
+    ep_s: float = 0.0  # per micro-batch: expert parallelism's all-to-alls
+    ep_bytes: float = 0.0  # per step
 
     @property
     def peak_bytes(self) -> float:
@@ -63,4 +66,4 @@ class StageCost(NamedTuple):
 
     @property
     def microbatch_s(self) -> float:
-        return self.forward_s + self.backward_s + self.tp_s + self.p2p_s + self.cp_s
+        return self.forward_s + self.backward_s + self.tp_s + self.p2p_s + self.cp_s + self.ep_s

@@ -198,3 +198,17 @@ def test_clipping_counts_each_parameter_once(base, layout):
     for k, g in ref_grads.items():
         # rounding only; atol for the ~1e-9 noise of the mathematically-zero key bias (tests/common.py)
         torch.testing.assert_close(grads[k], g, rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_tp_comm_bytes_of_a_mixture_of_experts_match_formula():
+    """tiny-moe at tp 2: the experts and the router stay whole on every tp rank (models/plans.py),
+    so a mixture-of-experts block has no MLP reduction: the formula (core/traffic.tp_traffic's
+    moe_blocks) must count only attention's, and does, op by op, every step."""
+    cfg = with_layout(BASE.replace(model="tiny-moe"), tp=2)
+    model = cfg.model_config()
+    assert model.num_moe_blocks == model.num_layers  # every block: the MLP reductions all go
+    expected = tp_comm_per_step(model, 2, False, cfg.global_batch, cfg.seq_len)
+    for rank, res in enumerate(run_ranks(2, train_ranks_fn, cfg)):
+        assert [s["tp"] for s in res["comm_bytes"]] == [sum(b for _, b in expected.values())] * cfg.steps, rank
+        measured = {op: (s["calls"], s["bytes"]) for op, s in res["ops"]["tp"].items() if op != "checkpoint"}
+        assert measured == {op: (c * cfg.steps, b * cfg.steps) for op, (c, b) in expected.items()}, rank

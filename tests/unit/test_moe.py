@@ -80,8 +80,6 @@ def _validate(model: str = "tiny-moe", **layout) -> None:
 @pytest.mark.parametrize("layout, message", [
     (dict(dp=4, ep=3), "ep must divide dp; got ep=3, dp=4"),
     (dict(dp=8, ep=8), "ep=8 must divide the model's 4 experts"),
-    (dict(dp=2, ep=2, pp=2), "does not implement pipeline parallelism (pp=2)"),
-    (dict(dp=2, ep=2, zero=1), "ZeRO (zero=1) with ep=2"),
     (dict(tp=2, sequence_parallel=True), "sequence parallelism"),
     (dict(cp=2), "context parallelism (cp=2)"),
     (dict(recompute="full"), "full recomputation"),
@@ -96,7 +94,9 @@ def test_ep_needs_experts_and_composes_with_dp_and_tp():
     with pytest.raises(ConfigError, match="has none"):
         _validate("tiny", dp=2, ep=2)
     for layout in (dict(dp=2, ep=2), dict(dp=4, ep=2), dict(dp=4, ep=4), dict(dp=2, ep=2, tp=2),
-                   dict(dp=2, ep=2, microbatches=2), dict(recompute="selective"), dict(zero=2, dp=2)):
+                   dict(dp=2, ep=2, microbatches=2), dict(recompute="selective"), dict(zero=2, dp=2),
+                   dict(pp=2), dict(dp=2, ep=2, pp=2, microbatches=2), dict(dp=4, ep=2, zero=1),
+                   dict(dp=4, ep=2, zero=2), dict(dp=4, ep=2, zero=3)):
         _validate(**layout)
     assert str(Layout(dp=4, ep=2)) == "dp=4 pp=1 tp=1 ep=2"
 

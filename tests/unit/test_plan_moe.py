@@ -55,10 +55,56 @@ def test_ep_traffic_formula():
     assert wire_bytes("all_to_all", 4, 1000) == 750
 
 
-def test_search_keeps_a_given_ep():
-    """ep is not searched yet: a given --ep is pinned on every candidate (and dp must be a multiple)."""
+def test_search_enumerates_ep_and_keeps_a_given_one():
+    """ep is searched for a mixture of experts (every divisor of dp dividing the experts, each
+    layout valid), never for a dense model; a given --ep is pinned on every candidate."""
     from paratrain.plan.search import enumerate_layouts
 
-    layouts = list(enumerate_layouts(get_model_config("tiny-moe"), 8, 16, 32, 8, {"ep": 2}))
+    moe = get_model_config("tiny-moe")  # 4 experts
+    layouts = list(enumerate_layouts(moe, 8, 16, 32, 8, {"ep": 2}))
     assert layouts and all(lay.ep == 2 and lay.dp % 2 == 0 for lay in layouts)
-    assert all(lay.ep == 1 for lay in enumerate_layouts(get_model_config("tiny-moe"), 4, 16, 32, 8, {}))
+    searched = list(enumerate_layouts(moe, 8, 16, 32, 8, {}))
+    assert {lay.ep for lay in searched} == {1, 2, 4}
+    assert {lay.ep for lay in searched if lay.dp == 2} == {1, 2}
+    for lay in searched:
+        lay.validate(moe, 16, 32)
+    assert all(lay.ep == 1 for lay in enumerate_layouts(get_model_config("tiny"), 8, 16, 32, 8, {}))
+
+
+def test_experts_stay_whole_over_tp():
+    """Like the runtime (models/plans.py), tp splits attention and the dense MLPs but not the
+    experts: at tp 2 each device holds every expert's whole MLP (the measured model states of
+    ep2 x tp2 are the planner's: tests/distributed/test_memory.py), and the experts' FLOPs are
+    not divided by tp; Megatron's split experts (tp_split) for comparison."""
+    import dataclasses
+
+    m = get_model_config("small-moe")
+    args = f.shape_args(m)
+    for t in (2, 4):
+        held = f.block_params_per_device(m.hidden, m.ffn_hidden, t, **args)
+        sharded = f.block_params_per_device(m.hidden, m.ffn_hidden, t, ep=m.num_experts, **args)
+        share = m.num_moe_blocks / m.num_layers
+        assert held - sharded == pytest.approx(share * (m.num_experts - 1) * mlp_param_count(m))
+        split = dict(args, moe=dataclasses.replace(args["moe"], tp_split=True))
+        assert f.block_params_per_device(m.hidden, m.ffn_hidden, t, **split) < held
+    whole = f.unsplit_forward_flops(2, 64, m.hidden, m.ffn_hidden, **args)
+    assert whole > 0.5 * f.layer_forward_flops(2, 64, m.hidden, m.ffn_hidden, **args) * share
+    assert f.unsplit_forward_flops(2, 64, m.hidden, m.ffn_hidden, **f.shape_args(get_model_config("small"))) == 0
+
+
+def test_ep_all_to_all_in_the_step_and_bytes():
+    """The estimate's ep bytes per device are ep_comm_per_step's wire bytes (dropless), and their
+    seconds are in the step (ep_comm), growing with ep's (n - 1)/n; none at ep 1."""
+    from paratrain.plan.cost import estimate
+    from paratrain.plan.hardware import get_hardware
+
+    m, hw = get_model_config("small-moe"), get_hardware("H100-80GB")
+    ests = {ep: estimate(m, Layout(dp=8, ep=ep, microbatches=2), hw, 32, 256, "bf16") for ep in (1, 2, 8)}
+    assert ests[1].comm_bytes_per_device.ep == 0 == ests[1].time.ep_comm
+    for ep in (2, 8):
+        ops = ep_comm_per_step(m, ep, 4, 256, 2, elem_bytes=2)
+        want = sum(wire_bytes("all_to_all", ep, b) for _, b in ops.values())
+        assert ests[ep].comm_bytes_per_device.ep == pytest.approx(want)
+        assert ests[ep].time.ep_comm > 0
+        assert ests[ep].step_time_s == pytest.approx(ests[ep].time.total)
+    assert ests[8].time.ep_comm > ests[2].time.ep_comm

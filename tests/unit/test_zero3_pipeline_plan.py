@@ -56,8 +56,14 @@ def test_memory_follows_the_gather_mode(gather):
 
 
 def test_the_runtime_implements_zero3_with_a_pipeline():
-    assert runtime_implements(Z3PP) and not runtime_implements(Layout(dp=2, cp=2, zero=1))
+    """Every valid dense layout; a mixture of experts refuses ZeRO-3 with a pipeline (exit 2)."""
+    assert runtime_implements(Z3PP) and runtime_implements(Z3PP, MODEL)
     TrainConfig(model="small", global_batch=32, seq_len=256, layout=Z3PP, zero3_gather="step").validate()
+    moe = get_model_config("tiny-moe")
+    assert not runtime_implements(Layout(dp=2, pp=2, zero=3), moe) and runtime_implements(Layout(dp=2, zero=3), moe)
+    with pytest.raises(ConfigError, match="does not implement ZeRO-3 with pipeline parallelism yet"):
+        TrainConfig(model="tiny-moe", global_batch=8, seq_len=32, layout=Layout(dp=2, pp=2, zero=3, microbatches=2)
+                    ).validate()
     with pytest.raises(ConfigError, match="zero3_gather must be one of microbatch, step, got 'block'"):
         TrainConfig(layout=Z3PP, zero3_gather="block").validate()
 

@@ -137,7 +137,6 @@ BASE = TrainConfig(global_batch=8, seq_len=32)
 
 
 @pytest.mark.parametrize("layout,dp_impl,match", [
-    (Layout(dp=2, cp=2, zero=3), "bucketed", r"with context parallelism \(cp=2\) is not implemented"),
     (Layout(dp=2, zero=1), "naive", "dp_impl 'naive' is the teaching version"),
 ])
 def test_unsupported_zero_layouts_are_config_errors(layout, dp_impl, match):

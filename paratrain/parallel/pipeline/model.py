@@ -3,7 +3,9 @@
 One step: the layout's schedule runs on this rank's chunks (:mod:`.runtime`); data parallelism
 reduces gradients during the rank's last backward (``set_sync(False)`` before the others); then
 the tied embedding gradient is summed between the first and last stage. The loss lives on the
-last stage; :meth:`global_mean` gives every rank the same value.
+last stage; :meth:`global_mean` gives every rank the same value. A mixture of experts: every
+stage backpropagates its own routers' aux losses (``stage.AuxLossGrad``), and the detached terms
+of the stages before the last are summed over the pipeline group into the reported loss.
 """
 
 from __future__ import annotations
@@ -66,6 +68,9 @@ class PipelineModel(ParallelModel):
         self.schedule = checked_schedule(layout.schedule, p, layout.microbatches, v)
         self.eval_schedule = checked_schedule("forward", p, layout.microbatches, v, placement)
         self.times: list[tuple[float, float]] = []  # of the last training step's actions
+        self.has_experts = bool(getattr(getattr(stage.module, "cfg", None), "num_experts", 0))
+        for chunk in stage.chunks:  # the factor of the last stage's loss, for the aux losses elsewhere
+            chunk.aux_scale = grad_sync.grad_scale / layout.microbatches
 
     def _autocast_chunk(self, chunk: Any) -> Any:
         def run(x: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
@@ -83,9 +88,14 @@ class PipelineModel(ParallelModel):
         dtype = next(self.module.parameters()).dtype  # the residual stream's (autocast or not)
         losses, times = self.runtime.run(schedule.ranks[self.mesh.coords.pp], xs, ys, shape,
                                          dtype, loss_scale, on_backward)
-        if not losses:  # not the last stage: global_mean brings the loss here
-            return torch.zeros((), device=inputs.device), times
-        return torch.stack(losses).float().mean(), times
+        # not the last stage: global_mean brings the loss here
+        loss = torch.stack(losses).float().mean() if losses else torch.zeros((), device=inputs.device)
+        if self.has_experts:  # the earlier stages' aux terms (mean over micro-batches) join the loss
+            aux = [a for a in (c.take_aux() for c in self.stage.chunks) if a is not None]
+            if aux:
+                loss = loss + torch.stack(aux).sum() / m
+            comm.all_reduce(loss, self.mesh.pp, tag="metrics")
+        return loss, times
 
     def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The schedule over ``layout.microbatches`` equal slices of this rank's batch; the loss
@@ -139,16 +149,21 @@ class PipelineModel(ParallelModel):
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The reference-shaped state dict on global rank 0: each stage gathers its tensor-parallel
-        shards on its tp index 0, which sends the stage's entries to rank 0. Collective."""
+        shards on its tp index 0, which sends the stage's entries to rank 0 (with every expert of
+        its blocks, gathered over the ep group first). Collective."""
         with self.grad_sync.full_params():  # ZeRO-3: each stage's units gathered over its dp group
             return self._full_state_dict()
 
     def _full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        from paratrain.parallel.expert import gather_experts
+
+        experts = gather_experts(self.module, self.mesh.ep)  # {} at ep = 1
         if self.mesh.coords.dp != 0 or self.mesh.coords.cp != 0:
             return None
         state = gather_full_state(self.module, self.mesh.tp)  # None off tp index 0
         if state is None:
             return None
+        state.update(experts)
         keys = self.stage.keys_by_rank
         local = flatten(state, keys[self.mesh.coords.pp])
         parts = gather_to_first(local, [sum(s.numel() for _, s in k) for k in keys], self.mesh.pp, "state")

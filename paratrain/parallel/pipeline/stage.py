@@ -16,6 +16,12 @@ by an all-reduce over the group {first stage, last stage} of each (dp, tp) coord
 copies take the same optimizer step. For the global gradient norm (summed over the pp group)
 every kept parameter is marked sharded along ``pp``, and the last stage's copy of ``W``
 duplicate (``parallel/marks.py``), so ``W`` counts once.
+
+Mixtures of experts. The reference loss is ``CE + alpha * sum over MoE blocks of aux``; a
+stage's ``aux`` terms depend only on its own blocks, so each stage backpropagates its own
+(:class:`AuxLossGrad`, together with the activation gradient it receives from the next stage;
+the last stage adds its own to the loss); the detached values are kept for the reported loss
+(``Chunk.take_aux``; ``pipeline/model.py`` sums them over the pipeline group).
 """
 
 from __future__ import annotations
@@ -31,15 +37,37 @@ from paratrain.config import Layout
 from paratrain.core.partition import partition, stage_sizes, stage_units
 from paratrain.core.schedules import VEE, place_of, placement_of, stage_of
 from paratrain.mesh import Mesh
+from paratrain.models.moe import aux_loss, moe_layers
 from paratrain.models.plans import Stages
 from paratrain.parallel.marks import mark_duplicate, mark_sharded
 from paratrain.parallel.shard import full_shape
 
 
+class AuxLossGrad(torch.autograd.Function):
+    """Forward: the stage's output activation ``y`` unchanged. Backward: ``dL/dy`` passes through,
+    and the stage's weighted load-balancing loss ``aux`` (a scalar with its graph) receives
+    ``scale``, the factor the last stage's loss is backpropagated with (``grad_scale / m``). So the
+    stage's ``y.backward(dL/dy)`` also backpropagates ``scale * aux``: the gradient of its own aux
+    term, which needs nothing from the later stages."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, aux: torch.Tensor, scale: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.scale = scale
+        ctx.aux_meta = (aux.shape, aux.dtype, aux.device)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:  # type: ignore[override]
+        shape, dtype, device = ctx.aux_meta
+        return grad, torch.full(shape, ctx.scale, dtype=dtype, device=device), None
+
+
 class Chunk:
     """Runs the units ``units`` of ``model`` by its stage spec: ``(B, T)`` token ids or
     ``(B, T, H)`` activations in; ``(B, T, H)`` activations or, on the last stage, the mean loss
-    out."""
+    out. The mixture-of-experts blocks among them add their weighted aux losses: to the loss on
+    the last stage, through :class:`AuxLossGrad` (with ``aux_scale``, set by the pipeline model)
+    elsewhere."""
 
     def __init__(self, model: nn.Module, stages: Stages, units: range) -> None:
         self.model = model
@@ -49,6 +77,9 @@ class Chunk:
         self.embeds = 0 in units
         self.has_head = num_layers + 1 in units
         self.blocks = [blocks[u - 1] for u in units if 1 <= u <= num_layers]
+        self.moe = [m for b in self.blocks for m in moe_layers(b)]
+        self.aux_scale = 1.0
+        self._aux: list[torch.Tensor] = []  # detached aux terms of the forwards since take_aux
 
     def parameters(self) -> list[nn.Parameter]:
         """The parameters this chunk's forward uses (a pipeline rank's chunks share none)."""
@@ -62,7 +93,23 @@ class Chunk:
             x = st.embed(self.model, x)
         for block in self.blocks:
             x = st.run_block(self.model, block, x)
-        return st.head(self.model, x, targets) if self.has_head else x
+        aux = aux_loss(self.model, self.moe) if self.moe else None
+        if self.has_head:
+            loss = st.head(self.model, x, targets)
+            return loss if aux is None or targets is None else loss + aux
+        if aux is None:
+            return x
+        self._aux.append(aux.detach().float())
+        return AuxLossGrad.apply(x, aux, self.aux_scale) if torch.is_grad_enabled() and aux.requires_grad else x
+
+    def take_aux(self) -> torch.Tensor | None:
+        """The sum of the weighted aux losses this chunk left out of a loss (it is not the last
+        stage) since the last call, over its forwards; None without MoE blocks. Then reset."""
+        if not self.moe or self.has_head:
+            return None
+        out = torch.stack(self._aux).sum() if self._aux else None
+        self._aux = []
+        return out
 
 
 @dataclass
