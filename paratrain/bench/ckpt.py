@@ -9,7 +9,9 @@ Rows (``ratio`` = DCP seconds / ours, higher is better):
 
 * ``save``: a synchronous save, start to files on disk (ours: ``--no-async-checkpoint``);
 * ``blocked``: how long training waits for an asynchronous save (ours: the copy to host
-  memory; DCP: ``async_save`` until it returns its future);
+  memory; DCP: ``async_save`` until it returns its future); with the CPU seconds of our
+  training thread in it (``ours_blocked_cpu_s``, rank 0: what a loaded machine does not
+  inflate) and every rank's medians (``blocked_s_by_rank``, ``blocked_cpu_s_by_rank``);
 * ``load``: reading it back into the same layout;
 * ``load-resharded``: into one process (dp 1, no sharding) from the sharded save. Ours reads
   every box from the files that hold it. DCP reshards only state it saved as DTensors, so its
@@ -66,7 +68,10 @@ def run(opts: BenchOptions) -> list[TimeRow]:
         base = {"model": opts.model, "nproc": world, "ours_bytes": r["ours_bytes"], "ref_bytes": r["dcp_bytes"]}
         rows += [TimeRow(f"{name}-save", median(r["ours_save"]), median(r["dcp_save"]), dict(base)),
                  TimeRow(f"{name}-blocked", median(r["ours_blocked"]), median(r["dcp_blocked"]),
-                         dict(base, blocked_share_of_sync_save=median(r["ours_blocked"]) / median(r["ours_save"]))),
+                         dict(base, blocked_share_of_sync_save=median(r["ours_blocked"]) / median(r["ours_save"]),
+                              ours_blocked_cpu_s=median(r["ours_blocked_cpu"]),
+                              blocked_s_by_rank=[w for w, _ in r["blocked_by_rank"]],
+                              blocked_cpu_s_by_rank=[c for _, c in r["blocked_by_rank"]])),
                  TimeRow(f"{name}-load", median(r["ours_load"]), median(r["dcp_load"]), dict(base)),
                  TimeRow(f"{name}-load-resharded", median(single["ours_load"]), median(single["dcp_load"]),
                          dict(base, note="into dp 1; DCP from its DTensor Shard(0) save of the same values"))]
@@ -122,8 +127,8 @@ def _measure(a: _Args, rank: int, world: int) -> dict[str, Any]:
 
     s = _session(a, rank)
     root = Path(a.root)
-    out: dict[str, list[float]] = {k: [] for k in ("ours_save", "dcp_save", "ours_blocked", "dcp_blocked",
-                                                   "ours_load", "dcp_load")}
+    out: dict[str, list[float]] = {k: [] for k in ("ours_save", "dcp_save", "ours_blocked", "ours_blocked_cpu",
+                                                   "dcp_blocked", "ours_load", "dcp_load")}
     state = _dcp_state(s, rank)
     sync = CheckpointSaver(root / "ours", rank, world, dist.barrier, asynchronous=False)
     background = CheckpointSaver(root / "ours", rank, world, dist.barrier, asynchronous=True)
@@ -138,8 +143,10 @@ def _measure(a: _Args, rank: int, world: int) -> dict[str, Any]:
         dist.barrier()
         out["dcp_save"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
+        c0 = time.thread_time()
         ck.save(background, s, 11 + 2 * i, {"model": a.opts.model})
         out["ours_blocked"].append(time.perf_counter() - t0)
+        out["ours_blocked_cpu"].append(time.thread_time() - c0)
         background.wait()
         dist.barrier()
         t0 = time.perf_counter()
@@ -160,7 +167,9 @@ def _measure(a: _Args, rank: int, world: int) -> dict[str, Any]:
         dist.barrier()
         out["dcp_load"].append(time.perf_counter() - t0)
     _save_dtensors(folder, m, root / "dcp-dtensor", world)
-    return dict(out, ours_bytes=_size(folder), dcp_bytes=_size(root / "dcp-0"))
+    by_rank = [None] * world  # every rank's medians of its blocked seconds, wall and CPU
+    dist.all_gather_object(by_rank, (median(out["ours_blocked"]), median(out["ours_blocked_cpu"])))
+    return dict(out, ours_bytes=_size(folder), dcp_bytes=_size(root / "dcp-0"), blocked_by_rank=by_rank)
 
 
 def _full_state(folder: Path, m: Any) -> dict[str, Any]:

@@ -15,6 +15,7 @@ steps fp32 master weights (``parallel/mixed.py``): they are saved as ``optim.mas
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -212,14 +213,35 @@ def shards(hs: list[Holding], opt: torch.optim.Optimizer, rank: int) -> list[Sha
     return out
 
 
-def _live(pm: object, opt: torch.optim.Optimizer) -> tuple:
-    """The identity and storage of every tensor a walk reads: equal means a new walk would find
-    the same tensors at the same memory (a ``p.data = ...`` swap or a replaced optimizer state
-    changes it). About 0.3 ms, a tenth of the walk."""
-    module: nn.Module = pm.module  # type: ignore[attr-defined]
-    return (tuple((id(t), t.data_ptr()) for t in module.state_dict(keep_vars=True).values()),
-            tuple((id(q), q.data_ptr(), tuple((id(v), v.data_ptr()) for v in st.values()))
-                  for q, st in opt.state.items()))
+def _live(pm: object, opt: torch.optim.Optimizer) -> tuple[list, list[int]]:
+    """What a walk reads, as objects, and the address of every tensor among them: equal (the
+    same objects, :func:`operator.is_`, and the same addresses) means a new walk would find the
+    same tensors at the same memory. A ``p.data = ...`` swap changes an address; a parameter,
+    buffer, submodule or optimizer state put in another's place, added or removed, changes an
+    object or the count. It covers every module's own parameters, buffers and submodules (more
+    than ``state_dict`` reads) without building the state dict: 0.27 against 0.38 ms for
+    ``small`` in one process, 0.61 against 0.72 ms with the caches cold, as after a step."""
+    objects: list = []
+    tensors: list = []
+    counts: list[int] = []  # each module's number of submodules: the tree's shape
+    stack = [pm.module]  # type: ignore[attr-defined]
+    while stack:
+        m = stack.pop()
+        objects.append(m)
+        tensors += m._parameters.values()
+        tensors += m._buffers.values()
+        children = [c for c in m._modules.values() if c is not None]
+        counts.append(len(children))
+        stack += children
+    for q, st in opt.state.items():
+        tensors.append(q)
+        tensors += st.values()
+    objects += tensors
+    return objects, counts + [t.data_ptr() if isinstance(t, torch.Tensor) else 0 for t in tensors]
+
+
+def _same(a: tuple[list, list[int]], b: tuple[list, list[int]] | None) -> bool:
+    return b is not None and len(a[0]) == len(b[0]) and all(map(operator.is_, a[0], b[0])) and a[1] == b[1]
 
 
 class WriteSet:
@@ -227,12 +249,11 @@ class WriteSet:
     the views stay views of the live tensors, so each save copies the current values."""
 
     def __init__(self) -> None:
-        self._live: tuple | None = None
+        self._live: tuple[list, list[int]] | None = None
         self._shards: list[Shard] = []
 
     def shards(self, pm: object, opt: torch.optim.Optimizer, rank: int) -> list[Shard]:
-        live = _live(pm, opt)
-        if live != self._live:
+        if not _same(_live(pm, opt), self._live):
             self._shards = shards(holdings(pm, opt), opt, rank)
             self._live = _live(pm, opt)  # the walk may have created a fresh optimizer's state
         elif rank == 0:

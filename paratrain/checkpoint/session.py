@@ -38,7 +38,10 @@ def save(saver: CheckpointSaver, session: Any, step: int, config: dict[str, Any]
     writes = saver.memo.setdefault("writes", hd.WriteSet())  # the holdings walk, once per run
     if getattr(session, "corpus", None) is not None:  # the library API saves a model without our loader
         config = dict(config, data_position=data_position(session, step))
-    meta = {"layout": layout_json(session.cfg.layout), "config": config}
+    layout = saver.memo.get("layout")
+    if layout is None or layout[0] is not session.cfg.layout:  # a frozen Layout: the same object, the same JSON
+        layout = saver.memo["layout"] = (session.cfg.layout, layout_json(session.cfg.layout))
+    meta = {"layout": layout[1], "config": config}
     shards = writes.shards(session.pm, session.opt, session.mesh.rank)
     return saver.save(step, shards, rng_state(session.device), meta)
 

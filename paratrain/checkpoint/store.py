@@ -28,6 +28,7 @@ import json
 import os
 import queue
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -144,6 +145,22 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
+# The writer's nice value: it yields the CPU to every training thread of the machine (the other
+# ranks' included: a rank that staged first would otherwise write and hash while the others are
+# still copying, and make them wait), and takes whatever CPU training leaves.
+BACKGROUND_NICE = 10
+
+
+def background_priority() -> None:
+    """Lower the calling thread's priority to :data:`BACKGROUND_NICE` (Linux, where a nice value
+    is a thread's own; threads it starts inherit it: the SHA-256 thread). Elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+        except OSError:  # not permitted in some sandboxes: the writer runs at normal priority
+            pass
+
+
 class CheckpointSaver:
     """Saves with at most one in flight. ``asynchronous``: :meth:`save` returns once the shards
     are on the host; the writing and the commit run on a thread, and their failure is raised by
@@ -201,6 +218,7 @@ class CheckpointSaver:
             self._worker.start()
 
     def _serve(self) -> None:
+        background_priority()
         while True:
             self._run(*self._jobs.get())
             self._idle.set()

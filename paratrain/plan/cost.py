@@ -270,7 +270,9 @@ class _Layout(LayoutMemory):
         params, state, acts = mem.params, mem.state, mem.activation_bytes
         tp_sync, tp_step_b, pp_sync, pp_step_b = self.syncs(i, n_layers)
         dp_b, exposed, grads, dp_other = self.data_parallel(params, chunks)
-        owned = params / (self.r if self.layout.zero >= 1 else 1)
+        experts = self.experts_of(i)  # ZeRO shards them over the dp / ep ranks holding them
+        owned = (params - experts) / self.r + experts / (self.r // self.layout.ep) if self.layout.zero >= 1 \
+            else params
         bw = self.hw.memory_bw * self.share * self.speeds[i]
         opt_s = OPTIMIZER_BYTES_PER_PARAM * owned / bw if bw else 0.0
         if self.offload:  # ZeRO-Offload: the step runs in host memory, gradients and weights cross the link

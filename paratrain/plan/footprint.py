@@ -92,6 +92,7 @@ class LayoutMemory:
         self.shape = pipeline_shape(model, seq_len, p, self.v, options.stage_layers or L.stage_layers,
                                     L.stage_speeds, options.rank_speeds, placement_of(L.schedule) if p > 1 else LOOP)
         self.block = f.block_params_per_device(h, F, t, ep=L.ep, **f.shape_args(model))
+        self.expert_block = f.expert_params_per_block(h, F, t, ep=L.ep, **f.shape_args(model))  # in self.block
         self.embed = V * h / t
         # the last stage keeps a copy of W_e, but not in ZB-V's V (rank 0 holds both ends)
         self.head_copy = (not model.tie_embeddings) or (p > 1 and L.schedule != "zb-v")
@@ -120,13 +121,20 @@ class LayoutMemory:
                 rank_activations(self.shape, self.layout.schedule, self.m, i, self.act_layer, self.emb_act,
                                  self.out_act, self.w_layer, self.w_head))
 
-    def _memory(self, params: float, acts: float, zero: int) -> RankMemory:
-        state = _model_state_bytes(params, zero, self.r, self.precision, self.G_b, self.offload)
+    def _memory(self, params: float, acts: float, zero: int, experts: float = 0.0) -> RankMemory:
+        state = _model_state_bytes(params - experts, zero, self.r, self.precision, self.G_b, self.offload)
+        if experts:  # ZeRO shards a rank's experts over the dp / ep ranks holding them
+            x = _model_state_bytes(experts, zero, self.r // self.layout.ep, self.precision, self.G_b, self.offload)
+            state = ModelState(state.params + x.params, state.grads + x.grads, state.optimizer + x.optimizer)
         return RankMemory(params, state, self._buffers(zero, params), acts, self.rebuilt)
+
+    def experts_of(self, i: int) -> float:
+        """Expert parameters of pipeline rank ``i`` on one device (in its parameters)."""
+        return self.shape.layers[i] * self.expert_block
 
     def rank_memory(self, i: int) -> RankMemory:
         """What one device of pipeline rank ``i`` holds at its peak."""
-        return self._memory(*self._rank_parts(i), self.layout.zero)
+        return self._memory(*self._rank_parts(i), self.layout.zero, self.experts_of(i))
 
     def group_params(self) -> tuple[float, ...]:
         """The parameters of :meth:`group_parts` alone (no activations: what the time's bounds need)."""
@@ -147,18 +155,16 @@ class LayoutMemory:
         summed in the same order (at ZeRO stage ``zero``, default the layout's: the search
         screens the four stages of a layout from one context)."""
         zero = self.layout.zero if zero is None else zero
-        rebuilt, n, precision = self.rebuilt, self.r, self.precision
-        G_b, offload = self.G_b, self.offload
-        return max(_model_state_bytes(params, zero, n, precision, G_b, offload).total + self._buffers(zero, params)
-                   + acts + rebuilt for params, acts in self.group_parts())
+        return self.peaks((zero,))[zero]
 
     def peaks(self, zeros: tuple[int, ...]) -> dict[int, float]:
         """:meth:`peak_bytes` at each ZeRO stage of ``zeros``, in one call (the search screens
         every stage of a layout from one context)."""
         parts, rebuilt, n, precision = self.group_parts(), self.rebuilt, self.r, self.precision
-        G_b, offload = self.G_b, self.offload
-        return {zero: max(_state_total(params, zero, n, precision, G_b, offload) + self._buffers(zero, params) + acts
-                          + rebuilt for params, acts in parts) for zero in zeros}
+        G_b, offload, ep = self.G_b, self.offload, self.layout.ep
+        experts = [self.experts_of(i) for i, _ in self.shape.groups]
+        return {zero: max(states_total(params, x, zero, n, ep, precision, G_b, offload) + self._buffers(zero, params)
+                          + acts + rebuilt for (params, acts), x in zip(parts, experts)) for zero in zeros}
 
 
 def zero3_buffer_bytes(zero: int, r: int, pp: int, unit_bytes: float, unit: float, params: float,
@@ -271,6 +277,16 @@ def rank_activations(shape: PipelineShape, schedule: str, m: int, i: int, act_la
 @lru_cache(maxsize=16384)
 def _state_total(psi: float, zero: int, dp: int, precision: str, grad_bytes: int, offload: bool) -> float:
     return _model_state_bytes(psi, zero, dp, precision, grad_bytes, offload).total
+
+
+def states_total(psi: float, experts: float, zero: int, r: int, ep: int, precision: str, grad_bytes: int,
+                 offload: bool) -> float:
+    """Model-state bytes of ``psi`` parameters of which ``experts`` are experts: ZeRO shards the
+    rest over the ``r`` ranks averaging gradients, the experts over the ``r / ep`` holding them."""
+    if not experts:
+        return _state_total(psi, zero, r, precision, grad_bytes, offload)
+    return _state_total(psi - experts, zero, r, precision, grad_bytes, offload) \
+        + _state_total(experts, zero, r // ep, precision, grad_bytes, offload)
 
 
 # A rank's parameters do not depend on the micro-batches, recomputation or sequence parallelism:

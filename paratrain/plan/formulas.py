@@ -102,6 +102,17 @@ def block_params_per_device(h: int, F: int, t: int, kv: int | None = None, gated
     return rest + (1 - moe.share) * mlp + moe.share * (moe.experts / ep) * expert + moe.share * h * moe.experts
 
 
+def expert_params_per_block(h: int, F: int, t: int, gated: bool = False, moe: MoEShape | None = None,
+                            ep: int = 1, **_: object) -> float:
+    """The share of :func:`block_params_per_device` that is experts sharded ``ep`` ways (0 at
+    ep 1 or for a dense block): replicated only over the dp / ep ranks holding the same experts,
+    which is what ZeRO shards them over (``parallel/zero.py``)."""
+    if moe is None or ep == 1:
+        return 0.0
+    u = moe.expert_tp(t)
+    return moe.share * (moe.experts / ep) * (3 * h * F / u if gated else (2 * h * F + F) / u + h)
+
+
 # ---------------------------------------------------------------------------------- FLOPs
 
 

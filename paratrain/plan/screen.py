@@ -39,13 +39,13 @@ from paratrain.plan.bound import family_lower_bound, layout_context, step_time_l
 from paratrain.plan.cost import CostOptions, Estimate, _estimate
 from paratrain.plan.footprint import (
     Stash,
-    _state_total,
     activation_pieces,
     chunks_per_rank,
     rank_params,
     saves_gathered,
     stash_bytes,
     stash_of,
+    states_total,
     zero3_buffer_bytes,
 )
 from paratrain.plan.hardware import Hardware
@@ -81,6 +81,7 @@ class _Statics(NamedTuple):
     shape: PipelineShape
     params: tuple[float, ...]  # of the first rank of each run of alike ranks (shape.groups)
     unit: float  # the largest ZeRO-3 unit: a block or the embedding
+    experts: tuple[float, ...]  # the expert parameters among params (sharded over dp / ep by ZeRO)
 
 
 class MemoryScreen:
@@ -114,7 +115,9 @@ class MemoryScreen:
         embed = padded_vocab_size(model.vocab_size, t) * model.hidden / t
         head_copy = (not model.tie_embeddings) or (p > 1 and layout.schedule != "zb-v")  # as LayoutMemory's
         params = tuple(rank_params(model, shape, i, block, embed, head_copy) for i, _ in shape.groups)
-        static = self._statics[key] = _Statics(shape, params, max(block, embed))
+        expert = f.expert_params_per_block(model.hidden, model.ffn_hidden, t, ep=layout.ep, **f.shape_args(model))
+        experts = tuple(shape.layers[i] * expert for i, _ in shape.groups)
+        static = self._statics[key] = _Statics(shape, params, max(block, embed), experts)
         return static
 
     def _setup(self, layout: Layout) -> tuple[tuple[tuple[float, ...], ...], tuple[Stash, ...], float, int, bool]:
@@ -129,10 +132,10 @@ class MemoryScreen:
         states = self._states.get((key, r))
         if states is None:
             states = self._states[key, r] = tuple(
-                tuple(_state_total(x, zero, r, self.precision, self.G_b, self.offload)
+                tuple(states_total(x, ex, zero, r, layout.ep, self.precision, self.G_b, self.offload)
                       + zero3_buffer_bytes(zero, r, p, self.unit_bytes, static.unit, x, self.options.zero3_gather)
                       for zero in self.zeros)
-                for x in static.params)
+                for x, ex in zip(static.params, static.experts))
         stashes = self._stashes.get((key[1:6], m))  # nor the stashed micro-batches
         if stashes is None:
             stashes = self._stashes[key[1:6], m] = tuple(stash_of(static.shape, schedule, m, i)

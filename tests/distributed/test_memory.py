@@ -25,6 +25,8 @@ CASES = {
     "pp2-interleaved-small": dict(pp=2, microbatches=2, schedule="interleaved", virtual_stages=2),
     # a mixture of experts: E / ep experts per rank, whole on both tp ranks (dropless: the planner's rows)
     "ep2-tp2-moe": dict(dp=2, ep=2, tp=2),
+    "dp4-ep2-zero2-moe": dict(dp=4, ep=2, zero=2),  # experts' states sharded over dp / ep = 2, the rest over 4
+    "dp4-ep2-zero3-moe": dict(dp=4, ep=2, zero=3),
 }
 
 
