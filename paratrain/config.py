@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from paratrain.core.traffic import ZERO3_GATHERS
 from paratrain.core.vocab import padded_vocab_size
 from paratrain.errors import ConfigError
 from paratrain.expert_rules import expert_refusal
@@ -102,6 +103,10 @@ class TrainConfig:
     top_k: int | None = None
     capacity_factor: float | None = None
     aux_loss_coef: float | None = None
+    # ZeRO-3 inside a pipeline (docs/zero.md): each unit gathered around every micro-batch's forward
+    # and backward ("microbatch": ZeRO-3's memory, 3 m psi of dp traffic) or once per step ("step":
+    # ZeRO-1's 2 psi; the stage's whole parameters and gradients held through the step)
+    zero3_gather: str = "microbatch"
 
     @property
     def world_size(self) -> int:
@@ -146,6 +151,7 @@ class TrainConfig:
             ("precision", self.precision, PRECISIONS),
             ("dp_impl", self.dp_impl, DP_IMPLS),
             ("device", self.device, DEVICES),
+            ("zero3_gather", self.zero3_gather, ZERO3_GATHERS),
         ):
             if value not in valid:
                 raise ConfigError(f"{name} must be one of {', '.join(valid)}, got {value!r}.")
@@ -196,13 +202,3 @@ class TrainConfig:
             )
         if self.hf is not None:
             self._check_hf()
-        if not runtime_implements(layout):  # zero 3 with a pipeline: the one layout left
-            raise ConfigError(
-                f"ZeRO-3 with pipeline parallelism (pp={layout.pp}) is not implemented: ZeRO-3 "
-                f"gathers each block's parameters around its forward and backward, and the rest "
-                f"(embeddings, head) around the model's whole forward, which a pipeline stage never "
-                f"runs as one call (its schedule runs chunks, micro-batch by micro-batch). Valid: "
-                f"--zero 1 or --zero 2 with "
-                f"--pp {layout.pp} (optimizer state and gradients sharded over each stage's dp "
-                f"group), or --zero 3 with --pp 1."
-            )

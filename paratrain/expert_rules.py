@@ -45,6 +45,9 @@ def expert_refusal(layout: Any, model: ModelConfig, dp_impl: str = "bucketed") -
                 "the routing groups are whole sequences, which it splits over tp"),
                (layout.recompute == "full", "full recomputation",
                 "replaying a block would route (and count) its tokens twice; --recompute selective works"),
+               (layout.zero == 3 and layout.pp > 1, "ZeRO-3 with pipeline parallelism",
+                "a stage's units are its modules, and the experts' own units over the ep ranks are not "
+                "wired into them; --zero 1 or 2 with --pp, or --zero 3 with --pp 1, work"),
                (ep > 1 and dp_impl != "bucketed", f"--dp-impl {dp_impl} with ep={ep}",
                 "the experts' gradients are reduced apart from the rest, by the bucketed data parallelism")]
     for bad, what, why in refused:

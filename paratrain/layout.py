@@ -379,11 +379,10 @@ def check_precision(precision: str, grad_dtype: str | None, offload: bool, dp_im
 def runtime_implements(layout: Layout, model: ModelConfig | None = None) -> bool:
     """Whether ``paratrain train`` runs ``layout``, valid by :meth:`Layout.validate`: the one
     function ``TrainConfig.validate`` (which explains a refusal) and ``train --plan auto``'s
-    search use. The planner prices every valid layout; ZeRO-3 with a pipeline is the one the
-    runtime does not implement; with ``model``, also what a
-    mixture of experts does not compose with (``expert_rules.expert_refusal``)."""
-    return (not (layout.zero == 3 and layout.pp > 1)
-            and (model is None or expert_refusal(layout, model) is None))
+    search use. The planner prices every valid layout; with ``model``, the runtime does not
+    implement what a mixture of experts does not compose with (``expert_rules.expert_refusal``);
+    every other valid layout it runs (ZeRO-3 with a pipeline too: ``parallel/zero3_pipeline.py``)."""
+    return model is None or expert_refusal(layout, model) is None
 
 
 def valid_tp(model: ModelConfig) -> list[int]:

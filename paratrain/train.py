@@ -174,7 +174,7 @@ def setup(cfg: TrainConfig, env: RankEnv, device: torch.device, corpus: Corpus |
     pm = parallelize(model, mesh, layout, bucket_mb=cfg.bucket_mb, dp_impl=cfg.dp_impl,
                      overlap=cfg.overlap, autocast_dtype=autocast, seq_len=cfg.seq_len,
                      master_weights=mixed, grad_dtype=torch.float32 if cfg.grad_dtype == "fp32" else None,
-                     offload_optimizer=cfg.offload_optimizer, **plans)
+                     offload_optimizer=cfg.offload_optimizer, zero3_gather=cfg.zero3_gather, **plans)
     opt = pm.shard_optimizer(make_optimizer(pm.named_parameters(), cfg))  # ZeRO: over the shards
     rows = dp_rows(cfg.global_batch, layout.dp, mesh.coords.dp)
     return Session(cfg, mesh, corpus, pm, opt, rows, device, on_step)

@@ -22,6 +22,7 @@ from paratrain.config import (
     TrainConfig,
     check_range,
 )
+from paratrain.core.traffic import ZERO3_GATHERS
 from paratrain.errors import ConfigError
 from paratrain.models.configs import model_names
 
@@ -161,6 +162,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="bucketed (overlapped) or naive per-tensor all-reduce (default: bucketed)")
     g.add_argument("--no-overlap", dest="overlap", action="store_false", default=None,
                    help="reduce all buckets after backward instead of during it")
+    g.add_argument("--zero3-gather", choices=ZERO3_GATHERS,
+                   help="ZeRO-3 inside a pipeline: gather each unit around every micro-batch's forward and "
+                        "backward (microbatch: ZeRO-3's memory) or once per step (step: ZeRO-1's traffic, the "
+                        "stage's whole parameters and gradients held through the step; default: microbatch)")
     g.add_argument("--timeout", dest="timeout_s", type=float, metavar="SECONDS",
                    help=f"seconds a collective may wait before the job fails (default: {default('timeout_s')})")
     g = p.add_argument_group("outputs")

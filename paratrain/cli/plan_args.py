@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from paratrain.config import GRAD_DTYPES, PRECISIONS, Layout, check_precision
+from paratrain.core.traffic import ZERO3_GATHERS
 from paratrain.errors import ConfigError
 from paratrain.models.configs import HF_FIELDS, ModelConfig, get_model_config, hf_shape, model_names
 from paratrain.plan.cost import CostOptions
@@ -238,6 +239,9 @@ def add_cost_args(p: argparse.ArgumentParser, batch_help: str) -> None:
                    help="count the s x s attention scores in the activations (an unfused attention, as in "
                         "Korthikanti et al.'s Table 2); default: a fused kernel, as paratrain runs "
                         "(scaled_dot_product_attention), which keeps a per-row log-sum-exp instead")
+    g.add_argument("--zero3-gather", choices=ZERO3_GATHERS, default="microbatch",
+                   help="ZeRO-3 inside a pipeline: gathered per micro-batch (default) or once per step, as "
+                        "`train --zero3-gather`")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
 
@@ -246,7 +250,7 @@ def build_options(args: argparse.Namespace) -> CostOptions:
     return CostOptions(efficiency=args.efficiency, overlap_dp=not args.no_overlap, memory_headroom=args.headroom,
                        dropout=not args.no_dropout, store_scores=args.eager_attention,
                        grad_bytes=4 if args.grad_dtype == "fp32" else None,
-                       offload_optimizer=args.offload_optimizer)
+                       offload_optimizer=args.offload_optimizer, zero3_gather=args.zero3_gather)
 
 
 _LAYOUT_COUNTS = {"dp": MAX_DEVICES, "pp": MAX_DEVICES, "tp": MAX_DEVICES, "cp": MAX_DEVICES, "ep": MAX_DEVICES,

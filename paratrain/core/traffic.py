@@ -192,7 +192,8 @@ def tied_embedding_bytes(model: ModelConfig, tp: int, grad_bytes: int = 4) -> in
 
 
 def zero_comm_per_step(stage: int, bucket_bytes: Sequence[int], microbatches: int = 1,
-                       param_bucket_bytes: Sequence[int] | None = None) -> dict[str, tuple[int, int]]:
+                       param_bucket_bytes: Sequence[int] | None = None, pp: int = 1,
+                       gather: str = "microbatch") -> dict[str, tuple[int, int]]:
     """The dp traffic of one training step, ``{op: (calls, bytes)}``, bytes counted as
     :mod:`paratrain.comm` does (reduce-scatter input, all-gather output: a bucket's padded
     bytes). ``B`` buckets (stage 3: units) of ``S = sum(bucket_bytes)`` bytes, ``m`` micro-batches::
@@ -201,6 +202,7 @@ def zero_comm_per_step(stage: int, bucket_bytes: Sequence[int], microbatches: in
         stage 1       reduce_scatter  B, S          all_gather  B, S     (after the step)
         stage 2       reduce_scatter  m B, m S      all_gather  B, S
         stage 3       reduce_scatter  m B, m S      all_gather  2 m B, 2 m S  (forward, backward)
+        stage 3, pp > 1, gather step   reduce_scatter B, S   all_gather B, S   (before the schedule)
 
     and, with ZeRO, ``grad_norm``: one all-reduce of 4 bytes (the shards' squared norm). On the
     wire an all-reduce is 2 (n-1)/n of its bytes, the others (n-1)/n: stage 1 sends exactly DP's
@@ -212,12 +214,25 @@ def zero_comm_per_step(stage: int, bucket_bytes: Sequence[int], microbatches: in
     P = S if param_bucket_bytes is None else sum(param_bucket_bytes)
     if stage == 0:
         return {"all_reduce": (B, S)}
-    rs = (B, S) if stage == 1 else (m * B, m * S)
-    ag = (2 * m * B, 2 * m * P) if stage == 3 else (B, P)
+    once = stage == 1 or zero3_per_step(stage, pp, gather)
+    rs = (B, S) if once else (m * B, m * S)
+    ag = (2 * m * B, 2 * m * P) if stage == 3 and not once else (B, P)
     return {"reduce_scatter": rs, "all_gather": ag, "grad_norm": (1, 4)}
 
 
-def dp_parts(zero: int, m: int, n: int, grad_b: float, param_b: float) -> list[tuple[str, float, str, int]]:
+ZERO3_GATHERS = ("microbatch", "step")  # --zero3-gather: how ZeRO-3 gathers inside a pipeline
+
+
+def zero3_per_step(zero: int, pp: int, gather: str = "microbatch") -> bool:
+    """Whether ZeRO-3 gathers each unit once per step (inside a pipeline with ``--zero3-gather
+    step``: ``parallel/zero3_pipeline.py``, whose stage keeps its parameters and gradients whole
+    through the step) rather than around every micro-batch's forward and backward (``zero3.py``,
+    and ``zero3_pipeline.py``'s per-micro-batch hooks)."""
+    return zero == 3 and pp > 1 and gather == "step"
+
+
+def dp_parts(zero: int, m: int, n: int, grad_b: float, param_b: float, pp: int = 1,
+             gather: str = "microbatch") -> list[tuple[str, float, str, int]]:
     """Data-parallel collectives per step as (op, payload bytes per parameter, overlap window,
     count), over ``n`` dp ranks with ``m`` micro-batches, ``grad_b`` / ``param_b`` bytes per
     gradient / parameter:
@@ -230,13 +245,15 @@ def dp_parts(zero: int, m: int, n: int, grad_b: float, param_b: float) -> list[t
             sharded while they accumulate), parameters gathered once after the step.
     zero 3: every micro-batch all-gathers the parameters for forward (the next unit prefetched
             while one computes) and again for backward and reduce-scatters the gradients: 3 psi
-            per micro-batch ([R20] sec. 7.2.2: 1.5x DP).
+            per micro-batch ([R20] sec. 7.2.2: 1.5x DP). Inside a pipeline (``pp`` > 1) with
+            ``gather`` "step" once per step: all-gather before the schedule (``step``: nothing
+            hides it), reduce-scatter during the last backward -- ZeRO-1's 2 psi.
     :func:`zero_comm_per_step`'s collectives, per parameter instead of per bucket."""
     if n == 1:
         return []
     if zero == 0:
         return [("all_reduce", grad_b, "backward", 1)]
-    if zero == 1:
+    if zero == 1 or zero3_per_step(zero, pp, gather):
         return [("reduce_scatter", grad_b, "backward", 1), ("all_gather", param_b, "step", 1)]
     if zero == 2:
         return [("reduce_scatter", grad_b, "backward", m), ("all_gather", param_b, "step", 1)]

@@ -43,7 +43,8 @@ def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, tp_plan: TPPlan
                 stages: Stages | None = None, bucket_mb: float = 25.0, dp_impl: str = "bucketed",
                 overlap: bool = True, autocast_dtype: torch.dtype | None = None,
                 seq_len: int | None = None, master_weights: bool = False,
-                grad_dtype: torch.dtype | None = None, offload_optimizer: bool = False) -> ParallelModel:
+                grad_dtype: torch.dtype | None = None, offload_optimizer: bool = False,
+                zero3_gather: str = "microbatch") -> ParallelModel:
     """Turn the reference ``model`` (identical on every rank) into this rank's share of it.
 
     ``model``: the built-in GPT (its plan and stages are built in), or any ``nn.Module``: with
@@ -53,7 +54,8 @@ def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, tp_plan: TPPlan
     ``seq_len`` (default: the model's maximum) sizes the attention cost of the pipeline partition.
     ``master_weights``: the model is bf16 and the optimizer steps fp32 master copies
     (``parallel/mixed.py``; in host memory with ``offload_optimizer``), the gradients reduced in
-    ``grad_dtype`` (default: the parameters')."""
+    ``grad_dtype`` (default: the parameters'). ``zero3_gather``: ZeRO-3 inside a pipeline gathers
+    each unit per micro-batch or once per step (``parallel/zero3_pipeline.py``)."""
     from paratrain.models.gpt import GPT
     from paratrain.models.plans import StagedForward, gpt_stages
     from paratrain.parallel.data import DataParallel, NaiveDataParallel
@@ -111,7 +113,19 @@ def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, *, tp_plan: TPPlan
         experts = expert_parallel(model, mesh.ep)
     sync: GradSync
     weights: list[torch.Tensor] = []
-    if layout.zero == 3:  # ZeRO-3: parameters sharded too, gathered per block (parallel/zero3.py)
+    if layout.zero == 3 and stage is not None:  # ZeRO-3 in a pipeline: parallel/zero3_pipeline.py
+        from paratrain.parallel.zero3_pipeline import PipelineZero3, zero3_per_microbatch
+
+        assert not experts, "expert_rules.expert_refusal refuses ZeRO-3 with a pipeline for a mixture of experts"
+        if zero3_gather == "step":  # over dp x cp: the cp ranks replicate the parameters too
+            tied = [stage.tied_param] if stage.tied_param is not None else []
+            sync = PipelineZero3(model, mesh.dpcp, bucket_mb, overlap, parts=_distinct_parts([c.parameters() for c in
+                                 stage.chunks]), alone=tied, grad_dtype=grad_dtype, axes=_zero_axes(layout))
+        else:
+            sync = zero3_per_microbatch(model, mesh.dpcp, stage, stages, bucket_mb, overlap, grad_dtype,
+                                        axes=_zero_axes(layout))
+        weights = [b.flat for b in sync.buckets]
+    elif layout.zero == 3:  # ZeRO-3: parameters sharded too, gathered per block (parallel/zero3.py)
         from paratrain.parallel.zero3 import zero3
 
         blocks = list(stages.block_list(model)) if stages is not None else []

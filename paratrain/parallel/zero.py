@@ -234,14 +234,14 @@ class ZeroDataParallel(DataParallel):
         return None if bucket is None else bucket.pieces.get(p)
 
     @contextlib.contextmanager
-    def full_params(self) -> Iterator[None]:
+    def full_params(self, tag: str = "checkpoint") -> Iterator[None]:
         """Stage 3: every parameter whole inside the block (collective over dp). The
-        all-gathers are filed under ``"checkpoint"``: not training traffic."""
+        all-gathers are filed under ``tag``: not training traffic."""
         if self.stage < 3:
             yield
             return
         for b in self.buckets:
-            b.gather(async_op=True, tag="checkpoint")
+            b.gather(async_op=True, tag=tag)
         for b in self.buckets:
             b.wait_gathered()
         try:

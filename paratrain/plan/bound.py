@@ -157,20 +157,21 @@ def _dp_floor(ctx: _Layout, zero: int, m: int) -> float:
         return 0.0
     overlap = overlaps_dp(ctx.hw, ctx.layout.world_size, ctx.options)
     return _dp_floor_s(zero, m, ctx.r, ctx.max_params, ctx.max_units, ctx.G_b, ctx.P_b, ctx.options.bucket_bytes,
-                       ctx.dp_link, overlap, ctx.v > 1)
+                       ctx.dp_link, overlap, ctx.v > 1, ctx.p, ctx.options.zero3_gather)
 
 
 @lru_cache(maxsize=65536)
 def _dp_floor_s(zero: int, m: int, n: int, params: float, units: int, grad_b: float, param_b: float,
-                bucket_bytes: float, link: Link, overlap: bool, no_window: bool) -> float:
+                bucket_bytes: float, link: Link, overlap: bool, no_window: bool, pp: int = 1,
+                gather: str = "microbatch") -> float:
     """:func:`_dp_floor` of a rank of ``params`` parameters in ``units`` ZeRO-3 units (the same
-    for many layouts of a search: memoized)."""
-    if zero == 3:
+    for many layouts of a search: memoized); ``pp``, ``gather``: ZeRO-3 gathered once per step or not."""
+    if zero == 3 and not traffic.zero3_per_step(zero, pp, gather):
         gather = collective_seconds("all_gather", n, param_b * params / units, *link)
         scatter = collective_seconds("reduce_scatter", n, grad_b * params / units, *link)
         return m * (gather + gather + scatter) if overlap else m * units * (gather + gather + scatter)
     total = 0.0
-    for op, per_param, phase, times in traffic.dp_parts(zero, m, n, grad_b, param_b):
+    for op, per_param, phase, times in traffic.dp_parts(zero, m, n, grad_b, param_b, pp, gather):
         b = buckets(op, n, per_param * params, bucket_bytes, *link)
         if phase == "step" or no_window or not overlap:
             total += b.total_s

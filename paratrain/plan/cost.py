@@ -173,7 +173,8 @@ class _Layout(LayoutMemory):
     @cached_property
     def dp_parts(self) -> tuple:
         """The data-parallel collectives' payloads per parameter."""
-        return traffic.dp_parts(self.layout.zero, self.m, self.r, self.G_b, self.P_b)
+        return traffic.dp_parts(self.layout.zero, self.m, self.r, self.G_b, self.P_b, self.p,
+                                self.options.zero3_gather)
 
     def tp_seconds(self, layers: int, first: bool, last: bool) -> dict[str, float]:
         # the sequence-parallel sum acts on the optimizer's gradients: fp32 (the masters' under bf16)
@@ -232,20 +233,22 @@ class _Layout(LayoutMemory):
         grads = NO_BUCKETS
         # ZeRO-3 units: each block, and the root (embeddings, head) on a rank that holds it
         units = sum(c.layers for c in chunks) + (1 if any(c.first or c.last for c in chunks) else 0)
+        per_unit = self.layout.zero == 3 and not traffic.zero3_per_step(3, self.p, opts.zero3_gather)
         for op, per_param, phase, times in self.dp_parts:
             payload = per_param * params
             wire += times * ring.wire_bytes(op, n, payload)
-            if self.layout.zero == 3:
+            if per_unit:
                 continue  # below: per unit
             b = buckets(op, n, payload, opts.bucket_bytes, *self.dp_link)
-            if phase == "step":  # ZeRO-1/2's all-gather after the optimizer step: nothing hides it
+            if phase == "step":  # ZeRO-1/2's all-gather after the optimizer step (ZeRO-3 in a pipeline:
+                # before the schedule): nothing hides it
                 other += b.total_s
             else:  # the gradient buckets of the last backward (ZeRO-0 all-reduce, ZeRO-1/2 reduce-scatter)
                 grads = b
                 if times > 1:  # ZeRO-2: the earlier micro-batches' hide behind the next one's passes
                     hide = fwd_s + bwd_s if overlap else 0.0
                     other += (times - 1) * max(0.0, b.total_s - hide)
-        if self.layout.zero == 3 and n > 1:
+        if per_unit and n > 1:
             # Per micro-batch every unit is gathered before its forward (the next one prefetched
             # while one computes: the reduction's overlap model mirrored in time) and again
             # before its backward, after which its gradient is reduce-scattered.
@@ -277,7 +280,7 @@ class _Layout(LayoutMemory):
             opt_s = OPTIMIZER_BYTES_PER_PARAM * owned / host_bw if host_bw else 0.0
             opt_s += f.offload_copy_seconds(owned, self.G_b, self.P_b, self.hw.host_link_bw)
         return StageCost(
-            i, count, n_layers, params, state, self.buffers, acts, self.rebuilt,
+            i, count, n_layers, params, state, mem.buffer_bytes, acts, self.rebuilt,
             sum(c.forward_s for c in chunks), sum(c.backward_s for c in chunks),
             sum(c.tp_forward_s + c.tp_backward_s for c in chunks), sends * self.message_s,
             m * sum(c.tp_bytes for c in chunks) + tp_step_b, m * sends * self.message + pp_step_b,

@@ -8,6 +8,9 @@ rank i (its chunks c = 0..v-1 are stages k = c p + i):
     params_i  = sum_k  layers_k * block + [k first] (V h / t + S_max h) + [k last] (2 h + [copy] V h / t)
     peak_i    = states(params_i, zero, dp) + ZeRO-3 buffers + stashed activations + rebuilt block
 
+(ZeRO-3 buffers: one unit and its gradient, ``(P + G) max(block, embedding)``; inside a pipeline
+gathered once per step, ``--zero3-gather step``, the whole rank's ``(P + G) params_i``.)
+
 with the stash counted as in :func:`core.bubble.in_flight_microbatches` (one chunk per rank) or, for
 chunks of different sizes, as the largest over the schedule's stash states
 (:func:`topology.stash_states`, n_c micro-batches of chunk c) of
@@ -35,6 +38,7 @@ from paratrain.config import Layout
 from paratrain.core.bubble import deferred_w, in_flight_microbatches
 from paratrain.core.schedules import LOOP, placement_of
 from paratrain.core.state import ModelState
+from paratrain.core.traffic import zero3_per_step
 from paratrain.core.vocab import padded_vocab_size
 from paratrain.models.configs import ModelConfig
 from paratrain.plan import formulas as f
@@ -96,12 +100,13 @@ class LayoutMemory:
         self.act_layer, self.emb_act, self.head_act, self.full_layer, self.w_layer, self.w_head = pieces
         self.out_act = (m if (L.schedule == "gpipe" and p > 1) else 1) * self.head_act
         self.rebuilt = self.full_layer if L.recompute == "full" else 0.0
-        self.buffers = self._buffers(L.zero)
         self._parts: tuple[tuple[float, float], ...] | None = None
 
-    def _buffers(self, zero: int) -> float:
-        """ZeRO-3 gathers one unit (a block, or the embedding) and its gradient at a time."""
-        return (self.P_b + self.G_b) * max(self.block, self.embed) if (zero == 3 and self.r > 1) else 0.0
+    def _buffers(self, zero: int, params: float) -> float:
+        """ZeRO-3 gathers one unit (a block, or the embedding) and its gradient at a time; inside a
+        pipeline the rank's ``params`` are whole, with their gradients, for the whole step."""
+        return zero3_buffer_bytes(zero, self.r, self.p, self.P_b + self.G_b, max(self.block, self.embed), params,
+                                  self.options.zero3_gather)
 
     def chunk_params(self, k: int) -> float:
         """Parameters of stage ``k`` (chunk ``k // p`` of rank ``k % p``) on one device."""
@@ -121,7 +126,7 @@ class LayoutMemory:
         if experts:  # ZeRO shards a rank's experts over the dp / ep ranks holding them
             x = _model_state_bytes(experts, zero, self.r // self.layout.ep, self.precision, self.G_b, self.offload)
             state = ModelState(state.params + x.params, state.grads + x.grads, state.optimizer + x.optimizer)
-        return RankMemory(params, state, self._buffers(zero), acts, self.rebuilt)
+        return RankMemory(params, state, self._buffers(zero, params), acts, self.rebuilt)
 
     def experts_of(self, i: int) -> float:
         """Expert parameters of pipeline rank ``i`` on one device (in its parameters)."""
@@ -158,8 +163,19 @@ class LayoutMemory:
         parts, rebuilt, n, precision = self.group_parts(), self.rebuilt, self.r, self.precision
         G_b, offload, ep = self.G_b, self.offload, self.layout.ep
         experts = [self.experts_of(i) for i, _ in self.shape.groups]
-        return {zero: max(states_total(params, x, zero, n, ep, precision, G_b, offload) + self._buffers(zero)
+        return {zero: max(states_total(params, x, zero, n, ep, precision, G_b, offload) + self._buffers(zero, params)
                           + acts + rebuilt for (params, acts), x in zip(parts, experts)) for zero in zeros}
+
+
+def zero3_buffer_bytes(zero: int, r: int, pp: int, unit_bytes: float, unit: float, params: float,
+                       gather: str = "microbatch") -> float:
+    """ZeRO-3's transient bytes on a rank of ``params`` parameters sharded over ``r`` ranks
+    (``unit_bytes``: a parameter's and its gradient's): one gathered unit of ``unit`` parameters
+    and its gradient (``parallel/zero3.py``), or inside a pipeline gathered once per step (``pp``
+    > 1, ``gather`` "step": ``parallel/zero3_pipeline.py``) all of them, whole, through the step."""
+    if zero != 3 or r == 1:
+        return 0.0
+    return unit_bytes * (params if zero3_per_step(zero, pp, gather) else unit)
 
 
 class Pieces(NamedTuple):

@@ -41,7 +41,7 @@ def runtime_options(cfg: TrainConfig) -> CostOptions:
     return CostOptions(dropout=cfg.dropout > 0, store_scores=False, sp_saves_gathered=None,
                        bucket_bytes=cfg.bucket_mb * 2**20, overlap_dp=cfg.overlap,
                        grad_bytes=4 if cfg.grad_dtype == "fp32" else None,
-                       offload_optimizer=cfg.offload_optimizer)
+                       offload_optimizer=cfg.offload_optimizer, zero3_gather=cfg.zero3_gather)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,10 @@ class CostOptions:
     offload_optimizer: ZeRO-Offload (``--offload-optimizer``): the fp32 master weights and AdamW's
         state are in host memory, not the device's; each step copies the gradients the rank steps
         to the host and the updated 16-bit weights back over ``Hardware.host_link_bw``.
+    zero3_gather: ZeRO-3 inside a pipeline (``--zero3-gather``): "microbatch" (each unit gathered
+        around every micro-batch's forward and backward, ZeRO-3's traffic and memory) or "step"
+        (gathered once per step: ZeRO-1's traffic, the rank's whole parameters and gradients held
+        through the step).
     """
 
     efficiency: float | None = None
@@ -52,6 +56,7 @@ class CostOptions:
     local_batch: float | None = None
     grad_bytes: int | None = None
     offload_optimizer: bool = False
+    zero3_gather: str = "microbatch"
 
 
 DEFAULT_OPTIONS = CostOptions()

@@ -46,6 +46,7 @@ from paratrain.plan.footprint import (
     stash_bytes,
     stash_of,
     states_total,
+    zero3_buffer_bytes,
 )
 from paratrain.plan.hardware import Hardware
 from paratrain.plan.topology import PipelineShape, pipeline_shape
@@ -132,7 +133,8 @@ class MemoryScreen:
         if states is None:
             states = self._states[key, r] = tuple(
                 tuple(states_total(x, ex, zero, r, layout.ep, self.precision, self.G_b, self.offload)
-                      + (self.unit_bytes * static.unit if (zero == 3 and r > 1) else 0.0) for zero in self.zeros)
+                      + zero3_buffer_bytes(zero, r, p, self.unit_bytes, static.unit, x, self.options.zero3_gather)
+                      for zero in self.zeros)
                 for x, ex in zip(static.params, static.experts))
         stashes = self._stashes.get((key[1:6], m))  # nor the stashed micro-batches
         if stashes is None:

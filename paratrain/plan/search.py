@@ -215,8 +215,8 @@ def search(model: ModelConfig, num_devices: int, hardware: Hardware, global_batc
                               f"--tp), or use a global batch with fewer divisors.")
     if not considered and rejected:
         raise ConfigError(f"none of the {rejected} valid layouts of {num_devices} devices with the constraints "
-                          f"{_flags(fixed)} is one the training runtime implements (ZeRO-3 with a pipeline, "
-                          f"for one, is not); drop the constraint that asks for it.")
+                          f"{_flags(fixed)} is one the training runtime implements (a mixture of experts "
+                          f"with some of them, for one, is not); drop the constraint that asks for it.")
     if not considered:
         raise ConfigError(f"no valid layout of {num_devices} devices for model {model.name!r} with global "
                           f"batch {global_batch} and the given constraints {_flags(fixed)}: dp must divide the "

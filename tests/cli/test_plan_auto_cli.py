@@ -7,7 +7,6 @@ import json
 import pytest
 
 from paratrain.config import TrainConfig
-from paratrain.errors import ConfigError
 from paratrain.plan import local
 from paratrain.plan.hardware import get_hardware
 from tests.cli.test_train_cli import paratrain
@@ -21,7 +20,7 @@ def test_plan_auto_trains_the_choice_and_compares(tmp_path):
                      "--sample-tokens", "0", "--no-checkpoint", "--out", "o", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    assert "catalog device 'cpu'" in out and "not ZeRO-3 with a pipeline" in out and "chose [" in out and "why:" in out
+    assert "catalog device 'cpu'" in out and "chose [" in out and "why:" in out
     assert "ms measured (median) vs" in out and "rank 1:" in out
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     cfg = json.loads((tmp_path / "o" / "config.json").read_text())
@@ -34,14 +33,14 @@ def test_plan_auto_trains_the_choice_and_compares(tmp_path):
 
 def test_auto_layout_respects_runtime_support(monkeypatch):
     """--plan auto trains only what the runtime implements (config.runtime_implements, the one
-    function TrainConfig.validate also asks): never ZeRO-3 with a pipeline, even pinned; and
-    whatever that function refuses, the search never offers."""
+    function TrainConfig.validate also asks): ZeRO-3 with a pipeline when pinned; and whatever that
+    function refuses, the search never offers."""
     cfg = TrainConfig(model="tiny", global_batch=8, seq_len=32)
     plan = local.auto_layout(cfg, 4, CPU.replace(devices_per_node=4), "test")
     assert plan.layout.world_size == 4
-    with pytest.raises(ConfigError, match="training runtime implements"):
-        local.auto_layout(cfg, 4, CPU, "test", fixed={"zero": 3, "pp": 2})
-    assert local.auto_layout(cfg, 4, CPU, "test", fixed={"zero": 3}).layout.pp == 1
+    pinned = local.auto_layout(cfg, 4, CPU, "test", fixed={"zero": 3, "pp": 2}).layout
+    assert (pinned.zero, pinned.pp) == (3, 2)
+    assert local.auto_layout(cfg, 4, CPU, "test", fixed={"zero": 3}).layout.zero == 3  # pp > 1 allowed
     assert local.auto_layout(cfg, 4, CPU, "test", fixed={"zero": 2}).layout.zero == 2
     monkeypatch.setattr(local, "runtime_implements", lambda layout, model=None: layout.zero == 0 and layout.pp == 1)
     plan = local.auto_layout(cfg, 4, CPU, "test")

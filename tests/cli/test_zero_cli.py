@@ -28,10 +28,3 @@ def test_zero_from_the_cli(args, tmp_path):
     assert {"all_gather", "reduce_scatter", "grad_norm"} <= set(summary["comm"]["dp"]["ops"])
     assert "all_reduce" not in summary["comm"]["dp"]["ops"]
 
-
-def test_zero3_with_pipeline_exits_2(tmp_path):
-    r = paratrain("train", "--nproc", "4", "--dp", "2", "--pp", "2", "--zero", "3", cwd=tmp_path)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    message = " ".join(r.stderr.split())
-    assert "ZeRO-3 with pipeline parallelism (pp=2) is not implemented" in message
-    assert "Valid: --zero 1 or --zero 2 with --pp 2" in message

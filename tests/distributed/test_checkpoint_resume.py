@@ -121,3 +121,17 @@ def test_a_sharded_rank_reads_only_its_share(tmp_path):
     for r in ranks:
         assert r["bytes_read"] < 0.3 * states, r["bytes_read"]
     assert sum(r["bytes_read"] for r in ranks) == pytest.approx(states, rel=0.01)
+
+
+def test_resume_zero3_pipeline(tmp_path):
+    """ZeRO-3 inside a pipeline (each stage's units sharded over its dp group; every rank writes
+    its pieces): resumed in the same layout the losses are the saving run's own (it trained on
+    past the save: the uninterrupted run) bit for bit; resharded into plain dp 2, within
+    RESHARD_RTOL."""
+    layout = dict(dp=2, pp=2, zero=3, microbatches=2)
+    root = str(tmp_path / "checkpoints")
+    saved = run_ranks(4, _run, with_layout(CFG, **layout), root, None)[0]["losses"]
+    ref = {k: v for k, v in saved.items() if k > SAVE_AT}
+    assert run_ranks(4, _run, with_layout(CFG, **layout), None, root)[0]["losses"] == ref
+    for step, loss in run_ranks(2, _run, with_layout(CFG, dp=2), None, root)[0]["losses"].items():
+        assert loss == pytest.approx(ref[step], rel=RESHARD_RTOL), f"step {step}"

@@ -137,7 +137,6 @@ BASE = TrainConfig(global_batch=8, seq_len=32)
 
 
 @pytest.mark.parametrize("layout,dp_impl,match", [
-    (Layout(dp=2, pp=2, zero=3), "bucketed", "ZeRO-3 with pipeline parallelism"),
     (Layout(dp=2, zero=1), "naive", "dp_impl 'naive' is the teaching version"),
 ])
 def test_unsupported_zero_layouts_are_config_errors(layout, dp_impl, match):
@@ -146,7 +145,7 @@ def test_unsupported_zero_layouts_are_config_errors(layout, dp_impl, match):
 
 
 @pytest.mark.parametrize("layout", [Layout(dp=2, zero=3), Layout(dp=2, pp=2, zero=2), Layout(dp=2, tp=2, zero=3),
-                                    Layout(zero=1)])
+                                    Layout(zero=1), Layout(dp=2, pp=2, zero=3, microbatches=2, schedule="zb-h1")])
 def test_supported_zero_layouts_validate(layout):
     BASE.replace(layout=layout).validate()
 

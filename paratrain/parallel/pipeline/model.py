@@ -10,6 +10,7 @@ of the stages before the last are summed over the pipeline group into the report
 
 from __future__ import annotations
 
+import contextlib
 from functools import cache
 from typing import Any
 
@@ -101,6 +102,9 @@ class PipelineModel(ParallelModel):
         of each is scaled by ``grad_scale / m``, so gradients are those of the reference's mean
         loss. Returns the mean loss on the last stage (zero elsewhere)."""
         scale = self.grad_sync.grad_scale / self.layout.microbatches
+        zero3 = self._zero3()
+        if zero3 is not None:  # ZeRO-3: the stage's units whole for the whole step
+            zero3.begin_step()
         loss, self.times = self._run(self.schedule, inputs, targets, scale)
         self.grad_sync.finish()
         if self.stage.tied_group is not None and self.stage.tied_param is not None:
@@ -118,9 +122,19 @@ class PipelineModel(ParallelModel):
     def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         was_training = self.module.training
         self.module.eval()
-        loss, _ = self._run(self.eval_schedule, inputs, targets, None)
+        zero3 = self._zero3()
+        with zero3.full_params("eval") if zero3 is not None else contextlib.nullcontext():
+            loss, _ = self._run(self.eval_schedule, inputs, targets, None)
         self.module.train(was_training)
         return loss
+
+    def _zero3(self) -> Any:
+        """The :class:`~paratrain.parallel.zero3_pipeline.PipelineZero3` under the gradient
+        sync's wrappers (mixed precision, sequence parallelism), or None."""
+        sync = self.grad_sync
+        while sync is not None and not hasattr(sync, "begin_step"):
+            sync = getattr(sync, "inner", None)
+        return sync
 
     def global_mean(self, value: torch.Tensor) -> torch.Tensor:
         """Average the last stage's value over dp, then broadcast it to every pipeline rank (from
@@ -137,6 +151,10 @@ class PipelineModel(ParallelModel):
         """The reference-shaped state dict on global rank 0: each stage gathers its tensor-parallel
         shards on its tp index 0, which sends the stage's entries to rank 0 (with every expert of
         its blocks, gathered over the ep group first). Collective."""
+        with self.grad_sync.full_params():  # ZeRO-3: each stage's units gathered over its dp group
+            return self._full_state_dict()
+
+    def _full_state_dict(self) -> dict[str, torch.Tensor] | None:
         from paratrain.parallel.expert import gather_experts
 
         experts = gather_experts(self.module, self.mesh.ep)  # {} at ep = 1
