@@ -53,5 +53,6 @@ def expert_refusal(layout: Any, model: ModelConfig, dp_impl: str = "bucketed") -
     for bad, what, why in refused:
         if bad:
             return (f"the mixture-of-experts model {model.name!r} does not implement {what} yet: {why}. "
-                    f"Expert parallelism composes with dp, tp and pp (--dp, --ep, --tp, --pp); drop that option.")
+                    f"Expert parallelism composes with dp, tp, pp, ZeRO and dropout (--dp, --ep, --tp, --pp, "
+                    f"--zero, --dropout); drop that option.")
     return None

@@ -68,7 +68,7 @@ def _number_list(kind: type, what: str) -> Any:
     return parse
 
 
-def add_layout_args(p: argparse.ArgumentParser, dp_default: str = "the processes left after pp and tp; 2 "
+def add_layout_args(p: argparse.ArgumentParser, dp_default: str = "the processes left after pp, cp and tp; 2 "
                     "when nothing is given") -> None:
     """--dp/--pp/--tp and the rest of the Layout; every default is None = "not given".
     ``dp_default``: what the command does without --dp (train and the planners differ)."""

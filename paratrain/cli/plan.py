@@ -22,10 +22,10 @@ from paratrain.cli.plan_args import (
 from paratrain.errors import ConfigError
 
 DESCRIPTION = """\
-Search every valid layout (dp x pp x tp, ZeRO stage, micro-batches, schedule, virtual stages,
-sequence parallelism, recomputation) of N devices, predict each one's memory and step time, drop
-those that do not fit and rank the rest by step time (then memory). Layout flags pin that part of
-the layout. No torch, no processes.
+Search every valid layout (dp x pp x cp x tp, ep for a mixture of experts, ZeRO stage,
+micro-batches, schedule, virtual stages, sequence parallelism, recomputation) of N devices,
+predict each one's memory and step time, drop those that do not fit and rank the rest by step
+time (then memory). Layout flags pin that part of the layout. No torch, no processes.
 
 Example:  paratrain plan --model gpt-13b --devices 64 --hardware H100-80GB --global-batch 512"""
 
@@ -49,6 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from paratrain.config import runtime_implements
     from paratrain.plan.hardware import GiB
     from paratrain.plan.report import plan_json, plan_report
     from paratrain.plan.search import search
@@ -64,9 +65,12 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--device-speeds gives {len(speeds)} devices, --devices {devices}; give one speed "
                           f"per device.")
     start = time.perf_counter()
+    # a mixture of experts: only what `paratrain train` runs (expert_rules.expert_refusal); a dense
+    # model's every valid layout is run
+    keep = (lambda lay: runtime_implements(lay, model)) if model.num_experts else None
     result = search(model, devices, hw, args.global_batch, seq_len, args.precision, build_options(args),
                     fixed=fixed, allow_cross_node_tp=args.allow_cross_node_tp,
-                    device_speeds=speeds, top=args.top)
+                    device_speeds=speeds, keep=keep, top=args.top)
     seconds = time.perf_counter() - start
     if not result.ranked:
         worst = result.smallest_unfit

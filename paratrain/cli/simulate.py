@@ -11,7 +11,7 @@ from paratrain.errors import ConfigError
 
 DESCRIPTION = """\
 Simulate one training step of a layout event by event: every pipeline rank runs the real schedule
-(GPipe, 1F1B, interleaved) with per-chunk compute times from the cost model, tensor-parallel
+(GPipe, 1F1B, interleaved, ZB-H1, ZB-V) with per-chunk compute times from the cost model, tensor-parallel
 collectives and pipeline messages on links of the device's bandwidth and latency (intra- or
 inter-node by the mesh placement), and the data-parallel gradient buckets reduced as the last
 backward produces them. Prints the predicted step time, the bubble and the exposed communication,
@@ -64,14 +64,17 @@ def run(args: argparse.Namespace) -> int:
             f"{e.model}: {e.params:,} parameters on {e.num_devices} x {hw.name}, layout [{layout}], "
             f"global batch {e.global_batch} x {e.seq_len}",
             f"simulated one pipeline ({layout.pp} rank(s), {sum(len(r) for r in sim.timeline.schedule.ranks):,} "
-            f"actions) in {seconds * 1e3:.0f} ms: the {layout.dp} data-parallel replica(s) and {layout.tp} "
-            f"tensor-parallel peer(s) of each stage run the same timeline",
+            f"actions) in {seconds * 1e3:.0f} ms: the {layout.dp} data-parallel replica(s)"
+            + (f", {layout.cp} context-parallel rank(s)" if layout.cp > 1 else "")
+            + f" and {layout.tp} tensor-parallel peer(s) of each stage run the same timeline",
             "",
             f"predicted step time   {fmt_seconds(sim.step_time_s)}   ({e.tokens_per_s:,.0f} tokens/s, MFU {e.mfu:.1%})",
             f"pipeline bubble       {sim.bubble:.1%} simulated (idle share of the schedule, mean over ranks)",
-            f"exposed communication {fmt_seconds(t.tp_comm + t.pp_comm + t.dp_comm)}: tensor-parallel "
-            f"{fmt_seconds(t.tp_comm)}, pipeline syncs {fmt_seconds(t.pp_comm)}, data-parallel "
-            f"{fmt_seconds(t.dp_comm)} after the last backward",
+            f"exposed communication {fmt_seconds(t.tp_comm + t.pp_comm + t.dp_comm + t.cp_comm + t.ep_comm)}: "
+            f"tensor-parallel {fmt_seconds(t.tp_comm)}, pipeline syncs {fmt_seconds(t.pp_comm)}, "
+            + (f"ring attention (cp) {fmt_seconds(t.cp_comm)}, " if layout.cp > 1 else "")
+            + (f"expert all-to-alls (ep) {fmt_seconds(t.ep_comm)}, " if layout.ep > 1 else "")
+            + f"data-parallel {fmt_seconds(t.dp_comm)} after the last backward",
             f"slowest rank          compute {fmt_seconds(t.compute)}, idle in the schedule {fmt_seconds(t.bubble)} "
             f"(bubble and waiting for messages), optimizer {fmt_seconds(t.optimizer)}",
             f"memory                {fmt_bytes(e.peak_bytes_per_device)} on the most loaded device "

@@ -110,7 +110,7 @@ def describe_auto(auto: Any, nproc: int) -> str:
     return "\n".join([
         f"paratrain train --plan auto: {nproc} local processes; hardware: {pred.source}",
         f"  searched {auto.considered} layouts the runtime implements"
-        + " (every dp x pp x cp x tp, ZeRO stage, schedule and recomputation)"
+        + " (every dp x pp x cp x tp, ep for a mixture of experts, ZeRO stage, schedule and recomputation)"
         + f"; simulated the fastest {len(auto.candidates)}: {shortlist}",
         f"  chose [{auto.layout}]: predicted {pred.step_time_s * 1e3:.1f} ms per step, {mem / 2**20:.1f} MiB on the "
         f"most loaded rank (model states + activations)",

@@ -10,12 +10,10 @@ activations); :func:`estimate` composes the stages into one optimizer step:
 
 With equal stages T_pipe = (m + (p - 1)/v) t, whose idle share is the analytic bubble
 (p - 1)/(v m + p - 1). The model describes paratrain's runtime: the pipeline partition is the
-runtime's (:func:`paratrain.core.partition.stage_sizes`), tensor- and
-pipeline-parallel bytes are the runtime's (:mod:`paratrain.core.traffic`), data-parallel
-buckets are reduced as the last backward produces them (:func:`exposed_reduction`). The
-event-level simulator (:mod:`paratrain.plan.simulate`) replays the same per-chunk costs on the
-real schedule.
-"""
+runtime's (:func:`paratrain.core.partition.stage_sizes`), tensor- and pipeline-parallel bytes are
+the runtime's (:mod:`paratrain.core.traffic`), data-parallel buckets are reduced as the last
+backward produces them (:func:`exposed_reduction`). The event-level simulator
+(:mod:`paratrain.plan.simulate`) replays the same per-chunk costs on the real schedule."""
 
 from __future__ import annotations
 
@@ -24,6 +22,7 @@ from functools import cached_property, lru_cache
 from paratrain.config import PRECISIONS, Layout, vocab_padding_note
 from paratrain.core import bubble, ring, traffic
 from paratrain.errors import ConfigError
+from paratrain.layout import expert_refusal  # the mixture of experts' part of the one rule
 from paratrain.models.configs import ModelConfig, active_param_count, param_count
 from paratrain.plan import formulas as f
 from paratrain.plan.collectives import (
@@ -389,10 +388,10 @@ def _notes(model: ModelConfig, hw: Hardware, precision: str, layout: Layout,
                      f"stays in the same memory and nothing is copied.")
     if precision != "fp32" and not hw.peak_bf16_flops:
         notes.append(f"{hw.name} has no bf16 units: estimated as fp16 mixed precision (same bytes, fp16 peak).")
-    if not hw.memory_bw:
-        notes.append("memory bandwidth unknown: the optimizer step's time is left out.")
-    if padding := vocab_padding_note(model, layout.tp):
-        notes.append(padding + ".")
+    notes += [] if hw.memory_bw else ["memory bandwidth unknown: the optimizer step's time is left out."]
+    notes += [padding + "."] if (padding := vocab_padding_note(model, layout.tp)) else []
+    if model.num_experts and (refusal := expert_refusal(layout, model)):  # the planner prices it anyway
+        notes.append(f"priced, but `paratrain train` does not run it: {refusal}")
     share = compute_share(hw, layout.world_size)
     if share < 1:
         notes.append(f"{layout.world_size} processes share {hw.cores_per_node} cores: each computes at "

@@ -56,7 +56,10 @@ def estimate_report(e: Estimate, hw: Hardware) -> str:
     G = e.grad_bytes
     flight = in_flight_microbatches(e.layout.schedule, e.layout.pp, e.layout.microbatches,
                                     e.layout.virtual_stages, e.most_loaded_stage)
-    zero = f", ZeRO-{e.layout.zero} over dp={e.layout.dp}" if e.layout.zero else ""
+    L = e.layout
+    over = f"dp x cp = {L.dp * L.cp}" if L.cp > 1 else f"dp={L.dp}"
+    over += f"; experts over dp / ep = {L.dp // L.ep}" if L.ep > 1 else ""
+    zero = f", ZeRO-{L.zero} over {over}" if L.zero else ""
     mem_rows = [
         [f"parameters ({P} B/param{zero if e.layout.zero >= 3 else ''})", fmt_bytes(e.state.params)],
         [f"gradients ({G} B/param{zero if e.layout.zero >= 2 else ''})", fmt_bytes(e.state.grads)],

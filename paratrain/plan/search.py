@@ -201,13 +201,14 @@ def search(model: ModelConfig, num_devices: int, hardware: Hardware, global_batc
         if keep is None:
             blocks.append((valid, zeros))
             considered += len(valid) * len(zeros)
-        else:  # one block per layout kept
-            for layout in (c if zero == zeros[0] else _with_zero(c, zero) for zero in zeros for c in valid):
-                if keep(layout):
-                    blocks.append(((layout,), (layout.zero,)))
-                    considered += 1
-                else:
-                    rejected += 1
+        else:  # per ZeRO stage, the block's candidates kept (the enumeration's order)
+            for zero in zeros:
+                at = valid if zero == zeros[0] else tuple(_with_zero(c, zero) for c in valid)
+                kept = tuple(c for c in at if keep(c))
+                if kept:
+                    blocks.append((kept, (zero,)))
+                considered += len(kept)
+                rejected += len(at) - len(kept)
         if considered > MAX_LAYOUTS:
             raise ConfigError(f"more than {MAX_LAYOUTS:,} layouts of {num_devices} devices to search for model "
                               f"{model.name!r} with global batch {global_batch} (every divisor of the local batch "
@@ -319,9 +320,10 @@ def explain(result: PlanResult) -> str:
         gain = runner.step_time_s / best.step_time_s - 1
         text.append(f"The runner-up [{runner.layout}] is {_pct(gain)} slower ({_why_slower(best, runner)}).")
     pure = result.best_pure_dp
-    if best.layout.tp == 1 and best.layout.pp == 1:
+    if best.layout.tp == 1 and best.layout.pp == 1 and best.layout.cp == 1:
         shard = f" (ZeRO-{best.layout.zero} shards the model states over dp)" if best.layout.zero else ""
-        text.append(f"No tensor or pipeline split is needed: data parallelism alone fits{shard}.")
+        experts = f", with the experts sharded over ep={best.layout.ep}" if best.layout.ep > 1 else ""
+        text.append(f"No tensor or pipeline split is needed: data parallelism alone fits{shard}{experts}.")
     elif pure is None:
         text.append("No pure data-parallel layout exists for this batch (dp would not divide it).")
     elif not pure.fits:

@@ -108,3 +108,27 @@ def test_ep_all_to_all_in_the_step_and_bytes():
         assert ests[ep].time.ep_comm > 0
         assert ests[ep].step_time_s == pytest.approx(ests[ep].time.total)
     assert ests[8].time.ep_comm > ests[2].time.ep_comm
+
+
+def test_plan_ranks_only_what_the_runtime_trains_for_a_mixture_of_experts(capsys):
+    """`paratrain plan` for a mixture of experts leaves out what `paratrain train` refuses with one
+    (cp, sequence parallelism, full recomputation: expert_rules.expert_refusal), where the search
+    alone prices them; it still searches ep."""
+    import json
+
+    from paratrain.cli import main
+    from paratrain.config import runtime_implements
+    from paratrain.plan.hardware import get_hardware
+    from paratrain.plan.search import search
+
+    argv = ["plan", "--model", "tiny-moe", "--devices", "4", "--global-batch", "8", "--seq-len", "64",
+            "--hardware", "cpu", "--precision", "fp32", "--top", "0", "--json"]
+    assert main(argv) == 0
+    ranked = json.loads(capsys.readouterr().out)["ranked"]
+    layouts = [Layout(**{k: tuple(v) if isinstance(v, list) else v for k, v in r["layout"].items()}) for r in ranked]
+    model = get_model_config("tiny-moe")
+    assert layouts and all(runtime_implements(lay, model) for lay in layouts)
+    assert {lay.ep for lay in layouts} >= {1, 2, 4}
+    every = search(model, 4, get_hardware("cpu"), 8, 64, "fp32").ranked  # the search alone: all valid
+    assert any(not runtime_implements(e.layout, model) for e in every)
+    assert len(layouts) == sum(runtime_implements(e.layout, model) for e in every)
