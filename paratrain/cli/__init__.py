@@ -12,6 +12,7 @@ import argparse
 import importlib
 import sys
 import textwrap
+from typing import NoReturn
 
 from paratrain.errors import ConfigError, Interrupted
 
@@ -19,10 +20,27 @@ COMMANDS = ("train", "bench", "estimate", "plan", "simulate", "calibrate", "sche
             "explain")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a short usage error: one usage line pointing at ``--help`` (a command's whole
+    usage is 20+ lines), the error, and the closest option for a misspelt one."""
+
+    def error(self, message: str) -> NoReturn:
+        import difflib
+
+        unknown = [w.split("=")[0] for w in message.partition("unrecognized arguments: ")[2].split()
+                   if w.startswith("--")]
+        options = [o for a in self._actions for o in a.option_strings]
+        close = [c for w in unknown for c in difflib.get_close_matches(w, options, n=2, cutoff=0.6)]
+        hint = f"; did you mean {' or '.join(dict.fromkeys(close))}?" if close else ""
+        commands = "COMMAND " if self.prog == "paratrain" else ""
+        self.exit(2, f"usage: {self.prog} {commands}[options]   (all of them: {self.prog} --help)\n"
+                     f"{self.prog}: error: {message}{hint}\n")
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The whole command line, or with ``only`` (a command's name) just that sub-command's
     options: a planning command then does not import the training side to build its parser."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="paratrain",
         description="Train models with data, tensor and pipeline parallelism on torch.distributed, "
                     "and plan which layout to use.",

@@ -129,6 +129,9 @@ def test_unknown_flag_is_usage_error(tmp_path):
     assert r.returncode == 2 and "unrecognized arguments: --stepz" in r.stderr
     # the sub-command's usage and prefix (issue 15 item 11), not the top-level "paratrain COMMAND"
     assert r.stderr.startswith("usage: paratrain train ") and "paratrain train: error:" in r.stderr
+    # one usage line pointing at --help (the whole usage is 20+ lines), and the flag meant
+    assert len(r.stderr.splitlines()) == 2 and "paratrain train --help" in r.stderr, r.stderr
+    assert "did you mean --steps?" in r.stderr, r.stderr
 
 
 def test_failing_rank_stops_the_job_with_its_error(tmp_path):
