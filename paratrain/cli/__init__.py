@@ -30,7 +30,11 @@ class _Parser(argparse.ArgumentParser):
         unknown = [w.split("=")[0] for w in message.partition("unrecognized arguments: ")[2].split()
                    if w.startswith("--")]
         options = [o for a in self._actions for o in a.option_strings]
-        close = [c for w in unknown for c in difflib.get_close_matches(w, options, n=2, cutoff=0.6)]
+        close = []
+        for w in unknown:  # the closest option(s), ties included (--dpp: --pp or --dp)
+            scores = {o: difflib.SequenceMatcher(None, w, o).ratio() for o in options}
+            best = max(scores.values(), default=0.0)
+            close += [o for o, r in scores.items() if r == best >= 0.6]
         hint = f"; did you mean {' or '.join(dict.fromkeys(close))}?" if close else ""
         commands = "COMMAND " if self.prog == "paratrain" else ""
         self.exit(2, f"usage: {self.prog} {commands}[options]   (all of them: {self.prog} --help)\n"
