@@ -22,15 +22,15 @@ def check_experts(layout: Any, model: ModelConfig) -> None:
     if ep > 1 and not experts:
         raise ConfigError(f"--ep {ep} shards the experts of a mixture-of-experts model, and model "
                           f"{model.name!r} has none; use a model with experts (e.g. --model tiny-moe) or --ep 1.")
+    if ep > 1 and experts % ep:
+        valid = ", ".join(str(e) for e in range(1, experts + 1) if experts % e == 0)
+        raise ConfigError(f"ep={ep} must divide the model's {experts} experts (every ep rank holds E / ep of "
+                          f"them); valid ep for {model.name!r}: {valid}.")
     if ep > 1 and dp % ep:
         valid = ", ".join(str(e) for e in range(1, dp + 1) if dp % e == 0 and experts % e == 0)
         raise ConfigError(f"expert parallelism sub-divides data parallelism (the ep ranks are dp ranks), so ep "
                           f"must divide dp; got ep={ep}, dp={dp}. Use --dp a multiple of {ep} (e.g. --dp {ep}), "
                           f"or an ep dividing dp={dp} (valid here: {valid}).")
-    if ep > 1 and experts % ep:
-        valid = ", ".join(str(e) for e in range(1, experts + 1) if experts % e == 0)
-        raise ConfigError(f"ep={ep} must divide the model's {experts} experts (every ep rank holds E / ep of "
-                          f"them); valid ep for {model.name!r}: {valid}.")
 
 
 def expert_refusal(layout: Any, model: ModelConfig, dp_impl: str = "bucketed") -> str | None:

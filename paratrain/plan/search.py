@@ -38,6 +38,7 @@ from typing import Any
 
 from paratrain.config import RECOMPUTE, Layout, valid_tp
 from paratrain.errors import ConfigError
+from paratrain.layout import check_experts  # the mixture of experts part of the one rule
 from paratrain.models.configs import ModelConfig
 from paratrain.plan.bound import variant
 from paratrain.plan.cost import CostOptions, Estimate, _estimate, estimate
@@ -218,6 +219,8 @@ def search(model: ModelConfig, num_devices: int, hardware: Hardware, global_batc
         raise ConfigError(f"none of the {rejected} valid layouts of {num_devices} devices with the constraints "
                           f"{_flags(fixed)} is one the training runtime implements (a mixture of experts "
                           f"with some of them, for one, is not); drop the constraint that asks for it.")
+    if not considered and (fixed or {}).get("ep", 1) > 1:
+        check_experts(Layout(dp=fixed["ep"], ep=fixed["ep"]), model)  # the experts' own reason, if any
     if not considered:
         raise ConfigError(f"no valid layout of {num_devices} devices for model {model.name!r} with global "
                           f"batch {global_batch} and the given constraints {_flags(fixed)}: dp must divide the "

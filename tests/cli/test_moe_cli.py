@@ -34,7 +34,7 @@ def test_ep2_from_the_cli_with_routing_flags(tmp_path):
 
 
 def test_ep_that_does_not_divide_dp_is_refused(tmp_path):
-    r = paratrain("train", "--model", "tiny-moe", "--dp", "4", "--ep", "3", cwd=tmp_path)
+    r = paratrain("train", "--model", "tiny-moe", "--dp", "2", "--ep", "4", cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert ("expert parallelism sub-divides data parallelism (the ep ranks are dp ranks), so ep must divide dp; "
-            "got ep=3, dp=4.") in " ".join(r.stderr.split())
+            "got ep=4, dp=2.") in " ".join(r.stderr.split())

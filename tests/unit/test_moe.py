@@ -78,7 +78,8 @@ def _validate(model: str = "tiny-moe", **layout) -> None:
 
 
 @pytest.mark.parametrize("layout, message", [
-    (dict(dp=4, ep=3), "ep must divide dp; got ep=3, dp=4"),
+    (dict(dp=2, ep=4), "ep must divide dp; got ep=4, dp=2"),
+    (dict(dp=4, ep=3), "ep=3 must divide the model's 4 experts"),  # that first: no dp would do
     (dict(dp=8, ep=8), "ep=8 must divide the model's 4 experts"),
     (dict(tp=2, sequence_parallel=True), "sequence parallelism"),
     (dict(cp=2), "context parallelism (cp=2)"),

@@ -132,3 +132,12 @@ def test_plan_ranks_only_what_the_runtime_trains_for_a_mixture_of_experts(capsys
     every = search(model, 4, get_hardware("cpu"), 8, 64, "fp32").ranked  # the search alone: all valid
     assert any(not runtime_implements(e.layout, model) for e in every)
     assert len(layouts) == sum(runtime_implements(e.layout, model) for e in every)
+
+
+def test_plan_with_ep_on_a_dense_model_says_why(capsys):
+    """--ep on a model without experts: the experts' own error, not the generic 'no valid layout'."""
+    from paratrain.cli import main
+
+    assert main(["plan", "--model", "tiny", "--ep", "2", "--devices", "4", "--global-batch", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "has none; use a model with experts" in " ".join(err.split()), err
