@@ -262,8 +262,8 @@ class Layout:
         _positive_int("seq_len", seq_len)
         if seq_len > model.max_seq_len:
             raise ConfigError(
-                f"seq_len {seq_len} exceeds model {model.name!r}'s maximum of {model.max_seq_len} "
-                f"positions; use --seq-len {model.max_seq_len} or less."
+                f"seq_len {seq_len} exceeds model {model.name!r} (at most {model.max_seq_len} "
+                f"positions); use --seq-len {model.max_seq_len} or less."
             )
         if global_batch % self.dp:
             raise ConfigError(
