@@ -300,17 +300,20 @@ class ZeroDataParallel(DataParallel):
                 self._launch(b)
         self._next = len(self.buckets)
         for b in self.buckets:
-            if not b.launched:
-                continue
-            if b.handle is not None:
-                b.handle.wait()
-                b.handle = None
-            b.launched = False
-            if b.accumulate:
-                assert b.buffer is not None
-                b.grad_shard.add_(b.buffer[b.lo:b.hi])
-            b.fresh = False
-            b.release()
+            if b.launched:
+                self._settle(b)
+
+    def _settle(self, b: ShardedBucket) -> None:
+        """One launched bucket's end: wait for its reduction, accumulate its shard, release it."""
+        if b.handle is not None:
+            b.handle.wait()
+            b.handle = None
+        b.launched = False
+        if b.accumulate:
+            assert b.buffer is not None
+            b.grad_shard.add_(b.buffer[b.lo:b.hi])
+        b.fresh = False
+        b.release()
 
     def finish(self) -> None:
         """After the last backward of the step: every reduced gradient is in the pieces'

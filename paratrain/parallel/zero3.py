@@ -38,9 +38,11 @@ from paratrain.comm import Group
 from paratrain.parallel.zero import ShardedBucket, ZeroDataParallel
 
 
-class _BeforeBackward(torch.autograd.Function):
-    """Identity on ``x``. Its backward runs ``fn`` before passing the gradient on, that is,
-    just before the backward of whatever produced ``x`` (here: gather that module's parameters)."""
+class RunInBackward(torch.autograd.Function):
+    """Identity on ``x``. Its backward runs ``fn`` before passing the gradient on: applied to a
+    module's output, just before that module's backward (here: gather its parameters); applied to
+    its input, once the module's backward has produced that input's gradient (zero3_pipeline:
+    free its unit)."""
 
     @staticmethod
     def forward(ctx: Any, fn: Callable[[], None], x: torch.Tensor) -> torch.Tensor:
@@ -51,6 +53,9 @@ class _BeforeBackward(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor]:
         ctx.fn()
         return None, grad
+
+
+_BeforeBackward = RunInBackward  # on a module's output
 
 
 class UnitGathering:

@@ -47,6 +47,7 @@ from paratrain import comm
 from paratrain.comm import Group
 from paratrain.parallel.data import DataParallel, _Bucket
 from paratrain.parallel.zero import ShardedBucket, ZeroDataParallel
+from paratrain.parallel.zero3 import RunInBackward
 
 
 class PipelineZero3(ZeroDataParallel):
@@ -109,19 +110,7 @@ class PipelineZero3(ZeroDataParallel):
             b.grad_shard.zero_()  # (overwritten by the next reduce-scatter anyway)
 
 
-class _AfterBackward(torch.autograd.Function):
-    """Identity on ``x``; its backward runs ``fn`` once the gradient of ``x`` is complete, that
-    is, after the backward of the module ``x`` is the input of (here: free that module's unit)."""
-
-    @staticmethod
-    def forward(ctx: Any, fn: Any, x: torch.Tensor) -> torch.Tensor:
-        ctx.fn = fn
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor]:
-        ctx.fn()
-        return None, grad
+_AfterBackward = RunInBackward  # on a module's input: runs once that module's backward is done
 
 
 class ModuleGathering:
@@ -230,18 +219,6 @@ class MicrobatchZero3(ZeroDataParallel):
             if b.launched and b is not bucket:
                 self._settle(b)
         super()._launch(bucket)
-
-    def _settle(self, b: ShardedBucket) -> None:
-        """``_flush``'s work for one launched bucket: wait, accumulate, release."""
-        if b.handle is not None:
-            b.handle.wait()
-            b.handle = None
-        b.launched = False
-        if b.accumulate:
-            assert b.buffer is not None
-            b.grad_shard.add_(b.buffer[b.lo:b.hi])
-        b.fresh = False
-        b.release()
 
 
 def zero3_per_microbatch(model: nn.Module, group: Group, stage: Any, stages: Any, bucket_mb: float = 25.0,
