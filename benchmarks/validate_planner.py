@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -121,6 +122,7 @@ def measure(name: str, layout: dict[str, Any], opts: argparse.Namespace, folder:
     our processes -- ``paratrain train`` and its ranks, read from /proc while they run -- per
     second of the run, in cores)."""
     out = folder / name
+    shutil.rmtree(out, ignore_errors=True)  # this script's own scratch run of the layout (results.json keeps it)
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if opts.wait_quiet:
         wait_quiet(opts.max_external, opts.wait_quiet)
