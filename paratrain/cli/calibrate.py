@@ -36,7 +36,9 @@ def run(args: argparse.Namespace) -> int:
           f"(one thread)\n"
           f"  memory {hw.memory_bytes / 2**30:.1f} GiB per process ({hw.cores_per_node} cores); optimizer at "
           f"{hw.memory_bw / 1e9:.2f} GB/s (28 B/param)\n"
-          f"  outside matmuls: {hw.elementwise_s_per_byte * 1e9:.3f} ns per activation byte\n"
+          f"  in a model's layers: matmuls at {hw.compute_efficiency:.0%} of that peak, "
+          f"{hw.elementwise_s_per_byte * 1e9:.3f} ns per activation byte outside them, "
+          f"{hw.layer_overhead_s * 1e3:.2f} ms per layer\n"
           f"  link {hw.intra_node_bw / 1e9:.2f} GB/s, {hw.intra_node_latency_s * 1e6:.1f} us per step; "
           f"reduce-scatter {hw.reduce_scatter_slowdown:.2f}x, all-gather {hw.all_gather_slowdown:.2f}x the ring\n"
           f"use it with: paratrain estimate --hardware profile:{path} ...")

@@ -190,8 +190,10 @@ class _Layout(LayoutMemory):
         rate = self.rate * speed
         # memory-bound work outside the matmuls: 1/3 in forward, 2/3 in backward like the FLOPs,
         # plus the replayed forward's share under recomputation (see Hardware.elementwise_s_per_byte)
-        ew = (layers * self.ew_layer + (self.ew_head if last else 0)) / (self.share * speed)
-        replay = layers * self.ew_layer * self.layer_rec / (3 * self.layer_fwd) / (self.share * speed)
+        # and each layer's fixed cost (Hardware.layer_overhead_s), shared alike
+        ew = (layers * (self.ew_layer + self.hw.layer_overhead_s) + (self.ew_head if last else 0)) / (self.share * speed)
+        replay = layers * (self.ew_layer + self.hw.layer_overhead_s) * self.layer_rec / (3 * self.layer_fwd) \
+            / (self.share * speed)
         rg, ex = self.ring, self.experts
         return ChunkCost(layers, first, last, params, fwd / rate + ew / 3,
                          (2 * fwd + layers * self.layer_rec) / rate + 2 * ew / 3 + replay,

@@ -32,7 +32,10 @@ GB = 10**9
 TFLOPS = 10**12
 
 PROFILE_FORMAT = "paratrain-device-profile"
-PROFILE_VERSION = 2
+PROFILE_VERSION = 3
+# Version 2 profiles (before the per-layer term and the fitted efficiency) still load: their
+# missing figures take the defaults (no per-layer cost), the model they were measured for.
+PROFILE_VERSIONS_READ = (2, 3)
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,10 @@ class Hardware:
     it produces, on top of its matmul FLOPs at ``peak x efficiency``. 0 (the catalog's GPUs): that
     work is folded into the fitted efficiency instead. ``paratrain calibrate`` measures it on CPUs,
     where small layers spend a fifth to a quarter of their time there.
+    ``layer_overhead_s``: fixed seconds of one transformer layer's forward + backward of one
+    micro-batch, whatever its size (Python, autograd's bookkeeping, kernel launches), on an
+    unshared device; 0 (the catalog's GPUs): folded into the efficiency. ``paratrain calibrate``
+    fits it on CPUs with the matmul rate and ``elementwise_s_per_byte``.
     ``shared_latency_s``: the intra-node latency per ring step when the node's processes
     outnumber its cores (a peer may wait for a core before it answers); 0 = the same as
     ``intra_node_latency_s``. Measured by ``paratrain calibrate``.
@@ -77,6 +84,7 @@ class Hardware:
     inter_node_latency_s: float = 0.0
     cores_per_node: float = 0
     elementwise_s_per_byte: float = 0.0
+    layer_overhead_s: float = 0.0
     shared_latency_s: float = 0.0
     reduce_scatter_slowdown: float = 1.0
     all_gather_slowdown: float = 1.0
@@ -94,7 +102,8 @@ class Hardware:
             if not isinstance(value, (int, float)) or not value > 0:
                 raise ConfigError(f"hardware {self.name!r}: {field} must be a positive number, got {value!r}.")
         for field in ("peak_bf16_flops", "memory_bw", "intra_node_latency_s", "inter_node_latency_s",
-                      "elementwise_s_per_byte", "shared_latency_s", "host_link_bw", "host_memory_bw"):
+                      "elementwise_s_per_byte", "layer_overhead_s", "shared_latency_s", "host_link_bw",
+                      "host_memory_bw"):
             value = getattr(self, field)
             if not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"hardware {self.name!r}: {field} must be >= 0, got {value!r}.")
@@ -142,7 +151,8 @@ class Hardware:
 
 
 _OPTIONAL = {"compute_efficiency", "intra_node_latency_s", "inter_node_latency_s", "cores_per_node",
-             "elementwise_s_per_byte", "shared_latency_s", "reduce_scatter_slowdown", "all_gather_slowdown",
+             "elementwise_s_per_byte", "layer_overhead_s", "shared_latency_s", "reduce_scatter_slowdown",
+             "all_gather_slowdown",
              "source"}
 
 # Fraction of peak reached by the compute of a step on A100s, fitted to Narayanan et al. 2021
@@ -298,9 +308,10 @@ def load_profile(path: str | Path) -> Hardware:
     if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT or "hardware" not in data:
         raise ConfigError(f"{str(p)!r} is not a paratrain device profile (expected a JSON object with "
                           f"\"format\": \"{PROFILE_FORMAT}\" and a \"hardware\" object).")
-    if data.get("version") != PROFILE_VERSION:
+    if data.get("version") not in PROFILE_VERSIONS_READ:
         raise ConfigError(f"device profile {str(p)!r} has version {data.get('version')!r}; this "
-                          f"paratrain reads version {PROFILE_VERSION}. Run `paratrain calibrate` again.")
+                          f"paratrain reads versions {', '.join(map(str, PROFILE_VERSIONS_READ))}. Run "
+                          f"`paratrain calibrate` again.")
     return Hardware.from_dict(data["hardware"], where=f"device profile {str(p)!r}")
 
 

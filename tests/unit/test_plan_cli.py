@@ -124,7 +124,12 @@ def test_calibrate_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     doc = json.loads(out.read_text())
     hw = doc["hardware"]
     assert hw["peak_fp32_flops"] > 1e8 and hw["intra_node_bw"] > 1e6 and hw["memory_bw"] > 1e8
-    assert hw["elementwise_s_per_byte"] > 0 and hw["cores_per_node"] >= 1
+    # the layers' fit: a matmul rate within the best one, and time beyond the matmuls (memory-bound
+    # work or per-layer cost; a noisy quick fit may drop one of the two, never both)
+    assert 0 < hw["compute_efficiency"] <= 1 and hw["cores_per_node"] >= 1
+    assert hw["elementwise_s_per_byte"] >= 0 and hw["layer_overhead_s"] >= 0
+    assert hw["elementwise_s_per_byte"] + hw["layer_overhead_s"] > 0
+    assert len(doc["measurements"]["layer_points"]) == 3
     assert len(doc["measurements"]["allreduce_seconds_busy"]) == len(doc["measurements"]["allreduce_seconds_idle"]) == 3
     d = run_json(capsys, "estimate", "--model", "tiny", "--dp", "2", "--global-batch", "8", "--seq-len", "128",
                  "--precision", "fp32", "--profile", str(out))

@@ -379,3 +379,27 @@ def test_zb_v_stash_states_are_the_lowered_schedules() -> None:
                         seen.add(tuple(counts))
                 maximal = {x for x in seen if not any(o != x and all(i >= j for i, j in zip(o, x)) for o in seen)}
                 assert set(stash_states("zb-v", p, m, 2, r)) == maximal
+
+
+@pytest.mark.parametrize("recompute,passes", [("none", 1.0), ("full", 4 / 3)])
+def test_layer_overhead_is_paid_by_every_layer_of_every_micro_batch(recompute: str, passes: float) -> None:
+    """``Hardware.layer_overhead_s`` (``paratrain calibrate``'s per-layer term) adds exactly
+    layers x micro-batches x c to one rank's step (a third more under full recomputation,
+    which replays each layer's forward: a third of its forward + backward), split 1/3 : 2/3
+    between forward and backward like the rest of the layer's work; a stage pays for its own
+    layers only. Catches the term dropped, paid once per step instead of per micro-batch, or
+    paid for the whole model on every pipeline rank."""
+    model = get_model_config("small")
+    cpu = get_hardware("cpu").replace(cores_per_node=0)
+    c = 2e-3
+    for layout, layers in ((Layout(microbatches=4, recompute=recompute), 6), (Layout(pp=2, microbatches=4), 3)):
+        base = stage_costs(model, layout, cpu, 8, 64, "fp32")[0]
+        more = stage_costs(model, layout, cpu.replace(layer_overhead_s=c), 8, 64, "fp32")[0]
+        per_mb = passes if layout.pp == 1 else 1.0
+        assert more.forward_s - base.forward_s == pytest.approx(layers * c / 3, rel=1e-9)
+        assert (more.forward_s + more.backward_s) - (base.forward_s + base.backward_s) == \
+            pytest.approx(layers * c * per_mb, rel=1e-9)
+    one = Layout(microbatches=4, recompute=recompute)
+    step = estimate(model, one, cpu, 8, 64, "fp32").step_time_s
+    assert estimate(model, one, cpu.replace(layer_overhead_s=c), 8, 64, "fp32").step_time_s - step == \
+        pytest.approx(4 * 6 * c * passes, rel=1e-9)

@@ -81,3 +81,35 @@ def test_bad_profiles(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="version"):
         load_profile(bad)
     assert isinstance(Hardware.from_dict(CATALOG["cpu"].to_dict()), Hardware)
+
+
+def test_fit_layer_work_recovers_the_figures_that_made_the_points() -> None:
+    """calibrate's least-squares fit of t = FLOPs / rate + lambda A + c L: points made from
+    known figures (the shapes calibrate measures) give those figures back; a term the points do
+    not support (made with a negative lambda, which no machine has) is dropped and the rest
+    refitted, never returned negative. Catches a wrong column, weighting or elimination."""
+    from paratrain.calibrate import fit_layer_work
+
+    shapes = [(8.3e8, 8.8e6, 8), (3.3e9, 3.5e7, 8), (1.46e9, 8.9e6, 4), (5.8e9, 3.6e7, 4), (7.95e9, 2.6e7, 6),
+              (1.59e10, 5.2e7, 6), (4.05e10, 6.8e7, 8)]
+
+    def points(rate: float, lam: float, c: float) -> list[dict[str, float]]:
+        return [{"flops": F, "activation_bytes": A, "layers": L, "seconds": F / rate + lam * A + c * L}
+                for F, A, L in shapes]
+
+    got = fit_layer_work(points(55e9, 1.8e-9, 1.8e-3))
+    assert got == pytest.approx((55e9, 1.8e-9, 1.8e-3), rel=1e-6)
+    assert fit_layer_work(points(80e9, 0.0, 2e-3)) == pytest.approx((80e9, 0.0, 2e-3), rel=1e-6, abs=1e-15)
+    rate, lam, c = fit_layer_work(points(60e9, -1e-9, 3e-3))
+    assert lam == 0.0 and rate > 0 and c >= 0
+
+
+def test_a_version_2_profile_still_loads_without_the_per_layer_term(tmp_path: Path) -> None:
+    """Profiles written before the per-layer term (version 2) load with it at 0: the model they
+    were calibrated for."""
+    hw = CATALOG["cpu"]
+    doc = {"format": "paratrain-device-profile", "version": 2,
+           "hardware": {k: v for k, v in hw.to_dict().items() if k != "layer_overhead_s"}}
+    path = tmp_path / "v2.json"
+    path.write_text(json.dumps(doc))
+    assert load_profile(path) == hw.replace(layer_overhead_s=0.0)
