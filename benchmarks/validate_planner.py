@@ -13,7 +13,8 @@ machine's calibrated profile).
   vs the planner's ``model_state_bytes + activation_bytes`` of that rank's pipeline stage. The
   table shows the most loaded rank, and the error of the worst-predicted rank.
 
-Targets (issue 5): median |step-time error| <= 15%, memory error <= 10%. The machine may be
+Targets (issue 12): median |step-time error| <= 5%, no layout worse than 15%, memory within 2%
+on every rank. The machine may be
 shared: for every run the script measures the CPU other jobs took meanwhile (busy + stolen CPU
 of the machine minus its own processes', in cores) and repeats a run disturbed by more than
 ``--max-external`` cores (up to ``--retries`` times), keeping the least disturbed; the table
@@ -43,36 +44,55 @@ from paratrain.config import Layout, TrainConfig  # noqa: E402
 from paratrain.plan.local import local_hardware, predict_run  # noqa: E402
 from paratrain.text import format_grid  # noqa: E402
 
-STEP_TARGET, MEMORY_TARGET = 0.15, 0.10
-# name: layout (processes = dp * pp * tp; this machine has 2 cores, so 4 processes share them)
+# Targets (issue 12): median |step-time error| <= 5%, none worse than 15%, memory within 2%.
+STEP_TARGET, STEP_MAX, MEMORY_TARGET = 0.05, 0.15, 0.02
+# name: layout (processes = dp * pp * cp * tp; this machine has 2 cores, so 4 processes share them).
+# "precision" and "model" are run options, not layout fields: the bf16 row trains `tiny`, because
+# CPUs without bf16 matrix units (AVX2) multiply bf16 matrices some 60x slower than fp32.
 LAYOUTS: dict[str, dict[str, Any]] = {
     "dp2": dict(dp=2),
     "dp2-mb2": dict(dp=2, microbatches=2),
     "dp4": dict(dp=4),
     "dp2-recompute-full": dict(dp=2, recompute="full"),
     "tp2": dict(tp=2),
+    "tp2-sp": dict(tp=2, sequence_parallel=True),
     "tp2-sp-selective": dict(tp=2, sequence_parallel=True, recompute="selective"),
     "tp4": dict(tp=4),
     "dp2-tp2": dict(dp=2, tp=2),
+    "cp2": dict(cp=2),
     "pp2-gpipe-m4": dict(pp=2, microbatches=4, schedule="gpipe"),
     "pp2-1f1b-m4": dict(pp=2, microbatches=4, schedule="1f1b"),
     "pp2-interleaved-m4": dict(pp=2, microbatches=4, schedule="interleaved", virtual_stages=2),
+    "pp2-zb-h1-m4": dict(pp=2, microbatches=4, schedule="zb-h1"),
+    "pp2-zb-v-m4": dict(pp=2, microbatches=4, schedule="zb-v"),
     "pp4-1f1b-m8": dict(pp=4, microbatches=8, schedule="1f1b"),
     "dp2-pp2-m2": dict(dp=2, pp=2, microbatches=2, schedule="1f1b"),
     "dp2-zero1": dict(dp=2, zero=1),
     "dp2-zero2-mb2": dict(dp=2, zero=2, microbatches=2),
     "dp2-zero3": dict(dp=2, zero=3),
+    "dp2-pp2-zero3-m2": dict(dp=2, pp=2, microbatches=2, schedule="1f1b", zero=3),
+    "dp2-bf16-tiny": dict(dp=2, precision="bf16", model="tiny"),
 }
-FLAGS = {"dp": "--dp", "pp": "--pp", "tp": "--tp", "microbatches": "--microbatches", "schedule": "--schedule",
-         "virtual_stages": "--virtual-stages", "recompute": "--recompute", "zero": "--zero"}
+RUN_OPTIONS = ("precision", "model")
+FLAGS = {"dp": "--dp", "pp": "--pp", "tp": "--tp", "cp": "--cp", "microbatches": "--microbatches",
+         "schedule": "--schedule", "virtual_stages": "--virtual-stages", "recompute": "--recompute", "zero": "--zero",
+         "precision": "--precision"}
+
+
+def split(layout: dict[str, Any], opts: argparse.Namespace) -> tuple[dict[str, Any], str, str]:
+    """(Layout fields, model, precision) of a LAYOUTS entry."""
+    fields = {k: v for k, v in layout.items() if k not in RUN_OPTIONS}
+    return fields, layout.get("model", opts.model), layout.get("precision", "fp32")
 
 
 def train_args(layout: dict[str, Any], opts: argparse.Namespace, out: Path) -> list[str]:
-    args = [sys.executable, "-m", "paratrain", "train", "--model", opts.model, "--global-batch", str(opts.global_batch),
+    args = [sys.executable, "-m", "paratrain", "train", "--model", layout.get("model", opts.model),
+            "--global-batch", str(opts.global_batch),
             "--seq-len", str(opts.seq_len), "--steps", str(opts.steps), "--eval-every", "0", "--sample-tokens", "0",
             "--no-checkpoint", "--quiet", "--measure-memory", "--out", str(out)]
     for key, value in layout.items():
-        args += ["--sequence-parallel"] if key == "sequence_parallel" else [FLAGS[key], str(value)]
+        if key != "model":
+            args += ["--sequence-parallel"] if key == "sequence_parallel" else [FLAGS[key], str(value)]
     return args
 
 
@@ -152,8 +172,9 @@ def measure(name: str, layout: dict[str, Any], opts: argparse.Namespace, folder:
 def predict(layout: dict[str, Any], opts: argparse.Namespace, external: float = 0.0) -> dict[str, Any]:
     """The planner's prediction for the run; ``external``: cores other jobs took during it, which
     the prediction then leaves to them (the processes share the cores that remain)."""
-    cfg = TrainConfig(model=opts.model, layout=Layout(**layout), global_batch=opts.global_batch,
-                      seq_len=opts.seq_len, steps=opts.steps)
+    fields, model, precision = split(layout, opts)
+    cfg = TrainConfig(model=model, layout=Layout(**fields), global_batch=opts.global_batch,
+                      seq_len=opts.seq_len, steps=opts.steps, precision=precision)
     cfg.validate()
     hw, source = local_hardware(cfg.layout.world_size, opts.profile)
     nominal = predict_run(cfg, hw, source)
@@ -182,14 +203,17 @@ def report(rows: list[dict[str, Any]]) -> tuple[str, bool]:
                      f"{p['memory_per_rank'][worst] / 2**20:.1f}", f"{m['memory_per_rank'][worst] / 2**20:.1f}",
                      f"{r['memory_error']:+.2%}", f"{m['external_cores']:.2f}"])
     step_med = statistics.median(abs(r["step_error"]) for r in rows)
+    step_max = max(abs(r["step_error"]) for r in rows)
     mem_med = statistics.median(abs(r["memory_error"]) for r in rows)
     mem_max = max(abs(r["memory_error"]) for r in rows)
-    ok = step_med <= STEP_TARGET and mem_max <= MEMORY_TARGET
+    ok = step_med <= STEP_TARGET and step_max <= STEP_MAX and mem_max <= MEMORY_TARGET
     text = "\n".join([
         format_grid(["layout", "procs", "step ms predicted", "measured", "error", "memory MiB predicted",
                      "measured", "error (worst rank)", "other jobs (cores)"], grid), "",
         f"median |step-time error| {step_med:.1%} (target <= {STEP_TARGET:.0%}): "
         f"{'PASS' if step_med <= STEP_TARGET else 'FAIL'}",
+        f"worst |step-time error| {step_max:.1%} (target <= {STEP_MAX:.0%}): "
+        f"{'PASS' if step_max <= STEP_MAX else 'FAIL'}",
         f"memory error: median |error| {mem_med:.2%}, worst {mem_max:.2%} (target <= {MEMORY_TARGET:.0%}): "
         f"{'PASS' if mem_max <= MEMORY_TARGET else 'FAIL'}",
         f"overall: {'PASS' if ok else 'FAIL'}"])
@@ -230,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                        env=dict(os.environ, PYTHONPATH=str(ROOT)))
     names = opts.only.split(",") if opts.only else list(LAYOUTS)
     print(f"hardware: {predict(LAYOUTS[names[0]], opts)['source']}; {opts.model}, batch {opts.global_batch} x "
-          f"{opts.seq_len}, {opts.steps} steps (median after {opts.warmup}), fp32, {os.cpu_count()} cores", flush=True)
+          f"{opts.seq_len}, {opts.steps} steps (median after {opts.warmup}), fp32 unless named, {os.cpu_count()} cores", flush=True)
     rows = []
     start = time.perf_counter()
     for name in names:

@@ -6,7 +6,8 @@ and runs its collectives through :mod:`paratrain.comm`, as training does; the pl
 (:func:`paratrain.plan.hardware.load_profile`). It measures, on the CPU:
 
 * matmul throughput: ``C = A @ B`` of n x n matrices, 2 n^3 FLOPs, best of several runs, with one
-  thread and with every thread, in fp32 and bf16;
+  thread and with every thread, in fp32 and bf16 (bf16: the faster of that and ``F.linear`` of
+  1024 x n inputs, the kernel the model's layers call: see :func:`measure_linear`);
 * memory bandwidth: ``dst.copy_(src)`` of a large buffer, reading and writing it: 2 S bytes;
 * the work of a training step's forward + backward, with one thread: the reference GPTs of
   several shapes and batch sizes (``tiny-deep``, ``tiny``, ``small``, ``medium``; sequences of 128
@@ -24,6 +25,9 @@ and runs its collectives through :mod:`paratrain.comm`, as training does; the pl
   operations, whatever the layer's size). Each point and the fit's error on it are kept in the
   measurements. One figure per activation byte alone (this module's first model) missed the
   points by -17% to +22% on an AVX2 machine where the three-figure fit stays within 3-6%;
+* the copy a tensor-parallel collective makes of its payload (an activation regrouped by
+  sequence slice into one contiguous buffer for gloo, and back), one thread, per byte
+  (``pack_s_per_byte``);
 * the optimizer phase of a step (gradient-norm clipping, AdamW and zeroing the gradients over
   ``small``'s 4.9M parameters, median of repeated runs), as an effective bandwidth
   ``28 bytes x parameters / seconds``: the planner prices the optimizer as 28 bytes per
@@ -104,6 +108,24 @@ def measure_matmul(n: int, threads: int, dtype: str = "float32", budget_s: float
         b = torch.randn(n, n, dtype=getattr(torch, dtype))
         out = torch.empty(n, n, dtype=getattr(torch, dtype))
         return _best_rate(lambda: torch.matmul(a, b, out=out), 2.0 * n**3, budget_s)
+    finally:
+        torch.set_num_threads(old)
+
+
+def measure_linear(n: int, tokens: int, dtype: str = "bfloat16", budget_s: float = 0.25) -> float:
+    """FLOP/s of ``F.linear`` of ``tokens`` x n inputs by an n x n weight (2 tokens n^2 FLOPs),
+    one thread: the kernel a model's layers call. In bf16 it is not ``torch.matmul``'s: on a CPU
+    without bf16 matrix units (AVX2) the linear's oneDNN kernel ran 4-5x faster (5.6 against
+    1.2 GFLOP/s measured), so the bf16 peak is taken from it."""
+    import torch
+    import torch.nn.functional as F
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        x = torch.randn(tokens, n, dtype=getattr(torch, dtype))
+        w = torch.randn(n, n, dtype=getattr(torch, dtype))
+        return _best_rate(lambda: F.linear(x, w), 2.0 * tokens * n * n, budget_s)
     finally:
         torch.set_num_threads(old)
 
@@ -194,6 +216,25 @@ def _least_squares(rows: list[list[float]], target: list[float]) -> list[float] 
                 f = a[i][col] / a[col][col]
                 a[i] = [x - f * y for x, y in zip(a[i], a[col])]
     return [a[i][n] / a[i][i] / scale[i] for i in range(n)]
+
+
+def measure_packing(shape: tuple[int, int, int], parts: int, budget_s: float) -> float:
+    """Seconds per byte of the copy a tensor-parallel collective makes of its payload, one
+    thread: a (B, T, H) fp32 activation regrouped by sequence slice into one contiguous buffer
+    (``parallel/tp_ops.reduce_scatter_seq``; the all-gather's unpacking and backward's gradient
+    clones are copies of the same size)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        b, t, h = shape
+        x = torch.randn(b, t, h)
+        seconds = _median_seconds(lambda: x.view(b, parts, t // parts, h).transpose(0, 1).contiguous(), budget_s,
+                                  min_runs=21)
+    finally:
+        torch.set_num_threads(old)
+    return seconds / (x.numel() * 4)
 
 
 def measure_optimizer(model_name: str, budget_s: float) -> dict[str, float]:
@@ -335,8 +376,9 @@ def _measure_compute(cfg: dict[str, Any], cores: int, log: Callable[[str], None]
     every = {n: measure_matmul(n, cores, "float32", budget) for n in cfg["matmul_all"]}
     for label, table in (("1 thread", one), (f"{cores} threads", every)):
         log("      " + label + ": " + ", ".join(f"n={n} {r / 1e9:.1f} GFLOP/s" for n, r in table.items()))
-    log("[2/5] bf16 matmul, 1 thread")
-    bf16 = {n: measure_matmul(n, 1, "bfloat16", budget) for n in cfg["matmul_bf16"]}
+    log("[2/5] bf16 matmul and linear, 1 thread")
+    bf16 = {n: max(measure_matmul(n, 1, "bfloat16", budget), measure_linear(n, 1024, "bfloat16", budget))
+            for n in cfg["matmul_bf16"]}
     log("      " + ", ".join(f"n={n} {r / 1e9:.1f} GFLOP/s" for n, r in bf16.items()))
     log(f"[3/5] memory bandwidth (copy of {cfg['copy_mib']} MiB, {cores} threads)")
     copy_bw = measure_copy_bandwidth(cfg["copy_mib"], cores, budget)
@@ -352,12 +394,15 @@ def _measure_compute(cfg: dict[str, Any], cores: int, log: Callable[[str], None]
             f"{fit * 1e3:.1f} ms fitted ({pt['fit_error']:+.1%})")
     log(f"      fit: matmuls at {rate / 1e9:.1f} GFLOP/s ({rate / peak:.0%} of the best), "
         f"{lam * 1e9:.3f} ns per activation byte, {per_layer * 1e3:.2f} ms per layer")
+    pack = measure_packing((16, 128, 256), 2, budget)
+    log(f"      a collective's packing copy of a 2 MiB activation: {pack * 1e9:.3f} ns per byte")
     opt = measure_optimizer("small", 4 * budget)
     log(f"      clip + AdamW over {opt['params']:,} parameters: {opt['seconds'] * 1e3:.1f} ms = "
         f"{opt['bandwidth'] / 1e9:.1f} GB/s at 28 bytes per parameter")
     return {"matmul_fp32_1thread": one, "matmul_fp32_all_threads": every, "matmul_bf16_1thread": bf16,
             "copy_bandwidth": copy_bw, "layer_points": points, "layer_rate": rate,
             "compute_efficiency": min(1.0, rate / peak), "elementwise_s_per_byte": lam, "layer_overhead_s": per_layer,
+            "pack_s_per_byte": pack,
             "optimizer": opt}
 
 
@@ -422,6 +467,7 @@ def calibrate(quick: bool = False, collectives: bool = True,
         shared_latency_s=meas["shared_latency_s"], reduce_scatter_slowdown=meas["reduce_scatter_slowdown"],
         all_gather_slowdown=meas["all_gather_slowdown"],
         elementwise_s_per_byte=meas["elementwise_s_per_byte"], layer_overhead_s=meas["layer_overhead_s"],
+        pack_s_per_byte=meas["pack_s_per_byte"],
         source=f"paratrain calibrate on {platform.node()}: one process with one thread per core; "
                f"inter-node link not measured (set to the gloo loopback figure)",
     )

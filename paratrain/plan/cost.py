@@ -78,15 +78,17 @@ def stage_costs(model: ModelConfig, layout: Layout, hw: Hardware, global_batch: 
 @lru_cache(maxsize=65536)
 def _tp_seconds(model: ModelConfig, t: int, sp: bool, b: float, s: int, layers: int, first: bool, last: bool,
                 recompute: str, e: int, grad_bytes: int, tp_link: Link,
-                split_backward: bool = False) -> dict[str, float]:
+                split_backward: bool = False, pack_s_per_byte: float = 0.0) -> dict[str, float]:
     """Seconds per phase (forward / backward per micro-batch; step once) of one chunk's tp
-    collectives, and their ``wire_*`` bytes, from the runtime's traffic formula."""
+    collectives, and their ``wire_*`` bytes, from the runtime's traffic formula. Each collective
+    also copies its whole payload once on the rank (``pack_s_per_byte``: the regrouping by
+    sequence slice around sequence parallelism's gathers and scatters, a gradient's clone)."""
     out = {traffic.FORWARD: 0.0, traffic.BACKWARD: 0.0, traffic.STEP: 0.0}
     for phase in list(out):
         out["wire_" + phase] = 0.0
     for (phase, op), (calls, nbytes) in traffic.tp_traffic(model, t, sp, b, s, layers, first, last, recompute, e,
                                                           grad_bytes, split_backward).items():
-        out[phase] += collective_seconds(op, t, nbytes, *tp_link, calls=calls)
+        out[phase] += collective_seconds(op, t, nbytes, *tp_link, calls=calls) + nbytes * pack_s_per_byte
         out["wire_" + phase] += ring.wire_bytes(op, t, nbytes)
     return out
 
@@ -179,7 +181,7 @@ class _Layout(LayoutMemory):
         # the sequence-parallel sum acts on the optimizer's gradients: fp32 (the masters' under bf16)
         split = self.p > 1 and self.layout.schedule in ("zb-h1", "zb-v")  # no SP regather: W keeps the input
         return _tp_seconds(self.model, self.t, self.sp, self.b, self.s, layers, first, last, self.layout.recompute,
-                           self.e, 4, self.tp_link, split)
+                           self.e, 4, self.tp_link, split, self.hw.pack_s_per_byte / self.share)
 
     def chunk(self, k: int, speed: float) -> ChunkCost:
         """Stage ``k`` (chunk ``k // p`` of rank ``k % p``) per micro-batch."""

@@ -58,6 +58,11 @@ class Hardware:
     micro-batch, whatever its size (Python, autograd's bookkeeping, kernel launches), on an
     unshared device; 0 (the catalog's GPUs): folded into the efficiency. ``paratrain calibrate``
     fits it on CPUs with the matmul rate and ``elementwise_s_per_byte``.
+    ``pack_s_per_byte``: seconds per byte a rank spends copying a tensor-parallel collective's
+    payload into or out of the backend's contiguous buffer (the runtime regroups activations by
+    sequence slice for sequence parallelism's gathers and scatters and clones gradients before
+    reducing them), on its own compute; 0 (the catalog's GPUs): not priced. Measured by
+    ``paratrain calibrate``.
     ``shared_latency_s``: the intra-node latency per ring step when the node's processes
     outnumber its cores (a peer may wait for a core before it answers); 0 = the same as
     ``intra_node_latency_s``. Measured by ``paratrain calibrate``.
@@ -85,6 +90,7 @@ class Hardware:
     cores_per_node: float = 0
     elementwise_s_per_byte: float = 0.0
     layer_overhead_s: float = 0.0
+    pack_s_per_byte: float = 0.0
     shared_latency_s: float = 0.0
     reduce_scatter_slowdown: float = 1.0
     all_gather_slowdown: float = 1.0
@@ -102,7 +108,7 @@ class Hardware:
             if not isinstance(value, (int, float)) or not value > 0:
                 raise ConfigError(f"hardware {self.name!r}: {field} must be a positive number, got {value!r}.")
         for field in ("peak_bf16_flops", "memory_bw", "intra_node_latency_s", "inter_node_latency_s",
-                      "elementwise_s_per_byte", "layer_overhead_s", "shared_latency_s", "host_link_bw",
+                      "elementwise_s_per_byte", "layer_overhead_s", "pack_s_per_byte", "shared_latency_s", "host_link_bw",
                       "host_memory_bw"):
             value = getattr(self, field)
             if not isinstance(value, (int, float)) or value < 0:
@@ -151,7 +157,8 @@ class Hardware:
 
 
 _OPTIONAL = {"compute_efficiency", "intra_node_latency_s", "inter_node_latency_s", "cores_per_node",
-             "elementwise_s_per_byte", "layer_overhead_s", "shared_latency_s", "reduce_scatter_slowdown",
+             "elementwise_s_per_byte", "layer_overhead_s", "pack_s_per_byte", "shared_latency_s",
+             "reduce_scatter_slowdown",
              "all_gather_slowdown",
              "source"}
 

@@ -403,3 +403,24 @@ def test_layer_overhead_is_paid_by_every_layer_of_every_micro_batch(recompute: s
     step = estimate(model, one, cpu, 8, 64, "fp32").step_time_s
     assert estimate(model, one, cpu.replace(layer_overhead_s=c), 8, 64, "fp32").step_time_s - step == \
         pytest.approx(4 * 6 * c * passes, rel=1e-9)
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_a_tp_collective_also_copies_its_whole_payload_on_the_rank(sp: bool) -> None:
+    """``Hardware.pack_s_per_byte``: each tensor-parallel collective's payload (the runtime's
+    traffic formula, ``core.traffic.tp_traffic``) is copied once on the rank, priced per byte on
+    its own share of a core; only the tp time moves. Catches the copy left out, priced on the
+    wire bytes (half the payload for a 2-rank all-gather) or per call instead of per byte."""
+    from paratrain.core import traffic
+
+    model, t, b, s = get_model_config("small"), 2, 8, 64
+    cpu = get_hardware("cpu").replace(cores_per_node=0)
+    layout = Layout(tp=t, sequence_parallel=sp)
+    pack = 1e-9
+    base = stage_costs(model, layout, cpu, b, s, "fp32")[0]
+    more = stage_costs(model, layout, cpu.replace(pack_s_per_byte=pack), b, s, "fp32")[0]
+    moved = {ph: sum(n for (phase, _op), (_calls, n) in traffic.tp_traffic(
+        model, t, sp, b, s, model.num_layers, True, True, "none", 4, 4).items() if phase == ph)
+        for ph in (traffic.FORWARD, traffic.BACKWARD)}
+    assert more.tp_s - base.tp_s == pytest.approx(pack * (moved[traffic.FORWARD] + moved[traffic.BACKWARD]), rel=1e-9)
+    assert (more.forward_s, more.backward_s) == (base.forward_s, base.backward_s)
