@@ -24,6 +24,8 @@
   checkpointed region's inputs through the same hooks (counted) and the region's own tensors
   through inner hooks (not counted: they are not stored). The tensors rebuilt during a
   region's backward are a transient of the backward pass and are not part of this figure.
+  Tensors kept for backward outside autograd (a zero-bubble ``I`` keeps each linear's input and
+  output gradient for its ``W``) are counted through :func:`hold` while they are kept.
 
     meter = ActivationMeter(pm.weight_tensors())   # or a plain model's model.parameters()
     with meter:
@@ -104,11 +106,27 @@ class ActivationMeter:
     def __enter__(self) -> ActivationMeter:
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._hooks.__enter__()
+        _ACTIVE.append(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        _ACTIVE.remove(self)
         self._hooks.__exit__(*exc)
         self._hooks = None
+
+
+_ACTIVE: list[ActivationMeter] = []  # the meters running now (innermost last)
+
+
+def hold(*tensors: torch.Tensor) -> tuple[Any, ...]:
+    """Count ``tensors`` as saved activations of the running meter (if any) for as long as the
+    returned token lives: for tensors kept for backward outside autograd's saved tensors, such
+    as the input and output gradient a zero-bubble ``I`` queues for its ``W``
+    (``parallel/pipeline/split.py``). A storage already counted is not counted twice."""
+    if not _ACTIVE:
+        return ()
+    meter = _ACTIVE[-1]
+    return tuple(meter._pack(t) for t in tensors)
 
 
 def model_state_bytes(module: nn.Module, optimizer: torch.optim.Optimizer) -> ModelState:

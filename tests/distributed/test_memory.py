@@ -23,6 +23,11 @@ CASES = {
     "pp2-gpipe-full": dict(pp=2, microbatches=4, schedule="gpipe", recompute="full"),
     # small's 6 layers make chunks of 1, 2, 2, 1 layers: which chunks are in flight matters
     "pp2-interleaved-small": dict(pp=2, microbatches=2, schedule="interleaved", virtual_stages=2),
+    # zero-bubble: an I keeps each linear's input and output gradient for its W (split.py), held
+    # outside autograd's saved tensors and counted through memory.hold; rank 1 of ZB-H1 holds one
+    # micro-batch whole and one only for its W (tiny: 4 layers, 2 per stage; ZB-V: 1 per chunk)
+    "pp2-zb-h1": dict(pp=2, microbatches=4, schedule="zb-h1"),
+    "pp2-zb-v": dict(pp=2, microbatches=4, schedule="zb-v"),
     # a mixture of experts: E / ep experts per rank, whole on both tp ranks (dropless: the planner's rows)
     "ep2-tp2-moe": dict(dp=2, ep=2, tp=2),
     "dp4-ep2-zero2-moe": dict(dp=4, ep=2, zero=2),  # experts' states sharded over dp / ep = 2, the rest over 4
@@ -60,7 +65,12 @@ def test_measured_memory_is_the_planners(name):
         assert got.optimizer == pytest.approx(state.optimizer, rel=1e-3), f"rank {rank}"
         if name.endswith("-moe"):  # below: the rows an ep rank receives depend on the routing
             continue
-        assert acts == pytest.approx(want["activations"], rel=0.01), f"rank {rank}: {acts} {want}"
+        # zero-bubble: +1.75-1.83% measured here (tiny): while an I runs, the output gradients it
+        # queues for W are alive next to the saved tensors autograd has not freed yet; the
+        # planner counts what is held between I and W. Before memory.hold counted the queue at
+        # all, ZB-H1's rank 1 measured 28% under the planner (small: 62.7 vs 87.7 MiB).
+        rel = 0.025 if CASES[name].get("schedule", "").startswith("zb") else 0.01
+        assert acts == pytest.approx(want["activations"], rel=rel), f"rank {rank}: {acts} {want}"
     if name.endswith("-moe"):
         # An ep rank's experts keep the rows routed to them: +-4% of a balanced share on these 2
         # steps (measured); over the ep group the rows are every token's k, whatever the routing,

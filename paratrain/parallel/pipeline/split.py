@@ -38,18 +38,20 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from paratrain.parallel.memory import hold
+
 
 class WeightGrads:
     """The deferred ``dL/dW`` of one micro-batch through one chunk."""
 
     def __init__(self) -> None:
-        self.queue: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (W, x, dy)
+        self.queue: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]] = []  # (W, x, dy, meter token)
 
     def run(self) -> None:
         """``W``: every queued ``dL/dW = dy^T x``, accumulated into ``W.grad`` (one autograd
         call, so post-accumulate hooks fire once per weight); frees ``x`` and ``dy``."""
         weights, grads = [], []
-        for weight, x, dy in self.queue:
+        for weight, x, dy, _held in self.queue:
             g = dy.reshape(-1, dy.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1]))
             weights.append(weight)
             grads.append(g.to(weight.dtype))
@@ -85,7 +87,7 @@ class _SplitLinear(torch.autograd.Function):
         x, w = ctx.saved_tensors
         dx = dy.matmul(w).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
         db = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        ctx.box.queue.append((ctx.weight, x, dy))
+        ctx.box.queue.append((ctx.weight, x, dy, hold(x, dy)))  # counted by --measure-memory until W
         return dx, None, db, None, None
 
 
