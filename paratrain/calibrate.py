@@ -38,7 +38,9 @@ and runs its collectives through :mod:`paratrain.comm`, as training does; the pl
   and that is kept as a measurement only), for several S; each device sends 2 (n - 1)/n S = S
   bytes (n = 2) in 2 (n - 1) = 2 latency-bound steps, so the least-squares fit of the medians to
   t = 2 alpha + S / bw gives the link's bandwidth bw and per-step latency alpha;
-* the same with twice as many processes as cores (a 4 KiB all-reduce over its 2(n - 1) ring
+* forward + backward of ``small`` (4 sequences) alone and in one process per core at once:
+  ``busy_compute_slowdown``, what processes that fill the cores cost each other;
+* the same all-reduce with twice as many processes as cores (a 4 KiB all-reduce over its 2(n - 1) ring
   steps): ``shared_latency_s``, which the planner uses when processes outnumber cores.
 
 The profile's device is one process with one thread (how ``paratrain train`` runs ranks on a
@@ -66,10 +68,10 @@ if TYPE_CHECKING:
 FULL = {"matmul_1t": (128, 256, 512, 1024), "matmul_all": (512, 1024, 2048), "matmul_bf16": (512, 1024),
         "copy_mib": 256, "allreduce_bytes": (2**10, 2**14, 2**18, 2**20, 2**22, 2**24), "budget_s": 0.25,
         "layer_points": (("tiny-deep", 2), ("tiny-deep", 8), ("tiny", 2), ("tiny", 8), ("small", 2), ("small", 4),
-                         ("medium", 2)), "busy_reps": 40}
+                         ("medium", 2)), "busy_point": ("small", 4), "busy_reps": 40}
 QUICK = {"matmul_1t": (128, 256), "matmul_all": (256,), "matmul_bf16": (128,), "copy_mib": 16,
          "allreduce_bytes": (2**10, 2**16, 2**20), "budget_s": 0.02,
-         "layer_points": (("tiny-deep", 2), ("tiny", 2), ("small", 2)),
+         "layer_points": (("tiny-deep", 2), ("tiny", 2), ("small", 2)), "busy_point": ("tiny", 2),
          "busy_reps": 5}
 
 
@@ -354,6 +356,23 @@ def busy_allreduce_worker(sizes: tuple[int, ...], compute_s: float, reps: int, t
         shutdown_distributed(ok)
 
 
+def busy_layers_worker(name: str, batch: int, budget_s: float, timeout_s: float) -> float:
+    """Runs on each of ``cores`` ranks at once: :func:`measure_layers`' median seconds while every
+    core runs the same (the ranks start together after a barrier)."""
+    from paratrain import comm
+    from paratrain.launch import shutdown_distributed
+
+    world = _join(timeout_s)
+    ok = False
+    try:
+        comm.barrier(world)
+        seconds = measure_layers(name, batch, 128, budget_s)["seconds"]
+        ok = True
+        return seconds
+    finally:
+        shutdown_distributed(ok)
+
+
 def fit_link(sizes: tuple[int, ...], seconds: list[float], steps: int) -> tuple[float, float]:
     """Least-squares fit of t = steps * alpha + S / bw over (S, t): returns (bw, alpha)."""
     k = len(sizes)
@@ -413,11 +432,18 @@ def _measure_link(cfg: dict[str, Any], cores: int, log: Callable[[str], None]) -
     log(f"[5/5] gloo all-reduce between local processes, {len(sizes)} sizes (starting processes)")
     idle = launch(allreduce_worker, (sizes, cfg["budget_s"], 60.0), 2)[0]
     log("      idle peers: " + ", ".join(f"{s / 2**10:g} KiB {t * 1e6:.0f} us" for s, t in zip(sizes, idle)))
-    busy = launch(busy_allreduce_worker, (sizes, 4e-3, cfg["busy_reps"], 60.0), 2)[0]
-    bw, alpha = fit_link(sizes, busy, steps=2)
+    busy_ar = launch(busy_allreduce_worker, (sizes, 4e-3, cfg["busy_reps"], 60.0), 2)[0]
+    bw, alpha = fit_link(sizes, busy_ar, steps=2)
     log("      peers computing between collectives: "
-        + ", ".join(f"{s / 2**10:g} KiB {t * 1e6:.0f} us" for s, t in zip(sizes, busy)))
+        + ", ".join(f"{s / 2**10:g} KiB {t * 1e6:.0f} us" for s, t in zip(sizes, busy_ar)))
     log(f"      fit: {bw / 1e9:.2f} GB/s, {alpha * 1e6:.1f} us per ring step")
+    # the layers alone (again, now) and with every core running them at once
+    model, batch = cfg["busy_point"]
+    solo = measure_layers(model, batch, 128, 4 * cfg["budget_s"])["seconds"]
+    busy = launch(busy_layers_worker, (model, batch, 4 * cfg["budget_s"], 60.0), cores)
+    slowdown = max(1.0, statistics.median(busy) / solo)
+    log(f"      {model} x {batch} sequences: {solo * 1e3:.1f} ms alone, {statistics.median(busy) * 1e3:.1f} ms with all "
+        f"{cores} cores busy: x{slowdown:.3f}")
     n = 2 * cores
     shared = launch(busy_allreduce_worker, (sizes[:1], 4e-3, cfg["busy_reps"], 60.0), n)[0][0] / (2 * (n - 1))
     log(f"      {n} processes on {cores} cores: {shared * 1e6:.0f} us per ring step")
@@ -432,7 +458,8 @@ def _measure_link(cfg: dict[str, Any], cores: int, log: Callable[[str], None]) -
         slow[op] = max(1.0, statistics.median(g / r for g, r in zip(got, ring)))
         timings = ", ".join(f"{s / 2**10:g} KiB {t * 1e6:.0f} us" for s, t in zip(big, got))
         log(f"      {op.replace('_', '-')}: {timings} = {slow[op]:.2f}x the ring on this link")
-    return {"allreduce_bytes": list(sizes), "allreduce_seconds_idle": idle, "allreduce_seconds_busy": busy,
+    return {"layers_alone_s": solo, "layers_all_cores_s": busy, "busy_compute_slowdown": slowdown,
+            "allreduce_bytes": list(sizes), "allreduce_seconds_idle": idle, "allreduce_seconds_busy": busy_ar,
             "link_bandwidth": bw, "link_latency_s": alpha, "shared_latency_s": max(shared, alpha),
             "reduce_scatter_slowdown": slow["reduce_scatter"], "all_gather_slowdown": slow["all_gather"]}
 
@@ -455,7 +482,7 @@ def calibrate(quick: bool = False, collectives: bool = True,
     else:
         log("[5/5] collectives skipped: link figures are placeholders (1 GB/s, no latency)")
         meas.update(link_bandwidth=1e9, link_latency_s=0.0, shared_latency_s=0.0, reduce_scatter_slowdown=1.0,
-                    all_gather_slowdown=1.0)
+                    all_gather_slowdown=1.0, busy_compute_slowdown=1.0)
     meas["collectives_measured"] = collectives
     bf16 = max(meas["matmul_bf16_1thread"].values())
     bw, alpha = meas["link_bandwidth"], meas["link_latency_s"]
@@ -465,7 +492,7 @@ def calibrate(quick: bool = False, collectives: bool = True,
         memory_bw=meas["optimizer"]["bandwidth"], intra_node_bw=bw, inter_node_bw=bw, devices_per_node=cores,
         compute_efficiency=meas["compute_efficiency"], intra_node_latency_s=alpha, inter_node_latency_s=alpha, cores_per_node=cores,
         shared_latency_s=meas["shared_latency_s"], reduce_scatter_slowdown=meas["reduce_scatter_slowdown"],
-        all_gather_slowdown=meas["all_gather_slowdown"],
+        all_gather_slowdown=meas["all_gather_slowdown"], busy_compute_slowdown=meas["busy_compute_slowdown"],
         elementwise_s_per_byte=meas["elementwise_s_per_byte"], layer_overhead_s=meas["layer_overhead_s"],
         pack_s_per_byte=meas["pack_s_per_byte"],
         source=f"paratrain calibrate on {platform.node()}: one process with one thread per core; "

@@ -57,6 +57,18 @@ def compute_share(hw: Hardware, world_size: int) -> float:
     return min(1.0, hw.cores_per_node / min(world_size, hw.devices_per_node))
 
 
+def busy_factor(hw: Hardware, world_size: int) -> float:
+    """How much slower each process computes under ``world_size`` processes: the profile's
+    ``busy_compute_slowdown`` when they fill the node's cores (every core computes at once and
+    they share memory bandwidth and caches), else 1. A device with ``cores_per_node`` = 0 takes
+    the figure as given (the simulator's unshared copy carries the factor decided here)."""
+    if hw.busy_compute_slowdown <= 1:
+        return 1.0
+    if not hw.cores_per_node:
+        return hw.busy_compute_slowdown
+    return hw.busy_compute_slowdown if min(world_size, hw.devices_per_node) >= hw.cores_per_node else 1.0
+
+
 def overlaps_dp(hw: Hardware, world_size: int, options: CostOptions) -> bool:
     """Whether data-parallel communication can hide behind compute. Not when CPU processes
     occupy every core of their node (``cores_per_node`` > 0): gloo moves and sums the bytes on
@@ -104,10 +116,11 @@ class _Layout(LayoutMemory):
         L, p, t, b, s, h = layout, self.p, self.t, self.b, self.s, self.h
         F, V = model.ffn_hidden, self.V
         self.hw = hw
-        self.share = compute_share(hw, L.world_size)
+        # a core's share per process, and what the processes filling the cores cost each other
+        self.share = compute_share(hw, L.world_size) / busy_factor(hw, L.world_size)
         self.rate = hw.peak_flops(precision) * (options.efficiency or hw.compute_efficiency) * self.share
         self.speeds = options.rank_speeds or (1.0,) * p
-        if self.share < 1 and hw.shared_latency_s:  # processes outnumber cores: peers answer later
+        if compute_share(hw, L.world_size) < 1 and hw.shared_latency_s:  # more processes than cores: peers answer later
             hw = hw.replace(intra_node_latency_s=hw.shared_latency_s)
         self.link_hw = hw
         # per rank: the per-token work of s / cp tokens, the ring's share of the scores (plan/context.py)

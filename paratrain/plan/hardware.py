@@ -63,6 +63,10 @@ class Hardware:
     sequence slice for sequence parallelism's gathers and scatters and clones gradients before
     reducing them), on its own compute; 0 (the catalog's GPUs): not priced. Measured by
     ``paratrain calibrate``.
+    ``busy_compute_slowdown``: how many times longer a process's layers take while every core
+    of its node runs one (memory bandwidth and caches shared; >= 1; 1: not measured, or
+    devices that share nothing). Measured by ``paratrain calibrate`` (the same forward +
+    backward alone and on every core at once); applied when a layout's processes fill the cores.
     ``shared_latency_s``: the intra-node latency per ring step when the node's processes
     outnumber its cores (a peer may wait for a core before it answers); 0 = the same as
     ``intra_node_latency_s``. Measured by ``paratrain calibrate``.
@@ -91,6 +95,7 @@ class Hardware:
     elementwise_s_per_byte: float = 0.0
     layer_overhead_s: float = 0.0
     pack_s_per_byte: float = 0.0
+    busy_compute_slowdown: float = 1.0
     shared_latency_s: float = 0.0
     reduce_scatter_slowdown: float = 1.0
     all_gather_slowdown: float = 1.0
@@ -119,10 +124,10 @@ class Hardware:
         if not isinstance(self.devices_per_node, int) or self.devices_per_node < 1:
             raise ConfigError(f"hardware {self.name!r}: devices_per_node must be a positive integer, "
                               f"got {self.devices_per_node!r}.")
-        for field in ("reduce_scatter_slowdown", "all_gather_slowdown"):
+        for field in ("reduce_scatter_slowdown", "all_gather_slowdown", "busy_compute_slowdown"):
             value = getattr(self, field)
             if not isinstance(value, (int, float)) or not value >= 1:
-                raise ConfigError(f"hardware {self.name!r}: {field} must be a number >= 1 (1 = a ring), "
+                raise ConfigError(f"hardware {self.name!r}: {field} must be a number >= 1 (1 = a ring / no slowdown), "
                                   f"got {value!r}.")
         if not 0 < self.compute_efficiency <= 1:
             raise ConfigError(f"hardware {self.name!r}: compute_efficiency must be in (0, 1], "
@@ -157,8 +162,8 @@ class Hardware:
 
 
 _OPTIONAL = {"compute_efficiency", "intra_node_latency_s", "inter_node_latency_s", "cores_per_node",
-             "elementwise_s_per_byte", "layer_overhead_s", "pack_s_per_byte", "shared_latency_s",
-             "reduce_scatter_slowdown",
+             "elementwise_s_per_byte", "layer_overhead_s", "pack_s_per_byte", "busy_compute_slowdown",
+             "shared_latency_s", "reduce_scatter_slowdown",
              "all_gather_slowdown",
              "source"}
 

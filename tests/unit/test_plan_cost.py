@@ -424,3 +424,24 @@ def test_a_tp_collective_also_copies_its_whole_payload_on_the_rank(sp: bool) -> 
         for ph in (traffic.FORWARD, traffic.BACKWARD)}
     assert more.tp_s - base.tp_s == pytest.approx(pack * (moved[traffic.FORWARD] + moved[traffic.BACKWARD]), rel=1e-9)
     assert (more.forward_s, more.backward_s) == (base.forward_s, base.backward_s)
+
+
+def test_busy_cores_slow_compute_only_when_the_processes_fill_them() -> None:
+    """``Hardware.busy_compute_slowdown`` (calibrate: the layers alone vs on every core at once)
+    stretches compute and the optimizer by exactly that factor when a layout's processes fill the
+    node's cores, and not when they leave a core free; the simulator agrees. Catches the factor
+    applied to one process on a 2-core node, dropped by the simulator's unshared copy, or
+    applied to the communication."""
+    from paratrain.plan.simulate import simulate_step
+
+    model = get_model_config("tiny")
+    cpu = get_hardware("cpu").replace(cores_per_node=2, devices_per_node=2)
+    slow = cpu.replace(busy_compute_slowdown=1.25)
+    one, two = Layout(), Layout(dp=2)
+    assert stage_costs(model, one, slow, 8, 64, "fp32") == stage_costs(model, one, cpu, 8, 64, "fp32")
+    base, busy = stage_costs(model, two, cpu, 8, 64, "fp32")[0], stage_costs(model, two, slow, 8, 64, "fp32")[0]
+    assert (busy.forward_s, busy.backward_s, busy.optimizer_s) == pytest.approx(
+        (1.25 * base.forward_s, 1.25 * base.backward_s, 1.25 * base.optimizer_s), rel=1e-9)
+    assert busy.dp_bytes == base.dp_bytes
+    sim0, sim1 = simulate_step(model, two, cpu, 8, 64, "fp32"), simulate_step(model, two, slow, 8, 64, "fp32")
+    assert sim1.estimate.time.compute == pytest.approx(1.25 * sim0.estimate.time.compute, rel=1e-9)
