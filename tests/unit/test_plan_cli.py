@@ -165,3 +165,32 @@ def test_layout_flag_help_says_what_each_command_does(capsys: pytest.CaptureFixt
     assert "--dp N data-parallel degree (default: 1)" in help_of("estimate")
     plan = help_of("plan")
     assert "--dp N data-parallel degree (searched; the flag pins it)" in plan and "2 when nothing" not in plan
+
+
+def test_every_validation_layout_is_a_run_train_accepts_and_the_planner_predicts(tmp_path: Path) -> None:
+    """benchmarks/validate_planner.py's layouts (issue 12: at least 20, with bf16, the zero-bubble
+    schedules and ZeRO-3 in a pipeline): each is a valid training configuration whose flags
+    `paratrain train` parses back into the same layout, and the planner predicts every rank."""
+    import argparse
+    import importlib.util
+
+    from paratrain.cli import build_parser
+    from paratrain.cli.common import build_train_config
+
+    spec = importlib.util.spec_from_file_location("validate_planner", ROOT / "benchmarks" / "validate_planner.py")
+    vp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vp)
+    assert len(vp.LAYOUTS) >= 20
+    assert {"zb-h1", "zb-v"} <= {lay.get("schedule") for lay in vp.LAYOUTS.values()}
+    assert any(lay.get("precision") == "bf16" for lay in vp.LAYOUTS.values())
+    assert any(lay.get("zero") == 3 and lay.get("pp", 1) > 1 for lay in vp.LAYOUTS.values())
+    opts = argparse.Namespace(model="small", global_batch=16, seq_len=128, steps=12, warmup=3,
+                              profile=str(tmp_path / "none.json"))
+    for name, lay in vp.LAYOUTS.items():
+        argv = vp.train_args(lay, opts, tmp_path / name)[3:]  # after `python -m paratrain`
+        cfg = build_train_config(build_parser("train").parse_args(argv))
+        fields, model, precision = vp.split(lay, opts)
+        assert (cfg.model, cfg.precision) == (model, precision), name
+        assert all(getattr(cfg.layout, k) == v for k, v in fields.items()), name
+        pred = vp.predict(lay, opts)
+        assert len(pred["memory_per_rank"]) == cfg.layout.world_size and pred["step_time_s"] > 0, name
