@@ -68,10 +68,11 @@ if TYPE_CHECKING:
 FULL = {"matmul_1t": (128, 256, 512, 1024), "matmul_all": (512, 1024, 2048), "matmul_bf16": (512, 1024),
         "copy_mib": 256, "allreduce_bytes": (2**10, 2**14, 2**18, 2**20, 2**22, 2**24), "budget_s": 0.25,
         "layer_points": (("tiny-deep", 2), ("tiny-deep", 8), ("tiny", 2), ("tiny", 8), ("small", 2), ("small", 4),
-                         ("medium", 2)), "busy_point": ("small", 4), "busy_reps": 40}
+                         ("medium", 2)), "busy_point": ("small", 4), "busy_reps": 40,
+        "bf16_points": (("tiny-deep", 2), ("tiny", 2), ("tiny", 4))}
 QUICK = {"matmul_1t": (128, 256), "matmul_all": (256,), "matmul_bf16": (128,), "copy_mib": 16,
          "allreduce_bytes": (2**10, 2**16, 2**20), "budget_s": 0.02,
-         "layer_points": (("tiny-deep", 2), ("tiny", 2), ("small", 2)), "busy_point": ("tiny", 2),
+         "layer_points": (("tiny-deep", 2), ("tiny", 2), ("small", 2)), "busy_point": ("tiny", 2), "bf16_points": (),
          "busy_reps": 5}
 
 
@@ -146,35 +147,87 @@ def measure_copy_bandwidth(mib: int, threads: int, budget_s: float = 0.25) -> fl
         torch.set_num_threads(old)
 
 
-def measure_layers(model_name: str, batch: int, seq_len: int, budget_s: float) -> dict[str, float]:
-    """Forward + backward of reference GPT ``model_name`` on one thread (fp32): seconds, model
-    FLOPs, the bytes of activations it produces (the planner's accounting of the runtime) and its
-    layers."""
+def layer_point(model_name: str, batch: int, seq_len: int, seconds: float, dtype: str = "float32") -> dict[str, Any]:
+    """One measured forward + backward of reference GPT ``model_name`` as the fit takes it: its
+    seconds, model FLOPs, the bytes of activations it produces (the planner's accounting of the
+    runtime) and its layers."""
+    from paratrain.models.configs import get_model_config
+    from paratrain.plan import formulas as f
+
+    cfg = get_model_config(model_name)
+    h, F, a = cfg.hidden, cfg.ffn_hidden, cfg.num_heads
+    e = 2 if dtype == "bfloat16" else 4
+    acts = cfg.num_layers * f.layer_activation_bytes(seq_len, batch, h, a, F, elem_bytes=e, dropout=False,
+                                                     store_scores=False) \
+        + f.output_activation_bytes(seq_len, batch, h, cfg.vocab_size, elem_bytes=e)
+    return {"model": model_name, "batch": batch, "dtype": dtype, "seconds": seconds,
+            "flops": f.step_flops(cfg, batch, seq_len), "activation_bytes": acts, "layers": cfg.num_layers}
+
+
+def measure_layers(model_name: str, batch: int, seq_len: int, budget_s: float,
+                   dtype: str = "float32") -> dict[str, Any]:
+    """:func:`layer_point` of forward + backward of ``model_name`` on one thread (fp32, or bf16
+    weights and activations as ``--precision bf16`` runs them), the median of repeated runs."""
     import torch
 
     from paratrain.models.configs import get_model_config
     from paratrain.models.gpt import build_reference
-    from paratrain.plan import formulas as f
 
     cfg = get_model_config(model_name)
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        model = build_reference(cfg, 0)
+        model = build_reference(cfg, 0).to(getattr(torch, dtype))
         x = torch.randint(0, cfg.vocab_size, (batch, seq_len))
 
         def step() -> None:
-            model(x, x).backward()
+            model(x, x).float().backward()
 
         seconds = _median_seconds(step, budget_s, min_runs=5)
     finally:
         torch.set_num_threads(old)
-    h, F, a = cfg.hidden, cfg.ffn_hidden, cfg.num_heads
-    acts = cfg.num_layers * f.layer_activation_bytes(seq_len, batch, h, a, F, elem_bytes=4, dropout=False,
-                                                     store_scores=False) \
-        + f.output_activation_bytes(seq_len, batch, h, cfg.vocab_size, elem_bytes=4)
-    return {"model": model_name, "batch": batch, "seconds": seconds, "flops": f.step_flops(cfg, batch, seq_len),
-            "activation_bytes": acts, "layers": cfg.num_layers}
+    return layer_point(model_name, batch, seq_len, seconds, dtype)
+
+
+def measure_layer_points(points: tuple[tuple[str, int], ...], budget_s: float, dtype: str = "float32",
+                         rounds: int = 5) -> list[dict[str, Any]]:
+    """:func:`layer_point` of every (model, batch) point, taken round-robin: ``rounds`` passes
+    over all the points, about ``budget_s / rounds`` seconds of calls of each per pass, each
+    point's median over every pass. A
+    machine whose speed drifts over a minute (a VM's neighbours) then moves every point alike,
+    which the fit absorbs in its rate, instead of tilting the fit between the points measured
+    early and late (one point per block measured: the per-layer term swung 1.2-2.5 ms between
+    two calibrations on an AVX2 VM)."""
+    import torch
+
+    from paratrain.models.configs import get_model_config
+    from paratrain.models.gpt import build_reference
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runs = []
+        for name, batch in points:
+            cfg = get_model_config(name)
+            model = build_reference(cfg, 0).to(getattr(torch, dtype))
+            x = torch.randint(0, cfg.vocab_size, (batch, 128))
+            runs.append((lambda model=model, x=x: model(x, x).float().backward()))
+            runs[-1]()  # warm-up
+        times: list[list[float]] = [[] for _ in points]
+        for _ in range(rounds):
+            for i, step in enumerate(runs):
+                spent = 0.0
+                while spent < budget_s / rounds:  # at least one call per pass
+                    t0 = time.perf_counter()
+                    step()
+                    times[i].append(time.perf_counter() - t0)
+                    spent += times[i][-1]
+    finally:
+        torch.set_num_threads(old)
+    out = []
+    for (name, batch), ts in zip(points, times):
+        out.append(layer_point(name, batch, 128, statistics.median(ts), dtype))
+    return out
 
 
 def fit_layer_work(points: list[dict[str, float]]) -> tuple[float, float, float]:
@@ -404,7 +457,7 @@ def _measure_compute(cfg: dict[str, Any], cores: int, log: Callable[[str], None]
     log(f"      {copy_bw / 1e9:.1f} GB/s")
     peak = max(one.values())
     log("[4/5] forward + backward of reference GPTs, fitted: matmul rate, memory-bound work, per-layer cost")
-    points = [measure_layers(name, batch, 128, 4 * budget) for name, batch in cfg["layer_points"]]
+    points = measure_layer_points(cfg["layer_points"], 4 * budget)
     rate, lam, per_layer = fit_layer_work(points)
     for pt in points:
         fit = pt["flops"] / rate + lam * pt["activation_bytes"] + per_layer * pt["layers"]
@@ -413,6 +466,18 @@ def _measure_compute(cfg: dict[str, Any], cores: int, log: Callable[[str], None]
             f"{fit * 1e3:.1f} ms fitted ({pt['fit_error']:+.1%})")
     log(f"      fit: matmuls at {rate / 1e9:.1f} GFLOP/s ({rate / peak:.0%} of the best), "
         f"{lam * 1e9:.3f} ns per activation byte, {per_layer * 1e3:.2f} ms per layer")
+    # bf16 (weights and activations in bf16, as --precision bf16 trains): its own matmul rate and
+    # memory-bound cost per byte (a CPU without bf16 units converts to fp32 and back), the
+    # per-layer cost taken from the fp32 fit
+    bf16_rate, bf16_lam = 0.0, 0.0
+    if cfg["bf16_points"]:
+        pts = measure_layer_points(cfg["bf16_points"], 4 * budget, "bfloat16")
+        bf16_rate, bf16_lam, _ = fit_layer_work([dict(p, seconds=p["seconds"] - per_layer * p["layers"], layers=0)
+                                                 for p in pts])
+        seen = ", ".join(f"{p['model']} x {p['batch']} {p['seconds'] * 1e3:.0f} ms" for p in pts)
+        log(f"      bf16 layers: matmuls at {bf16_rate / 1e9:.1f} GFLOP/s, {bf16_lam * 1e9:.3f} ns per activation byte "
+            f"({seen})")
+        points += pts
     pack = measure_packing((16, 128, 256), 2, budget)
     log(f"      a collective's packing copy of a 2 MiB activation: {pack * 1e9:.3f} ns per byte")
     opt = measure_optimizer("small", 4 * budget)
@@ -421,7 +486,7 @@ def _measure_compute(cfg: dict[str, Any], cores: int, log: Callable[[str], None]
     return {"matmul_fp32_1thread": one, "matmul_fp32_all_threads": every, "matmul_bf16_1thread": bf16,
             "copy_bandwidth": copy_bw, "layer_points": points, "layer_rate": rate,
             "compute_efficiency": min(1.0, rate / peak), "elementwise_s_per_byte": lam, "layer_overhead_s": per_layer,
-            "pack_s_per_byte": pack,
+            "pack_s_per_byte": pack, "bf16_layer_rate": bf16_rate, "elementwise_s_per_byte_bf16": bf16_lam,
             "optimizer": opt}
 
 
@@ -440,7 +505,7 @@ def _measure_link(cfg: dict[str, Any], cores: int, log: Callable[[str], None]) -
     # the layers alone (again, now) and with every core running them at once
     model, batch = cfg["busy_point"]
     solo = measure_layers(model, batch, 128, 4 * cfg["budget_s"])["seconds"]
-    busy = launch(busy_layers_worker, (model, batch, 4 * cfg["budget_s"], 60.0), cores)
+    busy = list(launch(busy_layers_worker, (model, batch, 4 * cfg["budget_s"], 60.0), cores).values())  # per rank
     slowdown = max(1.0, statistics.median(busy) / solo)
     log(f"      {model} x {batch} sequences: {solo * 1e3:.1f} ms alone, {statistics.median(busy) * 1e3:.1f} ms with all "
         f"{cores} cores busy: x{slowdown:.3f}")
@@ -485,6 +550,8 @@ def calibrate(quick: bool = False, collectives: bool = True,
                     all_gather_slowdown=1.0, busy_compute_slowdown=1.0)
     meas["collectives_measured"] = collectives
     bf16 = max(meas["matmul_bf16_1thread"].values())
+    if meas.get("bf16_layer_rate"):  # the planner's bf16 rate is peak x efficiency: make it the layers' fitted one
+        bf16 = meas["bf16_layer_rate"] / meas["compute_efficiency"]
     bw, alpha = meas["link_bandwidth"], meas["link_latency_s"]
     hw = Hardware(
         name=f"profile:{platform.node()}", peak_bf16_flops=bf16, peak_fp16_flops=bf16,
@@ -494,7 +561,7 @@ def calibrate(quick: bool = False, collectives: bool = True,
         shared_latency_s=meas["shared_latency_s"], reduce_scatter_slowdown=meas["reduce_scatter_slowdown"],
         all_gather_slowdown=meas["all_gather_slowdown"], busy_compute_slowdown=meas["busy_compute_slowdown"],
         elementwise_s_per_byte=meas["elementwise_s_per_byte"], layer_overhead_s=meas["layer_overhead_s"],
-        pack_s_per_byte=meas["pack_s_per_byte"],
+        pack_s_per_byte=meas["pack_s_per_byte"], elementwise_s_per_byte_bf16=meas["elementwise_s_per_byte_bf16"],
         source=f"paratrain calibrate on {platform.node()}: one process with one thread per core; "
                f"inter-node link not measured (set to the gloo loopback figure)",
     )

@@ -134,8 +134,10 @@ class _Layout(LayoutMemory):
         self.layer_rec = self.layer_rec if cp > 1 else f.recompute_forward_flops(L.recompute, b, s, h, F, **shape) / t
         self.head_fwd = f.head_forward_flops(b, s, h, V) / (t * cp)
         # memory-bound seconds of one layer's / the head's forward + backward on an unshared device
-        self.ew_layer = hw.elementwise_s_per_byte * self.full_layer
-        self.ew_head = hw.elementwise_s_per_byte * self.head_act
+        lam = hw.elementwise_s_per_byte_bf16 if precision == "bf16" and hw.elementwise_s_per_byte_bf16 \
+            else hw.elementwise_s_per_byte
+        self.ew_layer = lam * self.full_layer
+        self.ew_head = lam * self.head_act
         self.pipe_bound: float | None = None  # step_time_lower_bound's pipeline part
         self.max_params = 0.0  # and the largest rank's parameters
         self.max_units = 0  # and ZeRO-3 units

@@ -54,6 +54,10 @@ class Hardware:
     it produces, on top of its matmul FLOPs at ``peak x efficiency``. 0 (the catalog's GPUs): that
     work is folded into the fitted efficiency instead. ``paratrain calibrate`` measures it on CPUs,
     where small layers spend a fifth to a quarter of their time there.
+    ``elementwise_s_per_byte_bf16``: the same for ``--precision bf16``'s bf16 activations (a
+    CPU without bf16 units converts every element to fp32 and back: per byte it costs more than
+    fp32's); 0 = ``elementwise_s_per_byte``. ``paratrain calibrate`` fits it with the bf16 matmul
+    rate the layers reach (the profile's ``peak_bf16_flops`` is that rate / ``compute_efficiency``).
     ``layer_overhead_s``: fixed seconds of one transformer layer's forward + backward of one
     micro-batch, whatever its size (Python, autograd's bookkeeping, kernel launches), on an
     unshared device; 0 (the catalog's GPUs): folded into the efficiency. ``paratrain calibrate``
@@ -93,6 +97,7 @@ class Hardware:
     inter_node_latency_s: float = 0.0
     cores_per_node: float = 0
     elementwise_s_per_byte: float = 0.0
+    elementwise_s_per_byte_bf16: float = 0.0
     layer_overhead_s: float = 0.0
     pack_s_per_byte: float = 0.0
     busy_compute_slowdown: float = 1.0
@@ -113,7 +118,8 @@ class Hardware:
             if not isinstance(value, (int, float)) or not value > 0:
                 raise ConfigError(f"hardware {self.name!r}: {field} must be a positive number, got {value!r}.")
         for field in ("peak_bf16_flops", "memory_bw", "intra_node_latency_s", "inter_node_latency_s",
-                      "elementwise_s_per_byte", "layer_overhead_s", "pack_s_per_byte", "shared_latency_s", "host_link_bw",
+                      "elementwise_s_per_byte", "elementwise_s_per_byte_bf16", "layer_overhead_s", "pack_s_per_byte",
+                      "shared_latency_s", "host_link_bw",
                       "host_memory_bw"):
             value = getattr(self, field)
             if not isinstance(value, (int, float)) or value < 0:
@@ -162,7 +168,8 @@ class Hardware:
 
 
 _OPTIONAL = {"compute_efficiency", "intra_node_latency_s", "inter_node_latency_s", "cores_per_node",
-             "elementwise_s_per_byte", "layer_overhead_s", "pack_s_per_byte", "busy_compute_slowdown",
+             "elementwise_s_per_byte", "elementwise_s_per_byte_bf16", "layer_overhead_s", "pack_s_per_byte",
+             "busy_compute_slowdown",
              "shared_latency_s", "reduce_scatter_slowdown",
              "all_gather_slowdown",
              "source"}

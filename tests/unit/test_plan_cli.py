@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import os
 import subprocess
 import sys
@@ -130,6 +131,12 @@ def test_calibrate_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert hw["elementwise_s_per_byte"] >= 0 and hw["layer_overhead_s"] >= 0
     assert hw["elementwise_s_per_byte"] + hw["layer_overhead_s"] > 0
     assert len(doc["measurements"]["layer_points"]) == 3
+    # busy cores: the same layers alone and on every core at once, one figure per rank (a dict's
+    # keys once stood in for the seconds: a "500 ms" median of ranks 0 and 1)
+    m = doc["measurements"]
+    assert isinstance(m["layers_all_cores_s"], list) and len(m["layers_all_cores_s"]) == hw["cores_per_node"]
+    assert hw["busy_compute_slowdown"] == pytest.approx(
+        max(1.0, statistics.median(m["layers_all_cores_s"]) / m["layers_alone_s"]))
     assert len(doc["measurements"]["allreduce_seconds_busy"]) == len(doc["measurements"]["allreduce_seconds_idle"]) == 3
     d = run_json(capsys, "estimate", "--model", "tiny", "--dp", "2", "--global-batch", "8", "--seq-len", "128",
                  "--precision", "fp32", "--profile", str(out))
