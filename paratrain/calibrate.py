@@ -38,8 +38,9 @@ and runs its collectives through :mod:`paratrain.comm`, as training does; the pl
   and that is kept as a measurement only), for several S; each device sends 2 (n - 1)/n S = S
   bytes (n = 2) in 2 (n - 1) = 2 latency-bound steps, so the least-squares fit of the medians to
   t = 2 alpha + S / bw gives the link's bandwidth bw and per-step latency alpha;
-* forward + backward of ``small`` (4 sequences) alone and in one process per core at once:
-  ``busy_compute_slowdown``, what processes that fill the cores cost each other;
+* forward + backward of ``small`` (4 sequences) alone and in one process per core at once,
+  alternately in the same processes: ``busy_compute_slowdown``, what processes that fill the
+  cores cost each other;
 * the same all-reduce with twice as many processes as cores (a 4 KiB all-reduce over its 2(n - 1) ring
   steps): ``shared_latency_s``, which the planner uses when processes outnumber cores.
 
@@ -409,19 +410,46 @@ def busy_allreduce_worker(sizes: tuple[int, ...], compute_s: float, reps: int, t
         shutdown_distributed(ok)
 
 
-def busy_layers_worker(name: str, batch: int, budget_s: float, timeout_s: float) -> float:
-    """Runs on each of ``cores`` ranks at once: :func:`measure_layers`' median seconds while every
-    core runs the same (the ranks start together after a barrier)."""
+def busy_layers_worker(name: str, batch: int, budget_s: float, timeout_s: float,
+                       pairs: int = 3) -> tuple[float | None, float]:
+    """Runs on each of ``cores`` ranks: forward + backward of ``name`` x ``batch`` (one thread),
+    alternately on rank 0 alone (the others wait at a barrier) and on every rank at once,
+    ``pairs`` times, about ``budget_s`` each; returns (rank 0's median alone or None, this
+    rank's median with every core busy). Alternating in the same processes keeps a VM's drift
+    out of the ratio (one block of each, minutes apart, gave 1.08 to 1.42 on the same machine)."""
+    import torch
+
     from paratrain import comm
     from paratrain.launch import shutdown_distributed
+    from paratrain.models.configs import get_model_config
+    from paratrain.models.gpt import build_reference
 
     world = _join(timeout_s)
     ok = False
     try:
-        comm.barrier(world)
-        seconds = measure_layers(name, batch, 128, budget_s)["seconds"]
+        cfg = get_model_config(name)
+        model = build_reference(cfg, 0)
+        x = torch.randint(0, cfg.vocab_size, (batch, 128))
+
+        def timed(out: list[float]) -> None:
+            spent = 0.0
+            while spent < budget_s:
+                t0 = time.perf_counter()
+                model(x, x).backward()
+                out.append(time.perf_counter() - t0)
+                spent += out[-1]
+
+        model(x, x).backward()  # warm-up
+        alone: list[float] = []
+        busy: list[float] = []
+        for _ in range(pairs):
+            comm.barrier(world)
+            if world.rank == 0:
+                timed(alone)
+            comm.barrier(world)
+            timed(busy)
         ok = True
-        return seconds
+        return (statistics.median(alone) if alone else None), statistics.median(busy)
     finally:
         shutdown_distributed(ok)
 
@@ -504,8 +532,8 @@ def _measure_link(cfg: dict[str, Any], cores: int, log: Callable[[str], None]) -
     log(f"      fit: {bw / 1e9:.2f} GB/s, {alpha * 1e6:.1f} us per ring step")
     # the layers alone (again, now) and with every core running them at once
     model, batch = cfg["busy_point"]
-    solo = measure_layers(model, batch, 128, 4 * cfg["budget_s"])["seconds"]
-    busy = list(launch(busy_layers_worker, (model, batch, 4 * cfg["budget_s"], 60.0), cores).values())  # per rank
+    got = launch(busy_layers_worker, (model, batch, 2 * cfg["budget_s"], 60.0), cores)  # {rank: (alone, busy)}
+    solo, busy = got[0][0], [got[r][1] for r in sorted(got)]
     slowdown = max(1.0, statistics.median(busy) / solo)
     log(f"      {model} x {batch} sequences: {solo * 1e3:.1f} ms alone, {statistics.median(busy) * 1e3:.1f} ms with all "
         f"{cores} cores busy: x{slowdown:.3f}")
