@@ -1,6 +1,8 @@
 """Group ``pp``: our pipeline runtime vs ``torch.distributed.pipelining`` (ScheduleGPipe, Schedule1F1B).
 
-Two pipeline ranks, the same model split (our cost-balanced partition, applied to two copies of
+Pipeline degrees p = the ``--nproc`` counts of at least 2 (default 2 and 4: one launch of p ranks
+each; at p = 4 on a 2-core machine the four ranks share the cores, one thread each, which the
+rows' notes say), the same model split (our cost-balanced partition, applied to two copies of
 the reference model), micro-batches 4 and 8, the same pre-built batches and threads per rank, in
 the same processes with alternating A/B repeats. Each side runs its schedule's forward and
 backward over the global batch, sums the tied embedding gradient between the two stages (by
@@ -15,57 +17,103 @@ of ours against ours 1F1B at the same m (the "ref" column is our 1F1B), the spee
 buys here. All three alternate in the same processes. Their bubble is reported measured, in
 theory (F = I = W) and simulated with the step's measured mean F, I and W per rank
 (``core.timeline.simulate``).
+
+Rows are named ``pp{p}-{schedule}-m{m}`` (``pp4-zb-h1-m8``, ``pp4-zb-h1-m8-vs-1f1b``, ...).
+``zb-v`` needs 2p pipeline chunks of at least one layer each: a model with fewer than 2p layers
+(``small``, 6 layers, at p = 4) has no ``pp{p}-zb-v`` rows, and that degree's ``zb-h1`` rows say
+so in their note (``--model medium`` or ``tiny-deep``, 8 layers, has them).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from paratrain.bench import BenchOptions, Row, alternate, median, rank_worker
 
-PP = 2
 CASES = (("gpipe", 4), ("1f1b", 4), ("gpipe", 8), ("1f1b", 8))
 ZB_CASES = (("zb-h1", 4), ("zb-v", 4), ("zb-h1", 8), ("zb-v", 8))  # against ours 1F1B
 
 
-def run(opts: BenchOptions) -> list[Row]:
+def degrees(opts: BenchOptions) -> tuple[int, ...]:
+    """The pipeline degrees this group measures: ``opts.nprocs`` of at least 2 (a pipeline of one
+    stage is no pipeline; none: no rows)."""
+    return tuple(n for n in opts.nprocs if n >= 2)
+
+
+def zb_cases(opts: BenchOptions, pp: int) -> tuple[tuple[str, int], ...]:
+    """``ZB_CASES`` that ``opts.model`` can split over ``pp`` ranks: zb-v needs ``2 pp`` chunks of
+    at least one layer each."""
+    from paratrain.config import TrainConfig
+
+    layers = TrainConfig(model=opts.model).model_config().num_layers
+    return tuple((s, m) for s, m in ZB_CASES if s != "zb-v" or layers >= 2 * pp)
+
+
+def skip_note(opts: BenchOptions, pp: int) -> str:
+    """What the zero-bubble rows' notes add when ``zb_cases`` leaves zb-v out ("" otherwise)."""
+    if len(zb_cases(opts, pp)) == len(ZB_CASES):
+        return ""
+    return f"; zb-v not measured at pp {pp}: {opts.model} has fewer than {2 * pp} layers for its {2 * pp} chunks"
+
+
+def check(opts: BenchOptions, asked: bool = False) -> None:
+    """Every layout this group will run, validated (ConfigError) before anything starts; ``asked``
+    (``--only pp``): no degree of at least 2 is an error too."""
     from paratrain.config import Layout, TrainConfig
+    from paratrain.errors import ConfigError
+
+    if asked and not degrees(opts):
+        raise ConfigError(f"bench --only pp needs a --nproc of at least 2 (pipeline ranks), got "
+                          f"{','.join(map(str, opts.nprocs))}.")
+    for pp in degrees(opts):
+        for schedule, m in CASES + zb_cases(opts, pp):
+            TrainConfig(model=opts.model, global_batch=opts.global_batch, seq_len=opts.seq_len,
+                        layout=Layout(pp=pp, microbatches=m, schedule=schedule)).validate()
+
+
+def run(opts: BenchOptions) -> list[Row]:
+    check(opts)
+    return [row for pp in degrees(opts) for row in _run(opts, pp)]
+
+
+def _run(opts: BenchOptions, pp: int) -> list[Row]:
     from paratrain.launch import launch
 
-    for _, m in CASES + ZB_CASES:  # validate before starting anything
-        TrainConfig(model=opts.model, global_batch=opts.global_batch, seq_len=opts.seq_len,
-                    layout=Layout(pp=PP, microbatches=m)).validate()
-    result = launch(rank_worker, (_measure_all, opts), PP)[0]
+    result = launch(rank_worker, (_measure_all, opts), pp)[0]
     tokens = opts.steps * opts.global_batch * opts.seq_len
+    cores = os.cpu_count() or 1
+    shared = f", {pp} ranks sharing {cores} cores" if pp > cores else ""
+    skip = skip_note(opts, pp)
     rows = []
     for case in result["cases"]:
         ours, ref = tokens / median(case["ours"]), tokens / median(case["torch"])
         note = (f"bubble {case['bubble']:.3f} measured vs {case['theory']:.3f} theory, stages "
                 f"{case['stages']}, {result['threads']} thr/rank, max |ours - PyTorch| weight after "
-                f"warm-up {case['param_drift']:.1e}")
-        rows.append(Row(f"pp{PP}-{case['schedule']}-m{case['m']}", ours, ref, {
-            "pp": PP, "schedule": case["schedule"], "microbatches": case["m"], "model": opts.model,
+                f"warm-up {case['param_drift']:.1e}{shared}")
+        rows.append(Row(f"pp{pp}-{case['schedule']}-m{case['m']}", ours, ref, {
+            "pp": pp, "schedule": case["schedule"], "microbatches": case["m"], "model": opts.model,
             "bubble_measured": case["bubble"], "bubble_theory": case["theory"],
             "stage_layers": case["stages"], "threads_per_rank": result["threads"],
             "param_drift_after_warmup": case["param_drift"], "note": note,
         }))
     for case in result["zb"]:
         ours, ref = tokens / median(case["ours"]), tokens / median(case["torch"])
-        rows.append(Row(f"pp{PP}-{case['schedule']}-m{case['m']}", ours, ref, {
-            "pp": PP, "schedule": case["schedule"], "microbatches": case["m"], "model": opts.model,
+        rows.append(Row(f"pp{pp}-{case['schedule']}-m{case['m']}", ours, ref, {
+            "pp": pp, "schedule": case["schedule"], "microbatches": case["m"], "model": opts.model,
             "reference": case["torch_schedule"], "bubble_measured": case["bubble"],
             "bubble_theory": case["theory"], "threads_per_rank": result["threads"],
             "param_drift_after_warmup": case["param_drift"],
             "note": (f"vs {case['torch_schedule']}, bubble {case['bubble']:.3f} measured vs "
                      f"{case['theory']:.3f} theory, max |ours - PyTorch| weight after warm-up "
-                     f"{case['param_drift']:.1e}"),
+                     f"{case['param_drift']:.1e}{shared}{skip}"),
         }))
         ours, ref = tokens / median(case["ours"]), tokens / median(case["1f1b"])
         note = (f"ref = ours 1f1b; bubble {case['bubble']:.3f} measured vs {case['theory']:.3f} theory "
                 f"(F=I=W), {case['simulated']:.3f} simulated with the measured F/I/W; 1f1b bubble "
-                f"{case['bubble_1f1b']:.3f}")
-        rows.append(Row(f"pp{PP}-{case['schedule']}-m{case['m']}-vs-1f1b", ours, ref, {
-            "pp": PP, "schedule": case["schedule"], "microbatches": case["m"], "model": opts.model,
+                f"{case['bubble_1f1b']:.3f}{shared}{skip}")
+        rows.append(Row(f"pp{pp}-{case['schedule']}-m{case['m']}-vs-1f1b", ours, ref, {
+            "pp": pp, "schedule": case["schedule"], "microbatches": case["m"], "model": opts.model,
             "reference": "ours-1f1b", "bubble_measured": case["bubble"], "bubble_theory": case["theory"],
             "bubble_simulated": case["simulated"], "bubble_1f1b": case["bubble_1f1b"],
             "mean_seconds": case["means"], "threads_per_rank": result["threads"], "note": note,
@@ -78,7 +126,7 @@ def _measure_all(opts: BenchOptions, rank: int, world: int) -> dict[str, Any]:
 
     mesh = Mesh.build(MeshShape(pp=world), rank, timeout_s=600)
     return {"cases": [_measure(opts, mesh, schedule, m) for schedule, m in CASES],
-            "zb": [_measure_zero_bubble(opts, mesh, schedule, m) for schedule, m in ZB_CASES]}
+            "zb": [_measure_zero_bubble(opts, mesh, schedule, m) for schedule, m in zb_cases(opts, world)]}
 
 
 def _ours(opts: BenchOptions, mesh: Any, schedule: str, m: int) -> tuple[Any, Any, list[Any], Any]:
@@ -92,7 +140,7 @@ def _ours(opts: BenchOptions, mesh: Any, schedule: str, m: int) -> tuple[Any, An
     from paratrain.parallel import parallelize
 
     cfg = TrainConfig(model=opts.model, global_batch=opts.global_batch, seq_len=opts.seq_len,
-                      seed=opts.seed, layout=Layout(pp=PP, microbatches=m, schedule=schedule))
+                      seed=opts.seed, layout=Layout(pp=mesh.pp.size, microbatches=m, schedule=schedule))
     corpus = load_corpus()
     batches = [tuple(torch.from_numpy(a) for a in get_batch(corpus.train, cfg.seq_len, cfg.global_batch,
                                                             cfg.seed, step)) for step in range(1, opts.steps + 1)]
@@ -139,7 +187,7 @@ def _measure_zero_bubble(opts: BenchOptions, mesh: Any, schedule: str, m: int) -
     means: list[dict[str, float]] = []
     simulated = float("nan")
     if tls:  # mean duration of each kind per rank over the timelines, then the schedule on them
-        for r in range(PP):
+        for r in range(mesh.pp.size):
             spans = [sp for tl in tls for sp in tl.ranks[r] if sp.action.is_compute]
             means.append({k: median([sp.end - sp.start for sp in spans if sp.action.kind == k])
                           for k in sorted({sp.action.kind for sp in spans})})
@@ -177,7 +225,7 @@ def _torch_side(opts: BenchOptions, mesh: Any, cfg: Any, schedule: str, batches:
             return stage.chunks[0](x, None)
 
     module = StageModule()
-    pipe_stage = PipelineStage(module, mesh.coords.pp, PP, torch.device("cpu"), group=mesh.pp.pg)
+    pipe_stage = PipelineStage(module, mesh.coords.pp, mesh.pp.size, torch.device("cpu"), group=mesh.pp.pg)
     cls = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
     sched = cls(pipe_stage, cfg.layout.microbatches, loss_fn=model.criterion)  # mean CE; grads / m
     opt = make_optimizer(module.named_parameters(), cfg)
@@ -207,7 +255,7 @@ def _measure(opts: BenchOptions, mesh: Any, schedule: str, m: int) -> dict[str, 
     from paratrain.parallel import parallelize
 
     cfg = TrainConfig(model=opts.model, global_batch=opts.global_batch, seq_len=opts.seq_len,
-                      seed=opts.seed, layout=Layout(pp=PP, microbatches=m, schedule=schedule))
+                      seed=opts.seed, layout=Layout(pp=mesh.pp.size, microbatches=m, schedule=schedule))
     corpus = load_corpus()
     batches = []
     for step in range(1, opts.steps + 1):

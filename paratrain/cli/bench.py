@@ -36,7 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=d.repeats,
                    help=f"A/B alternations; medians reported (default: {d.repeats})")
     p.add_argument("--nproc", default=",".join(map(str, d.nprocs)),
-                   help="process counts to measure, comma-separated (default: 2,4)")
+                   help="process counts to measure, comma-separated; pp measures those of at least 2 "
+                   "as pipeline degrees (default: 2,4)")
     p.add_argument("--threads", type=int, default=d.threads,
                    help="torch threads per rank, same on both sides (default: cores / ranks)")
     p.add_argument("--bucket-mb", type=float, default=d.bucket_mb,
@@ -81,7 +82,7 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], BenchOptions]:
     if "hf" in groups:
         _check_hf()
     for n in opts.nprocs:
-        for group in (g for g in groups if g != "ckpt"):  # ckpt runs its own two layouts
+        for group in (g for g in groups if g not in ("ckpt", "pp")):  # these two check their own layouts
             layout = (Layout(tp=n, sequence_parallel=True) if group in ("tp", "hf") else Layout(cp=n) if group == "cp"
                       else Layout(dp=n, ep=n) if group == "ep" else Layout(dp=n))
             model = opts.model
@@ -91,6 +92,10 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], BenchOptions]:
                 model = bench_model(opts)
             TrainConfig(model=model, global_batch=opts.global_batch, seq_len=opts.seq_len,
                         layout=layout).validate()
+    if "pp" in groups:
+        from paratrain.bench import pp
+
+        pp.check(opts, asked=bool(args.only))
     return groups, opts
 
 

@@ -193,7 +193,7 @@ def tied_embedding_bytes(model: ModelConfig, tp: int, grad_bytes: int = 4) -> in
 
 def zero_comm_per_step(stage: int, bucket_bytes: Sequence[int], microbatches: int = 1,
                        param_bucket_bytes: Sequence[int] | None = None, pp: int = 1,
-                       gather: str = "microbatch") -> dict[str, tuple[int, int]]:
+                       gather: str = "microbatch", split_bytes: Sequence[int] = ()) -> dict[str, tuple[int, int]]:
     """The dp traffic of one training step, ``{op: (calls, bytes)}``, bytes counted as
     :mod:`paratrain.comm` does (reduce-scatter input, all-gather output: a bucket's padded
     bytes). ``B`` buckets (stage 3: units) of ``S = sum(bucket_bytes)`` bytes, ``m`` micro-batches::
@@ -209,13 +209,17 @@ def zero_comm_per_step(stage: int, bucket_bytes: Sequence[int], microbatches: in
     traffic, stage 3 1.5x ([R20] sec. 7.2). With ``S = 4 psi`` (no padding) these are
     :func:`dp_parts` (tested equal). Mixed precision: ``bucket_bytes`` are the gradients' (2 bytes
     an element, 4 with ``--grad-dtype fp32``), ``param_bucket_bytes`` the all-gathered bf16
-    parameters' (default: the same)."""
+    parameters' (default: the same). ``split_bytes``: stage 3 per micro-batch under a zero-bubble
+    split, the units (blocks) whose backward is split in two (I: norms and biases, W: linear
+    weights), each reduced after both, the whole unit each time: ``m`` more reduce-scatters each."""
     B, S, m = len(bucket_bytes), sum(bucket_bytes), microbatches
     P = S if param_bucket_bytes is None else sum(param_bucket_bytes)
     if stage == 0:
         return {"all_reduce": (B, S)}
     once = stage == 1 or zero3_per_step(stage, pp, gather)
     rs = (B, S) if once else (m * B, m * S)
+    if stage == 3 and not once and split_bytes:
+        rs = (rs[0] + m * len(split_bytes), rs[1] + m * sum(split_bytes))
     ag = (2 * m * B, 2 * m * P) if stage == 3 and not once else (B, P)
     return {"reduce_scatter": rs, "all_gather": ag, "grad_norm": (1, 4)}
 

@@ -250,8 +250,21 @@ class _Layout(LayoutMemory):
         wire = other = 0.0
         grads = NO_BUCKETS
         # ZeRO-3 units: each block, and the root (embeddings, head) on a rank that holds it
-        units = sum(c.layers for c in chunks) + (1 if any(c.first or c.last for c in chunks) else 0)
+        layers = sum(c.layers for c in chunks)
+        units = layers + (1 if any(c.first or c.last for c in chunks) else 0)
         per_unit = self.layout.zero == 3 and not traffic.zero3_per_step(3, self.p, opts.zero3_gather)
+        # a zero-bubble split reduces each block after its I and again after its W, the whole
+        # unit each time (core.traffic.zero_comm_per_step's split_bytes)
+        split = per_unit and self.p > 1 and self.layout.schedule in ("zb-h1", "zb-v")
+        if split and n > 1:
+            wire += m * layers * ring.wire_bytes("reduce_scatter", n, self.G_b * self.block)
+        # ZB-V's rank 0 runs the embedding and the head: the tied weight, one unit, is gathered
+        # (twice) and reduced for each of its two uses
+        ends = any(c.first for c in chunks) and any(c.last for c in chunks)
+        shared = per_unit and self.p > 1 and not self.head_copy and ends
+        if shared and n > 1:
+            wire += m * (2 * ring.wire_bytes("all_gather", n, self.P_b * self.embed)
+                         + ring.wire_bytes("reduce_scatter", n, self.G_b * self.embed))
         for op, per_param, phase, times in self.dp_parts:
             payload = per_param * params
             wire += times * ring.wire_bytes(op, n, payload)
@@ -273,6 +286,8 @@ class _Layout(LayoutMemory):
             size = params / units  # parameters per unit (on average)
             gather = collective_seconds("all_gather", n, self.P_b * size, *self.dp_link)
             scatter = collective_seconds("reduce_scatter", n, self.G_b * size, *self.dp_link)
+            if split:  # the blocks' second reductions, in the same backward windows
+                scatter *= 1 + layers / units
             other += m * (exposed_reduction(Buckets(units, gather, gather), fwd_s, overlap)
                           + exposed_reduction(Buckets(units, gather + scatter, gather + scatter), bwd_s,
                                               overlap))

@@ -8,8 +8,9 @@ rank i (its chunks c = 0..v-1 are stages k = c p + i):
     params_i  = sum_k  layers_k * block + [k first] (V h / t + S_max h) + [k last] (2 h + [copy] V h / t)
     peak_i    = states(params_i, zero, dp) + ZeRO-3 buffers + stashed activations + rebuilt block
 
-(ZeRO-3 buffers: one unit and its gradient, ``(P + G) max(block, embedding)``; inside a pipeline
-gathered once per step, ``--zero3-gather step``, the whole rank's ``(P + G) params_i``.)
+(ZeRO-3 buffers: the units whole and the gradient buckets of a backward at the runtime's peak,
+:mod:`paratrain.plan.zero3_buffers`; inside a pipeline gathered once per step, ``--zero3-gather
+step``, the whole rank's ``(P + G) params_i``.)
 
 with the stash counted as in :func:`core.bubble.in_flight_microbatches` (one chunk per rank) or, for
 chunks of different sizes, as the largest over the schedule's stash states
@@ -38,11 +39,11 @@ from paratrain.config import Layout
 from paratrain.core.bubble import deferred_w, in_flight_microbatches
 from paratrain.core.schedules import LOOP, placement_of
 from paratrain.core.state import ModelState
-from paratrain.core.traffic import zero3_per_step
 from paratrain.core.vocab import padded_vocab_size
 from paratrain.models.configs import ModelConfig
 from paratrain.plan import formulas as f
 from paratrain.plan.topology import PipelineShape, pipeline_shape, stash_states
+from paratrain.plan.zero3_buffers import RankUnits, pending_after_i, rank_units, zero3_buffer_bytes
 
 if TYPE_CHECKING:
     from paratrain.plan.cost import CostOptions
@@ -53,7 +54,7 @@ class RankMemory(NamedTuple):
 
     params: float  # parameters of the rank's chunks on one device (a count, not bytes)
     state: ModelState
-    buffer_bytes: float  # ZeRO-3's gathered unit and its gradient
+    buffer_bytes: float  # ZeRO-3's gathered units and gradient buckets at their peak
     activation_bytes: float  # stored by forwards, at the schedule's peak
     rebuilt_bytes: float  # full recomputation: one block rebuilt during its backward
 
@@ -102,11 +103,19 @@ class LayoutMemory:
         self.rebuilt = self.full_layer if L.recompute == "full" else 0.0
         self._parts: tuple[tuple[float, float], ...] | None = None
 
-    def _buffers(self, zero: int, params: float) -> float:
-        """ZeRO-3 gathers one unit (a block, or the embedding) and its gradient at a time; inside a
-        pipeline the rank's ``params`` are whole, with their gradients, for the whole step."""
-        return zero3_buffer_bytes(zero, self.r, self.p, self.P_b + self.G_b, max(self.block, self.embed), params,
-                                  self.options.zero3_gather)
+    def _buffers(self, zero: int, params: float, i: int) -> float:
+        """ZeRO-3's units and gradient buckets at their peak on rank ``i`` (:mod:`.zero3_buffers`);
+        gathered once per step inside a pipeline, the rank's ``params`` whole, with their
+        gradients, for the whole step."""
+        return zero3_buffer_bytes(zero, self.r, self.p, self.P_b, self.G_b, params, self.options.zero3_gather,
+                                  self.units(i) if zero == 3 else None)
+
+    def units(self, i: int) -> RankUnits:
+        """Rank ``i``'s ZeRO-3 units (:func:`.zero3_buffers.rank_units`)."""
+        L = self.layout
+        pending = pending_after_i(L.schedule, self.p, self.m, self.v, placement_of(L.schedule), i)
+        return rank_units(self.model, self.shape, i, self.block, self.embed, L.schedule if self.p > 1 else "",
+                          pending)
 
     def chunk_params(self, k: int) -> float:
         """Parameters of stage ``k`` (chunk ``k // p`` of rank ``k % p``) on one device."""
@@ -121,12 +130,12 @@ class LayoutMemory:
                 rank_activations(self.shape, self.layout.schedule, self.m, i, self.act_layer, self.emb_act,
                                  self.out_act, self.w_layer, self.w_head))
 
-    def _memory(self, params: float, acts: float, zero: int, experts: float = 0.0) -> RankMemory:
+    def _memory(self, params: float, acts: float, zero: int, experts: float, i: int) -> RankMemory:
         state = _model_state_bytes(params - experts, zero, self.r, self.precision, self.G_b, self.offload)
         if experts:  # ZeRO shards a rank's experts over the dp / ep ranks holding them
             x = _model_state_bytes(experts, zero, self.r // self.layout.ep, self.precision, self.G_b, self.offload)
             state = ModelState(state.params + x.params, state.grads + x.grads, state.optimizer + x.optimizer)
-        return RankMemory(params, state, self._buffers(zero, params), acts, self.rebuilt)
+        return RankMemory(params, state, self._buffers(zero, params, i), acts, self.rebuilt)
 
     def experts_of(self, i: int) -> float:
         """Expert parameters of pipeline rank ``i`` on one device (in its parameters)."""
@@ -134,7 +143,7 @@ class LayoutMemory:
 
     def rank_memory(self, i: int) -> RankMemory:
         """What one device of pipeline rank ``i`` holds at its peak."""
-        return self._memory(*self._rank_parts(i), self.layout.zero, self.experts_of(i))
+        return self._memory(*self._rank_parts(i), self.layout.zero, self.experts_of(i), i)
 
     def group_params(self) -> tuple[float, ...]:
         """The parameters of :meth:`group_parts` alone (no activations: what the time's bounds need)."""
@@ -162,20 +171,11 @@ class LayoutMemory:
         every stage of a layout from one context)."""
         parts, rebuilt, n, precision = self.group_parts(), self.rebuilt, self.r, self.precision
         G_b, offload, ep = self.G_b, self.offload, self.layout.ep
-        experts = [self.experts_of(i) for i, _ in self.shape.groups]
-        return {zero: max(states_total(params, x, zero, n, ep, precision, G_b, offload) + self._buffers(zero, params)
-                          + acts + rebuilt for (params, acts), x in zip(parts, experts)) for zero in zeros}
-
-
-def zero3_buffer_bytes(zero: int, r: int, pp: int, unit_bytes: float, unit: float, params: float,
-                       gather: str = "microbatch") -> float:
-    """ZeRO-3's transient bytes on a rank of ``params`` parameters sharded over ``r`` ranks
-    (``unit_bytes``: a parameter's and its gradient's): one gathered unit of ``unit`` parameters
-    and its gradient (``parallel/zero3.py``), or inside a pipeline gathered once per step (``pp``
-    > 1, ``gather`` "step": ``parallel/zero3_pipeline.py``) all of them, whole, through the step."""
-    if zero != 3 or r == 1:
-        return 0.0
-    return unit_bytes * (params if zero3_per_step(zero, pp, gather) else unit)
+        ranks = [i for i, _ in self.shape.groups]
+        experts = [self.experts_of(i) for i in ranks]
+        return {zero: max(states_total(params, x, zero, n, ep, precision, G_b, offload)
+                          + self._buffers(zero, params, i) + acts + rebuilt
+                          for (params, acts), x, i in zip(parts, experts, ranks)) for zero in zeros}
 
 
 class Pieces(NamedTuple):

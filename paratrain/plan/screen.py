@@ -46,10 +46,10 @@ from paratrain.plan.footprint import (
     stash_bytes,
     stash_of,
     states_total,
-    zero3_buffer_bytes,
 )
 from paratrain.plan.hardware import Hardware
 from paratrain.plan.topology import PipelineShape, pipeline_shape
+from paratrain.plan.zero3_buffers import ZERO_BUBBLE, pending_after_i, rank_units, zero3_buffer_bytes
 
 # (valid candidates at the block's first ZeRO stage, the ZeRO stages): the enumeration's unit,
 # whose layouts are each candidate at each stage, stage by stage (search.enumerate_layouts' order)
@@ -80,7 +80,8 @@ class Bounded(NamedTuple):
 class _Statics(NamedTuple):
     shape: PipelineShape
     params: tuple[float, ...]  # of the first rank of each run of alike ranks (shape.groups)
-    unit: float  # the largest ZeRO-3 unit: a block or the embedding
+    block: float  # a block's parameters on one device (ZeRO-3's units: zero3_buffers.rank_units)
+    embed: float  # the embedding's
     experts: tuple[float, ...]  # the expert parameters among params (sharded over dp / ep by ZeRO)
 
 
@@ -96,7 +97,7 @@ class MemoryScreen:
         self.e = f.ELEM_BYTES[precision]
         P_b, G_b, _ = f.STATE_BYTES[precision]
         self.G_b = options.grad_bytes or G_b
-        self.unit_bytes = P_b + self.G_b  # a ZeRO-3 unit gathered and its gradient
+        self.P_b = P_b  # a ZeRO-3 unit's parameters gathered (its gradient: G_b)
         self.offload = options.offload_optimizer and hw.host_link_bw > 0  # as cost._Layout's
         self._statics: dict[tuple, _Statics] = {}
         self._shapes: dict[tuple, PipelineShape] = {}
@@ -117,7 +118,7 @@ class MemoryScreen:
         params = tuple(rank_params(model, shape, i, block, embed, head_copy) for i, _ in shape.groups)
         expert = f.expert_params_per_block(model.hidden, model.ffn_hidden, t, ep=layout.ep, **f.shape_args(model))
         experts = tuple(shape.layers[i] * expert for i, _ in shape.groups)
-        static = self._statics[key] = _Statics(shape, params, max(block, embed), experts)
+        static = self._statics[key] = _Statics(shape, params, block, embed, experts)
         return static
 
     def _setup(self, layout: Layout) -> tuple[tuple[tuple[float, ...], ...], tuple[Stash, ...], float, int, bool]:
@@ -129,13 +130,13 @@ class MemoryScreen:
         key = (t, p, v, schedule if p > 1 else "", layout.stage_layers, layout.stage_speeds, layout.ep)
         static = self._statics.get(key) or self._static(key, layout, v)
         r = layout.dp * layout.cp  # ZeRO shards over the dp x cp ranks
-        states = self._states.get((key, r))
+        split = p > 1 and schedule in ZERO_BUBBLE  # ZeRO-3's buffers depend on m (zero3_buffers.pending_after_i)
+        states = self._states.get((key, r, m if split else 0))
         if states is None:
-            states = self._states[key, r] = tuple(
+            states = self._states[key, r, m if split else 0] = tuple(
                 tuple(states_total(x, ex, zero, r, layout.ep, self.precision, self.G_b, self.offload)
-                      + zero3_buffer_bytes(zero, r, p, self.unit_bytes, static.unit, x, self.options.zero3_gather)
-                      for zero in self.zeros)
-                for x, ex in zip(static.params, static.experts))
+                      + self._buffers(layout, static, zero, r, x, i) for zero in self.zeros)
+                for (i, _), x, ex in zip(static.shape.groups, static.params, static.experts))
         stashes = self._stashes.get((key[1:6], m))  # nor the stashed micro-batches
         if stashes is None:
             stashes = self._stashes[key[1:6], m] = tuple(stash_of(static.shape, schedule, m, i)
@@ -144,6 +145,18 @@ class MemoryScreen:
         b = (o.local_batch if o.local_batch is not None else self.global_batch / layout.dp) / m
         return states, stashes, b, (m if (schedule == "gpipe" and p > 1) else 1), \
             saves_gathered(self.model, layout, self.options)
+
+    def _buffers(self, layout: Layout, static: _Statics, zero: int, r: int, params: float, i: int) -> float:
+        """ZeRO-3's buffers on rank ``i``, as ``LayoutMemory._buffers``."""
+        if zero != 3 or r == 1:
+            return 0.0
+        p, schedule = layout.pp, layout.schedule
+        pending = pending_after_i(schedule, p, layout.microbatches, chunks_per_rank(layout),
+                                  placement_of(schedule), i)
+        units = rank_units(self.model, static.shape, i, static.block, static.embed, schedule if p > 1 else "",
+                           pending)
+        return zero3_buffer_bytes(zero, r, p, self.P_b, self.G_b, params,
+                                  self.options.zero3_gather, units)
 
     def _pieces_of(self, c: Layout, b: float, gathered: bool) -> tuple[float, ...]:
         key = (c.cp, b, c.tp, c.sequence_parallel, c.recompute, gathered)

@@ -1,0 +1,139 @@
+"""ZeRO-3's transient bytes on one rank: the units gathered whole and the gradient buckets that
+exist only during a backward, as the runtime allocates and frees them (pure Python, no torch).
+
+Without a pipeline (``parallel/zero3.py``) the root (embeddings, final norm, head) is whole
+through each micro-batch's forward and backward, a block around its own, the next block
+prefetched; a unit's gradient bucket is launched when complete, but the launched reductions are
+settled (and their buckets released) only when the backward is over (``ZeroDataParallel._flush``),
+so at the end of a backward every unit's gradient is whole. The peak, during block 1's or block
+0's backward (measured to the byte: tests/distributed/test_zero3_pipeline.py, ``no-pipeline-dp4``)::
+
+    max(P (root + 2 block) + G (psi - block),  P (root + block) + G psi)
+
+This is NOT what is priced without a pipeline: one unit and its gradient, ``(P + G) max(block,
+embedding)``, as before. Pricing it would make ZeRO-3 without a pipeline look worse than ZeRO-2,
+whose gradient buckets live until the end of the backward in the same way (``G psi`` on top of
+its states, not priced either): both are for the runtime to fix (settle each reduction when the
+next one is launched, as ``MicrobatchZero3`` does) or for the planner to price together.
+
+Inside a pipeline per micro-batch (``parallel/zero3_pipeline.py``) a unit is each module of the
+rank's chunks (each block; the token and position embeddings, final norm and head where the
+chunk has them). With the chunk's units ``u_0, u_1, ...`` in backward order:
+
+* a backward ``B`` uses ``u_j`` while ``u_{j+1}`` is prefetched, fills ``u_j``'s bucket while
+  ``u_{j-1}``'s is reduced (one reduction in flight, ``MicrobatchZero3``):
+  ``max_j P (u_j + u_{j+1}) + G (u_{j-1} + u_j)``; the last one stays in flight into the next F;
+* a zero-bubble ``I`` computes the norms' and biases' gradients of every block (and the final
+  norm's) but no linear weight's, so no bucket is complete: they stay allocated until the rank's
+  next backward action starts (``set_sync``), ``max_j P (u_j + u_{j+1}) + G sum_{i <= j} u_i^I``;
+  where the schedule runs an F before that next backward (``pending_after_i``), that F's two
+  units join them; a ``W`` needs no parameter and fills buckets as a ``B`` does.
+
+Measured to the byte on ``tiny`` (dp 2 x pp 2: 1F1B, interleaved, ZB-H1, ZB-V, every rank;
+``tests/distributed/test_zero3_pipeline.py::test_zero3_transient_bytes_are_the_planners``) and
+by hand on ``small`` (the same layouts), but 2 KiB over on ZB-V's rank 0 (its final norm's
+bucket priced as kept into an F).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import NamedTuple
+
+from paratrain.core.traffic import zero3_per_step
+from paratrain.models.configs import ModelConfig
+from paratrain.plan.topology import PipelineShape
+
+ZERO_BUBBLE = ("zb-h1", "zb-v")
+
+
+class Unit(NamedTuple):
+    params: float  # on one device
+    in_i: bool  # gets a gradient in a zero-bubble I (norms, biases), not only in W
+
+
+class RankUnits(NamedTuple):
+    """What :func:`zero3_buffer_bytes` needs of a pipeline rank: its chunks' units in backward
+    order, whether its backward is split into I and W, whether an F follows an I before the
+    rank's next backward, and (no pipeline) its blocks and block size."""
+
+    chunks: tuple[tuple[Unit, ...], ...]
+    split: bool
+    pending: bool
+    layers: int
+    block: float
+
+
+def rank_units(model: ModelConfig, shape: PipelineShape, i: int, block: float, embed: float, schedule: str,
+               pending: bool) -> RankUnits:
+    """The ZeRO-3 units of pipeline rank ``i`` (``shape``'s chunks), in backward order by chunk:
+    the head and final norm on the last stage, the blocks, the position and token embeddings on
+    the first (a tied head that is not a copy, ZB-V's rank 0, is the embedding's unit again)."""
+    gpt = model.family == "gpt"  # learned positions and a LayerNorm bias; Llama: rotary, RMSNorm
+    S = len(shape.chunks)
+    chunks = []
+    for k in reversed(shape.rank_stages[i]):
+        units = [Unit(embed, False), Unit((2 if gpt else 1) * model.hidden, True)] if k == S - 1 else []
+        units += [Unit(block, True)] * shape.chunks[k]
+        units += ([Unit(model.max_seq_len * model.hidden, False)] if gpt else []) + [Unit(embed, False)] \
+            if k == 0 else []
+        chunks.append(tuple(units))
+    return RankUnits(tuple(chunks), schedule in ZERO_BUBBLE, pending, shape.layers[i], block)
+
+
+def zero3_buffer_bytes(zero: int, r: int, pp: int, P_b: float, G_b: float, params: float,
+                       gather: str = "microbatch", units: RankUnits | None = None) -> float:
+    """ZeRO-3's transient bytes on a rank of ``params`` parameters sharded over ``r`` ranks
+    (``P_b`` / ``G_b`` bytes a parameter / a gradient): inside a pipeline gathered once per step
+    (``gather`` "step") the rank's whole parameters and gradients through the step; else the
+    module docstring's peak of ``units``."""
+    if zero != 3 or r == 1:
+        return 0.0
+    if zero3_per_step(zero, pp, gather):
+        return (P_b + G_b) * params
+    assert units is not None
+    if pp == 1:  # one unit and its gradient: short of the runtime's (module docstring), see there
+        return (P_b + G_b) * max(x.params for u in units.chunks for x in u)
+    return _pipeline_peak(units, P_b, G_b)
+
+
+def _pipeline_peak(units: RankUnits, P_b: float, G_b: float) -> float:
+    """The module docstring's per micro-batch peak over the rank's chunks."""
+    def at(u: tuple[Unit, ...], j: int) -> float:
+        return u[j].params if 0 <= j < len(u) else 0.0
+
+    pair = max(at(u, j) + at(u, j + 1) for u in units.chunks for j in range(len(u)))
+    backward = max(G_b * (at(u, j - 1) + at(u, j)) + (0.0 if units.split else P_b * (at(u, j) + at(u, j + 1)))
+                   for u in units.chunks for j in range(len(u)))  # B, or W (no parameter)
+    if not units.split:  # and the F after a backward, with its last reduction in flight
+        return max(backward, P_b * pair + G_b * max(u[-1].params for u in units.chunks))
+    peak = backward
+    for u in units.chunks:
+        kept = 0.0
+        for j in range(len(u)):
+            kept += u[j].params if u[j].in_i else 0.0
+            peak = max(peak, P_b * (at(u, j) + at(u, j + 1)) + G_b * kept)
+    if units.pending:
+        peak = max(peak, P_b * pair + G_b * max(sum(x.params for x in u if x.in_i) for u in units.chunks))
+    return peak
+
+
+@lru_cache(maxsize=4096)
+def pending_after_i(schedule: str, p: int, m: int, v: int, placement: str, rank: int) -> bool:
+    """Whether ``rank`` runs an F after an I with no backward action (B, I, W) in between: the
+    I's gradient buckets are still allocated during that F (they are reduced when the next
+    backward action starts)."""
+    if schedule not in ZERO_BUBBLE or p == 1:
+        return False
+    from paratrain.core.schedules import build_schedule
+
+    kept = False
+    for a in build_schedule(schedule, p, m, v, placement).ranks[rank]:
+        if not a.is_compute:
+            continue
+        if a.kind == "F":
+            if kept:
+                return True
+        else:
+            kept = a.kind == "I"
+    return False
