@@ -254,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
                        env=dict(os.environ, PYTHONPATH=str(ROOT)))
     names = opts.only.split(",") if opts.only else list(LAYOUTS)
     print(f"hardware: {predict(LAYOUTS[names[0]], opts)['source']}; {opts.model}, batch {opts.global_batch} x "
-          f"{opts.seq_len}, {opts.steps} steps (median after {opts.warmup}), fp32 unless named, {os.cpu_count()} cores", flush=True)
+          f"{opts.seq_len}, {opts.steps} steps (median after {opts.warmup}), fp32 unless named, "
+          f"{os.cpu_count()} cores", flush=True)
     rows = []
     start = time.perf_counter()
     for name in names:

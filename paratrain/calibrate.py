@@ -535,7 +535,8 @@ def _measure_link(cfg: dict[str, Any], cores: int, log: Callable[[str], None]) -
     got = launch(busy_layers_worker, (model, batch, 2 * cfg["budget_s"], 60.0), cores)  # {rank: (alone, busy)}
     solo, busy = got[0][0], [got[r][1] for r in sorted(got)]
     slowdown = max(1.0, statistics.median(busy) / solo)
-    log(f"      {model} x {batch} sequences: {solo * 1e3:.1f} ms alone, {statistics.median(busy) * 1e3:.1f} ms with all "
+    log(f"      {model} x {batch} sequences: {solo * 1e3:.1f} ms alone, {statistics.median(busy) * 1e3:.1f} ms "
+        f"with all "
         f"{cores} cores busy: x{slowdown:.3f}")
     n = 2 * cores
     shared = launch(busy_allreduce_worker, (sizes[:1], 4e-3, cfg["busy_reps"], 60.0), n)[0][0] / (2 * (n - 1))
@@ -585,7 +586,8 @@ def calibrate(quick: bool = False, collectives: bool = True,
         name=f"profile:{platform.node()}", peak_bf16_flops=bf16, peak_fp16_flops=bf16,
         peak_fp32_flops=max(meas["matmul_fp32_1thread"].values()), memory_bytes=_ram_bytes() / cores,
         memory_bw=meas["optimizer"]["bandwidth"], intra_node_bw=bw, inter_node_bw=bw, devices_per_node=cores,
-        compute_efficiency=meas["compute_efficiency"], intra_node_latency_s=alpha, inter_node_latency_s=alpha, cores_per_node=cores,
+        compute_efficiency=meas["compute_efficiency"], intra_node_latency_s=alpha, inter_node_latency_s=alpha,
+        cores_per_node=cores,
         shared_latency_s=meas["shared_latency_s"], reduce_scatter_slowdown=meas["reduce_scatter_slowdown"],
         all_gather_slowdown=meas["all_gather_slowdown"], busy_compute_slowdown=meas["busy_compute_slowdown"],
         elementwise_s_per_byte=meas["elementwise_s_per_byte"], layer_overhead_s=meas["layer_overhead_s"],

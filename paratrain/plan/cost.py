@@ -208,7 +208,8 @@ class _Layout(LayoutMemory):
         # memory-bound work outside the matmuls: 1/3 in forward, 2/3 in backward like the FLOPs,
         # plus the replayed forward's share under recomputation (see Hardware.elementwise_s_per_byte)
         # and each layer's fixed cost (Hardware.layer_overhead_s), shared alike
-        ew = (layers * (self.ew_layer + self.hw.layer_overhead_s) + (self.ew_head if last else 0)) / (self.share * speed)
+        per_layer = self.ew_layer + self.hw.layer_overhead_s
+        ew = (layers * per_layer + (self.ew_head if last else 0)) / (self.share * speed)
         replay = layers * (self.ew_layer + self.hw.layer_overhead_s) * self.layer_rec / (3 * self.layer_fwd) \
             / (self.share * speed)
         rg, ex = self.ring, self.experts

@@ -45,9 +45,9 @@ from paratrain.models.configs import ModelConfig
 from paratrain.plan.collectives import exposed_reduction
 from paratrain.plan.cost import (
     DEFAULT_OPTIONS,
-    busy_factor,
     CostOptions,
     Estimate,
+    busy_factor,
     chunks_per_rank,
     estimate,
     make_estimate,
