@@ -245,6 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "runs" / "validate"), help="run folder (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=600.0)
     opts = p.parse_args(argv)
+    names = opts.only.split(",") if opts.only else list(LAYOUTS)
+    unknown = [n for n in names if n not in LAYOUTS]
+    if unknown:
+        print(f"validate_planner: unknown layout(s) {', '.join(unknown)}; valid: {', '.join(LAYOUTS)}.",
+              file=sys.stderr)
+        return 2
     folder = Path(opts.out)
     folder.mkdir(parents=True, exist_ok=True)
     if opts.profile is None and not local_hardware(1)[1].startswith("calibrated"):
@@ -252,7 +258,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no device profile: running paratrain calibrate --out {opts.profile}", flush=True)
         subprocess.run([sys.executable, "-m", "paratrain", "calibrate", "--out", opts.profile], cwd=ROOT, check=True,
                        env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    names = opts.only.split(",") if opts.only else list(LAYOUTS)
     print(f"hardware: {predict(LAYOUTS[names[0]], opts)['source']}; {opts.model}, batch {opts.global_batch} x "
           f"{opts.seq_len}, {opts.steps} steps (median after {opts.warmup}), fp32 unless named, "
           f"{os.cpu_count()} cores", flush=True)
