@@ -92,3 +92,26 @@ def test_train_flag_and_config_key(tmp_path):
     assert build_train_config(p.parse_args(["--zero3-gather", "step"])).zero3_gather == "step"
     (tmp_path / "c.json").write_text('{"zero3-gather": "step"}')
     assert build_train_config(p.parse_args([]), load_config_file(str(tmp_path / "c.json"))).zero3_gather == "step"
+
+
+def test_pending_after_i_is_the_whole_schedules_answer_beyond_the_cap() -> None:
+    """plan/zero3_buffers.pending_after_i reads at most 4p + 4 micro-batches of the schedule (a
+    million-micro-batch schedule took minutes: `plan --global-batch 1000000000`); beyond that the
+    whole schedule gives the same answer on every rank. Catches a cap below the warm-up."""
+    from paratrain.core.schedules import build_schedule
+    from paratrain.plan.zero3_buffers import pending_after_i
+
+    def whole(schedule: str, p: int, m: int, v: int, placement: str, rank: int) -> bool:
+        kept = False
+        for a in build_schedule(schedule, p, m, v, placement).ranks[rank]:
+            if a.is_compute:
+                if a.kind == "F" and kept:
+                    return True
+                kept = a.kind == "I" if a.kind != "F" else kept
+        return False
+
+    for schedule, v, placement in (("zb-h1", 1, "loop"), ("zb-v", 2, "v")):
+        for p in (2, 3, 4):
+            for m in range(4 * p + 4, 6 * p + 1):
+                for r in range(p):
+                    assert pending_after_i(schedule, p, m, v, placement, r) == whole(schedule, p, m, v, placement, r)
