@@ -210,8 +210,7 @@ class _Layout(LayoutMemory):
         # and each layer's fixed cost (Hardware.layer_overhead_s), shared alike
         per_layer = self.ew_layer + self.hw.layer_overhead_s
         ew = (layers * per_layer + (self.ew_head if last else 0)) / (self.share * speed)
-        replay = layers * (self.ew_layer + self.hw.layer_overhead_s) * self.layer_rec / (3 * self.layer_fwd) \
-            / (self.share * speed)
+        replay = layers * per_layer * self.layer_rec / (3 * self.layer_fwd) / (self.share * speed)
         rg, ex = self.ring, self.experts
         return ChunkCost(layers, first, last, params, fwd / rate + ew / 3,
                          (2 * fwd + layers * self.layer_rec) / rate + 2 * ew / 3 + replay,
