@@ -153,7 +153,7 @@ def v_pattern(p: int, m: int) -> list[Order]:
         order: Order = []
         nf, ni, nw = [0, 0], [0, 0], [0, 0]  # next micro-batch to F, I, W per chunk
 
-        def run(kind: str, c: int, count: list[int]) -> None:
+        def run(kind: str, c: int, count: list[int], order: Order = order) -> None:
             order.append((kind, count[c], c))
             count[c] += 1
 
