@@ -147,43 +147,35 @@ def v_pattern(p: int, m: int) -> list[Order]:
     gap of its own, so with ``W`` cheaper than ``F`` (measured on CPU: F : I : W = 1 : 1.1 : 0.65)
     the step is shorter than the list scheduler's, whose unit-tick order leaves ``W``-sized holes
     (simulated: p = 2, m = 8 on the measured costs, bubble 5.4% against 10.9%); with
-    ``F = I = W`` it is as short, or shorter from p = 5 on (tested for p <= 8, m <= 32)."""
+    ``F = I = W`` it is as short, or shorter from p = 5 on (tested for p <= 8, m <= 24)."""
     orders: list[Order] = []
     for r in range(p):
         order: Order = []
-        nf, ni, nw = [0, 0], [0, 0], [0, 0]  # next micro-batch to F, I, W per chunk
+        n = {F: [0, 0], I: [0, 0], W: [0, 0]}  # next micro-batch of each kind, per chunk
 
-        def run(kind: str, c: int, count: list[int], order: Order = order) -> None:
-            order.append((kind, count[c], c))
-            count[c] += 1
+        def run(*steps: tuple[str, int], order: Order = order, n: dict[str, list[int]] = n) -> None:
+            for kind, c in steps:
+                order.append((kind, n[kind][c], c))
+                n[kind][c] += 1
 
         for _ in range(2 * (p - r) - 1):
-            run(F, 0, nf)
+            run((F, 0))
         for _ in range(r):
-            run(F, 1, nf)
-            run(F, 0, nf)
+            run((F, 1), (F, 0))
         for _ in range(p - r):
-            run(F, 1, nf)
-            run(I, 1, ni)
-            run(W, 1, nw)
-        while nf[1] < m:
-            if nf[0] < m:
-                run(F, 0, nf)
-            run(I, 0, ni)
-            run(W, 0, nw)
-            run(F, 1, nf)
-            run(I, 1, ni)
-            run(W, 1, nw)
+            run((F, 1), (I, 1), (W, 1))
+        while n[F][1] < m:
+            if n[F][0] < m:
+                run((F, 0))
+            run((I, 0), (W, 0), (F, 1), (I, 1), (W, 1))
         for _ in range(r):
-            run(I, 0, ni)
-            run(I, 1, ni)
+            run((I, 0), (I, 1))
         for _ in range(p - r):
-            run(I, 0, ni)
-            run(W, 0, nw)
-        while nw[1] < m:
-            run(W, 1, nw)
-        while nw[0] < m:
-            run(W, 0, nw)
+            run((I, 0), (W, 0))
+        while n[W][1] < m:
+            run((W, 1))
+        while n[W][0] < m:
+            run((W, 0))
         orders.append(order)
     return orders
 
