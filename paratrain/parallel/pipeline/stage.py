@@ -143,9 +143,9 @@ def _sizes(stages: Stages, num_layers: int, layout: Layout, seq_len: int, placem
                            placement=placement)
     if num_layers < p * v:
         raise ValueError(f"{p * v} pipeline stages need at least as many blocks; {stages.blocks!r} has {num_layers}")
-    speeds = ([float(layout.stage_speeds[place_of(placement, p, s)[0]]) for s in range(p * v)]
-              if layout.stage_speeds else None)
-    return partition([1.0] * num_layers, p * v, speeds)  # no shape to price: blocks alike
+    ranks = [place_of(placement, p, s)[0] for s in range(p * v)]
+    speeds = [float(layout.stage_speeds[r]) for r in ranks] if layout.stage_speeds else None
+    return partition([1.0] * num_layers, p * v, speeds, ranks)  # no shape to price: blocks alike
 
 
 def _drop(model: nn.Module, name: str) -> None:
