@@ -123,7 +123,11 @@ class _RingAttention(torch.autograd.Function):
         c, scale = q.shape[2] // 2, q.shape[-1] ** -0.5
         acc = _acc(q)
         qf = q.to(acc)
-        out = torch.zeros(q.shape, dtype=acc, device=q.device)
+        # (B, h, 2c, d) over a (B, 2c, h, d) storage, as scaled_dot_product_attention's output:
+        # the block's transpose back to (B, 2c, h d) is then a view, not a copy of it that the
+        # output projection would save for backward (one (B, T/n, H) tensor per layer more)
+        B, heads, rows2, d = q.shape
+        out = torch.zeros((B, rows2, heads, d), dtype=acc, device=q.device).transpose(1, 2)
         lse = torch.full(q.shape[:-1], float("-inf"), dtype=acc, device=q.device)
         kv = torch.stack([k, v]).contiguous()  # one message: (2, B, h, 2c, d)
         for s in range(n):

@@ -277,7 +277,15 @@ class ZeroDataParallel(DataParallel):
         p.grad = None  # autograd's tensor is freed; the bucket holds the gradient until reduced
 
     def _launch(self, bucket: _Bucket) -> None:
+        """Reduce-scatter a complete bucket. Stages 2/3 keep at most one reduction in flight:
+        the bucket launched before it is settled first (its reduction has had this bucket's
+        backward to run) and its buffer released, so a backward holds the bucket it fills and the
+        one being reduced, not every bucket until the backward is over."""
         assert isinstance(bucket, ShardedBucket)
+        if self.stage > 1:
+            for b in self.buckets:
+                if b.launched and b is not bucket:
+                    self._settle(b)
         if self.stage == 3:
             bucket.free()  # its backward is over: every gradient of the unit has arrived
         if bucket.buffer is None:

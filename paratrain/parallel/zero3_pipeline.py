@@ -10,7 +10,7 @@ place here. Two ways instead (docs/zero3_pipeline.md has the measured trade-off)
   block and each module of the stage spec's ``before`` / ``after`` the rank holds; hooks on that
   module gather it around its forward and again around its backward, for every micro-batch;
   each backward reduce-scatters the gradients it produced (stage 3 of ``zero.py``, one bucket's
-  reduction in flight: :class:`MicrobatchZero3`). Traffic per step ``3 m S`` (``S`` the stage's
+  reduction in flight). Traffic per step ``3 m S`` (``S`` the stage's
   parameter bytes); held: ZeRO-3's ``16 psi / n`` plus two units (the one in use, the next one
   prefetched) and one or two units' gradient buckets.
 * **once per step** (:class:`PipelineZero3`)::
@@ -207,20 +207,6 @@ def pipeline_units(model: nn.Module, stage: Any, stages: Any) -> list[tuple[nn.M
     return out
 
 
-class MicrobatchZero3(ZeroDataParallel):
-    """ZeRO-3's reduction (stage 3 of :class:`ZeroDataParallel`: every backward's gradients
-    reduce-scattered into the accumulating shards) with at most one bucket's reduction in
-    flight: launching a bucket first waits for the one before and releases its buffer, so a
-    backward holds one or two units' gradients, not all of its stage's until the next backward
-    starts (``_flush``)."""
-
-    def _launch(self, bucket: _Bucket) -> None:
-        for b in self.buckets:
-            if b.launched and b is not bucket:
-                self._settle(b)
-        super()._launch(bucket)
-
-
 def zero3_per_microbatch(model: nn.Module, group: Group, stage: Any, stages: Any, bucket_mb: float = 25.0,
                          overlap: bool = True, grad_dtype: torch.dtype | None = None,
                          prefetch: bool = True, axes: Sequence[str] = ("dp",)) -> ZeroDataParallel:
@@ -229,7 +215,7 @@ def zero3_per_microbatch(model: nn.Module, group: Group, stage: Any, stages: Any
     without a pipeline does (``zero.py``, stage 3)."""
     pairs = pipeline_units(model, stage, stages)
     units = [params for _, params, _ in pairs if params]
-    sync = MicrobatchZero3(model, group, 3, bucket_mb, overlap, units=units, grad_dtype=grad_dtype, axes=axes)
+    sync = ZeroDataParallel(model, group, 3, bucket_mb, overlap, units=units, grad_dtype=grad_dtype, axes=axes)
     unit_of = {id(p): b for b in sync.buckets for p in b.params}
     uses = [(module, unit_of[id(next(p for p in module.parameters() if p.requires_grad))]) for module, _, _ in pairs]
     sync.gathering = ModuleGathering(uses, [c for _, _, c in pairs], prefetch)

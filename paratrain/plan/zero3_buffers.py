@@ -1,27 +1,27 @@
 """ZeRO-3's transient bytes on one rank: the units gathered whole and the gradient buckets that
 exist only during a backward, as the runtime allocates and frees them (pure Python, no torch).
 
-Without a pipeline (``parallel/zero3.py``) the root (embeddings, final norm, head) is whole
-through each micro-batch's forward and backward, a block around its own, the next block
-prefetched; a unit's gradient bucket is launched when complete, but the launched reductions are
-settled (and their buckets released) only when the backward is over (``ZeroDataParallel._flush``),
-so at the end of a backward every unit's gradient is whole. The peak, during block 1's or block
-0's backward (measured to the byte: tests/distributed/test_zero3_pipeline.py, ``no-pipeline-dp4``)::
+Without a pipeline (``parallel/zero3.py``) the root R (embeddings, final norm, head) is whole
+through each micro-batch's forward and backward, a block B around its own, the next block
+prefetched; a unit's gradient bucket is allocated at its first gradient and launched when
+complete, and launching one first settles the one before (at most one reduction in flight,
+``ZeroDataParallel._launch``). The root's bucket gets the final norm's gradient first and the
+token embedding's last, so it lives through the whole backward. During block j's backward (L
+blocks, the last first) the root, block j and block j - 1 (prefetched, j >= 1) are whole, and
+the root's, block j's and block j + 1's (in flight, j <= L - 2) buckets allocated::
 
-    max(P (root + 2 block) + G (psi - block),  P (root + block) + G psi)
+    max_j  P (R + B + [j >= 1] B) + G (R + B + [j <= L - 2] B)  =  (P + G)(R + 2 B)  for L >= 3
 
-This is NOT what is priced without a pipeline: one unit and its gradient, ``(P + G) max(block,
-embedding)``, as before. Pricing it would make ZeRO-3 without a pipeline look worse than ZeRO-2,
-whose gradient buckets live until the end of the backward in the same way (``G psi`` on top of
-its states, not priced either): both are for the runtime to fix (settle each reduction when the
-next one is launched, as ``MicrobatchZero3`` does) or for the planner to price together.
+measured to the byte (tests/distributed/test_zero3_pipeline.py, ``no-pipeline-dp4``). Until
+2026-12-02 the runtime settled the launched reductions only when the backward was over, and
+held every unit's gradient at its end (``G psi``, 2.83x the price of one unit on ``tiny``).
 
 Inside a pipeline per micro-batch (``parallel/zero3_pipeline.py``) a unit is each module of the
 rank's chunks (each block; the token and position embeddings, final norm and head where the
 chunk has them). With the chunk's units ``u_0, u_1, ...`` in backward order:
 
 * a backward ``B`` uses ``u_j`` while ``u_{j+1}`` is prefetched, fills ``u_j``'s bucket while
-  ``u_{j-1}``'s is reduced (one reduction in flight, ``MicrobatchZero3``):
+  ``u_{j-1}``'s is reduced (one reduction in flight, as without a pipeline):
   ``max_j P (u_j + u_{j+1}) + G (u_{j-1} + u_j)``; the last one stays in flight into the next F;
 * a zero-bubble ``I`` computes the norms' and biases' gradients of every block (and the final
   norm's) but no linear weight's, so no bucket is complete: they stay allocated until the rank's
@@ -92,9 +92,20 @@ def zero3_buffer_bytes(zero: int, r: int, pp: int, P_b: float, G_b: float, param
     if zero3_per_step(zero, pp, gather):
         return (P_b + G_b) * params
     assert units is not None
-    if pp == 1:  # one unit and its gradient: short of the runtime's (module docstring), see there
-        return (P_b + G_b) * max(x.params for u in units.chunks for x in u)
+    if pp == 1:
+        return _no_pipeline_peak(units, params, P_b, G_b)
     return _pipeline_peak(units, P_b, G_b)
+
+
+def _no_pipeline_peak(units: RankUnits, params: float, P_b: float, G_b: float) -> float:
+    """The module docstring's peak without a pipeline: the root, and blocks ``j`` (in use),
+    ``j - 1`` (prefetched) and ``j + 1`` (its reduction in flight) during block ``j``'s backward."""
+    L, B = units.layers, units.block
+    R = max(0.0, params - L * B)
+    if L == 0:
+        return (P_b + G_b) * R
+    return max(P_b * (R + B + (B if j >= 1 else 0.0)) + G_b * (R + B + (B if j <= L - 2 else 0.0))
+               for j in range(L))
 
 
 def _pipeline_peak(units: RankUnits, P_b: float, G_b: float) -> float:
