@@ -201,3 +201,35 @@ def test_every_validation_layout_is_a_run_train_accepts_and_the_planner_predicts
         assert all(getattr(cfg.layout, k) == v for k, v in fields.items()), name
         pred = vp.predict(lay, opts)
         assert len(pred["memory_per_rank"]) == cfg.layout.world_size and pred["step_time_s"] > 0, name
+
+
+def test_validation_drift_probe_reads_the_calibration_and_slows_only_compute(tmp_path: Path) -> None:
+    """validate_planner's drift probe: the calibrated seconds of its point come from the profile
+    (none without one), and ``scaled(hw, k)`` makes a one-process step (compute only) k times
+    slower while a dp 2 step's communication stays as it was."""
+    import argparse
+    import importlib.util
+
+    from paratrain.config import Layout, TrainConfig
+    from paratrain.plan.hardware import get_hardware
+    from paratrain.plan.local import predict_run
+
+    spec = importlib.util.spec_from_file_location("validate_planner", ROOT / "benchmarks" / "validate_planner.py")
+    vp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vp)
+    assert vp.calibrated_probe(str(tmp_path / "none.json")) is None
+    profile = tmp_path / "profile.json"
+    points = [{"model": "tiny", "batch": 4, "dtype": "float32", "seconds": 9.0},
+              {"model": vp.PROBE[0], "batch": vp.PROBE[1], "dtype": "bfloat16", "seconds": 7.0},
+              {"model": vp.PROBE[0], "batch": vp.PROBE[1], "dtype": "float32", "seconds": 0.25}]
+    profile.write_text(json.dumps({"measurements": {"layer_points": points}}))
+    assert vp.calibrated_probe(str(profile)) == 0.25
+    hw = get_hardware("cpu").replace(cores_per_node=2, elementwise_s_per_byte=1e-9, layer_overhead_s=1e-3)
+    one = TrainConfig(model="tiny", global_batch=4, seq_len=64)
+    base, slow = predict_run(one, hw, "").step_time_s, predict_run(one, vp.scaled(hw, 2.0), "").step_time_s
+    assert slow == pytest.approx(2 * base, rel=1e-9)
+    two = one.replace(layout=Layout(dp=2))
+    b2 = predict_run(two, hw, "").to_dict()["step_time_breakdown_s"]
+    s2 = predict_run(two, vp.scaled(hw, 2.0), "").to_dict()["step_time_breakdown_s"]
+    assert s2["compute"] == pytest.approx(2 * b2["compute"], rel=1e-9)
+    assert s2["dp_comm"] == pytest.approx(b2["dp_comm"], rel=1e-9)
