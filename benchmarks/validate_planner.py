@@ -266,7 +266,7 @@ def report(rows: list[dict[str, Any]]) -> tuple[str, bool]:
     mem_max = max(abs(r["memory_error"]) for r in rows)
     ok = step_med <= STEP_TARGET and step_max <= STEP_MAX and mem_max <= MEMORY_TARGET
     text = "\n".join([
-        format_grid(["layout", "procs", "step ms predicted", "measured", "error", "machine, error at its speed",
+        format_grid(["layout", "procs", "step ms predicted", "measured", "error", "probe / calibrated, error at that speed",
                      "memory MiB predicted", "measured", "error (worst rank)", "other jobs (cores)"], grid), "",
         f"median |step-time error| {step_med:.1%} (target <= {STEP_TARGET:.0%}): "
         f"{'PASS' if step_med <= STEP_TARGET else 'FAIL'}",
@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         while len(runs) < opts.repeats + opts.retries:  # a run disturbed by other jobs is repeated
             runs.append(measure(name, LAYOUTS[name], opts, folder))
             drift = "" if reference is None else \
-                f", machine x{statistics.mean(runs[-1]['probe_s']) / reference:.3f} of the calibration's speed"
+                f", drift probe {statistics.mean(runs[-1]['probe_s']) / reference:.3f}x its calibrated time"
             print(f"  {name}: {runs[-1]['step_time_s'] * 1e3:.0f} ms measured, other jobs took "
                   f"{runs[-1]['external_cores']:.2f} cores{drift}", flush=True)
             if sum(r["external_cores"] <= opts.max_external for r in runs) >= opts.repeats:
