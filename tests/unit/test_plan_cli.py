@@ -207,7 +207,6 @@ def test_validation_drift_probe_reads_the_calibration_and_slows_only_compute(tmp
     """validate_planner's drift probe: the calibrated seconds of its point come from the profile
     (none without one), and ``scaled(hw, k)`` makes a one-process step (compute only) k times
     slower while a dp 2 step's communication stays as it was."""
-    import argparse
     import importlib.util
 
     from paratrain.config import Layout, TrainConfig
