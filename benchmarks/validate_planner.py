@@ -267,7 +267,8 @@ def report(rows: list[dict[str, Any]]) -> tuple[str, bool]:
     ok = step_med <= STEP_TARGET and step_max <= STEP_MAX and mem_max <= MEMORY_TARGET
     text = "\n".join([
         format_grid(["layout", "procs", "step ms predicted", "measured", "error",
-                     "probe / calibrated, error at that speed", "memory MiB predicted", "measured", "error (worst rank)", "other jobs (cores)"], grid), "",
+                     "probe / calibrated, error at that speed", "memory MiB predicted", "measured",
+                     "error (worst rank)", "other jobs (cores)"], grid), "",
         f"median |step-time error| {step_med:.1%} (target <= {STEP_TARGET:.0%}): "
         f"{'PASS' if step_med <= STEP_TARGET else 'FAIL'}",
         f"worst |step-time error| {step_max:.1%} (target <= {STEP_MAX:.0%}): "
