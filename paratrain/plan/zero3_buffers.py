@@ -102,10 +102,11 @@ def _no_pipeline_peak(units: RankUnits, params: float, P_b: float, G_b: float) -
     ``j - 1`` (prefetched) and ``j + 1`` (its reduction in flight) during block ``j``'s backward."""
     L, B = units.layers, units.block
     R = max(0.0, params - L * B)
-    if L == 0:
-        return (P_b + G_b) * R
-    return max(P_b * (R + B + (B if j >= 1 else 0.0)) + G_b * (R + B + (B if j <= L - 2 else 0.0))
-               for j in range(L))
+    if L < 2:  # no neighbour block to prefetch or to reduce
+        return (P_b + G_b) * (R + L * B)
+    if L == 2:  # block 1 prefetches block 0, block 0 reduces block 1: one of the two extra blocks
+        return (P_b + G_b) * (R + B) + max(P_b, G_b) * B
+    return (P_b + G_b) * (R + 2 * B)  # a middle block: both (closed form of the max over j)
 
 
 def _pipeline_peak(units: RankUnits, P_b: float, G_b: float) -> float:
