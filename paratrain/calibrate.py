@@ -371,8 +371,10 @@ def busy_allreduce_worker(sizes: tuple[int, ...], compute_s: float, reps: int, t
     """Runs on each rank: alternate ~``compute_s`` of matmuls with a collective (``op``:
     ``all_reduce``, ``reduce_scatter`` or ``all_gather``, each of a ``size``-byte tensor:
     the reduce-scatter's input, the all-gather's output) of a freshly written buffer, as training
-    alternates layers and collectives; returns, per payload size, the median seconds spent in the
-    collective (its peers' compute jitter and scheduling included)."""
+    alternates layers and collectives; returns, per payload size, the mean seconds spent in the
+    collective (its peers' compute jitter and scheduling included). The mean, not the median: a
+    step pays the sum of its collectives, slow calls included (at 1 KiB the median was 0.4-1.4 ms
+    and the mean 1.4-1.8 ms here; the median fit under-priced tp2's 2 MiB all-reduces by ~35%)."""
     import torch
 
     from paratrain import comm
@@ -403,7 +405,7 @@ def busy_allreduce_worker(sizes: tuple[int, ...], compute_s: float, reps: int, t
                 t0 = time.perf_counter()
                 run()
                 times.append(time.perf_counter() - t0)
-            out.append(statistics.median(times))
+            out.append(statistics.fmean(times))
         ok = True
         return out
     finally:
@@ -455,14 +457,18 @@ def busy_layers_worker(name: str, batch: int, budget_s: float, timeout_s: float,
 
 
 def fit_link(sizes: tuple[int, ...], seconds: list[float], steps: int) -> tuple[float, float]:
-    """Least-squares fit of t = steps * alpha + S / bw over (S, t): returns (bw, alpha)."""
-    k = len(sizes)
-    mx, my = sum(sizes) / k, sum(seconds) / k
-    sxx = sum((x - mx) ** 2 for x in sizes)
-    slope = sum((x - mx) * (y - my) for x, y in zip(sizes, seconds)) / sxx
-    slope = max(slope, 1e-15)
-    intercept = max(my - slope * mx, 0.0)
-    return 1.0 / slope, intercept / steps
+    """Fit of t = steps * alpha + S / bw over (S, t), least squares in *relative* error (each
+    point weighted 1 / t^2), so the sizes of 1 KiB - 4 MiB that tensor parallelism sends count as
+    much as the 16 MiB one (a plain fit is the largest size's: it missed 2 MiB by 30% here).
+    Returns (bw, alpha)."""
+    rows = [[steps / t, s / t] for s, t in zip(sizes, seconds) if t > 0]
+    sol = _least_squares(rows, [1.0] * len(rows)) if len(rows) >= 2 else None
+    if sol is None or sol[1] <= 0:  # degenerate: the largest point's bandwidth, no latency
+        return sizes[-1] / max(seconds[-1], 1e-12), 0.0
+    alpha, inv_bw = sol
+    if alpha < 0:  # latency cannot be negative: refit the bandwidth alone
+        alpha, inv_bw = 0.0, sum(s / t for s, t in zip(sizes, seconds)) / sum((s / t) ** 2 for s, t in zip(sizes, seconds))
+    return 1.0 / inv_bw, alpha
 
 
 def _ram_bytes() -> int:
