@@ -467,7 +467,8 @@ def fit_link(sizes: tuple[int, ...], seconds: list[float], steps: int) -> tuple[
         return sizes[-1] / max(seconds[-1], 1e-12), 0.0
     alpha, inv_bw = sol
     if alpha < 0:  # latency cannot be negative: refit the bandwidth alone
-        alpha, inv_bw = 0.0, sum(s / t for s, t in zip(sizes, seconds)) / sum((s / t) ** 2 for s, t in zip(sizes, seconds))
+        ratios = [s / t for s, t in zip(sizes, seconds)]
+        alpha, inv_bw = 0.0, sum(ratios) / sum(r * r for r in ratios)
     return 1.0 / inv_bw, alpha
 
 

@@ -34,7 +34,17 @@ def train_ranks_fn(cfg: TrainConfig) -> dict[str, Any]:
         "full_state": s.pm.full_state_dict(),
         "ops": {g.name: g.stats.as_dict() for g in s.mesh.groups if g.size > 1},
         "timeline": timeline.to_json() if timeline is not None else None,
+        "dp_bucket_bytes": _bucket_bytes(s.pm.grad_sync),
     }
+
+
+def _bucket_bytes(sync: Any) -> int:
+    """The padded bytes of the gradient buckets of the ZeRO sync under ``sync`` (0 without one)."""
+    from paratrain.parallel.pipeline.model import _syncs
+    from paratrain.parallel.zero import ZeroDataParallel
+
+    zero = [z for z in _syncs(sync) if isinstance(z, ZeroDataParallel)]
+    return sum(b.padded * b.flat.new_empty((), dtype=b.dtype).element_size() for z in zero for b in z.buckets)
 
 
 # Tolerances of every equivalence test against the single-process reference, as multiples of the

@@ -22,6 +22,13 @@ reduce-scatter followed by an all-gather anyway ([R20] sec. 7.2.1).
 * stage 2: + every backward's buckets are filled (copied from autograd's gradients) and
   reduce-scattered as soon as they are complete, then released; only the gradient shard,
   accumulated over micro-batches, stays. A whole gradient of every parameter never exists at once.
+  Under a zero-bubble schedule (:attr:`ZeroDataParallel.split_backward`) a micro-batch's
+  backward comes in two actions, ``I`` (norms, biases, embeddings) and ``W`` (the linears'
+  weights): a bucket is then reduced once *every one of its parameters* has a gradient since its
+  last reduction, not at each action, so each micro-batch reduces its buckets once (``m S`` per
+  step, as with plain backwards) instead of twice. The gradients an ``I`` produces wait, small,
+  in ``p.grad`` (autograd adds the next micro-batch's to them) until their bucket's first ``W``
+  gradient arrives; a gradient for a bucket whose reduction is in flight settles it first.
 * stage 3: + parameters: each rank stores only its shard; a *unit* (a transformer block, or the
   rest of the model) is all-gathered before its forward and before its backward and freed after
   each: :mod:`paratrain.parallel.zero3`. Its buckets are the units.
@@ -112,6 +119,7 @@ class ShardedBucket(_Bucket):
         else:
             self.grad_shard = torch.zeros_like(self.shard, dtype=self.dtype)
         self.filled: set[nn.Parameter] = set()  # stages 2/3: gradients copied in this backward
+        self.held: set[nn.Parameter] = set()  # stage 2, split backward: gradients waiting in p.grad
         self.launched = False  # stages 2/3: its reduction was started and not yet accumulated
         self.fresh = True  # no reduction landed in grad_shard since zero_grad
         self.accumulate = False  # the reduction in flight is added to grad_shard, not written
@@ -180,6 +188,11 @@ class ZeroDataParallel(DataParallel):
 
     buckets: list[ShardedBucket]
     gathering: object | None = None  # stage 3: the hooks of parallel/zero3.py
+    # Stage 2 under a zero-bubble schedule (set by the pipeline): buckets are reduced when
+    # complete over I and W, not at every backward action (module docstring); ``holding``: the
+    # running backward is an I, whose gradients wait in ``p.grad``.
+    split_backward: bool = False
+    holding: bool = False
 
     def __init__(self, module: nn.Module, group: Group, stage: int, bucket_mb: float = 25.0,
                  overlap: bool = True, units: list[list[nn.Parameter]] | None = None,
@@ -258,11 +271,47 @@ class ZeroDataParallel(DataParallel):
         if self.stage == 1:
             super().set_sync(sync)
             return
+        if self._split:  # buckets are reduced as they complete, and the rest in finish()
+            self._sync = True
+            return
         self._flush()
         self._sync = True
         self._next = 0
         for b in self.buckets:
             b.pending = len(b.params)
+
+    @property
+    def _split(self) -> bool:
+        return self.stage == 2 and self.split_backward
+
+    def _on_grad_ready(self, p: nn.Parameter) -> None:
+        if not self._split:
+            super()._on_grad_ready(p)
+            return
+        bucket = self._bucket_of[p]
+        assert isinstance(bucket, ShardedBucket)
+        if bucket.launched:  # a new round for this bucket: its reduction in flight lands first
+            self._settle(bucket)
+        new = p not in bucket.filled and p not in bucket.held
+        if p in bucket.held:
+            pass  # autograd added this gradient to the waiting p.grad
+        elif self.holding and bucket.buffer is None and bucket.dtype == p.dtype:
+            bucket.held.add(p)  # an I's (small) gradient waits in p.grad for the bucket's W
+        else:
+            self._store_grad(bucket, p)
+        if new:
+            bucket.pending -= 1
+            if bucket.pending == 0 and self.overlap:
+                self._launch_ready()
+
+    def _launch_ready(self) -> None:
+        if not self._split:
+            super()._launch_ready()
+            return
+        n = len(self.buckets)  # index order, wrapping round: the same order on every rank
+        while self.buckets[self._next].pending == 0:
+            self._launch(self.buckets[self._next])
+            self._next = (self._next + 1) % n
 
     def _store_grad(self, bucket: _Bucket, p: nn.Parameter) -> None:
         if self.stage == 1:
@@ -272,9 +321,21 @@ class ZeroDataParallel(DataParallel):
         if bucket.buffer is None:
             bucket.allocate(zero=False)  # every element is written before it is reduced
             bucket.filled.clear()
-        bucket.views[p].copy_(p.grad)
-        bucket.filled.add(p)
+            self._absorb_held(bucket)
+        if p in bucket.filled:  # split backward: a later micro-batch's, before the reduction
+            bucket.views[p].add_(p.grad)
+        else:
+            bucket.views[p].copy_(p.grad)
+            bucket.filled.add(p)
         p.grad = None  # autograd's tensor is freed; the bucket holds the gradient until reduced
+
+    def _absorb_held(self, bucket: ShardedBucket) -> None:
+        """Move the gradients waiting in ``p.grad`` into the (allocated) bucket."""
+        for q in bucket.held:
+            bucket.views[q].copy_(q.grad)
+            bucket.filled.add(q)
+            q.grad = None
+        bucket.held.clear()
 
     def _launch(self, bucket: _Bucket) -> None:
         """Reduce-scatter a complete bucket. Stages 2/3 keep at most one reduction in flight:
@@ -288,6 +349,10 @@ class ZeroDataParallel(DataParallel):
                     self._settle(b)
         if self.stage == 3:
             bucket.free()  # its backward is over: every gradient of the unit has arrived
+        if bucket.buffer is None and bucket.held:
+            bucket.allocate(zero=False)
+            bucket.filled.clear()
+        self._absorb_held(bucket)
         if bucket.buffer is None:
             bucket.allocate()
         elif self.stage > 1 and len(bucket.filled) < len(bucket.params):
@@ -299,17 +364,29 @@ class ZeroDataParallel(DataParallel):
         out = bucket.grad_shard if not bucket.accumulate else bucket.buffer[bucket.lo:bucket.hi]
         bucket.handle = comm.reduce_scatter(out, bucket.buffer, self.group, async_op=True)
         bucket.launched = True  # (on a group of one there is no handle: the copy is done)
+        if self._split:
+            bucket.pending = len(bucket.params)  # the next round counts afresh
 
     def _flush(self) -> None:
         """Stages 2/3: reduce what the last backward left in the buckets, wait, accumulate into
         the gradient shards, release the buffers."""
-        for b in self.buckets[self._next:]:
-            if b.buffer is not None:  # partly filled (parameters this backward did not reach)
-                self._launch(b)
+        if self._split:  # every bucket with a gradient, from the next in launch order on
+            n = len(self.buckets)
+            for b in [self.buckets[(self._next + i) % n] for i in range(n)]:
+                if (b.buffer is not None or b.held) and not b.launched:
+                    self._launch(b)
+        else:
+            for b in self.buckets[self._next:]:
+                if b.buffer is not None:  # partly filled (parameters this backward did not reach)
+                    self._launch(b)
         self._next = len(self.buckets)
         for b in self.buckets:
             if b.launched:
                 self._settle(b)
+        if self._split:  # the next step starts a round in every bucket
+            self._next = 0
+            for b in self.buckets:
+                b.pending = len(b.params)
 
     def _settle(self, b: ShardedBucket) -> None:
         """One launched bucket's end: wait for its reduction, accumulate its shard, release it."""
@@ -322,6 +399,7 @@ class ZeroDataParallel(DataParallel):
             b.grad_shard.add_(b.buffer[b.lo:b.hi])
         b.fresh = False
         b.release()
+        b.filled.clear()
 
     def finish(self) -> None:
         """After the last backward of the step: every reduced gradient is in the pieces'

@@ -27,7 +27,7 @@ SHORT = BASE.replace(steps=3)  # the 8-process case: 3 steps keep it affordable
 
 WORLDS = {
     # pp 4 alone (ZB-V: 8 chunks); pp 2 with data parallelism (buckets reduced after the last W)
-    # and with ZeRO-2 (a reduce-scatter after every I and every W)
+    # and with ZeRO-2 (each bucket reduced once per micro-batch, when its I and W are both in)
     4: [(DEEP, dict(pp=4, microbatches=4, schedule="zb-v")),
         (BASE, dict(dp=2, pp=2, microbatches=2, schedule="zb-h1")),
         (BASE, dict(dp=2, pp=2, zero=2, microbatches=2, schedule="zb-v"))],
@@ -69,6 +69,10 @@ def test_zero_bubble_matches_reference(world):
                                               cfg.seq_len, L.tp, L.sequence_parallel,
                                               placement=placement_of(L.schedule))
             assert res["ops"]["pp"]["send"]["bytes"] == cfg.steps * expected, f"{name}, rank {rank}"
+            if L.zero == 2:  # each bucket reduce-scattered once per micro-batch over I and W (zero.py),
+                # the planner's m S: reducing at every I and every W sent 2 m S (fails so)
+                rs = res["ops"]["dp"]["reduce_scatter"]
+                assert rs["bytes"] == cfg.steps * L.microbatches * res["dp_bucket_bytes"], f"{name}, rank {rank}"
         for spans in results[0][i]["timeline"]["ranks"]:  # F, I and W once per micro-batch chunk
             kinds = sorted(a["kind"] for a in spans if a["kind"] in "FBIW")
             assert kinds == sorted("FIW" * (L.microbatches * v))

@@ -192,3 +192,39 @@ def test_zero_on_one_rank_is_the_reference(zero):
     assert [r["grad_norm"] for r in records] == pytest.approx(ref.grad_norms, rel=1e-5)
     diff, where = max_param_diff(s.pm.full_state_dict(), ref.state)
     assert diff <= 1e-5, where
+
+
+@pytest.mark.parametrize("order", ["IWIW", "IIWW", "IIIWWW", "IWIIWW"])  # a W after its I
+def test_split_backward_reduces_each_bucket_once_per_complete_round(order):
+    """Stage 2 under a zero-bubble split (``split_backward``): an ``I`` gives the bias gradients
+    (they wait in ``p.grad``), a ``W`` the weights'. However I and W interleave, the shard ends
+    with the sum over micro-batches, and a bucket is reduced only when each of its parameters
+    has a gradient since the last reduction (plus what is left at ``finish``): never at every
+    action. The orders are those of 1F1B-like (IWIW) and deferred-W (IIWW) schedules."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 3)
+    ref = copy.deepcopy(lin)
+    sync = ZeroDataParallel(lin, single_group("dp"), 2)
+    sync.split_backward = True
+    launches = []
+    launch = sync._launch
+    sync._launch = lambda b: (launches.append(b.index), launch(b))  # type: ignore[method-assign]
+    sync.zero_grad()
+    xs = torch.randn(order.count("I"), 5, 4)
+    seen = {"I": 0, "W": 0}
+    for kind in order:
+        x = xs[seen[kind]]
+        seen[kind] += 1
+        sync.holding = kind == "I"
+        sync.set_sync(False)
+        y = x @ lin.weight.detach().t() + lin.bias if kind == "I" else x @ lin.weight.t() + lin.bias.detach()
+        y.square().sum().backward()
+        ref(x).square().sum().backward() if kind == "I" else None
+    sync.finish()
+    grads = {param_of(piece): piece.grad for piece in sync.grad_params}
+    for p, q in zip(lin.parameters(), ref.parameters()):
+        assert torch.allclose(grads[p], q.grad.reshape(-1), rtol=1e-6, atol=1e-7), p.shape
+    # one bucket: reduced when a W completes it (an I's bias gradient waiting), and at finish
+    # what a later W left (the old code reduced at every action: 4, 4, 6, 6 -- fails so)
+    assert len(launches) == {"IWIW": 2, "IIWW": 2, "IIIWWW": 2, "IWIIWW": 3}[order], launches
+    assert all(p.grad is None for p in lin.parameters())  # nothing left waiting in autograd's tensors

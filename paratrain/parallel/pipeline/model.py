@@ -21,7 +21,7 @@ from paratrain.comm import P2P, Group
 from paratrain.config import Layout
 from paratrain.core.bubble import bubble_fraction
 from paratrain.core.check import check
-from paratrain.core.schedules import Schedule, build_schedule, placement_of, stage_of
+from paratrain.core.schedules import I, Schedule, build_schedule, placement_of, stage_of
 from paratrain.core.timeline import Timeline, from_times
 from paratrain.mesh import Mesh
 from paratrain.parallel.grad import collective_device
@@ -30,6 +30,17 @@ from paratrain.parallel.model import GradSync, ParallelModel
 from paratrain.parallel.pipeline.runtime import PipelineRuntime
 from paratrain.parallel.pipeline.stage import Stage, flatten, unflatten
 from paratrain.parallel.shard import gather_full_state
+from paratrain.parallel.zero import ZeroDataParallel
+
+
+def _syncs(sync: Any) -> list[Any]:
+    """``sync`` and the gradient syncs it wraps (mixed precision, sequence parallelism, experts)."""
+    out = [sync]
+    for attr in ("inner", "experts"):
+        child = getattr(sync, attr, None)
+        if child is not None:
+            out += _syncs(child)
+    return out
 
 
 @cache
@@ -71,6 +82,12 @@ class PipelineModel(ParallelModel):
         self.has_experts = bool(getattr(getattr(stage.module, "cfg", None), "num_experts", 0))
         for chunk in stage.chunks:  # the factor of the last stage's loss, for the aux losses elsewhere
             chunk.aux_scale = grad_sync.grad_scale / layout.microbatches
+        # ZeRO-2 under a zero-bubble schedule: buckets reduced once complete over I and W (zero.py)
+        splits = any(a.kind == I for actions in self.schedule.ranks for a in actions)
+        self.split_zero = [z for z in _syncs(grad_sync) if isinstance(z, ZeroDataParallel) and z.stage == 2] \
+            if splits else []
+        for z in self.split_zero:
+            z.split_backward = True
 
     def _autocast_chunk(self, chunk: Any) -> Any:
         def run(x: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
@@ -84,7 +101,7 @@ class PipelineModel(ParallelModel):
         xs, ys = self.local_tokens(inputs).chunk(m), self.local_tokens(targets).chunk(m)
         seq = xs[0].shape[1] // (self.mesh.tp.size if self.layout.sequence_parallel else 1)
         shape = (xs[0].shape[0], seq, self.stage.hidden)  # (B/m, T, H); T/tp between SP blocks
-        on_backward = self.grad_sync.set_sync if loss_scale is not None else None
+        on_backward = self._before_backward if loss_scale is not None else None
         dtype = next(self.module.parameters()).dtype  # the residual stream's (autocast or not)
         losses, times = self.runtime.run(schedule.ranks[self.mesh.coords.pp], xs, ys, shape,
                                          dtype, loss_scale, on_backward)
@@ -96,6 +113,11 @@ class PipelineModel(ParallelModel):
                 loss = loss + torch.stack(aux).sum() / m
             comm.all_reduce(loss, self.mesh.pp, tag="metrics")
         return loss, times
+
+    def _before_backward(self, final: bool, kind: str) -> None:
+        for z in self.split_zero:
+            z.holding = kind == I
+        self.grad_sync.set_sync(final)
 
     def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The schedule over ``layout.microbatches`` equal slices of this rank's batch; the loss

@@ -74,10 +74,12 @@ class PipelineRuntime:
 
     def run(self, actions: Sequence[Action], inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
             act_shape: tuple[int, ...], act_dtype: torch.dtype, loss_scale: float | None = None,
-            on_backward: Callable[[bool], None] | None = None) -> tuple[list[torch.Tensor], list[tuple[float, float]]]:
+            on_backward: Callable[[bool, str], None] | None = None,
+            ) -> tuple[list[torch.Tensor], list[tuple[float, float]]]:
         """Execute ``actions`` for one step. ``inputs``/``targets``: per micro-batch token ids and
         labels (used by the first / last stage). ``loss_scale`` None: forward only (no graph is
-        kept). ``on_backward(final)`` runs before each backward, ``final`` for the rank's last.
+        kept). ``on_backward(final, kind)`` runs before each backward action (``kind`` B, I or W),
+        ``final`` for the rank's last.
         Returns the detached micro-batch losses (last stage, in micro-batch order; empty
         elsewhere) and the ``(start, end)`` of every action."""
         device = inputs[0].device
@@ -104,13 +106,13 @@ class PipelineRuntime:
             elif a.kind == W:
                 t0 = time.perf_counter()
                 if on_backward is not None:
-                    on_backward(i == last_b)
+                    on_backward(i == last_b, a.kind)
                 st.weight_grads.pop((a.microbatch, a.chunk)).run()
             else:
                 grad = None if a.chunk == self.last else self._input(st, RECV_GRAD, a)
                 t0 = time.perf_counter()
                 if on_backward is not None:
-                    on_backward(i == last_b)
+                    on_backward(i == last_b, a.kind)
                 self._backward(st, a, grad, loss_scale)
             if device.type == "cuda":  # kernels are asynchronous: time them done
                 torch.cuda.synchronize(device)
