@@ -82,6 +82,7 @@ LAYOUTS: dict[str, dict[str, Any]] = {
     "dp2-zero2-mb2": dict(dp=2, zero=2, microbatches=2),
     "dp2-zero3": dict(dp=2, zero=3),
     "dp2-pp2-zero3-m2": dict(dp=2, pp=2, microbatches=2, schedule="1f1b", zero=3),
+    "dp2-pp2-zero2-zb-v-m4": dict(dp=2, pp=2, microbatches=4, schedule="zb-v", zero=2),
     "dp2-bf16-tiny": dict(dp=2, precision="bf16", model="tiny"),
 }
 RUN_OPTIONS = ("precision", "model")
