@@ -15,10 +15,11 @@ from paratrain.config import Layout
 from paratrain.core import traffic
 from paratrain.core.partition import stage_units
 from paratrain.core.ring import wire_bytes
+from paratrain.core.schedules import placement_of
 from paratrain.core.vocab import padded_vocab_size
-from paratrain.mesh import AXES, MeshShape
+from paratrain.mesh import AXES, DPCP, MeshShape
 from paratrain.models.configs import ModelConfig
-from paratrain.plan.formulas import block_params_per_device, shape_args
+from paratrain.plan.formulas import block_params_per_device, expert_params_per_block, shape_args
 from paratrain.plan.topology import pipeline_shape
 from paratrain.text import format_grid
 
@@ -46,41 +47,60 @@ class RankView:
     units: tuple[str, ...]  # "embedding", "blocks 0-1", "head"
     params: int
     sends: tuple[Send, ...]
+    cp: int = 0
+    ep: int = 0  # index in its expert-parallel group (dp index mod ep)
 
 
 def _units(model: ModelConfig, layout: Layout, seq_len: int, pp_index: int) -> tuple[tuple[str, ...], list[int]]:
-    """What pipeline rank ``pp_index`` runs, in words, and its chunks' block ranges' sizes."""
+    """What pipeline rank ``pp_index`` runs, in words, and the indices of its blocks."""
     shape = pipeline_shape(model, seq_len, layout.pp, layout.virtual_stages)
     ranges = stage_units(shape.chunks)
     names, blocks = [], []
-    for k in range(pp_index, len(shape.chunks), layout.pp):
+    for k in _chunks_of(layout, pp_index, len(shape.chunks)):
         units = ranges[k]
         if 0 in units:
             names.append("embedding")
         layers = [u - 1 for u in units if 1 <= u <= model.num_layers]
-        blocks.append(len(layers))
+        blocks += layers
         names.append(f"blocks {layers[0]}-{layers[-1]}" if len(layers) > 1 else f"block {layers[0]}")
         if model.num_layers + 1 in units:
             names.append(f"final {'RMSNorm' if model.family == 'llama' else 'LayerNorm'} + head")
     return tuple(names), blocks
 
 
+def _chunks_of(layout: Layout, pp_index: int, num_chunks: int) -> list[int]:
+    """The stages (chunks) pipeline rank ``pp_index`` holds, in model order: every ``pp``-th
+    (the loop placement) or, for ZB-V, stage ``r`` and stage ``2 p - 1 - r`` (the V)."""
+    if placement_of(layout.schedule) == "v":
+        return [pp_index, num_chunks - 1 - pp_index]
+    return list(range(pp_index, num_chunks, layout.pp))
+
+
 def _params(model: ModelConfig, layout: Layout, first: bool, last: bool, num_blocks: int) -> int:
     """Parameters this rank holds (before ZeRO shards them over dp): the planner's count."""
     t, h = layout.tp, model.hidden
     embed = padded_vocab_size(model.vocab_size, t) * h // t
-    head_copy = (not model.tie_embeddings) or layout.pp > 1  # the last stage keeps its own W_e
+    # the last stage keeps its own W_e, unless it is on the first stage's rank (ZB-V's V)
+    head_copy = (not model.tie_embeddings) or (layout.pp > 1 and placement_of(layout.schedule) != "v")
     gpt = model.family == "gpt"  # Llama: rotary positions (no weights), an RMSNorm without bias
     positions = model.max_seq_len * h if gpt else 0
     final_norm = 2 * h if gpt else h
     own = (embed + positions if first else 0) + ((final_norm + (embed if head_copy else 0)) if last else 0)
-    return int(num_blocks * block_params_per_device(h, model.ffn_hidden, t, **shape_args(model)) + own)
+    return int(num_blocks * block_params_per_device(h, model.ffn_hidden, t, **shape_args(model), ep=layout.ep) + own)
 
 
-def _tp_sends(model: ModelConfig, layout: Layout, b: int, s: int, blocks: int, first: bool, last: bool) -> list[Send]:
+def _expert_params(model: ModelConfig, layout: Layout, num_blocks: int) -> int:
+    """Of :func:`_params`, the experts sharded over ep (reduced over the dp / ep ranks holding them)."""
+    return int(num_blocks * expert_params_per_block(model.hidden, model.ffn_hidden, layout.tp, **shape_args(model),
+                                                    ep=layout.ep))
+
+
+def _tp_sends(model: ModelConfig, layout: Layout, b: int, s: int, blocks: list[int], first: bool,
+              last: bool) -> list[Send]:
     m, t = layout.microbatches, layout.tp
-    per = traffic.tp_traffic(model, t, layout.sequence_parallel, b // m, s, num_layers=blocks, embedding=first,
-                             head=last, recompute=layout.recompute)
+    moe = sum(model.is_moe_block(i) for i in blocks)
+    per = traffic.tp_traffic(model, t, layout.sequence_parallel, b // m, s, num_layers=len(blocks), embedding=first,
+                             head=last, recompute=layout.recompute, moe_blocks=moe)
     ops: dict[str, tuple[int, int]] = {}
     for (phase, op), (calls, nbytes) in per.items():
         k = 1 if phase == traffic.STEP else m
@@ -92,32 +112,59 @@ def _tp_sends(model: ModelConfig, layout: Layout, b: int, s: int, blocks: int, f
     return [Send("tp", op, c, n, wire_bytes(op, t, n)) for op, (c, n) in sorted(ops.items())]
 
 
-def rank_views(model: ModelConfig, layout: Layout, global_batch: int, seq_len: int) -> list[RankView]:
+def rank_views(model: ModelConfig, layout: Layout, global_batch: int, seq_len: int,
+               zero3_gather: str = "microbatch") -> list[RankView]:
     """Every rank of the layout: its coordinates, layers, parameters and sends per step."""
-    mesh = MeshShape(layout.dp, layout.pp, layout.tp)
+    mesh = MeshShape(layout.dp, layout.pp, layout.tp, layout.cp, layout.ep)
     b = global_batch // layout.dp  # sequences per data-parallel rank and step
+    s = seq_len // layout.cp  # tokens of each sequence a context-parallel rank holds
+    m, ep = layout.microbatches, layout.ep
+    placement = placement_of(layout.schedule)
     out = []
     for r in range(mesh.world_size):
         c = mesh.coords(r)
         first, last = c.pp == 0, c.pp == layout.pp - 1
-        names, chunks = _units(model, layout, seq_len, c.pp)
-        params = _params(model, layout, first, last, sum(chunks))
-        sends = _tp_sends(model, layout, b, seq_len, sum(chunks), first, last)
+        if placement == "v":  # ZB-V: rank 0 holds the first and the last stage
+            first = last = c.pp == 0
+        names, blocks = _units(model, layout, seq_len, c.pp)
+        params = _params(model, layout, first, last, len(blocks))
+        experts = _expert_params(model, layout, len(blocks))
+        sends = _tp_sends(model, layout, b, s, blocks, first, last)
+        if layout.cp > 1:  # the ring's keys and values (forward) and their gradients (backward)
+            ring = traffic.cp_comm_per_step(model, layout.cp, layout.tp, b, seq_len, m, num_layers=len(blocks),
+                                            recompute=layout.recompute)
+            sends += [Send("cp", op.removesuffix("_send"), calls, nbytes, float(nbytes))
+                      for op, (calls, nbytes) in sorted(ring.items()) if op.endswith("_send")]
+        moe = sum(model.is_moe_block(i) for i in blocks)
+        if ep > 1 and moe:  # the tokens' all-to-alls of this rank's mixture-of-experts blocks
+            per_block = traffic.ep_comm_per_step(model, ep, b, s, m)
+            share = moe / model.num_moe_blocks
+            for op, (calls, nbytes) in sorted(per_block.items()):
+                calls, nbytes = round(calls * share), round(nbytes * share)
+                wire = nbytes * (ep - 1) / ep if op != "ep_counts" else float(nbytes)
+                sends.append(Send("ep", op, calls, nbytes, wire))
         if layout.pp > 1:
-            nbytes = traffic.pp_send_bytes_per_step(model, layout.pp, layout.virtual_stages, c.pp, b, seq_len,
-                                                    layout.tp, layout.sequence_parallel)
-            calls = traffic.p2p_sends_per_microbatch(layout.pp, layout.virtual_stages)[c.pp] * layout.microbatches
+            nbytes = traffic.pp_send_bytes_per_step(model, layout.pp, layout.virtual_stages, c.pp, b, s,
+                                                    layout.tp, layout.sequence_parallel, placement=placement)
+            calls = traffic.p2p_sends_per_microbatch(layout.pp, layout.virtual_stages, placement)[c.pp] * m
             sends.append(Send("pp", "send", calls, nbytes, wire_bytes("send", 2, nbytes)))
             sends.append(Send("pp", "all_reduce", 1, 4, wire_bytes("all_reduce", layout.pp, 4)))  # gradient norm
-            if model.tie_embeddings and (first or last):
+            if model.tie_embeddings and (first or last) and placement != "v":
                 tied = traffic.tied_embedding_bytes(model, layout.tp)
                 sends.append(Send("embedding", "all_reduce", 1, tied, wire_bytes("all_reduce", 2, tied)))
-        for op, per_param, _window, count in traffic.dp_parts(layout.zero, layout.microbatches, layout.dp, ELEM, ELEM):
-            nbytes = int(per_param * params) * count
-            sends.append(Send("dp", op, count, nbytes, wire_bytes(op, layout.dp, nbytes)))
-        if layout.zero and layout.dp > 1:  # the sharded gradients' squared norm (core.traffic.zero_comm_per_step)
-            sends.append(Send("dp", "all_reduce", 1, 4, wire_bytes("all_reduce", layout.dp, 4)))
-        out.append(RankView(r, c.dp, c.pp, c.tp, names, params, tuple(sends)))
+        # gradients: the dense ones averaged over dp x cp, the experts' over the dp / ep ranks holding them
+        n, edp = layout.dp * layout.cp, layout.dp // ep * layout.cp
+        dense = "dp x cp" if layout.cp > 1 else "dp"
+        for group, size, count_params in ((dense, n, params - experts), ("edp", edp, experts)):
+            if count_params <= 0:
+                continue
+            for op, per_param, _window, count in traffic.dp_parts(layout.zero, m, size, ELEM, ELEM, layout.pp,
+                                                                   zero3_gather):
+                nbytes = int(per_param * count_params) * count
+                sends.append(Send(group, op, count, nbytes, wire_bytes(op, size, nbytes)))
+            if layout.zero and size > 1:  # the sharded gradients' squared norm (core.traffic.zero_comm_per_step)
+                sends.append(Send(group, "all_reduce", 1, 4, wire_bytes("all_reduce", size, 4)))
+        out.append(RankView(r, c.dp, c.pp, c.tp, names, params, tuple(sends), c.cp, c.dp % ep))
     return out
 
 
@@ -180,22 +227,38 @@ def human(nbytes: float) -> str:
     return f"{nbytes:.0f} B"
 
 
-def explain_text(model: ModelConfig, layout: Layout, global_batch: int, seq_len: int) -> str:
-    mesh = MeshShape(layout.dp, layout.pp, layout.tp)
-    views = rank_views(model, layout, global_batch, seq_len)
+def explain_text(model: ModelConfig, layout: Layout, global_batch: int, seq_len: int,
+                 zero3_gather: str = "microbatch") -> str:
+    mesh = MeshShape(layout.dp, layout.pp, layout.tp, layout.cp, layout.ep)
+    views = rank_views(model, layout, global_batch, seq_len, zero3_gather)
+    cp, ep = layout.cp > 1, layout.ep > 1
+    numbering = ("rank = ((pp * dp + dp_index) * cp + cp_index) * tp + tp_index" if cp
+                 else "rank = (pp * dp + dp_index) * tp + tp_index")
     lines = [f"paratrain explain: {model.name} [{layout}] on {mesh.world_size} ranks, global batch "
-             f"{global_batch} x {seq_len} tokens, fp32; rank = (pp * dp + dp_index) * tp + tp_index", ""]
-    rows = [[str(v.rank), str(v.dp), str(v.pp), str(v.tp), ", ".join(v.units), f"{v.params:,}",
-             *(human(sum(s.wire for s in v.sends if s.group == g)) for g in ("dp", "tp", "pp", "embedding"))]
+             f"{global_batch} x {seq_len} tokens, fp32; {numbering}", ""]
+    groups = ["dp x cp" if cp else "dp", *(["edp"] if ep else []), "tp", *(["cp"] if cp else []),
+              *(["ep"] if ep else []), "pp", "embedding"]
+    coords = ["dp", *(["ep"] if ep else []), "pp", *(["cp"] if cp else []), "tp"]
+    rows = [[str(v.rank), *(str(getattr(v, a)) for a in coords), ", ".join(v.units), f"{v.params:,}",
+             *(human(sum(s.wire for s in v.sends if s.group == g)) for g in groups)]
             for v in views]
-    lines += [format_grid(["rank", "dp", "pp", "tp", "layers", "params", "dp sends", "tp sends", "pp sends",
-                           "emb sends"], rows), ""]
+    names = {"embedding": "emb sends", "edp": "edp sends (experts)"}
+    lines += [format_grid(["rank", *coords, "layers", "params", *(names.get(g, f"{g} sends") for g in groups)],
+                          rows), ""]
     lines.append("process groups (global ranks):")
     for axis in AXES:
-        lines.append(f"  {axis}: " + "  ".join(str(g) for g in mesh.all_groups(axis)))
-    if model.tie_embeddings and layout.pp > 1:
-        pairs = [[mesh.rank_of(d, 0, t), mesh.rank_of(d, layout.pp - 1, t)] for d in range(layout.dp)
-                 for t in range(layout.tp)]
+        if axis != "cp" or cp:
+            lines.append(f"  {axis}: " + "  ".join(str(g) for g in mesh.all_groups(axis)))
+    if cp:
+        lines.append("  dp x cp (gradients averaged): " + "  ".join(str(g) for g in mesh.all_groups(DPCP)))
+    if ep:
+        lines.append("  ep (tokens exchanged, E / ep experts each): "
+                     + "  ".join(str(g) for g in mesh.expert_groups("ep")))
+        lines.append("  edp (the same experts, their gradients averaged): "
+                     + "  ".join(str(g) for g in mesh.expert_groups("edp")))
+    if model.tie_embeddings and layout.pp > 1 and placement_of(layout.schedule) != "v":
+        pairs = [[mesh.rank_of(d, 0, t, c), mesh.rank_of(d, layout.pp - 1, t, c)] for d in range(layout.dp)
+                 for c in range(layout.cp) for t in range(layout.tp)]
         lines.append("  embedding (first and last stage, tied weights): " + "  ".join(str(p) for p in pairs))
     lines += ["", f"weight slices of every block, per tp rank (tp = {layout.tp}):"]
     for t in range(layout.tp):
@@ -203,6 +266,11 @@ def explain_text(model: ModelConfig, layout: Layout, global_batch: int, seq_len:
         slices = weight_slices(model, layout.tp, t)
         width = max(len(name) for name, _ in slices) + 1
         lines += [f"    {name:<{width}} {what}" for name, what in slices]
+    if ep:
+        e = model.num_experts // layout.ep
+        lines += ["", f"experts per ep rank (ep = {layout.ep}, {model.num_experts} experts in each of "
+                      f"{model.num_moe_blocks} mixture-of-experts blocks):"]
+        lines += [f"  ep rank {j}: experts {j * e}-{(j + 1) * e - 1}" for j in range(layout.ep)]
     lines += ["", "sends per step of rank 0 (payload as counted by paratrain.comm; wire: what this rank sends, "
               "ring algorithms):"]
     lines.append(format_grid(["group", "op", "calls", "payload", "wire"],

@@ -105,3 +105,56 @@ def test_bad_hf_explain_is_exit_2(argv, message, capsys):
     assert main(["explain", *argv]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert message in err and "Traceback" not in err
+
+
+def test_context_parallel_ranks_groups_and_ring_bytes(capsys):
+    """cp: the ring's sends per rank are the formula the runtime's cp counters are tested with
+    (core.traffic.cp_comm_per_step), and the gradients are averaged over dp x cp."""
+    from paratrain.core.ring import wire_bytes
+    from paratrain.core.traffic import cp_comm_per_step
+
+    layout = Layout(cp=2, tp=2, microbatches=2)
+    views = rank_views(TINY, layout, 8, 64)
+    assert [(v.cp, v.tp) for v in views] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    ring = {op.removesuffix("_send"): cb for op, cb in cp_comm_per_step(TINY, 2, 2, 8, 64, 2).items()
+            if op.endswith("_send")}
+    for v in views:
+        assert {s.op: (s.calls, s.payload) for s in v.sends if s.group == "cp"} == ring
+        (grads,) = [s for s in v.sends if s.group == "dp x cp"]  # one all-reduce over the 2 cp ranks
+        assert grads.op == "all_reduce" and grads.wire == wire_bytes("all_reduce", 2, 4 * v.params)
+    assert main(["explain", "--cp", "2", "--tp", "2", "--model", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "cp: [0, 2]  [1, 3]" in out and "* cp + cp_index) * tp + tp_index" in out
+
+
+def test_expert_parallel_params_and_exchanges(capsys):
+    """ep: each rank holds E / ep experts (the ep group's ranks together hold the model once),
+    sends the all-to-alls of core.traffic.ep_comm_per_step, and reduces its experts' gradients
+    over the dp / ep ranks holding the same experts (edp), the rest over dp."""
+    from paratrain.core.traffic import ep_comm_per_step
+
+    moe = get_model_config("tiny-moe")
+    layout = Layout(dp=4, ep=2)
+    views = rank_views(moe, layout, 8, 32)
+    assert [v.ep for v in views] == [0, 1, 0, 1]
+    dense = {v.rank: sum(s.payload for s in v.sends if s.group == "dp" and s.payload > 4) for v in views}
+    experts = {v.rank: sum(s.payload for s in v.sends if s.group == "edp" and s.payload > 4) for v in views}
+    whole = param_count(moe)
+    assert sum(views[r].params for r in (0, 1)) - dense[0] // 4 == whole  # dense once + both halves of the experts
+    assert 0 < experts[0] < dense[0] and (dense[0] + experts[0]) // 4 == views[0].params
+    want = ep_comm_per_step(moe, 2, 2, 32)
+    assert {s.op: (s.calls, s.payload) for s in views[0].sends if s.group == "ep"} == want
+    assert main(["explain", "--dp", "4", "--ep", "2", "--model", "tiny-moe"]) == 0
+    out = capsys.readouterr().out
+    assert "[0, 1]  [2, 3]" in out and "edp (the same experts" in out and "ep rank 1: experts 2-3" in out
+    assert main(["explain", "--dp", "4", "--ep", "3", "--model", "tiny-moe"]) == 2
+
+
+def test_zb_v_holds_first_and_last_stage_on_rank_0():
+    """ZB-V's V: rank 0 runs stages 0 and 2p - 1, so the tied embedding is one weight there (no
+    copy, no tied all-reduce) and the ranks' parameters add up to the model exactly."""
+    views = rank_views(TINY, Layout(pp=2, microbatches=4, schedule="zb-v", virtual_stages=2), 8, 32)
+    assert views[0].units == ("embedding", "block 0", "block 3", "final LayerNorm + head")
+    assert views[1].units == ("block 1", "block 2")
+    assert sum(v.params for v in views) == param_count(TINY)
+    assert all(s.group != "embedding" for v in views for s in v.sends)
