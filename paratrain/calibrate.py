@@ -42,7 +42,17 @@ and runs its collectives through :mod:`paratrain.comm`, as training does; the pl
   alternately in the same processes: ``busy_compute_slowdown``, what processes that fill the
   cores cost each other;
 * the same all-reduce with twice as many processes as cores (a 4 KiB all-reduce over its 2(n - 1) ring
-  steps): ``shared_latency_s``, which the planner uses when processes outnumber cores.
+  steps): ``shared_latency_s``, which the planner uses when processes outnumber cores;
+* the link as tensor parallelism sees it: real training steps of ``medium`` at tp 2 and 2, 4
+  and 8 sequences (``paratrain.train``'s own setup and step), the seconds ``comm`` counts inside
+  the tp group's all-reduces per call against the link's model of the same call: the extra,
+  fitted per call and per byte (``tp_extra_s_per_call`` / ``tp_extra_s_per_byte``), which the
+  planner adds to every tp collective (all-reduce, and sequence parallelism's gathers and
+  scatters) when each process has a core; and the same steps with sequence parallelism give its
+  reduce-scatters' and all-gathers' factors on the ring as steps see them
+  (``tp_reduce_scatter_slowdown`` / ``tp_all_gather_slowdown``). Inside a step each all-reduce sits between two layers'
+  compute on both ranks and waits for the later of them, so it costs more than the same
+  collective between matmul loops (here 3.8 ms against 2.4 ms for a 1.9 MiB all-reduce).
 
 The profile's device is one process with one thread (how ``paratrain train`` runs ranks on a
 machine with as many cores as ranks): its peak is the best one-thread matmul rate, its compute
@@ -69,12 +79,13 @@ if TYPE_CHECKING:
 FULL = {"matmul_1t": (128, 256, 512, 1024), "matmul_all": (512, 1024, 2048), "matmul_bf16": (512, 1024),
         "copy_mib": 256, "allreduce_bytes": (2**10, 2**14, 2**18, 2**20, 2**22, 2**24), "budget_s": 0.25,
         "layer_points": (("tiny-deep", 2), ("tiny-deep", 8), ("tiny", 2), ("tiny", 8), ("small", 2), ("small", 4),
-                         ("medium", 2)), "busy_point": ("small", 4), "busy_reps": 40,
+                         ("medium", 2)), "busy_point": ("small", 4), "busy_reps": 100,
+        "tp_points": ("medium", (2, 4, 8), 6),
         "bf16_points": (("tiny-deep", 2), ("tiny", 2), ("tiny", 4))}
 QUICK = {"matmul_1t": (128, 256), "matmul_all": (256,), "matmul_bf16": (128,), "copy_mib": 16,
          "allreduce_bytes": (2**10, 2**16, 2**20), "budget_s": 0.02,
          "layer_points": (("tiny-deep", 2), ("tiny", 2), ("small", 2)), "busy_point": ("tiny", 2), "bf16_points": (),
-         "busy_reps": 5}
+         "busy_reps": 5, "tp_points": ("tiny", (2, 8), 1)}
 
 
 def _best_rate(fn: Callable[[], None], work: float, budget_s: float) -> float:
@@ -456,6 +467,95 @@ def busy_layers_worker(name: str, batch: int, budget_s: float, timeout_s: float,
         shutdown_distributed(ok)
 
 
+def tp_link_worker(model: str, batches: tuple[int, ...], steps: int, timeout_s: float,
+                   sequence_parallel: bool = False) -> list[dict[str, tuple[float, float, float]]]:
+    """Runs on each of 2 ranks: per global batch, ``steps`` training steps of ``model`` at tp 2
+    (after 2 warm-up steps) through ``paratrain.train``; returns, per batch, {op: (payload
+    bytes, seconds) per call, calls per step} of the tp group's collectives as ``comm`` counted them."""
+    import torch
+
+    from paratrain.config import Layout, TrainConfig
+    from paratrain.launch import RankEnv, init_distributed, shutdown_distributed
+    from paratrain.train import setup, train_step
+
+    torch.set_num_threads(1)
+    env = RankEnv.from_env()
+    init_distributed(env, "cpu", timeout_s)
+    ok = False
+    try:
+        out = []
+        for batch in batches:
+            cfg = TrainConfig(model=model, global_batch=batch, seq_len=128, steps=2 + steps, eval_every=0,
+                              layout=Layout(tp=2, sequence_parallel=sequence_parallel), timeout_s=timeout_s)
+            s = setup(cfg, env, torch.device("cpu"))
+            for step in range(1, 3):
+                train_step(s, step)
+            before = s.mesh.tp.stats.as_dict()
+            for step in range(3, 3 + steps):
+                train_step(s, step)
+            per_op = {}
+            for op, after in s.mesh.tp.stats.as_dict().items():
+                b = before.get(op, {})
+                calls = after["calls"] - b.get("calls", 0)
+                nbytes = (after["bytes"] - b.get("bytes", 0)) / max(calls, 1)
+                if op in ("all_reduce", "all_gather", "reduce_scatter") and calls and nbytes > 1024:
+                    per_op[op] = (nbytes, (after["seconds"] - b.get("seconds", 0)) / calls, calls / steps)
+            out.append(per_op)
+        ok = True
+        return out
+    finally:
+        shutdown_distributed(ok)
+
+
+def _measure_tp_link(cfg: dict[str, Any], bw: float, alpha: float, slow: dict[str, float],
+                     log: Callable[[str], None]) -> dict[str, Any]:
+    """Real tp 2 steps' collectives against the link's model (``bw``, ``alpha``; ``slow``: the
+    reduce-scatter's and all-gather's factors on the ring). The all-reduces (plain tp): the
+    extra seconds per call, fitted as ``extra = per_call + S * per_byte`` (relative least
+    squares, both >= 0). Sequence parallelism's all-gathers and reduce-scatters: their factors on
+    the ring as they are inside steps, once that extra is taken off (median over the points)."""
+    from paratrain.launch import launch
+
+    model, batches, steps = cfg["tp_points"]
+
+    def slowest(got: dict[int, list[dict[str, tuple[float, float, float]]]], op: str) -> list[tuple[float, float]]:
+        # each rank's seconds include its wait for the other: the slower rank's view is the step's
+        return [(got[0][i][op][0], max(got[r][i][op][1] for r in got)) for i in range(len(batches))]
+
+    points = slowest(launch(tp_link_worker, (model, batches, steps, 120.0), 2), "all_reduce")
+    extra = [max(t - (s / bw + 2 * alpha), 0.0) for s, t in points]
+    rows = [[1 / t, s / t] for s, t in points]
+    sol = _least_squares(rows, [x / t for (_, t), x in zip(points, extra)]) if len(rows) >= 2 else None
+    per_call, per_byte = (max(sol[0], 0.0), max(sol[1], 0.0)) if sol else (0.0, 0.0)
+    log(f"      inside tp 2 training steps of {model}: "
+        + ", ".join(f"{s / 2**10:.0f} KiB {t * 1e3:.2f} ms (link model {(s / bw + 2 * alpha) * 1e3:.2f})"
+                    for s, t in points)
+        + f" per all-reduce: {per_call * 1e6:.0f} us + {per_byte * 1e9:.3f} ns per byte more")
+    sp = launch(tp_link_worker, (model, batches, steps, 120.0, True), 2)
+    out = {"tp_allreduce_points": points, "tp_extra_s_per_call": per_call, "tp_extra_s_per_byte": per_byte}
+    # Sequence parallelism: one factor for its reduce-scatters and all-gathers together. Apart
+    # they cannot be told: backward's re-gather runs asynchronously behind a matmul, and gloo
+    # runs a group's collectives in order, so the next blocking reduce-scatter waits for it too.
+    factors = []
+    for i in range(len(batches)):
+        calls = payload = seconds = 0.0
+        for op in ("reduce_scatter", "all_gather"):
+            s_op, _, n_op = sp[0][i][op]  # payload per call, calls per step
+            seconds += max(sp[r][i][op][1] for r in sp) * n_op
+            payload += s_op * n_op
+            calls += n_op
+        # t = f * (S / 2) / bw + alpha + extra per call, summed over a step's calls of both
+        factors.append((seconds - calls * (alpha + per_call) - payload * per_byte) / (payload / 2 / bw))
+    f = max(1.0, statistics.median(factors))
+    out["tp_reduce_scatter_slowdown"] = out["tp_all_gather_slowdown"] = f
+    log("      sequence parallelism's reduce-scatters and all-gathers there: "
+        + ", ".join(f"{sp[0][i]['reduce_scatter'][0] / 2**10:.0f} KiB {sp[0][i]['reduce_scatter'][1] * 1e3:.2f} + "
+                    f"{sp[0][i]['all_gather'][1] * 1e3:.2f} ms" for i in range(len(batches)))
+        + f" = {f:.2f}x the ring with that extra (between matmul loops: {slow['reduce_scatter']:.2f}x and "
+          f"{slow['all_gather']:.2f}x)")
+    return out
+
+
 def fit_link(sizes: tuple[int, ...], seconds: list[float], steps: int) -> tuple[float, float]:
     """Fit of t = steps * alpha + S / bw over (S, t), least squares in *relative* error (each
     point weighted 1 / t^2), so the sizes of 1 KiB - 4 MiB that tensor parallelism sends count as
@@ -580,10 +680,14 @@ def calibrate(quick: bool = False, collectives: bool = True,
     meas.update(_measure_compute(cfg, cores, log))
     if collectives:
         meas.update(_measure_link(cfg, cores, log))
+        meas.update(_measure_tp_link(cfg, meas["link_bandwidth"], meas["link_latency_s"],
+                                     {"reduce_scatter": meas["reduce_scatter_slowdown"],
+                                      "all_gather": meas["all_gather_slowdown"]}, log))
     else:
         log("[5/5] collectives skipped: link figures are placeholders (1 GB/s, no latency)")
         meas.update(link_bandwidth=1e9, link_latency_s=0.0, shared_latency_s=0.0, reduce_scatter_slowdown=1.0,
-                    all_gather_slowdown=1.0, busy_compute_slowdown=1.0)
+                    all_gather_slowdown=1.0, busy_compute_slowdown=1.0, tp_extra_s_per_byte=0.0,
+                    tp_extra_s_per_call=0.0, tp_reduce_scatter_slowdown=0.0, tp_all_gather_slowdown=0.0)
     meas["collectives_measured"] = collectives
     bf16 = max(meas["matmul_bf16_1thread"].values())
     if meas.get("bf16_layer_rate"):  # the planner's bf16 rate is peak x efficiency: make it the layers' fitted one
@@ -599,6 +703,9 @@ def calibrate(quick: bool = False, collectives: bool = True,
         all_gather_slowdown=meas["all_gather_slowdown"], busy_compute_slowdown=meas["busy_compute_slowdown"],
         elementwise_s_per_byte=meas["elementwise_s_per_byte"], layer_overhead_s=meas["layer_overhead_s"],
         pack_s_per_byte=meas["pack_s_per_byte"], elementwise_s_per_byte_bf16=meas["elementwise_s_per_byte_bf16"],
+        tp_extra_s_per_byte=meas["tp_extra_s_per_byte"], tp_extra_s_per_call=meas["tp_extra_s_per_call"],
+        tp_reduce_scatter_slowdown=meas["tp_reduce_scatter_slowdown"],
+        tp_all_gather_slowdown=meas["tp_all_gather_slowdown"],
         source=f"paratrain calibrate on {platform.node()}: one process with one thread per core; "
                f"inter-node link not measured (set to the gloo loopback figure)",
     )

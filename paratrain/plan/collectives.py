@@ -17,13 +17,17 @@ from paratrain.plan.hardware import Hardware
 
 
 class Link(NamedTuple):
-    """A link as collectives see it: bandwidth (bytes/s), latency per ring step (s), and how
-    many times the ring's bandwidth time the backend's reduce-scatter and all-gather take."""
+    """A link as collectives see it: bandwidth (bytes/s), latency per ring step (s), how many
+    times the ring's bandwidth time the backend's reduce-scatter and all-gather take, and what a
+    blocking collective costs more inside a training step (seconds per payload byte and per
+    call: ``Hardware.tp_extra_s_per_byte`` / ``tp_extra_s_per_call``; 0 elsewhere)."""
 
     bw: float
     latency: float
     reduce_scatter_slowdown: float = 1.0
     all_gather_slowdown: float = 1.0
+    extra_s_per_byte: float = 0.0
+    extra_s_per_call: float = 0.0
 
 
 def link(hw: Hardware, cross: bool) -> Link:
@@ -33,13 +37,15 @@ def link(hw: Hardware, cross: bool) -> Link:
 
 
 def collective_seconds(op: str, n: int, payload: float, bw: float, latency: float, rs_slowdown: float = 1.0,
-                       ag_slowdown: float = 1.0, *, calls: int = 1) -> float:
+                       ag_slowdown: float = 1.0, extra_s_per_byte: float = 0.0, extra_s_per_call: float = 0.0,
+                       *, calls: int = 1) -> float:
     """``calls`` ring collectives moving ``payload`` bytes in all over ``n`` devices (a send: one
     step each), on a :class:`Link` (pass it unpacked: ``*link``). 0 on a group of one."""
     if op != "send" and n <= 1:
         return 0.0
     slow = rs_slowdown if op == "reduce_scatter" else ag_slowdown if op == "all_gather" else 1.0
-    return slow * wire_bytes(op, n, payload) / bw + calls * ring_steps(op, max(n, 2)) * latency
+    return (slow * wire_bytes(op, n, payload) / bw + calls * ring_steps(op, max(n, 2)) * latency
+            + payload * extra_s_per_byte + calls * extra_s_per_call)
 
 
 class Buckets(NamedTuple):

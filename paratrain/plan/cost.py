@@ -153,7 +153,14 @@ class _Layout(LayoutMemory):
 
     @cached_property
     def tp_link(self) -> Link:
-        return self._link("tp")
+        """The intra-node link, plus what tp's blocking collectives cost more inside training
+        steps (``Hardware.tp_extra_*``, measured by calibrate) when each process has a core."""
+        base, hw = self._link("tp"), self.link_hw
+        if not self._spans("tp") and compute_share(hw, self.layout.world_size) >= 1:
+            return base._replace(extra_s_per_byte=hw.tp_extra_s_per_byte, extra_s_per_call=hw.tp_extra_s_per_call,
+                                 reduce_scatter_slowdown=hw.tp_reduce_scatter_slowdown or base.reduce_scatter_slowdown,
+                                 all_gather_slowdown=hw.tp_all_gather_slowdown or base.all_gather_slowdown)
+        return base
 
     @cached_property
     def dp_link(self) -> Link:  # the dp x cp ranks that average gradients
@@ -216,7 +223,9 @@ class _Layout(LayoutMemory):
                          (2 * fwd + layers * self.layer_rec) / rate + 2 * ew / 3 + replay,
                          tp[traffic.FORWARD], tp[traffic.BACKWARD], tp["wire_forward"] + tp["wire_backward"],
                          Ring(layers * rg.forward_s, layers * rg.backward_s, layers * rg.wire_bytes),
-                         Ring(layers * ex.forward_s, layers * ex.backward_s, layers * ex.wire_bytes))
+                         Ring(layers * ex.forward_s, layers * ex.backward_s, layers * ex.wire_bytes),
+                         # W: one matmul per linear as large as its forward's (attention's core has no weights)
+                         (layers * (self.layer_fwd - self.attn_fwd) + (self.head_fwd if last else 0)) / rate)
 
     def syncs(self, i: int, n_layers: int) -> tuple[float, float, float, float]:
         """(tp seconds, tp wire bytes, pp seconds, pp wire bytes) once per step after the schedule:

@@ -77,6 +77,14 @@ class Hardware:
     ``reduce_scatter_slowdown`` / ``all_gather_slowdown``: how many times the ring model's
     bandwidth time the backend's reduce-scatter / all-gather take (1: a ring, as NCCL's; gloo's
     reduce-scatter on this project's machine takes ~3x). Measured by ``paratrain calibrate``.
+    ``tp_extra_s_per_byte`` / ``tp_extra_s_per_call``: what a tensor-parallel group's blocking
+    collective costs more inside a training step than the link's figures say (it sits between
+    two layers' compute and waits for the later rank, on caches the layers have filled), per
+    byte of its payload and per call, when each process has a core; 0: nothing more. Measured
+    by ``paratrain calibrate`` in real tp 2 steps (their all-reduces against the link's model).
+    ``tp_reduce_scatter_slowdown`` / ``tp_all_gather_slowdown``: the same groups' factors on the
+    ring's bandwidth time (as ``reduce_scatter_slowdown``), measured inside sequence-parallel
+    steps with that extra; 0 = the link's.
     ``host_link_bw``: bytes/s one device moves to or from host memory (per direction; a GPU's
     PCIe link), which ``--offload-optimizer`` (ZeRO-Offload) crosses every step; 0 = the device
     is the host (a CPU process): nothing to copy. ``host_memory_bw``: the host memory bandwidth
@@ -106,6 +114,10 @@ class Hardware:
     all_gather_slowdown: float = 1.0
     host_link_bw: float = 0.0
     host_memory_bw: float = 0.0
+    tp_extra_s_per_byte: float = 0.0
+    tp_extra_s_per_call: float = 0.0
+    tp_reduce_scatter_slowdown: float = 0.0
+    tp_all_gather_slowdown: float = 0.0
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -120,7 +132,8 @@ class Hardware:
         for field in ("peak_bf16_flops", "memory_bw", "intra_node_latency_s", "inter_node_latency_s",
                       "elementwise_s_per_byte", "elementwise_s_per_byte_bf16", "layer_overhead_s", "pack_s_per_byte",
                       "shared_latency_s", "host_link_bw",
-                      "host_memory_bw"):
+                      "host_memory_bw", "tp_extra_s_per_byte", "tp_extra_s_per_call",
+                      "tp_reduce_scatter_slowdown", "tp_all_gather_slowdown"):
             value = getattr(self, field)
             if not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"hardware {self.name!r}: {field} must be >= 0, got {value!r}.")
@@ -171,7 +184,8 @@ _OPTIONAL = {"compute_efficiency", "intra_node_latency_s", "inter_node_latency_s
              "elementwise_s_per_byte", "elementwise_s_per_byte_bf16", "layer_overhead_s", "pack_s_per_byte",
              "busy_compute_slowdown",
              "shared_latency_s", "reduce_scatter_slowdown",
-             "all_gather_slowdown",
+             "all_gather_slowdown", "tp_extra_s_per_byte", "tp_extra_s_per_call",
+             "tp_reduce_scatter_slowdown", "tp_all_gather_slowdown",
              "source"}
 
 # Fraction of peak reached by the compute of a step on A100s, fitted to Narayanan et al. 2021

@@ -221,8 +221,10 @@ def _compute_part(st: StageCost, a: Action, scale: dict[tuple[int, int], float],
         return st.chunks[a.chunk].forward_s * scale.get((r, id(a)), 1.0)
     if a.kind == "B":
         return st.chunks[a.chunk].backward_s * scale.get((r, id(a)), 1.0)
-    if a.kind in ("I", "W"):  # the split backward: dL/dx and dL/dW, a matmul each per linear
-        return st.chunks[a.chunk].backward_s / 2 * scale.get((r, id(a)), 1.0)
+    if a.kind in ("I", "W"):  # the split backward: W the linears' dL/dW matmuls, I the rest of B
+        c = st.chunks[a.chunk]
+        w = c.weight_s if 0 < c.weight_s < c.backward_s else c.backward_s / 2
+        return (w if a.kind == "W" else c.backward_s - w) * scale.get((r, id(a)), 1.0)
     return 0.0
 
 

@@ -25,6 +25,9 @@ class ChunkCost(NamedTuple):
     tp_bytes: float  # wire bytes per micro-batch
     ring: Ring = NO_RING  # context parallelism: the chunk's exposed ring seconds and bytes (plan/context.py)
     ep: Ring = NO_RING  # expert parallelism: the chunk's all-to-all seconds and wire bytes (forward, backward)
+    # of backward_s, the linears' weight-gradient matmuls (dL/dW = dy^T x): a zero-bubble W;
+    # its I is the rest (the input gradients, attention's backward, the memory-bound work)
+    weight_s: float = 0.0
 
 
 class StageCost(NamedTuple):

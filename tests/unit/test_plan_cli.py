@@ -138,6 +138,12 @@ def test_calibrate_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert hw["busy_compute_slowdown"] == pytest.approx(
         max(1.0, statistics.median(m["layers_all_cores_s"]) / m["layers_alone_s"]))
     assert len(doc["measurements"]["allreduce_seconds_busy"]) == len(doc["measurements"]["allreduce_seconds_idle"]) == 3
+    # the tp link inside real tp 2 steps: one (bytes, seconds) point per batch, bytes growing with
+    # the batch (the activations all-reduced), and the extra the planner adds, >= 0 (calibrate.py)
+    points = m["tp_allreduce_points"]
+    assert len(points) == 2 and points[0][0] < points[1][0] and all(t > 0 for _, t in points)
+    assert hw["tp_extra_s_per_byte"] >= 0 and hw["tp_extra_s_per_call"] >= 0
+    assert hw["tp_reduce_scatter_slowdown"] >= 1 and hw["tp_all_gather_slowdown"] >= 1
     d = run_json(capsys, "estimate", "--model", "tiny", "--dp", "2", "--global-batch", "8", "--seq-len", "128",
                  "--precision", "fp32", "--profile", str(out))
     assert d["hardware"].startswith("profile:") and d["step_time_s"] > 0

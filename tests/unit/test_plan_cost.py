@@ -445,3 +445,33 @@ def test_busy_cores_slow_compute_only_when_the_processes_fill_them() -> None:
     assert busy.dp_bytes == base.dp_bytes
     sim0, sim1 = simulate_step(model, two, cpu, 8, 64, "fp32"), simulate_step(model, two, slow, 8, 64, "fp32")
     assert sim1.estimate.time.compute == pytest.approx(1.25 * sim0.estimate.time.compute, rel=1e-9)
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_tp_collectives_pay_the_in_step_extra_when_each_process_has_a_core(sp: bool) -> None:
+    """``Hardware.tp_extra_s_per_byte`` / ``tp_extra_s_per_call`` (calibrate: real tp 2 steps'
+    all-reduces against the link's model) add exactly ``payload x per_byte + calls x per_call``
+    to the tp time, over the runtime's traffic formula (``core.traffic.tp_traffic``), when every
+    process has a core; ``tp_*_slowdown`` replace the link's reduce-scatter and all-gather
+    factors for those groups. With more processes than cores (tp 4 on 2) nothing changes: the
+    figures were measured with a core each. Catches the extra priced on wire bytes, once per
+    step, or applied to oversubscribed layouts."""
+    from paratrain.core import traffic
+
+    model, b, s = get_model_config("small"), 8, 64
+    cpu = get_hardware("cpu").replace(cores_per_node=2, devices_per_node=2)
+    per_byte, per_call = 1e-9, 2e-4
+    more = cpu.replace(tp_extra_s_per_byte=per_byte, tp_extra_s_per_call=per_call)
+    layout = Layout(tp=2, sequence_parallel=sp)
+    base, got = stage_costs(model, layout, cpu, b, s, "fp32")[0], stage_costs(model, layout, more, b, s, "fp32")[0]
+    per = traffic.tp_traffic(model, 2, sp, b, s, model.num_layers, True, True, "none", 4, 4)
+    moved = sum(n for (phase, _), (_, n) in per.items() if phase in (traffic.FORWARD, traffic.BACKWARD))
+    calls = sum(c for (phase, _), (c, _) in per.items() if phase in (traffic.FORWARD, traffic.BACKWARD))
+    assert got.tp_s - base.tp_s == pytest.approx(moved * per_byte + calls * per_call, rel=1e-9)
+    assert (got.forward_s, got.backward_s) == (base.forward_s, base.backward_s)
+    if sp:  # the in-step factor on the ring replaces the link's for the tp group
+        slower = stage_costs(model, layout, more.replace(tp_reduce_scatter_slowdown=9.0,
+                                                         tp_all_gather_slowdown=9.0), b, s, "fp32")[0]
+        assert slower.tp_s > got.tp_s
+    crowded = Layout(tp=4)  # 4 processes on 2 cores
+    assert stage_costs(model, crowded, more, b, s, "fp32") == stage_costs(model, crowded, cpu, b, s, "fp32")

@@ -114,3 +114,24 @@ def test_cli_json_and_png(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
     assert main(["simulate", "--model", "gpt2-350m", "--pp", "2", "--microbatches", "4", "--device", "A100-80GB"]) == 0
     text = capsys.readouterr().out
     assert "predicted step time" in text and "bubble" in text and "exposed communication" in text
+
+
+def test_split_backward_is_the_weight_matmuls_and_the_rest() -> None:
+    """A zero-bubble W is the linears' dL/dW matmuls (one per linear, as large as its forward
+    matmul: ``ChunkCost.weight_s``), its I the rest of the plain backward (input gradients,
+    attention's backward, the memory-bound work): I + W = B, and I > W. Measured on this CPU
+    (``small``, pp 2): F : I : W = 1 : 1.1 : 0.65, where an even split (W = I = B / 2) put the
+    stage's critical path (its I) 20% short. Catches the even split coming back or W taking
+    attention's or the memory-bound share."""
+    from paratrain.plan.cost import stage_costs
+
+    model, cpu = get_model_config("small"), get_hardware("cpu").replace(cores_per_node=0)
+    layout = Layout(pp=2, microbatches=4, schedule="zb-h1")
+    sim = simulate_step(model, layout, cpu, 16, 128, "fp32")
+    stages = stage_costs(model, layout, cpu, 16, 128, "fp32")
+    for r, spans in enumerate(sim.timeline.ranks):
+        chunk = stages[r].chunks[0]
+        span = {k: [s.end - s.start for s in spans if s.action.kind == k] for k in "FIW"}
+        assert span["W"] and all(w == pytest.approx(chunk.weight_s, rel=1e-9) for w in span["W"])
+        assert all(i == pytest.approx(chunk.backward_s - chunk.weight_s, rel=1e-9) for i in span["I"])
+        assert 0.25 * chunk.backward_s < chunk.weight_s < 0.5 * chunk.backward_s
