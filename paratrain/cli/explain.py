@@ -9,10 +9,10 @@ from pathlib import Path
 from paratrain.errors import ConfigError
 
 DESCRIPTION = """\
-Show one layout as a learner needs to see it: each rank's (dp, pp, tp) coordinates, the layers
-it runs, the slice of every weight it holds, the process groups, and the bytes it sends per step
-on each group, from the formulas the planner uses (paratrain/core/traffic.py, core/ring.py).
-Nothing is started and torch is not imported.
+Show one layout as a learner needs to see it: each rank's coordinates (dp, pp, tp; cp and ep
+when given), the layers it runs, the slice of every weight it holds (the experts it holds), the
+process groups, and the bytes it sends per step on each group, from the formulas the planner
+uses (paratrain/core/traffic.py, core/ring.py). Nothing is started and torch is not imported.
 
 example:  paratrain explain --dp 2 --tp 2 --pp 2 --model tiny --out layout.png
           paratrain explain --dp 4 --ep 2 --model tiny-moe      # experts split over 2 of the 4 dp ranks
