@@ -483,11 +483,12 @@ def tp_link_worker(model: str, batches: tuple[int, ...], steps: int, timeout_s: 
     init_distributed(env, "cpu", timeout_s)
     ok = False
     try:
-        out = []
+        out, corpus = [], None
         for batch in batches:
             cfg = TrainConfig(model=model, global_batch=batch, seq_len=128, steps=2 + steps, eval_every=0,
                               layout=Layout(tp=2, sequence_parallel=sequence_parallel), timeout_s=timeout_s)
-            s = setup(cfg, env, torch.device("cpu"))
+            s = setup(cfg, env, torch.device("cpu"), corpus=corpus)
+            corpus = s.corpus  # (the default corpus, read once)
             for step in range(1, 3):
                 train_step(s, step)
             before = s.mesh.tp.stats.as_dict()
