@@ -40,10 +40,10 @@ def train_ranks_fn(cfg: TrainConfig) -> dict[str, Any]:
 
 def _bucket_bytes(sync: Any) -> int:
     """The padded bytes of the gradient buckets of the ZeRO sync under ``sync`` (0 without one)."""
-    from paratrain.parallel.pipeline.model import _syncs
+    from paratrain.parallel.model import sync_chain
     from paratrain.parallel.zero import ZeroDataParallel
 
-    zero = [z for z in _syncs(sync) if isinstance(z, ZeroDataParallel)]
+    zero = [z for z in sync_chain(sync) if isinstance(z, ZeroDataParallel)]
     return sum(b.padded * b.flat.new_empty((), dtype=b.dtype).element_size() for z in zero for b in z.buckets)
 
 

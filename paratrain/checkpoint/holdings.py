@@ -26,6 +26,7 @@ from paratrain.checkpoint.boxes import Box, flat_range_boxes, full_box, intersec
 from paratrain.checkpoint.manifest import CheckpointError
 from paratrain.checkpoint.store import CheckpointReader, Shard
 from paratrain.parallel import marks
+from paratrain.parallel.model import sync_chain
 
 OPTIM_STATES = ("exp_avg", "exp_avg_sq")
 MASTER = "optim.master"
@@ -100,11 +101,7 @@ def _segments(local_shape: tuple[int, ...], tp: list[tuple[Box, Box]], start: in
 def _zero_syncs(pm: object) -> list:
     """The ZeRO wrappers under ``pm``'s gradient sync (with experts two: the experts' over edp,
     the rest over dp; none without ZeRO)."""
-    sync, found = getattr(pm, "grad_sync", None), []
-    while sync is not None and not hasattr(sync, "_bucket_of"):
-        found += [e] if hasattr(e := getattr(sync, "experts", None), "stage") else []
-        sync = getattr(sync, "inner", None)
-    return found + ([sync] if sync is not None and hasattr(sync, "stage") else [])
+    return [s for s in sync_chain(getattr(pm, "grad_sync", None)) if hasattr(s, "stage") and hasattr(s, "_bucket_of")]
 
 
 def _owns(t: torch.Tensor, groups: list) -> tuple[bool, bool]:

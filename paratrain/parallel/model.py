@@ -18,6 +18,14 @@ from paratrain.parallel.grad import clip_grad_norm_
 from paratrain.parallel.shard import gather_full_state
 
 
+def sync_chain(sync: Any) -> list[Any]:
+    """``sync`` and every gradient sync it wraps (mixed precision's, sequence parallelism's
+    ``inner``; expert parallelism's ``inner`` and ``experts``), outermost first."""
+    if sync is None:
+        return []
+    return [sync, *sync_chain(getattr(sync, "inner", None)), *sync_chain(getattr(sync, "experts", None))]
+
+
 class GradSync(Protocol):
     """What a data-parallel (or ZeRO) wrapper offers the step: see ``parallel/data.py`` and
     ``parallel/zero.py``. ``grad_scale`` multiplies the loss before backward (1/dp when the

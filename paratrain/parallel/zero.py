@@ -319,9 +319,7 @@ class ZeroDataParallel(DataParallel):
             return
         assert isinstance(bucket, ShardedBucket)
         if bucket.buffer is None:
-            bucket.allocate(zero=False)  # every element is written before it is reduced
-            bucket.filled.clear()
-            self._absorb_held(bucket)
+            self._open(bucket)
         if p in bucket.filled:  # split backward: a later micro-batch's, before the reduction
             bucket.views[p].add_(p.grad)
         else:
@@ -329,8 +327,12 @@ class ZeroDataParallel(DataParallel):
             bucket.filled.add(p)
         p.grad = None  # autograd's tensor is freed; the bucket holds the gradient until reduced
 
-    def _absorb_held(self, bucket: ShardedBucket) -> None:
-        """Move the gradients waiting in ``p.grad`` into the (allocated) bucket."""
+    def _open(self, bucket: ShardedBucket) -> None:
+        """A buffer for the bucket's next reduction (every element is written before it is
+        reduced: a parameter without a gradient is zeroed at launch), holding the gradients
+        that waited in ``p.grad``."""
+        bucket.allocate(zero=False)
+        bucket.filled.clear()
         for q in bucket.held:
             bucket.views[q].copy_(q.grad)
             bucket.filled.add(q)
@@ -350,9 +352,7 @@ class ZeroDataParallel(DataParallel):
         if self.stage == 3:
             bucket.free()  # its backward is over: every gradient of the unit has arrived
         if bucket.buffer is None and bucket.held:
-            bucket.allocate(zero=False)
-            bucket.filled.clear()
-        self._absorb_held(bucket)
+            self._open(bucket)
         if bucket.buffer is None:
             bucket.allocate()
         elif self.stage > 1 and len(bucket.filled) < len(bucket.params):

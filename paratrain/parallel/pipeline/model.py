@@ -26,21 +26,11 @@ from paratrain.core.timeline import Timeline, from_times
 from paratrain.mesh import Mesh
 from paratrain.parallel.grad import collective_device
 from paratrain.parallel.marks import param_of
-from paratrain.parallel.model import GradSync, ParallelModel
+from paratrain.parallel.model import GradSync, ParallelModel, sync_chain
 from paratrain.parallel.pipeline.runtime import PipelineRuntime
 from paratrain.parallel.pipeline.stage import Stage, flatten, unflatten
 from paratrain.parallel.shard import gather_full_state
 from paratrain.parallel.zero import ZeroDataParallel
-
-
-def _syncs(sync: Any) -> list[Any]:
-    """``sync`` and the gradient syncs it wraps (mixed precision, sequence parallelism, experts)."""
-    out = [sync]
-    for attr in ("inner", "experts"):
-        child = getattr(sync, attr, None)
-        if child is not None:
-            out += _syncs(child)
-    return out
 
 
 @cache
@@ -84,7 +74,7 @@ class PipelineModel(ParallelModel):
             chunk.aux_scale = grad_sync.grad_scale / layout.microbatches
         # ZeRO-2 under a zero-bubble schedule: buckets reduced once complete over I and W (zero.py)
         splits = any(a.kind == I for actions in self.schedule.ranks for a in actions)
-        self.split_zero = [z for z in _syncs(grad_sync) if isinstance(z, ZeroDataParallel) and z.stage == 2] \
+        self.split_zero = [z for z in sync_chain(grad_sync) if isinstance(z, ZeroDataParallel) and z.stage == 2] \
             if splits else []
         for z in self.split_zero:
             z.split_backward = True
@@ -153,10 +143,7 @@ class PipelineModel(ParallelModel):
     def _zero3(self) -> Any:
         """The :class:`~paratrain.parallel.zero3_pipeline.PipelineZero3` under the gradient
         sync's wrappers (mixed precision, sequence parallelism), or None."""
-        sync = self.grad_sync
-        while sync is not None and not hasattr(sync, "begin_step"):
-            sync = getattr(sync, "inner", None)
-        return sync
+        return next((s for s in sync_chain(self.grad_sync) if hasattr(s, "begin_step")), None)
 
     def global_mean(self, value: torch.Tensor) -> torch.Tensor:
         """Average the last stage's value over dp, then broadcast it to every pipeline rank (from
