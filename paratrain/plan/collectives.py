@@ -64,6 +64,16 @@ class Buckets(NamedTuple):
 NO_BUCKETS = Buckets(0, 0.0, 0.0)
 
 
+def chain_buckets(first: Buckets, last: Buckets) -> Buckets:
+    """Two bucket runs on one link as one, ``last``'s final bucket the last to go (the
+    experts' buckets, reduced over their own group, and then the rest's): same count, same total
+    seconds, the run's final bucket ``last``'s."""
+    if not first.count or not last.count:
+        return last if last.count else first
+    count = first.count + last.count
+    return Buckets(count, (first.total_s + last.total_s - last.last_s) / (count - 1), last.last_s)
+
+
 def buckets(op: str, n: int, payload: float, bucket_bytes: float, *link: float) -> Buckets:
     """The collectives of ``payload`` bytes reduced in buckets of ``bucket_bytes`` on ``link``
     (a :class:`Link`, unpacked)."""

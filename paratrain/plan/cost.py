@@ -30,6 +30,7 @@ from paratrain.plan.collectives import (
     Buckets,
     Link,
     buckets,
+    chain_buckets,
     collective_seconds,
     exposed_reduction,
     link,
@@ -246,13 +247,16 @@ class _Layout(LayoutMemory):
                 pp_s += collective_seconds("all_reduce", 2, tied, bw, lat)
         return tp_s, tp_b, pp_s, pp_b
 
-    def data_parallel(self, params: float, chunks: list[ChunkCost]) -> tuple[float, float, Buckets, float]:
+    def data_parallel(self, params: float, chunks: list[ChunkCost], experts: float = 0.0
+                      ) -> tuple[float, float, Buckets, float]:
         """(wire bytes, exposed seconds, ZeRO-0 buckets, the exposed seconds that are not those
         buckets: ZeRO's collectives and the loss average) of the dp traffic of one rank. The
         runtime reduces during the rank's last backward (chunk 0 of the last micro-batch); with
         several chunks the buckets of the others complete only at the end, and since buckets are
-        launched in order none of them overlaps."""
+        launched in order none of them overlaps. Of the ``params``, ``experts`` are reduced over
+        the dp / ep ranks holding the same experts (edp; parallel/expert.py), the rest over dp."""
         n, opts, m = self.r, self.options, self.m
+        n_e = n // self.layout.ep  # edp
         overlap = overlaps_dp(self.hw, self.layout.world_size, opts)
         window = chunks[0].backward_s + chunks[0].tp_backward_s if self.v == 1 else 0.0
         fwd_s, bwd_s = sum(c.forward_s for c in chunks), sum(c.backward_s for c in chunks)
@@ -275,11 +279,12 @@ class _Layout(LayoutMemory):
             wire += m * (2 * ring.wire_bytes("all_gather", n, self.P_b * self.embed)
                          + ring.wire_bytes("reduce_scatter", n, self.G_b * self.embed))
         for op, per_param, phase, times in self.dp_parts:
-            payload = per_param * params
-            wire += times * ring.wire_bytes(op, n, payload)
+            payload, held = per_param * (params - experts), per_param * experts
+            wire += times * (ring.wire_bytes(op, n, payload) + ring.wire_bytes(op, n_e, held))
             if per_unit:
                 continue  # below: per unit
-            b = buckets(op, n, payload, opts.bucket_bytes, *self.dp_link)
+            b = chain_buckets(buckets(op, n_e, held, opts.bucket_bytes, *self.dp_link),
+                     buckets(op, n, payload, opts.bucket_bytes, *self.dp_link))
             if phase == "step":  # ZeRO-1/2's all-gather after the optimizer step (ZeRO-3 in a pipeline:
                 # before the schedule): nothing hides it
                 other += b.total_s
@@ -311,8 +316,8 @@ class _Layout(LayoutMemory):
         mem = self.rank_memory(i)
         params, state, acts = mem.params, mem.state, mem.activation_bytes
         tp_sync, tp_step_b, pp_sync, pp_step_b = self.syncs(i, n_layers)
-        dp_b, exposed, grads, dp_other = self.data_parallel(params, chunks)
-        experts = self.experts_of(i)  # ZeRO shards them over the dp / ep ranks holding them
+        experts = self.experts_of(i)  # reduced, and sharded by ZeRO, over the dp / ep ranks holding them
+        dp_b, exposed, grads, dp_other = self.data_parallel(params, chunks, experts)
         owned = (params - experts) / self.r + experts / (self.r // self.layout.ep) if self.layout.zero >= 1 \
             else params
         bw = self.hw.memory_bw * self.share * self.speeds[i]

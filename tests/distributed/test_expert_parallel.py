@@ -57,14 +57,17 @@ def _train_layouts(cfgs: dict) -> dict:
     out = {}
     for name, cfg in cfgs.items():
         s = setup(cfg, RankEnv.from_env(), torch.device("cpu"))
-        records, ep_ops = [], []
+        records, ep_ops, dp_ops = [], [], []
+        groups = [s.mesh.dp] + ([s.mesh.edp] if s.mesh.edp is not s.mesh.dp else [])
         for step in range(1, cfg.steps + 1):
-            s.mesh.ep.stats.reset()
+            for g in [s.mesh.ep, *groups]:
+                g.stats.reset()
             records.append(train_step(s, step))
             ep_ops.append({op: (st.calls, st.bytes, st.wire_bytes) for op, st in s.mesh.ep.stats.ops.items()})
+            dp_ops.append([{op: st.wire_bytes for op, st in g.stats.ops.items()} for g in groups])
         out[name] = {"losses": [r["loss"] for r in records], "grad_norms": [r["grad_norm"] for r in records],
                      "router": [r["router"] for r in records], "full_state": s.pm.full_state_dict(),
-                     "ep_ops": ep_ops, "optimizer_elements": sum(st["exp_avg"].numel() for st in s.opt.state.values()),
+                     "ep_ops": ep_ops, "dp_ops": dp_ops, "pp_index": s.mesh.coords.pp, "optimizer_elements": sum(st["exp_avg"].numel() for st in s.opt.state.values()),
                      "experts_held": sum(1 for n, _ in s.pm.module.named_parameters()
                                                            if n.endswith("fc1.weight") and ".experts." in n)}
     return out
@@ -215,3 +218,26 @@ def test_checkpoint_of_zero_with_ep_resumes_bit_exact(tmp_path):
     assert sorted(other) == [3, 4]
     for step, loss in other.items():
         assert loss == pytest.approx(saved[step], rel=RESHARD_RTOL), step
+
+
+@pytest.mark.parametrize("world", sorted(CASES))
+def test_expert_gradient_traffic_is_the_planners(world):
+    """The gradient (and ZeRO's parameter) traffic of an ep layout, dp group plus edp group, per
+    step and rank is the planner's dp bytes: the experts reduced over the dp / ep ranks holding
+    them, the rest over dp. (Priced over all of dp, ep 2 of dp 4 would read the experts' share
+    4/3 too high, and ep = dp would count bytes that are never sent.)"""
+    from paratrain.plan.cost import stage_costs
+    from paratrain.plan.hardware import get_hardware
+
+    cfgs, results = _run(world)
+    for name, cfg in cfgs.items():
+        if cfg.layout.ep == 1 or name in DROPOUT_CASES.get(world, {}):
+            continue
+        stages = stage_costs(cfg.model_config(), cfg.layout, get_hardware("A100-80GB"), cfg.global_batch,
+                             cfg.seq_len, precision="fp32")
+        for rank, r in enumerate(results):
+            want = stages[r[name]["pp_index"]].dp_bytes
+            for step, groups in enumerate(r[name]["dp_ops"], 1):
+                wire = sum(w for ops in groups for op, w in ops.items()
+                           if op not in ("metrics", "checkpoint", "grad_norm"))  # the 4-byte scalars: not priced
+                assert wire == pytest.approx(want, rel=1e-9), (name, rank, step, groups)
