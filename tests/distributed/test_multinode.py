@@ -151,6 +151,10 @@ def test_two_hosts_train_like_one_process_and_with_restarts_resume_once_a_cut_li
             while any(alive(p) for p in ranks) and time.monotonic() < deadline:
                 time.sleep(0.2)
             assert not any(alive(p) for p in ranks), "ranks outlived the cut"
+            # The steps the ranks finished: data a far rank had sent before the freeze still sits in
+            # the near host's socket buffers, so a step (and its checkpoint) can complete after the
+            # cut; every checkpoint is committed before its step's metrics line is written.
+            done = len(metrics.read_text().splitlines())
             assert _ip("-n", a, "link", "set", va, "up").returncode == 0
             outs = [n.communicate(timeout=180) for n in nodes]
         finally:
@@ -159,7 +163,9 @@ def test_two_hosts_train_like_one_process_and_with_restarts_resume_once_a_cut_li
         err0 = outs[0][1]
         assert "timed out" in err0.lower() or "connection" in err0.lower(), err0[-3000:]
         resumed = re.search(r"restart 1: continuing from \S+ \(step (\d+)\)", err0)
-        assert resumed and 6 <= int(resumed.group(1)) < reached, err0[-3000:]
+        # from a checkpoint of the cut run (not from scratch, not past the end): the test once read
+        # the steps at the freeze (8) and saw step 9 resumed, committed after the cut
+        assert resumed and 6 <= int(resumed.group(1)) <= min(done, STEPS - 1), (done, err0[-3000:])
         assert losses(tmp_path / "back") == pytest.approx(ref.losses, rel=LOSS_RTOL)
 
 
