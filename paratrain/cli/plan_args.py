@@ -138,14 +138,14 @@ def build_model(args: argparse.Namespace) -> tuple[ModelConfig, int]:
             raise ConfigError("give either --model or --hf-config, not both.")
         base = hf_config_model(args.hf_config)
         model = base.replace(**shape, **extra) if shape or extra else base
-        return model, args.seq_len or model.max_seq_len
+        return model, args.seq_len or model.planning_seq_len
     if args.model:
         base = get_model_config(args.model)
         changes = {**shape, **extra}
         if shape and "hidden" in shape and "ffn_hidden" not in shape:
             changes["ffn_hidden"] = 4 * shape["hidden"]
         model = base.replace(name=base.name + ("*" if changes else ""), **changes) if changes else base
-        return model, args.seq_len or model.max_seq_len
+        return model, args.seq_len or model.planning_seq_len
     missing = [f"--{flag.replace('_', '-')}" for flag in ("layers", "hidden", "heads", "vocab")
                if getattr(args, flag) is None] + (["--seq-len"] if args.seq_len is None else [])
     if missing:

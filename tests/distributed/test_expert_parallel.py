@@ -67,9 +67,10 @@ def _train_layouts(cfgs: dict) -> dict:
             dp_ops.append([{op: st.wire_bytes for op, st in g.stats.ops.items()} for g in groups])
         out[name] = {"losses": [r["loss"] for r in records], "grad_norms": [r["grad_norm"] for r in records],
                      "router": [r["router"] for r in records], "full_state": s.pm.full_state_dict(),
-                     "ep_ops": ep_ops, "dp_ops": dp_ops, "pp_index": s.mesh.coords.pp, "optimizer_elements": sum(st["exp_avg"].numel() for st in s.opt.state.values()),
+                     "ep_ops": ep_ops, "dp_ops": dp_ops, "pp_index": s.mesh.coords.pp,
+                     "optimizer_elements": sum(st["exp_avg"].numel() for st in s.opt.state.values()),
                      "experts_held": sum(1 for n, _ in s.pm.module.named_parameters()
-                                                           if n.endswith("fc1.weight") and ".experts." in n)}
+                                         if n.endswith("fc1.weight") and ".experts." in n)}
     return out
 
 

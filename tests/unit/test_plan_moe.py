@@ -3,6 +3,8 @@ pure, no torch."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from paratrain.config import Layout
@@ -141,3 +143,22 @@ def test_plan_with_ep_on_a_dense_model_says_why(capsys):
     assert main(["plan", "--model", "tiny", "--ep", "2", "--devices", "4", "--global-batch", "8"]) == 2
     err = capsys.readouterr().err
     assert "has none; use a model with experts" in " ".join(err.split()), err
+
+
+def test_mixtral_is_planned_at_its_training_context_unless_told(capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --seq-len the planner takes the 32k context Mixtral was trained with, not the 131k
+    positions its config allows (4x the activations); --seq-len still wins; a model without a
+    training length keeps max_seq_len; a training length past the positions is refused."""
+    from paratrain.cli import main
+    from paratrain.errors import ConfigError
+
+    def seq(*extra: str) -> int:
+        assert main(["estimate", "--model", "mixtral-8x7b", "--dp", "8", "--ep", "8", "--tp", "8", "--pp", "4",
+                     "--global-batch", "64", "--hardware", "H100-80GB", "--json", *extra]) == 0
+        return json.loads(capsys.readouterr().out)["seq_len"]
+
+    assert get_model_config("mixtral-8x7b").max_seq_len == 131072
+    assert seq() == 32768 and seq("--seq-len", "4096") == 4096
+    assert get_model_config("gpt2-124m").planning_seq_len == 1024
+    with pytest.raises(ConfigError, match="train_seq_len"):
+        get_model_config("tiny", train_seq_len=512)
