@@ -248,9 +248,10 @@ class _Layout(LayoutMemory):
         return tp_s, tp_b, pp_s, pp_b
 
     def data_parallel(self, params: float, chunks: list[ChunkCost], experts: float = 0.0
-                      ) -> tuple[float, float, Buckets, float]:
+                      ) -> tuple[float, float, Buckets, float, float]:
         """(wire bytes, exposed seconds, ZeRO-0 buckets, the exposed seconds that are not those
-        buckets: ZeRO's collectives and the loss average) of the dp traffic of one rank. The
+        buckets: ZeRO's collectives and the loss average, and of those the seconds of one
+        micro-batch's ZeRO-2 reduction that nothing hides) of the dp traffic of one rank. The
         runtime reduces during the rank's last backward (chunk 0 of the last micro-batch); with
         several chunks the buckets of the others complete only at the end, and since buckets are
         launched in order none of them overlaps. Of the ``params``, ``experts`` are reduced over
@@ -260,7 +261,7 @@ class _Layout(LayoutMemory):
         overlap = overlaps_dp(self.hw, self.layout.world_size, opts)
         window = chunks[0].backward_s + chunks[0].tp_backward_s if self.v == 1 else 0.0
         fwd_s, bwd_s = sum(c.forward_s for c in chunks), sum(c.backward_s for c in chunks)
-        wire = other = 0.0
+        wire = other = settled = 0.0
         grads = NO_BUCKETS
         # ZeRO-3 units: each block, and the root (embeddings, head) on a rank that holds it
         layers = sum(c.layers for c in chunks)
@@ -293,6 +294,7 @@ class _Layout(LayoutMemory):
                 if times > 1:  # ZeRO-2: the earlier micro-batches' hide behind the next one's passes
                     hide = fwd_s + bwd_s if overlap else 0.0
                     other += (times - 1) * max(0.0, b.total_s - hide)
+                    settled = 0.0 if overlap else b.total_s
         if per_unit and n > 1:
             # Per micro-batch every unit is gathered before its forward (the next one prefetched
             # while one computes: the reduction's overlap model mirrored in time) and again
@@ -306,7 +308,7 @@ class _Layout(LayoutMemory):
                           + exposed_reduction(Buckets(units, gather + scatter, gather + scatter), bwd_s,
                                               overlap))
         other += collective_seconds("all_reduce", n, 4, *self.dp_link)  # the loss, averaged over dp
-        return wire, exposed_reduction(grads, window, overlap) + other, grads, other
+        return wire, exposed_reduction(grads, window, overlap) + other, grads, other, settled
 
     def rank(self, i: int, count: int) -> StageCost:
         """Pipeline rank ``i`` (standing for ``count`` alike ranks)."""
@@ -317,7 +319,7 @@ class _Layout(LayoutMemory):
         params, state, acts = mem.params, mem.state, mem.activation_bytes
         tp_sync, tp_step_b, pp_sync, pp_step_b = self.syncs(i, n_layers)
         experts = self.experts_of(i)  # reduced, and sharded by ZeRO, over the dp / ep ranks holding them
-        dp_b, exposed, grads, dp_other = self.data_parallel(params, chunks, experts)
+        dp_b, exposed, grads, dp_other, dp_mb = self.data_parallel(params, chunks, experts)
         owned = (params - experts) / self.r + experts / (self.r // self.layout.ep) if self.layout.zero >= 1 \
             else params
         bw = self.hw.memory_bw * self.share * self.speeds[i]
@@ -333,7 +335,7 @@ class _Layout(LayoutMemory):
             m * sum(c.tp_bytes for c in chunks) + tp_step_b, m * sends * self.message + pp_step_b,
             dp_b, exposed, tp_sync, pp_sync, opt_s, tuple(chunks), grads, dp_other, self.message_s,
             sum(c.ring.forward_s + c.ring.backward_s for c in chunks), m * sum(c.ring.wire_bytes for c in chunks),
-            sum(c.ep.forward_s + c.ep.backward_s for c in chunks), m * sum(c.ep.wire_bytes for c in chunks))
+            sum(c.ep.forward_s + c.ep.backward_s for c in chunks), m * sum(c.ep.wire_bytes for c in chunks), dp_mb)
 
 
 def _stages(model: ModelConfig, layout: Layout, hw: Hardware, global_batch: int, seq_len: int,

@@ -20,7 +20,11 @@ these durations, all from :func:`paratrain.plan.cost.stage_costs`:
 * after the schedule, per rank: the data-parallel gradient buckets, launched as the rank's last
   backward produces them (:func:`paratrain.plan.collectives.exposed_reduction` with that
   backward's simulated duration as the window), then the per-step syncs (gradient norm, tied
-  embedding, sequence-parallel partial gradients) and the optimizer step.
+  embedding, sequence-parallel partial gradients) and the optimizer step;
+* except ZeRO-2's reductions of the earlier micro-batches where nothing hides them (processes
+  filling the cores): the runtime waits for each before the next, so each is paid inside the
+  action that completes that micro-batch's gradients (its ``B``, or ``W`` of a split backward),
+  and on shared cores it is slowed like compute (gloo sums the bytes on the same cores).
 
 Shared cores (CPU processes outnumbering the cores, ``Hardware.cores_per_node``): collectives
 use ``Hardware.shared_latency_s`` per ring step (measured so by ``paratrain calibrate``), and a
@@ -102,20 +106,23 @@ def _durations(schedule: Schedule, stages: tuple[StageCost, ...], scale: dict[tu
             c = st.chunks[a.chunk]
             return c.forward_s * scale.get((rank, id(a)), 1.0) + c.tp_forward_s + c.ring.forward_s + c.ep.forward_s
         if a.kind in ("B", "I", "W"):
-            return _compute_part(st, a, scale, rank) + _tp_part(st, a) + _cp_part(st, a) + _ep_part(st, a)
+            return (_compute_part(st, a, scale, rank) + _dp_part(st, a, scale, rank, schedule.num_microbatches)
+                    + _tp_part(st, a) + _cp_part(st, a) + _ep_part(st, a))
         return st.p2p_message_s if a.kind in ("send_act", "send_grad") else 0.0
     return duration
 
 
-def _on_cpu(stages: tuple[StageCost, ...], scale: dict[tuple[int, int], float], r: int, a: Action) -> float:
+def _on_cpu(stages: tuple[StageCost, ...], scale: dict[tuple[int, int], float], r: int, a: Action, m: int
+            ) -> float:
     """Fraction of a compute action's span its rank spends on a core (not waiting in the
-    tensor-parallel collectives inside it)."""
-    c = _compute_part(stages[r], a, scale, r)
+    tensor-parallel collectives inside it; a ZeRO-2 reduction in it is gloo's threads moving and
+    summing bytes on the cores)."""
+    c = _compute_part(stages[r], a, scale, r) + _dp_part(stages[r], a, scale, r, m)
     total = c + _tp_part(stages[r], a)
     return c / total if total > 0 else 0.0
 
 
-def _mean_concurrency(tl: Timeline, stages: tuple[StageCost, ...], scale: dict[tuple[int, int], float]
+def _mean_concurrency(tl: Timeline, stages: tuple[StageCost, ...], scale: dict[tuple[int, int], float], m: int
                       ) -> dict[tuple[int, int], float]:
     """For each compute span: the time-averaged number of pipeline ranks on a core during it
     (each rank weighted by the fraction of its current span it computes)."""
@@ -123,7 +130,7 @@ def _mean_concurrency(tl: Timeline, stages: tuple[StageCost, ...], scale: dict[t
     for r, spans in enumerate(tl.ranks):
         for sp in spans:
             if sp.action.is_compute and sp.end > sp.start:
-                w = _on_cpu(stages, scale, r, sp.action)
+                w = _on_cpu(stages, scale, r, sp.action, m)
                 events += [(sp.start, w), (sp.end, -w)]
     events.sort()
     times, counts, busy = [], [], 0.0
@@ -170,7 +177,7 @@ def simulate_step(model: ModelConfig, layout: Layout, hw: Hardware, global_batch
         scale = {(r, id(a)): static for r, acts in enumerate(schedule.ranks) for a in acts if a.is_compute}
     timeline = simulate(schedule, _durations(schedule, stages, scale))
     for _ in range(SHARING_ROUNDS if shared else 0):
-        conc = _mean_concurrency(timeline, stages, scale)
+        conc = _mean_concurrency(timeline, stages, scale, layout.microbatches)
         new = {k: max(1.0, procs_per_rank * c / cores) for k, c in conc.items()}
         scale = {k: 0.5 * (scale.get(k, 1.0) + x) for k, x in new.items()}  # damped
         timeline = simulate(schedule, _durations(schedule, stages, scale))
@@ -187,12 +194,16 @@ def _compose(model: ModelConfig, layout: Layout, hw: Hardware, global_batch: int
     finish, exposed, shares = [], [], []
     static = layout.world_size / hw.cores_per_node if shared else 1.0
     overlap = overlaps_dp(hw, layout.world_size, options)
+    m = layout.microbatches
+    inside = [sum(_dp_part(stages[r], sp.action, scale, r, m) for sp in spans)  # paid in the schedule
+              for r, spans in enumerate(timeline.ranks)]
     for r, spans in enumerate(timeline.ranks):
         end = max(sp.end for sp in spans) - t0
         last_b = [sp for sp in spans if sp.action.kind == "B"]
         window = (last_b[-1].end - last_b[-1].start) if last_b and chunks_per_rank(layout) == 1 else 0.0
-        x = exposed_reduction(stages[r].dp_buckets, window, overlap) + stages[r].dp_other_s
-        exposed.append(x)
+        after = stages[r].dp_other_s - (m - 1) * stages[r].dp_microbatch_s  # the rest were paid in the schedule
+        x = exposed_reduction(stages[r].dp_buckets, window, overlap) + after
+        exposed.append(x + inside[r])
         finish.append(end + x)
         factors = [scale.get((r, id(sp.action)), 1.0) for sp in spans if sp.action.is_compute]
         shares.append(len(factors) / sum(factors) if factors else 1.0)
@@ -203,7 +214,7 @@ def _compose(model: ModelConfig, layout: Layout, hw: Hardware, global_batch: int
     cp = sum(_cp_part(st, sp.action) for sp in timeline.ranks[crit])
     ep = sum(_ep_part(st, sp.action) for sp in timeline.ranks[crit])
     span = max(sp.end for sp in timeline.ranks[crit]) - t0
-    idle = span - compute - tp - cp - ep  # waiting in the schedule: the bubble and messages
+    idle = span - compute - tp - cp - ep - inside[crit]  # waiting in the schedule: the bubble and messages
     assert idle >= -1e-9 * span, f"rank {crit} busy {compute + tp} s in a {span} s schedule"
     time = StepTime(
         compute=compute, tp_comm=tp + max(s.tp_sync_s for s in stages), pp_comm=max(s.pp_sync_s for s in stages),
@@ -226,6 +237,18 @@ def _compute_part(st: StageCost, a: Action, scale: dict[tuple[int, int], float],
         w = c.weight_s if 0 < c.weight_s < c.backward_s else c.backward_s / 2
         return (w if a.kind == "W" else c.backward_s - w) * scale.get((r, id(a)), 1.0)
     return 0.0
+
+
+def _dp_part(st: StageCost, a: Action, scale: dict[tuple[int, int], float], r: int, m: int) -> float:
+    """ZeRO-2's reduction of a micro-batch's gradients (all but the last), where the runtime
+    waits for it with nothing to hide behind: in the action that completes the chunk's gradients
+    (its B, or W of a split backward), the chunk's share by parameters, on the cores like compute
+    (gloo moves and sums the bytes on CPU threads, so sharing cores slows it alike)."""
+    if not st.dp_microbatch_s or a.kind not in ("B", "W") or a.microbatch >= m - 1:
+        return 0.0
+    total = sum(c.params for c in st.chunks)
+    share = st.chunks[a.chunk].params / total if total else 1.0 / len(st.chunks)
+    return st.dp_microbatch_s * share * scale.get((r, id(a)), 1.0)
 
 
 def _cp_part(st: StageCost, a: Action) -> float:

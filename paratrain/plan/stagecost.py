@@ -62,6 +62,10 @@ class StageCost(NamedTuple):
     cp_bytes: float = 0.0  # per step
     ep_s: float = 0.0  # per micro-batch: expert parallelism's all-to-alls
     ep_bytes: float = 0.0  # per step
+    # ZeRO-2 with several micro-batches and nothing to hide behind: one micro-batch's reduce-scatter
+    # of the rank's gradients, paid m - 1 times within dp_other_s (the last one is the buckets');
+    # the simulator pays each inside the schedule, where the runtime waits for it
+    dp_microbatch_s: float = 0.0
 
     @property
     def peak_bytes(self) -> float:

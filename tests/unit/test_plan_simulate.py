@@ -135,3 +135,40 @@ def test_split_backward_is_the_weight_matmuls_and_the_rest() -> None:
         assert span["W"] and all(w == pytest.approx(chunk.weight_s, rel=1e-9) for w in span["W"])
         assert all(i == pytest.approx(chunk.backward_s - chunk.weight_s, rel=1e-9) for i in span["I"])
         assert 0.25 * chunk.backward_s < chunk.weight_s < 0.5 * chunk.backward_s
+
+
+def test_zero2_reductions_nothing_hides_are_paid_inside_the_schedule() -> None:
+    """ZeRO-2 under a split backward reduce-scatters each micro-batch's gradients as its W
+    completes them and waits for it before the next (parallel/zero.py, one in flight). With CPU
+    processes filling the cores nothing hides it, so the simulator pays each earlier micro-batch's
+    reduction inside that W (the chunk's share by parameters; slowed like compute where cores are
+    shared) and only the last one's after the schedule: on this machine's dp2-pp2-zero2-zb-v-m4
+    (4 processes on 2 cores, 626 ms measured) the prediction went from 419 ms (every reduction
+    after the schedule) to 458 ms. Catches the reductions moving back after the schedule, landing
+    in the wrong action, or being counted twice (inside and after)."""
+    model = get_model_config("small")
+    layout = Layout(dp=2, pp=2, microbatches=4, schedule="zb-v", zero=2)
+    m = layout.microbatches
+    full = get_hardware("cpu").replace(cores_per_node=4, devices_per_node=4)  # a core each: no sharing, no overlap
+    sim = simulate_step(model, layout, full, 16, 128, "fp32")
+    for r, spans in enumerate(sim.timeline.ranks):
+        st = sim.stages[r]
+        assert st.dp_microbatch_s > 0
+        total = sum(c.params for c in st.chunks)
+        for chunk, c in enumerate(st.chunks):
+            w = {s.action.microbatch: s.end - s.start for s in spans
+                 if s.action.kind == "W" and s.action.chunk == chunk}
+            for k in range(m):  # the earlier micro-batches' W carry their reduction, the last one's not
+                extra = st.dp_microbatch_s * c.params / total if k < m - 1 else 0.0
+                assert w[k] == pytest.approx(c.weight_s + extra, rel=1e-9)
+        last = exposed_reduction(st.dp_buckets, 0.0, overlap=False)  # after the schedule
+        after = st.dp_other_s - (m - 1) * st.dp_microbatch_s
+        assert sim.exposed_dp_s[r] == pytest.approx((m - 1) * st.dp_microbatch_s + last + after, rel=1e-9)
+    # 4 processes on 2 cores: the same reductions, slowed by the sharing
+    shared = simulate_step(model, layout, full.replace(cores_per_node=2), 16, 128, "fp32")
+    for r, st in enumerate(shared.stages):
+        last = exposed_reduction(st.dp_buckets, 0.0, overlap=False)
+        assert shared.exposed_dp_s[r] > st.dp_other_s + last  # inside, at more than its unshared time
+    # where the reductions can hide (cores to spare) nothing is moved into the schedule
+    free = simulate_step(model, layout, get_hardware("cpu").replace(cores_per_node=0), 16, 128, "fp32")
+    assert all(st.dp_microbatch_s == 0 for st in free.stages)
