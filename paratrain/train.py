@@ -163,6 +163,15 @@ def setup(cfg: TrainConfig, env: RankEnv, device: torch.device, corpus: Corpus |
     elif CorpusCheck.of(corpus) != checked:
         raise RuntimeError(f"the data changed after `paratrain train` checked it: checked {checked}, this "
                            f"rank loaded {CorpusCheck.of(corpus)}. Keep --data unchanged while a run starts.")
+    pm, opt = parallel_model(cfg, model_cfg, mesh, device)
+    rows = dp_rows(cfg.global_batch, layout.dp, mesh.coords.dp)
+    return Session(cfg, mesh, corpus, pm, opt, rows, device, on_step)
+
+
+def parallel_model(cfg: TrainConfig, model_cfg: Any, mesh: Mesh,
+                   device: torch.device) -> tuple[ParallelModel, torch.optim.Optimizer]:
+    """This rank's share of the model ``cfg`` describes on ``mesh``, and its optimizer: what
+    :func:`setup` trains (and ``paratrain bench`` measures against other libraries)."""
     model, plans = build_model(cfg, model_cfg, device)
     if cfg.init_from:
         _init_from(model, cfg.init_from)
@@ -171,13 +180,12 @@ def setup(cfg: TrainConfig, env: RankEnv, device: torch.device, corpus: Corpus |
     mixed = cfg.precision == "bf16"  # bf16 weights, fp32 masters: parallel/mixed.py
     if mixed:
         model.to(torch.bfloat16)
-    pm = parallelize(model, mesh, layout, bucket_mb=cfg.bucket_mb, dp_impl=cfg.dp_impl,
+    pm = parallelize(model, mesh, cfg.layout, bucket_mb=cfg.bucket_mb, dp_impl=cfg.dp_impl,
                      overlap=cfg.overlap, autocast_dtype=autocast, seq_len=cfg.seq_len,
                      master_weights=mixed, grad_dtype=torch.float32 if cfg.grad_dtype == "fp32" else None,
                      offload_optimizer=cfg.offload_optimizer, zero3_gather=cfg.zero3_gather, **plans)
     opt = pm.shard_optimizer(make_optimizer(pm.named_parameters(), cfg))  # ZeRO: over the shards
-    rows = dp_rows(cfg.global_batch, layout.dp, mesh.coords.dp)
-    return Session(cfg, mesh, corpus, pm, opt, rows, device, on_step)
+    return pm, opt
 
 
 def build_model(cfg: TrainConfig, model_cfg: Any, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:

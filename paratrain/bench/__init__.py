@@ -82,5 +82,72 @@ def rank_worker(measure: Callable[[Any, int, int], dict[str, Any]], opts: Any) -
         shutdown_distributed(ok)
 
 
+def heap_bytes() -> int | None:
+    """Bytes of this process's heap in use after a garbage collection: glibc's ``mallinfo2``
+    (``uordblks`` + ``hblkhd``: allocated chunks and mmapped blocks; torch's CPU tensors are
+    malloc'd and freed, no caching). One meter for every library's tensors, buffers and
+    bookkeeping alike; None where the C library has no ``mallinfo2`` (glibc < 2.33, musl, macOS)."""
+    import gc
+
+    info = _mallinfo2()
+    if info is None:
+        return None
+    gc.collect()
+    m = info()
+    return int(m.uordblks + m.hblkhd)
+
+
+class HeapPeak:
+    """The most heap in use (as :func:`heap_bytes`, without the collection) while the ``with``
+    block runs: a thread reads ``mallinfo2`` about every 0.1 ms, and the block's ends count too.
+    A peak shorter than that can be missed; a step's (its gradients before a reduction frees
+    them, its activations) lasts milliseconds. ``peak`` is None without ``mallinfo2``."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak: int | None = None
+        self._read = _mallinfo2()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _now(self) -> int:
+        m = self._read()
+        return int(m.uordblks + m.hblkhd)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak or 0, self._now())
+            time.sleep(1e-4)
+
+    def __enter__(self) -> HeapPeak:
+        if self._read is not None:
+            self.peak = self._now()
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._read is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak or 0, self._now())
+
+
+def _mallinfo2() -> Any:
+    import ctypes
+    import ctypes.util
+
+    class Mallinfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                    "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = Mallinfo2
+    return fn
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
