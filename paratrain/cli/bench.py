@@ -14,12 +14,14 @@ from paratrain.errors import ConfigError
 from paratrain.metrics import format_grid
 
 DESCRIPTION = """\
-Measure our parallel implementations against PyTorch's own (DDP for dp, DTensor tensor
-parallelism for tp, torch.distributed.pipelining for pp, FSDP2 and DDP + ZeroRedundancyOptimizer
-for zero, torch.distributed.checkpoint for ckpt; DDP and DTensor around a Hugging Face GPT-2
-for hf; cp and ep against one process and plain data parallelism of the same model) on the same model,
-global batch and threads per rank, in one run: A/B alternating repeats in the same processes,
-medians reported. Prints a table, or one JSON object per row with --json."""
+Measure our parallel implementations against PyTorch's own on the same model, global batch and
+threads per rank, in one run: A/B alternating repeats in the same processes, medians reported.
+The references: DDP for dp, DTensor tensor parallelism for tp, torch.distributed.pipelining for
+pp, FSDP2 and DDP + ZeroRedundancyOptimizer for zero (and DeepSpeed's ZeRO 1/2/3 in fp32, bf16
+and with its optimizer offload, where deepspeed is installed: pip install 'paratrain[bench]'),
+torch.distributed.checkpoint for ckpt, DDP and DTensor around a Hugging Face GPT-2 for hf; cp
+and ep against one process and plain data parallelism of the same model. Prints a table, or one
+JSON object per row with --json."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
