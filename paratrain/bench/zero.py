@@ -38,7 +38,7 @@ from paratrain.bench import BenchOptions, HeapPeak, Row, alternate, heap_bytes, 
 
 CLIP = 1.0
 REFS = {3: "FSDP2", 2: "DDP+ZeRO-opt", 1: "DDP+ZeRO-opt"}
-WARMUP = 3  # untimed steps per side; the memory is read in the last one's backward
+WARMUP = 3  # untimed steps per side; the memory is read in the last one (_warm_up)
 
 
 @dataclass(frozen=True)
