@@ -248,10 +248,14 @@ class _Layout(LayoutMemory):
         return tp_s, tp_b, pp_s, pp_b
 
     def data_parallel(self, params: float, chunks: list[ChunkCost], experts: float = 0.0
-                      ) -> tuple[float, float, Buckets, float, float]:
+                      ) -> tuple[float, float, Buckets, float, tuple[float, float, float]]:
         """(wire bytes, exposed seconds, ZeRO-0 buckets, the exposed seconds that are not those
-        buckets: ZeRO's collectives and the loss average, and of those the seconds of one
-        micro-batch's ZeRO-2 reduction that nothing hides) of the dp traffic of one rank. The
+        buckets: ZeRO's collectives and the loss average, and of those what nothing hides, per
+        micro-batch: (one ZeRO-2 reduction, ZeRO-3's gathers of a forward, its gathers and
+        reductions of a backward), which the simulator pays inside the schedule, slowed there by
+        the other stages' processes computing meanwhile; without a pipeline the dp ranks are all
+        in the collective at once, as when ``calibrate`` measured the link, and they stay after
+        it) of the dp traffic of one rank. The
         runtime reduces during the rank's last backward (chunk 0 of the last micro-batch); with
         several chunks the buckets of the others complete only at the end, and since buckets are
         launched in order none of them overlaps. Of the ``params``, ``experts`` are reduced over
@@ -261,7 +265,7 @@ class _Layout(LayoutMemory):
         overlap = overlaps_dp(self.hw, self.layout.world_size, opts)
         window = chunks[0].backward_s + chunks[0].tp_backward_s if self.v == 1 else 0.0
         fwd_s, bwd_s = sum(c.forward_s for c in chunks), sum(c.backward_s for c in chunks)
-        wire = other = settled = 0.0
+        wire = other = settled = z3_fwd = z3_bwd = 0.0
         grads = NO_BUCKETS
         # ZeRO-3 units: each block, and the root (embeddings, head) on a rank that holds it
         layers = sum(c.layers for c in chunks)
@@ -294,7 +298,7 @@ class _Layout(LayoutMemory):
                 if times > 1:  # ZeRO-2: the earlier micro-batches' hide behind the next one's passes
                     hide = fwd_s + bwd_s if overlap else 0.0
                     other += (times - 1) * max(0.0, b.total_s - hide)
-                    settled = 0.0 if overlap else b.total_s
+                    settled = 0.0 if overlap or self.p == 1 else b.total_s
         if per_unit and n > 1:
             # Per micro-batch every unit is gathered before its forward (the next one prefetched
             # while one computes: the reduction's overlap model mirrored in time) and again
@@ -304,11 +308,13 @@ class _Layout(LayoutMemory):
             scatter = collective_seconds("reduce_scatter", n, self.G_b * size, *self.dp_link)
             if split:  # the blocks' second reductions, in the same backward windows
                 scatter *= 1 + layers / units
-            other += m * (exposed_reduction(Buckets(units, gather, gather), fwd_s, overlap)
-                          + exposed_reduction(Buckets(units, gather + scatter, gather + scatter), bwd_s,
-                                              overlap))
+            fwd_x = exposed_reduction(Buckets(units, gather, gather), fwd_s, overlap)
+            bwd_x = exposed_reduction(Buckets(units, gather + scatter, gather + scatter), bwd_s, overlap)
+            other += m * (fwd_x + bwd_x)
+            if not overlap and self.p > 1:  # processes fill the cores: the runtime waits in each pass
+                z3_fwd, z3_bwd = fwd_x, bwd_x
         other += collective_seconds("all_reduce", n, 4, *self.dp_link)  # the loss, averaged over dp
-        return wire, exposed_reduction(grads, window, overlap) + other, grads, other, settled
+        return wire, exposed_reduction(grads, window, overlap) + other, grads, other, (settled, z3_fwd, z3_bwd)
 
     def rank(self, i: int, count: int) -> StageCost:
         """Pipeline rank ``i`` (standing for ``count`` alike ranks)."""
@@ -335,7 +341,7 @@ class _Layout(LayoutMemory):
             m * sum(c.tp_bytes for c in chunks) + tp_step_b, m * sends * self.message + pp_step_b,
             dp_b, exposed, tp_sync, pp_sync, opt_s, tuple(chunks), grads, dp_other, self.message_s,
             sum(c.ring.forward_s + c.ring.backward_s for c in chunks), m * sum(c.ring.wire_bytes for c in chunks),
-            sum(c.ep.forward_s + c.ep.backward_s for c in chunks), m * sum(c.ep.wire_bytes for c in chunks), dp_mb)
+            sum(c.ep.forward_s + c.ep.backward_s for c in chunks), m * sum(c.ep.wire_bytes for c in chunks), *dp_mb)
 
 
 def _stages(model: ModelConfig, layout: Layout, hw: Hardware, global_batch: int, seq_len: int,

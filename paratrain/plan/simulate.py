@@ -100,13 +100,16 @@ class Simulation:
 
 def _durations(schedule: Schedule, stages: tuple[StageCost, ...], scale: dict[tuple[int, int], float]) -> Any:
     """``f(rank, action)``: chunk compute x its sharing factor + tp collectives; messages."""
+    m = schedule.num_microbatches
+
     def duration(rank: int, a: Action) -> float:
         st = stages[rank]
         if a.kind == "F":
             c = st.chunks[a.chunk]
-            return c.forward_s * scale.get((rank, id(a)), 1.0) + c.tp_forward_s + c.ring.forward_s + c.ep.forward_s
+            return (c.forward_s * scale.get((rank, id(a)), 1.0) + _dp_part(st, a, scale, rank, m)
+                    + c.tp_forward_s + c.ring.forward_s + c.ep.forward_s)
         if a.kind in ("B", "I", "W"):
-            return (_compute_part(st, a, scale, rank) + _dp_part(st, a, scale, rank, schedule.num_microbatches)
+            return (_compute_part(st, a, scale, rank) + _dp_part(st, a, scale, rank, m)
                     + _tp_part(st, a) + _cp_part(st, a) + _ep_part(st, a))
         return st.p2p_message_s if a.kind in ("send_act", "send_grad") else 0.0
     return duration
@@ -201,7 +204,8 @@ def _compose(model: ModelConfig, layout: Layout, hw: Hardware, global_batch: int
         end = max(sp.end for sp in spans) - t0
         last_b = [sp for sp in spans if sp.action.kind == "B"]
         window = (last_b[-1].end - last_b[-1].start) if last_b and chunks_per_rank(layout) == 1 else 0.0
-        after = stages[r].dp_other_s - (m - 1) * stages[r].dp_microbatch_s  # the rest were paid in the schedule
+        st = stages[r]  # the rest were paid in the schedule:
+        after = st.dp_other_s - (m - 1) * st.dp_microbatch_s - m * (st.dp_forward_s + st.dp_backward_s)
         x = exposed_reduction(stages[r].dp_buckets, window, overlap) + after
         exposed.append(x + inside[r])
         finish.append(end + x)
@@ -240,15 +244,20 @@ def _compute_part(st: StageCost, a: Action, scale: dict[tuple[int, int], float],
 
 
 def _dp_part(st: StageCost, a: Action, scale: dict[tuple[int, int], float], r: int, m: int) -> float:
-    """ZeRO-2's reduction of a micro-batch's gradients (all but the last), where the runtime
-    waits for it with nothing to hide behind: in the action that completes the chunk's gradients
-    (its B, or W of a split backward), the chunk's share by parameters, on the cores like compute
-    (gloo moves and sums the bytes on CPU threads, so sharing cores slows it alike)."""
-    if not st.dp_microbatch_s or a.kind not in ("B", "W") or a.microbatch >= m - 1:
+    """The dp collectives the runtime waits for inside a pass when nothing hides them, the
+    chunk's share by parameters, on the cores like compute (gloo moves and sums the bytes on CPU
+    threads, so sharing cores slows it alike): ZeRO-2's reduction of a micro-batch's gradients
+    (all but the last) in the action completing them (its B, or W of a split backward); ZeRO-3's
+    per-micro-batch gathers in each F, its gathers and reductions in each B (half in I, half in W)."""
+    per_pass = {"F": st.dp_forward_s, "B": st.dp_backward_s, "I": st.dp_backward_s / 2,
+                "W": st.dp_backward_s / 2}.get(a.kind, 0.0)
+    if st.dp_microbatch_s and a.kind in ("B", "W") and a.microbatch < m - 1:
+        per_pass += st.dp_microbatch_s
+    if not per_pass:
         return 0.0
     total = sum(c.params for c in st.chunks)
     share = st.chunks[a.chunk].params / total if total else 1.0 / len(st.chunks)
-    return st.dp_microbatch_s * share * scale.get((r, id(a)), 1.0)
+    return per_pass * share * scale.get((r, id(a)), 1.0)
 
 
 def _cp_part(st: StageCost, a: Action) -> float:

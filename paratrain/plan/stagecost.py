@@ -66,6 +66,11 @@ class StageCost(NamedTuple):
     # of the rank's gradients, paid m - 1 times within dp_other_s (the last one is the buckets');
     # the simulator pays each inside the schedule, where the runtime waits for it
     dp_microbatch_s: float = 0.0
+    # ZeRO-3 gathering per micro-batch with nothing to hide behind: a forward's all-gathers of the
+    # rank's units, a backward's all-gathers and reduce-scatters; paid m times within dp_other_s,
+    # the simulator pays each inside its F and B (split: half in I, half in W)
+    dp_forward_s: float = 0.0
+    dp_backward_s: float = 0.0
 
     @property
     def peak_bytes(self) -> float:
