@@ -92,6 +92,10 @@ def run(opts: BenchOptions) -> list[Row]:
     why = zero_ds.missing()
     if why:
         print(f"[bench zero] DeepSpeed rows left out: {why}", file=sys.stderr, flush=True)
+    else:
+        for lock in zero_ds.clear_stale_build_locks():
+            print(f"[bench zero] removed {lock}: left by a DeepSpeed op build that was stopped midway "
+                  f"(every later build would wait for it)", file=sys.stderr, flush=True)
     rows = []
     for n in opts.nprocs:
         result = launch(rank_worker, (_measure, _Args(opts, cases(why is None))), n)[0]

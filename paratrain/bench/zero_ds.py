@@ -29,8 +29,10 @@ import importlib.util
 import logging
 import os
 import sys
+import time
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 VERSION = "0.19.8"  # the version the README's rows were measured with (pyproject: the bench extra)
@@ -43,6 +45,31 @@ def missing() -> str | None:
         return (f"deepspeed is not installed (a benchmark-only extra, never needed to train: "
                 f"pip install 'paratrain[bench]' for deepspeed=={VERSION})")
     return None
+
+
+STALE_LOCK_S = 300.0  # the op's build takes 30-60 s here; a lock this old outlived its builder
+
+
+def clear_stale_build_locks(max_age_s: float = STALE_LOCK_S) -> list[str]:
+    """Remove the build locks of DeepSpeed's JIT-built ops that no build holds any more.
+
+    torch's extension builder takes a lock file in the op's build folder (under
+    ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) and removes it when the
+    build ends; a build killed midway (Ctrl-C during the first run) leaves it, and every later
+    build waits for it forever. Called in the process that starts the ranks, before they start:
+    a lock older than ``max_age_s`` then belongs to no build of this run. Returns what it removed."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    removed = []
+    for lock in [*root.glob("deepspeed*/lock"), *root.glob("*/deepspeed*/lock")]:
+        try:
+            if time.time() - lock.stat().st_mtime > max_age_s:
+                lock.unlink()
+                removed.append(str(lock))
+        except FileNotFoundError:
+            pass  # its build just ended
+    return removed
 
 
 @contextlib.contextmanager

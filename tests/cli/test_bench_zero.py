@@ -93,3 +93,27 @@ def test_deepspeed_config_matches_our_step():
     assert z["stage"] == 3 and z["offload_optimizer"] == {"device": "cpu"}
     assert z["reduce_bucket_size"] == z["allgather_bucket_size"] == z["stage3_prefetch_bucket_size"] == 25 * 2**20 // 4
     assert "offload_optimizer" not in config(2, 8, 1.0, 25.0, False, False)["zero_optimization"]
+
+
+def test_stale_deepspeed_build_locks_are_removed_before_the_ranks_start(tmp_path, monkeypatch):
+    """A DeepSpeed op build stopped midway (Ctrl-C in the first run) leaves torch's lock file,
+    and every later build waits for it forever (measured: `bench --only zero` hung until the
+    test's timeout). Locks older than a build takes are removed; a fresh one (a build running
+    now) and other extensions' locks stay."""
+    import os
+    import time
+
+    from paratrain.bench.zero_ds import STALE_LOCK_S, clear_stale_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    old = [tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "py311_cpu" / "deepspeed_cpu_adam" / "lock"]
+    fresh, other = tmp_path / "deepspeed_fresh" / "lock", tmp_path / "my_op" / "lock"
+    for lock in (*old, fresh, other):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    then = time.time() - STALE_LOCK_S - 60
+    for lock in (*old, other):
+        os.utime(lock, (then, then))
+    assert sorted(clear_stale_build_locks()) == sorted(map(str, old))
+    assert not any(lock.exists() for lock in old) and fresh.exists() and other.exists()
+    assert clear_stale_build_locks() == []
