@@ -93,9 +93,14 @@ def run(opts: BenchOptions) -> list[Row]:
     if why:
         print(f"[bench zero] DeepSpeed rows left out: {why}", file=sys.stderr, flush=True)
     else:
-        for lock in zero_ds.clear_stale_build_locks():
+        removed, left = zero_ds.clear_stale_build_locks()
+        for lock in removed:
             print(f"[bench zero] removed {lock}: left by a DeepSpeed op build that was stopped midway "
                   f"(every later build would wait for it)", file=sys.stderr, flush=True)
+        for lock in left:
+            print(f"[bench zero] {lock} exists: the DeepSpeed ranks wait until the build holding it ends; "
+                  f"if no other DeepSpeed job is building (a run stopped moments ago), delete it", file=sys.stderr,
+                  flush=True)
     rows = []
     for n in opts.nprocs:
         result = launch(rank_worker, (_measure, _Args(opts, cases(why is None))), n)[0]

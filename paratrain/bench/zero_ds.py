@@ -50,26 +50,29 @@ def missing() -> str | None:
 STALE_LOCK_S = 300.0  # the op's build takes 30-60 s here; a lock this old outlived its builder
 
 
-def clear_stale_build_locks(max_age_s: float = STALE_LOCK_S) -> list[str]:
+def clear_stale_build_locks(max_age_s: float = STALE_LOCK_S) -> tuple[list[str], list[str]]:
     """Remove the build locks of DeepSpeed's JIT-built ops that no build holds any more.
 
     torch's extension builder takes a lock file in the op's build folder (under
     ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) and removes it when the
     build ends; a build killed midway (Ctrl-C during the first run) leaves it, and every later
     build waits for it forever. Called in the process that starts the ranks, before they start:
-    a lock older than ``max_age_s`` then belongs to no build of this run. Returns what it removed."""
+    a lock older than ``max_age_s`` then belongs to no build of this run. Returns (the locks it
+    removed, the younger ones it left: a build running elsewhere, or one stopped moments ago)."""
     from torch.utils.cpp_extension import get_default_build_root
 
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
-    removed = []
+    removed, left = [], []
     for lock in [*root.glob("deepspeed*/lock"), *root.glob("*/deepspeed*/lock")]:
         try:
             if time.time() - lock.stat().st_mtime > max_age_s:
                 lock.unlink()
                 removed.append(str(lock))
+            else:
+                left.append(str(lock))
         except FileNotFoundError:
             pass  # its build just ended
-    return removed
+    return removed, left
 
 
 @contextlib.contextmanager

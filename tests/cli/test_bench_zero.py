@@ -114,6 +114,7 @@ def test_stale_deepspeed_build_locks_are_removed_before_the_ranks_start(tmp_path
     then = time.time() - STALE_LOCK_S - 60
     for lock in (*old, other):
         os.utime(lock, (then, then))
-    assert sorted(clear_stale_build_locks()) == sorted(map(str, old))
+    removed, left = clear_stale_build_locks()
+    assert sorted(removed) == sorted(map(str, old)) and left == [str(fresh)]
     assert not any(lock.exists() for lock in old) and fresh.exists() and other.exists()
-    assert clear_stale_build_locks() == []
+    assert clear_stale_build_locks() == ([], [str(fresh)])
