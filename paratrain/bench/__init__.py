@@ -93,8 +93,7 @@ def heap_bytes() -> int | None:
     if info is None:
         return None
     gc.collect()
-    m = info()
-    return int(m.uordblks + m.hblkhd)
+    return _in_use(info)
 
 
 class HeapPeak:
@@ -112,8 +111,7 @@ class HeapPeak:
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _now(self) -> int:
-        m = self._read()
-        return int(m.uordblks + m.hblkhd)
+        return _in_use(self._read)
 
     def _sample(self) -> None:
         while not self._stop.is_set():
@@ -131,6 +129,11 @@ class HeapPeak:
             self._stop.set()
             self._thread.join()
             self.peak = max(self.peak or 0, self._now())
+
+
+def _in_use(mallinfo2: Any) -> int:
+    m = mallinfo2()
+    return int(m.uordblks + m.hblkhd)
 
 
 def _mallinfo2() -> Any:
