@@ -180,7 +180,7 @@ def _case(opts: BenchOptions, cfg: Any, world: int, case: Case, batches: list[An
 
         return step, opt
 
-    build_ref = lambda: _reference(cfg, world, case, opts.bucket_mb)  # noqa: E731
+    build_ref = lambda: _reference(cfg, world, case)  # noqa: E731
     for build in (build_ours, build_ref):  # once, thrown away: what a library allocates once per
         _warm_up(build, batches[0])       # process (kernels' caches, comm buffers) is not a model state
     pm = opt = None  # (freed before the measured build, not during it)
@@ -236,12 +236,12 @@ def _steps(step: Step, batches: list[Any]) -> None:
         step(x, y)
 
 
-def _reference(cfg: Any, world: int, case: Case, bucket_mb: float) -> tuple[Step, Any]:
+def _reference(cfg: Any, world: int, case: Case) -> tuple[Step, Any]:
     """The reference side's step and the torch optimizer it steps (DeepSpeed's: the AdamW it wraps)."""
     if case.ref == "deepspeed":
         from paratrain.bench import zero_ds
 
-        eng, adamw = zero_ds.engine(cfg, world, case.zero, bucket_mb, case.offload)
+        eng, adamw = zero_ds.engine(cfg, world, case.zero, case.offload)
         return lambda x, y: zero_ds.step(eng, x, y), adamw
     return _fsdp2(cfg) if case.zero == 3 else _ddp_zero_optimizer(cfg)
 

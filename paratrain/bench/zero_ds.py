@@ -1,8 +1,8 @@
 """DeepSpeed's ZeRO as the reference of ``paratrain bench --only zero`` (benchmark only).
 
 DeepSpeed is never a dependency of paratrain: ``pip install 'paratrain[bench]'`` adds the
-version these rows were measured with. Where it is missing (or does not import), the rows that
-need it are left out and the benchmark says why (:func:`missing`).
+version these rows were measured with. Where it is not installed, the rows that need it are
+left out and the benchmark says why (:func:`missing`).
 
 The engine is configured to do what ours does, on the same model, batches and optimizer:
 * ZeRO stage k (``zero_optimization.stage``), gradient clipping at the same norm, one
@@ -14,11 +14,11 @@ The engine is configured to do what ours does, on the same model, batches and op
 * offload: ``offload_optimizer: {"device": "cpu"}`` (with the torch AdamW, which it allows
   with ``zero_force_ds_cpu_optimizer: false``);
 * its buckets (``reduce_bucket_size``, ``allgather_bucket_size``, ZeRO-3's prefetch bucket) at
-  our ``--bucket-mb``. Its defaults (5e8 elements) would hold buffers of gigabytes for a model
+  our ``--bucket-mb`` (``cfg.bucket_mb``). Its defaults (5e8 elements) would hold buffers of gigabytes for a model
   of a few million parameters, which is not what a user sizing memory would run.
 
 On a CPU it picks its CPU accelerator (``DS_ACCELERATOR=cpu`` is set so it does not probe for
-others) and JIT-builds a small shared-memory comm op the first time (about 30-50 s, cached under
+others) and JIT-builds a small shared-memory comm op the first time (about 30-60 s, cached under
 ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``).
 """
 
@@ -122,7 +122,7 @@ def config(zero: int, micro_batch: int, clip: float, bucket_mb: float, bf16: boo
     }
 
 
-def engine(cfg: Any, world: int, zero: int, bucket_mb: float, offload: bool) -> tuple[Any, Any]:
+def engine(cfg: Any, world: int, zero: int, offload: bool) -> tuple[Any, Any]:
     """A DeepSpeed engine around the reference model of ``cfg`` (same seed as ours) and the
     same AdamW, and that AdamW (it steps DeepSpeed's fp32 partitions); ``cfg.precision`` "bf16"
     or "fp32"."""
@@ -135,7 +135,7 @@ def engine(cfg: Any, world: int, zero: int, bucket_mb: float, offload: bool) -> 
     threads = torch.get_num_threads()
     model = build_reference(cfg.model_config(), cfg.seed)
     opt = make_optimizer(model.named_parameters(), cfg)
-    conf = config(zero, cfg.global_batch // world, cfg.grad_clip, bucket_mb, cfg.precision == "bf16", offload)
+    conf = config(zero, cfg.global_batch // world, cfg.grad_clip, cfg.bucket_mb, cfg.precision == "bf16", offload)
     with _quiet():
         eng, *_ = deepspeed.initialize(model=model, optimizer=opt, config=conf)
     torch.set_num_threads(threads)  # the same threads per rank as ours, whatever it set
