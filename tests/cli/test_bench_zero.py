@@ -21,11 +21,14 @@ ROW = {"name", "ours_tokens_per_s", "ref_tokens_per_s", "ratio", "nproc", "zero"
        "peak_bytes_ours", "peak_bytes_ref", "note"}
 
 
+# 106-110 s on a quiet 2-core VM, 177 s at load 4, of which DeepSpeed's one-time op build is
+# 30-60 s: the suite's 300 s would not hold on the slower AVX2 VMs
+@pytest.mark.timeout(900)
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                     reason="deepspeed is a test extra (.[dev]); its absence is tested below")
 def test_bench_zero_has_every_row_and_both_sides_train_the_same_model(tmp_path):
     r = paratrain("bench", "--only", "zero", "--model", "tiny", "--nproc", "2", "--repeats", "1", "--steps", "1",
-                  "--global-batch", "4", "--seq-len", "16", "--json", cwd=tmp_path, timeout=280)
+                  "--global-batch", "4", "--seq-len", "16", "--json", cwd=tmp_path, timeout=840)
     assert r.returncode == 0, r.stderr
     rows = {row["name"]: row for row in map(json.loads, r.stdout.splitlines())}  # stdout: the rows only
     ds = [f"zero{z}-dp2{tag}-deepspeed" for tag in ("", "-bf16", "-bf16-offload") for z in (1, 2, 3)]
