@@ -39,9 +39,12 @@ def _failure_details(failure: Any) -> tuple[str, str]:
     return str(getattr(failure, "message", "") or f"exit code {failure.exitcode}"), ""
 
 
-# What a rank's collective raises when a peer process is gone (gloo; NCCL's bootstrap): an error
-# caused by another rank's death, never the first failure when a rank without an error of its own died.
-_PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "remote process exited")
+# What a rank's collective raises when a peer process is gone (gloo; NCCL's bootstrap), and what rank
+# 0's checkpoint commit raises when a rank exited without its file (paratrain.checkpoint.store's
+# EXITED_UNWRITTEN): an error caused by another rank's death, never the first failure when a rank
+# without an error of its own died.
+_PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "remote process exited",
+              "exited before writing its part")
 
 
 def root_cause(e: Any, work_dir: Path, nproc: int | None = None) -> LaunchError:

@@ -9,7 +9,8 @@ Saving step ``N`` into ``ROOT`` (``OUT/checkpoints``)::
     write       every rank writes ``rankRRRRR.safetensors`` straight from that buffer (temporary
                 name, fsync, rename; SHA-256 computed alongside, :mod:`.writer`), then its fragment
                 ``rankRRRRR.json`` (what the file holds, its SHA-256): its "done" mark
-    commit      rank 0 waits for every fragment, merges them into ``manifest.json`` (fsynced, then
+    commit      rank 0 waits for every fragment (and gives up at once if a rank on this machine
+                has exited without one: see :func:`register`), merges them into ``manifest.json`` (fsynced, then
                 one fsync of the folder makes every rank's rename durable), renames the folder to
                 ``step-N``, fsyncs the parent and only then points ``latest`` at it; keeps the newest K
 
@@ -47,6 +48,8 @@ __all__ = ["LATEST", "CheckpointReader", "CheckpointSaver", "Shard", "begin", "c
            "step_dir", "verify", "write_rank"]
 
 LATEST = "latest"
+LOOK_S = 0.25  # how often a waiting commit looks whether the ranks it waits for still run
+EXITED_UNWRITTEN = "exited before writing its part"  # paratrain.failures: a lost peer, not a cause
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -79,10 +82,49 @@ def begin(root: Path, step: int, rank: int, barrier: Callable[[], None], first: 
     if first:
         if rank == 0:
             folder.mkdir()
+        register(root, rank)
         barrier()
     else:
         folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def _machine() -> str | None:
+    """What makes a pid mean the same process here and in a peer: the kernel's boot and the pid
+    namespace (two containers on one host share the first, not the second). None without /proc."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return None
+
+
+def _pid_file(root: Path, rank: int) -> Path:
+    return root / f".rank{rank:05d}.pid"
+
+
+def register(root: Path, rank: int) -> None:
+    """Leave this rank's process id in ``root`` (before the first save's barrier, so rank 0's
+    commits see this attempt's ids, not a crashed attempt's): a commit waiting for the fragment of
+    a rank that was killed (SIGKILL, the OOM killer) gives up at once instead of after the timeout.
+    A collective notices a dead peer by its closed connection; a file that never comes does not."""
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(_pid_file(root, rank), json.dumps({"machine": _machine(), "pid": os.getpid()}).encode())
+
+
+def exited(root: Path, rank: int) -> int | None:
+    """The pid of ``rank``'s process if it runs on this machine and has exited; None if it runs,
+    runs elsewhere (it cannot be looked at from here) or never registered."""
+    from paratrain.rank import process_alive
+
+    try:
+        record = json.loads(_pid_file(root, rank).read_text())
+    except (OSError, ValueError):
+        return None
+    here = _machine()
+    if here is None or record.get("machine") != here or process_alive(int(record["pid"])):
+        return None
+    return int(record["pid"])
 
 
 def stage(shards: Iterable[Shard], local: dict[str, torch.Tensor] | None = None,
@@ -109,11 +151,20 @@ def commit(root: Path, step: int, world_size: int, meta: dict[str, Any], keep: i
     folder = _partial_dir(root, step)
     names = [folder / f"rank{r:05d}.json" for r in range(world_size)]
     deadline = time.monotonic() + timeout_s
+    next_look = time.monotonic() + LOOK_S
     while not all(p.exists() for p in names):
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now > deadline:
             missing = [p.name for p in names if not p.exists()]
             raise CheckpointError(f"checkpoint of step {step}: ranks did not finish writing within "
                                   f"{timeout_s:.0f} s (missing {', '.join(missing[:4])}).")
+        if now > next_look:  # a peer killed outright writes nothing: do not wait out the timeout
+            next_look = now + LOOK_S
+            for r, p in enumerate(names):
+                pid = None if p.exists() else exited(root, r)
+                if pid is not None:
+                    raise CheckpointError(f"checkpoint of step {step}: rank {r}'s process (pid {pid}) "
+                                          f"{EXITED_UNWRITTEN} of the checkpoint.")
         time.sleep(0.002)
     m = Manifest(step, meta.get("layout", {}), meta.get("config", {}), world_size)
     for rank, path in enumerate(names):

@@ -261,3 +261,37 @@ def test_later_saves_need_no_barrier_and_a_crashed_attempts_partial_is_cleared(t
     before = (found / "manifest.json").stat().st_mtime_ns
     assert savers[0].save(2, _shards(w, "w", _rows(8, 2)[0]), {}, {}) is None
     assert (found / "manifest.json").stat().st_mtime_ns == before and not list(tmp_path.glob(".step-*"))
+
+
+def test_a_commit_waiting_for_a_killed_ranks_file_gives_up_at_once(tmp_path):
+    """Rank 1 registered, then was killed (SIGKILL) before writing its part: no collective is
+    waiting, so only its exited process can tell rank 0's commit that the file will never come.
+    The commit names it within a look or two instead of waiting out the 60 s timeout; while the
+    process runs, or if it runs on another machine, the commit keeps waiting (and times out)."""
+    import subprocess
+    import sys
+    import time
+
+    import paratrain.checkpoint.store as store
+
+    w = torch.randn(4, 4)
+    peer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        begin(tmp_path, 3, 0, lambda: None, first=True)
+        (tmp_path / ".rank00001.pid").write_text(json.dumps({"machine": store._machine(), "pid": peer.pid}))
+        write_rank(tmp_path / ".step-3.partial", 0, stage(_shards(w, "w", [boxes.full_box(w.shape)])))
+        with pytest.raises(CheckpointError, match="within 1 s"):  # alive: only the timeout ends the wait
+            commit(tmp_path, 3, 2, {}, 0, timeout_s=1.0)
+        peer.kill()
+        peer.wait()
+        t0 = time.monotonic()
+        with pytest.raises(CheckpointError, match=rf"rank 1's process \(pid {peer.pid}\) exited before writing"):
+            commit(tmp_path, 3, 2, {}, 0, timeout_s=60.0)
+        assert time.monotonic() - t0 < 10
+        (tmp_path / ".rank00001.pid").write_text(json.dumps({"machine": "another-host", "pid": peer.pid}))
+        with pytest.raises(CheckpointError, match="within 1 s"):  # elsewhere: its pid means nothing here
+            commit(tmp_path, 3, 2, {}, 0, timeout_s=1.0)
+    finally:
+        peer.kill()
+        peer.wait()
+    assert not (tmp_path / LATEST).exists()

@@ -147,3 +147,14 @@ def test_the_same_signal_echoed_at_once_is_one_request_a_later_or_other_one_ends
         assert "still running" not in r.stdout
     else:
         assert r.returncode == 0 and "still running" in r.stdout, r.stderr
+
+
+def test_a_commit_that_gave_up_on_a_dead_rank_does_not_pass_for_the_cause(tmp_path):
+    """Forked ranks: the launcher may report only rank 0's exit. Rank 0's checkpoint commit said
+    rank 1 exited without its file; rank 1 (neither an error nor a result) is the one to name."""
+    from paratrain.checkpoint.store import EXITED_UNWRITTEN
+
+    _error(tmp_path, 0, f"CheckpointError: checkpoint of step 6: rank 1's process (pid 7) {EXITED_UNWRITTEN} of "
+                        f"the checkpoint.", time.time_ns())
+    cause = root_cause(SimpleNamespace(failures={0: _failure(1)}), tmp_path, nproc=2)
+    assert cause.rank == 1 and "ended without raising a Python error" in cause.message
