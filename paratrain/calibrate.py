@@ -41,6 +41,10 @@ and runs its collectives through :mod:`paratrain.comm`, as training does; the pl
 * forward + backward of ``small`` (4 sequences) alone and in one process per core at once,
   alternately in the same processes: ``busy_compute_slowdown``, what processes that fill the
   cores cost each other;
+* the same forward + backward in twice as many processes as cores, all at once: each takes
+  2 x ``busy_compute_slowdown`` of its time alone, times ``oversubscribed_compute_slowdown``
+  (here 1.03: the kernel switching processes on a core, caches refilled), which the planner
+  applies when processes outnumber cores;
 * the same all-reduce with twice as many processes as cores (a 4 KiB all-reduce over its 2(n - 1) ring
   steps): ``shared_latency_s``, which the planner uses when processes outnumber cores;
 * the link as tensor parallelism sees it: real training steps of ``medium`` at tp 2 and 2, 4
@@ -646,7 +650,12 @@ def _measure_link(cfg: dict[str, Any], cores: int, log: Callable[[str], None]) -
     log(f"      {model} x {batch} sequences: {solo * 1e3:.1f} ms alone, {statistics.median(busy) * 1e3:.1f} ms "
         f"with all "
         f"{cores} cores busy: x{slowdown:.3f}")
-    n = 2 * cores
+    n = 2 * cores  # twice as many processes as cores: each has half a core, and pays for the switching
+    got = launch(busy_layers_worker, (model, batch, 2 * cfg["budget_s"], 60.0), n)
+    over_solo, over_busy = got[0][0], statistics.median(got[r][1] for r in sorted(got))
+    oversubscribed = max(1.0, over_busy / (over_solo * n / cores * slowdown))
+    log(f"      {n} processes on {cores} cores: {over_busy * 1e3:.1f} ms each ({over_solo * 1e3:.1f} ms alone): "
+        f"x{oversubscribed:.3f} beyond the time-sharing")
     shared = launch(busy_allreduce_worker, (sizes[:1], 4e-3, cfg["busy_reps"], 60.0), n)[0][0] / (2 * (n - 1))
     log(f"      {n} processes on {cores} cores: {shared * 1e6:.0f} us per ring step")
     # The backend's reduce-scatter and all-gather against the ring model on the fitted link, on
@@ -661,6 +670,8 @@ def _measure_link(cfg: dict[str, Any], cores: int, log: Callable[[str], None]) -
         timings = ", ".join(f"{s / 2**10:g} KiB {t * 1e6:.0f} us" for s, t in zip(big, got))
         log(f"      {op.replace('_', '-')}: {timings} = {slow[op]:.2f}x the ring on this link")
     return {"layers_alone_s": solo, "layers_all_cores_s": busy, "busy_compute_slowdown": slowdown,
+            "layers_oversubscribed_alone_s": over_solo, "layers_oversubscribed_s": over_busy,
+            "oversubscribed_compute_slowdown": oversubscribed,
             "allreduce_bytes": list(sizes), "allreduce_seconds_idle": idle, "allreduce_seconds_busy": busy_ar,
             "link_bandwidth": bw, "link_latency_s": alpha, "shared_latency_s": max(shared, alpha),
             "reduce_scatter_slowdown": slow["reduce_scatter"], "all_gather_slowdown": slow["all_gather"]}
@@ -687,7 +698,8 @@ def calibrate(quick: bool = False, collectives: bool = True,
     else:
         log("[5/5] collectives skipped: link figures are placeholders (1 GB/s, no latency)")
         meas.update(link_bandwidth=1e9, link_latency_s=0.0, shared_latency_s=0.0, reduce_scatter_slowdown=1.0,
-                    all_gather_slowdown=1.0, busy_compute_slowdown=1.0, tp_extra_s_per_byte=0.0,
+                    all_gather_slowdown=1.0, busy_compute_slowdown=1.0, oversubscribed_compute_slowdown=1.0,
+                    tp_extra_s_per_byte=0.0,
                     tp_extra_s_per_call=0.0, tp_reduce_scatter_slowdown=0.0, tp_all_gather_slowdown=0.0)
     meas["collectives_measured"] = collectives
     bf16 = max(meas["matmul_bf16_1thread"].values())
@@ -702,6 +714,7 @@ def calibrate(quick: bool = False, collectives: bool = True,
         cores_per_node=cores,
         shared_latency_s=meas["shared_latency_s"], reduce_scatter_slowdown=meas["reduce_scatter_slowdown"],
         all_gather_slowdown=meas["all_gather_slowdown"], busy_compute_slowdown=meas["busy_compute_slowdown"],
+        oversubscribed_compute_slowdown=meas["oversubscribed_compute_slowdown"],
         elementwise_s_per_byte=meas["elementwise_s_per_byte"], layer_overhead_s=meas["layer_overhead_s"],
         pack_s_per_byte=meas["pack_s_per_byte"], elementwise_s_per_byte_bf16=meas["elementwise_s_per_byte_bf16"],
         tp_extra_s_per_byte=meas["tp_extra_s_per_byte"], tp_extra_s_per_call=meas["tp_extra_s_per_call"],

@@ -59,15 +59,17 @@ def compute_share(hw: Hardware, world_size: int) -> float:
 
 
 def busy_factor(hw: Hardware, world_size: int) -> float:
-    """How much slower each process computes under ``world_size`` processes: the profile's
-    ``busy_compute_slowdown`` when they fill the node's cores (every core computes at once and
-    they share memory bandwidth and caches), else 1. A device with ``cores_per_node`` = 0 takes
-    the figure as given (the simulator's unshared copy carries the factor decided here)."""
-    if hw.busy_compute_slowdown <= 1:
-        return 1.0
+    """How much slower each process computes under ``world_size`` processes, beyond its share of
+    a core: the profile's ``busy_compute_slowdown`` when they fill the node's cores (every core
+    computes at once and they share memory bandwidth and caches), times its
+    ``oversubscribed_compute_slowdown`` when they outnumber the cores (switching processes on a
+    core), else 1. A device with ``cores_per_node`` = 0 takes the figures as given (the
+    simulator's unshared copy carries the factor decided here)."""
     if not hw.cores_per_node:
-        return hw.busy_compute_slowdown
-    return hw.busy_compute_slowdown if min(world_size, hw.devices_per_node) >= hw.cores_per_node else 1.0
+        return hw.busy_compute_slowdown * hw.oversubscribed_compute_slowdown
+    local = min(world_size, hw.devices_per_node)
+    busy = hw.busy_compute_slowdown if local >= hw.cores_per_node else 1.0
+    return busy * (hw.oversubscribed_compute_slowdown if local > hw.cores_per_node else 1.0)
 
 
 def overlaps_dp(hw: Hardware, world_size: int, options: CostOptions) -> bool:

@@ -71,6 +71,11 @@ class Hardware:
     of its node runs one (memory bandwidth and caches shared; >= 1; 1: not measured, or
     devices that share nothing). Measured by ``paratrain calibrate`` (the same forward +
     backward alone and on every core at once); applied when a layout's processes fill the cores.
+    ``oversubscribed_compute_slowdown``: how many times longer still a process's layers take when
+    the node's processes outnumber its cores, beyond the time-sharing itself (twice as many
+    processes as cores: 2 x ``busy_compute_slowdown`` x this): the kernel switching processes on
+    a core, each refilling the caches the other evicted (>= 1; 1: not measured). Measured by
+    ``paratrain calibrate``; applied when a layout's processes outnumber the cores.
     ``shared_latency_s``: the intra-node latency per ring step when the node's processes
     outnumber its cores (a peer may wait for a core before it answers); 0 = the same as
     ``intra_node_latency_s``. Measured by ``paratrain calibrate``.
@@ -109,6 +114,7 @@ class Hardware:
     layer_overhead_s: float = 0.0
     pack_s_per_byte: float = 0.0
     busy_compute_slowdown: float = 1.0
+    oversubscribed_compute_slowdown: float = 1.0
     shared_latency_s: float = 0.0
     reduce_scatter_slowdown: float = 1.0
     all_gather_slowdown: float = 1.0
@@ -143,7 +149,8 @@ class Hardware:
         if not isinstance(self.devices_per_node, int) or self.devices_per_node < 1:
             raise ConfigError(f"hardware {self.name!r}: devices_per_node must be a positive integer, "
                               f"got {self.devices_per_node!r}.")
-        for field in ("reduce_scatter_slowdown", "all_gather_slowdown", "busy_compute_slowdown"):
+        for field in ("reduce_scatter_slowdown", "all_gather_slowdown", "busy_compute_slowdown",
+                      "oversubscribed_compute_slowdown"):
             value = getattr(self, field)
             if not isinstance(value, (int, float)) or not value >= 1:
                 raise ConfigError(f"hardware {self.name!r}: {field} must be a number >= 1 (1 = a ring / no slowdown), "
@@ -182,7 +189,7 @@ class Hardware:
 
 _OPTIONAL = {"compute_efficiency", "intra_node_latency_s", "inter_node_latency_s", "cores_per_node",
              "elementwise_s_per_byte", "elementwise_s_per_byte_bf16", "layer_overhead_s", "pack_s_per_byte",
-             "busy_compute_slowdown",
+             "busy_compute_slowdown", "oversubscribed_compute_slowdown",
              "shared_latency_s", "reduce_scatter_slowdown",
              "all_gather_slowdown", "tp_extra_s_per_byte", "tp_extra_s_per_call",
              "tp_reduce_scatter_slowdown", "tp_all_gather_slowdown",

@@ -165,7 +165,8 @@ def simulate_step(model: ModelConfig, layout: Layout, hw: Hardware, global_batch
     cores = hw.cores_per_node
     shared = bool(cores) and min(layout.world_size, hw.devices_per_node) > cores
     # sharing is simulated below, not averaged; the busy cores' slowdown is carried as decided
-    base_hw = hw.replace(cores_per_node=0, busy_compute_slowdown=busy_factor(hw, layout.world_size))
+    base_hw = hw.replace(cores_per_node=0, busy_compute_slowdown=busy_factor(hw, layout.world_size),
+                         oversubscribed_compute_slowdown=1.0)
     if shared and hw.shared_latency_s:  # processes outnumber cores: peers answer later
         base_hw = base_hw.replace(intra_node_latency_s=hw.shared_latency_s)
     # whether dp traffic can hide is the real machine's property (base_hw no longer shares cores)

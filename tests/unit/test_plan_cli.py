@@ -137,6 +137,9 @@ def test_calibrate_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert isinstance(m["layers_all_cores_s"], list) and len(m["layers_all_cores_s"]) == hw["cores_per_node"]
     assert hw["busy_compute_slowdown"] == pytest.approx(
         max(1.0, statistics.median(m["layers_all_cores_s"]) / m["layers_alone_s"]))
+    # twice as many processes as cores: the time beyond the time-sharing (2 x, and busy cores' factor)
+    assert hw["oversubscribed_compute_slowdown"] == pytest.approx(max(1.0, m["layers_oversubscribed_s"] / (
+        m["layers_oversubscribed_alone_s"] * 2 * hw["busy_compute_slowdown"])))
     assert len(doc["measurements"]["allreduce_seconds_busy"]) == len(doc["measurements"]["allreduce_seconds_idle"]) == 3
     # the tp link inside real tp 2 steps: one (bytes, seconds) point per batch, bytes growing with
     # the batch (the activations all-reduced), and the extra the planner adds, >= 0 (calibrate.py)

@@ -447,6 +447,30 @@ def test_busy_cores_slow_compute_only_when_the_processes_fill_them() -> None:
     assert sim1.estimate.time.compute == pytest.approx(1.25 * sim0.estimate.time.compute, rel=1e-9)
 
 
+def test_oversubscribed_cores_slow_compute_only_when_processes_outnumber_them() -> None:
+    """``Hardware.oversubscribed_compute_slowdown`` (calibrate: twice as many processes as cores,
+    against their time alone and the time-sharing) stretches compute and the optimizer by that
+    factor when a layout's processes outnumber the node's cores (4 on 2), on top of the busy
+    cores' factor, and not when they just fill them (2 on 2); the simulator agrees and does not
+    apply it twice (its unshared copy). Catches the factor applied at every core count, dropped
+    by the simulator, or applied to communication."""
+    from paratrain.plan.simulate import simulate_step
+
+    model = get_model_config("tiny")
+    cpu = get_hardware("cpu").replace(cores_per_node=2, devices_per_node=4, busy_compute_slowdown=1.1)
+    over = cpu.replace(oversubscribed_compute_slowdown=1.2)
+    two, four = Layout(dp=2), Layout(dp=4)
+    assert stage_costs(model, two, over, 8, 64, "fp32") == stage_costs(model, two, cpu, 8, 64, "fp32")
+    base, slow = stage_costs(model, four, cpu, 8, 64, "fp32")[0], stage_costs(model, four, over, 8, 64, "fp32")[0]
+    assert (slow.forward_s, slow.backward_s, slow.optimizer_s) == pytest.approx(
+        (1.2 * base.forward_s, 1.2 * base.backward_s, 1.2 * base.optimizer_s), rel=1e-9)
+    assert slow.dp_bytes == base.dp_bytes and slow.dp_exposed_s == pytest.approx(base.dp_exposed_s, rel=1e-9)
+    sim0, sim1 = simulate_step(model, four, cpu, 8, 64, "fp32"), simulate_step(model, four, over, 8, 64, "fp32")
+    assert sim1.estimate.time.compute == pytest.approx(1.2 * sim0.estimate.time.compute, rel=1e-6)
+    # the simulator shares the cores itself: its stages are the analytic ones without the 2 x sharing
+    assert sim1.stages[0].forward_s == pytest.approx(slow.forward_s / 2, rel=1e-9)
+
+
 @pytest.mark.parametrize("sp", [False, True])
 def test_tp_collectives_pay_the_in_step_extra_when_each_process_has_a_core(sp: bool) -> None:
     """``Hardware.tp_extra_s_per_byte`` / ``tp_extra_s_per_call`` (calibrate: real tp 2 steps'
