@@ -8,9 +8,11 @@ import time
 DESCRIPTION = """\
 Measure this machine's matmul throughput (fp32 with 1 thread and all threads, bf16), memory
 bandwidth (a large copy), the time a training step spends outside matmuls (forward + backward of
-the tiny and small GPTs) and in the optimizer, and gloo all-reduce bandwidth and latency between 2
-local processes, and write a device profile (JSON). Use it with `paratrain estimate/plan --hardware profile:PATH` (or
---profile PATH). Takes about 10-20 s."""
+the tiny and small GPTs) and in the optimizer, how much slower those layers run with every core
+busy and with twice as many processes as cores, and gloo all-reduce bandwidth and latency between
+local processes, and write a device profile (JSON). Use it with `paratrain estimate/plan --hardware
+profile:PATH` (or --profile PATH). Takes about 80 s on 2 cores (77 s measured; --quick: about
+25 s)."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
