@@ -79,3 +79,35 @@ def test_traffic_formula():
     assert got["ring_kv_recv"] == got["ring_kv_send"]
     again = cp_comm_per_step(TINY, 4, 2, 8, 32, 2, recompute="selective")["ring_kv_send"]
     assert again == (3 * 2 * 3 * 4, 3 * 2 * 3 * 4 * kv)  # the replayed forward: one more K/V ring
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("causal", [True, False])
+def test_fused_block_kernel_equals_the_explicit_formulas(dtype, causal):
+    """The CPU ring computes each block with PyTorch's fused attention kernel (forward: partial
+    output and log-sum-exp; backward from the rows' *final* output and log-sum-exp, which a
+    ring's earlier blocks changed). It must give what the module's explicit formulas give: a
+    kernel that ignored the given ``out``/``lse`` (recomputing them from this block alone) or
+    masked the wrong triangle differs here by O(1). Rows a strided slice of a larger tensor,
+    as the ring passes them. Tolerance: 1e-5 relative in fp32 (different summation order over
+    16 keys: measured 5e-7 absolute on O(1) values), 1e-12 in fp64."""
+    from paratrain.parallel.context import (
+        _block_backward,
+        _block_forward,
+        explicit_block_backward,
+        explicit_block_forward,
+    )
+
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 32, 8, dtype=dtype, generator=gen)[:, :, 8:24]
+    k, v = (torch.randn(2, 4, 16, 8, dtype=dtype, generator=gen) for _ in range(2))
+    scale, tol = 8 ** -0.5, (1e-5 if dtype == torch.float32 else 1e-12)
+    fused, explicit = _block_forward(q, k, v, causal, scale), explicit_block_forward(q, k, v, causal, scale)
+    for a, b in zip(fused, explicit):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    # the rows' final statistics after merging with other blocks: not this block's own
+    out = explicit[0] * 0.7 + 0.1 * torch.randn(explicit[0].shape, dtype=dtype, generator=gen)
+    lse, do = explicit[1] + 0.3, torch.randn(out.shape, dtype=dtype, generator=gen)
+    for a, b in zip(_block_backward(do, q, k, v, out, lse, causal, scale),
+                    explicit_block_backward(do, q, k, v, out, lse, causal, scale)):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
