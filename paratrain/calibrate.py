@@ -25,6 +25,11 @@ and runs its collectives through :mod:`paratrain.comm`, as training does; the pl
   operations, whatever the layer's size). Each point and the fit's error on it are kept in the
   measurements. One figure per activation byte alone (this module's first model) missed the
   points by -17% to +22% on an AVX2 machine where the three-figure fit stays within 3-6%;
+* forward and backward of ``small`` (4 sequences) timed apart, and split as the zero-bubble
+  schedules split them (forward under ``SplitLinears``, then I, then W): the backward's share of
+  the two (``backward_share``: 0.63 here, where the FLOPs say 2/3) and what the split costs more
+  as a factor on the backward (``split_backward_slowdown``: 1.10 here; the W matmuls read back
+  their inputs long after I), which the planner gives the zero-bubble schedules' W;
 * the copy a tensor-parallel collective makes of its payload (an activation regrouped by
   sequence slice into one contiguous buffer for gloo, and back), one thread, per byte
   (``pack_s_per_byte``);
@@ -340,6 +345,53 @@ def measure_optimizer(model_name: str, budget_s: float) -> dict[str, float]:
     return {"seconds": seconds, "params": n, "bandwidth": OPTIMIZER_BYTES_PER_PARAM * n / seconds}
 
 
+def measure_split_backward(model_name: str, batch: int, budget_s: float) -> dict[str, float]:
+    """Forward and backward of reference GPT ``model_name`` x ``batch`` sequences on one thread,
+    alternately plain (``F``, ``B``) and as a zero-bubble schedule splits them (the forward under
+    the runtime's ``SplitLinears``, then ``I``, then ``W``: ``parallel/pipeline/split.py``), medians
+    of each piece. Returns them (seconds) with ``backward_share`` = B / (F + B) and
+    ``split_backward_slowdown`` = (F_split + I + W - F) / B, what a split micro-batch costs beyond
+    a plain one as a factor on its backward (the W matmuls read ``x`` and ``dy`` back from memory
+    long after I wrote them, and the forward's wrapped linears cost a little more)."""
+    import torch
+
+    from paratrain.models.configs import get_model_config
+    from paratrain.models.gpt import build_reference
+    from paratrain.parallel.pipeline.split import SplitLinears, WeightGrads
+
+    cfg = get_model_config(model_name)
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    times: dict[str, list[float]] = {k: [] for k in ("F", "B", "F_split", "I", "W")}
+    try:
+        model = build_reference(cfg, 0)
+        x = torch.randint(0, cfg.vocab_size, (batch, 128))
+        start, runs = time.perf_counter(), 0
+        while runs < 7 or (time.perf_counter() - start < budget_s and runs < 50):
+            t0 = time.perf_counter()
+            loss = model(x, x)
+            t1 = time.perf_counter()
+            loss.backward()
+            t2 = time.perf_counter()
+            box = WeightGrads()
+            with SplitLinears(box):
+                loss = model(x, x)
+            t3 = time.perf_counter()
+            loss.backward()
+            t4 = time.perf_counter()
+            box.run()
+            t5 = time.perf_counter()
+            if runs:  # the first: warm-up
+                for key, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+                    times[key].append(dt)
+            runs += 1
+    finally:
+        torch.set_num_threads(old)
+    med = {key: statistics.median(v) for key, v in times.items()}
+    return {**med, "backward_share": med["B"] / (med["F"] + med["B"]),
+            "split_backward_slowdown": max(1.0, (med["F_split"] + med["I"] + med["W"] - med["F"]) / med["B"])}
+
+
 def _join(timeout_s: float) -> Group:
     """Start this rank's torch.distributed (gloo) and return the group of every rank, through
     which the measured collectives run: :mod:`paratrain.comm`, as in training."""
@@ -618,6 +670,11 @@ def _measure_compute(cfg: dict[str, Any], cores: int, log: Callable[[str], None]
         log(f"      bf16 layers: matmuls at {bf16_rate / 1e9:.1f} GFLOP/s, {bf16_lam * 1e9:.3f} ns per activation byte "
             f"({seen})")
         points += pts
+    split = measure_split_backward(*cfg["busy_point"], 8 * budget)
+    log(f"      {cfg['busy_point'][0]} x {cfg['busy_point'][1]} sequences: forward {split['F'] * 1e3:.1f} ms, backward "
+        f"{split['B'] * 1e3:.1f} ms ({split['backward_share']:.0%} of both); split as zero-bubble schedules run it: "
+        f"forward {split['F_split'] * 1e3:.1f}, I {split['I'] * 1e3:.1f}, W {split['W'] * 1e3:.1f} ms = "
+        f"x{split['split_backward_slowdown']:.3f} on the backward")
     pack = measure_packing((16, 128, 256), 2, budget)
     log(f"      a collective's packing copy of a 2 MiB activation: {pack * 1e9:.3f} ns per byte")
     opt = measure_optimizer("small", 4 * budget)
@@ -627,7 +684,8 @@ def _measure_compute(cfg: dict[str, Any], cores: int, log: Callable[[str], None]
             "copy_bandwidth": copy_bw, "layer_points": points, "layer_rate": rate,
             "compute_efficiency": min(1.0, rate / peak), "elementwise_s_per_byte": lam, "layer_overhead_s": per_layer,
             "pack_s_per_byte": pack, "bf16_layer_rate": bf16_rate, "elementwise_s_per_byte_bf16": bf16_lam,
-            "optimizer": opt}
+            "optimizer": opt, "split_backward": split, "backward_share": split["backward_share"],
+            "split_backward_slowdown": split["split_backward_slowdown"]}
 
 
 def _measure_link(cfg: dict[str, Any], cores: int, log: Callable[[str], None]) -> dict[str, Any]:
@@ -715,6 +773,7 @@ def calibrate(quick: bool = False, collectives: bool = True,
         shared_latency_s=meas["shared_latency_s"], reduce_scatter_slowdown=meas["reduce_scatter_slowdown"],
         all_gather_slowdown=meas["all_gather_slowdown"], busy_compute_slowdown=meas["busy_compute_slowdown"],
         oversubscribed_compute_slowdown=meas["oversubscribed_compute_slowdown"],
+        backward_share=meas["backward_share"], split_backward_slowdown=meas["split_backward_slowdown"],
         elementwise_s_per_byte=meas["elementwise_s_per_byte"], layer_overhead_s=meas["layer_overhead_s"],
         pack_s_per_byte=meas["pack_s_per_byte"], elementwise_s_per_byte_bf16=meas["elementwise_s_per_byte_bf16"],
         tp_extra_s_per_byte=meas["tp_extra_s_per_byte"], tp_extra_s_per_call=meas["tp_extra_s_per_call"],

@@ -202,11 +202,16 @@ class _Layout(LayoutMemory):
         return traffic.dp_parts(self.layout.zero, self.m, self.r, self.G_b, self.P_b, self.p,
                                 self.options.zero3_gather)
 
+    @cached_property
+    def split(self) -> bool:
+        """Whether the schedule splits each backward into I and W (the zero-bubble ones)."""
+        return self.p > 1 and self.layout.schedule in ("zb-h1", "zb-v")
+
     def tp_seconds(self, layers: int, first: bool, last: bool) -> dict[str, float]:
-        # the sequence-parallel sum acts on the optimizer's gradients: fp32 (the masters' under bf16)
-        split = self.p > 1 and self.layout.schedule in ("zb-h1", "zb-v")  # no SP regather: W keeps the input
+        # the sequence-parallel sum acts on the optimizer's gradients: fp32 (the masters' under bf16);
+        # a split backward has no SP regather: W keeps the input
         return _tp_seconds(self.model, self.t, self.sp, self.b, self.s, layers, first, last, self.layout.recompute,
-                           self.e, 4, self.tp_link, split, self.hw.pack_s_per_byte / self.share)
+                           self.e, 4, self.tp_link, self.split, self.hw.pack_s_per_byte / self.share)
 
     def chunk(self, k: int, speed: float) -> ChunkCost:
         """Stage ``k`` (chunk ``k // p`` of rank ``k % p``) per micro-batch."""
@@ -221,14 +226,21 @@ class _Layout(LayoutMemory):
         per_layer = self.ew_layer + self.hw.layer_overhead_s
         ew = (layers * per_layer + (self.ew_head if last else 0)) / (self.share * speed)
         replay = layers * per_layer * self.layer_rec / (3 * self.layer_fwd) / (self.share * speed)
+        forward_s, backward_s = fwd / rate + ew / 3, 2 * fwd / rate + 2 * ew / 3
+        if self.hw.backward_share:  # as measured rather than the FLOPs' 1 : 2
+            both = forward_s + backward_s
+            forward_s, backward_s = both * (1 - self.hw.backward_share), both * self.hw.backward_share
+        # W: one matmul per linear as large as its forward's (attention's core has no weights),
+        # plus what splitting the backward costs beyond a plain one (Hardware.split_backward_slowdown)
+        weight_s = (layers * (self.layer_fwd - self.attn_fwd) + (self.head_fwd if last else 0)) / rate
+        extra = (self.hw.split_backward_slowdown - 1) * backward_s if self.split else 0.0
         rg, ex = self.ring, self.experts
-        return ChunkCost(layers, first, last, params, fwd / rate + ew / 3,
-                         (2 * fwd + layers * self.layer_rec) / rate + 2 * ew / 3 + replay,
+        return ChunkCost(layers, first, last, params, forward_s,
+                         backward_s + extra + layers * self.layer_rec / rate + replay,
                          tp[traffic.FORWARD], tp[traffic.BACKWARD], tp["wire_forward"] + tp["wire_backward"],
                          Ring(layers * rg.forward_s, layers * rg.backward_s, layers * rg.wire_bytes),
                          Ring(layers * ex.forward_s, layers * ex.backward_s, layers * ex.wire_bytes),
-                         # W: one matmul per linear as large as its forward's (attention's core has no weights)
-                         (layers * (self.layer_fwd - self.attn_fwd) + (self.head_fwd if last else 0)) / rate)
+                         weight_s + extra)
 
     def syncs(self, i: int, n_layers: int) -> tuple[float, float, float, float]:
         """(tp seconds, tp wire bytes, pp seconds, pp wire bytes) once per step after the schedule:
@@ -275,7 +287,7 @@ class _Layout(LayoutMemory):
         per_unit = self.layout.zero == 3 and not traffic.zero3_per_step(3, self.p, opts.zero3_gather)
         # a zero-bubble split reduces each block after its I and again after its W, the whole
         # unit each time (core.traffic.zero_comm_per_step's split_bytes)
-        split = per_unit and self.p > 1 and self.layout.schedule in ("zb-h1", "zb-v")
+        split = per_unit and self.split
         if split and n > 1:
             wire += m * layers * ring.wire_bytes("reduce_scatter", n, self.G_b * self.block)
         # ZB-V's rank 0 runs the embedding and the head: the tied weight, one unit, is gathered

@@ -76,6 +76,15 @@ class Hardware:
     processes as cores: 2 x ``busy_compute_slowdown`` x this): the kernel switching processes on
     a core, each refilling the caches the other evicted (>= 1; 1: not measured). Measured by
     ``paratrain calibrate``; applied when a layout's processes outnumber the cores.
+    ``backward_share``: the backward's share of a layer's forward + backward as measured (0: the
+    FLOPs' split, backward twice the forward's matmuls and memory-bound work); the planner
+    divides each chunk's forward + backward so (pipeline bubbles and the windows that hide
+    collectives depend on it). Measured by ``paratrain calibrate`` (0.63 on this project's machine).
+    ``split_backward_slowdown``: what a micro-batch split as the zero-bubble schedules split it
+    (its forward's linears wrapped, then ``I``, then ``W``) costs beyond a plain forward +
+    backward, as a factor on its backward: (F_split + I + W - F) / B (>= 1; 1: not measured). The
+    planner adds the extra to ``W``, whose matmuls read their inputs back from memory long after
+    ``I`` wrote them. Measured by ``paratrain calibrate`` (1.10 on this project's machine).
     ``shared_latency_s``: the intra-node latency per ring step when the node's processes
     outnumber its cores (a peer may wait for a core before it answers); 0 = the same as
     ``intra_node_latency_s``. Measured by ``paratrain calibrate``.
@@ -115,6 +124,8 @@ class Hardware:
     pack_s_per_byte: float = 0.0
     busy_compute_slowdown: float = 1.0
     oversubscribed_compute_slowdown: float = 1.0
+    backward_share: float = 0.0
+    split_backward_slowdown: float = 1.0
     shared_latency_s: float = 0.0
     reduce_scatter_slowdown: float = 1.0
     all_gather_slowdown: float = 1.0
@@ -149,8 +160,11 @@ class Hardware:
         if not isinstance(self.devices_per_node, int) or self.devices_per_node < 1:
             raise ConfigError(f"hardware {self.name!r}: devices_per_node must be a positive integer, "
                               f"got {self.devices_per_node!r}.")
+        if not isinstance(self.backward_share, (int, float)) or not 0 <= self.backward_share < 1:
+            raise ConfigError(f"hardware {self.name!r}: backward_share must be a number in [0, 1) (0 = the FLOPs' "
+                              f"split), got {self.backward_share!r}.")
         for field in ("reduce_scatter_slowdown", "all_gather_slowdown", "busy_compute_slowdown",
-                      "oversubscribed_compute_slowdown"):
+                      "oversubscribed_compute_slowdown", "split_backward_slowdown"):
             value = getattr(self, field)
             if not isinstance(value, (int, float)) or not value >= 1:
                 raise ConfigError(f"hardware {self.name!r}: {field} must be a number >= 1 (1 = a ring / no slowdown), "
@@ -189,8 +203,8 @@ class Hardware:
 
 _OPTIONAL = {"compute_efficiency", "intra_node_latency_s", "inter_node_latency_s", "cores_per_node",
              "elementwise_s_per_byte", "elementwise_s_per_byte_bf16", "layer_overhead_s", "pack_s_per_byte",
-             "busy_compute_slowdown", "oversubscribed_compute_slowdown",
-             "shared_latency_s", "reduce_scatter_slowdown",
+             "busy_compute_slowdown", "oversubscribed_compute_slowdown", "backward_share",
+             "split_backward_slowdown", "shared_latency_s", "reduce_scatter_slowdown",
              "all_gather_slowdown", "tp_extra_s_per_byte", "tp_extra_s_per_call",
              "tp_reduce_scatter_slowdown", "tp_all_gather_slowdown",
              "source"}

@@ -140,6 +140,13 @@ def test_calibrate_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     # twice as many processes as cores: the time beyond the time-sharing (2 x, and busy cores' factor)
     assert hw["oversubscribed_compute_slowdown"] == pytest.approx(max(1.0, m["layers_oversubscribed_s"] / (
         m["layers_oversubscribed_alone_s"] * 2 * hw["busy_compute_slowdown"])))
+    # the split backward (zero-bubble I + W) against a plain one, in one process: the profile's
+    # figures are the formulas' of the pieces measured
+    sb = m["split_backward"]
+    assert all(sb[k] > 0 for k in ("F", "B", "F_split", "I", "W"))
+    assert hw["backward_share"] == pytest.approx(sb["B"] / (sb["F"] + sb["B"])) and 0 < hw["backward_share"] < 1
+    assert hw["split_backward_slowdown"] == pytest.approx(
+        max(1.0, (sb["F_split"] + sb["I"] + sb["W"] - sb["F"]) / sb["B"]))
     assert len(doc["measurements"]["allreduce_seconds_busy"]) == len(doc["measurements"]["allreduce_seconds_idle"]) == 3
     # the tp link inside real tp 2 steps: one (bytes, seconds) point per batch, bytes growing with
     # the batch (the activations all-reduced), and the extra the planner adds, >= 0 (calibrate.py)

@@ -471,6 +471,45 @@ def test_oversubscribed_cores_slow_compute_only_when_processes_outnumber_them() 
     assert sim1.stages[0].forward_s == pytest.approx(slow.forward_s / 2, rel=1e-9)
 
 
+def test_measured_backward_share_divides_each_chunk_and_the_split_costs_its_w_more() -> None:
+    """``Hardware.backward_share`` (calibrate: B / (F + B) timed apart) divides each chunk's
+    forward + backward so, their sum unchanged (recomputation's replay stays on the backward);
+    ``split_backward_slowdown`` (calibrate: (F_split + I + W - F) / B) adds (factor - 1) x the
+    backward to a zero-bubble schedule's W, and so to its backward, and nothing under 1F1B or
+    without a pipeline. The simulator's W and I then follow: I unchanged, W longer by the extra.
+    Catches the share applied to the sum (changing it), the extra put on I or on every schedule,
+    or dropped by the simulator."""
+    from paratrain.plan.simulate import _compute_part, simulate_step
+
+    model = get_model_config("small")
+    cpu = get_hardware("cpu").replace(cores_per_node=2, devices_per_node=2)
+    one = Layout(pp=2, microbatches=4, schedule="1f1b")
+    base = stage_costs(model, one, cpu, 16, 128, "fp32")
+    shared = stage_costs(model, one, cpu.replace(backward_share=0.6), 16, 128, "fp32")
+    for b, s in zip(base, shared):
+        for cb, cs in zip(b.chunks, s.chunks):
+            assert cs.forward_s + cs.backward_s == pytest.approx(cb.forward_s + cb.backward_s, rel=1e-12)
+            assert cs.backward_s / (cs.forward_s + cs.backward_s) == pytest.approx(0.6, rel=1e-12)
+            assert cb.backward_s / (cb.forward_s + cb.backward_s) > 0.65  # the FLOPs' split: about 2/3
+    slow = cpu.replace(split_backward_slowdown=1.25)
+    assert stage_costs(model, one, slow, 16, 128, "fp32") == base  # 1F1B: a plain backward
+    assert stage_costs(model, Layout(dp=2), slow, 16, 128, "fp32") == stage_costs(model, Layout(dp=2), cpu, 16, 128,
+                                                                                     "fp32")
+    zb = Layout(pp=2, microbatches=4, schedule="zb-v")
+    plain, split = stage_costs(model, zb, cpu, 16, 128, "fp32"), stage_costs(model, zb, slow, 16, 128, "fp32")
+    for b, s in zip(plain, split):
+        for cb, cs in zip(b.chunks, s.chunks):
+            assert cs.forward_s == cb.forward_s
+            assert cs.backward_s - cb.backward_s == pytest.approx(0.25 * cb.backward_s, rel=1e-12)
+            assert cs.weight_s - cb.weight_s == pytest.approx(0.25 * cb.backward_s, rel=1e-12)
+    sims = simulate_step(model, zb, cpu, 16, 128, "fp32"), simulate_step(model, zb, slow, 16, 128, "fp32")
+    parts = [{k: sum(_compute_part(sim.stages[0], sp.action, {}, 0) for sp in sim.timeline.ranks[0]
+                     if sp.action.kind == k) for k in "FIW"} for sim in sims]
+    assert parts[1]["F"] == pytest.approx(parts[0]["F"]) and parts[1]["I"] == pytest.approx(parts[0]["I"])
+    assert parts[1]["W"] - parts[0]["W"] == pytest.approx(0.25 * 4 * sum(c.backward_s for c in plain[0].chunks))
+    assert sims[1].estimate.step_time_s > sims[0].estimate.step_time_s
+
+
 @pytest.mark.parametrize("sp", [False, True])
 def test_tp_collectives_pay_the_in_step_extra_when_each_process_has_a_core(sp: bool) -> None:
     """``Hardware.tp_extra_s_per_byte`` / ``tp_extra_s_per_call`` (calibrate: real tp 2 steps'
