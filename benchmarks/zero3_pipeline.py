@@ -65,7 +65,6 @@ def measure(cfg) -> dict:  # noqa: ANN001 - runs on each rank (paratrain.launch)
     import torch
 
     from paratrain.launch import RankEnv, init_distributed, set_threads, shutdown_distributed
-    from paratrain.parallel.memory import model_state_bytes
     from paratrain.train import setup, train_step
 
     env = RankEnv.from_env()
@@ -74,6 +73,7 @@ def measure(cfg) -> dict:  # noqa: ANN001 - runs on each rank (paratrain.launch)
     live = _track_transients()
     try:
         s = setup(cfg, env, torch.device("cpu"))
+        s.count_states = True  # the states at the optimizer (ZeRO-3 releases gradient shards at zero_grad)
         times, transient = [], 0
         for step in range(1, cfg.steps + 1):
             if step == cfg.steps:
@@ -83,7 +83,7 @@ def measure(cfg) -> dict:  # noqa: ANN001 - runs on each rank (paratrain.launch)
         transient = live["peak"] - base
         ops = {op: tuple(a - b for a, b in zip((o.calls, o.bytes, o.wire_bytes), before.get(op, (0, 0, 0))))
                for op, o in s.mesh.dp.stats.ops.items() if op != "metrics"}
-        states = model_state_bytes(s.pm.module, s.opt)
+        states = s.states
         return {"states": states.total, "transient": transient, "ops": ops,
                 "step_s": statistics.median(times[1:] or times)}
     finally:

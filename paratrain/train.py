@@ -142,6 +142,11 @@ class Session:
     rows: slice
     device: torch.device
     on_step: StepHook | None = None
+    # ``count_states``: train_step records the model states it holds at the optimizer into
+    # ``states`` (parallel/memory.model_state_bytes; ZeRO 2/3 release their gradient shards at
+    # zero_grad, so after the step they are gone)
+    count_states: bool = False
+    states: Any = None
 
 
 def setup(cfg: TrainConfig, env: RankEnv, device: torch.device, corpus: Corpus | None = None,
@@ -242,6 +247,7 @@ def _train(cfg: TrainConfig, env: RankEnv, device: torch.device,
             if cfg.measure_memory and step == cfg.steps:  # one step, its peak: see parallel/memory.py
                 from paratrain.parallel.memory import ActivationMeter
 
+                s.count_states = True
                 with ActivationMeter(s.pm.weight_tensors()) as meter:
                     record = train_step(s, step)
             else:
@@ -287,10 +293,8 @@ def _train(cfg: TrainConfig, env: RankEnv, device: torch.device,
     state = s.pm.full_state_dict() if cfg.sample_tokens else None
     timeline = s.pm.gather_timeline() if cfg.layout.pp > 1 else None  # of the last step
     memory = None
-    if meter is not None:
-        from paratrain.parallel.memory import model_state_bytes
-
-        memory = dict(model_state_bytes(s.pm.module, s.opt).as_dict(), activations=meter.peak_bytes)
+    if meter is not None:  # the model states as the last step's optimizer held them
+        memory = dict(s.states.as_dict(), activations=meter.peak_bytes)
     if not lead:
         return None if memory is None else {"memory": memory}
     model_cfg = cfg.model_config()
@@ -355,6 +359,10 @@ def train_step(s: Session, step: int) -> dict[str, Any]:
     skipped = not (math.isfinite(loss) and math.isfinite(norm))
     if not skipped:  # a non-finite step leaves the weights and the optimizer state as they were
         s.opt.step()
+    if s.count_states:
+        from paratrain.parallel.memory import model_state_bytes
+
+        s.states = model_state_bytes(pm.module, s.opt)
     pm.zero_grad()
     dt = time.perf_counter() - t0
     comm_s = sum(g.stats.seconds for g in groups) - comm0

@@ -23,7 +23,7 @@ before the side was built (the largest over the ranks); and the peak of the heap
 whole step (:class:`paratrain.bench.HeapPeak`: activations included, and what a library holds
 only inside the step, like gradients it frees once reduced). Each side is built and warmed up once
 and thrown away before: what a library allocates once per process is not counted. For ours,
-``model_state_bytes_ours_counted`` is the exact sum of its tensors after a step
+``model_state_bytes_ours_counted`` is the exact sum of its tensors at its first step's optimizer
 (``parallel/memory.model_state_bytes``, the planner's figure): the heap figure adds the
 transient upcast of bf16 gradients, the tensors' bookkeeping and small buffers.
 """
@@ -167,14 +167,20 @@ def _case(opts: BenchOptions, cfg: Any, world: int, case: Case, batches: list[An
     pm: Any = None
     opt: Any = None
 
+    counted = 0
+
     def build_ours() -> tuple[Step, Any]:
-        nonlocal pm, opt
+        nonlocal pm, opt, counted
         pm, opt = parallel_model(cfg, cfg.model_config(), mesh, torch.device("cpu"))
+        counted = 0
 
         def step(x: Any, y: Any) -> Any:
+            nonlocal counted
             loss = pm.forward_backward(x, y)
             pm.clip_grad_norm_(cfg.grad_clip)
             opt.step()
+            if not counted:  # the first step's states at the optimizer (ZeRO 2/3 release gradients at zero_grad)
+                counted = model_state_bytes(pm.module, opt).total
             pm.zero_grad()
             return loss.detach()
 
@@ -185,7 +191,6 @@ def _case(opts: BenchOptions, cfg: Any, world: int, case: Case, batches: list[An
         _warm_up(build, batches[0])       # process (kernels' caches, comm buffers) is not a model state
     pm = opt = None  # (freed before the measured build, not during it)
     ours, loss_ours, memory_ours = _warm_up(build_ours, batches[0])
-    counted = model_state_bytes(pm.module, opt).total
     ref, loss_ref, memory_ref = _warm_up(build_ref, batches[0])
     mesh.dp.stats.reset()
     times = alternate({"ours": lambda: _steps(ours, batches), "ref": lambda: _steps(ref, batches)},
@@ -294,11 +299,10 @@ def _plain_steps(model: Any, opt: Any, cfg: Any) -> Step:
 
 def memory_worker(cfg: Any) -> tuple[int, int, int]:
     """One rank of ``benchmarks/zero_memory.py``: train ``cfg.steps`` steps, then the exact bytes
-    of (parameters, gradients, optimizer state) this rank holds."""
+    of (parameters, gradients, optimizer state) this rank holds at the last step's optimizer."""
     import torch
 
     from paratrain.launch import RankEnv, init_distributed, set_threads, shutdown_distributed
-    from paratrain.parallel.memory import model_state_bytes
     from paratrain.train import setup, train_step
 
     env = RankEnv.from_env()
@@ -307,9 +311,10 @@ def memory_worker(cfg: Any) -> tuple[int, int, int]:
     ok = False
     try:
         s = setup(cfg, env, torch.device("cpu"))
+        s.count_states = True  # the states at the optimizer: ZeRO 2/3 release gradients at zero_grad
         for step in range(1, cfg.steps + 1):
             train_step(s, step)
-        m = model_state_bytes(s.pm.module, s.opt)
+        m = s.states
         ok = True
         return m.params, m.grads, m.optimizer
     finally:

@@ -8,11 +8,12 @@ import time
 DESCRIPTION = """\
 Measure this machine's matmul throughput (fp32 with 1 thread and all threads, bf16), memory
 bandwidth (a large copy), the time a training step spends outside matmuls (forward + backward of
-the tiny and small GPTs) and in the optimizer, how much slower those layers run with every core
-busy and with twice as many processes as cores, and gloo all-reduce bandwidth and latency between
-local processes, and write a device profile (JSON). Use it with `paratrain estimate/plan --hardware
-profile:PATH` (or --profile PATH). Takes about 80 s on 2 cores (77 s measured; --quick: about
-25 s)."""
+the tiny and small GPTs) and in the optimizer, the backward's share of forward + backward and
+what a zero-bubble schedule's split backward (I + W) costs beyond a plain one, how much slower
+those layers run with every core busy and with twice as many processes as cores, and gloo
+all-reduce bandwidth and latency between local processes, and write a device profile (JSON).
+Use it with `paratrain estimate/plan --hardware profile:PATH` (or --profile PATH). Takes 80-115 s
+on 2 cores (77 s and 114 s measured; --quick: about 25 s)."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:

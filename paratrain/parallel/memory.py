@@ -135,7 +135,9 @@ def model_state_bytes(module: nn.Module, optimizer: torch.optim.Optimizer) -> Mo
     exact integers in the planner's record (``plan/formulas.model_state_bytes`` predicts it).
     Under mixed precision (``parallel/mixed.py``) the optimizer steps fp32 masters: they count
     as optimizer state, the bf16 weights (or shards) they stand for as parameters, and an fp32
-    gradient buffer attached to the masters as gradients."""
+    gradient buffer attached to the masters as gradients (not the transient fp32 upcast of bf16
+    gradients a step makes for them). Read it at the optimizer (between the step's reduction and
+    ``zero_grad``): ZeRO 2/3 release their gradient shards at ``zero_grad``."""
     seen: set[tuple[torch.device, int]] = set()
 
     def count(tensors: Iterable[torch.Tensor | None]) -> int:
@@ -154,9 +156,10 @@ def model_state_bytes(module: nn.Module, optimizer: torch.optim.Optimizer) -> Mo
     stepped = [p for g in optimizer.param_groups for p in g["params"]]
     low_of = getattr(optimizer, "low_of", {})  # mixed precision: the optimizer steps fp32 masters
     masters = [p for p in stepped if id(p) in low_of]
+    upcast = getattr(optimizer, "upcast", set())  # masters whose .grad is a transient fp32 copy
     tensors = [*module.parameters(), *(low_of.get(id(p), p) for p in stepped)]
     params = count(tensors)
-    grads = count(t.grad for t in [*tensors, *masters])
+    grads = count(t.grad for t in [*tensors, *(m for m in masters if id(m) not in upcast)])
     # the fp32 master weights are optimizer state ([R20]'s K = 12: master 4 + m 4 + v 4)
     state = count([*masters, *(v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))])
     return ModelState(params, grads, state)

@@ -52,6 +52,7 @@ class MixedPrecision:
             mark_master(master, low)
             self.masters.append(master)
         self.low_of = {id(m): low for m, low in zip(self.masters, self.lows)}
+        self.upcast: set[int] = set()  # ids of the masters whose .grad is this step's transient upcast
         self._attach()
 
     @property
@@ -82,11 +83,13 @@ class MixedPrecision:
                 master.grad = None
             elif master.grad is None or master.grad.data_ptr() != g.data_ptr():
                 master.grad = g.to(master.device, torch.float32, copy=True)
+                self.upcast.add(id(master))
 
     def zero_grad(self) -> None:
         self.inner.zero_grad()
         for master in self.masters:
             master.grad = None
+        self.upcast.clear()
         self._attach()
 
     @torch.no_grad()
@@ -112,4 +115,5 @@ class MixedPrecision:
 
         outer.register_step_post_hook(post_step)
         outer.low_of = self.low_of  # type: ignore[attr-defined]  # checkpoints and the memory meter
+        outer.upcast = self.upcast  # type: ignore[attr-defined]  # the memory meter: not a model state
         return outer

@@ -21,7 +21,9 @@ reduce-scatter followed by an all-gather anyway ([R20] sec. 7.2.1).
   reduced shard); the optimizer state exists for the shard only.
 * stage 2: + every backward's buckets are filled (copied from autograd's gradients) and
   reduce-scattered as soon as they are complete, then released; only the gradient shard,
-  accumulated over micro-batches, stays. A whole gradient of every parameter never exists at once.
+  accumulated over micro-batches, stays, from the step's first reduction to ``zero_grad``
+  (between steps its memory is released, as DeepSpeed and FSDP2 do: the forward's activation
+  peak does not carry it). A whole gradient of every parameter never exists at once.
   Under a zero-bubble schedule (:attr:`ZeroDataParallel.split_backward`) a micro-batch's
   backward comes in two actions, ``I`` (norms, biases, embeddings) and ``W`` (the linears'
   weights): a bucket is then reduced once *every one of its parameters* has a gradient since its
@@ -135,6 +137,19 @@ class ShardedBucket(_Bucket):
             for axis in axes:  # (with experts: the ep and edp sub-axes of dp too)
                 mark_sharded(piece, axis)
             self.pieces[p] = piece
+
+    def drop_grad_shard(self) -> None:
+        """Stages 2/3, between steps: release the reduced gradient shard's memory (DeepSpeed's
+        ZeRO and FSDP2 hold no gradient between steps either). Its views, the pieces' ``.grad``,
+        stay; nothing reads them before the step's first reduction lands (:meth:`keep_grad_shard`)."""
+        self.grad_shard.untyped_storage().resize_(0)
+
+    def keep_grad_shard(self) -> None:
+        """Memory for the gradient shard again, uninitialized: the reduction about to land writes
+        every element (or the caller zeroes it)."""
+        storage = self.grad_shard.untyped_storage()
+        if storage.nbytes() == 0:
+            storage.resize_(self.grad_shard.numel() * self.grad_shard.element_size())
 
     def gather(self, async_op: bool = False, tag: str | None = None) -> None:
         """Stage 3: all-gather the whole parameters into ``flat`` (no-op if gathered)."""
@@ -361,6 +376,8 @@ class ZeroDataParallel(DataParallel):
                     bucket.views[p].zero_()
         assert bucket.buffer is not None
         bucket.accumulate = self.stage > 1 and not bucket.fresh
+        if not bucket.accumulate:
+            bucket.keep_grad_shard()  # (released since the last step: zero_grad)
         out = bucket.grad_shard if not bucket.accumulate else bucket.buffer[bucket.lo:bucket.hi]
         bucket.handle = comm.reduce_scatter(out, bucket.buffer, self.group, async_op=True)
         bucket.launched = True  # (on a group of one there is no handle: the copy is done)
@@ -415,6 +432,11 @@ class ZeroDataParallel(DataParallel):
                 p.grad = None
         else:
             self._flush()
+            for b in self.buckets:
+                if b.fresh:  # no gradient reached it this step: zero, as a whole gradient would be
+                    b.keep_grad_shard()
+                    b.grad_shard.zero_()
+                    b.fresh = False
         for b in self.buckets:  # robust to an optimizer.zero_grad(set_to_none=True)
             for p, piece in b.pieces.items():
                 if piece.dtype == b.dtype:
@@ -424,8 +446,8 @@ class ZeroDataParallel(DataParallel):
         if self.stage == 1:
             super().zero_grad()  # also zeroes the shards: they are views of the buffers
             return
-        for b in self.buckets:
-            b.grad_shard.zero_()
+        for b in self.buckets:  # the next step's first reduction writes the shard afresh
+            b.drop_grad_shard()
             b.fresh = True
 
     def gather_params(self) -> None:

@@ -85,6 +85,7 @@ class PipelineZero3(ZeroDataParallel):
 
     def _launch(self, bucket: _Bucket) -> None:
         assert isinstance(bucket, ShardedBucket) and bucket.buffer is not None
+        bucket.keep_grad_shard()  # released between steps (zero_grad); the reduction writes all of it
         bucket.handle = comm.reduce_scatter(bucket.grad_shard, bucket.buffer, self.group, async_op=True)
 
     def finish(self) -> None:
@@ -106,8 +107,8 @@ class PipelineZero3(ZeroDataParallel):
         self.in_step = False
 
     def zero_grad(self) -> None:
-        for b in self.buckets:
-            b.grad_shard.zero_()  # (overwritten by the next reduce-scatter anyway)
+        for b in self.buckets:  # the next step's reduce-scatter writes it afresh: no memory till then
+            b.drop_grad_shard()
 
 
 _AfterBackward = RunInBackward  # on a module's input: runs once that module's backward is done

@@ -40,14 +40,15 @@ CASES = {
 
 def measure_fn(cfg):
     from paratrain.launch import RankEnv
-    from paratrain.parallel.memory import ActivationMeter, model_state_bytes
+    from paratrain.parallel.memory import ActivationMeter
     from paratrain.train import setup, train_step
 
     s = setup(cfg, RankEnv.from_env(), torch.device("cpu"))
     train_step(s, 1)
+    s.count_states = True  # the states at the optimizer (ZeRO 2/3 release gradients at zero_grad)
     with ActivationMeter(s.pm.weight_tensors()) as meter:  # as `train --measure-memory` does
         train_step(s, 2)
-    return model_state_bytes(s.pm.module, s.opt), meter.peak_bytes
+    return s.states, meter.peak_bytes
 
 
 @pytest.mark.parametrize("name", list(CASES))

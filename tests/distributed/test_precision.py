@@ -89,16 +89,16 @@ MEMORY = {f"z{z}-{g}grad": with_layout(BF16, dp=2, zero=z, microbatches=2).repla
 
 def _bytes_fn(cfgs: list[TrainConfig]) -> list[dict[str, Any]]:
     from paratrain.launch import RankEnv
-    from paratrain.parallel.memory import model_state_bytes
     from paratrain.train import setup, train_step
 
     out = []
     for cfg in cfgs:
         s = setup(cfg, RankEnv.from_env(), torch.device("cpu"))
+        s.count_states = True  # the states at the optimizer (ZeRO 2/3 release gradients at zero_grad)
         train_step(s, 1)
         inner = s.pm.grad_sync.inner  # under parallel/mixed.py's MixedPrecision
         out.append({
-            "memory": model_state_bytes(s.pm.module, s.opt),
+            "memory": s.states,
             "dp_ops": {op: (o.calls, o.bytes, o.wire_bytes) for op, o in s.mesh.dp.stats.ops.items()},
             "grad_buckets": [b.buffer.numel() * b.buffer.element_size() if b.buffer is not None
                              else b.padded * torch.empty((), dtype=b.dtype).element_size() for b in inner.buckets],

@@ -63,10 +63,12 @@ def zero_ranks_fn(cfg: TrainConfig) -> dict:
     from paratrain.train import setup, train_step
 
     s = setup(cfg, RankEnv.from_env(), torch.device("cpu"))
+    s.count_states = True  # the states at each step's optimizer (ZeRO 2/3 release gradients at zero_grad)
     records = [train_step(s, step) for step in range(1, cfg.steps + 1)]
     dp_ops = {op: (o.calls, o.bytes, o.wire_bytes) for op, o in s.mesh.dp.stats.ops.items()}
     sync = getattr(s.pm.grad_sync, "inner", s.pm.grad_sync)  # under the sequence-parallel wrapper
-    memory = measure(s.pm.module, s.opt)
+    memory = s.states
+    released = measure(s.pm.module, s.opt)  # after zero_grad
     with sync.full_params():
         whole = {k: v.detach().clone() for k, v in s.pm.module.state_dict().items()}
     return {
@@ -82,6 +84,7 @@ def zero_ranks_fn(cfg: TrainConfig) -> dict:
         "owned": sum(q.numel() for q in sync.grad_params),
         "local_numel": sum(p.numel() for p in s.pm.parameters()),
         "memory": memory,
+        "released": released,
     }
 
 
@@ -159,3 +162,8 @@ def test_zero_state_bytes_are_the_papers(name):
     for res in run(name):
         units = len(res["bucket_bytes"]) if layout.zero == 3 else 0
         assert res["memory"] - want == ModelState(4 * units, 0, 4 * res["pieces"])
+        # between steps ZeRO 2/3 hold no gradient (released at zero_grad, as DeepSpeed and FSDP2);
+        # ZeRO-1's buffer stays: it accumulates the next step's micro-batches
+        released = res["released"]
+        assert (released.params, released.optimizer) == (res["memory"].params, res["memory"].optimizer)
+        assert released.grads == (res["memory"].grads if layout.zero == 1 else 0)

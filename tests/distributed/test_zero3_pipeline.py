@@ -41,7 +41,6 @@ CFGS = [with_layout(BASE, **layout).replace(zero3_gather=gather) for gather, lay
 
 def _ranks_fn(cfgs):
     from paratrain.launch import RankEnv
-    from paratrain.parallel.memory import model_state_bytes
     from paratrain.train import evaluate, setup, train_step
     from tests.zero3_meter import TransientMeter
 
@@ -49,6 +48,7 @@ def _ranks_fn(cfgs):
     meter = TransientMeter().install()
     for cfg in cfgs:
         s = setup(cfg, RankEnv.from_env(), torch.device("cpu"))
+        s.count_states = True  # the states at the optimizer (ZeRO-3 releases gradient shards at zero_grad)
         records = [train_step(s, step) for step in range(1, cfg.steps)]
         meter.reset()  # the last step's transient peak (every step's is the same)
         base = meter.now
@@ -68,7 +68,7 @@ def _ranks_fn(cfgs):
                              if sum(v is u for _, v in getattr(sync.gathering, "uses", ())) == 2],
             "transient": meter.peak - base,
             "pp_coord": s.mesh.coords.pp,
-            "memory": model_state_bytes(s.pm.module, s.opt),
+            "memory": s.states,
             "pieces": len(sync.grad_params),
             "full_state": s.pm.full_state_dict(),
             "val_loss": evaluate(s.pm, s.corpus, cfg, s.rows, s.device),  # the eval schedule gathers too

@@ -174,6 +174,36 @@ def test_unused_parameter_gets_zero_and_micro_batches_add_up(stage):
         assert torch.equal(grads[p], torch.zeros(p.numel()))
 
 
+def test_stage2_gradient_shards_hold_no_memory_between_steps():
+    """ZeRO-2 releases each bucket's reduced gradient shard at ``zero_grad`` (as DeepSpeed and
+    FSDP2 hold no gradient between steps) and the step's first reduction writes it afresh: over
+    two steps the shards are the reference's gradient of that step alone (not the sum with the
+    step before, nor stale memory), a bucket no backward reached reads zero, and between steps
+    the shards' storage is empty. Catches a release that forgot the restore (reads fail), a
+    restore without the first write (garbage), or an unreached bucket left unzeroed."""
+    torch.manual_seed(0)
+    used, unused = torch.nn.Linear(64, 32), torch.nn.Linear(64, 32)
+    module = torch.nn.ModuleList([used, unused])
+    ref = copy.deepcopy(used)
+    sync = ZeroDataParallel(module, single_group("dp"), 2, bucket_mb=4 * 64 * 32 / 2**20)  # a bucket each
+    assert len(sync.buckets) >= 2
+    for step in range(2):
+        sync.zero_grad()
+        assert all(b.grad_shard.untyped_storage().nbytes() == 0 for b in sync.buckets)
+        ref.zero_grad()
+        x = torch.randn(5, 64)
+        sync.set_sync(True)
+        used(x).square().sum().backward()
+        ref(x).square().sum().backward()
+        sync.finish()
+        grads = {param_of(piece): piece.grad for piece in sync.grad_params}
+        for p, q in zip(used.parameters(), ref.parameters()):
+            assert torch.allclose(grads[p], q.grad.reshape(-1), rtol=1e-6, atol=0), (step, p.shape)
+        for p in unused.parameters():
+            assert torch.equal(grads[p], torch.zeros(p.numel())), step
+        assert all(b.grad_shard.untyped_storage().nbytes() == b.grad_shard.numel() * 4 for b in sync.buckets)
+
+
 @pytest.mark.parametrize("zero", [1, 2, 3])
 def test_zero_on_one_rank_is_the_reference(zero):
     """dp = 1 is the same code path with every collective a copy: the reference's losses, norms
