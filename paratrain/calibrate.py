@@ -25,8 +25,8 @@ and runs its collectives through :mod:`paratrain.comm`, as training does; the pl
   operations, whatever the layer's size). Each point and the fit's error on it are kept in the
   measurements. One figure per activation byte alone (this module's first model) missed the
   points by -17% to +22% on an AVX2 machine where the three-figure fit stays within 3-6%;
-* the same in bf16 weights and activations (``tiny`` and ``small``, 2-8 sequences; the per-layer
-  term taken from fp32): the bf16 matmul rate the layers reach and ``elementwise_s_per_byte_bf16``;
+* the same in bf16 weights and activations (``tiny`` and ``small``, 2-8 sequences): the bf16
+  matmul rate the layers reach, ``elementwise_s_per_byte_bf16`` and ``layer_overhead_s_bf16``;
 * forward and backward of ``small`` (4 sequences) timed apart, and split as the zero-bubble
   schedules split them (forward under ``SplitLinears``, then I, then W): the backward's share of
   the two (``backward_share``: 0.63 here, where the FLOPs say 2/3) and what the split costs more
@@ -660,24 +660,23 @@ def _measure_compute(cfg: dict[str, Any], cores: int, log: Callable[[str], None]
             f"{fit * 1e3:.1f} ms fitted ({pt['fit_error']:+.1%})")
     log(f"      fit: matmuls at {rate / 1e9:.1f} GFLOP/s ({rate / peak:.0%} of the best), "
         f"{lam * 1e9:.3f} ns per activation byte, {per_layer * 1e3:.2f} ms per layer")
-    # bf16 (weights and activations in bf16, as --precision bf16 trains): its own matmul rate and
-    # memory-bound cost per byte (a CPU without bf16 units converts to fp32 and back), the
-    # per-layer cost taken from the fp32 fit. The points are tiny and small at 2-8 sequences:
-    # with tiny-deep (hidden 64) among them the fit collapsed on an AMX VM (its bf16 layers ran 30%
-    # slower than the others' fit; fitted with it: no memory-bound term, tiny x 8 +16%, the
-    # validation's dp2-bf16-tiny +17.7%); without it tiny and small fit within 4%
-    bf16_rate, bf16_lam = 0.0, 0.0
+    # bf16 (weights and activations in bf16, as --precision bf16 trains): its own three figures
+    # (a CPU without bf16 units converts to fp32 and back; one with them sets each bf16 matmul up
+    # at a cost). The points are tiny and small at 2-8 sequences: with tiny-deep (hidden 64) among
+    # them and fp32's per-layer term the fit collapsed on an AMX VM (no memory-bound term, tiny x 8
+    # +16%, the validation's dp2-bf16-tiny +17.7%); on these four, with its own per-layer term
+    # (2.2 ms against fp32's 0.67), it fit within 1.3%
+    bf16_rate, bf16_lam, bf16_layer = 0.0, 0.0, 0.0
     if cfg["bf16_points"]:
         pts = measure_layer_points(cfg["bf16_points"], 4 * budget, "bfloat16")
-        bf16_rate, bf16_lam, _ = fit_layer_work([dict(p, seconds=p["seconds"] - per_layer * p["layers"], layers=0)
-                                                 for p in pts])
+        bf16_rate, bf16_lam, bf16_layer = fit_layer_work(pts)
         for pt in pts:
-            fit = pt["flops"] / bf16_rate + bf16_lam * pt["activation_bytes"] + per_layer * pt["layers"]
+            fit = pt["flops"] / bf16_rate + bf16_lam * pt["activation_bytes"] + bf16_layer * pt["layers"]
             pt["fit_error"] = fit / pt["seconds"] - 1
         seen = ", ".join(f"{p['model']} x {p['batch']} {p['seconds'] * 1e3:.0f} ms ({p['fit_error']:+.1%})"
                          for p in pts)
-        log(f"      bf16 layers: matmuls at {bf16_rate / 1e9:.1f} GFLOP/s, {bf16_lam * 1e9:.3f} ns per activation byte "
-            f"({seen})")
+        log(f"      bf16 layers: matmuls at {bf16_rate / 1e9:.1f} GFLOP/s, {bf16_lam * 1e9:.3f} ns per activation "
+            f"byte, {bf16_layer * 1e3:.2f} ms per layer ({seen})")
         points += pts
     split = measure_split_backward(*cfg["busy_point"], 8 * budget)
     log(f"      {cfg['busy_point'][0]} x {cfg['busy_point'][1]} sequences: forward {split['F'] * 1e3:.1f} ms, backward "
@@ -693,6 +692,7 @@ def _measure_compute(cfg: dict[str, Any], cores: int, log: Callable[[str], None]
             "copy_bandwidth": copy_bw, "layer_points": points, "layer_rate": rate,
             "compute_efficiency": min(1.0, rate / peak), "elementwise_s_per_byte": lam, "layer_overhead_s": per_layer,
             "pack_s_per_byte": pack, "bf16_layer_rate": bf16_rate, "elementwise_s_per_byte_bf16": bf16_lam,
+            "layer_overhead_s_bf16": bf16_layer,
             "optimizer": opt, "split_backward": split, "backward_share": split["backward_share"],
             "split_backward_slowdown": split["split_backward_slowdown"]}
 
@@ -785,6 +785,7 @@ def calibrate(quick: bool = False, collectives: bool = True,
         backward_share=meas["backward_share"], split_backward_slowdown=meas["split_backward_slowdown"],
         elementwise_s_per_byte=meas["elementwise_s_per_byte"], layer_overhead_s=meas["layer_overhead_s"],
         pack_s_per_byte=meas["pack_s_per_byte"], elementwise_s_per_byte_bf16=meas["elementwise_s_per_byte_bf16"],
+        layer_overhead_s_bf16=meas.get("layer_overhead_s_bf16", 0.0),
         tp_extra_s_per_byte=meas["tp_extra_s_per_byte"], tp_extra_s_per_call=meas["tp_extra_s_per_call"],
         tp_reduce_scatter_slowdown=meas["tp_reduce_scatter_slowdown"],
         tp_all_gather_slowdown=meas["tp_all_gather_slowdown"],

@@ -43,7 +43,7 @@ def _per_microbatch(ctx: _Layout) -> tuple[float, float]:
     L = ctx.model.num_layers
     replay = ctx.layer_rec / (3 * ctx.layer_fwd) if ctx.layer_fwd else 0.0
     C = (3 * (L * ctx.layer_fwd + ctx.head_fwd) + L * ctx.layer_rec) / ctx.rate \
-        + (L * (ctx.ew_layer + ctx.hw.layer_overhead_s) * (1 + replay) + ctx.ew_head) / ctx.share
+        + (L * (ctx.ew_layer + ctx.layer_overhead) * (1 + replay) + ctx.ew_head) / ctx.share
     once = collective_seconds("all_reduce", ctx.r, 4, *ctx.dp_link)
     if ctx.t > 1:
         tp = ctx.tp_seconds(1, False, False)

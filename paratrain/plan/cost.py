@@ -141,6 +141,8 @@ class _Layout(LayoutMemory):
             else hw.elementwise_s_per_byte
         self.ew_layer = lam * self.full_layer
         self.ew_head = lam * self.head_act
+        self.layer_overhead = hw.layer_overhead_s_bf16 if precision == "bf16" and hw.layer_overhead_s_bf16 \
+            else hw.layer_overhead_s
         self.pipe_bound: float | None = None  # step_time_lower_bound's pipeline part
         self.max_params = 0.0  # and the largest rank's parameters
         self.max_units = 0  # and ZeRO-3 units
@@ -222,8 +224,8 @@ class _Layout(LayoutMemory):
         rate = self.rate * speed
         # memory-bound work outside the matmuls: 1/3 in forward, 2/3 in backward like the FLOPs,
         # plus the replayed forward's share under recomputation (see Hardware.elementwise_s_per_byte)
-        # and each layer's fixed cost (Hardware.layer_overhead_s), shared alike
-        per_layer = self.ew_layer + self.hw.layer_overhead_s
+        # and each layer's fixed cost (Hardware.layer_overhead_s, or its bf16 figure), shared alike
+        per_layer = self.ew_layer + self.layer_overhead
         ew = (layers * per_layer + (self.ew_head if last else 0)) / (self.share * speed)
         replay = layers * per_layer * self.layer_rec / (3 * self.layer_fwd) / (self.share * speed)
         forward_s, backward_s = fwd / rate + ew / 3, 2 * fwd / rate + 2 * ew / 3

@@ -62,6 +62,10 @@ class Hardware:
     micro-batch, whatever its size (Python, autograd's bookkeeping, kernel launches), on an
     unshared device; 0 (the catalog's GPUs): folded into the efficiency. ``paratrain calibrate``
     fits it on CPUs with the matmul rate and ``elementwise_s_per_byte``.
+    ``layer_overhead_s_bf16``: the same for ``--precision bf16``'s layers (0 = ``layer_overhead_s``):
+    on a CPU with bf16 matrix units each bf16 matmul call costs more to set up (2.2 ms a layer
+    against fp32's 0.67 on this project's AMX machine), fitted by ``paratrain calibrate`` with
+    the bf16 rate and ``elementwise_s_per_byte_bf16``.
     ``pack_s_per_byte``: seconds per byte a rank spends copying a tensor-parallel collective's
     payload into or out of the backend's contiguous buffer (the runtime regroups activations by
     sequence slice for sequence parallelism's gathers and scatters and clones gradients before
@@ -121,6 +125,7 @@ class Hardware:
     elementwise_s_per_byte: float = 0.0
     elementwise_s_per_byte_bf16: float = 0.0
     layer_overhead_s: float = 0.0
+    layer_overhead_s_bf16: float = 0.0
     pack_s_per_byte: float = 0.0
     busy_compute_slowdown: float = 1.0
     oversubscribed_compute_slowdown: float = 1.0
@@ -147,7 +152,8 @@ class Hardware:
             if not isinstance(value, (int, float)) or not value > 0:
                 raise ConfigError(f"hardware {self.name!r}: {field} must be a positive number, got {value!r}.")
         for field in ("peak_bf16_flops", "memory_bw", "intra_node_latency_s", "inter_node_latency_s",
-                      "elementwise_s_per_byte", "elementwise_s_per_byte_bf16", "layer_overhead_s", "pack_s_per_byte",
+                      "elementwise_s_per_byte", "elementwise_s_per_byte_bf16", "layer_overhead_s",
+                      "layer_overhead_s_bf16", "pack_s_per_byte",
                       "shared_latency_s", "host_link_bw",
                       "host_memory_bw", "tp_extra_s_per_byte", "tp_extra_s_per_call",
                       "tp_reduce_scatter_slowdown", "tp_all_gather_slowdown"):
@@ -202,7 +208,8 @@ class Hardware:
 
 
 _OPTIONAL = {"compute_efficiency", "intra_node_latency_s", "inter_node_latency_s", "cores_per_node",
-             "elementwise_s_per_byte", "elementwise_s_per_byte_bf16", "layer_overhead_s", "pack_s_per_byte",
+             "elementwise_s_per_byte", "elementwise_s_per_byte_bf16", "layer_overhead_s", "layer_overhead_s_bf16",
+             "pack_s_per_byte",
              "busy_compute_slowdown", "oversubscribed_compute_slowdown", "backward_share",
              "split_backward_slowdown", "shared_latency_s", "reduce_scatter_slowdown",
              "all_gather_slowdown", "tp_extra_s_per_byte", "tp_extra_s_per_call",

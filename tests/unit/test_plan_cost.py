@@ -471,6 +471,31 @@ def test_oversubscribed_cores_slow_compute_only_when_processes_outnumber_them() 
     assert sim1.stages[0].forward_s == pytest.approx(slow.forward_s / 2, rel=1e-9)
 
 
+def test_bf16_layers_pay_their_own_per_layer_cost() -> None:
+    """``Hardware.layer_overhead_s_bf16`` (calibrate: the bf16 layers' own fit) replaces
+    ``layer_overhead_s`` in every layer of a ``--precision bf16`` estimate: each layer's forward +
+    backward grows by exactly the difference; fp32 and bf16-autocast (fp32 weights) keep
+    ``layer_overhead_s``; 0 means the fp32 figure. The search's lower bound stays below the
+    estimate. Catches the bf16 figure ignored, applied to fp32, or missing from the bound."""
+    from paratrain.plan.bound import layout_context, step_time_lower_bound
+
+    model = get_model_config("tiny")
+    cpu = get_hardware("cpu").replace(cores_per_node=2, devices_per_node=2, layer_overhead_s=1e-3)
+    more = cpu.replace(layer_overhead_s_bf16=3e-3)
+    layout = Layout(dp=2)
+    for precision in ("fp32", "bf16-autocast"):
+        assert stage_costs(model, layout, more, 16, 128, precision) == stage_costs(model, layout, cpu, 16, 128, precision)
+    base, got = stage_costs(model, layout, cpu, 16, 128, "bf16")[0], stage_costs(model, layout, more, 16, 128, "bf16")[0]
+    assert got.forward_s + got.backward_s - base.forward_s - base.backward_s == pytest.approx(
+        model.num_layers * 2e-3, rel=1e-9)
+    assert stage_costs(model, layout, cpu.replace(layer_overhead_s_bf16=0.0), 16, 128, "bf16") == \
+        stage_costs(model, layout, cpu, 16, 128, "bf16")
+    est = estimate(model, layout, more, 16, 128, "bf16")
+    bound = step_time_lower_bound(layout_context(model, layout, more, 16, 128, "bf16", CostOptions()))
+    fp32_bound = step_time_lower_bound(layout_context(model, layout, cpu, 16, 128, "bf16", CostOptions()))
+    assert fp32_bound < bound <= est.step_time_s
+
+
 def test_measured_backward_share_divides_each_chunk_and_the_split_costs_its_w_more() -> None:
     """``Hardware.backward_share`` (calibrate: B / (F + B) timed apart) divides each chunk's
     forward + backward so, their sum unchanged (recomputation's replay stays on the backward);
