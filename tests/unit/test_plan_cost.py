@@ -483,13 +483,15 @@ def test_bf16_layers_pay_their_own_per_layer_cost() -> None:
     cpu = get_hardware("cpu").replace(cores_per_node=2, devices_per_node=2, layer_overhead_s=1e-3)
     more = cpu.replace(layer_overhead_s_bf16=3e-3)
     layout = Layout(dp=2)
+    def costs(hw, precision):
+        return stage_costs(model, layout, hw, 16, 128, precision)
+
     for precision in ("fp32", "bf16-autocast"):
-        assert stage_costs(model, layout, more, 16, 128, precision) == stage_costs(model, layout, cpu, 16, 128, precision)
-    base, got = stage_costs(model, layout, cpu, 16, 128, "bf16")[0], stage_costs(model, layout, more, 16, 128, "bf16")[0]
+        assert costs(more, precision) == costs(cpu, precision)
+    base, got = costs(cpu, "bf16")[0], costs(more, "bf16")[0]
     assert got.forward_s + got.backward_s - base.forward_s - base.backward_s == pytest.approx(
         model.num_layers * 2e-3, rel=1e-9)
-    assert stage_costs(model, layout, cpu.replace(layer_overhead_s_bf16=0.0), 16, 128, "bf16") == \
-        stage_costs(model, layout, cpu, 16, 128, "bf16")
+    assert costs(cpu.replace(layer_overhead_s_bf16=0.0), "bf16") == costs(cpu, "bf16")
     est = estimate(model, layout, more, 16, 128, "bf16")
     bound = step_time_lower_bound(layout_context(model, layout, more, 16, 128, "bf16", CostOptions()))
     fp32_bound = step_time_lower_bound(layout_context(model, layout, cpu, 16, 128, "bf16", CostOptions()))
