@@ -30,7 +30,7 @@ and runs its collectives through :mod:`paratrain.comm`, as training does; the pl
 * forward and backward of ``small`` (4 sequences) timed apart, and split as the zero-bubble
   schedules split them (forward under ``SplitLinears``, then I, then W): the backward's share of
   the two (``backward_share``: 0.63 here, where the FLOPs say 2/3) and what the split costs more
-  as a factor on the backward (``split_backward_slowdown``: 1.10 here; the W matmuls read back
+  as a factor on the backward (``split_backward_slowdown``: 1.07-1.10 here; the W matmuls read back
   their inputs long after I), which the planner gives the zero-bubble schedules' W;
 * the copy a tensor-parallel collective makes of its payload (an activation regrouped by
   sequence slice into one contiguous buffer for gloo, and back), one thread, per byte

@@ -88,7 +88,7 @@ class Hardware:
     (its forward's linears wrapped, then ``I``, then ``W``) costs beyond a plain forward +
     backward, as a factor on its backward: (F_split + I + W - F) / B (>= 1; 1: not measured). The
     planner adds the extra to ``W``, whose matmuls read their inputs back from memory long after
-    ``I`` wrote them. Measured by ``paratrain calibrate`` (1.10 on this project's machine).
+    ``I`` wrote them. Measured by ``paratrain calibrate`` (1.07-1.10 on this project's machine).
     ``shared_latency_s``: the intra-node latency per ring step when the node's processes
     outnumber its cores (a peer may wait for a core before it answers); 0 = the same as
     ``intra_node_latency_s``. Measured by ``paratrain calibrate``.
