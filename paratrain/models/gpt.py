@@ -45,7 +45,31 @@ class CausalSelfAttention(nn.Module):
         """The attention core softmax(q k^T / sqrt(d) + causal mask) v, with dropout on the
         probabilities. Its activations grow with T^2; selective recomputation replays just this."""
         p = self.attn_dropout if self.training else 0.0
+        if p == 0.0 and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) \
+                and torch.is_grad_enabled() and q.requires_grad:
+            return _CpuHalfAttention.apply(q, k, v)
         return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+
+
+class _CpuHalfAttention(torch.autograd.Function):
+    """Causal attention of 16-bit q, k, v on CPU: PyTorch's fused kernel forward in 16 bits (what
+    ``scaled_dot_product_attention`` runs), its backward in fp32 from the same saved tensors (q,
+    k, v, the output and its log-sum-exp: the activations are the kernel's own), gradients
+    rounded back. PyTorch 2.13's bf16 CPU backward is the slow part of a bf16 layer: (8, 4, 128,
+    32) took 11.3 ms against 2.7 ms upcast to fp32 (forward 0.7 ms), one thread, here."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)[:2]
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad.float(), q.float(), k.float(), v.float(), out.float(), lse, 0.0, True)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 class MLP(nn.Module):

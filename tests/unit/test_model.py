@@ -83,3 +83,41 @@ def test_recompute_changes_nothing_but_memory(mode):
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert list(dict(rec.named_parameters())) == list(dict(ref.named_parameters()))
+
+
+def test_cpu_bf16_attention_backward_runs_in_fp32():
+    """bf16 attention on CPU: the forward is ``scaled_dot_product_attention``'s own (bit for
+    bit), the backward PyTorch's fused kernel in fp32 from the same saved tensors (3x faster
+    here than its bf16 backward): its gradients are at least as close to an fp64 reference as
+    the bf16 kernel's. Catches a forward that differs, a backward from wrong saved tensors
+    (far off), or the fp32 path lost (the model's attention no longer using it)."""
+    import torch.nn.functional as F
+
+    from paratrain.models import gpt
+
+    gen = torch.Generator().manual_seed(0)
+    base = [torch.randn(4, 64, 4, 16, generator=gen) for _ in range(3)]
+    ref = [b.double().transpose(1, 2).requires_grad_() for b in base]
+    want = F.scaled_dot_product_attention(*ref, is_causal=True)
+    dy = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+    want.backward(dy)
+    errors = {}
+    for name, fn in (("sdpa", lambda a: F.scaled_dot_product_attention(*a, is_causal=True)),
+                     ("ours", lambda a: gpt._CpuHalfAttention.apply(*a))):
+        xs = [b.bfloat16().transpose(1, 2).requires_grad_() for b in base]
+        y = fn(xs)
+        y.backward(dy.bfloat16())
+        errors[name] = (y, max((x.grad.double() - r.grad).abs().max().item() for x, r in zip(xs, ref)))
+    assert torch.equal(errors["ours"][0], errors["sdpa"][0])
+    assert errors["ours"][1] <= min(errors["sdpa"][1], 0.05), errors
+    calls = []
+    real = gpt._CpuHalfAttention.apply
+    gpt._CpuHalfAttention.apply = lambda *a: calls.append(1) or real(*a)  # type: ignore[method-assign]
+    try:
+        cfg = get_model_config("tiny")
+        model = build_reference(cfg, 0).to(torch.bfloat16)
+        x = torch.randint(0, cfg.vocab_size, (2, 16))
+        model(x, x).float().backward()
+    finally:
+        gpt._CpuHalfAttention.apply = real  # type: ignore[method-assign]
+    assert len(calls) == cfg.num_layers
